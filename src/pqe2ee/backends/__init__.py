@@ -1,0 +1,90 @@
+"""Crypto backends: ML-KEM-768 and ChaCha20-Poly1305 behind small interfaces.
+
+``get_kem(name)`` / ``get_aead(name)`` return a backend by name or, with ``"auto"``, the best
+one that works here. ``available()`` lists the names that work on this machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+
+from pqe2ee.backends.base import AEAD, KEM, AEADCipher, KEMPrivateKey
+from pqe2ee.errors import BackendError, ErrorCode
+
+__all__ = [
+    "AEAD",
+    "KEM",
+    "AEADCipher",
+    "KEMPrivateKey",
+    "available",
+    "get_aead",
+    "get_kem",
+    "unavailable_reason",
+]
+
+# name -> (module, KEM class, AEAD class or None)
+_REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "pyca": ("pqe2ee.backends.pyca", "PycaKEM", "PycaAEAD"),
+}
+
+# "auto" picks the first KEM that loads, in this order (fastest first, pyca as the floor);
+# the AEAD for "auto" is always pyca (the others are much slower on small records).
+_AUTO_KEM_ORDER = ("pyca",)
+_AUTO_AEAD = "pyca"
+
+
+@cache
+def _load(name: str) -> tuple[KEM, AEAD | None]:
+    try:
+        module_name, kem_cls, aead_cls = _REGISTRY[name]
+    except KeyError:
+        raise BackendError(
+            f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}",
+            code=ErrorCode.BACKEND_UNAVAILABLE,
+        ) from None
+    try:
+        module = importlib.import_module(module_name)
+    except BackendError:
+        raise
+    except (ImportError, OSError, SystemExit) as exc:  # liboqs raises SystemExit when missing
+        raise BackendError(
+            f"backend {name!r} is not available here ({type(exc).__name__})",
+            code=ErrorCode.BACKEND_UNAVAILABLE,
+        ) from None
+    kem_factory: Callable[[], KEM] = getattr(module, kem_cls)
+    aead = getattr(module, aead_cls)() if aead_cls else None
+    return kem_factory(), aead
+
+
+def unavailable_reason(name: str) -> str | None:
+    """``None`` when backend ``name`` works here, else a short reason."""
+    try:
+        _load(name)
+    except BackendError as exc:
+        return exc.message
+    return None
+
+
+def available() -> list[str]:
+    """Names of the backends that work on this machine, default first."""
+    return [name for name in _REGISTRY if unavailable_reason(name) is None]
+
+
+def get_kem(name: str = "auto") -> KEM:
+    if name == "auto":
+        for candidate in _AUTO_KEM_ORDER:
+            if unavailable_reason(candidate) is None:
+                return _load(candidate)[0]
+        raise BackendError("no ML-KEM-768 backend is available")
+    return _load(name)[0]
+
+
+def get_aead(name: str = "auto") -> AEAD:
+    if name == "auto":
+        name = _AUTO_AEAD
+    aead = _load(name)[1]
+    if aead is None:
+        raise BackendError(f"backend {name!r} has no AEAD", code=ErrorCode.BACKEND_UNAVAILABLE)
+    return aead

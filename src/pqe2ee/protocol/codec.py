@@ -1,0 +1,91 @@
+"""Byte-level helpers shared by the v1 envelope and stream code: base64, gzip, JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from typing import Any
+
+import msgspec
+
+from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
+
+__all__ = [
+    "b64decode",
+    "b64encode",
+    "gunzip_bounded",
+    "gzip_compress",
+    "json_decode_object",
+]
+
+_json_decoder = msgspec.json.Decoder()
+
+GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
+
+
+def b64encode(data: bytes) -> bytes:
+    """Standard base64 with padding, as bytes (RFC 4648 section 4)."""
+    return base64.b64encode(data)
+
+
+def b64decode(
+    data: str | bytes, *, what: str, code: ErrorCode = ErrorCode.MALFORMED_PAYLOAD
+) -> bytes:
+    """Strict standard base64 (padding required, no stray characters)."""
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise MalformedError(f"{what} is not valid base64", code=code) from None
+
+
+def gzip_compress(data: bytes, level: int) -> bytes:
+    """A single gzip member with mtime 0 (deterministic for a given zlib)."""
+    return zlib.compress(data, level, wbits=GZIP_WBITS)
+
+
+def gunzip_bounded(data: bytes, *, limit: int, what: str) -> bytes:
+    """Decompress one or more concatenated gzip members, refusing more than ``limit`` bytes out.
+
+    Never allocates more than ``limit + 1`` bytes of output, so a gzip bomb is refused cheaply.
+    """
+    out: list[bytes] = []
+    total = 0
+    rest = data
+    while True:
+        d = zlib.decompressobj(wbits=GZIP_WBITS)
+        try:
+            chunk = d.decompress(rest, limit - total + 1)
+        except zlib.error:
+            raise MalformedError(
+                f"{what} is not valid gzip", code=ErrorCode.MALFORMED_PAYLOAD
+            ) from None
+        total += len(chunk)
+        if total > limit:
+            raise LimitExceeded(f"{what} decompresses to more than {limit} bytes")
+        out.append(chunk)
+        if not d.eof:
+            raise MalformedError(
+                f"{what} gzip stream is truncated", code=ErrorCode.MALFORMED_PAYLOAD
+            )
+        rest = d.unused_data
+        if not rest:
+            break
+        if not rest.startswith(b"\x1f\x8b"):
+            raise MalformedError(
+                f"{what} has trailing bytes after gzip", code=ErrorCode.MALFORMED_PAYLOAD
+            )
+    return b"".join(out)
+
+
+def json_decode_object(
+    data: bytes, *, what: str, code: ErrorCode = ErrorCode.MALFORMED_PAYLOAD
+) -> dict[str, Any]:
+    """Decode JSON that must be an object."""
+    try:
+        obj = _json_decoder.decode(data)
+    except msgspec.DecodeError:
+        raise MalformedError(f"{what} is not valid JSON", code=code) from None
+    if not isinstance(obj, dict):
+        raise MalformedError(f"{what} must be a JSON object", code=code)
+    return obj

@@ -1,0 +1,331 @@
+"""Discovery and nonce-pool state (sans-IO; ``now`` is always a parameter, in seconds).
+
+* :func:`parse_models` turns ``GET {models_base}/v1/models`` into ``{model id: chute_id}``;
+  :class:`ModelMap` caches it with a TTL; :func:`looks_like_uuid` lets a chute_id through as-is.
+* :func:`parse_discovery` turns ``GET {api_base}/e2e/instances/{chute_id}`` into instances with
+  decoded public keys and single-use nonces, and an absolute expiry.
+* :class:`NoncePool` hands out ``(instance, nonce)`` leases for one chute, spreading load across
+  instances, honouring expiry with a safety margin, dropping gone instances (410) and cooling
+  down busy ones (429 / 502 key exchange), and saying when to refresh.
+* :class:`RateLimiter` keeps discovery under the server's limit (10 per 60 s by default).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+
+from pqe2ee.backends.base import MLKEM768_PK_LEN
+from pqe2ee.errors import ErrorCode, MalformedError
+from pqe2ee.protocol.codec import b64decode
+
+__all__ = [
+    "DiscoveryResult",
+    "InstanceInfo",
+    "Lease",
+    "ModelMap",
+    "NoncePool",
+    "RateLimiter",
+    "looks_like_uuid",
+    "parse_discovery",
+    "parse_models",
+]
+
+DEFAULT_EXPIRES_IN: Final = 55.0  # what the reference client assumes when the server is silent
+MODEL_MAP_TTL: Final = 300.0
+
+_UUID_RE: Final = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+
+
+def looks_like_uuid(value: str) -> bool:
+    """True for a 36-character hex UUID with dashes: such a model string *is* a chute_id."""
+    return bool(_UUID_RE.match(value))
+
+
+# -- /v1/models ----------------------------------------------------------------------------------
+
+
+class _ModelRow(msgspec.Struct):
+    id: Any = None
+    chute_id: Any = None
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelRow]
+
+
+def parse_models(doc: bytes) -> dict[str, str]:
+    """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
+    try:
+        listing = msgspec.json.decode(doc, type=_ModelList)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise MalformedError(
+            "model listing is not a valid /v1/models document", code=ErrorCode.MALFORMED_DISCOVERY
+        ) from None
+    return {
+        row.id: row.chute_id
+        for row in listing.data
+        if isinstance(row.id, str) and isinstance(row.chute_id, str) and row.id and row.chute_id
+    }
+
+
+class ModelMap:
+    """Model name -> chute_id, cached for ``ttl`` seconds."""
+
+    __slots__ = ("_loaded_at", "_map", "ttl")
+
+    def __init__(self, ttl: float = MODEL_MAP_TTL) -> None:
+        self.ttl = ttl
+        self._map: dict[str, str] = {}
+        self._loaded_at: float | None = None
+
+    def update(self, mapping: dict[str, str], now: float) -> None:
+        self._map = dict(mapping)
+        self._loaded_at = now
+
+    def stale(self, now: float) -> bool:
+        return self._loaded_at is None or now - self._loaded_at >= self.ttl
+
+    def resolve(self, model: str, now: float) -> str | None:
+        """The chute_id for ``model``: itself when it is a UUID, else the cached mapping (even if
+        stale; callers refresh on a miss or when :meth:`stale`)."""
+        if looks_like_uuid(model):
+            return model
+        return self._map.get(model)
+
+
+# -- /e2e/instances/{chute_id} ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    instance_id: str
+    public_key: bytes
+    nonces: tuple[str, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryResult:
+    instances: tuple[InstanceInfo, ...]
+    expires_at: float  # in the caller's clock
+    skipped: int  # malformed instance rows left out
+
+
+class _InstanceRow(msgspec.Struct):
+    instance_id: Any = None
+    e2e_pubkey: Any = None
+    nonces: Any = None
+
+
+class _Discovery(msgspec.Struct):
+    instances: list[dict[str, Any]]
+    nonce_expires_in: float | None = None
+    nonce_expires_at: float | None = None
+
+
+def parse_discovery(doc: bytes, now: float) -> DiscoveryResult:
+    """Parse a discovery document received at ``now`` (the caller's clock).
+
+    Expiry is ``now + nonce_expires_in`` (55 s when absent). ``nonce_expires_at`` (server clock)
+    shortens it when earlier, unless it is already past - that means clock skew, and the
+    relative value is trusted instead. Instance rows with a bad key or no usable nonces are
+    skipped (counted in ``skipped``), not fatal.
+    """
+    try:
+        d = msgspec.json.decode(doc, type=_Discovery)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise MalformedError(
+            "discovery response is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
+        ) from None
+    expires_in = (
+        DEFAULT_EXPIRES_IN if d.nonce_expires_in is None else max(0.0, float(d.nonce_expires_in))
+    )
+    expires_at = now + expires_in
+    if d.nonce_expires_at is not None and now < d.nonce_expires_at < expires_at:
+        expires_at = float(d.nonce_expires_at)
+    instances: list[InstanceInfo] = []
+    skipped = 0
+    for raw in d.instances:
+        try:
+            row = msgspec.convert(raw, _InstanceRow)
+        except msgspec.ValidationError:
+            skipped += 1
+            continue
+        if (
+            not isinstance(row.instance_id, str)
+            or not row.instance_id
+            or not isinstance(row.e2e_pubkey, str)
+        ):
+            skipped += 1
+            continue
+        try:
+            pk = b64decode(row.e2e_pubkey, what="e2e_pubkey", code=ErrorCode.MALFORMED_DISCOVERY)
+        except MalformedError:
+            skipped += 1
+            continue
+        nonces = (
+            tuple(n for n in (row.nonces or ()) if isinstance(n, str) and n)
+            if isinstance(row.nonces, list)
+            else ()
+        )
+        if len(pk) != MLKEM768_PK_LEN or not nonces:
+            skipped += 1
+            continue
+        extra = {k: v for k, v in raw.items() if k not in ("instance_id", "e2e_pubkey", "nonces")}
+        instances.append(InstanceInfo(row.instance_id, pk, nonces, extra))
+    return DiscoveryResult(tuple(instances), expires_at, skipped)
+
+
+# -- nonce pool ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One single-use right to invoke ``instance_id`` with ``nonce``."""
+
+    chute_id: str
+    instance_id: str
+    public_key: bytes
+    nonce: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Entry:
+    info: InstanceInfo
+    nonces: collections.deque[str]
+    cool_until: float = 0.0
+
+
+class NoncePool:
+    """Leases for one chute. Not thread-safe by itself: callers hold a lock around it.
+
+    ``safety_margin``: a nonce is not handed out within this many seconds of expiry.
+    ``prefetch_margin`` / ``low_watermark``: :meth:`needs_refresh` turns true this long before
+    expiry, or when this few usable nonces remain, so a refresh can run before the pool is empty.
+    """
+
+    def __init__(
+        self,
+        chute_id: str,
+        *,
+        safety_margin: float = 5.0,
+        prefetch_margin: float = 15.0,
+        low_watermark: int = 3,
+        drop_for: float = 300.0,
+    ) -> None:
+        self.chute_id = chute_id
+        self.safety_margin = safety_margin
+        self.prefetch_margin = prefetch_margin
+        self.low_watermark = low_watermark
+        self.drop_for = drop_for
+        self._entries: dict[str, _Entry] = {}
+        self._dropped: dict[str, float] = {}  # instance_id -> until
+        self._expires_at = 0.0
+        self._turn = 0
+
+    # loading -------------------------------------------------------------------------------
+
+    def load(self, result: DiscoveryResult, now: float) -> None:
+        """Replace the pool with a fresh discovery result (dropped instances stay out)."""
+        self._dropped = {k: t for k, t in self._dropped.items() if t > now}
+        cool = {k: e.cool_until for k, e in self._entries.items()}
+        self._entries = {
+            inst.instance_id: _Entry(
+                inst, collections.deque(inst.nonces), cool.get(inst.instance_id, 0.0)
+            )
+            for inst in result.instances
+            if inst.instance_id not in self._dropped
+        }
+        self._expires_at = result.expires_at
+
+    # leasing -------------------------------------------------------------------------------
+
+    @property
+    def expires_at(self) -> float:
+        return self._expires_at
+
+    def _usable(self, now: float) -> list[_Entry]:
+        if now >= self._expires_at - self.safety_margin:
+            return []
+        return [e for e in self._entries.values() if e.nonces and e.cool_until <= now]
+
+    def available(self, now: float) -> int:
+        return sum(len(e.nonces) for e in self._usable(now))
+
+    def take(self, now: float, *, exclude: Iterable[str] = ()) -> Lease | None:
+        """A lease from the instance with the most nonces left (ties rotate), or None."""
+        excluded = set(exclude)
+        usable = [e for e in self._usable(now) if e.info.instance_id not in excluded]
+        if not usable:
+            return None
+        most = max(len(e.nonces) for e in usable)
+        top = [e for e in usable if len(e.nonces) == most]
+        entry = top[self._turn % len(top)]
+        self._turn += 1
+        info = entry.info
+        return Lease(
+            self.chute_id, info.instance_id, info.public_key, entry.nonces.popleft(), info.extra
+        )
+
+    def needs_refresh(self, now: float) -> bool:
+        if now >= self._expires_at - self.prefetch_margin:
+            return True
+        return self.available(now) <= self.low_watermark
+
+    # feedback ------------------------------------------------------------------------------
+
+    def drop_instance(self, instance_id: str, now: float) -> None:
+        """The relay said the instance is gone (410): stop using it, even after a refresh."""
+        self._entries.pop(instance_id, None)
+        self._dropped[instance_id] = now + self.drop_for
+
+    def cool_down(self, instance_id: str, now: float, seconds: float) -> None:
+        """The instance is busy (429) or needs key exchange (502): skip it for ``seconds``."""
+        entry = self._entries.get(instance_id)
+        if entry is not None:
+            entry.cool_until = max(entry.cool_until, now + seconds)
+
+    def invalidate(self) -> None:
+        """Forget every nonce (after the relay refused one): the next take needs a refresh."""
+        for entry in self._entries.values():
+            entry.nonces.clear()
+        self._expires_at = 0.0
+
+
+class RateLimiter:
+    """At most ``limit`` events per sliding ``window`` seconds."""
+
+    __slots__ = ("_times", "limit", "window")
+
+    def __init__(self, limit: int = 10, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._times: collections.deque[float] = collections.deque()
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window:
+            self._times.popleft()
+
+    def allowed(self, now: float) -> bool:
+        self._trim(now)
+        return len(self._times) < self.limit
+
+    def record(self, now: float) -> None:
+        self._trim(now)
+        self._times.append(now)
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until one more event is allowed (0 when allowed now)."""
+        self._trim(now)
+        if len(self._times) < self.limit:
+            return 0.0
+        return max(0.0, self._times[0] + self.window - now)

@@ -1,0 +1,484 @@
+"""v1 streaming: the instance-side sealer and the client-side decryptor state machine.
+
+Outer stream (what the relay carries), one SSE event per line pair::
+
+    data: {"e2e_init":"<b64 kem_ciphertext>"}        once, first
+    data: {"e2e":"<b64 nonce || ciphertext || tag>"}  one per record
+    data: {"usage":{...}}                             plaintext, unauthenticated, interleaved
+    data: {"e2e_error":{...}}                         a reported failure
+
+Records decrypt to bytes that are concatenated into the *inner* stream (the engine's own SSE);
+only that reassembled byte stream is parsed as SSE. The stream key is
+``derive_key(ss, kem_ct, "e2e-stream-v1")``.
+
+:class:`StreamDecryptor` follows h11's pattern: ``receive_data`` buffers, ``next_event`` returns
+an event or :data:`NEED_DATA`; errors are sticky.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from pqe2ee.backends.base import (
+    AEAD,
+    CHACHA_NONCE_LEN,
+    CHACHA_TAG_LEN,
+    KEM,
+    MLKEM768_CT_LEN,
+    KEMPrivateKey,
+)
+from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
+from pqe2ee.protocol.codec import b64decode, b64encode
+from pqe2ee.protocol.keyschedule import INFO_STREAM, derive_key
+from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
+
+__all__ = [
+    "NEED_DATA",
+    "Done",
+    "EndOfStream",
+    "InnerEvent",
+    "RemoteErrorEvent",
+    "StreamDecryptor",
+    "StreamEncoder",
+    "StreamEvent",
+    "StreamSealer",
+    "Usage",
+    "extract_usage",
+]
+
+RandomBytes = Callable[[int], bytes]
+
+DEFAULT_MAX_RECORD: Final = 16 * 1024 * 1024
+DEFAULT_MAX_RECORDS: Final = 1_000_000
+
+_INIT_PREFIX: Final = b'data: {"e2e_init":"'
+_RECORD_PREFIX: Final = b'data: {"e2e":"'
+_EVENT_SUFFIX: Final = b'"}\n\n'
+_MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class InnerEvent:
+    """A decrypted, authenticated SSE event of the engine's stream."""
+
+    event: SSEEvent
+
+    @property
+    def data(self) -> str:
+        return self.event.data
+
+    @property
+    def raw(self) -> bytes:
+        return self.event.raw
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The inner ``data: [DONE]`` event (authenticated). ``raw`` is its exact bytes."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A plaintext usage event from the outer stream. NOT authenticated: for billing display only."""
+
+    usage: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteErrorEvent:
+    """An ``e2e_error`` (or relay ``error``) event. NOT authenticated."""
+
+    error: Any
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Clean end: EOF after the inner ``[DONE]`` (or after a reported remote error)."""
+
+    complete: bool
+
+
+StreamEvent = InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream
+
+
+# --------------------------------------------------------------------------------------------
+# Instance side
+
+
+class StreamSealer:
+    """Seals records into outer SSE events for one response stream (instance side)."""
+
+    __slots__ = ("_cipher", "_kem_ct", "_random")
+
+    def __init__(
+        self,
+        response_public_key: bytes,
+        *,
+        kem: KEM,
+        aead: AEAD,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        kem_ct, shared_secret = kem.encapsulate(response_public_key)
+        self._kem_ct = kem_ct
+        self._cipher = aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+        self._random = random_bytes
+
+    def init_event(self) -> bytes:
+        """``data: {"e2e_init":"<b64 kem ct>"}\\n\\n`` - send it first."""
+        return b"".join((_INIT_PREFIX, b64encode(self._kem_ct), _EVENT_SUFFIX))
+
+    def seal_record(self, plaintext: bytes) -> bytes:
+        """One ``data: {"e2e":"..."}\\n\\n`` event carrying ``plaintext``."""
+        nonce = self._random(CHACHA_NONCE_LEN)
+        sealed = self._cipher.encrypt(nonce, plaintext, None)
+        return b"".join((_RECORD_PREFIX, b64encode(nonce + sealed), _EVENT_SUFFIX))
+
+    @staticmethod
+    def usage_event(usage: Any) -> bytes:
+        return b"data: " + msgspec.json.encode({"usage": usage}) + b"\n\n"
+
+    @staticmethod
+    def error_event(error: Any) -> bytes:
+        return b"data: " + msgspec.json.encode({"e2e_error": error}) + b"\n\n"
+
+
+def extract_usage(line: bytes) -> Any | None:
+    """The ``usage`` object of an engine SSE line ``data: {..., "usage": {...}}``, else None.
+
+    Mirrors the real runtime: only lines starting with ``data: `` that mention ``"usage"``.
+    """
+    if not line.startswith(b"data: ") or b'"usage"' not in line:
+        return None
+    try:
+        obj = msgspec.json.decode(line[6:])
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        usage = obj.get("usage")
+        if usage is not None:
+            return usage
+    return None
+
+
+class StreamEncoder:
+    """Turns an engine's SSE byte stream into the outer v1 stream, as the real runtime does.
+
+    One record per engine line (its ``\\n`` included; blank lines are records of their own),
+    preceded by a plaintext usage event when the line carries ``usage`` (``emit_usage``).
+    ``start()`` gives the init event; ``feed(chunk)`` and ``finish()`` give outer bytes.
+    """
+
+    __slots__ = ("_emit_usage", "_lines", "_sealer")
+
+    def __init__(
+        self, sealer: StreamSealer, *, max_line: int = DEFAULT_MAX_RECORD, emit_usage: bool = True
+    ) -> None:
+        self._sealer = sealer
+        self._lines = LineSplitter(max_line)
+        self._emit_usage = emit_usage
+
+    def start(self) -> bytes:
+        return self._sealer.init_event()
+
+    def _records(self, lines: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for line in lines:
+            if self._emit_usage:
+                usage = extract_usage(line)
+                if usage is not None:
+                    out.append(self._sealer.usage_event(usage))
+            out.append(self._sealer.seal_record(line))
+        return b"".join(out)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._records(self._lines.feed(chunk))
+
+    def finish(self) -> bytes:
+        tail = self._lines.flush()
+        return self._records([tail]) if tail else b""
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+
+
+class _State(enum.Enum):
+    AWAIT_INIT = "await_init"
+    OPEN = "open"
+    DONE = "done"
+    FAILED_REMOTE = "failed_remote"  # an e2e_error was reported
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class _Input(enum.Enum):
+    INIT = "init"
+    RECORD = "record"
+    USAGE = "usage"
+    REMOTE_ERROR = "remote_error"
+    EOF = "eof"
+
+
+_S, _I = _State, _Input
+# (state, input) -> next state. A missing pair is a protocol violation; the error code for it is
+# in _VIOLATIONS (or malformed_event by default). RECORD in OPEN/DONE and EOF in OPEN are refined
+# by the handlers (inner [DONE] moves OPEN -> DONE; EOF in OPEN may be a clean cut after [DONE]).
+_TRANSITIONS: Final[dict[tuple[_State, _Input], _State]] = {
+    (_S.AWAIT_INIT, _I.INIT): _S.OPEN,
+    (_S.AWAIT_INIT, _I.USAGE): _S.AWAIT_INIT,
+    (_S.AWAIT_INIT, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.OPEN, _I.RECORD): _S.OPEN,
+    (_S.OPEN, _I.USAGE): _S.OPEN,
+    (_S.OPEN, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.OPEN, _I.EOF): _S.CLOSED,
+    (_S.DONE, _I.RECORD): _S.DONE,
+    (_S.DONE, _I.USAGE): _S.DONE,
+    (_S.DONE, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.DONE, _I.EOF): _S.CLOSED,
+    (_S.FAILED_REMOTE, _I.USAGE): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.RECORD): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.EOF): _S.CLOSED,
+}
+_VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
+    (_S.AWAIT_INIT, _I.RECORD): (ErrorCode.RECORD_BEFORE_INIT, "record before e2e_init"),
+    (_S.AWAIT_INIT, _I.EOF): (ErrorCode.STREAM_TRUNCATED, "stream ended before e2e_init"),
+    (_S.OPEN, _I.INIT): (ErrorCode.DUPLICATE_INIT, "second e2e_init"),
+    (_S.DONE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "second e2e_init"),
+    (_S.FAILED_REMOTE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "e2e_init after an error"),
+}
+
+
+class StreamDecryptor:
+    """Client-side v1 stream state machine.
+
+    Feed network bytes with :meth:`receive_data` (split anywhere), call :meth:`receive_eof` when
+    the connection ends, and pull events with :meth:`next_event` until it returns
+    :data:`NEED_DATA` or an :class:`EndOfStream`. Every protocol violation raises a
+    :class:`~pqe2ee.errors.StreamError` (or LimitExceeded / DecryptError) with a stable code and
+    the decryptor stays failed: later calls raise the same error.
+
+    Checks: record before init, second init, repeated record nonce, undecryptable or malformed
+    record, invalid UTF-8, non-whitespace data after the inner ``[DONE]``, truncation (EOF before
+    the inner ``[DONE]``), and size bounds (``max_record`` per record, ``max_records`` per stream,
+    ``max_event`` per inner event). Memory is bounded by these limits.
+    """
+
+    def __init__(
+        self,
+        response_key: KEMPrivateKey,
+        *,
+        aead: AEAD,
+        max_record: int = DEFAULT_MAX_RECORD,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_event: int = DEFAULT_MAX_RECORD,
+    ) -> None:
+        self._key = response_key
+        self._aead = aead
+        self._max_records = max_records
+        # base64 of a record + JSON wrapper; generous so a legal record always fits.
+        self._outer = LineSplitter(max_line=(max_record + _MIN_RECORD) * 4 // 3 + 256)
+        self._inner = SSEParser(max_event=max_event)
+        self._cipher: Any = None
+        self._seen: set[bytes] = set()
+        self._events: list[StreamEvent] = []
+        self._pos = 0
+        self._state = _State.AWAIT_INIT
+        self._eof = False
+        self._error: PQE2EEError | None = None
+        self._done_seen = False
+        self.records = 0
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    @property
+    def complete(self) -> bool:
+        """True once the authenticated inner ``[DONE]`` has been seen."""
+        return self._done_seen
+
+    def receive_data(self, data: bytes) -> None:
+        self._check()
+        if self._eof:
+            raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
+        if not data:
+            return
+        self._guard(lambda: self._lines(self._outer.feed(data)))
+
+    def receive_eof(self) -> None:
+        self._check()
+        if self._eof:
+            return
+        self._eof = True
+
+        def finish() -> None:
+            tail = self._outer.flush()
+            if tail.strip():
+                self._lines([tail + b"\n"])
+            self._on(_Input.EOF)
+
+        self._guard(finish)
+
+    def next_event(self) -> StreamEvent | _NeedData:
+        self._check()
+        if self._pos < len(self._events):
+            ev = self._events[self._pos]
+            self._pos += 1
+            if self._pos == len(self._events):
+                self._events.clear()
+                self._pos = 0
+            return ev
+        return NEED_DATA
+
+    def events(self) -> list[StreamEvent]:
+        """Drain every pending event."""
+        self._check()
+        out = self._events[self._pos :]
+        self._events = []
+        self._pos = 0
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except PQE2EEError as exc:
+            self._state = _State.ERROR
+            self._error = exc
+            self._cipher = None
+            self._key.wipe()
+            raise
+
+    def _fail(self, code: ErrorCode, message: str) -> StreamError:
+        return StreamError(message, code=code)
+
+    def _on(self, inp: _Input) -> _State:
+        nxt = _TRANSITIONS.get((self._state, inp))
+        if nxt is None:
+            code, msg = _VIOLATIONS.get(
+                (self._state, inp), (ErrorCode.MALFORMED_EVENT, f"unexpected {inp.value}")
+            )
+            raise self._fail(code, msg)
+        if inp is _Input.EOF and self._state is _State.OPEN:
+            # A cut right after the inner "data: [DONE]\n" (before its blank line) is complete.
+            if self._inner.partial_is("[DONE]"):
+                self._done_seen = True
+                self._events.append(Done(raw=b"data: [DONE]\n\n"))
+            else:
+                raise self._fail(ErrorCode.STREAM_TRUNCATED, "stream ended before the inner [DONE]")
+        if inp is _Input.EOF:
+            self._events.append(EndOfStream(complete=self._state is not _State.FAILED_REMOTE))
+        self._state = nxt
+        return nxt
+
+    def _lines(self, lines: list[bytes]) -> None:
+        for line in lines:
+            if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}\n'):
+                self._record(line[len(_RECORD_PREFIX) : -3])
+                continue
+            body = line.rstrip(b"\r\n")
+            if not body or body.startswith(b":"):
+                continue
+            if not body.startswith(b"data:"):
+                continue  # event:/id:/retry: lines of the outer stream carry nothing for us
+            payload = body[5:].strip()
+            if payload == b"[DONE]":
+                continue  # an outer terminator is not part of v1 and is not authenticated
+            self._outer_event(payload)
+
+    def _outer_event(self, payload: bytes) -> None:
+        try:
+            obj = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer event is not valid JSON") from None
+        if not isinstance(obj, dict) or len(obj) != 1:
+            raise self._fail(
+                ErrorCode.MALFORMED_EVENT, "outer event must be an object with one key"
+            )
+        ((key, value),) = obj.items()
+        if key == "e2e":
+            if not isinstance(value, str):
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record must be a string")
+            self._record(value.encode("ascii", "replace"))
+        elif key == "e2e_init":
+            if not isinstance(value, str):
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e_init must be a string")
+            self._init(value.encode("ascii", "replace"))
+        elif key == "usage":
+            self._on(_Input.USAGE)
+            self._events.append(Usage(value))
+        elif key in ("e2e_error", "error"):
+            self._on(_Input.REMOTE_ERROR)
+            self._events.append(RemoteErrorEvent(value))
+        else:
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "unknown outer event")
+
+    def _init(self, b64: bytes) -> None:
+        self._on(_Input.INIT)
+        kem_ct = b64decode(b64, what="e2e_init", code=ErrorCode.MALFORMED_EVENT)
+        if len(kem_ct) != MLKEM768_CT_LEN:
+            raise self._fail(
+                ErrorCode.MALFORMED_EVENT, f"e2e_init must hold {MLKEM768_CT_LEN} bytes"
+            )
+        shared_secret = self._key.decapsulate(kem_ct)
+        self._key.wipe()
+        self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+
+    def _record(self, b64: bytes) -> None:
+        state = self._on(_Input.RECORD)
+        if state is _State.FAILED_REMOTE:
+            return
+        raw = b64decode(b64, what="e2e record", code=ErrorCode.MALFORMED_EVENT)
+        if len(raw) < _MIN_RECORD:
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
+        nonce = raw[:CHACHA_NONCE_LEN]
+        if nonce in self._seen:
+            raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
+        self.records += 1
+        if self.records > self._max_records:
+            raise LimitExceeded(f"stream has more than {self._max_records} records")
+        plaintext = self._cipher.decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+        self._seen.add(nonce)
+        if state is _State.DONE:
+            if plaintext.strip():
+                raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+            return
+        for ev in self._inner.feed(plaintext):
+            if self._state is _State.DONE:
+                raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
+            if ev.data == "[DONE]":
+                self._state = _State.DONE
+                self._done_seen = True
+                self._events.append(Done(raw=ev.raw))
+            else:
+                self._events.append(InnerEvent(ev))
