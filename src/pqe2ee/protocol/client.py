@@ -1,0 +1,226 @@
+"""Sans-IO client logic shared by every transport: what to encrypt, which lease to use, how to
+read a relay's answer, and what to do about it.
+
+A transport (httpx2, httpx, aiohttp, anyio) does only I/O around this::
+
+    state = ClientState()
+    chute = state.resolve_chute(model, now)          # None -> fetch /v1/models, state.update_models
+    lease = state.lease(chute, now)                  # None -> discovery (state.discovery_wait,
+                                                     #   state.record_discovery, state.load_discovery)
+    sealed = seal_request(body, lease.public_key, ...)
+    headers = invoke_headers(api_key, lease, sealed, path)
+    ... POST {api_base}/e2e/invoke ...
+    error = classify_invoke_error(status, content_type, body)   # non-200 only
+    state.report(lease, error, now); retry while error.retryable and attempts remain
+
+All methods of :class:`ClientState` are thread-safe (one short critical section each), so one
+state can serve many threads and tasks; ``now`` is always a parameter.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pqe2ee.errors import ErrorCode, RelayError
+from pqe2ee.protocol.discovery import (
+    Lease,
+    ModelMap,
+    NoncePool,
+    RateLimiter,
+    parse_discovery,
+    parse_models,
+)
+from pqe2ee.protocol.envelope import BLOB_OVERHEAD, SealedRequest
+
+__all__ = [
+    "DEFAULT_E2E_PATHS",
+    "INVOKE_PATH",
+    "RETRYABLE",
+    "ClientLimits",
+    "ClientState",
+    "classify_invoke_error",
+    "discovery_path",
+    "invoke_headers",
+    "is_sealed_error",
+    "request_model",
+]
+
+INVOKE_PATH: Final = "/e2e/invoke"
+MODELS_PATH: Final = "/v1/models"
+DEFAULT_E2E_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+#: Codes after which a request may be retried with another lease (nothing reached the caller).
+RETRYABLE: Final = frozenset(
+    {
+        ErrorCode.NONCE_REJECTED,
+        ErrorCode.INSTANCE_GONE,
+        ErrorCode.INSTANCE_BUSY,
+        ErrorCode.KEY_EXCHANGE_REQUIRED,
+    }
+)
+
+# How long to avoid an instance after it said it is busy / needs key exchange.
+BUSY_COOLDOWN: Final = 5.0
+KEY_EXCHANGE_COOLDOWN: Final = 60.0
+
+_NONCE_MARKERS: Final = (b"nonce",)
+_KEY_EXCHANGE_MARKER: Final = b"key exchange"
+
+
+def discovery_path(chute_id: str) -> str:
+    return f"/e2e/instances/{chute_id}"
+
+
+def invoke_headers(
+    api_key: str | None, lease: Lease, sealed: SealedRequest, path: str
+) -> list[tuple[str, str]]:
+    """The exact v1 invoke headers. ``X-E2E-Stream`` always comes from the sealed body's flag."""
+    headers = [
+        ("X-Chute-Id", lease.chute_id),
+        ("X-Instance-Id", lease.instance_id),
+        ("X-E2E-Nonce", lease.nonce),
+        ("X-E2E-Stream", "true" if sealed.stream else "false"),
+        ("X-E2E-Path", path.split("?", 1)[0]),
+        ("Content-Type", "application/octet-stream"),
+    ]
+    if api_key:
+        headers.insert(0, ("Authorization", f"Bearer {api_key}"))
+    return headers
+
+
+def is_sealed_error(status: int, content_type: str | None, body: bytes) -> bool:
+    """A pqe2ee extension: a non-200 answer carrying an ``e2e-resp-v1`` blob of the engine's
+    own error body (Content-Type ``application/octet-stream``)."""
+    ct = (content_type or "").split(";", 1)[0].strip().lower()
+    return status != 200 and ct == "application/octet-stream" and len(body) >= BLOB_OVERHEAD
+
+
+def _detail(body: bytes) -> str:
+    """A short, printable excerpt of a relay error body (relay text, not user data)."""
+    text = body[:300].decode("utf-8", "replace").replace("\n", " ").strip()
+    return text or "(empty body)"
+
+
+def classify_invoke_error(status: int, body: bytes) -> RelayError:
+    """Turn a relay's non-200, non-sealed answer to ``/e2e/invoke`` into a typed error.
+
+    403 whose body mentions a nonce -> ``nonce_rejected`` (retry with a fresh nonce); any other
+    403 -> ``path_forbidden`` (not retried); 410 -> ``instance_gone``; 429 -> ``instance_busy``;
+    502 saying "key exchange" -> ``key_exchange_required``; anything else -> ``relay_error``.
+    """
+    lowered = body[:2048].lower()
+    if status == 403:
+        if any(m in lowered for m in _NONCE_MARKERS):
+            code = ErrorCode.NONCE_REJECTED
+        else:
+            code = ErrorCode.PATH_FORBIDDEN
+    elif status == 410:
+        code = ErrorCode.INSTANCE_GONE
+    elif status == 429:
+        code = ErrorCode.INSTANCE_BUSY
+    elif status == 502 and _KEY_EXCHANGE_MARKER in lowered:
+        code = ErrorCode.KEY_EXCHANGE_REQUIRED
+    else:
+        code = ErrorCode.RELAY_ERROR
+    return RelayError(f"relay answered {status}: {_detail(body)}", code=code, status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    discovery_per_window: int = 10
+    discovery_window: float = 60.0
+    model_ttl: float = 300.0
+    safety_margin: float = 5.0
+    prefetch_margin: float = 15.0
+    low_watermark: int = 3
+
+
+class ClientState:
+    """Model map, nonce pools and the discovery rate limiter for one client (thread-safe)."""
+
+    def __init__(self, limits: ClientLimits | None = None) -> None:
+        self.limits = limits or ClientLimits()
+        self._lock = threading.Lock()
+        self._models = ModelMap(self.limits.model_ttl)
+        self._pools: dict[str, NoncePool] = {}
+        self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
+
+    # models ------------------------------------------------------------------------------------
+
+    def resolve_chute(self, model: str, now: float) -> str | None:
+        with self._lock:
+            return self._models.resolve(model, now)
+
+    def models_stale(self, now: float) -> bool:
+        with self._lock:
+            return self._models.stale(now)
+
+    def update_models(self, doc: bytes, now: float) -> dict[str, str]:
+        mapping = parse_models(doc)
+        with self._lock:
+            self._models.update(mapping, now)
+        return mapping
+
+    # leases ------------------------------------------------------------------------------------
+
+    def _pool(self, chute_id: str) -> NoncePool:
+        pool = self._pools.get(chute_id)
+        if pool is None:
+            lim = self.limits
+            pool = self._pools[chute_id] = NoncePool(
+                chute_id,
+                safety_margin=lim.safety_margin,
+                prefetch_margin=lim.prefetch_margin,
+                low_watermark=lim.low_watermark,
+            )
+        return pool
+
+    def lease(self, chute_id: str, now: float, *, exclude: Iterable[str] = ()) -> Lease | None:
+        with self._lock:
+            return self._pool(chute_id).take(now, exclude=exclude)
+
+    def needs_discovery(self, chute_id: str, now: float) -> bool:
+        """True when the pool is empty, low, or close to expiry (prefetch)."""
+        with self._lock:
+            return self._pool(chute_id).needs_refresh(now)
+
+    def available(self, chute_id: str, now: float) -> int:
+        with self._lock:
+            return self._pool(chute_id).available(now)
+
+    def discovery_wait(self, now: float) -> float:
+        """Seconds to wait before the next discovery is allowed (0 = now)."""
+        with self._lock:
+            return self._limiter.wait_time(now)
+
+    def record_discovery(self, now: float) -> None:
+        with self._lock:
+            self._limiter.record(now)
+
+    def load_discovery(self, chute_id: str, doc: bytes, now: float) -> int:
+        """Load a discovery document; returns the number of usable instances."""
+        result = parse_discovery(doc, now)
+        with self._lock:
+            self._pool(chute_id).load(result, now)
+        return len(result.instances)
+
+    def report(self, lease: Lease, error: RelayError, now: float) -> None:
+        """Feed a relay error back into the pool: spent nonce, gone or busy instance."""
+        with self._lock:
+            pool = self._pool(lease.chute_id)
+            if error.code is ErrorCode.NONCE_REJECTED:
+                pool.invalidate()
+            elif error.code is ErrorCode.INSTANCE_GONE:
+                pool.drop_instance(lease.instance_id, now)
+            elif error.code is ErrorCode.INSTANCE_BUSY:
+                pool.cool_down(lease.instance_id, now, BUSY_COOLDOWN)
+            elif error.code is ErrorCode.KEY_EXCHANGE_REQUIRED:
+                pool.cool_down(lease.instance_id, now, KEY_EXCHANGE_COOLDOWN)
+
+
+def request_model(body: Mapping[str, Any]) -> str | None:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else None
