@@ -1,0 +1,280 @@
+"""liboqs-python adapter (``import oqs``): ML-KEM-768 only (no AEAD).
+
+``import oqs`` is dangerous: when it cannot load the liboqs shared library it git-clones and
+builds liboqs (after a 5 s countdown) and, failing that, raises ``SystemExit``. So this module
+first looks for the library exactly where liboqs-python 0.16 looks (``ctypes.util.find_library``
+for ``oqs``/``liboqs``, then ``$OQS_INSTALL_PATH`` or ``~/_oqs`` + ``lib``/``lib64``, or ``bin`` on
+Windows) and refuses with :class:`~pqe2ee.errors.BackendError` when it is not there; the import is
+also guarded against ``SystemExit``. The library is never downloaded or built from here.
+
+API used (liboqs-python 0.16): ``KeyEncapsulation("ML-KEM-768", secret_key=dk)``,
+``generate_keypair() -> ek``, ``generate_keypair_seed(d || z) -> ek`` (liboqs >= 0.12 with
+``length_keypair_seed == 64``), ``export_secret_key() -> dk`` (2400-byte expanded form),
+``encap_secret(ek) -> (ct, ss)``, ``decap_secret(ct) -> ss`` and ``free()``. Fixed-randomness
+encapsulation calls the C function ``OQS_KEM_encaps_derand`` directly when the library exports it.
+The wrapper zero-pads short inputs (``ctypes.create_string_buffer(data, size)``), so every length
+is checked here first; the modulus and hash checks of FIPS 203 are done here too, whatever the
+liboqs version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pqe2ee.backends.base import (
+    KEM,
+    MLKEM768_CT_LEN,
+    MLKEM768_SEED_LEN,
+    MLKEM768_SS_LEN,
+    KEMPrivateKey,
+    check_mlkem768_ciphertext,
+    check_mlkem768_coins,
+    check_mlkem768_expanded_key,
+    check_mlkem768_public_key,
+    check_mlkem768_seed,
+    mlkem768_expanded_public_key,
+    unsupported,
+)
+from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError
+
+__all__ = ["LiboqsKEM", "find_liboqs"]
+
+_ALG = "ML-KEM-768"
+
+
+def _library_file_names() -> tuple[str, ...]:
+    system = platform.system()
+    if system == "Darwin":
+        return ("liboqs.dylib",)
+    if system == "Windows":
+        return ("oqs.dll", "liboqs.dll")
+    return ("liboqs.so",)
+
+
+def _install_dirs() -> list[Path]:
+    root = Path(os.environ["OQS_INSTALL_PATH"]) if "OQS_INSTALL_PATH" in os.environ else None
+    if root is None:
+        try:
+            root = Path.home() / "_oqs"
+        except RuntimeError:  # no home directory
+            return []
+    if platform.system() == "Windows":
+        return [root / "bin"]
+    return [root / "lib", root / "lib64"]
+
+
+def find_liboqs() -> tuple[str | None, str]:
+    """``(path, "")`` for a liboqs that ``import oqs`` will load, else ``(None, reason)``.
+
+    Mirrors liboqs-python's own search so that a positive answer means ``import oqs`` will not
+    try to install anything.
+    """
+    candidates: list[str] = []
+    for name in ("oqs", "liboqs"):
+        with contextlib.suppress(Exception):  # find_library may run ldconfig/gcc and fail
+            found = ctypes.util.find_library(name)
+            if found:
+                candidates.append(found)
+    for directory in _install_dirs():
+        candidates.extend(str(directory / f) for f in _library_file_names())
+    for candidate in candidates:
+        if os.path.isabs(candidate) and not os.path.exists(candidate):
+            continue
+        try:
+            ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        return candidate, ""
+    # A library in a standard prefix that the loader cache does not know is NOT picked up by
+    # liboqs-python (it would start its installer), so say how to make it visible.
+    for prefix in ("/usr/local", "/usr", "/opt/homebrew"):
+        for sub in ("lib", "lib64"):
+            for f in _library_file_names():
+                if (Path(prefix) / sub / f).exists():
+                    return None, (
+                        f"liboqs found at {Path(prefix) / sub / f} but liboqs-python would not "
+                        f"load it; set OQS_INSTALL_PATH={prefix} or run ldconfig"
+                    )
+    return None, "liboqs shared library not found (liboqs-python would try to download it)"
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+def _import_oqs() -> Any:
+    path, reason = find_liboqs()
+    if path is None:
+        raise BackendError(reason, code=ErrorCode.BACKEND_UNAVAILABLE)
+    # oqs logs "faulthandler is disabled" to stdout on import; keep stdout clean.
+    oqs_logger = logging.getLogger("oqs.oqs")
+    oqs_logger.addFilter(_drop_record)
+    try:
+        import oqs
+    except SystemExit:
+        raise BackendError(
+            "liboqs-python could not load liboqs", code=ErrorCode.BACKEND_UNAVAILABLE
+        ) from None
+    except (ImportError, OSError, RuntimeError) as exc:
+        raise BackendError(
+            f"liboqs-python failed to import ({type(exc).__name__})",
+            code=ErrorCode.BACKEND_UNAVAILABLE,
+        ) from None
+    finally:
+        oqs_logger.removeFilter(_drop_record)
+    return oqs
+
+
+_oqs: Any = _import_oqs()
+
+try:
+    _enabled = bool(_oqs.is_kem_enabled(_ALG))
+except Exception:  # pragma: no cover - a broken build
+    _enabled = False
+if not _enabled:
+    raise BackendError(
+        f"this liboqs build does not enable {_ALG}", code=ErrorCode.BACKEND_UNAVAILABLE
+    )
+
+
+def _probe_seed_keygen() -> bool:
+    if not hasattr(_oqs.KeyEncapsulation, "generate_keypair_seed"):
+        return False  # liboqs-python before seed key generation
+    try:
+        _oqs.native().OQS_KEM_keypair_derand  # noqa: B018 - a C library without it
+    except AttributeError:
+        return False
+    kem = _oqs.KeyEncapsulation(_ALG)
+    try:
+        return int(getattr(kem, "length_keypair_seed", 0)) == MLKEM768_SEED_LEN
+    finally:
+        kem.free()
+
+
+def _probe_encaps_derand() -> Any:
+    try:
+        return _oqs.native().OQS_KEM_encaps_derand
+    except AttributeError:  # liboqs before encaps_derand existed
+        return None
+
+
+_SEED_KEYGEN = _probe_seed_keygen()
+_ENCAPS_DERAND: Any = _probe_encaps_derand()
+
+
+class _LiboqsPrivateKey(KEMPrivateKey):
+    __slots__ = ("_kem", "_pk", "_seed")
+
+    def __init__(self, kem: Any, public_key: bytes, seed: bytes | None) -> None:
+        self._kem: Any = kem
+        self._pk = public_key
+        self._seed = seed
+
+    @property
+    def public_key(self) -> bytes:
+        return self._pk
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        check_mlkem768_ciphertext(ciphertext)
+        if self._kem is None:
+            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+        try:
+            return bytes(self._kem.decap_secret(bytes(ciphertext)))
+        except RuntimeError:  # liboqs refused the key (mlkem-native re-checks H(ek))
+            raise LocalProtocolError(
+                "liboqs refused the decapsulation key", code=ErrorCode.INVALID_KEY
+            ) from None
+
+    def seed(self) -> bytes | None:
+        return self._seed
+
+    def expanded_key(self) -> bytes | None:
+        return None if self._kem is None else bytes(self._kem.export_secret_key())
+
+    def wipe(self) -> None:
+        kem, self._kem, self._seed = self._kem, None, None
+        if kem is not None:
+            kem.free()  # cleanses the secret key buffer, frees the OQS_KEM
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wipe()
+
+
+class LiboqsKEM(KEM):
+    name = "liboqs"
+
+    def generate(self) -> KEMPrivateKey:
+        if _SEED_KEYGEN:  # same as KeyGen: random d, z - and the seed stays available
+            return self.from_seed(secrets.token_bytes(MLKEM768_SEED_LEN))
+        kem = _oqs.KeyEncapsulation(_ALG)
+        try:
+            public_key = bytes(kem.generate_keypair())
+        except BaseException:
+            kem.free()
+            raise
+        return _LiboqsPrivateKey(kem, public_key, None)
+
+    def from_seed(self, seed: bytes) -> KEMPrivateKey:
+        check_mlkem768_seed(seed)
+        if not _SEED_KEYGEN:
+            raise unsupported(self.name, "derive a key from a seed")
+        kem = _oqs.KeyEncapsulation(_ALG)
+        try:
+            public_key = bytes(kem.generate_keypair_seed(bytes(seed)))
+        except BaseException:
+            kem.free()
+            raise
+        return _LiboqsPrivateKey(kem, public_key, bytes(seed))
+
+    def from_expanded(self, dk: bytes) -> KEMPrivateKey:
+        check_mlkem768_expanded_key(dk)
+        kem = _oqs.KeyEncapsulation(_ALG, secret_key=bytes(dk))
+        return _LiboqsPrivateKey(kem, mlkem768_expanded_public_key(dk), None)
+
+    def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
+        check_mlkem768_public_key(public_key)
+        kem = _oqs.KeyEncapsulation(_ALG)
+        try:
+            ciphertext, shared_secret = kem.encap_secret(bytes(public_key))  # (ct, ss)
+        except RuntimeError:
+            raise LocalProtocolError(
+                "ML-KEM-768 public key refused by liboqs", code=ErrorCode.INVALID_KEY
+            ) from None
+        finally:
+            kem.free()
+        return bytes(ciphertext), bytes(shared_secret)
+
+    def encapsulate_derand(self, public_key: bytes, m: bytes) -> tuple[bytes, bytes]:
+        if _ENCAPS_DERAND is None:
+            raise unsupported(self.name, "encapsulate with fixed randomness")
+        check_mlkem768_coins(m)
+        check_mlkem768_public_key(public_key)
+        kem = _oqs.KeyEncapsulation(_ALG)
+        try:
+            ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
+            ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+            # OQS_STATUS OQS_KEM_encaps_derand(const OQS_KEM *kem, uint8_t *ciphertext,
+            #     uint8_t *shared_secret, const uint8_t *public_key, const uint8_t *seed)
+            rv = _ENCAPS_DERAND(
+                kem._kem,
+                ctypes.byref(ct),
+                ctypes.byref(ss),
+                ctypes.create_string_buffer(bytes(public_key), len(public_key)),
+                ctypes.create_string_buffer(bytes(m), len(m)),
+            )
+        finally:
+            kem.free()
+        if rv != 0:
+            raise LocalProtocolError(
+                "liboqs refused the fixed-randomness encapsulation", code=ErrorCode.INVALID_KEY
+            )
+        return ct.raw, ss.raw
