@@ -1,0 +1,1 @@
+"""Servers shipped with pqe2ee."""
