@@ -1,0 +1,842 @@
+"""Anthropic Messages API ⇄ Chat Completions.
+
+Pure and sans-IO:
+
+* :func:`messages_to_chat` turns a ``POST /v1/messages`` body into a Chat Completions body;
+* :func:`chat_to_message` turns a ``chat.completion`` into an Anthropic ``Message``;
+* :class:`MessagesStreamTranslator` turns ``chat.completion.chunk`` dicts into Anthropic stream
+  events ``(event_name, data)``;
+* :func:`count_tokens_estimate` answers ``POST /v1/messages/count_tokens`` with an estimate.
+
+Where the APIs do not map 1:1:
+
+* ``system`` text blocks are joined with a blank line into one leading system message.
+* A user turn's ``tool_result`` blocks become ``tool`` messages placed *before* the rest of that
+  turn (Chat Completions needs tool messages right after the assistant's tool calls). Tool
+  results are text-only in Chat Completions: their text blocks are joined with newlines, images
+  are forwarded in a user message right after the tool messages, and ``is_error: true`` prefixes
+  the text with ``"[tool error] "``.
+* Consecutive turns of the same role are merged (the Anthropic API does the same).
+* ``thinking`` / ``redacted_thinking`` blocks in the input are dropped (their signatures mean
+  nothing to another model). A trailing assistant turn (prefill) is sent as an ordinary
+  assistant message; the upstream may or may not continue it.
+* Only custom tools (``name``/``description``/``input_schema``) exist in Chat Completions; server
+  tools (``web_search_…``, ``bash_…``, ``text_editor_…``, …) are a 400 (``unsupported_tool``).
+  ``tool_choice``: ``auto`` → ``"auto"``, ``any`` → ``"required"``, ``tool`` → the named
+  function, ``none`` → ``"none"``; ``disable_parallel_tool_use`` → ``parallel_tool_calls: false``
+  (both only sent when there are tools: Chat Completions rejects them otherwise). ``mcp_servers``
+  and ``container`` (server-side execution) are a 400 (``unsupported_parameter``).
+* ``max_tokens`` is required (400 if missing), ``stop_sequences`` → ``stop``, ``top_k`` is dropped,
+  ``metadata.user_id`` → ``user``. ``output_config.effort`` → ``reasoning_effort`` (``xhigh`` /
+  ``max`` → ``high``); otherwise ``thinking: {type: enabled, budget_tokens: B}`` → ``low`` for
+  B < 4096, ``medium`` for B < 16384, else ``high``; ``adaptive`` / ``disabled`` set nothing.
+  ``output_config.format`` (JSON schema) → ``response_format``.
+* Upstream reasoning (``reasoning_content`` / ``reasoning``) becomes ``thinking`` blocks (with an
+  empty ``signature``) only when the request enabled thinking (``thinking.type`` ``enabled`` or
+  ``adaptive``, and ``display`` not ``omitted``) — as with Anthropic, a request without thinking
+  gets no thinking blocks; the reasoning is then dropped.
+* Tool call arguments become ``tool_use.input``: ``""`` → ``{}``; a JSON object → that object;
+  anything else (invalid JSON, a non-object) → ``{"_raw": "<the argument text>"}``, so the client
+  sees a tool call that fails its schema check and can report it back to the model. (Streams
+  forward argument fragments verbatim as ``input_json_delta``.)
+* ``stop_reason``: ``stop`` → ``end_turn`` (``stop_sequence`` when the upstream names the matched
+  stop string — vLLM ``stop_reason`` / SGLang ``matched_stop`` — and it is one of the request's
+  ``stop_sequences``), ``length`` → ``max_tokens``, ``tool_calls`` → ``tool_use``,
+  ``content_filter`` or a refusal → ``refusal``.
+* ``usage.input_tokens`` excludes cached prompt tokens, which are reported as
+  ``cache_read_input_tokens`` (Anthropic's accounting).
+* The message echoes the model the *client* asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from pqe2ee.errors import LocalProtocolError
+from pqe2ee.proxy.errors import TranslationError, convert, invalid_request, upstream_error
+from pqe2ee.proxy.responses import (
+    ChatChunkReader,
+    ChatMessagesBuilder,
+    ChatUsage,
+    ChunkOp,
+    Finish,
+    ReasoningDelta,
+    RefusalDelta,
+    StreamEvent,
+    TextDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    content_text,
+    first_choice,
+    json_text,
+    matched_stop,
+    new_id,
+    parse_chat_reply,
+    reasoning_text,
+)
+
+__all__ = [
+    "IMAGE_TOKEN_ESTIMATE",
+    "MessagesRequest",
+    "MessagesStreamTranslator",
+    "chat_to_message",
+    "count_tokens_estimate",
+    "messages_to_chat",
+    "parse_messages_request",
+    "tool_input",
+]
+
+#: Tokens assumed per image or binary document by :func:`count_tokens_estimate` (Anthropic bills
+#: about width*height/750 tokens per image, at most ~1600 after downscaling).
+IMAGE_TOKEN_ESTIMATE = 1600
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests: Anthropic Messages → Chat Completions
+# ---------------------------------------------------------------------------------------------
+
+
+class _Metadata(msgspec.Struct):
+    user_id: str | None = None
+
+
+class _OutputFormat(msgspec.Struct):
+    type: str
+    schema: dict[str, Any] | None = None
+
+
+class _OutputConfig(msgspec.Struct):
+    effort: str | None = None
+    format: _OutputFormat | None = None
+
+
+class _Message(msgspec.Struct):
+    role: Literal["user", "assistant"]
+    content: str | list[Any]
+
+
+class MessagesRequest(msgspec.Struct):
+    """The fields of a Messages create (or count_tokens) body that the translation reads."""
+
+    model: str | None = None
+    messages: list[Any] | None = None
+    max_tokens: int | None = None
+    system: str | list[Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool | None = None
+    metadata: _Metadata | None = None
+    tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: _OutputConfig | None = None
+    mcp_servers: list[Any] | None = None
+    container: Any = None
+
+
+class _TextBlock(msgspec.Struct):
+    text: str
+
+
+class _Source(msgspec.Struct):
+    type: str
+    media_type: str | None = None
+    data: Any = None
+    url: str | None = None
+    content: Any = None
+
+
+class _SourceBlock(msgspec.Struct):
+    source: _Source
+
+
+class _ToolUseBlock(msgspec.Struct):
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class _ToolResultBlock(msgspec.Struct):
+    tool_use_id: str
+    content: str | list[Any] | None = None
+    is_error: bool | None = None
+
+
+class _Tool(msgspec.Struct):
+    name: str
+    input_schema: dict[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+
+
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def parse_messages_request(req: object, *, require_max_tokens: bool = True) -> MessagesRequest:
+    """Validate a Messages body (the parts this module reads); raises a 400
+    :class:`TranslationError`. ``require_max_tokens=False`` for count_tokens bodies."""
+    if not isinstance(req, Mapping):
+        raise invalid_request("request body must be a JSON object")
+    parsed = convert(req, MessagesRequest)
+    if parsed.messages is None:
+        raise invalid_request("messages: Field required", param="messages")
+    for name, value in (("mcp_servers", parsed.mcp_servers), ("container", parsed.container)):
+        if value:
+            raise invalid_request(
+                f"{name}: server-side tools and containers are not supported by this proxy",
+                param=name,
+                code="unsupported_parameter",
+            )
+    if require_max_tokens:
+        if parsed.max_tokens is None:
+            raise invalid_request("max_tokens: Field required", param="max_tokens")
+        if parsed.max_tokens < 1:
+            raise invalid_request("max_tokens: must be at least 1", param="max_tokens")
+    effort = parsed.output_config.effort if parsed.output_config is not None else None
+    if effort is not None and effort not in _EFFORTS:
+        raise invalid_request(
+            f"output_config.effort: unknown effort {effort!r}", param="output_config.effort"
+        )
+    return parsed
+
+
+def _blocks(content: str | list[Any], where: str) -> list[Mapping[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks: list[Mapping[str, Any]] = []
+    for j, raw in enumerate(content):
+        if not isinstance(raw, Mapping):
+            raise invalid_request(f"{where}[{j}]: expected an object", param=f"{where}[{j}]")
+        blocks.append(raw)
+    return blocks
+
+
+def _unsupported_block(kind: object, where: str) -> TranslationError:
+    return invalid_request(
+        f"{where}: content block type {kind!r} is not supported",
+        param=f"{where}.type",
+        code="unsupported_content",
+    )
+
+
+def _image(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    source = convert(raw, _SourceBlock, where=where).source
+    if source.type == "base64" and isinstance(source.data, str) and source.media_type:
+        url = f"data:{source.media_type};base64,{source.data}"
+    elif source.type == "url" and source.url:
+        url = source.url
+    else:
+        raise invalid_request(
+            f"{where}.source: image source type {source.type!r} is not supported "
+            "(use base64 or url)",
+            param=f"{where}.source",
+            code="unsupported_content",
+        )
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _document_text(raw: Mapping[str, Any], where: str) -> str:
+    source = convert(raw, _SourceBlock, where=where).source
+    if source.type == "text" and isinstance(source.data, str):
+        return source.data
+    if source.type == "content":
+        if isinstance(source.content, str):
+            return source.content
+        if isinstance(source.content, list):
+            return "\n".join(
+                convert(b, _TextBlock, where=f"{where}.source.content[{k}]").text
+                for k, b in enumerate(source.content)
+            )
+    raise invalid_request(
+        f"{where}.source: document source type {source.type!r} is not supported "
+        "(only plain-text documents can be forwarded)",
+        param=f"{where}.source",
+        code="unsupported_content",
+    )
+
+
+def _tool_result(raw: Mapping[str, Any], where: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """(tool_use_id, text, images) of a tool_result block."""
+    block = convert(raw, _ToolResultBlock, where=where)
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    if isinstance(block.content, str):
+        texts.append(block.content)
+    else:
+        for k, inner in enumerate(_blocks(block.content or [], f"{where}.content")):
+            iw = f"{where}.content[{k}]"
+            kind = inner.get("type")
+            if kind == "text":
+                texts.append(convert(inner, _TextBlock, where=iw).text)
+            elif kind == "image":
+                images.append(_image(inner, iw))
+            elif kind == "document":
+                texts.append(_document_text(inner, iw))
+            else:
+                raise _unsupported_block(kind, iw)
+    text = "\n".join(texts) if texts else "\n".join("[image]" for _ in images)
+    if block.is_error:
+        text = f"[tool error] {text}"
+    return block.tool_use_id, text, images
+
+
+def _user_turn(out: ChatMessagesBuilder, content: str | list[Any], where: str) -> None:
+    parts: list[dict[str, Any]] = []
+    for j, raw in enumerate(_blocks(content, where)):
+        bw = f"{where}[{j}]"
+        kind = raw.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": convert(raw, _TextBlock, where=bw).text})
+        elif kind == "image":
+            parts.append(_image(raw, bw))
+        elif kind == "document":
+            parts.append({"type": "text", "text": _document_text(raw, bw)})
+        elif kind == "tool_result":
+            out.tool_result(*_tool_result(raw, bw))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise _unsupported_block(kind, bw)
+    if parts:
+        if all(p["type"] == "text" for p in parts):
+            out.user("\n".join(p["text"] for p in parts))
+        else:
+            out.user(parts)
+
+
+def _assistant_turn(out: ChatMessagesBuilder, content: str | list[Any], where: str) -> None:
+    texts: list[str] = []
+    calls: list[_ToolUseBlock] = []
+    for j, raw in enumerate(_blocks(content, where)):
+        bw = f"{where}[{j}]"
+        kind = raw.get("type")
+        if kind == "text":
+            texts.append(convert(raw, _TextBlock, where=bw).text)
+        elif kind == "tool_use":
+            calls.append(convert(raw, _ToolUseBlock, where=bw))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise _unsupported_block(kind, bw)
+    if not any(texts) and not calls:
+        return  # e.g. a turn holding only thinking blocks
+    out.assistant("\n".join(t for t in texts if t))
+    for call in calls:
+        out.tool_call(call.id, call.name, json_text(call.input))
+
+
+def _system_text(system: str | list[Any] | None) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    return "\n\n".join(
+        convert(b, _TextBlock, where=f"system[{k}]").text for k, b in enumerate(system)
+    )
+
+
+def _tools(req: MessagesRequest) -> list[dict[str, Any]]:
+    tools: list[dict[str, Any]] = []
+    for i, raw in enumerate(req.tools or ()):
+        where = f"tools[{i}]"
+        if not isinstance(raw, Mapping):
+            raise invalid_request(f"{where}: expected an object", param=where)
+        kind = raw.get("type")
+        if kind not in (None, "custom"):
+            raise invalid_request(
+                f"{where}: tool type {kind!r} is not supported; only custom tools "
+                "(name, description, input_schema) can be forwarded",
+                param=f"{where}.type",
+                code="unsupported_tool",
+            )
+        tool = convert(raw, _Tool, where=where)
+        fn: dict[str, Any] = {"name": tool.name}
+        if tool.description is not None:
+            fn["description"] = tool.description
+        fn["parameters"] = tool.input_schema
+        if tool.strict is not None:
+            fn["strict"] = tool.strict
+        tools.append({"type": "function", "function": fn})
+    return tools
+
+
+def _tool_choice(req: MessagesRequest) -> tuple[str | dict[str, Any] | None, bool | None]:
+    """(chat tool_choice, parallel_tool_calls)."""
+    choice = req.tool_choice
+    if choice is None:
+        return None, None
+    kind = choice.get("type")
+    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", None
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise invalid_request("tool_choice.name: Field required", param="tool_choice.name")
+        return {"type": "function", "function": {"name": name}}, parallel
+    raise invalid_request(f"tool_choice.type: unknown value {kind!r}", param="tool_choice.type")
+
+
+def _reasoning_effort(req: MessagesRequest) -> str | None:
+    if req.output_config is not None and req.output_config.effort is not None:
+        return _EFFORTS[req.output_config.effort]
+    thinking = req.thinking or {}
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise invalid_request(
+                "thinking.budget_tokens: Field required", param="thinking.budget_tokens"
+            )
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    return None
+
+
+def wants_thinking(req: MessagesRequest) -> bool:
+    """Whether upstream reasoning should be returned as ``thinking`` blocks."""
+    thinking = req.thinking or {}
+    return thinking.get("type") in ("enabled", "adaptive") and thinking.get("display") != "omitted"
+
+
+def messages_to_chat(req: dict[str, Any]) -> dict[str, Any]:
+    """Translate an Anthropic Messages create body into a Chat Completions create body.
+
+    Raises a 400 :class:`TranslationError` (``invalid_request_error``) for invalid or unsupported
+    requests; see the module docstring for the mapping.
+    """
+    parsed = parse_messages_request(req)
+    out = ChatMessagesBuilder()
+    system = _system_text(parsed.system)
+    if system:
+        out.system(system)
+    for i, raw in enumerate(parsed.messages or ()):
+        where = f"messages[{i}]"
+        msg = convert(raw, _Message, where=where)
+        if msg.role == "user":
+            _user_turn(out, msg.content, f"{where}.content")
+        else:
+            _assistant_turn(out, msg.content, f"{where}.content")
+    chat: dict[str, Any] = {}
+    if parsed.model is not None:
+        chat["model"] = parsed.model
+    chat["messages"] = out.build()
+    tools = _tools(parsed)
+    choice, parallel = _tool_choice(parsed)
+    if tools:  # Chat Completions rejects tool_choice without tools
+        chat["tools"] = tools
+        if choice is not None:
+            chat["tool_choice"] = choice
+        if parallel is not None:
+            chat["parallel_tool_calls"] = parallel
+    chat["max_tokens"] = parsed.max_tokens
+    if parsed.stop_sequences:
+        chat["stop"] = list(parsed.stop_sequences)
+    if parsed.temperature is not None:
+        chat["temperature"] = parsed.temperature
+    if parsed.top_p is not None:
+        chat["top_p"] = parsed.top_p
+    effort = _reasoning_effort(parsed)
+    if effort is not None:
+        chat["reasoning_effort"] = effort
+    fmt = parsed.output_config.format if parsed.output_config is not None else None
+    if fmt is not None:
+        if fmt.type != "json_schema" or fmt.schema is None:
+            raise invalid_request(
+                "output_config.format: only {type: json_schema, schema} is supported",
+                param="output_config.format",
+            )
+        chat["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": fmt.schema, "strict": True},
+        }
+    if parsed.metadata is not None and parsed.metadata.user_id is not None:
+        chat["user"] = parsed.metadata.user_id
+    if parsed.stream:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies: Chat Completions → Anthropic Message
+# ---------------------------------------------------------------------------------------------
+
+
+def tool_input(arguments: str) -> dict[str, Any]:
+    """``tool_use.input`` from Chat Completions ``arguments``: ``""`` → ``{}``, a JSON object →
+    itself, anything else → ``{"_raw": arguments}``."""
+    if not arguments.strip():
+        return {}
+    try:
+        value = msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return {"_raw": arguments}
+    if isinstance(value, dict):
+        return value
+    return {"_raw": arguments}
+
+
+def _stop(
+    finish_reason: str | None,
+    matched: str | None,
+    req: MessagesRequest,
+    *,
+    tool_calls: bool,
+    refusal: bool,
+) -> tuple[str, str | None]:
+    if finish_reason == "length":
+        return "max_tokens", None
+    if finish_reason == "content_filter" or refusal:
+        return "refusal", None
+    if finish_reason in ("tool_calls", "function_call") or tool_calls:
+        return "tool_use", None
+    if matched is not None and matched in (req.stop_sequences or ()):
+        return "stop_sequence", matched
+    return "end_turn", None
+
+
+def _usage(usage: ChatUsage | None) -> dict[str, Any]:
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    return {
+        "input_tokens": usage.prompt_tokens - cached,
+        "output_tokens": usage.completion_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def chat_to_message(chat: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+    """Translate a ``chat.completion`` into an Anthropic ``Message``.
+
+    ``req`` is the client's Messages body (model echo, stop sequences, thinking). Content blocks,
+    in order: ``thinking`` (if enabled and the upstream reasoned), ``text`` (text and/or
+    refusal), then one ``tool_use`` per tool call. Raises a 502 :class:`TranslationError` if
+    ``chat`` is malformed (or the upstream's error if it reports one).
+    """
+    parsed = parse_messages_request(req)
+    reply = parse_chat_reply(chat)
+    choice = first_choice(reply)
+    if choice is None or choice.message is None:
+        raise upstream_error("upstream reply has no choices")
+    msg = choice.message
+    content: list[dict[str, Any]] = []
+    reasoning = reasoning_text(msg)
+    if reasoning and wants_thinking(parsed):
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = content_text(msg.content) + (msg.refusal or "")
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in msg.tool_calls or ():
+        fn = call.function
+        if fn is None or not fn.name:
+            raise upstream_error("upstream tool call has no function name")
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.id or new_id("toolu_"),
+                "name": fn.name,
+                "input": tool_input(fn.arguments or ""),
+            }
+        )
+    stop_reason, stop_sequence = _stop(
+        choice.finish_reason,
+        matched_stop(choice),
+        parsed,
+        tool_calls=bool(msg.tool_calls),
+        refusal=bool(msg.refusal),
+    )
+    return {
+        "id": new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": parsed.model or reply.model or "unknown",
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": _usage(reply.usage),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: chat.completion.chunk → Anthropic events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Block:
+    kind: Literal["text", "thinking", "tool_use"]
+    index: int
+
+
+class MessagesStreamTranslator:
+    """Sans-IO translator: ``chat.completion.chunk`` dicts in, Anthropic stream events out.
+
+    Call :meth:`feed` for each parsed chunk, then :meth:`finish` at end of stream, or
+    :meth:`error` when the upstream fails. Each returns a list of ``(event_name, data)`` pairs
+    with ``data["type"] == event_name``.
+
+    Event order: ``message_start`` (empty content; ``usage.input_tokens`` if the first chunk
+    carried usage, else 0), then per content block ``content_block_start`` /
+    ``content_block_delta`` (``text_delta``, ``thinking_delta``, ``input_json_delta``) /
+    ``content_block_stop`` — one block open at a time, a different kind of delta (or the next tool
+    call) closes it — and at :meth:`finish` ``message_delta`` (``stop_reason``,
+    ``stop_sequence``, ``usage`` with ``output_tokens`` and, when known, ``input_tokens`` and
+    cache counts) and ``message_stop``.
+
+    Failures never end cleanly: :meth:`error`, a malformed/error chunk passed to :meth:`feed`, or
+    a stream without ``finish_reason`` at :meth:`finish` yields an ``error`` event
+    (``{"type": "error", "error": {"type", "message"}}``) and closes the translator
+    (:attr:`failure` is then set). Any call after the translator closed raises
+    :class:`pqe2ee.errors.LocalProtocolError`. (``ping`` keep-alives are the caller's business.)
+    """
+
+    def __init__(self, req: dict[str, Any]) -> None:
+        self._req = parse_messages_request(req)
+        self._thinking = wants_thinking(self._req)
+        self._reader = ChatChunkReader(call_id_prefix="toolu_")
+        self.message_id = new_id("msg_")
+        self._started = False
+        self._closed = False
+        self._next_index = 0
+        self._open: _Block | None = None
+        self._tools: dict[int, _Block] = {}
+        self._tool_calls = False
+        self._refusal = False
+        self.failure: TranslationError | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once ``message_stop`` or an ``error`` event was produced."""
+        return self._closed
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def start(self) -> list[StreamEvent]:
+        """``message_start`` if not yet sent (idempotent; also done by the first :meth:`feed`)."""
+        self._check_open()
+        if self._started:
+            return []
+        self._started = True
+        usage = self._reader.usage
+        message: dict[str, Any] = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self._req.model or self._reader.model or "unknown",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**_usage(usage), "output_tokens": 0},
+        }
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
+        """Translate one parsed ``chat.completion.chunk``."""
+        self._check_open()
+        out: list[StreamEvent] = []
+        try:
+            ops = self._reader.feed(chunk)
+            out.extend(self.start())
+            for op in ops:
+                self._apply(op, out)
+        except TranslationError as exc:
+            out.extend(self._fail(exc))
+        return out
+
+    def finish(self) -> list[StreamEvent]:
+        """End of the upstream stream: ``message_delta`` and ``message_stop`` (or an ``error``
+        event if the stream was cut short)."""
+        out = self.start()
+        try:
+            self._reader.end()
+        except TranslationError as exc:
+            out.extend(self._fail(exc))
+            return out
+        self._close_open(out)
+        stop_reason, stop_sequence = _stop(
+            self._reader.finish_reason,
+            self._reader.matched_stop,
+            self._req,
+            tool_calls=self._tool_calls,
+            refusal=self._refusal,
+        )
+        usage = self._reader.usage
+        delta_usage = _usage(usage) if usage is not None else {"output_tokens": 0}
+        out.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                    "usage": delta_usage,
+                },
+            )
+        )
+        out.append(("message_stop", {"type": "message_stop"}))
+        self._closed = True
+        return out
+
+    def error(self, status: int, type: str, message: str) -> list[StreamEvent]:
+        """The upstream failed: an Anthropic ``error`` event; closes the stream."""
+        self._check_open()
+        return self._fail(TranslationError(status, type, message))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalProtocolError("the Messages stream translator is closed")
+
+    def _fail(self, exc: TranslationError) -> list[StreamEvent]:
+        self.failure = exc
+        self._closed = True
+        self._open = None
+        return [("error", exc.to_anthropic())]
+
+    def _apply(self, op: ChunkOp, out: list[StreamEvent]) -> None:
+        if isinstance(op, ReasoningDelta):
+            if self._thinking:
+                block = self._ensure("thinking", out)
+                delta = {"type": "thinking_delta", "thinking": op.text}
+                out.append(self._delta(block, delta))
+        elif isinstance(op, TextDelta | RefusalDelta):
+            if isinstance(op, RefusalDelta):
+                self._refusal = True
+            block = self._ensure("text", out)
+            out.append(self._delta(block, {"type": "text_delta", "text": op.text}))
+        elif isinstance(op, ToolCallStart):
+            self._tool_calls = True
+            self._close_open(out)
+            block = self._new_block("tool_use")
+            self._tools[op.index] = block
+            start = {"type": "tool_use", "id": op.call_id, "name": op.name, "input": {}}
+            out.append(self._start(block, start))
+        elif isinstance(op, ToolCallArgs):
+            block = self._tools[op.index]
+            if block is not self._open:
+                raise upstream_error("upstream interleaved the arguments of several tool calls")
+            out.append(
+                self._delta(block, {"type": "input_json_delta", "partial_json": op.fragment})
+            )
+        elif isinstance(op, Finish):
+            self._close_open(out)
+
+    def _new_block(self, kind: Literal["text", "thinking", "tool_use"]) -> _Block:
+        block = _Block(kind, self._next_index)
+        self._next_index += 1
+        self._open = block
+        return block
+
+    def _ensure(self, kind: Literal["text", "thinking"], out: list[StreamEvent]) -> _Block:
+        if self._open is not None and self._open.kind == kind:
+            return self._open
+        self._close_open(out)
+        block = self._new_block(kind)
+        if kind == "text":
+            out.append(self._start(block, {"type": "text", "text": ""}))
+        else:
+            out.append(self._start(block, {"type": "thinking", "thinking": "", "signature": ""}))
+        return block
+
+    @staticmethod
+    def _start(block: _Block, content_block: dict[str, Any]) -> StreamEvent:
+        data = {"type": "content_block_start", "index": block.index, "content_block": content_block}
+        return "content_block_start", data
+
+    @staticmethod
+    def _delta(block: _Block, delta: dict[str, Any]) -> StreamEvent:
+        return "content_block_delta", {
+            "type": "content_block_delta",
+            "index": block.index,
+            "delta": delta,
+        }
+
+    def _close_open(self, out: list[StreamEvent]) -> None:
+        if self._open is not None:
+            index = self._open.index
+            self._open = None
+            out.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+
+
+# ---------------------------------------------------------------------------------------------
+# count_tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_chars(block: Mapping[str, Any]) -> tuple[int, int]:
+    """(characters, images) of one content block."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        return (len(text) if isinstance(text, str) else 0), 0
+    if kind == "image":
+        return 0, 1
+    if kind == "document":
+        source = block.get("source")
+        if isinstance(source, Mapping) and source.get("type") == "text":
+            data = source.get("data")
+            return (len(data) if isinstance(data, str) else 0), 0
+        if isinstance(source, Mapping) and source.get("type") == "content":
+            return _content_chars(source.get("content"))
+        return 0, 1
+    if kind == "tool_use":
+        name = block.get("name")
+        return (len(name) if isinstance(name, str) else 0) + len(json_text(block.get("input"))), 0
+    if kind == "tool_result":
+        return _content_chars(block.get("content"))
+    if kind in ("thinking", "redacted_thinking"):
+        return 0, 0  # earlier turns' thinking is not part of the context
+    return len(json_text(block)), 0
+
+
+def _content_chars(content: object) -> tuple[int, int]:
+    if isinstance(content, str):
+        return len(content), 0
+    chars = images = 0
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, Mapping):
+                c, i = _block_chars(block)
+                chars, images = chars + c, images + i
+    return chars, images
+
+
+def count_tokens_estimate(req: dict[str, Any]) -> dict[str, Any]:
+    """Answer ``POST /v1/messages/count_tokens`` with an **estimate**, not a tokenizer count.
+
+    The upstream model's tokenizer is not available to the proxy, so this counts characters of
+    all text the model would see — system, message text, tool_use names and JSON inputs,
+    tool_result text, plain-text documents, tool names, descriptions and JSON input schemas — and
+    returns ``ceil(chars / 4)`` plus :data:`IMAGE_TOKEN_ESTIMATE` per image or binary document
+    (at least 1). Typical English prose and code average 3–4.5 characters per token, so this
+    errs on the high side. Returns ``{"input_tokens": N}``; raises a 400
+    :class:`TranslationError` if the body is not a valid count_tokens request.
+    """
+    parsed = parse_messages_request(req, require_max_tokens=False)
+    chars = len(_system_text(parsed.system))
+    images = 0
+    for i, raw in enumerate(parsed.messages or ()):
+        msg = convert(raw, _Message, where=f"messages[{i}]")
+        c, n = _content_chars(msg.content)
+        chars, images = chars + c, images + n
+    for i, raw in enumerate(parsed.tools or ()):
+        if not isinstance(raw, Mapping):
+            raise invalid_request(f"tools[{i}]: expected an object", param=f"tools[{i}]")
+        if raw.get("type") in (None, "custom"):
+            tool = convert(raw, _Tool, where=f"tools[{i}]")
+            chars += (
+                len(tool.name) + len(tool.description or "") + len(json_text(tool.input_schema))
+            )
+        else:
+            chars += len(json_text(raw))
+    return {"input_tokens": max(1, math.ceil(chars / 4) + IMAGE_TOKEN_ESTIMATE * images)}
