@@ -84,7 +84,8 @@ def json_decode_object(
     """Decode JSON that must be an object."""
     try:
         obj = _json_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
         raise MalformedError(f"{what} is not valid JSON", code=code) from None
     if not isinstance(obj, dict):
         raise MalformedError(f"{what} must be a JSON object", code=code)

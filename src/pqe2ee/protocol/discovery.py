@@ -46,7 +46,7 @@ _UUID_RE: Final = re.compile(
 
 def looks_like_uuid(value: str) -> bool:
     """True for a 36-character hex UUID with dashes: such a model string *is* a chute_id."""
-    return bool(_UUID_RE.match(value))
+    return _UUID_RE.fullmatch(value) is not None  # fullmatch: "$" alone lets a final "\n" in
 
 
 # -- /v1/models ----------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def parse_models(doc: bytes) -> dict[str, str]:
     """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
     try:
         listing = msgspec.json.decode(doc, type=_ModelList)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
             "model listing is not a valid /v1/models document", code=ErrorCode.MALFORMED_DISCOVERY
         ) from None
@@ -126,7 +126,7 @@ class _InstanceRow(msgspec.Struct):
 
 
 class _Discovery(msgspec.Struct):
-    instances: list[dict[str, Any]]
+    instances: list[Any]
     nonce_expires_in: float | None = None
     nonce_expires_at: float | None = None
 
@@ -141,7 +141,7 @@ def parse_discovery(doc: bytes, now: float) -> DiscoveryResult:
     """
     try:
         d = msgspec.json.decode(doc, type=_Discovery)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
             "discovery response is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
         ) from None
@@ -154,6 +154,9 @@ def parse_discovery(doc: bytes, now: float) -> DiscoveryResult:
     instances: list[InstanceInfo] = []
     skipped = 0
     for raw in d.instances:
+        if not isinstance(raw, dict):
+            skipped += 1
+            continue
         try:
             row = msgspec.convert(raw, _InstanceRow)
         except msgspec.ValidationError:

@@ -44,6 +44,10 @@ class LineSplitter:
         self._buf = bytearray(tail)
         return lines
 
+    def peek(self) -> bytes:
+        """The unterminated tail, left in place."""
+        return bytes(self._buf)
+
     def flush(self) -> bytes:
         tail = bytes(self._buf)
         self._buf.clear()
@@ -97,6 +101,10 @@ class SSEParser:
     def has_partial(self) -> bool:
         """True when bytes of an undispatched event are buffered."""
         return bool(self._raw) or self._lines.pending > 0
+
+    def buffered(self) -> bytes:
+        """Every byte fed but not yet returned in an event (dataless lines and the line tail)."""
+        return b"".join(self._raw) + self._lines.peek()
 
     def partial_is(self, data: str) -> bool:
         """True when the buffered, undispatched event carries exactly ``data`` (and nothing else

@@ -33,7 +33,7 @@ from pqe2ee.backends.base import (
     MLKEM768_CT_LEN,
     KEMPrivateKey,
 )
-from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
+from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
 from pqe2ee.protocol.codec import b64decode, b64encode
 from pqe2ee.protocol.keyschedule import INFO_STREAM, derive_key
 from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
@@ -61,6 +61,9 @@ _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
+# SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
+# field name means the stream is corrupt (e.g. a flipped bit in "data:" must not drop a record).
+_IGNORED_OUTER_FIELDS: Final = frozenset((b"event", b"id", b"retry"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def extract_usage(line: bytes) -> Any | None:
         return None
     try:
         obj = msgspec.json.decode(line[6:])
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
         return None
     if isinstance(obj, dict):
         usage = obj.get("usage")
@@ -338,7 +341,9 @@ class StreamDecryptor:
 
         def finish() -> None:
             tail = self._outer.flush()
-            if tail.strip():
+            # An unterminated last line is read while the stream still needs it. Once the inner
+            # [DONE] is in, it can only be a line cut short after the authenticated end: dropped.
+            if tail.strip() and not (self._done_seen or self._inner.partial_is("[DONE]")):
                 self._lines([tail + b"\n"])
             self._on(_Input.EOF)
 
@@ -403,14 +408,18 @@ class StreamDecryptor:
 
     def _lines(self, lines: list[bytes]) -> None:
         for line in lines:
-            if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}\n'):
+            # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
+            # path, which decodes the string properly.
+            if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}\n') and b"\\" not in line:
                 self._record(line[len(_RECORD_PREFIX) : -3])
                 continue
             body = line.rstrip(b"\r\n")
             if not body or body.startswith(b":"):
                 continue
             if not body.startswith(b"data:"):
-                continue  # event:/id:/retry: lines of the outer stream carry nothing for us
+                if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
+                    continue  # event:/id:/retry: lines of the outer stream carry nothing for us
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "outer line is not an SSE data line")
             payload = body[5:].strip()
             if payload == b"[DONE]":
                 continue  # an outer terminator is not part of v1 and is not authenticated
@@ -419,7 +428,7 @@ class StreamDecryptor:
     def _outer_event(self, payload: bytes) -> None:
         try:
             obj = msgspec.json.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
             raise self._fail(ErrorCode.MALFORMED_EVENT, "outer event is not valid JSON") from None
         if not isinstance(obj, dict) or len(obj) != 1:
             raise self._fail(
@@ -443,9 +452,15 @@ class StreamDecryptor:
         else:
             raise self._fail(ErrorCode.MALFORMED_EVENT, "unknown outer event")
 
+    def _b64(self, b64: bytes, *, what: str) -> bytes:
+        try:
+            return b64decode(b64, what=what, code=ErrorCode.MALFORMED_EVENT)
+        except MalformedError as exc:  # documented as a StreamError, like every other bad event
+            raise self._fail(exc.code, exc.message) from None
+
     def _init(self, b64: bytes) -> None:
         self._on(_Input.INIT)
-        kem_ct = b64decode(b64, what="e2e_init", code=ErrorCode.MALFORMED_EVENT)
+        kem_ct = self._b64(b64, what="e2e_init")
         if len(kem_ct) != MLKEM768_CT_LEN:
             raise self._fail(
                 ErrorCode.MALFORMED_EVENT, f"e2e_init must hold {MLKEM768_CT_LEN} bytes"
@@ -458,7 +473,7 @@ class StreamDecryptor:
         state = self._on(_Input.RECORD)
         if state is _State.FAILED_REMOTE:
             return
-        raw = b64decode(b64, what="e2e record", code=ErrorCode.MALFORMED_EVENT)
+        raw = self._b64(b64, what="e2e record")
         if len(raw) < _MIN_RECORD:
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
         nonce = raw[:CHACHA_NONCE_LEN]
@@ -482,3 +497,6 @@ class StreamDecryptor:
                 self._events.append(Done(raw=ev.raw))
             else:
                 self._events.append(InnerEvent(ev))
+        if self._state is _State.DONE and self._inner.buffered().strip():
+            # the rest of the record that carried [DONE]: a partial event, a comment, ...
+            raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
