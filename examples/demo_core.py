@@ -33,7 +33,9 @@ def exchange(kem_name: str, *, show: bool) -> float:
     instance_key = kem.generate()
     t0 = time.perf_counter()
     response_key = kem.generate()
-    sealed = seal_request(BODY, instance_key.public_key, response_key=response_key, kem=kem, aead=aead)
+    sealed = seal_request(
+        BODY, instance_key.public_key, response_key=response_key, kem=kem, aead=aead
+    )
     opened = open_request(sealed.blob, instance_key, aead=aead)
     encoder = StreamEncoder(StreamSealer(opened.response_public_key, kem=kem, aead=aead))
     outer = encoder.start() + encoder.feed(ENGINE_SSE) + encoder.finish()
@@ -44,9 +46,13 @@ def exchange(kem_name: str, *, show: bool) -> float:
     events = decryptor.events()
     elapsed = time.perf_counter() - t0
     if show:
-        print(f"client sends   {len(sealed.blob)} bytes: {sealed.blob[:24].hex()}... (opaque to relays)")
-        print(f"instance sees  stream={opened.stream} model={opened.body['model']!r} "
-              f"message={opened.body['messages'][0]['content']!r}")
+        print(
+            f"client sends   {len(sealed.blob)} bytes: {sealed.blob[:24].hex()}... (opaque to relays)"
+        )
+        print(
+            f"instance sees  stream={opened.stream} model={opened.body['model']!r} "
+            f"message={opened.body['messages'][0]['content']!r}"
+        )
         first = outer.split(b"\n", 1)[0][:60].decode()
         print(f"relay carries  {len(outer)} bytes of SSE; first line: {first}...")
         text = ""
@@ -62,10 +68,12 @@ def exchange(kem_name: str, *, show: bool) -> float:
     return elapsed
 
 
-def main() -> None:
-    print("== one exchange, default backend ==")
-    exchange("auto", show=True)
-    print("\n== timing per backend (keygen + seal + open + stream of 5 events) ==")
+def main(*, show_exchange: bool = True) -> None:
+    if show_exchange:
+        print("== one exchange, default backend ==")
+        exchange("auto", show=True)
+        print()
+    print("timing per backend (keygen + seal + open + a 5-event stream, median of 20)")
     for name in available():
         exchange(name, show=False)
         runs = sorted(exchange(name, show=False) for _ in range(20))

@@ -54,7 +54,14 @@ if click is not None:
     @cli.command("dev-engine")
     @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
     @click.option("--port", default=8001, show_default=True, type=int, envvar="PQE2EE_PORT")
-    def dev_engine_cmd(host: str, port: int) -> None:
+    @click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+        envvar="PQE2EE_LOG_LEVEL",
+    )
+    def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
         """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 
         It echoes prompts, emits tool calls and reasoning_content, and streams with vLLM's SSE
@@ -62,7 +69,456 @@ if click is not None:
         """
         from pqe2ee.server.dev_engine import serve
 
-        serve(host, port)
+        serve(host, port, log_level=log_level)
+
+    @cli.command("instance")
+    @click.option(
+        "--upstream",
+        required=True,
+        envvar="PQE2EE_UPSTREAM",
+        help="Base URL of the OpenAI-compatible engine, without /v1 (http://127.0.0.1:8000).",
+    )
+    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
+    @click.option("--port", default=8002, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @click.option(
+        "--key-file",
+        type=click.Path(dir_okay=True, path_type=str),
+        envvar="PQE2EE_KEY_FILE",
+        help="Keep the ML-KEM-768 key here (created with mode 0600 if missing; refused if "
+        "group/world-accessible). Without it a fresh key is made at every start.",
+    )
+    @click.option(
+        "--allow-path",
+        "allow_paths",
+        multiple=True,
+        envvar="PQE2EE_ALLOW_PATHS",
+        help="Engine path reachable through E2E (repeatable; env: space-separated). "
+        "Default: /v1/chat/completions and /v1/completions.",
+    )
+    @click.option(
+        "--max-body",
+        default=16 * 1024 * 1024,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_BODY",
+        help="Largest request blob in bytes (larger: 413).",
+    )
+    @click.option(
+        "--max-concurrency",
+        default=64,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_CONCURRENCY",
+        help="Requests in flight before answering 429.",
+    )
+    @click.option(
+        "--backend",
+        default="auto",
+        show_default=True,
+        envvar="PQE2EE_BACKEND",
+        help="Crypto backend (see `pqe2ee backends`).",
+    )
+    @click.option(
+        "--instance-id",
+        envvar="PQE2EE_INSTANCE_ID",
+        help="Instance id to announce (default: derived from the public key).",
+    )
+    @click.option(
+        "--connect-timeout",
+        default=10.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        envvar="PQE2EE_CONNECT_TIMEOUT",
+        help="Seconds to connect to the engine.",
+    )
+    @click.option(
+        "--read-timeout",
+        default=600.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        envvar="PQE2EE_READ_TIMEOUT",
+        help="Seconds to wait for each read from the engine.",
+    )
+    @click.option(
+        "--continuous-usage/--no-continuous-usage",
+        default=True,
+        show_default=True,
+        envvar="PQE2EE_CONTINUOUS_USAGE",
+        help="Force continuous_usage_stats on streams, as Chutes does (per-chunk token counts "
+        "then travel in plaintext usage events); --no-continuous-usage leaks only totals.",
+    )
+    @click.option(
+        "--upstream-api-key",
+        envvar="PQE2EE_UPSTREAM_API_KEY",
+        help="Bearer token for the engine (e.g. vLLM --api-key); prefer the env variable.",
+    )
+    @click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+        envvar="PQE2EE_LOG_LEVEL",
+    )
+    def instance_cmd(
+        upstream: str,
+        host: str,
+        port: int,
+        key_file: str | None,
+        allow_paths: tuple[str, ...],
+        max_body: int,
+        max_concurrency: int,
+        backend: str,
+        instance_id: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        continuous_usage: bool,
+        upstream_api_key: str | None,
+        log_level: str,
+    ) -> None:
+        """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
+
+        Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key, publishes it
+        at GET /e2e/info, and on POST /e2e/invoke opens the request blob the relay forwards,
+        sends the plaintext JSON to UPSTREAM and seals the reply (a blob, or an SSE stream of
+        encrypted records) to the caller's one-time key. The relay never sees plaintext.
+        Engine errors are sealed and keep the engine's status.
+
+        \b
+        Example:
+          pqe2ee instance --upstream http://127.0.0.1:8000 --key-file /secrets/instance.key
+
+        A bad key file, backend or option stops it with exit code 2.
+        """
+        from pqe2ee.errors import PQE2EEError
+        from pqe2ee.server.instance import DEFAULT_ALLOW_PATHS, InstanceConfig, serve
+
+        try:
+            config = InstanceConfig(
+                upstream=upstream,
+                host=host,
+                port=port,
+                key_file=key_file,
+                allow_paths=allow_paths or DEFAULT_ALLOW_PATHS,
+                max_body=max_body,
+                max_concurrency=max_concurrency,
+                backend=backend,
+                instance_id=instance_id,
+                upstream_connect_timeout=connect_timeout,
+                upstream_read_timeout=read_timeout,
+                continuous_usage=continuous_usage,
+                upstream_api_key=upstream_api_key,
+            )
+            serve(config, log_level=log_level)
+        except PQE2EEError as exc:
+            click.echo(f"pqe2ee instance: {exc.message}", err=True)
+            sys.exit(2)
+
+    @cli.command("relay")
+    @click.option(
+        "--instance",
+        "instances",
+        multiple=True,
+        envvar="PQE2EE_INSTANCES",
+        metavar="URL",
+        help="Base URL of a `pqe2ee instance` (repeatable; env: comma- or space-separated).",
+    )
+    @click.option(
+        "--api-key",
+        "api_keys",
+        multiple=True,
+        metavar="KEY",
+        help="API key clients must send as 'Authorization: Bearer KEY' (repeatable). Also read "
+        "from PQE2EE_API_KEYS (comma-separated), which keeps keys out of the process list.",
+    )
+    @click.option(
+        "--no-auth",
+        is_flag=True,
+        help="Run an OPEN relay that accepts requests without an API key (required when no "
+        "key is given; discovery is then rate-limited per client address).",
+    )
+    @click.option(
+        "--redis",
+        "redis_url",
+        envvar="PQE2EE_REDIS_URL",
+        metavar="URL",
+        help="Keep nonces and rate limits in Redis (redis://host:6379/0) so several relays "
+        "share them. Default: in memory, one process.",
+    )
+    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
+    @click.option("--port", default=8000, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @click.option(
+        "--rate-limit",
+        default=10,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_RATE_LIMIT",
+        help="Instance discoveries allowed per API key per minute (429 beyond).",
+    )
+    @click.option(
+        "--nonces-per-instance",
+        default=10,
+        show_default=True,
+        type=click.IntRange(min=1, max=1000),
+        envvar="PQE2EE_NONCES_PER_INSTANCE",
+        help="Single-use nonces handed out per instance per discovery.",
+    )
+    @click.option(
+        "--max-instances",
+        default=5,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_INSTANCES",
+        help="Instances returned per discovery (a random sample).",
+    )
+    @click.option(
+        "--max-body",
+        default=64 * 1024 * 1024,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_BODY",
+        help="Largest request blob in bytes (larger: 413).",
+    )
+    @click.option(
+        "--read-timeout",
+        default=900.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        envvar="PQE2EE_READ_TIMEOUT",
+        help="Longest silence (seconds) tolerated from an instance mid-response.",
+    )
+    @click.option(
+        "--tee",
+        is_flag=True,
+        envvar="PQE2EE_TEE",
+        help="Mark models confidential_compute: true in /v1/models. Set it only when every "
+        "instance runs in an attested TEE.",
+    )
+    @click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+        envvar="PQE2EE_LOG_LEVEL",
+    )
+    def relay_cmd(
+        instances: tuple[str, ...],
+        api_keys: tuple[str, ...],
+        no_auth: bool,
+        redis_url: str | None,
+        host: str,
+        port: int,
+        rate_limit: int,
+        nonces_per_instance: int,
+        max_instances: int,
+        max_body: int,
+        read_timeout: float,
+        tee: bool,
+        log_level: str,
+    ) -> None:
+        """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
+
+        Serves GET /v1/models (chute_id per model), GET /e2e/instances/{chute_id} and
+        POST /e2e/invoke on the Chutes wire contract, so Chutes E2EE clients can use it with
+        api_base pointed here. Request and response bodies are sealed end to end: the relay
+        holds no key that opens them and only streams them through. Also GET /health and
+        GET /metrics (Prometheus).
+
+        \b
+        Example:
+          PQE2EE_API_KEYS=key1,key2 pqe2ee relay \\
+              --instance http://10.0.0.5:8002 --instance http://10.0.0.6:8002
+
+        It refuses to start without an API key unless --no-auth is given.
+        """
+        import logging
+        import os
+
+        from pqe2ee.errors import PQE2EEError
+        from pqe2ee.server.relay import RelayConfig, api_keys_from_env, serve
+
+        urls = tuple(u for item in instances for u in item.replace(",", " ").split() if u)
+        keys = tuple(dict.fromkeys((*api_keys, *api_keys_from_env(os.environ))))
+        if not urls:
+            click.echo("pqe2ee relay: give at least one --instance URL", err=True)
+            sys.exit(2)
+        if not keys and not no_auth:
+            click.echo(
+                "pqe2ee relay: no API keys configured. Pass --api-key KEY (or set "
+                "PQE2EE_API_KEYS=key1,key2), or pass --no-auth explicitly to run an open relay.",
+                err=True,
+            )
+            sys.exit(2)
+        try:
+            config = RelayConfig(
+                instances=urls,
+                api_keys=keys,
+                no_auth=no_auth,
+                redis_url=redis_url,
+                host=host,
+                port=port,
+                rate_limit=rate_limit,
+                nonces_per_instance=nonces_per_instance,
+                max_instances=max_instances,
+                max_body=max_body,
+                read_timeout=read_timeout,
+                tee=tee,
+            )
+        except PQE2EEError as exc:
+            click.echo(f"pqe2ee relay: {exc.message}", err=True)
+            sys.exit(2)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
+        if no_auth:
+            logging.getLogger("pqe2ee.relay").warning(
+                "running WITHOUT authentication (--no-auth): anyone who reaches %s:%d can use it",
+                host,
+                port,
+            )
+        serve(config, log_level=log_level)
+
+    @cli.command("proxy")
+    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
+    @click.option("--port", default=8787, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @click.option(
+        "--api-base",
+        default="https://api.chutes.ai",
+        show_default=True,
+        envvar="PQE2EE_API_BASE",
+        metavar="URL",
+        help="Relay (control plane) for discovery and encrypted invocations.",
+    )
+    @click.option(
+        "--models-base",
+        default="https://llm.chutes.ai",
+        show_default=True,
+        envvar="PQE2EE_MODELS_BASE",
+        metavar="URL",
+        help="Where the model list is read (plaintext GET /v1/models).",
+    )
+    @click.option(
+        "--api-key",
+        envvar="PQE2EE_API_KEY",
+        metavar="KEY",
+        help="Key for callers that send none of their own (prefer the env variable: it keeps "
+        "the key out of the process list).",
+    )
+    @click.option(
+        "--backend",
+        default="auto",
+        show_default=True,
+        envvar="PQE2EE_BACKEND",
+        help="Crypto backend (see `pqe2ee backends`).",
+    )
+    @click.option(
+        "--max-body",
+        default=32 * 1024 * 1024,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_BODY",
+        help="Largest request body in bytes (larger: 413).",
+    )
+    @click.option(
+        "--max-keys",
+        default=64,
+        show_default=True,
+        type=click.IntRange(min=1),
+        envvar="PQE2EE_MAX_KEYS",
+        help="API keys with a live upstream transport (least recently used closed first).",
+    )
+    @click.option(
+        "--key-idle-ttl",
+        default=300.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        envvar="PQE2EE_KEY_IDLE_TTL",
+        help="Seconds before an unused key's transport is closed.",
+    )
+    @click.option(
+        "--read-timeout",
+        default=900.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True),
+        envvar="PQE2EE_READ_TIMEOUT",
+        help="Longest silence (seconds) tolerated from upstream mid-response.",
+    )
+    @click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+        envvar="PQE2EE_LOG_LEVEL",
+    )
+    def proxy_cmd(
+        host: str,
+        port: int,
+        api_base: str,
+        models_base: str,
+        api_key: str | None,
+        backend: str,
+        max_body: int,
+        max_keys: int,
+        key_idle_ttl: float,
+        read_timeout: float,
+        log_level: str,
+    ) -> None:
+        """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
+
+        Point your tools at http://HOST:PORT (OpenAI SDK and Codex: base URL .../v1; Anthropic
+        SDK and Claude Code: base URL http://HOST:PORT). Endpoints:
+
+        \b
+          POST /v1/chat/completions, /v1/completions   forwarded as they are, encrypted
+          POST /v1/responses                           OpenAI Responses, via Chat Completions
+          POST /v1/messages                            Anthropic Messages, via Chat Completions
+          POST /v1/messages/count_tokens               a local estimate, not a tokenizer count
+          GET  /v1/models                              plaintext passthrough from --models-base
+          GET  /health, /metrics                       local status, Prometheus counters
+
+        What is encrypted: every model call - prompts, images, tool definitions and results,
+        and every reply, streamed or not - is sealed on this machine to a fresh ML-KEM-768 key
+        of the instance that runs the model, and opened only there.
+
+        What goes in plaintext: the model listing (GET /v1/models), which carries no user
+        data. Between this proxy and your tools traffic is plain HTTP: keep --host on
+        loopback.
+
+        What the relay sees: your API key, the model's chute id, the instance id, a one-time
+        nonce, the endpoint path, whether the call streams, body sizes and timing (and, with
+        Chutes instances, per-chunk token counts in plaintext usage events) - never a prompt or
+        a completion.
+
+        The API key is the caller's own (Authorization: Bearer KEY or x-api-key: KEY) when it
+        sends one, else --api-key / PQE2EE_API_KEY; without either a call gets a 401. Logs hold
+        method, path, status, sizes and durations only.
+
+        \b
+        Example:
+          PQE2EE_API_KEY=cpk_... pqe2ee proxy
+          OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
+          ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
+        """
+        from pqe2ee.errors import PQE2EEError
+        from pqe2ee.proxy.app import ProxyConfig, serve
+
+        try:
+            config = ProxyConfig(
+                api_base=api_base,
+                models_base=models_base,
+                api_key=api_key or None,
+                backend=backend,
+                host=host,
+                port=port,
+                max_body=max_body,
+                max_keys=max_keys,
+                key_idle_ttl=key_idle_ttl,
+                read_timeout=read_timeout,
+            )
+            serve(config, log_level=log_level)
+        except PQE2EEError as exc:
+            click.echo(f"pqe2ee proxy: {exc.message}", err=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover
