@@ -20,9 +20,11 @@ state can serve many threads and tasks; ``now`` is always a parameter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from pqe2ee.errors import ErrorCode, RelayError
 from pqe2ee.protocol.discovery import (
@@ -41,8 +43,10 @@ __all__ = [
     "RETRYABLE",
     "ClientLimits",
     "ClientState",
+    "classify_discovery_error",
     "classify_invoke_error",
     "discovery_path",
+    "e2e_model",
     "invoke_headers",
     "is_sealed_error",
     "request_model",
@@ -72,6 +76,21 @@ _KEY_EXCHANGE_MARKER: Final = b"key exchange"
 
 def discovery_path(chute_id: str) -> str:
     return f"/e2e/instances/{chute_id}"
+
+
+def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -> str | None:
+    """The model to route by when a request must go encrypted, else ``None`` (plaintext).
+
+    A request is encrypted when it is a ``POST`` to one of ``e2e_paths`` (query ignored) whose
+    body is a JSON object with a non-empty string ``model``.
+    """
+    if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
+        return None
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    return request_model(obj) if isinstance(obj, dict) else None
 
 
 def invoke_headers(
@@ -128,6 +147,25 @@ def classify_invoke_error(status: int, body: bytes) -> RelayError:
     return RelayError(f"relay answered {status}: {_detail(body)}", code=code, status=status)
 
 
+def classify_discovery_error(status: int, body: bytes) -> RelayError:
+    """Turn a non-200 answer to ``GET /e2e/instances/{chute_id}`` into a typed error.
+
+    404 "Chute not found" -> ``model_not_found``; any other 404 (no active / no E2E-capable
+    instances) and 503 (chute disabled) -> ``no_instances``; 429 -> ``discovery_rate_limited``;
+    anything else -> ``discovery_failed``.
+    """
+    lowered = body[:2048].lower()
+    if status == 404 and b"chute not found" in lowered:
+        code = ErrorCode.MODEL_NOT_FOUND
+    elif status in (404, 503):
+        code = ErrorCode.NO_INSTANCES
+    elif status == 429:
+        code = ErrorCode.DISCOVERY_RATE_LIMITED
+    else:
+        code = ErrorCode.DISCOVERY_FAILED
+    return RelayError(f"discovery answered {status}: {_detail(body)}", code=code, status=status)
+
+
 @dataclass(frozen=True, slots=True)
 class ClientLimits:
     discovery_per_window: int = 10
@@ -147,6 +185,7 @@ class ClientState:
         self._models = ModelMap(self.limits.model_ttl)
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
+        self._models_generation = 0
 
     # models ------------------------------------------------------------------------------------
 
@@ -162,7 +201,15 @@ class ClientState:
         mapping = parse_models(doc)
         with self._lock:
             self._models.update(mapping, now)
+            self._models_generation += 1
         return mapping
+
+    @property
+    def models_generation(self) -> int:
+        """How many model listings have been loaded: lets concurrent callers that all missed
+        the same model share one forced refresh (refresh only if it has not moved)."""
+        with self._lock:
+            return self._models_generation
 
     # leases ------------------------------------------------------------------------------------
 
@@ -199,6 +246,16 @@ class ClientState:
     def record_discovery(self, now: float) -> None:
         with self._lock:
             self._limiter.record(now)
+
+    def try_record_discovery(self, now: float) -> float:
+        """Atomically: if a discovery is allowed now, record it and return 0; else return the
+        seconds to wait (nothing recorded). Safe when many threads race for the last slot."""
+        with self._lock:
+            wait = self._limiter.wait_time(now)
+            if wait <= 0.0:
+                self._limiter.record(now)
+                return 0.0
+            return wait
 
     def load_discovery(self, chute_id: str, doc: bytes, now: float) -> int:
         """Load a discovery document; returns the number of usable instances."""

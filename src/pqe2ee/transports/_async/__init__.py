@@ -1,0 +1,1 @@
+"""Async sources of the transports (edit these; see scripts/unasync.py)."""

@@ -1,0 +1,204 @@
+"""What every HTTP-library transport shares, whatever the library and sync or async.
+
+Settings and their validation, the crypto context (backends and the key pool), URL and header
+helpers. No I/O here: the transports in ``_async``/``_sync`` move the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from pqe2ee.backends import get_aead, get_kem
+from pqe2ee.backends.base import AEAD, KEM
+from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError, RemoteError
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
+from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
+from pqe2ee.transports._keypool import KeyPool
+
+__all__ = [
+    "DEFAULT_API_BASE",
+    "DEFAULT_E2E_PATHS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MODELS_BASE",
+    "DEFAULT_TIMEOUT",
+    "OnUsage",
+    "RetriesExhausted",
+    "Settings",
+    "bearer_token",
+    "join_url",
+    "make_settings",
+    "remote_error",
+]
+
+DEFAULT_API_BASE: Final = "https://api.chutes.ai"
+DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
+DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_MAX_ATTEMPTS: Final = 4
+
+#: Largest relay answer read whole: a sealed reply (response plaintext limit + blob overhead +
+#: gzip slack) - anything larger is refused with ``oversize``.
+MAX_BLOB: Final = DEFAULT_MAX_PLAINTEXT + BLOB_OVERHEAD + 1024 * 1024
+#: Largest plaintext relay error body read (relay texts are short).
+MAX_ERROR_BODY: Final = 1024 * 1024
+#: Largest discovery document or model listing read.
+MAX_DOC: Final = 16 * 1024 * 1024
+
+OnUsage = Callable[[Any], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated transport settings (see the transport's docstring for each field)."""
+
+    api_key: str | None
+    api_base: str
+    models_base: str
+    e2e_paths: frozenset[str]
+    strict: bool
+    max_attempts: int
+    timeout: float
+    on_usage: OnUsage | None
+    limits: ClientLimits
+    kem: KEM
+    aead: AEAD
+    key_pool_size: int
+
+    def new_key_pool(self) -> KeyPool:
+        return KeyPool(self.kem, self.key_pool_size)
+
+    @property
+    def timeout_extension(self) -> dict[str, float]:
+        """``request.extensions["timeout"]`` for the transport's own calls (discovery)."""
+        t = self.timeout
+        return {"connect": t, "read": t, "write": t, "pool": t}
+
+
+def _base_url(value: str, name: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise LocalProtocolError(
+            f"{name} must be an http(s) URL without query or fragment",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    return value.rstrip("/")
+
+
+def make_settings(
+    *,
+    api_key: str | None,
+    api_base: str,
+    models_base: str,
+    backend: str,
+    e2e_paths: Collection[str],
+    strict: bool,
+    max_attempts: int,
+    timeout: float,
+    on_usage: OnUsage | None,
+    limits: ClientLimits | None,
+    key_pool_size: int,
+) -> Settings:
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise LocalProtocolError(
+            "api_key must be a non-empty string or None", code=ErrorCode.INVALID_ARGUMENT
+        )
+    if isinstance(e2e_paths, str):
+        raise LocalProtocolError(
+            "e2e_paths must be a collection of paths, not one string",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    paths = frozenset(e2e_paths)
+    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise LocalProtocolError(
+            "every e2e path must be a string starting with '/'", code=ErrorCode.INVALID_ARGUMENT
+        )
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise LocalProtocolError("max_attempts must be >= 1", code=ErrorCode.INVALID_ARGUMENT)
+    if not timeout > 0:
+        raise LocalProtocolError("timeout must be > 0", code=ErrorCode.INVALID_ARGUMENT)
+    if key_pool_size < 0:
+        raise LocalProtocolError("key_pool_size must be >= 0", code=ErrorCode.INVALID_ARGUMENT)
+    return Settings(
+        api_key=api_key,
+        api_base=_base_url(api_base, "api_base"),
+        models_base=_base_url(models_base, "models_base"),
+        e2e_paths=paths,
+        strict=strict,
+        max_attempts=max_attempts,
+        timeout=float(timeout),
+        on_usage=on_usage,
+        limits=limits or ClientLimits(),
+        kem=get_kem(backend),
+        aead=_aead(backend),
+        key_pool_size=key_pool_size,
+    )
+
+
+def _aead(backend: str) -> AEAD:
+    try:
+        return get_aead(backend)
+    except BackendError:  # a KEM-only backend (liboqs, pqcrypto): pair it with the default AEAD
+        return get_aead("auto")
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else ``None``."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def join_url(base: str, path: str, query: bytes = b"") -> str:
+    """``base`` (no trailing slash, may carry a path prefix) + ``path`` (+ ``?query``)."""
+    url = base + (path if path.startswith("/") else "/" + path)
+    if query:
+        url += "?" + query.decode("ascii")
+    return url
+
+
+class RetriesExhausted(RelayError):
+    """Every attempt got a retryable relay answer (code ``retries_exhausted``).
+
+    ``last_error`` is the last relay error (also ``__cause__``); ``attempts`` how many were made.
+    """
+
+    default_code = ErrorCode.RETRIES_EXHAUSTED
+
+    def __init__(self, last_error: RelayError, attempts: int) -> None:
+        super().__init__(
+            f"gave up after {attempts} attempt(s); last: {last_error.code.value}",
+            status=last_error.status,
+        )
+        self.last_error = last_error
+        self.attempts = attempts
+
+
+def remote_error(error: Any) -> RemoteError:
+    """A :class:`RemoteError` for an ``e2e_error`` / ``error`` event of an encrypted stream.
+
+    The message names only the error's ``type``/``code`` (short strings); the whole object is
+    kept in ``detail``. ``status`` is taken from an integer ``status``/``code`` field if any.
+    """
+    label = ""
+    status: int | None = None
+    if isinstance(error, dict):
+        for field in ("type", "code"):
+            value = error.get(field)
+            if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
+                label = f" ({value})"
+                break
+        for field in ("status", "status_code", "code"):
+            value = error.get(field)
+            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+                status = value
+                break
+    return RemoteError(
+        f"the far side reported an error mid-stream{label}",
+        code=ErrorCode.REMOTE_ERROR,
+        status=status,
+        detail=error,
+    )

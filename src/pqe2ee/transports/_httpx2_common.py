@@ -1,0 +1,119 @@
+"""httpx2 pieces shared by the sync and the async transport: the stream error type, exception
+mapping at the inner-transport boundary, and response builders.
+
+``scripts/unasync.py`` generates the legacy-httpx twin of this module (``httpx2`` -> ``httpx``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Final, Literal
+
+import anyio
+import httpx2
+
+from pqe2ee.errors import PQE2EEError
+
+__all__ = [
+    "E2EEStreamError",
+    "as_stream_error",
+    "json_response",
+    "map_inner_exceptions",
+    "passthrough_response",
+    "stream_response_headers",
+]
+
+_HOP_HEADERS: Final = frozenset(
+    {b"content-length", b"content-encoding", b"transfer-encoding", b"connection", b"keep-alive"}
+)
+
+
+class E2EEStreamError(PQE2EEError, httpx2.TransportError):
+    """An encrypted stream failed after its response was handed over.
+
+    Both a :class:`~pqe2ee.errors.PQE2EEError` (``code`` is the original error's code, e.g.
+    ``decrypt_failed``, ``duplicate_record``, ``stream_truncated``, ``connection_lost``,
+    ``remote_error``) and an ``httpx2.TransportError``, so HTTP clients and SDKs treat it as
+    a broken transfer (openai raises ``APIConnectionError`` from it) and never as success.
+    Raised instances also subclass the original pqe2ee class (``StreamError``,
+    ``DecryptError``, ``RemoteError``, ...), so ``except pqe2ee.DecryptError`` works; ``error``
+    is the original exception (also ``__cause__`` unless a lower-level error is the cause).
+    """
+
+    error: PQE2EEError
+
+
+_SUBCLASSES: dict[type[PQE2EEError], type[E2EEStreamError]] = {}
+
+
+def _subclass(cls: type[PQE2EEError]) -> type[E2EEStreamError]:
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        if cls is PQE2EEError:
+            sub = E2EEStreamError
+        else:
+            sub = type(
+                f"E2EEStream{cls.__name__}",
+                (E2EEStreamError, cls),
+                {"__module__": __name__, "__doc__": E2EEStreamError.__doc__},
+            )
+        _SUBCLASSES[cls] = sub
+    return sub
+
+
+def as_stream_error(error: PQE2EEError, request: httpx2.Request | None) -> E2EEStreamError:
+    """``error`` re-typed as an :class:`E2EEStreamError` (same code, message and attributes)."""
+    if isinstance(error, E2EEStreamError):
+        return error
+    cls = _subclass(type(error))
+    exc = cls.__new__(cls)
+    exc.__dict__.update(error.__dict__)
+    exc.args = error.args
+    exc.error = error
+    exc._request = request
+    return exc
+
+
+@contextlib.contextmanager
+def map_inner_exceptions(phase: Literal["connect", "read"]) -> Iterator[None]:
+    """Translate what an inner transport may raise besides httpx2's own exceptions.
+
+    httpx2 errors and pqe2ee errors pass unchanged; ``TimeoutError`` becomes a connect/read
+    timeout, ``OSError`` and anyio stream breakage a ``ConnectError``/``ReadError``, always
+    chained (``from exc``).
+    """
+    try:
+        yield
+    except (httpx2.HTTPError, PQE2EEError):
+        raise
+    except TimeoutError as exc:
+        timeout = httpx2.ConnectTimeout if phase == "connect" else httpx2.ReadTimeout
+        raise timeout(f"relay {phase} timed out") from exc
+    except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+        network = httpx2.ConnectError if phase == "connect" else httpx2.ReadError
+        raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
+
+
+def json_response(status: int, body: bytes, request: httpx2.Request) -> httpx2.Response:
+    """A decrypted JSON answer, bytes exactly as the engine produced them."""
+    return httpx2.Response(
+        status,
+        headers=[("content-type", "application/json")],
+        content=body,
+        request=request,
+    )
+
+
+def stream_response_headers() -> list[tuple[str, str]]:
+    return [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
+
+
+def passthrough_response(
+    upstream: httpx2.Response, body: bytes, request: httpx2.Request
+) -> httpx2.Response:
+    """The relay's own (plaintext) answer, already read, handed to the caller as it was."""
+    headers: list[tuple[bytes, bytes]] = [
+        (k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_HEADERS
+    ]
+    return httpx2.Response(upstream.status_code, headers=headers, content=body, request=request)

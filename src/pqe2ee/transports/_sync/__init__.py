@@ -1,0 +1,1 @@
+"""Sync transports GENERATED from ../_async by scripts/unasync.py."""

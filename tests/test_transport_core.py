@@ -1,0 +1,315 @@
+"""Pieces under the transports: the key pool, the sans-IO client additions, settings, and the
+unasync drift check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqe2ee.backends import get_kem
+from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.protocol.client import (
+    DEFAULT_E2E_PATHS,
+    ClientLimits,
+    ClientState,
+    classify_discovery_error,
+    e2e_model,
+)
+from pqe2ee.transports._common import bearer_token, make_settings, remote_error
+from pqe2ee.transports._keypool import KeyPool
+
+ROOT = Path(__file__).resolve().parent.parent
+KEM = get_kem()
+
+
+class SpyKEM:
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+        self.lock = threading.Lock()
+        self.name = KEM.name
+
+    def generate(self) -> Any:
+        key = KEM.generate()
+        with self.lock:
+            self.keys.append(key)
+        return key
+
+
+def wait_until(pred: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def is_wiped(key: Any) -> bool:
+    try:
+        key.decapsulate(b"\x00" * 1088)
+    except LocalProtocolError:
+        return True
+    return False
+
+
+# -- key pool ---------------------------------------------------------------------------------
+
+
+def test_key_pool_fills_in_the_background_and_hands_each_key_out_once() -> None:
+    spy = SpyKEM()
+    pool = KeyPool(spy, size=4)  # type: ignore[arg-type]
+    try:
+        first = pool.take()  # starts the filler; this one is generated inline
+        assert pool.generated_inline == 1
+        wait_until(lambda: pool.ready == 4, "the pool to fill")
+        taken = [pool.take() for _ in range(4)]
+        assert pool.generated_inline == 1  # all four came from the pool
+        keys = [first, *taken]
+        assert len({k.public_key for k in keys}) == 5
+        wait_until(lambda: pool.ready == 4, "the pool to refill")
+        assert len(spy.keys) == 9  # never more than size ahead
+    finally:
+        pool.close()
+
+
+def test_key_pool_close_stops_the_thread_and_wipes_pooled_keys() -> None:
+    spy = SpyKEM()
+    pool = KeyPool(spy, size=3)  # type: ignore[arg-type]
+    first = pool.take()
+    wait_until(lambda: pool.ready == 3, "the pool to fill")
+    thread = pool._thread
+    assert thread is not None and thread.daemon
+    pooled = [k for k in spy.keys if k is not first]
+    assert len(pooled) == 3
+    pool.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert all(is_wiped(k) for k in pooled)
+    assert pool.ready == 0
+    key = pool.take()  # still works, inline, without restarting the thread
+    assert not is_wiped(key)
+    assert pool._thread is thread
+
+
+def test_key_pool_of_size_zero_never_starts_a_thread() -> None:
+    pool = KeyPool(KEM, size=0)
+    keys = [pool.take() for _ in range(3)]
+    assert pool._thread is None
+    assert pool.generated_inline == 3
+    assert len({k.public_key for k in keys}) == 3
+
+
+def test_key_pool_is_safe_across_threads() -> None:
+    pool = KeyPool(KEM, size=4)
+    seen: list[bytes] = []
+    lock = threading.Lock()
+
+    def grab() -> None:
+        for _ in range(10):
+            pk = pool.take().public_key
+            with lock:
+                seen.append(pk)
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.close()
+    assert len(seen) == len(set(seen)) == 80
+
+
+# -- sans-IO additions in protocol.client --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "model"),
+    [
+        ("POST", "/v1/chat/completions", b'{"model":"m","messages":[]}', "m"),
+        ("post", "/v1/completions?x=1", b'{"model":"m2"}', "m2"),
+        ("GET", "/v1/chat/completions", b'{"model":"m"}', None),
+        ("POST", "/v1/embeddings", b'{"model":"m"}', None),
+        ("POST", "/v1/chat/completions", b'{"messages":[]}', None),
+        ("POST", "/v1/chat/completions", b'{"model":""}', None),
+        ("POST", "/v1/chat/completions", b'{"model":3}', None),
+        ("POST", "/v1/chat/completions", b"[1,2]", None),
+        ("POST", "/v1/chat/completions", b"not json", None),
+        ("POST", "/v1/chat/completions", b"", None),
+    ],
+)
+def test_e2e_model(method: str, path: str, body: bytes, model: str | None) -> None:
+    assert e2e_model(method, path, body, DEFAULT_E2E_PATHS) == model
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (404, b'{"detail":"Chute not found"}', ErrorCode.MODEL_NOT_FOUND),
+        (404, b'{"detail":"No active instances found for this chute"}', ErrorCode.NO_INSTANCES),
+        (404, b'{"detail":"No E2E-capable instances available"}', ErrorCode.NO_INSTANCES),
+        (503, b'{"detail":"This chute is currently disabled."}', ErrorCode.NO_INSTANCES),
+        (429, b'{"detail":"Rate limit exceeded"}', ErrorCode.DISCOVERY_RATE_LIMITED),
+        (401, b'{"detail":"Invalid or missing API key"}', ErrorCode.DISCOVERY_FAILED),
+        (500, b"", ErrorCode.DISCOVERY_FAILED),
+    ],
+)
+def test_classify_discovery_error(status: int, body: bytes, code: ErrorCode) -> None:
+    err = classify_discovery_error(status, body)
+    assert err.code is code
+    assert err.status == status
+
+
+def test_try_record_discovery_is_atomic_under_threads() -> None:
+    state = ClientState(ClientLimits(discovery_per_window=10, discovery_window=60.0))
+    granted: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+
+    def race() -> None:
+        barrier.wait()
+        for _ in range(4):
+            wait = state.try_record_discovery(100.0)
+            with lock:
+                granted.append(wait)
+
+    threads = [threading.Thread(target=race) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert granted.count(0.0) == 10
+    assert all(w == pytest.approx(60.0) for w in granted if w)
+    assert state.discovery_wait(100.0) == pytest.approx(60.0)
+    assert state.try_record_discovery(160.0) == 0.0  # the window slid
+
+
+def test_models_generation_counts_loads() -> None:
+    state = ClientState()
+    assert state.models_generation == 0
+    state.update_models(b'{"data":[{"id":"a","chute_id":"c"}]}', 1.0)
+    assert state.models_generation == 1
+    assert state.resolve_chute("a", 1.0) == "c"
+
+
+# -- transport helpers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+def _settings(**kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "api_key": "k",
+        "api_base": "https://api.example",
+        "models_base": "https://llm.example/",
+        "backend": "auto",
+        "e2e_paths": DEFAULT_E2E_PATHS,
+        "strict": False,
+        "max_attempts": 4,
+        "timeout": 30.0,
+        "on_usage": None,
+        "limits": None,
+        "key_pool_size": 4,
+    }
+    args.update(kw)
+    return make_settings(**args)
+
+
+def test_settings_normalise() -> None:
+    s = _settings()
+    assert s.models_base == "https://llm.example"
+    assert s.timeout_extension == {"connect": 30.0, "read": 30.0, "write": 30.0, "pool": 30.0}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"api_base": "ftp://x"},
+        {"models_base": "https://x/?q=1"},
+        {"api_key": ""},
+        {"e2e_paths": "/v1/chat/completions"},
+        {"e2e_paths": ["v1/chat"]},
+        {"max_attempts": 0},
+        {"timeout": 0},
+        {"key_pool_size": -1},
+    ],
+)
+def test_settings_refuse_bad_values(kw: dict[str, Any]) -> None:
+    with pytest.raises(LocalProtocolError) as err:
+        _settings(**kw)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_remote_error_message_names_only_the_type() -> None:
+    err = remote_error({"type": "upstream_error", "message": "secret prompt text", "status": 502})
+    assert err.code is ErrorCode.REMOTE_ERROR
+    assert "upstream_error" in str(err)
+    assert "secret" not in str(err)
+    assert err.status == 502
+    assert err.detail["message"] == "secret prompt text"
+    odd = remote_error("just a string")
+    assert odd.status is None and odd.detail == "just a string"
+
+
+# -- generated code -----------------------------------------------------------------------------
+
+
+def test_generated_transports_are_up_to_date() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "unasync.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import unasync
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    source, target, rules = unasync.TARGETS[0]
+    stale = tmp_path / "_httpx2.py"
+    stale.write_text(target.read_text().replace("def handle_request", "def handle_requests"))
+    monkeypatch.setattr(unasync, "TARGETS", [(source, stale, rules)])
+    assert unasync.main(["--check"]) == 1
+    assert "handle_requests" in stale.read_text()  # --check never writes
+    assert unasync.main([]) == 0
+    assert unasync.main(["--check"]) == 0
+    assert stale.read_text() == target.read_text()
+
+
+def test_generated_sync_code_has_no_async_left() -> None:
+    for path in (
+        ROOT / "src/pqe2ee/transports/_sync/_httpx2.py",
+        ROOT / "src/pqe2ee/transports/_sync/_httpx.py",
+    ):
+        text = path.read_text()
+        for token in ("async def", "async with", "async for", "await ", "anyio.", "aclose"):
+            assert token not in text, (path.name, token)
+    for path in (
+        ROOT / "src/pqe2ee/transports/_async/_httpx.py",
+        ROOT / "src/pqe2ee/transports/_sync/_httpx.py",
+        ROOT / "src/pqe2ee/transports/_httpx_common.py",
+        ROOT / "src/pqe2ee/transports/httpx.py",
+    ):
+        assert "httpx2" not in path.read_text().split("\n", 1)[1], path.name
