@@ -1,0 +1,577 @@
+"""Server benchmark: encrypted (relay -> instance -> dev-engine) vs plaintext, same topology.
+
+Run by hand (not part of the test suite)::
+
+    .venv/bin/python benchmarks/bench_server.py            # ~1.5 minutes
+    .venv/bin/python benchmarks/bench_server.py --quick    # ~30 s
+
+Every server runs in its own process under uvicorn (one worker each, access logs off):
+
+* encrypted:  client --> relay --> instance --> dev-engine
+* plaintext:  client --> forward proxy --> forward proxy --> dev-engine
+
+The plaintext baseline is two trivial forwarding proxies (Starlette + uvicorn + httpx2,
+streaming both ways, like the relay) rather than the engine alone: that keeps the hop count,
+the HTTP stack and the number of processes equal, so the ratio measures what E2EE costs
+(KEM + AEAD on both ends, gzip, nonce issue/consume, discovery), not the cost of an extra hop.
+
+The client is one asyncio process with httpx2. Encrypted requests are sealed and opened with
+``pqe2ee.protocol`` (fresh ML-KEM-768 response key per request) and take their nonces from
+real discovery calls (10 nonces per call, as the real relay hands out), so discovery is part
+of the measured cost. Each cell runs for a fixed duration after a short warm-up.
+
+Memory per open stream: N idle-ish ``__slow__`` streams (one small chunk per 0.2 s) are held
+open and the RSS delta of the relay and instance (and of the two plaintext proxies) is divided
+by N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+KEY = "bench-key-0123456789"
+MODEL = "dev-echo"
+PROMPT = " ".join(f"word{i}" for i in range(24))  # a 24-word prompt: ~28 stream events
+CHAT = "/v1/chat/completions"
+
+
+# --------------------------------------------------------------------------------------------
+# server processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _proxy_app(upstream: str) -> Any:
+    """A trivial streaming forward proxy: the plaintext stand-in for one relay/instance hop."""
+    import httpx2
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    state: dict[str, httpx2.AsyncClient] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # keep-alive expiry below uvicorn's 5 s, as the relay does, so that a connection the
+        # next hop is closing is never reused
+        limits = httpx2.Limits(
+            max_connections=1000, max_keepalive_connections=256, keepalive_expiry=2.0
+        )
+        async with httpx2.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
+            state["client"] = client
+            yield
+
+    async def health(request: Request) -> Response:
+        return Response(b"ok")
+
+    async def forward(request: Request) -> Response:
+        client = state["client"]
+        headers = [(b"content-type", b"application/json")]
+        req = client.build_request(
+            "POST", upstream + request.url.path, headers=headers, content=await request.body()
+        )
+        resp = await client.send(req, stream=True)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(
+            body(),
+            status_code=resp.status_code,
+            media_type=resp.headers.get("content-type", "application/octet-stream"),
+        )
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/{rest:path}", forward, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _serve(role: str, port: int, upstream: str) -> None:
+    import logging
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.WARNING)
+    if role == "engine":
+        from pqe2ee.server.dev_engine import create_app as engine_app
+
+        app = engine_app()
+    elif role == "instance":
+        from pqe2ee.server.instance import InstanceConfig
+        from pqe2ee.server.instance import create_app as instance_app
+
+        continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
+        app = instance_app(
+            InstanceConfig(upstream=upstream, max_concurrency=1024, continuous_usage=continuous)
+        )
+    elif role == "relay":
+        from pqe2ee.server.relay import RelayConfig
+        from pqe2ee.server.relay import create_app as relay_app
+
+        app = relay_app(
+            RelayConfig(instances=(upstream,), api_keys=(KEY,), port=port, rate_limit=10**9)
+        )
+    elif role == "proxy":
+        app = _proxy_app(upstream)
+    else:
+        raise SystemExit(f"unknown role {role}")
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=2048
+    )
+
+
+@dataclass
+class Proc:
+    role: str
+    url: str
+    popen: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.popen.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.popen.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def start(role: str, upstream: str = "") -> Iterator[Proc]:
+    import httpx2
+
+    port = _free_port()
+    popen = subprocess.Popen(
+        [sys.executable, __file__, "--serve", role, str(port), upstream],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{role} exited with {popen.returncode}")
+            try:
+                if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{role} did not start")
+            time.sleep(0.05)
+        yield Proc(role, url, popen)
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(10)
+
+
+# --------------------------------------------------------------------------------------------
+# clients
+
+
+class PlainClient:
+    def __init__(self, base: str, client: Any) -> None:
+        self.base = base
+        self.client = client
+
+    async def call(self, stream: bool) -> None:
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
+        ).encode()
+        headers = {"content-type": "application/json"}
+        async with self.client.stream(
+            "POST", self.base + CHAT, content=body, headers=headers
+        ) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"plaintext call failed: {resp.status_code}")
+            data = b"".join([c async for c in resp.aiter_raw()])
+        if stream:
+            if not data.rstrip().endswith(b"data: [DONE]"):
+                raise RuntimeError("plaintext stream incomplete")
+        else:
+            json.loads(data)
+
+
+class E2EClient:
+    """Discovery + nonce pool + seal/open, all from pqe2ee.protocol."""
+
+    def __init__(self, relay: str, client: Any) -> None:
+        from pqe2ee.backends import get_aead, get_kem
+        from pqe2ee.server.relay import chute_id_for
+
+        self.relay = relay
+        self.client = client
+        self.kem = get_kem()
+        self.aead = get_aead()
+        self.chute = chute_id_for(MODEL)
+        self.pool: collections.deque[tuple[Any, str]] = collections.deque()
+        self.lock = asyncio.Lock()
+        self.discoveries = 0
+
+    async def lease(self) -> tuple[Any, str]:
+        from pqe2ee.protocol import parse_discovery
+
+        while not self.pool:
+            async with self.lock:
+                if self.pool:
+                    break
+                resp = await self.client.get(
+                    f"{self.relay}/e2e/instances/{self.chute}",
+                    headers={"authorization": f"Bearer {KEY}"},
+                )
+                resp.raise_for_status()
+                self.discoveries += 1
+                result = parse_discovery(resp.content, time.time())
+                for inst in result.instances:
+                    self.pool.extend((inst, n) for n in inst.nonces)
+        return self.pool.popleft()
+
+    async def call(self, stream: bool) -> None:
+        from pqe2ee.protocol import (
+            Done,
+            StreamDecryptor,
+            open_response,
+            seal_request,
+        )
+
+        inst, nonce = await self.lease()
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
+        ).encode()
+        sealed = seal_request(
+            body, inst.public_key, response_key=self.kem.generate(), kem=self.kem, aead=self.aead
+        )
+        headers = {
+            "authorization": f"Bearer {KEY}",
+            "x-chute-id": self.chute,
+            "x-instance-id": inst.instance_id,
+            "x-e2e-nonce": nonce,
+            "x-e2e-stream": "true" if stream else "false",
+            "x-e2e-path": CHAT,
+            "content-type": "application/octet-stream",
+        }
+        async with self.client.stream(
+            "POST", self.relay + "/e2e/invoke", content=sealed.blob, headers=headers
+        ) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise RuntimeError(f"encrypted call failed: {resp.status_code} {resp.text[:200]}")
+            if stream:
+                dec = StreamDecryptor(sealed.response_key, aead=self.aead)
+                done = False
+                async for chunk in resp.aiter_raw():
+                    dec.receive_data(chunk)
+                    done = done or any(isinstance(e, Done) for e in dec.events())
+                dec.receive_eof()
+                done = done or any(isinstance(e, Done) for e in dec.events())
+                if not done:
+                    raise RuntimeError("encrypted stream incomplete")
+            else:
+                blob = b"".join([c async for c in resp.aiter_raw()])
+                json.loads(open_response(blob, sealed.response_key, aead=self.aead))
+
+
+@dataclass
+class Cell:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+    cpu: dict[str, float]  # process role -> CPU seconds used while measuring
+
+    def add(self, other: Cell) -> None:
+        self.requests += other.requests
+        self.seconds += other.seconds
+        self.latencies.extend(other.latencies)
+        self.errors += other.errors
+        for k, v in other.cpu.items():
+            self.cpu[k] = self.cpu.get(k, 0.0) + v
+
+    def cpu_ms(self, role: str) -> float:
+        return self.cpu.get(role, 0.0) / max(1, self.requests) * 1000.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000.0
+
+
+def _cpu(procs: dict[str, Proc]) -> dict[str, float]:
+    out = {role: p.cpu_seconds() for role, p in procs.items()}
+    out["client"] = time.process_time()
+    return out
+
+
+async def run_cell(
+    caller: PlainClient | E2EClient,
+    stream: bool,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    procs: dict[str, Proc],
+) -> Cell:
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = time.perf_counter() + warmup + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                await caller.call(stream)
+            except Exception as exc:
+                errors += 1
+                if errors <= 3:
+                    print(f"  error: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                continue
+            if measuring:
+                latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup)
+    measuring = True
+    started = time.perf_counter()
+    cpu0 = _cpu(procs)
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    cpu1 = _cpu(procs)
+    return Cell(len(latencies), elapsed, latencies, errors, {k: cpu1[k] - cpu0[k] for k in cpu0})
+
+
+async def hold_streams(caller: PlainClient | E2EClient, n: int) -> Any:
+    """Open ``n`` __slow__ streams, read each one's first bytes, and keep them open."""
+    from pqe2ee.protocol import seal_request
+
+    opened: list[Any] = []
+    ready = asyncio.Event()
+    release = asyncio.Event()
+    count = 0
+
+    async def one() -> None:
+        nonlocal count
+        body = json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "__slow__"}], "stream": True}
+        ).encode()
+        if isinstance(caller, E2EClient):
+            inst, nonce = await caller.lease()
+            sealed = seal_request(
+                body,
+                inst.public_key,
+                response_key=caller.kem.generate(),
+                kem=caller.kem,
+                aead=caller.aead,
+            )
+            url = caller.relay + "/e2e/invoke"
+            content = sealed.blob
+            headers = {
+                "authorization": f"Bearer {KEY}",
+                "x-chute-id": caller.chute,
+                "x-instance-id": inst.instance_id,
+                "x-e2e-nonce": nonce,
+                "x-e2e-stream": "true",
+                "x-e2e-path": CHAT,
+            }
+        else:
+            url, content, headers = caller.base + CHAT, body, {"content-type": "application/json"}
+        async with caller.client.stream("POST", url, content=content, headers=headers) as resp:
+            raw = resp.aiter_raw()
+            await raw.__anext__()
+            opened.append(resp)
+            count += 1
+            if count == n:
+                ready.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.wait_for(ready.wait(), 60)
+    return release, tasks
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def _versions() -> str:
+    import httpx2
+    import starlette
+    import uvicorn
+
+    from pqe2ee.backends import get_aead, get_kem
+
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"Python {platform.python_version()}, CPU {cpu} x {os.cpu_count()}, "
+        f"backend KEM {get_kem().name} / AEAD {get_aead().name}, uvicorn {uvicorn.__version__}, "
+        f"starlette {starlette.__version__}, httpx2 {httpx2.__version__}"
+    )
+
+
+async def bench(args: argparse.Namespace) -> None:
+    import httpx2
+
+    levels = [1, 16, 64]
+    print(_versions())
+    continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
+    print(f"instance continuous_usage_stats: {'on (as Chutes)' if continuous else 'off'}")
+    print(
+        f"measure {args.duration:g} s per cell and path, in {args.rounds} interleaved slices "
+        f"(each after {args.warmup:g} s warm-up); prompt {len(PROMPT.split())} words"
+    )
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(start("engine"))
+        inst = stack.enter_context(start("instance", engine.url))
+        relay = stack.enter_context(start("relay", inst.url))
+        proxy2 = stack.enter_context(start("proxy", engine.url))
+        proxy1 = stack.enter_context(start("proxy", proxy2.url))
+        limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+        async with httpx2.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
+            plain = PlainClient(proxy1.url, client)
+            e2e = E2EClient(relay.url, client)
+            rows = []
+            for stream in (False, True):
+                for c in levels:
+                    # Interleave short slices of both paths so that load from elsewhere on the
+                    # machine hits both alike; the slices of one path are added up.
+                    p, e = Cell(0, 0.0, [], 0, {}), Cell(0, 0.0, [], 0, {})
+                    plain_run = (plain, p, {"hop1": proxy1, "hop2": proxy2, "engine": engine})
+                    e2e_run = (e2e, e, {"hop1": relay, "hop2": inst, "engine": engine})
+                    for r in range(args.rounds):
+                        order = [plain_run, e2e_run] if r % 2 == 0 else [e2e_run, plain_run]
+                        for caller, total, procs in order:
+                            part = await run_cell(
+                                caller, stream, c, args.warmup, args.duration / args.rounds, procs
+                            )
+                            total.add(part)
+                    rows.append((stream, c, p, e))
+                    print(
+                        f"  {'stream' if stream else 'non-stream'} c={c}: "
+                        f"plain {p.rps:.0f} req/s, e2e {e.rps:.0f} req/s",
+                        file=sys.stderr,
+                    )
+
+            print()
+            print(
+                "| mode | clients | plaintext req/s | E2EE req/s | ratio | plaintext p50 / p99 ms "
+                "| E2EE p50 / p99 ms | errors |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for stream, c, p, e in rows:
+                print(
+                    f"| {'stream' if stream else 'non-stream'} | {c} | {p.rps:.0f} | {e.rps:.0f} "
+                    f"| {e.rps / p.rps:.2f}x | {p.pct(0.5):.1f} / {p.pct(0.99):.1f} "
+                    f"| {e.pct(0.5):.1f} / {e.pct(0.99):.1f} | {p.errors + e.errors} |"
+                )
+            print(f"\n(E2EE client made {e2e.discoveries} discovery calls: 10 nonces each)")
+            print(
+                "\nCPU per request (ms; each process's user+sys time over the measured slices,"
+                " divided by the requests completed; robust to other load on the machine):\n"
+            )
+            print(
+                "| mode | clients | path | client | hop 1 (proxy / relay) "
+                "| hop 2 (proxy / instance) | engine | servers total |"
+            )
+            print("|---|---:|---|---:|---:|---:|---:|---:|")
+            for stream, c, p, e in rows:
+                for label, cell in (("plaintext", p), ("E2EE", e)):
+                    servers = sum(cell.cpu_ms(k) for k in ("hop1", "hop2", "engine"))
+                    print(
+                        f"| {'stream' if stream else 'non-stream'} | {c} | {label} "
+                        f"| {cell.cpu_ms('client'):.2f} | {cell.cpu_ms('hop1'):.2f} "
+                        f"| {cell.cpu_ms('hop2'):.2f} | {cell.cpu_ms('engine'):.2f} "
+                        f"| {servers:.2f} |"
+                    )
+
+            # memory per open stream
+            n = args.streams
+            await asyncio.sleep(0.5)
+            mem_rows = []
+            for label, caller, procs in (
+                ("E2EE", e2e, [relay, inst]),
+                ("plaintext", plain, [proxy1, proxy2]),
+            ):
+                before = [p.rss_kib() for p in procs]
+                release, tasks = await hold_streams(caller, n)
+                await asyncio.sleep(0.3)
+                during = [p.rss_kib() for p in procs]
+                release.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for p, b, d in zip(procs, before, during, strict=True):
+                    mem_rows.append((label, p.role, b, d, (d - b) / n))
+                await asyncio.sleep(0.5)
+            print(f"\nMemory with {n} open __slow__ streams (RSS, KiB):\n")
+            print("| path | process | before | with streams | per stream |")
+            print("|---|---|---:|---:|---:|")
+            for label, role, b, d, per in mem_rows:
+                print(f"| {label} | {role} | {b} | {d} | {per:.1f} |")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        _serve(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=4.5, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=0.3, help="seconds of warm-up per slice")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved slices per cell")
+    parser.add_argument("--streams", type=int, default=200, help="open streams for the RSS test")
+    parser.add_argument("--quick", action="store_true", help="1 s cells, 100 streams")
+    parser.add_argument(
+        "--no-continuous-usage",
+        action="store_true",
+        help="instance without continuous_usage_stats (one plaintext usage event per stream "
+        "instead of one per chunk; the Chutes runtime forces them on)",
+    )
+    args = parser.parse_args()
+    os.environ["BENCH_CONTINUOUS_USAGE"] = "0" if args.no_continuous_usage else "1"
+    if args.quick:
+        args.duration, args.warmup, args.rounds, args.streams = 1.0, 0.2, 2, 100
+    started = time.perf_counter()
+    asyncio.run(bench(args))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Single-use nonces and discovery rate limits for the relay: in memory or in Redis.
+
+A nonce is issued by ``GET /e2e/instances/{chute_id}`` for one (API key, chute, instance) and
+consumed by exactly one ``POST /e2e/invoke`` naming the same three. :meth:`NonceStore.consume`
+removes the nonce *before* comparing, atomically, so two relays sharing one Redis can never both
+accept it; a mismatching attempt therefore burns the nonce too (fail closed, like the real
+network, which consumes the nonce before any later check).
+
+API keys never reach a store: callers pass :func:`api_key_id` (a SHA-256 hex prefix) instead.
+
+``MemoryNonceStore`` is for one relay process; ``RedisNonceStore`` lets several relays share
+nonces and rate-limit counters (redis-py asyncio; needs Redis >= 7.0 for ``GETDEL`` and
+``EXPIRE NX``, checked by :meth:`RedisNonceStore.ping` when the relay starts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, runtime_checkable
+
+from pqe2ee.errors import ErrorCode, LocalProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "MemoryNonceStore",
+    "NonceStore",
+    "NonceStoreError",
+    "RedisNonceStore",
+    "api_key_id",
+]
+
+DEFAULT_MAX_ENTRIES: Final = 1_000_000
+_SEP: Final = "|"
+
+
+def api_key_id(api_key: str) -> str:
+    """A stable, non-reversible id for an API key: the first 32 hex digits of its SHA-256."""
+    return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _binding(api_key_id: str, chute_id: str, instance_id: str) -> str:
+    for part in (api_key_id, chute_id, instance_id):
+        if _SEP in part:
+            raise LocalProtocolError(f"nonce binding parts must not contain {_SEP!r}")
+    return _SEP.join((api_key_id, chute_id, instance_id))
+
+
+class NonceStoreError(Exception):
+    """The store cannot answer (Redis down, store full). The relay answers 503; fail closed."""
+
+
+@runtime_checkable
+class NonceStore(Protocol):
+    """What the relay needs from a nonce store. Every method is a coroutine."""
+
+    async def issue(
+        self,
+        api_key_id: str,
+        chute_id: str,
+        instance_id: str,
+        nonces: Sequence[str],
+        ttl: float,
+    ) -> None:
+        """Remember ``nonces`` for this (key, chute, instance) for ``ttl`` seconds."""
+        ...
+
+    async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
+        """Atomically remove ``nonce``; True only if it existed, unexpired, for exactly these."""
+        ...
+
+    async def hit(self, key: str, window: float, limit: int) -> bool:
+        """Count one event for ``key`` in a fixed ``window``; False when over ``limit``."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`NonceStoreError` unless the store is usable."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryNonceStore:
+    """Nonces in a dict with expiry; fine for one relay process (not shared between processes).
+
+    Bounded: expired entries are purged as new ones arrive, and once ``max_entries`` live
+    nonces are held, :meth:`issue` raises :class:`NonceStoreError` instead of growing.
+    ``clock`` (monotonic seconds) can be injected for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1:
+            raise LocalProtocolError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._clock = clock
+        # insertion order ~ expiry order (one ttl per relay), so purging pops from the front
+        self._nonces: dict[str, tuple[str, float]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._nonces)
+
+    def _purge_front(self, now: float) -> None:
+        nonces = self._nonces
+        while nonces:
+            first = next(iter(nonces))
+            if nonces[first][1] > now:
+                break
+            del nonces[first]
+
+    def _purge_all(self, now: float) -> None:
+        self._nonces = {k: v for k, v in self._nonces.items() if v[1] > now}
+
+    async def issue(
+        self,
+        api_key_id: str,
+        chute_id: str,
+        instance_id: str,
+        nonces: Sequence[str],
+        ttl: float,
+    ) -> None:
+        binding = _binding(api_key_id, chute_id, instance_id)
+        now = self._clock()
+        self._purge_front(now)
+        if len(self._nonces) + len(nonces) > self.max_entries:
+            self._purge_all(now)
+            if len(self._nonces) + len(nonces) > self.max_entries:
+                raise NonceStoreError(f"nonce store is full ({self.max_entries} live nonces)")
+        expires = now + ttl
+        for nonce in nonces:
+            self._nonces[nonce] = (binding, expires)
+
+    async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
+        entry = self._nonces.pop(nonce, None)  # no await between lookup and removal: atomic
+        if entry is None:
+            return False
+        binding, expires = entry
+        if expires <= self._clock():
+            return False
+        try:
+            wanted = _binding(api_key_id, chute_id, instance_id)
+        except LocalProtocolError:
+            return False
+        return hmac.compare_digest(binding.encode(), wanted.encode())
+
+    async def hit(self, key: str, window: float, limit: int) -> bool:
+        now = self._clock()
+        count, reset = self._counters.get(key, (0, 0.0))
+        if reset <= now:
+            count, reset = 0, now + window
+            if len(self._counters) >= self.max_entries:
+                self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
+                if len(self._counters) >= self.max_entries:
+                    raise NonceStoreError("rate-limit table is full")
+        count += 1
+        self._counters[key] = (count, reset)
+        return count <= limit
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedisNonceStore:
+    """Nonces and rate-limit counters in Redis, shared by every relay that uses the same URL.
+
+    * nonce: ``SET {prefix}n:{nonce} "keyid|chute|instance" EX ttl``; consumed with ``GETDEL``
+      (atomic: of many concurrent attempts on any number of relays exactly one gets the value);
+    * rate limit: ``INCR`` + ``EXPIRE NX`` in one MULTI/EXEC pipeline (fixed window).
+
+    Any Redis failure raises :class:`NonceStoreError` (the relay answers 503, never "accepted").
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str = "pqe2ee:", client: Any | None = None, timeout: float = 5.0
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # pragma: no cover - needs the [redis] extra
+            raise LocalProtocolError(
+                "RedisNonceStore needs redis-py: pip install 'pqe2ee[redis]'",
+                code=ErrorCode.INVALID_ARGUMENT,
+            ) from exc
+        self._prefix = prefix
+        self._redis: Any = (
+            client
+            if client is not None
+            else aioredis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
+            )
+        )
+
+    def _nkey(self, nonce: str) -> str:
+        return f"{self._prefix}n:{nonce}"
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await fn()
+        except (RedisError, OSError) as exc:
+            raise NonceStoreError(f"redis: {type(exc).__name__}") from None
+
+    async def issue(
+        self,
+        api_key_id: str,
+        chute_id: str,
+        instance_id: str,
+        nonces: Sequence[str],
+        ttl: float,
+    ) -> None:
+        value = _binding(api_key_id, chute_id, instance_id).encode()
+        ex = max(1, int(ttl + 0.999))
+
+        async def run() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for nonce in nonces:
+                pipe.set(self._nkey(nonce), value, ex=ex)
+            return await pipe.execute()
+
+        await self._call(run)
+
+    async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
+        stored = await self._call(lambda: self._redis.getdel(self._nkey(nonce)))
+        if stored is None:
+            return False
+        try:
+            wanted = _binding(api_key_id, chute_id, instance_id).encode()
+        except LocalProtocolError:
+            return False
+        return hmac.compare_digest(bytes(stored), wanted)
+
+    async def hit(self, key: str, window: float, limit: int) -> bool:
+        rkey = f"{self._prefix}rl:{key}"
+        seconds = max(1, int(window + 0.999))
+
+        async def run() -> Any:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.incr(rkey)
+            pipe.expire(rkey, seconds, nx=True)
+            return await pipe.execute()
+
+        count, _ = await self._call(run)
+        return int(count) <= limit
+
+    async def ping(self) -> None:
+        """Check the server answers and is new enough (GETDEL and EXPIRE NX: Redis >= 7.0)."""
+        info = await self._call(lambda: self._redis.info("server"))
+        version = str(info.get("redis_version", "0")) if isinstance(info, dict) else "0"
+        try:
+            major = int(version.split(".", 1)[0])
+        except ValueError:
+            major = 0
+        if major < 7:
+            raise NonceStoreError(f"Redis >= 7.0 is required, the server reports {version}")
+
+    async def aclose(self) -> None:
+        try:
+            await self._redis.aclose()
+        except Exception:  # pragma: no cover - closing a broken connection
+            pass

@@ -1,0 +1,184 @@
+"""Helpers shared by the relay tests: a real dev-engine -> instance -> relay stack on loopback,
+and a small client built from ``pqe2ee.protocol`` + httpx2 (no transport shims involved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+
+from pqe2ee.backends import get_aead, get_kem
+from pqe2ee.protocol import (
+    Done,
+    InnerEvent,
+    InstanceInfo,
+    StreamDecryptor,
+    open_response,
+    parse_discovery,
+    seal_request,
+)
+from pqe2ee.server import dev_engine, instance, relay
+from servers import run_app
+
+KEY_A = "pk-test-alpha-0123456789"
+KEY_B = "pk-test-bravo-9876543210"
+CHAT = "/v1/chat/completions"
+
+KEM = get_kem()
+AEAD = get_aead()
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class InvokeCounter:
+    """Wraps an ASGI app and counts the ``POST /e2e/invoke`` requests that reach it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.invokes = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/e2e/invoke":
+            self.invokes += 1
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Stack:
+    engine: str
+    engine_app: Any
+    instances: list[str]
+    counters: list[InvokeCounter]
+    relay: str
+    relay_app: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, int]:
+        return dict(httpx2.get(self.engine + "/dev/stats", timeout=10).json())
+
+
+@contextlib.contextmanager
+def serve_stack(
+    n_instances: int = 1,
+    *,
+    api_keys: Sequence[str] = (KEY_A,),
+    instance_models: Sequence[Sequence[str] | None] | None = None,
+    instance_kw: dict[str, Any] | None = None,
+    **relay_kw: Any,
+) -> Iterator[Stack]:
+    """dev-engine, ``n_instances`` real instances in front of it, one relay in front of those.
+
+    ``instance_models[i]`` restricts instance i to those engine models (its own dev-engine).
+    """
+    with contextlib.ExitStack() as stack:
+        engine_app = dev_engine.create_app()
+        engine = stack.enter_context(run_app(engine_app))
+        urls: list[str] = []
+        counters: list[InvokeCounter] = []
+        for i in range(n_instances):
+            upstream = engine
+            models = instance_models[i] if instance_models is not None else None
+            if models is not None:
+                upstream = stack.enter_context(run_app(dev_engine.create_app(models=list(models))))
+            cfg = instance.InstanceConfig(upstream=upstream, **(instance_kw or {}))
+            counter = InvokeCounter(instance.create_app(cfg))
+            counters.append(counter)
+            urls.append(stack.enter_context(run_app(counter)))
+        relay_kw.setdefault("startup_wait", 5.0)
+        config = relay.RelayConfig(instances=tuple(urls), api_keys=tuple(api_keys), **relay_kw)
+        relay_app = relay.create_app(config)
+        relay_url = stack.enter_context(run_app(relay_app))
+        yield Stack(engine, engine_app, urls, counters, relay_url, relay_app)
+
+
+def auth(key: str = KEY_A) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def discover(
+    client: httpx2.Client, chute_id: str, key: str = KEY_A
+) -> tuple[list[InstanceInfo], dict[str, Any]]:
+    resp = client.get(f"/e2e/instances/{chute_id}", headers=auth(key))
+    assert resp.status_code == 200, resp.text
+    result = parse_discovery(resp.content, time.time())
+    assert result.skipped == 0
+    return list(result.instances), resp.json()
+
+
+def chat_body(text: str, *, stream: bool = False, model: str = "dev-echo") -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
+    ).encode()
+
+
+@dataclass
+class Sealed:
+    blob: bytes
+    headers: dict[str, str]
+    key: Any
+    stream: bool
+
+
+def seal(
+    inst: InstanceInfo,
+    nonce: str,
+    chute_id: str,
+    body: bytes,
+    *,
+    key: str = KEY_A,
+    path: str = CHAT,
+) -> Sealed:
+    sealed = seal_request(body, inst.public_key, response_key=KEM.generate(), kem=KEM, aead=AEAD)
+    headers = {
+        **auth(key),
+        "X-Chute-Id": chute_id,
+        "X-Instance-Id": inst.instance_id,
+        "X-E2E-Nonce": nonce,
+        "X-E2E-Stream": "true" if sealed.stream else "false",
+        "X-E2E-Path": path,
+        "Content-Type": "application/octet-stream",
+    }
+    return Sealed(sealed.blob, headers, sealed.response_key, sealed.stream)
+
+
+def open_blob(sealed: Sealed, blob: bytes) -> dict[str, Any]:
+    return dict(json.loads(open_response(blob, sealed.key, aead=AEAD)))
+
+
+def decrypt_stream(sealed: Sealed, chunks: Iterator[bytes]) -> tuple[str, bool]:
+    """Concatenated ``delta.content`` of a chat stream, and whether the inner [DONE] came."""
+    dec = StreamDecryptor(sealed.key, aead=AEAD)
+    text: list[str] = []
+    done = False
+
+    def drain() -> None:
+        nonlocal done
+        for ev in dec.events():
+            if isinstance(ev, InnerEvent):
+                obj = json.loads(ev.data)
+                for choice in obj.get("choices", []):
+                    text.append(choice.get("delta", {}).get("content") or "")
+            elif isinstance(ev, Done):
+                done = True
+
+    for chunk in chunks:
+        dec.receive_data(chunk)
+        drain()
+    dec.receive_eof()
+    drain()
+    return "".join(text), done
+
+
+def wait_until(pred: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``pred`` until true; fail (never hang) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
