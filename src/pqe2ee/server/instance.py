@@ -440,6 +440,9 @@ class Instance:
                 limits=httpx2.Limits(
                     max_connections=cfg.max_concurrency + 4,
                     max_keepalive_connections=cfg.max_concurrency,
+                    # Below uvicorn's 5 s keep-alive: never reuse a connection the engine is
+                    # closing (seen as a stray 502 under load).
+                    keepalive_expiry=2.0,
                 ),
                 follow_redirects=False,
                 trust_env=False,  # proxies from the environment must not reroute engine traffic
