@@ -16,7 +16,9 @@ except ImportError:  # pragma: no cover - exercised only without the extras
 
 
 def _missing_extra() -> int:
-    sys.stderr.write("pqe2ee: the command line needs an extra: pip install 'pqe2ee[server,proxy]'\n")
+    sys.stderr.write(
+        "pqe2ee: the command line needs an extra: pip install 'pqe2ee[server,proxy]'\n"
+    )
     return 2
 
 

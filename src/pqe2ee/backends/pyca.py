@@ -75,7 +75,8 @@ class PycaKEM(KEM):
             pk = mlkem.MLKEM768PublicKey.from_public_bytes(public_key)
         except ValueError:
             raise LocalProtocolError(
-                "ML-KEM-768 public key failed the FIPS 203 modulus check", code=ErrorCode.INVALID_KEY
+                "ML-KEM-768 public key failed the FIPS 203 modulus check",
+                code=ErrorCode.INVALID_KEY,
             ) from None
         shared_secret, ciphertext = pk.encapsulate()  # pyca returns (ss, ct)
         return ciphertext, shared_secret
@@ -106,5 +107,7 @@ class PycaAEAD(AEAD):
 
     def new(self, key: bytes) -> AEADCipher:
         if len(key) != CHACHA_KEY_LEN:
-            raise LocalProtocolError("ChaCha20-Poly1305 key must be 32 bytes", code=ErrorCode.INVALID_KEY)
+            raise LocalProtocolError(
+                "ChaCha20-Poly1305 key must be 32 bytes", code=ErrorCode.INVALID_KEY
+            )
         return _PycaCipher(key)
