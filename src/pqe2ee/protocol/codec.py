@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import struct
 import zlib
 from typing import Any
 
@@ -22,6 +23,9 @@ __all__ = [
 _json_decoder = msgspec.json.Decoder()
 
 GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
+# What zlib writes for level 0: magic, CM=8, FLG=0, MTIME=0, XFL=4, OS=3 (RFC 1952).
+_GZIP_STORED_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\x03"
+_STORED_DIRECT_MAX = 16384  # checked byte for byte against zlib's level 0 up to here
 
 
 def b64encode(data: bytes) -> bytes:
@@ -40,7 +44,19 @@ def b64decode(
 
 
 def gzip_compress(data: bytes, level: int) -> bytes:
-    """A single gzip member with mtime 0 (deterministic for a given zlib)."""
+    """A single gzip member with mtime 0 (deterministic for a given zlib). Level 0 stores."""
+    n = len(data)
+    if level == 0 and n <= _STORED_DIRECT_MAX:
+        # One final stored block, written directly: the same bytes zlib writes for level 0,
+        # without setting up a deflate stream (which costs more than the copy).
+        return b"".join(
+            (
+                _GZIP_STORED_HEADER,
+                struct.pack("<BHH", 1, n, n ^ 0xFFFF),
+                data,
+                struct.pack("<II", zlib.crc32(data), n),
+            )
+        )
     return zlib.compress(data, level, wbits=GZIP_WBITS)
 
 

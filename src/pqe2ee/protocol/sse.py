@@ -29,20 +29,28 @@ class LineSplitter:
         self._max = max_line
 
     def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
         if b"\n" not in data:
-            self._buf += data
-            if len(self._buf) > self._max:
+            buf += data  # at most one chunk past the bound before refusing
+            if len(buf) > self._max:
                 raise LimitExceeded(f"line longer than {self._max} bytes")
             return []
-        if self._buf:
-            data = bytes(self._buf) + data
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        if data.find(b"\n") == len(data) - 1:  # exactly one whole line: the usual record
+            if len(data) > self._max:
+                raise LimitExceeded(f"line longer than {self._max} bytes")
+            return [data]
         parts = data.split(b"\n")
         tail = parts.pop()
-        lines = [p + b"\n" for p in parts]
-        if any(len(line) > self._max for line in lines) or len(tail) > self._max:
+        if len(data) > self._max and (
+            len(tail) > self._max or any(len(p) >= self._max for p in parts)
+        ):
             raise LimitExceeded(f"line longer than {self._max} bytes")
-        self._buf = bytearray(tail)
-        return lines
+        buf += tail
+        return [p + b"\n" for p in parts]
 
     def peek(self) -> bytes:
         """The unterminated tail, left in place."""
@@ -90,6 +98,24 @@ class SSEParser:
         self._id: str | None = None
 
     def feed(self, data: bytes) -> list[SSEEvent]:
+        n = len(data)
+        if (
+            not self._raw
+            and not self._lines.pending
+            and n <= self._max_event
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == n - 2
+            and data.endswith(b"\n\n")
+            and data[n - 3] != 0x0D
+        ):
+            # Fast path, same result as below: one whole single-line event, nothing pending.
+            try:
+                text = data[6:-2].decode("utf-8")
+            except UnicodeDecodeError:
+                raise StreamError(
+                    "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
+                ) from None
+            return [SSEEvent(text, None, self._id, data)]
         out: list[SSEEvent] = []
         for line in self._lines.feed(data):
             ev = self._line(line)
@@ -109,15 +135,27 @@ class SSEParser:
     def partial_is(self, data: str) -> bool:
         """True when the buffered, undispatched event carries exactly ``data`` (and nothing else
         is pending) - used to accept a stream cut right after ``data: [DONE]\\n``."""
-        if self._lines.pending:
+        if self._lines.pending or self._data != [data]:
             return False
-        return self._data == [data]
+        # ... and that data line is the last line: nothing (not even an ignored field) after it
+        return self._raw[-1].startswith(b"data:")
 
     def _line(self, line: bytes) -> SSEEvent | None:
         self._raw.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes > self._max_event:
             raise LimitExceeded(f"SSE event longer than {self._max_event} bytes")
+        # Fast paths for the two lines every event stream is made of (same result as below).
+        if line == b"\n":
+            return self._dispatch()
+        if line.startswith(b"data: ") and not line.endswith(b"\r\n"):
+            try:
+                self._data.append(line[6:-1].decode("utf-8"))
+            except UnicodeDecodeError:
+                raise StreamError(
+                    "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
+                ) from None
+            return None
         body = line[:-1]
         if body.endswith(b"\r"):
             body = body[:-1]
@@ -149,8 +187,12 @@ class SSEParser:
             # Nothing to dispatch; keep the raw bytes for the next event, reset the type.
             self._event = None
             return None
+        data = self._data
         ev = SSEEvent(
-            data="\n".join(self._data), event=self._event, id=self._id, raw=b"".join(self._raw)
+            data[0] if len(data) == 1 else "\n".join(data),
+            self._event,
+            self._id,
+            b"".join(self._raw),
         )
         self._raw.clear()
         self._pending_bytes = 0

@@ -17,6 +17,7 @@ an event or :data:`NEED_DATA`; errors are sticky.
 
 from __future__ import annotations
 
+import binascii
 import enum
 import os
 from collections.abc import Callable
@@ -302,7 +303,8 @@ class StreamDecryptor:
         self._aead = aead
         self._max_records = max_records
         # base64 of a record + JSON wrapper; generous so a legal record always fits.
-        self._outer = LineSplitter(max_line=(max_record + _MIN_RECORD) * 4 // 3 + 256)
+        self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
+        self._buf = bytearray()  # the unterminated outer line
         self._inner = SSEParser(max_event=max_event)
         self._cipher: Any = None
         self._seen: set[bytes] = set()
@@ -326,12 +328,17 @@ class StreamDecryptor:
         return self._done_seen
 
     def receive_data(self, data: bytes) -> None:
-        self._check()
+        if self._error is not None:
+            raise self._error
         if self._eof:
             raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
         if not data:
             return
-        self._guard(lambda: self._lines(self._outer.feed(data)))
+        try:
+            self._feed(data)
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
 
     def receive_eof(self) -> None:
         self._check()
@@ -340,17 +347,19 @@ class StreamDecryptor:
         self._eof = True
 
         def finish() -> None:
-            tail = self._outer.flush()
+            tail = bytes(self._buf)
+            self._buf.clear()
             # An unterminated last line is read while the stream still needs it. Once the inner
             # [DONE] is in, it can only be a line cut short after the authenticated end: dropped.
             if tail.strip() and not (self._done_seen or self._inner.partial_is("[DONE]")):
-                self._lines([tail + b"\n"])
+                self._line(tail, 0, len(tail))
             self._on(_Input.EOF)
 
         self._guard(finish)
 
     def next_event(self) -> StreamEvent | _NeedData:
-        self._check()
+        if self._error is not None:
+            raise self._error
         if self._pos < len(self._events):
             ev = self._events[self._pos]
             self._pos += 1
@@ -378,11 +387,14 @@ class StreamDecryptor:
         try:
             fn()
         except PQE2EEError as exc:
-            self._state = _State.ERROR
-            self._error = exc
-            self._cipher = None
-            self._key.wipe()
+            self._failed(exc)
             raise
+
+    def _failed(self, exc: PQE2EEError) -> None:
+        self._state = _State.ERROR
+        self._error = exc
+        self._cipher = None
+        self._key.wipe()
 
     def _fail(self, code: ErrorCode, message: str) -> StreamError:
         return StreamError(message, code=code)
@@ -398,7 +410,7 @@ class StreamDecryptor:
             # A cut right after the inner "data: [DONE]\n" (before its blank line) is complete.
             if self._inner.partial_is("[DONE]"):
                 self._done_seen = True
-                self._events.append(Done(raw=b"data: [DONE]\n\n"))
+                self._events.append(Done(raw=self._inner.buffered() + b"\n"))
             else:
                 raise self._fail(ErrorCode.STREAM_TRUNCATED, "stream ended before the inner [DONE]")
         if inp is _Input.EOF:
@@ -406,24 +418,62 @@ class StreamDecryptor:
         self._state = nxt
         return nxt
 
-    def _lines(self, lines: list[bytes]) -> None:
-        for line in lines:
-            # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
-            # path, which decodes the string properly.
-            if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}\n') and b"\\" not in line:
-                self._record(line[len(_RECORD_PREFIX) : -3])
-                continue
-            body = line.rstrip(b"\r\n")
-            if not body or body.startswith(b":"):
-                continue
-            if not body.startswith(b"data:"):
-                if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
-                    continue  # event:/id:/retry: lines of the outer stream carry nothing for us
-                raise self._fail(ErrorCode.MALFORMED_EVENT, "outer line is not an SSE data line")
-            payload = body[5:].strip()
-            if payload == b"[DONE]":
-                continue  # an outer terminator is not part of v1 and is not authenticated
-            self._outer_event(payload)
+    def _feed(self, data: bytes) -> None:
+        """Split outer bytes into lines (bounded by ``_max_line``) and handle each in order."""
+        buf = self._buf
+        max_line = self._max_line
+        if b"\n" not in data:
+            buf += data  # at most one chunk past the bound before refusing
+            if len(buf) > max_line:
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            return
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        start = 0
+        nl = data.find(b"\n")
+        while nl >= 0:
+            if nl - start >= max_line:  # with its newline, longer than the bound
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            if nl > start:  # blank lines separate outer events and carry nothing
+                if (
+                    data.startswith(_RECORD_PREFIX, start, nl)
+                    and data.endswith(b'"}', start, nl)
+                    and data.find(b"\\", start, nl) < 0
+                ):  # _line's fast path, inlined: the runtime's compact record line
+                    self._record(data[start + len(_RECORD_PREFIX) : nl - 2])
+                else:
+                    self._line(data, start, nl)
+            start = nl + 1
+            nl = data.find(b"\n", start)
+        if start < len(data):
+            if len(data) - start > max_line:
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            buf += memoryview(data)[start:]
+
+    def _line(self, data: bytes, start: int, end: int) -> None:
+        """Handle the outer line ``data[start:end]`` (its newline excluded)."""
+        # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
+        # path, which decodes the string properly.
+        if (
+            data.startswith(_RECORD_PREFIX, start, end)
+            and data.endswith(b'"}', start, end)
+            and data.find(b"\\", start, end) < 0
+        ):
+            self._record(data[start + len(_RECORD_PREFIX) : end - 2])
+            return
+        body = data[start:end].rstrip(b"\r\n")
+        if not body or body.startswith(b":"):
+            return
+        if not body.startswith(b"data:"):
+            if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
+                return  # event:/id:/retry: lines of the outer stream carry nothing for us
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer line is not an SSE data line")
+        payload = body[5:].strip()
+        if payload == b"[DONE]":
+            return  # an outer terminator is not part of v1 and is not authenticated
+        self._outer_event(payload)
 
     def _outer_event(self, payload: bytes) -> None:
         try:
@@ -470,33 +520,40 @@ class StreamDecryptor:
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
 
     def _record(self, b64: bytes) -> None:
-        state = self._on(_Input.RECORD)
-        if state is _State.FAILED_REMOTE:
-            return
-        raw = self._b64(b64, what="e2e record")
+        state = self._state
+        if state is not _State.OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
+            state = self._on(_Input.RECORD)
+            if state is _State.FAILED_REMOTE:
+                return
+        try:
+            raw = binascii.a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
+        except (binascii.Error, ValueError):
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
         if len(raw) < _MIN_RECORD:
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
         nonce = raw[:CHACHA_NONCE_LEN]
-        if nonce in self._seen:
+        seen = self._seen
+        if nonce in seen:
             raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
         self.records += 1
         if self.records > self._max_records:
             raise LimitExceeded(f"stream has more than {self._max_records} records")
         plaintext = self._cipher.decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
-        self._seen.add(nonce)
+        seen.add(nonce)
         if state is _State.DONE:
             if plaintext.strip():
                 raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
             return
+        events = self._events
         for ev in self._inner.feed(plaintext):
             if self._state is _State.DONE:
                 raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
             if ev.data == "[DONE]":
                 self._state = _State.DONE
                 self._done_seen = True
-                self._events.append(Done(raw=ev.raw))
+                events.append(Done(raw=ev.raw))
             else:
-                self._events.append(InnerEvent(ev))
+                events.append(InnerEvent(ev))
         if self._state is _State.DONE and self._inner.buffered().strip():
             # the rest of the record that carried [DONE]: a partial event, a comment, ...
             raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")

@@ -1,0 +1,948 @@
+"""v1 streaming: StreamSealer / StreamEncoder (instance side) and StreamDecryptor (client side),
+plus the SSE helpers they sit on (src/pqe2ee/protocol/stream.py, sse.py).
+
+As in h11's tests, everything is bytes in and events out: an encoder and a decryptor are wired
+together in memory and the outer bytes are split, edited and replayed by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from pqe2ee.backends import AEAD, KEM, get_aead, get_kem
+from pqe2ee.backends.base import KEMPrivateKey
+from pqe2ee.errors import (
+    DecryptError,
+    ErrorCode,
+    LimitExceeded,
+    PQE2EEError,
+    StreamError,
+)
+from pqe2ee.protocol import (
+    NEED_DATA,
+    Done,
+    EndOfStream,
+    InnerEvent,
+    LineSplitter,
+    RemoteErrorEvent,
+    SSEParser,
+    StreamDecryptor,
+    StreamEncoder,
+    StreamEvent,
+    StreamSealer,
+    Usage,
+    extract_usage,
+)
+
+MiB = 1024 * 1024
+SEED = bytes(range(64))
+CANARY = "canary-51d0e2-SECRET-COMPLETION"
+
+
+@pytest.fixture(scope="module")
+def kem() -> KEM:
+    return get_kem("pyca")
+
+
+@pytest.fixture(scope="module")
+def aead() -> AEAD:
+    return get_aead("pyca")
+
+
+def det_random() -> Callable[[int], bytes]:
+    counter = itertools.count()
+    return lambda n: hashlib.sha256(next(counter).to_bytes(8, "big")).digest()[:n]
+
+
+def chunk(i: int, content: str, *, usage: bool = True) -> bytes:
+    obj: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "choices": [
+            {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}
+        ],
+    }
+    if usage:
+        obj["usage"] = {"prompt_tokens": 7, "total_tokens": 7 + i, "completion_tokens": i}
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+VLLM = (
+    chunk(0, "")
+    + chunk(1, "Hello")
+    + chunk(2, " world")
+    + chunk(3, " \u00e9\u4e16")
+    + b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,'
+    b'"completion_tokens":3}}\n\n' + b"data: [DONE]\n\n"
+)
+
+
+class Pair:
+    """A sealer/encoder for one response key and fresh decryptors for the same key."""
+
+    def __init__(self, kem: KEM, aead: AEAD, **limits: int) -> None:
+        self.kem, self.aead, self.limits = kem, aead, limits
+        key = kem.from_seed(SEED)
+        self.sealer = StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=det_random())
+
+    def key(self) -> KEMPrivateKey:
+        return self.kem.from_seed(SEED)  # decryptors wipe their key: a fresh object each time
+
+    def decryptor(self, **limits: int) -> StreamDecryptor:
+        return StreamDecryptor(self.key(), aead=self.aead, **{**self.limits, **limits})
+
+    def encode(self, inner: bytes, *, emit_usage: bool = True) -> bytes:
+        enc = StreamEncoder(self.sealer, emit_usage=emit_usage)
+        return enc.start() + enc.feed(inner) + enc.finish()
+
+    def records(self, *plaintexts: bytes) -> bytes:
+        return self.sealer.init_event() + b"".join(self.sealer.seal_record(p) for p in plaintexts)
+
+
+def run(
+    dec: StreamDecryptor, data: bytes | Iterable[bytes], *, eof: bool = True
+) -> list[StreamEvent]:
+    out: list[StreamEvent] = []
+
+    def pull() -> None:
+        while (ev := dec.next_event()) is not NEED_DATA:
+            assert isinstance(ev, InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream)
+            out.append(ev)
+
+    for piece in [data] if isinstance(data, bytes) else data:
+        dec.receive_data(piece)
+        pull()
+    if eof:
+        dec.receive_eof()
+        pull()
+    return out
+
+
+def inner_bytes(events: list[StreamEvent]) -> bytes:
+    return b"".join(e.raw for e in events if isinstance(e, InnerEvent | Done))
+
+
+def expect_error(
+    pair: Pair, data: bytes, exc_type: type[PQE2EEError], code: ErrorCode, **limits: int
+) -> PQE2EEError:
+    dec = pair.decryptor(**limits)
+    with pytest.raises(exc_type) as info:
+        run(dec, data)
+    assert info.value.code is code, info.value
+    return info.value
+
+
+def outer_lines(outer: bytes) -> list[bytes]:
+    return [line for line in outer.split(b"\n") if line]
+
+
+def relay(lines: Iterable[bytes]) -> bytes:
+    return b"".join(line + b"\n\n" for line in lines)
+
+
+# -- round trips ----------------------------------------------------------------------------------
+
+
+def test_vllm_round_trip(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    lines = outer_lines(outer)
+    assert lines[0].startswith(b'data: {"e2e_init":"')
+    # One record per inner line, blank lines included; a usage event before every usage line.
+    inner_lines = VLLM.splitlines(keepends=True)
+    assert sum(line.startswith(b'data: {"e2e":"') for line in lines) == len(inner_lines) == 12
+    assert sum(line.startswith(b'data: {"usage":') for line in lines) == 5
+    assert outer.endswith(b'"}\n\n')
+
+    events = run(pair.decryptor(), outer)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["Usage", "InnerEvent"] * 5 + ["Done", "EndOfStream"]
+    assert inner_bytes(events) == VLLM
+    inner = [e for e in events if isinstance(e, InnerEvent)]
+    assert [e.raw for e in inner] == [part + b"\n\n" for part in VLLM.split(b"\n\n")[:5]]
+    assert json.loads(inner[3].data)["choices"][0]["delta"]["content"] == " \u00e9\u4e16"
+    usages = [e.usage for e in events if isinstance(e, Usage)]
+    assert usages == [json.loads(e.data)["usage"] for e in inner]
+    assert events[-2] == Done(raw=b"data: [DONE]\n\n")
+    assert events[-1] == EndOfStream(complete=True)
+
+
+def test_usage_is_not_injected_into_inner_events(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    with_usage = run(pair.decryptor(), pair.encode(VLLM, emit_usage=True))
+    without = run(pair.decryptor(), pair.encode(VLLM, emit_usage=False))
+    assert not any(isinstance(e, Usage) for e in without)
+    assert [e for e in with_usage if not isinstance(e, Usage)] == without
+
+
+def test_usage_event_comes_before_its_record(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    line = chunk(4, "x")
+    lines = outer_lines(pair.encode(line + b"data: [DONE]\n\n"))
+    assert (
+        lines[1] == b'data: {"usage":{"prompt_tokens":7,"total_tokens":11,"completion_tokens":4}}'
+    )
+    assert lines[2].startswith(b'data: {"e2e":"')
+
+
+def test_each_event_available_as_soon_as_its_blank_record_arrives(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM, emit_usage=False)
+    dec = pair.decryptor()
+    seen: list[StreamEvent] = []
+    for line in outer_lines(outer):
+        dec.receive_data(line + b"\n\n")
+        seen.extend(dec.events())
+    assert [type(e) for e in seen] == [InnerEvent] * 5 + [Done]
+    assert dec.complete
+    assert dec.state == "done"
+    dec.receive_eof()
+    assert dec.events() == [EndOfStream(complete=True)]
+    assert dec.state == "closed"
+
+
+def test_line_split_over_records(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b'data: {"a"', b":1", b"}\n", b"\n", b"data: [DO", b"NE]\n", b"\n")
+    events = run(pair.decryptor(), outer)
+    assert events == [
+        InnerEvent(events[0].event),  # type: ignore[union-attr]
+        Done(raw=b"data: [DONE]\n\n"),
+        EndOfStream(complete=True),
+    ]
+    assert isinstance(events[0], InnerEvent)
+    assert events[0].data == '{"a":1}'
+    assert events[0].raw == b'data: {"a":1}\n\n'
+
+
+def test_several_lines_in_one_record(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: one\n\ndata: two\n\ndata: [DONE]\n\n")
+    events = run(pair.decryptor(), outer)
+    assert [getattr(e, "data", None) for e in events[:2]] == ["one", "two"]
+    assert events[2:] == [Done(raw=b"data: [DONE]\n\n"), EndOfStream(complete=True)]
+
+
+def test_multibyte_character_split_over_records(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    text = "data: \u4e16\n".encode()
+    outer = pair.records(text[:7], text[7:], b"\n", b"data: [DONE]\n\n")
+    events = run(pair.decryptor(), outer)
+    assert isinstance(events[0], InnerEvent)
+    assert events[0].data == "\u4e16"
+
+
+def test_crlf_inner_lines(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    inner = b"data: a\r\n\r\ndata: b\r\ndata: c\r\n\r\ndata: [DONE]\r\n\r\n"
+    events = run(pair.decryptor(), pair.encode(inner))
+    assert [getattr(e, "data", None) for e in events] == ["a", "b\nc", None, None]
+    assert inner_bytes(events) == inner
+    assert isinstance(events[2], Done)
+    assert events[3] == EndOfStream(complete=True)
+
+
+def test_inner_sse_fields_are_kept(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    inner = b": ping\n\nevent: delta\nid: 7\ndata: x\n\ndata: [DONE]\n\n"
+    events = run(pair.decryptor(), pair.encode(inner))
+    first = events[0]
+    assert isinstance(first, InnerEvent)
+    assert (first.event.event, first.event.id, first.data) == ("delta", "7", "x")
+    assert first.raw == b": ping\n\nevent: delta\nid: 7\ndata: x\n\n"  # the comment is kept
+    assert inner_bytes(events) == inner
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda line: re.sub(rb'^data: \{"(\w+)":"', rb'data: { "\1" : "', line).replace(
+            b'"}', b'" }'
+        ),
+        lambda line: line.replace(b"data: ", b"data:", 1),
+        lambda line: line.replace(b"data: ", b"data:   ", 1) + b"  ",
+        lambda line: line + b"\r",
+        lambda line: line.replace(b'":"', b'":\t"', 1),
+    ],
+    ids=["spaced-json", "no-space", "extra-spaces", "crlf", "tab"],
+)
+def test_outer_formatting_variants(rewrite: Callable[[bytes], bytes], kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    edited = relay(rewrite(line) for line in outer_lines(outer))
+    assert edited != outer
+    assert run(pair.decryptor(), edited) == run(pair.decryptor(), outer)
+
+
+def test_outer_comments_and_extra_blank_lines_are_ignored(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    noisy = b": keepalive\n\n" + b"".join(line + b"\n\n:ping\n\n\n" for line in outer_lines(outer))
+    assert run(pair.decryptor(), noisy) == run(pair.decryptor(), outer)
+
+
+def test_outer_sse_fields_other_than_data_are_ignored(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    noisy = b"retry: 1000\n\n" + b"".join(
+        b"event: message\nid: 1\n" + line + b"\n\n" for line in outer_lines(outer)
+    )
+    assert run(pair.decryptor(), noisy) == run(pair.decryptor(), outer)
+
+
+def test_outer_done_is_ignored(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    assert run(pair.decryptor(), outer + b"data: [DONE]\n\n") == run(pair.decryptor(), outer)
+    assert run(pair.decryptor(), outer + b"data:[DONE]\n\n") == run(pair.decryptor(), outer)
+    # An outer [DONE] is not authenticated: it never ends a stream that lacks the inner one.
+    cut = pair.encode(chunk(1, "x"))
+    expect_error(pair, cut + b"data: [DONE]\n\n", StreamError, ErrorCode.STREAM_TRUNCATED)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000])
+def test_any_chunk_size(size: int, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    pieces = [outer[i : i + size] for i in range(0, len(outer), size)]
+    assert run(pair.decryptor(), pieces) == run(pair.decryptor(), outer)
+
+
+def test_unterminated_last_outer_line_is_still_read(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    assert outer.endswith(b"\n\n")
+    assert run(pair.decryptor(), outer[:-2]) == run(pair.decryptor(), outer)
+
+
+def test_eof_right_after_inner_done_line_is_complete(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: x\n", b"\n", b"data: [DONE]\n")
+    events = run(pair.decryptor(), outer)
+    assert events[1:] == [Done(raw=b"data: [DONE]\n\n"), EndOfStream(complete=True)]
+    # ... and also when that record is the tail of the last record of a real stream
+    full = pair.encode(VLLM)
+    last_record = full.rindex(b'data: {"e2e"')
+    assert run(pair.decryptor(), full[:last_record]) == run(pair.decryptor(), full)
+
+
+@pytest.mark.parametrize("after", [b"id: 1\n", b": comment\n", b"x\n", b"data: more\n"])
+def test_eof_after_done_line_and_more_is_truncated(after: bytes, kem: KEM, aead: AEAD) -> None:
+    # Only a cut *right after* "data: [DONE]\n" completes the stream: a further line of the same
+    # (never finished) event means the [DONE] event itself was cut short.
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: x\n", b"\n", b"data: [DONE]\n", after)
+    expect_error(pair, outer, StreamError, ErrorCode.STREAM_TRUNCATED)
+
+
+def test_eof_after_done_line_keeps_its_raw_bytes(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b": ping\n", b"data: [DONE]\r\n")
+    events = run(pair.decryptor(), outer)
+    assert events == [Done(raw=b": ping\ndata: [DONE]\r\n\n"), EndOfStream(complete=True)]
+
+
+def test_whitespace_records_after_done_are_accepted(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: [DONE]\n", b"\n", b"\n", b"\r\n", b" ")
+    assert run(pair.decryptor(), outer) == [
+        Done(raw=b"data: [DONE]\n\n"),
+        EndOfStream(complete=True),
+    ]
+
+
+def test_remote_error(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    err = {"message": "engine failed", "type": "internal"}
+    outer = pair.records(b"data: x\n", b"\n") + StreamSealer.error_event(err)
+    events = run(pair.decryptor(), outer)
+    assert [type(e) for e in events] == [InnerEvent, RemoteErrorEvent, EndOfStream]
+    assert events[1] == RemoteErrorEvent(err)
+    assert events[2] == EndOfStream(complete=False)
+
+
+def test_remote_error_before_init(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    events = run(pair.decryptor(), StreamSealer.error_event("boom"))
+    assert events == [RemoteErrorEvent("boom"), EndOfStream(complete=False)]
+
+
+def test_relay_error_key_is_a_remote_error(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    events = run(pair.decryptor(), pair.sealer.init_event() + b'data: {"error":{"code":1}}\n\n')
+    assert events == [RemoteErrorEvent({"code": 1}), EndOfStream(complete=False)]
+
+
+def test_remote_error_after_done_marks_stream_failed(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(b"data: [DONE]\n\n") + StreamSealer.error_event("late")
+    events = run(pair.decryptor(), outer)
+    assert events == [
+        Done(raw=b"data: [DONE]\n\n"),
+        RemoteErrorEvent("late"),
+        EndOfStream(complete=False),
+    ]
+
+
+def test_usage_before_init_is_allowed(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = StreamSealer.usage_event({"prompt_tokens": 1}) + pair.encode(b"data: [DONE]\n\n")
+    events = run(pair.decryptor(), outer)
+    assert events[0] == Usage({"prompt_tokens": 1})
+    assert events[-1] == EndOfStream(complete=True)
+
+
+def test_next_event_need_data_and_counters(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor()
+    assert dec.next_event() is NEED_DATA
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert dec.state == "await_init"
+    dec.receive_data(b"")
+    dec.receive_data(pair.sealer.init_event()[:10])
+    assert dec.next_event() is NEED_DATA
+    assert dec.events() == []
+    dec.receive_data(pair.sealer.init_event()[10:])
+    assert dec.state == "open"
+    dec.receive_data(pair.sealer.seal_record(b"data: x\n") + pair.sealer.seal_record(b"\n"))
+    assert dec.records == 2
+    ev = dec.next_event()
+    assert isinstance(ev, InnerEvent)
+    assert dec.next_event() is NEED_DATA
+    assert not dec.complete
+
+
+def test_key_is_wiped_after_init(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    key = pair.key()
+    dec = StreamDecryptor(key, aead=aead)
+    dec.receive_data(pair.sealer.init_event())
+    assert key.seed() is None  # pyca drops the private key object on wipe()
+
+
+def test_extract_usage() -> None:
+    assert extract_usage(chunk(2, "x")) == {
+        "prompt_tokens": 7,
+        "total_tokens": 9,
+        "completion_tokens": 2,
+    }
+    assert extract_usage(chunk(2, "x", usage=False)) is None
+    assert extract_usage(b'data: {"usage":null}\n') is None
+    assert extract_usage(b'data: {"usage":0}\n') == 0
+    assert extract_usage(b'data:{"usage":{}}\n') is None  # the runtime wants "data: "
+    assert extract_usage(b'data: ["usage"]\n') is None
+    assert extract_usage(b'data: {"usage":\n') is None
+    assert extract_usage(b'data: {"usage":"\xc3"}\n') is None  # invalid UTF-8 in a string
+    assert extract_usage(b"\n") is None
+
+
+def test_encoder_tail_and_max_line(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    enc = StreamEncoder(pair.sealer, max_line=100)
+    outer = enc.start() + enc.feed(b"data: a\n\ndata: [DO") + enc.feed(b"NE]\n") + enc.finish()
+    events = run(pair.decryptor(), outer)
+    assert events[-2:] == [Done(raw=b"data: [DONE]\n\n"), EndOfStream(complete=True)]
+    # An unterminated last line becomes a record of its own at finish() ...
+    enc = StreamEncoder(pair.sealer)
+    assert enc.feed(b"data: [DONE]") == b""
+    tail = enc.finish()
+    assert tail.startswith(b'data: {"e2e":"')
+    assert enc.finish() == b""
+    # ... but an SSE line without its newline never completes an event: that is a truncation.
+    expect_error(pair, enc.start() + tail, StreamError, ErrorCode.STREAM_TRUNCATED)
+    with pytest.raises(LimitExceeded):
+        StreamEncoder(pair.sealer, max_line=100).feed(b"x" * 101)
+
+
+# -- protocol violations --------------------------------------------------------------------------
+
+
+def test_record_before_init(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    no_init = outer[outer.index(b"\n\n") + 2 :]
+    expect_error(pair, no_init, StreamError, ErrorCode.RECORD_BEFORE_INIT)
+
+
+def test_duplicate_init(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    init = pair.sealer.init_event()
+    expect_error(pair, init + init, StreamError, ErrorCode.DUPLICATE_INIT)
+    outer = pair.encode(VLLM)
+    expect_error(pair, outer + init, StreamError, ErrorCode.DUPLICATE_INIT)  # after [DONE] too
+
+
+def test_duplicate_record(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM, emit_usage=False)
+    lines = outer_lines(outer)
+    for i in (1, 2, 5):
+        replayed = relay([*lines[: i + 3], lines[i], *lines[i + 3 :]])
+        expect_error(pair, replayed, StreamError, ErrorCode.DUPLICATE_RECORD)
+    # a replay after the inner [DONE] is caught as well
+    expect_error(pair, relay([*lines, lines[3]]), StreamError, ErrorCode.DUPLICATE_RECORD)
+
+
+def _tamper(line: bytes, index: int) -> bytes:
+    prefix, b64, suffix = line[:14], line[14:-2], line[-2:]
+    raw = bytearray(base64.b64decode(b64))
+    raw[index] ^= 0x80
+    return prefix + base64.b64encode(bytes(raw)) + suffix
+
+
+@pytest.mark.parametrize("index", [0, 11, 12, -17, -1])  # nonce, ciphertext, tag
+def test_tampered_record(index: int, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    lines = outer_lines(pair.encode(VLLM, emit_usage=False))
+    assert lines[3].startswith(b'data: {"e2e":"')
+    lines[3] = _tamper(lines[3], index)
+    expect_error(pair, relay(lines), DecryptError, ErrorCode.DECRYPT_FAILED)
+
+
+def test_record_from_another_stream(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    other = StreamSealer(pair.key().public_key, kem=kem, aead=aead)  # same client key, new stream
+    outer = pair.sealer.init_event() + other.seal_record(b"data: [DONE]\n\n")
+    expect_error(pair, outer, DecryptError, ErrorCode.DECRYPT_FAILED)
+
+
+def test_init_for_another_key(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    stranger = StreamSealer(kem.generate().public_key, kem=kem, aead=aead)
+    outer = stranger.init_event() + stranger.seal_record(b"data: [DONE]\n\n")
+    expect_error(pair, outer, DecryptError, ErrorCode.DECRYPT_FAILED)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'data: {"e2e":"!!!!"}',
+        b'data: {"e2e":"AAAA AAAA"}',
+        b'data: {"e2e":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}',  # bad padding
+        b'data: {"e2e":"\xc3\xa9AAA"}',
+        b'data: {"e2e":"\\u00e9AAA"}',
+    ],
+)
+def test_invalid_base64_record(line: bytes, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    expect_error(
+        pair, pair.sealer.init_event() + relay([line]), StreamError, ErrorCode.MALFORMED_EVENT
+    )
+
+
+@pytest.mark.parametrize("length", [0, 1, 12, 27])
+def test_too_short_record(length: int, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    line = b'data: {"e2e":"' + base64.b64encode(b"\x00" * length) + b'"}'
+    expect_error(
+        pair, pair.sealer.init_event() + relay([line]), StreamError, ErrorCode.MALFORMED_EVENT
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"foo":1}',
+        b'{"e2e":"AAAA","x":1}',
+        b"{}",
+        b'["e2e"]',
+        b'"e2e"',
+        b"null",
+        b'{"e2e":5}',
+        b'{"e2e":null}',
+        b'{"e2e_init":5}',
+        b'{"e2e_init":"AAAA"}',  # wrong KEM ciphertext length (duplicate init is checked first)
+        b"hello",
+        b"",
+        b"{",
+        b'{"usage":1',
+        b'{"usage":"\xc3"}',  # invalid UTF-8 inside a JSON string
+        b"\xff",
+    ],
+)
+def test_malformed_outer_event(payload: bytes, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    init = pair.sealer.init_event() if b"e2e_init" not in payload else b""
+    expect_error(pair, init + b"data: " + payload + b"\n\n", StreamError, ErrorCode.MALFORMED_EVENT)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"dat: x", b"daTa: x", b"Jdata: x", b"x", b"\xe4ata: x", b'data; {"e2e":"AAAA"}', b"data"],
+)
+def test_unknown_outer_field_is_an_error(line: bytes, kem: KEM, aead: AEAD) -> None:
+    # The relay only ever sends "data:" lines, comments and blank lines; anything else means the
+    # stream was corrupted (a bit flip in "data" must not silently drop a record).
+    pair = Pair(kem, aead)
+    expect_error(
+        pair, pair.sealer.init_event() + relay([line]), StreamError, ErrorCode.MALFORMED_EVENT
+    )
+
+
+def test_invalid_utf8_inside_a_record(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: \xff\xfe\n", b"\n")
+    expect_error(pair, outer, StreamError, ErrorCode.INVALID_UTF8)
+    # a truncated multibyte sequence at the end of a line
+    outer = pair.records("data: \u4e16".encode()[:-1] + b"\n", b"\n")
+    expect_error(pair, outer, StreamError, ErrorCode.INVALID_UTF8)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        [b"data: more\n", b"\n"],
+        [b"data: more\n"],  # even a partial event
+        [b": comment\n"],
+        [b"x"],
+    ],
+)
+def test_data_after_inner_done(after: list[bytes], kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.records(b"data: [DONE]\n", b"\n", *after)
+    expect_error(pair, outer, StreamError, ErrorCode.DATA_AFTER_DONE)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b"data: [DONE]\n\ndata: more\n\n",
+        b"data: [DONE]\n\ndata: more\n",  # the rest of the record is a partial event
+        b"data: [DONE]\n\n: comment\n",
+        b"data: [DONE]\n\nx",
+    ],
+)
+def test_data_after_inner_done_in_the_same_record(record: bytes, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    expect_error(pair, pair.records(record), StreamError, ErrorCode.DATA_AFTER_DONE)
+
+
+def test_done_then_whitespace_in_the_same_record_is_fine(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    events = run(pair.decryptor(), pair.records(b"data: [DONE]\n\n\n\r\n"))
+    assert events == [Done(raw=b"data: [DONE]\n\n"), EndOfStream(complete=True)]
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [],
+        [b"data: x\n", b"\n"],
+        [b"data: [DONE]"],  # no newline: the line was never finished
+        [b"data: [DONE]\r"],
+        [b"data: x\n", b"\n", b"data: [DONE]\ndata: y\n"],  # a [DONE] that is not alone
+        [b"data: x\n"],
+    ],
+)
+def test_eof_before_inner_done(records: list[bytes], kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    expect_error(pair, pair.records(*records), StreamError, ErrorCode.STREAM_TRUNCATED)
+
+
+@pytest.mark.parametrize("outer", [b"", b": keepalive\n\n", b"data: [DONE]\n\n"])
+def test_eof_before_init(outer: bytes, kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    expect_error(pair, outer, StreamError, ErrorCode.STREAM_TRUNCATED)
+
+
+def test_eof_mid_record_before_done_is_an_error(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    last = outer.rindex(b"data: {")
+    done_record = outer.rindex(b"data: {", 0, last)  # the record carrying "data: [DONE]\n"
+    for cut in (done_record + 1, done_record + 20, last - 3):
+        with pytest.raises(StreamError) as info:
+            run(pair.decryptor(), outer[:cut])
+        assert info.value.code is ErrorCode.MALFORMED_EVENT
+    for cut in (done_record, done_record - 1):
+        with pytest.raises(StreamError) as info:
+            run(pair.decryptor(), outer[:cut])
+        assert info.value.code is ErrorCode.STREAM_TRUNCATED
+
+
+def test_eof_mid_record_after_done_is_complete(kem: KEM, aead: AEAD) -> None:
+    # The last record (the blank line after "data: [DONE]") is cut: everything authenticated was
+    # received, the partial outer line can carry nothing more.
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM)
+    full = run(pair.decryptor(), outer)
+    last = outer.rindex(b"data: {")
+    for cut in (last + 1, last + 6, last + 20, len(outer) - 4, len(outer) - 3):
+        assert run(pair.decryptor(), outer[:cut]) == full
+
+
+def test_data_after_eof_is_refused(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor()
+    run(dec, pair.encode(VLLM))
+    dec.receive_eof()  # a second EOF is harmless
+    with pytest.raises(StreamError):
+        dec.receive_data(b"data: x\n\n")
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_oversize_outer_line_without_newline(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor(max_record=1024)
+    dec.receive_data(pair.sealer.init_event())
+    block = b"A" * MiB
+    fed = 0
+    with pytest.raises(LimitExceeded) as info:
+        for _ in range(100):  # 100 MiB if nothing stopped it
+            dec.receive_data(block)
+            fed += 1
+    assert info.value.code is ErrorCode.OVERSIZE
+    assert fed == 0  # refused on the very first MiB: the buffer never grew past one chunk
+
+
+def test_oversize_outer_line_in_small_pieces(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor(max_record=1024)
+    fed = 0
+    with pytest.raises(LimitExceeded):
+        for _ in range(100 * MiB // 256):
+            dec.receive_data(b"B" * 256)
+            fed += 256
+    assert fed <= 4096  # the bound is about 4/3 of max_record plus the JSON wrapper
+
+
+def test_oversize_record_with_newline(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    big = pair.sealer.seal_record(b"x" * 4096)
+    expect_error(
+        pair, pair.sealer.init_event() + big, LimitExceeded, ErrorCode.OVERSIZE, max_record=1024
+    )
+    # the same record fits a bigger bound
+    run(pair.decryptor(max_record=4096), pair.sealer.init_event() + big, eof=False)
+
+
+def test_oversize_inner_event(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor(max_event=4096)
+    dec.receive_data(pair.sealer.init_event())
+    sent = 0
+    with pytest.raises(LimitExceeded):
+        for _ in range(10_000):  # never a blank line
+            dec.receive_data(pair.sealer.seal_record(b"data: " + b"y" * 100 + b"\n"))
+            sent += 1
+    assert sent <= 4096 // 107 + 1
+
+
+def test_oversize_inner_line_without_newline(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor(max_event=4096)
+    dec.receive_data(pair.sealer.init_event())
+    sent = 0
+    with pytest.raises(LimitExceeded):
+        for _ in range(10_000):
+            dec.receive_data(pair.sealer.seal_record(b"z" * 1000))
+            sent += 1
+    assert sent <= 4
+
+
+def test_max_records(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    outer = pair.encode(VLLM, emit_usage=False)  # 12 records
+    run(pair.decryptor(max_records=12), outer)
+    expect_error(pair, outer, LimitExceeded, ErrorCode.OVERSIZE, max_records=11)
+
+
+# -- sticky errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.records(b"data: \xff\n"),
+        lambda p: p.sealer.seal_record(b"x"),
+        lambda p: p.records() + b"data: nope\n\n",
+        lambda p: p.records(b"data: [DONE]\n\n", b"data: x\n\n"),
+    ],
+)
+def test_errors_are_sticky(make: Callable[[Pair], bytes], kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor()
+    with pytest.raises(PQE2EEError) as info:
+        dec.receive_data(make(pair))
+    first = info.value
+    for call in (
+        lambda: dec.receive_data(b""),
+        lambda: dec.receive_data(pair.records(b"data: [DONE]\n\n")),
+        dec.next_event,
+        dec.events,
+        dec.receive_eof,
+        dec.receive_eof,
+    ):
+        with pytest.raises(PQE2EEError) as again:
+            call()
+        assert again.value is first
+    assert dec.state == "error"
+
+
+def test_error_raised_at_eof_is_sticky(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    dec = pair.decryptor()
+    dec.receive_data(pair.records(b"data: x\n"))
+    with pytest.raises(StreamError) as info:
+        dec.receive_eof()
+    assert info.value.code is ErrorCode.STREAM_TRUNCATED
+    with pytest.raises(StreamError) as again:
+        dec.next_event()
+    assert again.value is info.value
+
+
+def test_error_messages_never_contain_plaintext(kem: KEM, aead: AEAD) -> None:
+    pair = Pair(kem, aead)
+    c = CANARY.encode()
+    cases = [
+        pair.records(b"data: " + c + b"\xff\n"),
+        pair.records(b"data: [DONE]\n\ndata: " + c + b"\n\n"),
+        pair.records(b"data: [DONE]\n\n", b"data: " + c + b"\n\n"),
+        pair.records(b"data: " + c + b"\n"),
+        pair.records() + b'data: {"' + c + b'":1}\n\n',
+        pair.records() + b'data: {"e2e":"' + c + b'"}\n\n',
+        pair.records() + b'data: {"usage":"' + c + b'\xc3"}\n\n',
+        pair.records() + b"data: " + c + b"\n\n",
+        pair.records() + c + b": x\n\n",
+        pair.records() + b'data: {"e2e_init":"' + c + b'"}\n\n',
+    ]
+    for outer in cases:
+        with pytest.raises(PQE2EEError) as info:
+            run(pair.decryptor(max_event=len(c) * 4), outer)
+        for text in (str(info.value), repr(info.value)):
+            assert CANARY[:12] not in text, text
+
+
+# -- LineSplitter -----------------------------------------------------------------------------
+
+
+def test_line_splitter_basic() -> None:
+    s = LineSplitter(max_line=100)
+    assert s.feed(b"ab") == []
+    assert s.pending == 2
+    assert s.feed(b"c\nde\n\nf") == [b"abc\n", b"de\n", b"\n"]
+    assert s.pending == 1
+    assert s.feed(b"\r\n") == [b"f\r\n"]
+    assert s.feed(b"") == []
+    assert s.flush() == b""
+    assert s.feed(b"tail") == []
+    assert s.flush() == b"tail"
+    assert s.pending == 0
+
+
+def test_line_splitter_bounds() -> None:
+    s = LineSplitter(max_line=10)
+    assert s.feed(b"x" * 9 + b"\n") == [b"x" * 9 + b"\n"]  # 10 bytes with the newline: fits
+    with pytest.raises(LimitExceeded):
+        LineSplitter(max_line=10).feed(b"x" * 10 + b"\n")
+    with pytest.raises(LimitExceeded):
+        LineSplitter(max_line=10).feed(b"x" * 11)  # an unterminated tail
+    s = LineSplitter(max_line=10)
+    s.feed(b"x" * 6)
+    with pytest.raises(LimitExceeded):
+        s.feed(b"y" * 5)
+    s = LineSplitter(max_line=10)
+    with pytest.raises(LimitExceeded):
+        s.feed(b"a\n" + b"b" * 11)  # the tail after a complete line
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 13])
+def test_line_splitter_any_split(size: int) -> None:
+    data = b"alpha\nbeta\n\ngamma\r\ndelta"
+    s = LineSplitter(max_line=100)
+    lines: list[bytes] = []
+    for i in range(0, len(data), size):
+        lines += s.feed(data[i : i + size])
+    assert lines == [b"alpha\n", b"beta\n", b"\n", b"gamma\r\n"]
+    assert s.flush() == b"delta"
+
+
+# -- SSEParser --------------------------------------------------------------------------------
+
+
+def test_sse_multiline_data_and_fields() -> None:
+    p = SSEParser(max_event=1000)
+    evs = p.feed(b"event: add\nid: 42\ndata: a\ndata:b\ndata:  c\ndata\nretry: 5\nfoo: bar\n\n")
+    assert len(evs) == 1
+    ev = evs[0]
+    assert ev.data == "a\nb\n c\n"
+    assert ev.event == "add"
+    assert ev.id == "42"
+    assert ev.raw == b"event: add\nid: 42\ndata: a\ndata:b\ndata:  c\ndata\nretry: 5\nfoo: bar\n\n"
+
+
+def test_sse_id_persists_and_event_type_resets() -> None:
+    p = SSEParser(max_event=1000)
+    first, second = p.feed(b"event: x\nid: 1\ndata: a\n\ndata: b\n\n")
+    assert (first.event, first.id) == ("x", "1")
+    assert (second.event, second.id) == (None, "1")  # last event id is kept, the type is not
+    (third,) = p.feed(b"id: bad\x00id\ndata: c\n\n")
+    assert third.id == "1"  # an id containing NUL is ignored
+
+
+def test_sse_comments_and_dataless_events() -> None:
+    p = SSEParser(max_event=1000)
+    assert p.feed(b": keepalive\n\n") == []
+    assert p.has_partial
+    assert p.feed(b"event: lonely\n\n") == []
+    (ev,) = p.feed(b"data: x\n\n")
+    assert ev.event is None  # the dataless event's type does not leak into the next one
+    assert ev.raw == b": keepalive\n\nevent: lonely\n\ndata: x\n\n"
+    assert not p.has_partial
+
+
+def test_sse_crlf_and_split_feeding() -> None:
+    data = b"data: a\r\ndata: b\r\n\r\ndata: [DONE]\r\n\r\n"
+    whole = SSEParser(max_event=100).feed(data)
+    p = SSEParser(max_event=100)
+    pieces: list[Any] = []
+    for b in data:
+        pieces += p.feed(bytes([b]))
+    assert pieces == whole
+    assert [e.data for e in whole] == ["a\nb", "[DONE]"]
+
+
+def test_sse_partial_is() -> None:
+    p = SSEParser(max_event=100)
+    assert not p.partial_is("[DONE]")
+    p.feed(b"data: [DONE]\n")
+    assert p.partial_is("[DONE]")
+    p.feed(b"data: more")
+    assert not p.partial_is("[DONE]")
+    p = SSEParser(max_event=100)
+    p.feed(b": c\ndata: [DONE]\n")
+    assert p.partial_is("[DONE]")
+    p.feed(b"id: 1\n")
+    assert not p.partial_is("[DONE]")  # the data line must be the last line
+
+
+def test_sse_invalid_utf8() -> None:
+    with pytest.raises(StreamError) as info:
+        SSEParser(max_event=100).feed(b"data: \xc3\x28\n")
+    assert info.value.code is ErrorCode.INVALID_UTF8
+
+
+def test_sse_event_size_bound() -> None:
+    p = SSEParser(max_event=50)
+    p.feed(b"data: " + b"x" * 20 + b"\n")
+    with pytest.raises(LimitExceeded):
+        p.feed(b"data: " + b"y" * 30 + b"\n")
+    with pytest.raises(LimitExceeded):
+        SSEParser(max_event=50).feed(b"x" * 51)
+    # dataless lines count too: comments cannot grow an event without bound
+    p = SSEParser(max_event=50)
+    with pytest.raises(LimitExceeded):
+        for _ in range(10):
+            p.feed(b": ping\n\n")
