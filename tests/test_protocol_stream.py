@@ -660,11 +660,8 @@ def test_eof_mid_record_before_done_is_an_error(kem: KEM, aead: AEAD) -> None:
     outer = pair.encode(VLLM)
     last = outer.rindex(b"data: {")
     done_record = outer.rindex(b"data: {", 0, last)  # the record carrying "data: [DONE]\n"
-    for cut in (done_record + 1, done_record + 20, last - 3):
-        with pytest.raises(StreamError) as info:
-            run(pair.decryptor(), outer[:cut])
-        assert info.value.code is ErrorCode.MALFORMED_EVENT
-    for cut in (done_record, done_record - 1):
+    # A last line cut short is truncation, whether it still parses as a line or not.
+    for cut in (done_record + 1, done_record + 20, last - 3, done_record, done_record - 1):
         with pytest.raises(StreamError) as info:
             run(pair.decryptor(), outer[:cut])
         assert info.value.code is ErrorCode.STREAM_TRUNCATED

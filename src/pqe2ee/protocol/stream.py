@@ -352,7 +352,15 @@ class StreamDecryptor:
             # An unterminated last line is read while the stream still needs it. Once the inner
             # [DONE] is in, it can only be a line cut short after the authenticated end: dropped.
             if tail.strip() and not (self._done_seen or self._inner.partial_is("[DONE]")):
-                self._line(tail, 0, len(tail))
+                try:
+                    self._line(tail, 0, len(tail))
+                except StreamError as exc:
+                    if exc.code is not ErrorCode.MALFORMED_EVENT:
+                        raise
+                    # A last line that does not parse was cut short: that is truncation.
+                    raise self._fail(
+                        ErrorCode.STREAM_TRUNCATED, "stream ended inside an outer event"
+                    ) from None
             self._on(_Input.EOF)
 
         self._guard(finish)
