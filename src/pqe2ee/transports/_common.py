@@ -6,14 +6,21 @@ helpers. No I/O here: the transports in ``_async``/``_sync`` move the bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import AEAD, KEM
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError, RemoteError
+from pqe2ee.errors import (
+    BackendError,
+    ErrorCode,
+    LocalProtocolError,
+    PQE2EEError,
+    RelayError,
+    RemoteError,
+)
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.transports._keypool import KeyPool
@@ -24,13 +31,17 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MODELS_BASE",
     "DEFAULT_TIMEOUT",
+    "HOP_HEADERS",
     "OnUsage",
+    "RawHeaders",
     "RetriesExhausted",
     "Settings",
     "bearer_token",
+    "header_value",
     "join_url",
     "make_settings",
     "remote_error",
+    "retyped",
 ]
 
 DEFAULT_API_BASE: Final = "https://api.chutes.ai"
@@ -47,6 +58,12 @@ MAX_ERROR_BODY: Final = 1024 * 1024
 MAX_DOC: Final = 16 * 1024 * 1024
 
 OnUsage = Callable[[Any], object]
+RawHeaders = Sequence[tuple[bytes, bytes]]
+
+#: Headers that describe one hop's framing; never copied onto a rebuilt answer.
+HOP_HEADERS: Final = frozenset(
+    {b"content-length", b"content-encoding", b"transfer-encoding", b"connection", b"keep-alive"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +169,14 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def header_value(headers: RawHeaders, name: bytes) -> str | None:
+    """The first value of header ``name`` (give it in lower case), decoded as latin-1."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def join_url(base: str, path: str, query: bytes = b"") -> str:
     """``base`` (no trailing slash, may carry a path prefix) + ``path`` (+ ``?query``)."""
     url = base + (path if path.startswith("/") else "/" + path)
@@ -202,3 +227,36 @@ def remote_error(error: Any) -> RemoteError:
         status=status,
         detail=error,
     )
+
+
+_E = TypeVar("_E", bound=PQE2EEError)
+
+
+def retyped(error: PQE2EEError, base: type[_E], cache: dict[type[PQE2EEError], type[_E]]) -> _E:
+    """``error`` as an instance of a class that subclasses both ``base`` and ``type(error)``.
+
+    ``base`` is a library's stream error (a :class:`PQE2EEError` that is also, say, an
+    ``httpx2.TransportError`` or an ``aiohttp.ClientPayloadError``); the result keeps the
+    original's code, message and attributes, and ``error`` holds the original. The generated
+    classes are made once per original class and kept in ``cache``.
+    """
+    if isinstance(error, base):
+        return error
+    cls = cache.get(type(error))
+    if cls is None:
+        if type(error) is PQE2EEError:
+            cls = base
+        else:
+            made: type[_E] = type(
+                f"{base.__name__.removesuffix('Error')}{type(error).__name__}",
+                (base, type(error)),
+                {"__module__": base.__module__, "__doc__": base.__doc__},
+            )
+            cls = made
+        cache[type(error)] = cls
+    new: Any = cls.__new__
+    exc = cast(_E, new(cls))
+    exc.__dict__.update(error.__dict__)
+    exc.args = error.args
+    exc.__dict__["error"] = error
+    return exc

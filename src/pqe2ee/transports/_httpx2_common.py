@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Final, Literal
+from typing import Literal
 
 import anyio
 import httpx2
 
 from pqe2ee.errors import PQE2EEError
+from pqe2ee.transports._common import HOP_HEADERS, RawHeaders, retyped
 
 __all__ = [
     "E2EEStreamError",
@@ -23,10 +24,6 @@ __all__ = [
     "passthrough_response",
     "stream_response_headers",
 ]
-
-_HOP_HEADERS: Final = frozenset(
-    {b"content-length", b"content-encoding", b"transfer-encoding", b"connection", b"keep-alive"}
-)
 
 
 class E2EEStreamError(PQE2EEError, httpx2.TransportError):
@@ -47,30 +44,11 @@ class E2EEStreamError(PQE2EEError, httpx2.TransportError):
 _SUBCLASSES: dict[type[PQE2EEError], type[E2EEStreamError]] = {}
 
 
-def _subclass(cls: type[PQE2EEError]) -> type[E2EEStreamError]:
-    sub = _SUBCLASSES.get(cls)
-    if sub is None:
-        if cls is PQE2EEError:
-            sub = E2EEStreamError
-        else:
-            sub = type(
-                f"E2EEStream{cls.__name__}",
-                (E2EEStreamError, cls),
-                {"__module__": __name__, "__doc__": E2EEStreamError.__doc__},
-            )
-        _SUBCLASSES[cls] = sub
-    return sub
-
-
 def as_stream_error(error: PQE2EEError, request: httpx2.Request | None) -> E2EEStreamError:
     """``error`` re-typed as an :class:`E2EEStreamError` (same code, message and attributes)."""
     if isinstance(error, E2EEStreamError):
         return error
-    cls = _subclass(type(error))
-    exc = cls.__new__(cls)
-    exc.__dict__.update(error.__dict__)
-    exc.args = error.args
-    exc.error = error
+    exc = retyped(error, E2EEStreamError, _SUBCLASSES)
     exc._request = request
     return exc
 
@@ -110,10 +88,8 @@ def stream_response_headers() -> list[tuple[str, str]]:
 
 
 def passthrough_response(
-    upstream: httpx2.Response, body: bytes, request: httpx2.Request
+    status: int, raw_headers: RawHeaders, body: bytes, request: httpx2.Request
 ) -> httpx2.Response:
     """The relay's own (plaintext) answer, already read, handed to the caller as it was."""
-    headers: list[tuple[bytes, bytes]] = [
-        (k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_HEADERS
-    ]
-    return httpx2.Response(upstream.status_code, headers=headers, content=body, request=request)
+    headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_HEADERS]
+    return httpx2.Response(status, headers=headers, content=body, request=request)

@@ -1,14 +1,16 @@
-"""The E2EE transport for httpx2.
+"""The E2EE transport for httpx2: a thin adapter over the shared engine.
 
 Written once, as async code; ``scripts/unasync.py`` generates the blocking twin and the
 legacy-httpx pair from it. Edit only the async httpx2 source and run
 ``python scripts/unasync.py``. Public names live in :mod:`pqe2ee.transports.httpx2`.
+
+The request orchestration (models, discovery, leases, sealing, retries, stream decryption)
+is :class:`~pqe2ee.transports._async._engine.AsyncEngine`; this module only moves httpx2
+requests through it and maps errors onto httpx2's types.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection
@@ -16,53 +18,25 @@ from collections.abc import AsyncIterator, Callable, Collection
 import httpx2
 
 from pqe2ee.backends.base import KEMPrivateKey
-from pqe2ee.errors import (
-    ErrorCode,
-    LimitExceeded,
-    LocalProtocolError,
-    PQE2EEError,
-    RelayError,
-    StreamError,
-)
-from pqe2ee.protocol.client import (
-    DEFAULT_E2E_PATHS,
-    INVOKE_PATH,
-    MODELS_PATH,
-    RETRYABLE,
-    ClientLimits,
-    ClientState,
-    classify_discovery_error,
-    classify_invoke_error,
-    discovery_path,
-    e2e_model,
-    invoke_headers,
-    is_sealed_error,
-)
-from pqe2ee.protocol.discovery import Lease, looks_like_uuid
-from pqe2ee.protocol.envelope import open_response, seal_request
-from pqe2ee.protocol.stream import (
-    NEED_DATA,
-    Done,
-    EndOfStream,
-    InnerEvent,
-    RemoteErrorEvent,
-    StreamDecryptor,
-    Usage,
+from pqe2ee.errors import ErrorCode, LocalProtocolError, PQE2EEError
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.transports._async._engine import (
+    AsyncEngine,
+    AsyncPlainStream,
+    Opened,
+    Streaming,
+    plaintext_refused,
 )
 from pqe2ee.transports._common import (
     DEFAULT_API_BASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
-    MAX_BLOB,
-    MAX_DOC,
-    MAX_ERROR_BODY,
     OnUsage,
-    RetriesExhausted,
+    RawHeaders,
     Settings,
     bearer_token,
     make_settings,
-    remote_error,
 )
 from pqe2ee.transports._httpx2_common import (
     as_stream_error,
@@ -72,32 +46,78 @@ from pqe2ee.transports._httpx2_common import (
     stream_response_headers,
 )
 from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, KeyPool
-from pqe2ee.transports._primitives import AsyncLock, AsyncShieldCancellation, async_sleep
 
-__all__ = ["AsyncE2EETransport"]
+__all__ = ["AsyncDecryptingStream", "AsyncE2EETransport"]
 
-log = logging.getLogger("pqe2ee.transports")
-
-
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (httpx2.HTTPError,)
+_LOST_ERRORS: tuple[type[BaseException], ...] = (httpx2.TransportError,)
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx2.TimeoutException,)
 
 
-async def _read_bounded(response: httpx2.Response, limit: int) -> bytes:
-    """The whole (decoded) body, refusing more than ``limit`` bytes; always closes."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
+class _AsyncPortResponse:
+    """An httpx2 response as the engine's port response (errors mapped to httpx2's)."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> RawHeaders:
+        return self._response.headers.raw
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
         with map_inner_exceptions("read"):
-            async for chunk in response.aiter_bytes():
-                total += len(chunk)
-                if total > limit:
-                    raise LimitExceeded(f"relay answer is larger than {limit} bytes")
-                chunks.append(chunk)
-    finally:
-        with AsyncShieldCancellation():
-            await response.aclose()
-    return b"".join(chunks)
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _AsyncPort:
+    """The engine's way out through an inner httpx2 transport. Invokes carry the caller's
+    request extensions (timeouts); the engine's own calls carry the transport's timeout."""
+
+    __slots__ = ("_control", "_extensions", "_inner")
+
+    network_errors = _NETWORK_ERRORS
+    lost_errors = _LOST_ERRORS
+    timeout_errors = _TIMEOUT_ERRORS
+
+    def __init__(
+        self,
+        inner: httpx2.AsyncBaseTransport,
+        extensions: dict[str, object],
+        control: dict[str, object],
+    ) -> None:
+        self._inner = inner
+        self._extensions = extensions
+        self._control = control
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        control: bool,
+    ) -> _AsyncPortResponse:
+        request = httpx2.Request(
+            method,
+            url,
+            headers=headers,
+            content=body or None,
+            extensions=self._control if control else self._extensions,
+        )
+        with map_inner_exceptions("connect"):
+            response = await self._inner.handle_async_request(request)
+        return _AsyncPortResponse(response)
 
 
 class AsyncDecryptingStream(httpx2.AsyncByteStream):
@@ -116,60 +136,35 @@ class AsyncDecryptingStream(httpx2.AsyncByteStream):
         settings: Settings,
         request: httpx2.Request,
     ) -> None:
-        self._upstream = upstream
-        self._key = key
-        self._decryptor = StreamDecryptor(key, aead=settings.aead)
-        self._on_usage = settings.on_usage
+        self._plain = AsyncPlainStream(
+            _AsyncPortResponse(upstream),
+            key,
+            settings,
+            lost_errors=_LOST_ERRORS,
+            timeout_errors=_TIMEOUT_ERRORS,
+        )
         self._request = request
-        self._closed = False
+
+    @classmethod
+    def _over(cls, plain: AsyncPlainStream, request: httpx2.Request) -> AsyncDecryptingStream:
+        stream = cls.__new__(cls)
+        stream._plain = plain
+        stream._request = request
+        return stream
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            try:
-                with map_inner_exceptions("read"):
-                    async for chunk in self._upstream.aiter_bytes():
-                        self._decryptor.receive_data(chunk)
-                        out = self._drain()
-                        if out:
-                            yield out
-                self._decryptor.receive_eof()
-                out = self._drain()
-                if out:
-                    yield out
-            except PQE2EEError as exc:
-                raise as_stream_error(exc, self._request) from exc
-            except httpx2.TimeoutException:
-                raise
-            except httpx2.TransportError as exc:
-                lost = StreamError(
-                    "the connection to the relay broke mid-stream",
-                    code=ErrorCode.CONNECTION_LOST,
-                )
-                raise as_stream_error(lost, self._request) from exc
+            async for chunk in self._plain:
+                yield chunk
+        except PQE2EEError as exc:
+            # A lost connection is caused by httpx2's own error; anything else by itself.
+            lost = exc.code is ErrorCode.CONNECTION_LOST and exc.__cause__ is not None
+            raise as_stream_error(exc, self._request) from (exc.__cause__ if lost else exc)
         finally:
             await self.aclose()
 
-    def _drain(self) -> bytes:
-        out: list[bytes] = []
-        while True:
-            event = self._decryptor.next_event()
-            if event is NEED_DATA or isinstance(event, EndOfStream):
-                return b"".join(out)
-            if isinstance(event, InnerEvent | Done):
-                out.append(event.raw)
-            elif isinstance(event, Usage):
-                if self._on_usage is not None:
-                    self._on_usage(event.usage)
-            elif isinstance(event, RemoteErrorEvent):
-                raise remote_error(event.error)
-
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._key.wipe()
-        with AsyncShieldCancellation():
-            await self._upstream.aclose()
+        await self._plain.aclose()
 
 
 class AsyncE2EETransport(httpx2.AsyncBaseTransport):
@@ -231,7 +226,7 @@ class AsyncE2EETransport(httpx2.AsyncBaseTransport):
         key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._settings = make_settings(
+        settings = make_settings(
             api_key=api_key,
             api_base=api_base,
             models_base=models_base,
@@ -245,18 +240,28 @@ class AsyncE2EETransport(httpx2.AsyncBaseTransport):
             key_pool_size=key_pool_size,
         )
         self._inner = inner if inner is not None else httpx2.AsyncHTTPTransport()
-        self._clock = clock
-        self.state = ClientState(self._settings.limits)
-        self.keys: KeyPool = self._settings.new_key_pool()
-        weakref.finalize(self, self.keys.close)
-        self._guard = threading.Lock()  # only around the dict of per-chute locks
-        self._chute_locks: dict[str, AsyncLock] = {}
-        self._models_lock = AsyncLock()
+        self._engine = AsyncEngine(settings, clock=clock)
+        self._control: dict[str, object] = {"timeout": settings.timeout_extension}
+        weakref.finalize(self, self._engine.close_keys)
         self._closed = False
 
     @property
     def settings(self) -> Settings:
-        return self._settings
+        return self._engine.settings
+
+    @property
+    def state(self) -> ClientState:
+        """Model map, nonce pools and discovery limiter (shared by every request)."""
+        return self._engine.state
+
+    @property
+    def keys(self) -> KeyPool:
+        """The pool of one-use response keys."""
+        return self._engine.keys
+
+    @keys.setter
+    def keys(self, pool: KeyPool) -> None:
+        self._engine.keys = pool
 
     # -- httpx2 transport API -------------------------------------------------------------------
 
@@ -265,10 +270,10 @@ class AsyncE2EETransport(httpx2.AsyncBaseTransport):
             raise LocalProtocolError(
                 "the E2EE transport is closed", code=ErrorCode.INVALID_ARGUMENT
             )
-        model: str | None = None
-        if request.method == "POST" and request.url.path in self._settings.e2e_paths:
+        e2e_paths = self.settings.e2e_paths
+        if request.method == "POST" and request.url.path in e2e_paths:
             body = await request.aread()
-            model = e2e_model(request.method, request.url.path, body, self._settings.e2e_paths)
+            model = e2e_model(request.method, request.url.path, body, e2e_paths)
             if model is not None:
                 return await self._encrypted(request, model, body)
         return await self._plaintext(request)
@@ -277,18 +282,15 @@ class AsyncE2EETransport(httpx2.AsyncBaseTransport):
         if self._closed:
             return
         self._closed = True
-        self.keys.close()
+        self._engine.close_keys()
         await self._inner.aclose()
 
     # -- plaintext ------------------------------------------------------------------------------
 
     async def _plaintext(self, request: httpx2.Request) -> httpx2.Response:
-        if self._settings.strict:
-            raise LocalProtocolError(
-                f"strict mode: refusing to send {request.method} {request.url.path} in plaintext",
-                code=ErrorCode.PLAINTEXT_REFUSED,
-            )
-        url = httpx2.URL(self._settings.models_base + request.url.raw_path.decode("ascii"))
+        if self.settings.strict:
+            raise plaintext_refused(request.method, request.url.path)
+        url = httpx2.URL(self.settings.models_base + request.url.raw_path.decode("ascii"))
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
         headers.insert(0, (b"Host", url.netloc))
         forwarded = httpx2.Request(
@@ -304,181 +306,16 @@ class AsyncE2EETransport(httpx2.AsyncBaseTransport):
     # -- encrypted ------------------------------------------------------------------------------
 
     async def _encrypted(self, request: httpx2.Request, model: str, body: bytes) -> httpx2.Response:
-        s = self._settings
-        deadline = self._clock() + s.timeout
-        auth = s.api_key or bearer_token(request.headers.get("authorization"))
-        chute = await self._resolve_chute(model, auth)
-        path = request.url.path
-        last: RelayError | None = None
-        for attempt in range(1, s.max_attempts + 1):
-            try:
-                lease = await self._lease(chute, auth, deadline)
-            except RelayError as exc:
-                if last is not None and exc.code is ErrorCode.NO_INSTANCES:
-                    raise RetriesExhausted(last, attempt - 1) from last
-                raise
-            key = self.keys.take()
-            try:
-                sealed = seal_request(
-                    body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead
-                )
-                invoke = httpx2.Request(
-                    "POST",
-                    s.api_base + INVOKE_PATH,
-                    headers=invoke_headers(auth, lease, sealed, path),
-                    content=sealed.blob,
-                    extensions=request.extensions,
-                )
-                with map_inner_exceptions("connect"):
-                    upstream = await self._inner.handle_async_request(invoke)
-            except BaseException:
-                key.wipe()
-                raise
-            if upstream.status_code == 200 and sealed.stream:
-                stream = AsyncDecryptingStream(upstream, key, s, request)
-                return httpx2.Response(
-                    200, headers=stream_response_headers(), stream=stream, request=request
-                )
-            try:
-                status = upstream.status_code
-                content_type = upstream.headers.get("content-type")
-                maybe_sealed = (
-                    status == 200 or _media_type(content_type) == "application/octet-stream"
-                )
-                data = await _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
-                if status == 200 or is_sealed_error(status, content_type, data):
-                    return json_response(status, open_response(data, key, aead=s.aead), request)
-            finally:
-                key.wipe()
-            error = classify_invoke_error(status, data)
-            self.state.report(lease, error, self._clock())
-            if error.code in RETRYABLE:
-                last = error
-                log.debug("relay answered %s (%s); attempt %d", status, error.code.value, attempt)
-                continue
-            if error.code is ErrorCode.PATH_FORBIDDEN:
-                raise error
-            return passthrough_response(upstream, data, request)
-        assert last is not None
-        raise RetriesExhausted(last, s.max_attempts) from last
-
-    # -- models ---------------------------------------------------------------------------------
-
-    async def _resolve_chute(self, model: str, auth: str | None) -> str:
-        if looks_like_uuid(model):
-            return model
-        now = self._clock()
-        chute = self.state.resolve_chute(model, now)
-        if chute is not None and not self.state.models_stale(now):
-            return chute
-        generation = self.state.models_generation
-        async with self._models_lock:
-            # Whoever missed while another refresh ran shares that refresh.
-            if self.state.models_generation == generation:
-                try:
-                    await self._fetch_models(auth)
-                except (PQE2EEError, httpx2.HTTPError):
-                    if chute is None:
-                        raise
-                    log.debug("model listing refresh failed; using the cached mapping")
-        chute = self.state.resolve_chute(model, self._clock())
-        if chute is None:
-            raise RelayError(
-                f"model {model[:100]!r} is not listed at {self._settings.models_base}{MODELS_PATH}",
-                code=ErrorCode.MODEL_NOT_FOUND,
-                status=404,
-            )
-        return chute
-
-    async def _fetch_models(self, auth: str | None) -> None:
-        status, data = await self._get(self._settings.models_base + MODELS_PATH, auth)
-        if status != 200:
-            raise RelayError(
-                f"model listing answered {status}", code=ErrorCode.DISCOVERY_FAILED, status=status
-            )
-        self.state.update_models(data, self._clock())
-
-    # -- leases and discovery -------------------------------------------------------------------
-
-    def _chute_lock(self, chute: str) -> AsyncLock:
-        with self._guard:
-            lock = self._chute_locks.get(chute)
-            if lock is None:
-                lock = self._chute_locks[chute] = AsyncLock()
-            return lock
-
-    async def _lease(self, chute: str, auth: str | None, deadline: float) -> Lease:
-        now = self._clock()
-        lease = self.state.lease(chute, now)
-        if lease is not None:
-            if self.state.needs_discovery(chute, now):
-                await self._prefetch(chute, auth)
-            return lease
-        async with self._chute_lock(chute):
-            # One discovery per chute at a time; whoever waited uses its result.
-            lease = self.state.lease(chute, self._clock())
-            if lease is None:
-                await self._discover(chute, auth, deadline)
-                lease = self.state.lease(chute, self._clock())
-        if lease is None:
-            raise RelayError(
-                "no usable instance (all gone, busy or out of nonces)",
-                code=ErrorCode.NO_INSTANCES,
-            )
-        return lease
-
-    async def _prefetch(self, chute: str, auth: str | None) -> None:
-        """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
-        and the rate limit allows one right now (a prefetch never waits)."""
-        lock = self._chute_lock(chute)
-        if not lock.try_acquire():
-            return
-        try:
-            now = self._clock()
-            if not self.state.needs_discovery(chute, now):
-                return
-            if self.state.try_record_discovery(now) > 0:
-                return
-            try:
-                await self._discover_now(chute, auth)
-            except (PQE2EEError, httpx2.HTTPError) as exc:
-                log.debug("discovery prefetch failed: %s", type(exc).__name__)
-        finally:
-            lock.release()
-
-    async def _discover(self, chute: str, auth: str | None, deadline: float) -> None:
-        while True:
-            now = self._clock()
-            wait = self.state.try_record_discovery(now)
-            if wait <= 0:
-                break
-            if now + wait > deadline:
-                lim = self._settings.limits
-                raise RelayError(
-                    f"discovery limit of {lim.discovery_per_window} per "
-                    f"{lim.discovery_window:g}s reached; the next slot is {wait:.1f}s away, "
-                    f"past the {self._settings.timeout:g}s timeout",
-                    code=ErrorCode.DISCOVERY_RATE_LIMITED,
-                )
-            await async_sleep(wait)
-        await self._discover_now(chute, auth)
-
-    async def _discover_now(self, chute: str, auth: str | None) -> None:
-        sent_at = self._clock()
-        status, data = await self._get(self._settings.api_base + discovery_path(chute), auth)
-        if status != 200:
-            raise classify_discovery_error(status, data)
-        if self.state.load_discovery(chute, data, sent_at) == 0:
-            raise RelayError("discovery listed no usable instance", code=ErrorCode.NO_INSTANCES)
-
-    async def _get(self, url: str, auth: str | None) -> tuple[int, bytes]:
-        headers = [("Accept", "application/json")]
-        if auth:
-            headers.append(("Authorization", f"Bearer {auth}"))
-        request = httpx2.Request(
-            "GET", url, headers=headers, extensions={"timeout": self._settings.timeout_extension}
+        auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
+        port = _AsyncPort(self._inner, request.extensions, self._control)
+        outcome = await self._engine.invoke(
+            port, path=request.url.path, body=body, model=model, auth=auth
         )
-        with map_inner_exceptions("connect"):
-            response = await self._inner.handle_async_request(request)
-        status = response.status_code
-        return status, await _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        if isinstance(outcome, Streaming):
+            stream = AsyncDecryptingStream._over(outcome.stream, request)
+            return httpx2.Response(
+                200, headers=stream_response_headers(), stream=stream, request=request
+            )
+        if isinstance(outcome, Opened):
+            return json_response(outcome.status, outcome.body, request)
+        return passthrough_response(outcome.status, outcome.headers, outcome.body, request)

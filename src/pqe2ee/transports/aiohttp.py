@@ -1,0 +1,710 @@
+"""End-to-end encryption for aiohttp users (Chutes E2EE v1).
+
+::
+
+    from pqe2ee.transports.aiohttp import E2EEClientSession
+
+    async with E2EEClientSession(api_key=KEY) as session:
+        async with session.post("/v1/chat/completions", json=body) as resp:
+            reply = await resp.json()                     # decrypted
+
+        body["stream"] = True
+        async with session.post("/v1/chat/completions", json=body) as resp:
+            async for line in resp.content:               # the engine's own SSE lines
+                ...
+
+:class:`E2EEClientSession` wraps an :class:`aiohttp.ClientSession` (yours, or one it makes)
+and answers with :class:`E2EEResponse` (``status``, ``headers``, ``read()``, ``text()``,
+``json()``, ``content`` iteration, ``raise_for_status()``), the shape of aiohttp's own
+response. Every decision - what is encrypted, model -> chute, discovery, nonces, retries,
+decryption - is the shared engine's, exactly as in the httpx transports.
+
+Why a session wrapper and not a client middleware: an aiohttp client middleware must return
+an :class:`aiohttp.ClientResponse`, and aiohttp has no public way to build one or to replace
+its body and headers; a decrypted answer would mean patching private attributes (``_body``,
+``_headers``, the ``content`` StreamReader) that change between releases.
+
+A broken encrypted stream raises :class:`E2EEStreamError`: a
+:class:`~pqe2ee.errors.PQE2EEError` (and the original pqe2ee class, e.g. ``DecryptError``) and
+an :class:`aiohttp.ClientPayloadError` at once, so ``except aiohttp.ClientError`` catches it.
+"""
+
+from __future__ import annotations
+
+import json as _json
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Mapping
+from types import TracebackType
+from typing import Any, Final
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError, PQE2EEError
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.transports._async._engine import (
+    AsyncEngine,
+    AsyncPlainStream,
+    Opened,
+    Streaming,
+    plaintext_refused,
+)
+from pqe2ee.transports._common import (
+    DEFAULT_API_BASE,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MODELS_BASE,
+    DEFAULT_TIMEOUT,
+    HOP_HEADERS,
+    OnUsage,
+    RawHeaders,
+    RetriesExhausted,
+    Settings,
+    bearer_token,
+    make_settings,
+    retyped,
+)
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, KeyPool
+from pqe2ee.transports._primitives import AsyncShieldCancellation
+
+__all__ = [
+    "DEFAULT_API_BASE",
+    "DEFAULT_E2E_PATHS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MODELS_BASE",
+    "DEFAULT_TIMEOUT",
+    "ClientLimits",
+    "E2EEClientSession",
+    "E2EEContent",
+    "E2EEResponse",
+    "E2EEStreamError",
+    "RetriesExhausted",
+]
+
+#: Largest line :meth:`E2EEContent.readline` (and line iteration) returns.
+MAX_LINE: Final = 16 * 1024 * 1024
+
+
+class E2EEStreamError(PQE2EEError, aiohttp.ClientPayloadError):
+    """An encrypted stream failed after its response was handed over.
+
+    Both a :class:`~pqe2ee.errors.PQE2EEError` (``code`` is the original error's code, e.g.
+    ``decrypt_failed``, ``duplicate_record``, ``stream_truncated``, ``connection_lost``,
+    ``remote_error``) and an :class:`aiohttp.ClientPayloadError`, so code that handles broken
+    aiohttp transfers handles it too. Raised instances also subclass the original pqe2ee class
+    (``StreamError``, ``DecryptError``, ``RemoteError``, ...); ``error`` is the original
+    exception.
+    """
+
+    error: PQE2EEError
+
+
+_SUBCLASSES: dict[type[PQE2EEError], type[E2EEStreamError]] = {}
+
+
+def _stream_error(exc: PQE2EEError) -> E2EEStreamError:
+    return retyped(exc, E2EEStreamError, _SUBCLASSES)
+
+
+# -- the port: the engine's way out through aiohttp ------------------------------------------------
+
+
+class _PortResponse:
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> RawHeaders:
+        return self._response.raw_headers
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.content.iter_any():
+            if chunk:
+                yield chunk
+
+    async def aclose(self) -> None:
+        # Returns the connection to the pool after a whole body, closes it otherwise.
+        self._response.release()
+
+
+class _Port:
+    """Invokes use the caller's timeout (``None``: the session's); the engine's own calls
+    (model listing, discovery) are bounded by the settings' ``timeout`` in total."""
+
+    __slots__ = ("_control", "_invoke", "_session")
+
+    network_errors: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+    lost_errors: tuple[type[BaseException], ...] = (aiohttp.ClientError,)
+    # aiohttp's socket timeouts (ServerTimeoutError) are TimeoutErrors too.
+    timeout_errors: tuple[type[BaseException], ...] = (TimeoutError,)
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        invoke: aiohttp.ClientTimeout | None,
+        control: aiohttp.ClientTimeout,
+    ) -> None:
+        self._session = session
+        self._invoke = invoke
+        self._control = control
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        control: bool,
+    ) -> _PortResponse:
+        timeout = self._control if control else self._invoke
+        kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        response = await self._session.request(
+            method,
+            url,
+            headers=CIMultiDict(headers),
+            data=body or None,
+            allow_redirects=False,
+            raise_for_status=False,  # the engine reads and classifies every relay answer
+            **kwargs,
+        )
+        return _PortResponse(response)
+
+
+# -- the response ----------------------------------------------------------------------------------
+
+
+class E2EEContent:
+    """The body of an :class:`E2EEResponse`, read the ways aiohttp's ``StreamReader`` is:
+    ``async for line in content`` (lines, ``\\n`` kept), :meth:`iter_any`, :meth:`iter_chunked`,
+    :meth:`read`, :meth:`readany`, :meth:`readline`. For an encrypted stream the bytes are the
+    engine's own SSE, decrypted as they arrive; a broken stream raises
+    :class:`E2EEStreamError` from whichever read meets the fault, and every later read raises
+    it again (a failed body never looks finished). Read it once.
+    """
+
+    __slots__ = ("_buf", "_eof", "_error", "_source")
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._source = source
+        self._buf = bytearray()
+        self._eof = False
+        self._error: Exception | None = None
+
+    async def _pull(self) -> bool:
+        """Append the next chunk to the buffer; False at the end."""
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return False
+        try:
+            chunk = await self._source.__anext__()
+        except StopAsyncIteration:
+            self._eof = True
+            return False
+        except Exception as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+        self._buf += chunk
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    async def readany(self) -> bytes:
+        """What is buffered, or the next chunk; ``b""`` at the end."""
+        if not self._buf:
+            await self._pull()
+        return self._take(len(self._buf))
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``-1``: everything until the end)."""
+        if n < 0:
+            while await self._pull():
+                pass
+            return self._take(len(self._buf))
+        if not self._buf:
+            await self._pull()
+        return self._take(n)
+
+    async def readline(self) -> bytes:
+        """One line with its ``\\n`` (the last one may lack it); ``b""`` at the end."""
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                return self._take(end + 1)
+            if len(self._buf) > MAX_LINE:
+                raise LimitExceeded(f"line longer than {MAX_LINE} bytes")
+            if not await self._pull():
+                return self._take(len(self._buf))
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+
+    async def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
+        if n <= 0:
+            raise LocalProtocolError("chunk size must be > 0", code=ErrorCode.INVALID_ARGUMENT)
+        while True:
+            while len(self._buf) < n and await self._pull():
+                pass
+            chunk = self._take(n)
+            if not chunk:
+                return
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while line := await self.readline():
+            yield line
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
+
+
+async def _decrypted(plain: AsyncPlainStream) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in plain:
+            yield chunk
+    except PQE2EEError as exc:
+        raise _stream_error(exc) from exc
+    finally:
+        await plain.aclose()
+
+
+async def _nothing() -> None:
+    return None
+
+
+class E2EEResponse:
+    """An answer of :class:`E2EEClientSession`, shaped like :class:`aiohttp.ClientResponse`.
+
+    ``encrypted`` says whether the request went end-to-end encrypted. For an encrypted request
+    the body is the engine's own JSON (``application/json``; an engine error sealed by the
+    instance keeps the engine's status) or, for a stream, its SSE (``text/event-stream``); a
+    relay answer that is neither (e.g. 401) is handed over as it was. A plaintext request's
+    answer is the server's, streamed.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        url: URL,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        source: AsyncIterator[bytes],
+        encrypted: bool,
+        closer: Callable[[], Awaitable[None]] = _nothing,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.status = status
+        self.headers = headers
+        self.encrypted = encrypted
+        self.content = E2EEContent(source)
+        self._source = source
+        self._closer = closer
+        self._body: bytes | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<E2EEResponse [{self.status}] encrypted={self.encrypted}>"
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+    @property
+    def request_info(self) -> aiohttp.RequestInfo:
+        return aiohttp.RequestInfo(self.url, self.method, CIMultiDictProxy(CIMultiDict()))
+
+    def raise_for_status(self) -> None:
+        """Raise :class:`aiohttp.ClientResponseError` for a status of 400 or more."""
+        if not self.ok:
+            raise aiohttp.ClientResponseError(
+                self.request_info, (), status=self.status, message="", headers=self.headers
+            )
+
+    async def read(self) -> bytes:
+        """The whole body (kept, so later calls return it again); closes the response."""
+        if self._body is None:
+            try:
+                self._body = await self.content.read()
+            finally:
+                await self.aclose()
+        return self._body
+
+    async def text(self, encoding: str | None = None, errors: str = "strict") -> str:
+        body = await self.read()
+        if encoding is None:
+            charset = ""
+            for param in self.headers.get("Content-Type", "").split(";")[1:]:
+                key, _, value = param.strip().partition("=")
+                if key.lower() == "charset":
+                    charset = value.strip('"')
+            encoding = charset or "utf-8"
+        return body.decode(encoding, errors)
+
+    async def json(
+        self,
+        *,
+        encoding: str | None = None,
+        loads: Callable[[str], Any] = _json.loads,
+        content_type: str | None = "application/json",
+    ) -> Any:
+        """The body decoded as JSON (``content_type=None`` skips the Content-Type check)."""
+        body = await self.read()
+        if content_type and content_type not in self.content_type:
+            raise aiohttp.ContentTypeError(
+                self.request_info,
+                (),
+                status=self.status,
+                message=f"Attempt to decode JSON with unexpected mimetype: {self.content_type}",
+                headers=self.headers,
+            )
+        stripped = body.strip()
+        if not stripped:
+            return None
+        return loads(stripped.decode(encoding or "utf-8"))
+
+    async def aclose(self) -> None:
+        """Release the connection (and wipe a stream's key); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with AsyncShieldCancellation():
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self._closer()
+
+    async def __aenter__(self) -> E2EEResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _RequestContext:
+    """``await session.post(...)`` or ``async with session.post(...) as resp`` (closed on exit)."""
+
+    __slots__ = ("_coro", "_response")
+
+    def __init__(self, coro: Awaitable[E2EEResponse]) -> None:
+        self._coro = coro
+        self._response: E2EEResponse | None = None
+
+    def __await__(self) -> Generator[Any, None, E2EEResponse]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> E2EEResponse:
+        self._response = await self._coro
+        return self._response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+
+def _headers(pairs: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def _relay_headers(raw: RawHeaders) -> CIMultiDictProxy[str]:
+    """A relay's own headers, minus the ones that described its framing."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in raw:
+        if key.lower() not in HOP_HEADERS:
+            out.add(key.decode("latin-1"), value.decode("latin-1"))
+    return CIMultiDictProxy(out)
+
+
+def _encode_json(obj: Any) -> bytes:
+    try:
+        return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(
+            f"the json body cannot be serialised ({type(exc).__name__})",
+            code=ErrorCode.INVALID_BODY,
+        ) from exc
+
+
+# -- the session -----------------------------------------------------------------------------------
+
+
+class E2EEClientSession:
+    """An aiohttp session that end-to-end encrypts inference requests (Chutes E2EE v1).
+
+    What is encrypted, and where things go, is exactly as for
+    :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport`: a ``POST`` to one of ``e2e_paths``
+    (default ``/v1/chat/completions`` and ``/v1/completions``) whose JSON body has a string
+    ``model`` is sealed to an instance of the model's chute and sent to
+    ``{api_base}/e2e/invoke``; everything else goes in plaintext to ``models_base`` (same path
+    and query), or is refused with ``strict=True`` (``LocalProtocolError``, code
+    ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL
+    whose host is never contacted: only its path and query are used.
+
+    Retryable relay answers (nonce refused, instance gone / busy / needing key exchange) are
+    retried on a fresh lease up to ``max_attempts`` in all; errors before an answer are typed
+    pqe2ee errors (``RelayError`` with codes such as ``model_not_found``, ``path_forbidden``,
+    ``retries_exhausted``); connection problems are aiohttp's own exceptions; a broken stream
+    raises :class:`E2EEStreamError`. Plaintext usage events of a stream go to ``on_usage``.
+
+    ``session`` is the :class:`aiohttp.ClientSession` used for all I/O (it is *not* closed by
+    :meth:`close`); without one, a session is made on first use with ``connect``/``sock_read``
+    timeouts of ``timeout`` seconds and no total limit (streams may be long), and closed by
+    :meth:`close`. An invoke uses the per-request ``timeout`` if given, else the session's; the
+    model listing and discovery calls are bounded by ``timeout`` in total.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        api_base: str = DEFAULT_API_BASE,
+        models_base: str = DEFAULT_MODELS_BASE,
+        backend: str = "auto",
+        e2e_paths: Collection[str] = DEFAULT_E2E_PATHS,
+        strict: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_usage: OnUsage | None = None,
+        limits: ClientLimits | None = None,
+        key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
+        session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        settings = make_settings(
+            api_key=api_key,
+            api_base=api_base,
+            models_base=models_base,
+            backend=backend,
+            e2e_paths=e2e_paths,
+            strict=strict,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            on_usage=on_usage,
+            limits=limits,
+            key_pool_size=key_pool_size,
+        )
+        self._engine = AsyncEngine(settings, clock=clock)
+        weakref.finalize(self, self._engine.close_keys)
+        self._session = session
+        self._owns_session = session is None
+        self._control = aiohttp.ClientTimeout(total=settings.timeout)
+        self._closed = False
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._engine.settings
+
+    @property
+    def state(self) -> ClientState:
+        return self._engine.state
+
+    @property
+    def keys(self) -> KeyPool:
+        return self._engine.keys
+
+    @keys.setter
+    def keys(self, pool: KeyPool) -> None:
+        self._engine.keys = pool
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        json: Any = None,
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> _RequestContext:
+        """Send a request; await the result, or use it as ``async with``."""
+        return _RequestContext(self._request(method, url, json, data, headers, timeout))
+
+    def post(self, url: str | URL, **kwargs: Any) -> _RequestContext:
+        return self.request("POST", url, **kwargs)
+
+    def get(self, url: str | URL, **kwargs: Any) -> _RequestContext:
+        return self.request("GET", url, **kwargs)
+
+    async def close(self) -> None:
+        """Wipe the pooled keys and close the session if this object made it; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.close_keys()
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> E2EEClientSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            t = self.settings.timeout
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+            )
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        url: str | URL,
+        json: Any,
+        data: bytes | str | None,
+        headers: Mapping[str, str] | None,
+        client_timeout: aiohttp.ClientTimeout | None,
+    ) -> E2EEResponse:
+        if self._closed:
+            raise LocalProtocolError("the E2EE session is closed", code=ErrorCode.INVALID_ARGUMENT)
+        if json is not None and data is not None:
+            raise LocalProtocolError("pass json or data, not both", code=ErrorCode.INVALID_ARGUMENT)
+        method = method.upper()
+        target = URL(url) if isinstance(url, str) else url
+        path = target.raw_path or "/"
+        user_headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        if json is not None:
+            body = _encode_json(json)
+            user_headers.setdefault("Content-Type", "application/json")
+        elif isinstance(data, str):
+            body = data.encode("utf-8")
+        else:
+            body = data or b""
+        e2e_paths = self.settings.e2e_paths
+        model = e2e_model(method, target.path, body, e2e_paths) if body else None
+        if model is not None:
+            return await self._encrypted(method, target, body, model, user_headers, client_timeout)
+        if self.settings.strict:
+            raise plaintext_refused(method, target.path)
+        return await self._plaintext(method, path, target, body, user_headers, client_timeout)
+
+    async def _plaintext(
+        self,
+        method: str,
+        path: str,
+        target: URL,
+        body: bytes,
+        headers: CIMultiDict[str],
+        client_timeout: aiohttp.ClientTimeout | None,
+    ) -> E2EEResponse:
+        query = target.raw_query_string
+        url = self.settings.models_base + path + (f"?{query}" if query else "")
+        headers.popall("Host", None)
+        kwargs: dict[str, Any] = {} if client_timeout is None else {"timeout": client_timeout}
+        response = await self._http().request(
+            method, URL(url, encoded=True), headers=headers, data=body or None, **kwargs
+        )
+
+        async def release() -> None:
+            response.release()
+
+        return E2EEResponse(
+            method=method,
+            url=target,
+            status=response.status,
+            headers=response.headers,
+            source=_PortResponse(response).aiter_bytes(),
+            encrypted=False,
+            closer=release,
+        )
+
+    async def _encrypted(
+        self,
+        method: str,
+        target: URL,
+        body: bytes,
+        model: str,
+        headers: CIMultiDict[str],
+        client_timeout: aiohttp.ClientTimeout | None,
+    ) -> E2EEResponse:
+        auth = self.settings.api_key or bearer_token(headers.get("Authorization"))
+        port = _Port(self._http(), client_timeout, self._control)
+        outcome = await self._engine.invoke(
+            port, path=target.path, body=body, model=model, auth=auth
+        )
+        if isinstance(outcome, Streaming):
+            plain = outcome.stream
+            pairs = [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-cache"),
+            ]
+            return E2EEResponse(
+                method=method,
+                url=target,
+                status=200,
+                headers=_headers(pairs),
+                source=_decrypted(plain),
+                encrypted=True,
+                closer=plain.aclose,
+            )
+        if isinstance(outcome, Opened):
+            pairs = [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(outcome.body))),
+            ]
+            return E2EEResponse(
+                method=method,
+                url=target,
+                status=outcome.status,
+                headers=_headers(pairs),
+                source=_once(outcome.body),
+                encrypted=True,
+            )
+        return E2EEResponse(
+            method=method,
+            url=target,
+            status=outcome.status,
+            headers=_relay_headers(outcome.headers),
+            source=_once(outcome.body),
+            encrypted=True,
+        )
