@@ -78,6 +78,22 @@ class ErrorCode(enum.StrEnum):
     RELAY_ERROR = "relay_error"
     PLAINTEXT_REFUSED = "plaintext_refused"
     CONNECTION_LOST = "connection_lost"
+    # wire profile v2 (spec/v2.md §9). The instance-side ones double as the plaintext
+    # `400 {"detail":"e2e_v2:<code>"}` hints, so their values are wire strings too.
+    BAD_HEADER = "bad_header"
+    UNKNOWN_KEY = "unknown_key"
+    CONTEXT_MISMATCH = "context_mismatch"
+    STALE = "stale"
+    REPLAY = "replay"
+    RECORD_OUT_OF_ORDER = "record_out_of_order"
+    RECORD_AUTH_FAILED = "record_auth_failed"
+    RECORD_GRAMMAR = "record_grammar"
+    UNKNOWN_RECORD_TYPE = "unknown_record_type"
+    BAD_PADDING = "bad_padding"
+    DATA_AFTER_END = "data_after_end"
+    USAGE_MISMATCH = "usage_mismatch"
+    DOWNGRADE_REFUSED = "downgrade_refused"
+    DOWNGRADE_SUSPECTED = "downgrade_suspected"
 
 
 class PQE2EEError(Exception):

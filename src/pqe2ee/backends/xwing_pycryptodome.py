@@ -1,0 +1,124 @@
+"""pycryptodome X-Wing adapter (second backend, and the one that can derandomise encapsulation).
+
+Pinned to pycryptodome **4.4.x**: ``Crypto.PublicKey.Hybrid`` keys are only meant for its HPKE
+("Not public yet"), so this adapter uses private API, checked at import:
+
+* ``Hybrid._construct(param_set=Hybrid.MLKEM768_X25519, seed=32 bytes | pk=1216 bytes)`` builds a
+  key; ``pk=`` runs the FIPS 203 modulus check and refuses a low-order X25519 point
+  (``ValueError``);
+* ``key._encaps(randomness: 64 bytes | None) -> (shared_secret, ciphertext)``, shared secret
+  FIRST; ``randomness`` is ``m (32) || ek_X (32)``, the draft's ``eseed``;
+* ``key._decaps(ct) -> shared_secret``; a low-order X25519 half raises ``ValueError``;
+* ``key._pk`` is the 1216-byte public key.
+
+A newer pycryptodome (4.5+) is refused as ``backend_unavailable`` until re-tested.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pqe2ee.backends.xwing import (
+    XWing,
+    XWingPrivateKey,
+    check_xwing_ciphertext,
+    check_xwing_eseed,
+    check_xwing_public_key,
+    check_xwing_seed,
+)
+from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolError
+
+__all__ = ["SUPPORTED_VERSIONS", "PycryptodomeXWing"]
+
+SUPPORTED_VERSIONS = ((4, 4),)
+
+try:
+    import Crypto
+    from Crypto.PublicKey import Hybrid as _hybrid_mod
+except ImportError:
+    raise BackendError(
+        "pycryptodome with Crypto.PublicKey.Hybrid is not installed",
+        code=ErrorCode.BACKEND_UNAVAILABLE,
+    ) from None
+
+_version: tuple[int, ...] = tuple(
+    int(v) for v in tuple(getattr(Crypto, "version_info", (0, 0)))[:2]
+)
+if _version not in SUPPORTED_VERSIONS:
+    raise BackendError(
+        f"pycryptodome {'.'.join(map(str, _version))} is not a tested version for X-Wing "
+        "(the adapter uses private API; supported: 4.4.x)",
+        code=ErrorCode.BACKEND_UNAVAILABLE,
+    )
+
+_HYBRID: Any = _hybrid_mod
+_PARAMS: Any = getattr(_HYBRID, "MLKEM768_X25519", None)
+_KEY_CLASS: Any = getattr(_HYBRID, "HybridKey", None)
+if (
+    _PARAMS is None
+    or not callable(getattr(_HYBRID, "_construct", None))
+    or _KEY_CLASS is None
+    or not callable(getattr(_KEY_CLASS, "_encaps", None))
+    or not callable(getattr(_KEY_CLASS, "_decaps", None))
+):
+    raise BackendError(
+        "this pycryptodome lacks Hybrid._construct / HybridKey._encaps / _decaps",
+        code=ErrorCode.BACKEND_UNAVAILABLE,
+    )
+
+
+class _PycryptodomeXWingKey(XWingPrivateKey):
+    __slots__ = ("_key", "_pk")
+
+    def __init__(self, key: Any) -> None:
+        self._key: Any = key
+        self._pk = bytes(key._pk)
+
+    @property
+    def public_key(self) -> bytes:
+        return self._pk
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        check_xwing_ciphertext(ciphertext)
+        if self._key is None:
+            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+        try:
+            return bytes(self._key._decaps(bytes(ciphertext)))
+        except ValueError:  # only the X25519 point check can fail after the length check
+            raise DecryptError("X-Wing ciphertext has a low-order X25519 point") from None
+
+    def seed(self) -> bytes | None:
+        return None if self._key is None else bytes(self._key._seed)
+
+    def wipe(self) -> None:
+        self._key = None
+
+
+def _public(public_key: bytes) -> Any:
+    check_xwing_public_key(public_key)
+    try:
+        return _HYBRID._construct(param_set=_PARAMS, pk=bytes(public_key))
+    except ValueError:
+        raise LocalProtocolError(
+            "X-Wing public key rejected (low-order X25519 point)", code=ErrorCode.INVALID_KEY
+        ) from None
+
+
+class PycryptodomeXWing(XWing):
+    name = "pycryptodome"
+
+    def generate(self) -> XWingPrivateKey:
+        return _PycryptodomeXWingKey(_HYBRID.generate(param_set=_PARAMS))
+
+    def from_seed(self, seed: bytes) -> XWingPrivateKey:
+        check_xwing_seed(seed)
+        return _PycryptodomeXWingKey(_HYBRID._construct(param_set=_PARAMS, seed=bytes(seed)))
+
+    def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
+        ss, ct = _public(public_key)._encaps()
+        return bytes(ct), bytes(ss)
+
+    def encapsulate_derand(self, public_key: bytes, eseed: bytes) -> tuple[bytes, bytes]:
+        check_xwing_eseed(eseed)
+        ss, ct = _public(public_key)._encaps(bytes(eseed))
+        return bytes(ct), bytes(ss)

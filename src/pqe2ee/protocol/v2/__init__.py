@@ -1,0 +1,133 @@
+"""Wire profile v2 (spec/v2.md): X-Wing inside RFC 9180 HPKE, a context header bound into the
+key schedule, forward-secret response keys bound to the request, STREAM-style records with a
+live-checked grammar, authenticated status / usage / errors, optional padding, negotiation.
+
+Sans-IO like v1: no sockets, no clocks (``now_ms`` / ``now`` are parameters), randomness is a
+parameter where a vector needs it. The relay's ``/e2e/invoke`` is unchanged.
+"""
+
+from pqe2ee.protocol.v2.header import (
+    MAGIC,
+    VERSION,
+    ContextHeader,
+    header_info,
+    parse_header,
+    strip_relay_path,
+)
+from pqe2ee.protocol.v2.hpke import (
+    HPKE_SUITE_ID,
+    RecipientContext,
+    SenderContext,
+    key_schedule_base,
+    labeled_expand,
+    labeled_extract,
+    open_base,
+    seal_base,
+    setup_base_r,
+    setup_base_s,
+)
+from pqe2ee.protocol.v2.negotiation import (
+    Candidate,
+    Decision,
+    E2EPolicy,
+    Negotiator,
+    V2Offer,
+    evidence_report_data,
+    parse_v2_offer,
+)
+from pqe2ee.protocol.v2.padding import bucket, padme, pow2
+from pqe2ee.protocol.v2.records import (
+    RECORD_OVERHEAD,
+    RESP_INIT_LEN,
+    Data,
+    End,
+    Head,
+    RecordDecryptor,
+    ResponseKeys,
+    ResponseSealer,
+    ResponseV2,
+    UpstreamError,
+    UsageUpdate,
+    derive_response_keys,
+    open_response_v2,
+    record_nonce,
+    seal_response_v2,
+)
+from pqe2ee.protocol.v2.replay import Admission, MemoryReplayCache, ReplayCache
+from pqe2ee.protocol.v2.request import (
+    InstanceV2,
+    OpenedRequestV2,
+    ParsedRequest,
+    ResponseSecrets,
+    SealedRequestV2,
+    instance_error_response,
+    parse_instance_hint,
+    parse_request_blob,
+    pk_hash,
+    seal_request_v2,
+)
+from pqe2ee.protocol.v2.stream import StreamDecryptorV2, StreamEncoderV2, UsageMismatch
+from pqe2ee.protocol.v2.usage import UsageReceipt, check_usage_copy, usage_matches
+
+__all__ = [
+    "HPKE_SUITE_ID",
+    "MAGIC",
+    "RECORD_OVERHEAD",
+    "RESP_INIT_LEN",
+    "VERSION",
+    "Admission",
+    "Candidate",
+    "ContextHeader",
+    "Data",
+    "Decision",
+    "E2EPolicy",
+    "End",
+    "Head",
+    "InstanceV2",
+    "MemoryReplayCache",
+    "Negotiator",
+    "OpenedRequestV2",
+    "ParsedRequest",
+    "RecipientContext",
+    "RecordDecryptor",
+    "ReplayCache",
+    "ResponseKeys",
+    "ResponseSealer",
+    "ResponseSecrets",
+    "ResponseV2",
+    "SealedRequestV2",
+    "SenderContext",
+    "StreamDecryptorV2",
+    "StreamEncoderV2",
+    "UpstreamError",
+    "UsageMismatch",
+    "UsageReceipt",
+    "UsageUpdate",
+    "V2Offer",
+    "bucket",
+    "check_usage_copy",
+    "derive_response_keys",
+    "evidence_report_data",
+    "header_info",
+    "instance_error_response",
+    "key_schedule_base",
+    "labeled_expand",
+    "labeled_extract",
+    "open_base",
+    "open_response_v2",
+    "padme",
+    "parse_header",
+    "parse_instance_hint",
+    "parse_request_blob",
+    "parse_v2_offer",
+    "pk_hash",
+    "pow2",
+    "record_nonce",
+    "seal_base",
+    "seal_request_v2",
+    "seal_response_v2",
+    "setup_base_r",
+    "setup_base_s",
+    "strip_relay_path",
+    "usage_matches",
+]
