@@ -678,6 +678,17 @@ def test_eof_mid_record_after_done_is_complete(kem: KEM, aead: AEAD) -> None:
         assert run(pair.decryptor(), outer[:cut]) == full
 
 
+def test_unterminated_last_record_carrying_done_is_complete(kem: KEM, aead: AEAD) -> None:
+    # The final outer event lacks its "\n\n" and its record is the engine's "data: [DONE]\n":
+    # the authenticated end arrived whole, so the stream is complete (a fast-path regression).
+    pair = Pair(kem, aead)
+    outer = pair.records(b'data: {"x":1}\n', b"\n", b"data: [DONE]\n")
+    assert outer.endswith(b"\n\n")
+    events = run(pair.decryptor(), outer[:-2])
+    assert [type(ev) for ev in events] == [InnerEvent, Done, EndOfStream]
+    assert isinstance(events[-1], EndOfStream) and events[-1].complete
+
+
 def test_data_after_eof_is_refused(kem: KEM, aead: AEAD) -> None:
     pair = Pair(kem, aead)
     dec = pair.decryptor()

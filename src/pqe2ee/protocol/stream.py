@@ -20,6 +20,7 @@ from __future__ import annotations
 import binascii
 import enum
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,7 +38,7 @@ from pqe2ee.backends.base import (
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
 from pqe2ee.protocol.codec import b64decode, b64encode
 from pqe2ee.protocol.keyschedule import INFO_STREAM, derive_key
-from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
+from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser, _sse_event
 
 __all__ = [
     "NEED_DATA",
@@ -60,6 +61,7 @@ DEFAULT_MAX_RECORDS: Final = 1_000_000
 
 _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
+_RECORD_START: Final = len(_RECORD_PREFIX)
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
 # SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
@@ -125,6 +127,17 @@ class EndOfStream:
 
 
 StreamEvent = InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream
+
+# InnerEvent(ev) without the frozen dataclass's object.__setattr__ (see sse._sse_event): the
+# decryptor makes one per record.
+_set_inner_event = InnerEvent.__dict__["event"].__set__
+
+
+def _inner_event(event: SSEEvent) -> InnerEvent:
+    """``InnerEvent(event)``, faster."""
+    ev: InnerEvent = object.__new__(InnerEvent)
+    _set_inner_event(ev, event)
+    return ev
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +249,8 @@ class _State(enum.Enum):
     CLOSED = "closed"
     ERROR = "error"
 
+    __hash__ = object.__hash__  # Enum's hashes the name, in Python: slow keys for _TRANSITIONS
+
 
 class _Input(enum.Enum):
     INIT = "init"
@@ -244,8 +259,15 @@ class _Input(enum.Enum):
     REMOTE_ERROR = "remote_error"
     EOF = "eof"
 
+    __hash__ = object.__hash__
+
 
 _S, _I = _State, _Input
+# For the per-record and per-usage paths: reading an Enum member off its class costs ~0.1 µs, a
+# global much less.
+_OPEN, _DONE, _FAILED_REMOTE = _State.OPEN, _State.DONE, _State.FAILED_REMOTE
+_EOF, _USAGE = _Input.EOF, _Input.USAGE
+_a2b_base64 = binascii.a2b_base64
 # (state, input) -> next state. A missing pair is a protocol violation; the error code for it is
 # in _VIOLATIONS (or malformed_event by default). RECORD in OPEN/DONE and EOF in OPEN are refined
 # by the handlers (inner [DONE] moves OPEN -> DONE; EOF in OPEN may be a clean cut after [DONE]).
@@ -306,10 +328,16 @@ class StreamDecryptor:
         self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
         self._buf = bytearray()  # the unterminated outer line
         self._inner = SSEParser(max_event=max_event)
+        self._max_event = max_event
+        # The parser's state as the record path needs it (see _record): whether it holds
+        # nothing, its last event id, and a "data: ...\n" line held back from it.
+        self._inner_idle = True
+        self._inner_id: str | None = None
+        self._held: tuple[str, bytes] | None = None
         self._cipher: Any = None
-        self._seen: set[bytes] = set()
-        self._events: list[StreamEvent] = []
-        self._pos = 0
+        self._decrypt: Callable[[bytes, bytes, None], bytes] | None = None  # the cipher's
+        self._seen: set[bytes] = set()  # the record nonces
+        self._events: deque[StreamEvent] = deque()
         self._state = _State.AWAIT_INIT
         self._eof = False
         self._error: PQE2EEError | None = None
@@ -332,10 +360,21 @@ class StreamDecryptor:
             raise self._error
         if self._eof:
             raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
-        if not data:
-            return
         try:
-            self._feed(data)
+            n = len(data)
+            if (
+                data.endswith(_EVENT_SUFFIX)
+                and data.startswith(_RECORD_PREFIX)
+                and not self._buf
+                and data.find(b"\n") == n - 2
+                and n - 2 < self._max_line
+                and data.find(b"\\") < 0
+            ):
+                # The usual chunk (a relay flushes each event): one compact record event, taken
+                # as _feed would take its one line.
+                self._record(data[_RECORD_START : n - 4])
+            elif n:
+                self._feed(data)
         except PQE2EEError as exc:
             self._failed(exc)
             raise
@@ -347,13 +386,14 @@ class StreamDecryptor:
         self._eof = True
 
         def finish() -> None:
+            self._unhold()  # the parser decides what a cut means
             tail = bytes(self._buf)
             self._buf.clear()
             # An unterminated last line is read while the stream still needs it. Once the inner
             # [DONE] is in, it can only be a line cut short after the authenticated end: dropped.
             if tail.strip() and not (self._done_seen or self._inner.partial_is("[DONE]")):
                 try:
-                    self._line(tail, 0, len(tail))
+                    self._line(tail)
                 except StreamError as exc:
                     if exc.code is not ErrorCode.MALFORMED_EVENT:
                         raise
@@ -361,6 +401,7 @@ class StreamDecryptor:
                     raise self._fail(
                         ErrorCode.STREAM_TRUNCATED, "stream ended inside an outer event"
                     ) from None
+            self._unhold()  # (the last line may have been one to hold)
             self._on(_Input.EOF)
 
         self._guard(finish)
@@ -368,21 +409,14 @@ class StreamDecryptor:
     def next_event(self) -> StreamEvent | _NeedData:
         if self._error is not None:
             raise self._error
-        if self._pos < len(self._events):
-            ev = self._events[self._pos]
-            self._pos += 1
-            if self._pos == len(self._events):
-                self._events.clear()
-                self._pos = 0
-            return ev
-        return NEED_DATA
+        events = self._events
+        return events.popleft() if events else NEED_DATA
 
     def events(self) -> list[StreamEvent]:
         """Drain every pending event."""
         self._check()
-        out = self._events[self._pos :]
-        self._events = []
-        self._pos = 0
+        out = list(self._events)
+        self._events.clear()
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -401,7 +435,7 @@ class StreamDecryptor:
     def _failed(self, exc: PQE2EEError) -> None:
         self._state = _State.ERROR
         self._error = exc
-        self._cipher = None
+        self._cipher = self._decrypt = None
         self._key.wipe()
 
     def _fail(self, code: ErrorCode, message: str) -> StreamError:
@@ -414,15 +448,15 @@ class StreamDecryptor:
                 (self._state, inp), (ErrorCode.MALFORMED_EVENT, f"unexpected {inp.value}")
             )
             raise self._fail(code, msg)
-        if inp is _Input.EOF and self._state is _State.OPEN:
+        if inp is _EOF and self._state is _OPEN:
             # A cut right after the inner "data: [DONE]\n" (before its blank line) is complete.
             if self._inner.partial_is("[DONE]"):
                 self._done_seen = True
                 self._events.append(Done(raw=self._inner.buffered() + b"\n"))
             else:
                 raise self._fail(ErrorCode.STREAM_TRUNCATED, "stream ended before the inner [DONE]")
-        if inp is _Input.EOF:
-            self._events.append(EndOfStream(complete=self._state is not _State.FAILED_REMOTE))
+        if inp is _EOF:
+            self._events.append(EndOfStream(complete=self._state is not _FAILED_REMOTE))
         self._state = nxt
         return nxt
 
@@ -439,39 +473,32 @@ class StreamDecryptor:
             buf += data
             data = bytes(buf)
             buf.clear()
-        start = 0
-        nl = data.find(b"\n")
-        while nl >= 0:
-            if nl - start >= max_line:  # with its newline, longer than the bound
+        *lines, tail = data.split(b"\n")
+        record = self._record
+        for line in lines:
+            if not line:
+                continue  # blank lines separate outer events and carry nothing
+            if len(line) >= max_line:  # with its newline, longer than the bound
                 raise LimitExceeded(f"line longer than {max_line} bytes")
-            if nl > start:  # blank lines separate outer events and carry nothing
-                if (
-                    data.startswith(_RECORD_PREFIX, start, nl)
-                    and data.endswith(b'"}', start, nl)
-                    and data.find(b"\\", start, nl) < 0
-                ):  # _line's fast path, inlined: the runtime's compact record line
-                    self._record(data[start + len(_RECORD_PREFIX) : nl - 2])
-                else:
-                    self._line(data, start, nl)
-            start = nl + 1
-            nl = data.find(b"\n", start)
-        if start < len(data):
-            if len(data) - start > max_line:
+            if (
+                line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0
+            ):  # _line's fast path, inlined
+                record(line[_RECORD_START:-2])
+            else:
+                self._line(line)
+        if tail:
+            if len(tail) > max_line:
                 raise LimitExceeded(f"line longer than {max_line} bytes")
-            buf += memoryview(data)[start:]
+            buf += tail
 
-    def _line(self, data: bytes, start: int, end: int) -> None:
-        """Handle the outer line ``data[start:end]`` (its newline excluded)."""
+    def _line(self, line: bytes) -> None:
+        """Handle one outer line (its newline excluded)."""
         # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
         # path, which decodes the string properly.
-        if (
-            data.startswith(_RECORD_PREFIX, start, end)
-            and data.endswith(b'"}', start, end)
-            and data.find(b"\\", start, end) < 0
-        ):
-            self._record(data[start + len(_RECORD_PREFIX) : end - 2])
+        if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
+            self._record(line[_RECORD_START:-2])
             return
-        body = data[start:end].rstrip(b"\r\n")
+        body = line.rstrip(b"\r\n")
         if not body or body.startswith(b":"):
             return
         if not body.startswith(b"data:"):
@@ -502,7 +529,7 @@ class StreamDecryptor:
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e_init must be a string")
             self._init(value.encode("ascii", "replace"))
         elif key == "usage":
-            self._on(_Input.USAGE)
+            self._on(_USAGE)
             self._events.append(Usage(value))
         elif key in ("e2e_error", "error"):
             self._on(_Input.REMOTE_ERROR)
@@ -526,15 +553,17 @@ class StreamDecryptor:
         shared_secret = self._key.decapsulate(kem_ct)
         self._key.wipe()
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+        self._decrypt = self._cipher.decrypt
 
     def _record(self, b64: bytes) -> None:
+        """One ``e2e`` record: the hot path of a stream (hence the local names)."""
         state = self._state
-        if state is not _State.OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
+        if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
             state = self._on(_Input.RECORD)
-            if state is _State.FAILED_REMOTE:
+            if state is _FAILED_REMOTE:
                 return
         try:
-            raw = binascii.a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
+            raw = _a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
         except (binascii.Error, ValueError):
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
         if len(raw) < _MIN_RECORD:
@@ -546,22 +575,74 @@ class StreamDecryptor:
         self.records += 1
         if self.records > self._max_records:
             raise LimitExceeded(f"stream has more than {self._max_records} records")
-        plaintext = self._cipher.decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+        assert self._decrypt is not None  # set with the cipher, by the init event
+        plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
         seen.add(nonce)
-        if state is _State.DONE:
+        if state is _DONE:
             if plaintext.strip():
                 raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
             return
-        events = self._events
-        for ev in self._inner.feed(plaintext):
-            if self._state is _State.DONE:
+
+        # The inner stream. While the SSE parser holds nothing, the records streams are made of
+        # skip it, giving the events it would give: a whole one-line event "data: ...\n\n", or
+        # an engine line "data: ...\n" (held here) followed by a record "\n".
+        if self._held is not None:
+            if plaintext == b"\n":
+                text, line = self._held
+                self._held = None
+                self._dispatch(text, line + plaintext)
+                return
+            self._unhold()
+        elif self._inner_idle and plaintext.startswith(b"data: "):
+            n = len(plaintext)
+            nl = plaintext.find(b"\n")
+            if (
+                nl >= n - 2
+                and (nl == n - 1 or plaintext[n - 1] == 0x0A)
+                and plaintext[nl - 1] != 0x0D  # "\r\n" line ends take the parser
+                and n < self._max_event  # (room for the "\n" a held line waits for)
+            ):
+                try:
+                    text = plaintext[6:nl].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self._fail(
+                        ErrorCode.INVALID_UTF8, "stream text is not valid UTF-8"
+                    ) from None
+                if nl == n - 1:
+                    self._held = (text, plaintext)
+                else:
+                    self._dispatch(text, plaintext)
+                return
+
+        parser = self._inner
+        inner = parser.feed(plaintext)
+        self._inner_idle = not parser.has_partial
+        self._inner_id = parser.last_event_id
+        for ev in inner:
+            if self._state is _DONE:
                 raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
             if ev.data == "[DONE]":
-                self._state = _State.DONE
+                self._state = _DONE
                 self._done_seen = True
-                events.append(Done(raw=ev.raw))
+                self._events.append(Done(raw=ev.raw))
             else:
-                events.append(InnerEvent(ev))
-        if self._state is _State.DONE and self._inner.buffered().strip():
+                self._events.append(_inner_event(ev))
+        if self._state is _DONE and parser.buffered().strip():
             # the rest of the record that carried [DONE]: a partial event, a comment, ...
             raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+
+    def _dispatch(self, text: str, raw: bytes) -> None:
+        """The event of one ``data`` line, built here as the parser would (it holds nothing)."""
+        if text == "[DONE]":
+            self._state = _DONE
+            self._done_seen = True
+            self._events.append(Done(raw=raw))
+        else:
+            self._events.append(_inner_event(_sse_event(text, None, self._inner_id, raw)))
+
+    def _unhold(self) -> None:
+        """Give the held line to the parser (one ``data`` line: no event yet)."""
+        if self._held is not None:
+            self._inner.feed(self._held[1])
+            self._held = None
+            self._inner_idle = False

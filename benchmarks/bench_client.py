@@ -1,0 +1,504 @@
+"""Client cost of E2EE: the CPU and latency an E2EE transport adds to an openai SDK client, ours
+next to the published reference client (chutes-e2ee 0.1.0), each over its own plaintext baseline.
+
+Run by hand (not part of the test suite)::
+
+    .venv/bin/python benchmarks/bench_client.py            # ~65 s
+    .venv/bin/python benchmarks/bench_client.py --quick    # ~20 s
+
+The servers are ``pqe2ee`` command-line processes on loopback (dev-engine, instance, relay).
+Four clients, each its own long-lived process, take turns (one at a time, order rotated every
+round, so drift and the servers' share of the 2 cores hit all alike):
+
+* ``ours plain``: openai 3.x (our venv), ``httpx2.Client()``, straight at the dev-engine;
+* ``ours E2EE``: the same SDK with ``httpx2.Client(transport=pqe2ee.E2EETransport(api_key,
+  api_base=relay, models_base=relay))`` (v1 wire unless ``--protocol auto``: the reference
+  speaks v1 only);
+* ``ref plain``: openai<3 (``.venv-ref``), ``httpx.Client()``, straight at the dev-engine;
+* ``ref E2EE``: the same SDK with ``httpx.Client(transport=ChutesE2EETransport(api_key,
+  api_base=relay))``.
+
+Each round every client runs ``--calls`` non-streamed chats (a one-line prompt) and
+``--streams`` streamed chats of a 500-word prompt (the dev-engine echoes it: ~500 SSE events,
+~1,000 records and ~500 plaintext usage events on the E2EE wire). Every stream asks for
+continuous usage, so plain and E2EE engines send the same events.
+
+Client CPU is the client process's own CPU time (``time.process_time``: every thread, so our
+transport's key-pool thread too) over each round's calls, divided by the calls; the E2EE
+overhead is E2EE minus plain of the same round (paired), median over rounds. Latency is per
+call (send to last byte). "Added" latency includes everything on the E2EE path: the client's
+work, the relay and the instance (which also runs ML-KEM and the AEAD) and two more loopback
+hops. The KEM backend's encaps + decaps is measured in this process between rounds.
+
+The dev-engine is a test stand-in: these are protocol costs, not inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+import pqe2ee
+from pqe2ee.backends import get_kem
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_PYTHON = Path(sys.executable)
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+KEY = "bench-client-key-0123456789"
+MODEL = "dev-echo"
+SHORT_PROMPT = "Say hello to the benchmark."
+LONG_WORDS = 500
+CLIENTS = ("ours-plain", "ours-e2ee", "ref-plain", "ref-e2ee")
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        with contextlib.suppress(httpx2.HTTPError):
+            if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: not ready after {limit}s")
+        time.sleep(0.05)
+
+
+_SERVER_PIDS: list[int] = []
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu() -> float:
+    """CPU seconds used so far by the server processes (from /proc, 1/CLK_TCK resolution)."""
+    total = 0
+    for pid in _SERVER_PIDS:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+@contextlib.contextmanager
+def _server(*args: str) -> Iterator[str]:
+    port = _free_port()
+    cmd = [str(OUR_PYTHON), "-m", "pqe2ee.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--log-level", "warning"]
+    env = {**os.environ, "PQE2EE_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    _SERVER_PIDS.append(proc.pid)
+    try:
+        _wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[tuple[str, str]]:
+    """(engine, relay) URLs: relay -> instance -> dev-engine, each a ``pqe2ee`` process."""
+    with contextlib.ExitStack() as es:
+        engine = es.enter_context(_server("dev-engine"))
+        inst = es.enter_context(_server("instance", "--upstream", engine))
+        relay = es.enter_context(
+            _server(
+                "relay",
+                "--instance",
+                inst,
+                "--api-key",
+                KEY,
+                "--rate-limit",
+                "100000",
+                "--nonces-per-instance",
+                "1000",
+            )
+        )
+        yield engine, relay
+
+
+# --------------------------------------------------------------------------------------------
+# clients: one process each, driven over stdin/stdout (one JSON object a line)
+
+WORKER = textwrap.dedent(
+    r"""
+    import json, sys, time
+
+    kind, engine, relay, key, model, protocol = sys.argv[1:7]
+    short_prompt, long_prompt = json.loads(sys.stdin.readline())
+    if kind.startswith("ours"):
+        import httpx2 as httpx_lib
+        transport = None
+        if kind == "ours-e2ee":
+            import inspect
+            import pqe2ee
+            kw = dict(api_key=key, api_base=relay, models_base=relay)
+            if protocol == "v1" and "prefer_v2" in inspect.signature(pqe2ee.E2EETransport).parameters:
+                kw["prefer_v2"] = False
+            transport = pqe2ee.E2EETransport(**kw)
+    else:
+        import httpx as httpx_lib
+        transport = None
+        if kind == "ref-e2ee":
+            from chutes_e2ee import ChutesE2EETransport
+            transport = ChutesE2EETransport(api_key=key, api_base=relay)
+    import openai
+
+    http = httpx_lib.Client(transport=transport, timeout=60)
+    client = openai.OpenAI(
+        api_key=key,
+        base_url=(relay if transport is not None else engine) + "/v1",
+        max_retries=0,
+        timeout=60,
+        http_client=http,
+    )
+    usage_opts = {"include_usage": True, "continuous_usage_stats": True}
+
+    def nonstream():
+        r = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": short_prompt}]
+        )
+        assert r.choices[0].message.content, r
+        return 1
+
+    def stream():
+        s = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": long_prompt}],
+            stream=True,
+            stream_options=usage_opts,
+        )
+        events = 0
+        text = []
+        for chunk in s:
+            choices = getattr(chunk, "choices", None)
+            if choices:
+                events += 1
+                text.append(choices[0].delta.content or "")
+        assert "".join(text) == "Echo: " + long_prompt, "".join(text)[:200]
+        return events
+
+    ops = {"nonstream": nonstream, "stream": stream}
+    for name in ("nonstream", "nonstream", "nonstream", "stream", "nonstream", "stream"):
+        ops[name]()  # warm-up: connections, model map, discovery, nonce and key pools
+    print(json.dumps({"ready": kind, "openai": openai.__version__}), flush=True)
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        fn, n = ops[cmd["op"]], cmd["n"]
+        walls, cpus, events = [], [], []
+        c_slice = time.process_time()
+        for _ in range(n):
+            t0, c0 = time.perf_counter(), time.process_time()
+            events.append(fn())
+            cpus.append(time.process_time() - c0)
+            walls.append(time.perf_counter() - t0)
+        out = {"wall": walls, "cpu": cpus, "events": events, "slice_cpu": time.process_time() - c_slice}
+        print(json.dumps(out), flush=True)
+    """
+)
+
+
+class Client:
+    def __init__(self, kind: str, engine: str, relay: str, protocol: str) -> None:
+        python = OUR_PYTHON if kind.startswith("ours") else REF_PYTHON
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
+        self.proc.stdin.flush()
+        self.openai = ""
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client {self.kind} exited with {self.proc.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def ready(self) -> None:
+        self.openai = self._read()["openai"]
+
+    def run(self, op: str, n: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def long_prompt() -> str:
+    words = "lattice kyber token stream record nonce secure inference relay engine".split()
+    return " ".join(words[i % len(words)] + str(i) for i in range(LONG_WORDS))
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+@dataclass
+class Samples:
+    wall: list[float] = field(default_factory=list)  # per call, s
+    slice_cpu: list[float] = field(default_factory=list)  # per round: CPU s per call
+    server_cpu: float = 0.0  # the servers' CPU s during this client's rounds, summed
+    events: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    data: dict[tuple[str, str], Samples] = field(default_factory=dict)
+    encaps: list[float] = field(default_factory=list)
+    decaps: list[float] = field(default_factory=list)
+    keygen: list[float] = field(default_factory=list)
+
+    def get(self, kind: str, op: str) -> Samples:
+        return self.data.setdefault((kind, op), Samples())
+
+
+def measure_kem(res: Results, n: int) -> None:
+    kem = get_kem("auto")
+    for _ in range(n):
+        t = time.perf_counter()
+        k = kem.generate()
+        res.keygen.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ct, _ = kem.encapsulate(k.public_key)
+        res.encaps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        k.decapsulate(ct)
+        res.decaps.append(time.perf_counter() - t)
+
+
+def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
+    res = Results()
+    with stack() as (engine, relay):
+        clients = {k: Client(k, engine, relay, args.protocol) for k in CLIENTS}
+        try:
+            for c in clients.values():
+                c.ready()
+            versions = {k: c.openai for k, c in clients.items()}
+            order = list(CLIENTS)
+            for i in range(args.rounds):
+                rot = order[i % len(order) :] + order[: i % len(order)]
+                for kind in rot:
+                    for op, n in (("nonstream", args.calls), ("stream", args.streams)):
+                        before = server_cpu()
+                        out = clients[kind].run(op, n)
+                        s = res.get(kind, op)
+                        s.server_cpu += server_cpu() - before
+                        s.wall += out["wall"]
+                        s.events += out["events"]
+                        s.slice_cpu.append(out["slice_cpu"] / n)
+                measure_kem(res, 5)
+        finally:
+            for c in clients.values():
+                c.close()
+    return res, versions
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def paired_overhead(res: Results, sdk: str, op: str) -> list[float]:
+    """Per round: E2EE CPU per call minus plain CPU per call (same round)."""
+    e2ee = res.get(f"{sdk}-e2ee", op).slice_cpu
+    plain = res.get(f"{sdk}-plain", op).slice_cpu
+    return [a - b for a, b in zip(e2ee, plain, strict=True)]
+
+
+def spread(values: list[float]) -> str:
+    """Interquartile range as +-% of the median: how noisy the rounds were."""
+    if len(values) < 4:
+        return "n/a"
+    q = statistics.quantiles(values, n=4)
+    med = statistics.median(values)
+    return f"±{(q[2] - q[0]) / 2 / abs(med) * 100:.0f}%" if med else "n/a"
+
+
+def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> None:
+    ms = 1000.0
+    us = 1e6
+    kem = get_kem("auto")
+    enc, dec, kg = (statistics.median(x) * us for x in (res.encaps, res.decaps, res.keygen))
+    print(
+        f"\nKEM backend in use: {kem.name} (client and instance, 'auto'); in this run: "
+        f"encaps {enc:.0f} µs + decaps {dec:.0f} µs = **{enc + dec:.0f} µs** "
+        f"(keygen {kg:.0f} µs, off the request path in our key pool)"
+    )
+    print(
+        f"openai: ours {versions['ours-e2ee']}, reference venv {versions['ref-e2ee']}; "
+        f"{args.rounds} rounds × ({args.calls} calls + {args.streams} streams) per client"
+    )
+
+    # -- per client -----------------------------------------------------------------------------
+    print(
+        "\n| client | request | calls | p50 ms | p99 ms | client CPU per call ms (± IQR) "
+        "| servers' CPU per call ms |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for op in ("nonstream", "stream"):
+        for kind in CLIENTS:
+            s = res.get(kind, op)
+            cpu = statistics.median(s.slice_cpu) * ms
+            print(
+                f"| {kind} | {op} | {len(s.wall)} | {pct(s.wall, 0.5) * ms:.2f} "
+                f"| {pct(s.wall, 0.99) * ms:.2f} | {cpu:.3f} ({spread(s.slice_cpu)}) "
+                f"| {s.server_cpu / len(s.wall) * ms:.2f} |"
+            )
+
+    # -- overhead over each SDK's own baseline ------------------------------------------------
+    print(
+        "\n| request | E2EE client CPU overhead, ours | reference | **ref / ours** "
+        "| added p50 ms, ours | reference | added p99 ms, ours | reference |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    ratios: dict[str, float] = {}
+    added50: dict[tuple[str, str], float] = {}
+    for op in ("nonstream", "stream"):
+        cells: list[str] = []
+        over: dict[str, float] = {}
+        for sdk in ("ours", "ref"):
+            over[sdk] = statistics.median(paired_overhead(res, sdk, op))
+        ratios[op] = over["ref"] / over["ours"] if over["ours"] > 0 else float("inf")
+        cells += [f"{over['ours'] * ms:.3f} ms", f"{over['ref'] * ms:.3f} ms"]
+        cells.append(f"**{ratios[op]:.1f}×**")
+        for q in (0.5, 0.99):
+            for sdk in ("ours", "ref"):
+                a = pct(res.get(f"{sdk}-e2ee", op).wall, q) - pct(
+                    res.get(f"{sdk}-plain", op).wall, q
+                )
+                if q == 0.5:
+                    added50[(sdk, op)] = a
+                cells.append(f"{a * ms:+.2f}")
+        print(f"| {op} | " + " | ".join(cells) + " |")
+
+    # -- streams -------------------------------------------------------------------------------
+    print(
+        "\n| stream (500-word echo) | SSE events | wall p50 ms | events/s (p50) "
+        "| client CPU µs per event | E2EE overhead µs per event |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind in CLIENTS:
+        s = res.get(kind, "stream")
+        events = statistics.median(s.events)
+        wall = pct(s.wall, 0.5)
+        cpu_ev = statistics.median(s.slice_cpu) / events * us
+        sdk = kind.split("-")[0]
+        per_event = ""
+        if kind.endswith("e2ee"):
+            per_event = (
+                f"{statistics.median(paired_overhead(res, sdk, 'stream')) / events * us:.1f}"
+            )
+        print(
+            f"| {kind} | {events:.0f} | {wall * ms:.1f} | {events / wall:,.0f} "
+            f"| {cpu_ev:.1f} | {per_event} |"
+        )
+
+    # -- verdicts ----------------------------------------------------------------------------------
+    kem_ms = (enc + dec) / 1000
+    print()
+    for op in ("nonstream", "stream"):
+        verdict = "meets" if ratios[op] >= 4 else "misses"
+        print(
+            f"{op}: reference client CPU overhead / ours = {ratios[op]:.1f}× "
+            f"({verdict} the ≥ 4× target)"
+        )
+    for op in ("nonstream", "stream"):
+        a = added50[("ours", op)] * ms
+        verdict = "meets" if a <= kem_ms else "misses"
+        client = statistics.median(paired_overhead(res, "ours", op)) * ms
+        e2ee, plain = res.get("ours-e2ee", op), res.get("ours-plain", op)
+        servers = (e2ee.server_cpu / len(e2ee.wall) - plain.server_cpu / len(plain.wall)) * ms
+        print(
+            f"{op}: ours adds {a:+.2f} ms at p50 vs encaps + decaps {kem_ms:.2f} ms ({verdict} "
+            f"the target). Per call the client spends {client:.2f} ms more CPU, relay + "
+            f"instance {servers:.2f} ms more than the engine alone (same 2 cores, partly "
+            "overlapping), plus 2 more loopback hops"
+        )
+    print(
+        "noise: ± is half the interquartile range of the per-round CPU per call, as % of its median"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (~20 s)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 50, --quick 10)")
+    ap.add_argument("--calls", type=int, default=10, help="non-streamed calls per round")
+    ap.add_argument("--streams", type=int, default=2, help="streamed calls per round")
+    ap.add_argument(
+        "--protocol",
+        choices=("v1", "auto"),
+        default="v1",
+        help="our transport's wire version (v1: as the reference; auto: its default)",
+    )
+    args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 10 if args.quick else 50
+    if not REF_PYTHON.exists():
+        sys.exit(f"reference venv not found at {REF_PYTHON}")
+    has_v2 = "prefer_v2" in inspect.signature(pqe2ee.E2EETransport).parameters
+    print(
+        f"pqe2ee {pqe2ee.__version__} | Python {platform.python_version()} | "
+        f"httpx2 {httpx2.__version__} | {platform.machine()} × {os.cpu_count()} CPUs | "
+        f"our transport: {'v1 (prefer_v2=False)' if has_v2 and args.protocol == 'v1' else 'default'}"
+    )
+    t0 = time.monotonic()
+    res, versions = run(args)
+    report(res, versions, args)
+    print(f"(run took {time.monotonic() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
