@@ -3,7 +3,13 @@ overhead per record with and without padding.
 
 Run by hand (not part of the test suite)::
 
-    .venv/bin/python benchmarks/bench_v2.py [--rounds N] [--records M]
+    .venv/bin/python benchmarks/bench_v2.py [--rounds N] [--records M] [--transport-rounds K]
+
+The last section goes through the real transport (``pqe2ee.E2EETransport`` over httpx2, as the
+openai SDK uses it) to a dev-engine -> ``pqe2ee instance`` -> ``pqe2ee relay`` stack served in
+this process: per request, the client thread's CPU time (``time.thread_time``: the servers run
+in other threads) and the wall time, v1 (``prefer_v2=False``) and v2 (``min_version=2``)
+alternating request by request on the same stack.
 
 Client CPU per request = everything the client does for one non-stream exchange:
 
@@ -20,14 +26,17 @@ Target (issue 7): v2 client CPU within 1.3x of v1. Each number is the lowest of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cryptography
@@ -281,10 +290,95 @@ def v2_stream(records: int, padding: int) -> tuple[float, int, int]:
     return (t_total - t_key) / records, len(init), per_chunk
 
 
+# -- through the transport -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stack() -> Iterator[str]:
+    """dev-engine -> instance (v1 and v2) -> relay, in this process; yields the relay's URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from pqe2ee.server import dev_engine, instance, relay
+    from servers import run_app  # the test suite's loopback server helper
+
+    with contextlib.ExitStack() as es:
+        engine = es.enter_context(run_app(dev_engine.create_app()))
+        inst = es.enter_context(
+            run_app(instance.create_app(instance.InstanceConfig(upstream=engine)))
+        )
+        config = relay.RelayConfig(
+            instances=(inst,),
+            api_keys=(TRANSPORT_KEY,),
+            startup_wait=5.0,
+            rate_limit=100_000,
+            nonces_per_instance=200,
+        )
+        yield es.enter_context(run_app(relay.create_app(config)))
+
+
+TRANSPORT_KEY = "pk-bench-v2-transport-0123456789"
+
+
+def transport_rows(rounds: int) -> list[tuple[str, float, float, float, float]]:
+    """(case, v1 CPU us, v2 CPU us, v1 wall ms, v2 wall ms): medians over ``rounds``."""
+    import httpx2
+
+    from pqe2ee import E2EETransport
+
+    words = " ".join(f"w{i}" for i in range(40))
+    cases = [
+        ("non-stream, 40-word answer", {"stream": False}),
+        ("stream, 42 chunks", {"stream": True}),
+    ]
+    out = []
+    with _stack() as relay_url:
+        clients = {
+            v: httpx2.Client(
+                transport=E2EETransport(
+                    api_key=TRANSPORT_KEY,
+                    api_base=relay_url,
+                    models_base=relay_url,
+                    **({"prefer_v2": False} if v == 1 else {"min_version": 2}),
+                )
+            )
+            for v in (1, 2)
+        }
+        try:
+            for label, extra in cases:
+                body = {
+                    "model": "dev-echo",
+                    "messages": [{"role": "user", "content": words}],
+                    **extra,
+                }
+                cpu: dict[int, list[float]] = {1: [], 2: []}
+                wall: dict[int, list[float]] = {1: [], 2: []}
+                for i in range(rounds + 10):
+                    for v in (1, 2) if i % 2 else (2, 1):
+                        c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+                        resp = clients[v].post("http://sdk.invalid" + PATH, json=body)
+                        assert resp.status_code == 200 and b"w39" in resp.content, resp.text
+                        if i >= 10:  # warm-up done
+                            cpu[v].append((time.thread_time_ns() - c0) / 1000)
+                            wall[v].append((time.perf_counter_ns() - w0) / 1e6)
+                out.append(
+                    (
+                        label,
+                        statistics.median(cpu[1]),
+                        statistics.median(cpu[2]),
+                        statistics.median(wall[1]),
+                        statistics.median(wall[2]),
+                    )
+                )
+        finally:
+            for client in clients.values():
+                client.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--transport-rounds", type=int, default=200)
     args = parser.parse_args()
     print(
         f"pqe2ee {pqe2ee.__version__ if hasattr(pqe2ee, '__version__') else '?'}, "
@@ -352,6 +446,18 @@ def main() -> None:
         t, init, per = v2_stream(args.records, padding)
         label = "v2, no padding" if not padding else f"v2, buckets of {padding}"
         print(f"| {label} | {init} | {per} | {per - len(CHUNK)} | {t:.1f} |")
+
+    if args.transport_rounds > 0:
+        print(
+            f"\n## Through the transport (httpx2 E2EETransport, loopback stack), "
+            f"median of {args.transport_rounds}\n"
+        )
+        print(
+            "| request | v1 client CPU (us) | v2 client CPU (us) | v2/v1 | v1 wall (ms) | v2 wall (ms) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for label, c1, c2, w1, w2 in transport_rows(args.transport_rounds):
+            print(f"| {label} | {c1:.0f} | {c2:.0f} | {c2 / c1:.2f}x | {w1:.2f} | {w2:.2f} |")
 
 
 if __name__ == "__main__":

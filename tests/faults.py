@@ -403,17 +403,19 @@ def serve_faulty_stack(
     instance_kw: dict[str, Any] | None = None,
     **relay_kw: Any,
 ) -> Iterator[FaultyStack]:
-    """dev-engine -> ``n_instances`` real instances -> real relay -> :class:`FaultyRelay`."""
+    """dev-engine -> ``n_instances`` real instances -> real relay -> :class:`FaultyRelay`.
+
+    The instances serve v1 only (``v2=False`` unless ``instance_kw`` says otherwise): every
+    fault here edits v1 records, and clients prefer v2 where it is offered. The v2 faults are
+    in tests/test_v2_client.py.
+    """
+    kw: dict[str, Any] = {"v2": False, **(instance_kw or {})}
     with contextlib.ExitStack() as stack:
         engine_app = dev_engine.create_app()
         engine = stack.enter_context(run_app(engine_app))
         urls = [
             stack.enter_context(
-                run_app(
-                    instance.create_app(
-                        instance.InstanceConfig(upstream=engine, **(instance_kw or {}))
-                    )
-                )
+                run_app(instance.create_app(instance.InstanceConfig(upstream=engine, **kw)))
             )
             for _ in range(n_instances)
         ]

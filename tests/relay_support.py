@@ -1,5 +1,6 @@
 """Helpers shared by the relay tests: a real dev-engine -> instance -> relay stack on loopback,
-and a small client built from ``pqe2ee.protocol`` + httpx2 (no transport shims involved).
+and a small client built from ``pqe2ee.protocol`` + httpx2 (no transport shims involved), for
+v1 and for wire profile v2 (``seal_v2`` / ``open_v2`` / ``read_stream_v2``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import httpx2
 
 from pqe2ee.backends import get_aead, get_kem
+from pqe2ee.backends.xwing import get_xwing
 from pqe2ee.protocol import (
     Done,
     InnerEvent,
@@ -22,6 +24,18 @@ from pqe2ee.protocol import (
     open_response,
     parse_discovery,
     seal_request,
+)
+from pqe2ee.protocol.v2 import (
+    Data,
+    End,
+    Head,
+    ResponseV2,
+    SealedRequestV2,
+    StreamDecryptorV2,
+    UsageUpdate,
+    open_response_v2,
+    parse_v2_offer,
+    seal_request_v2,
 )
 from pqe2ee.server import dev_engine, instance, relay
 from servers import run_app
@@ -32,6 +46,7 @@ CHAT = "/v1/chat/completions"
 
 KEM = get_kem()
 AEAD = get_aead()
+XWING = get_xwing()
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
@@ -61,6 +76,11 @@ class Stack:
 
     def stats(self) -> dict[str, int]:
         return dict(httpx2.get(self.engine + "/dev/stats", timeout=10).json())
+
+    def server(self, i: int = 0) -> instance.Instance:
+        """The running :class:`~pqe2ee.server.instance.Instance` behind ``instances[i]``."""
+        inst: instance.Instance = self.counters[i].app.state.instance
+        return inst
 
 
 @contextlib.contextmanager
@@ -182,3 +202,98 @@ def wait_until(pred: Callable[[], bool], *, timeout: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+# -- wire profile v2 ------------------------------------------------------------------------------
+
+
+@dataclass
+class SealedV2:
+    sealed: SealedRequestV2
+    headers: dict[str, str]
+
+    @property
+    def blob(self) -> bytes:
+        return self.sealed.blob
+
+
+def v2_key(inst: InstanceInfo) -> bytes:
+    """The instance's v2 public key from its discovery row (the offer must be valid)."""
+    offer = parse_v2_offer(inst.extra, time.time())
+    assert offer is not None, "the discovery row has no e2e_v2 offer"
+    return offer.public_key
+
+
+def seal_v2(
+    public_key: bytes,
+    instance_id: str,
+    nonce: str,
+    chute_id: str,
+    body: bytes,
+    *,
+    key: str = KEY_A,
+    path: str = CHAT,
+    now_ms: int | None = None,
+    **kw: Any,
+) -> SealedV2:
+    """A v2 request and the unchanged v1 invoke headers, every value taken from H."""
+    sealed = seal_request_v2(
+        body,
+        public_key,
+        chute_id=chute_id,
+        instance_id=instance_id,
+        relay_nonce=nonce,
+        path=path,
+        now_ms=int(time.time() * 1000) if now_ms is None else now_ms,
+        xwing=XWING,
+        aead=AEAD,
+        **kw,
+    )
+    return SealedV2(sealed, dict(sealed.invoke_headers(key)))
+
+
+def open_v2(sealed: SealedV2, data: bytes) -> ResponseV2:
+    return open_response_v2(data, sealed.sealed.secrets, aead=AEAD)
+
+
+@dataclass
+class StreamV2:
+    head: Head | None = None
+    data: bytes = b""
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    end: End | None = None
+
+    def text(self) -> str:
+        """Concatenated ``delta.content`` of the engine's chat SSE inside the DATA records."""
+        out: list[str] = []
+        for line in self.data.split(b"\n"):
+            if not line.startswith(b"data: {"):
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                out.append(choice.get("delta", {}).get("content") or "")
+        return "".join(out)
+
+
+def read_stream_v2(sealed: SealedV2, chunks: Iterator[bytes]) -> StreamV2:
+    """Feed outer SSE chunks to the v2 decryptor; raises its typed error on any violation."""
+    dec = StreamDecryptorV2(sealed.sealed.secrets, aead=AEAD)
+    out = StreamV2()
+
+    def drain() -> None:
+        for ev in dec.events():
+            if isinstance(ev, Head):
+                out.head = ev
+            elif isinstance(ev, Data):
+                out.data += ev.data
+            elif isinstance(ev, UsageUpdate):
+                out.usage.append(ev.usage)
+            elif isinstance(ev, End):
+                out.end = ev
+
+    for chunk in chunks:
+        dec.receive_data(chunk)
+        drain()
+    dec.receive_eof()
+    drain()
+    assert dec.complete
+    return out

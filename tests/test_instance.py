@@ -172,7 +172,7 @@ def test_health_and_info(http: httpx2.Client, inst: Running) -> None:
     assert info["models"] == ["dev-echo", "dev-tools", "dev-reason"]
     assert info["paths"] == [CHAT, COMPLETIONS]
     assert info["version"].startswith("pqe2ee/")
-    assert info["protocols"] == ["v1"]
+    assert info["protocols"] == ["v1", "v2"]  # v2 is served next to v1 by default
 
 
 # --------------------------------------------------------------------------------------------

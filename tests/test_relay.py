@@ -221,7 +221,7 @@ def test_discovery_shape_limits_and_random_order() -> None:
             assert len(set(ids)) == 5
             orders.add(tuple(ids))
             for row in doc["instances"]:
-                assert set(row) == {"instance_id", "e2e_pubkey", "nonces"}
+                assert set(row) == {"instance_id", "e2e_pubkey", "nonces", "e2e_v2"}
                 assert row["e2e_pubkey"] == info[row["instance_id"]]
                 assert len(base64.b64decode(row["e2e_pubkey"], validate=True)) == 1184
                 assert len(row["nonces"]) == 10

@@ -155,6 +155,51 @@ if click is not None:
         help="Bearer token for the engine (e.g. vLLM --api-key); prefer the env variable.",
     )
     @click.option(
+        "--v2/--no-v2",
+        "v2",
+        default=True,
+        show_default=True,
+        envvar="PQE2EE_V2",
+        help="Serve wire profile v2 (spec/v2.md) next to v1 on /e2e/invoke; --no-v2 serves v1 "
+        "only.",
+    )
+    @click.option(
+        "--v2-only",
+        is_flag=True,
+        envvar="PQE2EE_V2_ONLY",
+        help="Refuse v1 requests (426, code v1_disabled); only v2 is opened.",
+    )
+    @click.option(
+        "--v2-key-file",
+        type=click.Path(dir_okay=True, path_type=str),
+        envvar="PQE2EE_V2_KEY_FILE",
+        help="Keep the v2 X-Wing key here (its own file; same 0600 rules as --key-file). Such "
+        "a key is not rotated. Without it a fresh key is made at start and rotated.",
+    )
+    @click.option(
+        "--v2-key-lifetime",
+        default=3600.0,
+        show_default=True,
+        type=click.FloatRange(min=60, max=86400),
+        envvar="PQE2EE_V2_KEY_LIFETIME",
+        help="Seconds a generated v2 key stays current (it is then accepted one more lifetime "
+        "as the previous key, and erased).",
+    )
+    @click.option(
+        "--chute-id",
+        envvar="PQE2EE_CHUTE_ID",
+        help="The chute this instance serves (UUID), checked against v2 requests. Default: one "
+        "chute per model, named as pqe2ee relay names them.",
+    )
+    @click.option(
+        "--redis",
+        "redis_url",
+        envvar="PQE2EE_REPLAY_REDIS_URL",
+        metavar="URL",
+        help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
+        "noeviction) so several processes serving one key share it. Default: in memory.",
+    )
+    @click.option(
         "--log-level",
         default="info",
         show_default=True,
@@ -175,19 +220,29 @@ if click is not None:
         read_timeout: float,
         continuous_usage: bool,
         upstream_api_key: str | None,
+        v2: bool,
+        v2_only: bool,
+        v2_key_file: str | None,
+        v2_key_lifetime: float,
+        chute_id: str | None,
+        redis_url: str | None,
         log_level: str,
     ) -> None:
         """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
 
-        Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key, publishes it
-        at GET /e2e/info, and on POST /e2e/invoke opens the request blob the relay forwards,
-        sends the plaintext JSON to UPSTREAM and seals the reply (a blob, or an SSE stream of
-        encrypted records) to the caller's one-time key. The relay never sees plaintext.
-        Engine errors are sealed and keep the engine's status.
+        Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key (v1) and an
+        X-Wing key (v2), publishes them at GET /e2e/info, and on POST /e2e/invoke opens the
+        request blob the relay forwards (v1 or v2, told apart by the blob), sends the plaintext
+        JSON to UPSTREAM and seals the reply (a blob, or an SSE stream of encrypted records) to
+        the caller's one-time key. The relay never sees plaintext. Engine errors are sealed
+        (v1: with the engine's status; v2: status, errors and usage inside authenticated
+        records). v2 requests are also checked against the relay's routing headers, a 120 s
+        clock window and a replay cache.
 
         \b
         Example:
-          pqe2ee instance --upstream http://127.0.0.1:8000 --key-file /secrets/instance.key
+          pqe2ee instance --upstream http://127.0.0.1:8000 --key-file /secrets/instance.key \\
+              --v2-key-file /secrets/instance-v2.key --redis redis://127.0.0.1:6379/0
 
         A bad key file, backend or option stops it with exit code 2.
         """
@@ -209,6 +264,12 @@ if click is not None:
                 upstream_read_timeout=read_timeout,
                 continuous_usage=continuous_usage,
                 upstream_api_key=upstream_api_key,
+                v2=v2,
+                v2_only=v2_only,
+                v2_key_file=v2_key_file,
+                v2_key_lifetime=v2_key_lifetime,
+                chute_id=chute_id,
+                redis_url=redis_url,
             )
             serve(config, log_level=log_level)
         except PQE2EEError as exc:
@@ -446,6 +507,24 @@ if click is not None:
         help="Longest silence (seconds) tolerated from upstream mid-response.",
     )
     @click.option(
+        "--min-version",
+        default="1",
+        show_default=True,
+        type=click.Choice(["1", "2"]),
+        envvar="PQE2EE_MIN_VERSION",
+        help="Lowest wire profile accepted. 2 refuses any chute that does not offer v2 "
+        "(downgrade_refused, before anything is sent): the setting when you run your own "
+        "pqe2ee instances and relay. 1 accepts v1 for chutes that never offered v2.",
+    )
+    @click.option(
+        "--no-prefer-v2",
+        "no_prefer_v2",
+        is_flag=True,
+        default=False,
+        envvar="PQE2EE_NO_PREFER_V2",
+        help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
+    )
+    @click.option(
         "--log-level",
         default="info",
         show_default=True,
@@ -463,6 +542,8 @@ if click is not None:
         max_keys: int,
         key_idle_ttl: float,
         read_timeout: float,
+        min_version: str,
+        no_prefer_v2: bool,
         log_level: str,
     ) -> None:
         """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
@@ -481,6 +562,14 @@ if click is not None:
         What is encrypted: every model call - prompts, images, tool definitions and results,
         and every reply, streamed or not - is sealed on this machine to a fresh ML-KEM-768 key
         of the instance that runs the model, and opened only there.
+
+        Wire profile: v2 (X-Wing, hybrid ML-KEM-768 + X25519) wherever a chute's instances
+        offer it - it also binds the route (path, stream flag, chute, instance) into the
+        encryption, stops replays at the instance, and authenticates stream order, the end of
+        every answer, the engine's status and errors, and the usage the relay bills. A chute
+        seen with v2 is pinned: if the relay later offers it without v2 the call fails
+        (downgrade_suspected) instead of falling back. Chutes that never offered v2 get v1
+        (logged). Running your own instances? Use --min-version 2: v1 is then never sent.
 
         What goes in plaintext: the model listing (GET /v1/models), which carries no user
         data. Between this proxy and your tools traffic is plain HTTP: keep --host on
@@ -516,6 +605,8 @@ if click is not None:
                 max_keys=max_keys,
                 key_idle_ttl=key_idle_ttl,
                 read_timeout=read_timeout,
+                min_version=int(min_version),
+                prefer_v2=not no_prefer_v2,
             )
             serve(config, log_level=log_level)
         except PQE2EEError as exc:

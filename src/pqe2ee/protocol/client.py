@@ -5,13 +5,20 @@ A transport (httpx2, httpx, aiohttp, anyio) does only I/O around this::
 
     state = ClientState()
     chute = state.resolve_chute(model, now)          # None -> fetch /v1/models, state.update_models
-    lease = state.lease(chute, now)                  # None -> discovery (state.discovery_wait,
+    lease, neg = state.negotiated_lease(chute, negotiator, now, wall)
+                                                     # None -> discovery (state.discovery_wait,
                                                      #   state.record_discovery, state.load_discovery)
-    sealed = seal_request(body, lease.public_key, ...)
-    headers = invoke_headers(api_key, lease, sealed, path)
+    v1: sealed = seal_request(body, lease.public_key, ...); headers = invoke_headers(...)
+    v2: sealed = seal_request_v2(body, neg.offers[lease.instance_id].public_key, ...);
+        headers = sealed.invoke_headers(api_key)
     ... POST {api_base}/e2e/invoke ...
-    error = classify_invoke_error(status, content_type, body)   # non-200 only
+    error = classify_v2_hint(status, body) or classify_invoke_error(status, body)  # non-200
     state.report(lease, error, now); retry while error.retryable and attempts remain
+
+Version negotiation (spec/v2.md §8) happens before a lease is taken: :meth:`ClientState.negotiate`
+applies a :class:`~pqe2ee.protocol.v2.Negotiator` to the instances of the chute's pool and keeps
+the decision until the next discovery, so a strict client refuses v1 (``downgrade_refused``) and
+a pinned chute without v2 refuses (``downgrade_suspected``) before any nonce is spent.
 
 All methods of :class:`ClientState` are thread-safe (one short critical section each), so one
 state can serve many threads and tasks; ``now`` is always a parameter.
@@ -36,15 +43,20 @@ from pqe2ee.protocol.discovery import (
     parse_models,
 )
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, SealedRequest
+from pqe2ee.protocol.v2.negotiation import Decision, Negotiator, V2Offer
+from pqe2ee.protocol.v2.request import parse_instance_hint
 
 __all__ = [
     "DEFAULT_E2E_PATHS",
     "INVOKE_PATH",
     "RETRYABLE",
+    "RETRYABLE_ONCE_V2",
     "ClientLimits",
     "ClientState",
+    "Negotiated",
     "classify_discovery_error",
     "classify_invoke_error",
+    "classify_v2_hint",
     "discovery_path",
     "e2e_model",
     "invoke_headers",
@@ -65,6 +77,15 @@ RETRYABLE: Final = frozenset(
         ErrorCode.KEY_EXCHANGE_REQUIRED,
     }
 )
+
+#: v2 instance hints after which a request is retried - once per request - as a new request
+#: (new nonce, ts, request_id, response key and seal): ``unknown_key`` (the instance rotated its
+#: key: the pool is dropped so that the retry rediscovers) and ``stale`` (clock skew or the
+#: replay cache's floor under load: a fresh ``ts`` passes). Every other hint (``replay``,
+#: ``context_mismatch``, ``decrypt_failed``, ``bad_header``, ``malformed_blob``,
+#: ``malformed_payload``, ``bad_padding``, ``oversize``) means the request or the path to the
+#: instance is broken, or someone replayed or altered it: retrying cannot help, it is raised.
+RETRYABLE_ONCE_V2: Final = frozenset({ErrorCode.UNKNOWN_KEY, ErrorCode.STALE})
 
 # How long to avoid an instance after it said it is busy / needs key exchange.
 BUSY_COOLDOWN: Final = 5.0
@@ -147,6 +168,29 @@ def classify_invoke_error(status: int, body: bytes) -> RelayError:
     return RelayError(f"relay answered {status}: {_detail(body)}", code=code, status=status)
 
 
+def classify_v2_hint(status: int, body: bytes) -> RelayError | None:
+    """The typed error of a plaintext v2 instance refusal (``{"detail":"e2e_v2:<code>"}``, also
+    when the relay wrapped it), else ``None`` (classify it as a v1 relay answer).
+
+    The code is the hint's (``replay``, ``stale``, ``unknown_key``, ``context_mismatch``, ...);
+    a 409 without a readable hint is ``replay`` (the only use of 409 in v2: a relay that
+    rewrites instance errors keeps the status). Hints are unauthenticated: a relay can forge
+    them, which is denial of service, never a wrong answer.
+    """
+    if status == 200:
+        return None
+    code = parse_instance_hint(body)
+    if code is None and status == 409:
+        code = ErrorCode.REPLAY
+    if code is None:
+        return None
+    return RelayError(
+        f"the instance refused the v2 request ({status}, e2e_v2:{code.value})",
+        code=code,
+        status=status,
+    )
+
+
 def classify_discovery_error(status: int, body: bytes) -> RelayError:
     """Turn a non-200 answer to ``GET /e2e/instances/{chute_id}`` into a typed error.
 
@@ -164,6 +208,25 @@ def classify_discovery_error(status: int, body: bytes) -> RelayError:
     else:
         code = ErrorCode.DISCOVERY_FAILED
     return RelayError(f"discovery answered {status}: {_detail(body)}", code=code, status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """A version decision for one chute's pool (see :meth:`ClientState.negotiate`).
+
+    ``excluded``: instance ids a lease must not use (v1-only instances of a chute that offers
+    v2); ``offers``: the v2 offer of each candidate instance (empty for v1).
+    """
+
+    decision: Decision
+    generation: int
+    valid_until: float  # wall clock: the earliest offer's expiry (+ skew), inf for v1
+    excluded: frozenset[str]
+    offers: Mapping[str, V2Offer]
+
+    @property
+    def version(self) -> int:
+        return self.decision.version
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +249,7 @@ class ClientState:
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
         self._models_generation = 0
+        self._negotiated: dict[str, Negotiated] = {}
 
     # models ------------------------------------------------------------------------------------
 
@@ -229,6 +293,63 @@ class ClientState:
         with self._lock:
             return self._pool(chute_id).take(now, exclude=exclude)
 
+    def negotiate(
+        self, chute_id: str, negotiator: Negotiator, now: float, wall: float
+    ) -> Negotiated | None:
+        """The protocol version for ``chute_id`` and the instances a lease may use, decided by
+        ``negotiator`` on the instances of the last discovery; ``None`` when the pool has no
+        usable nonce (discover first). ``now`` is the pool's clock, ``wall`` Unix seconds.
+
+        The decision is kept until the next discovery, so pins are refreshed once per discovery;
+        once an offer it relied on expires it is ``None`` again (rediscover). Raises
+        RemoteProtocolError ``downgrade_refused`` (strict policy, no v2 instance) or
+        ``downgrade_suspected`` (pinned chute, no v2 instance) - before any nonce is spent.
+        """
+        with self._lock:
+            pool = self._pool(chute_id)
+            cached = self._negotiated.get(chute_id)
+            if cached is not None and cached.generation == pool.generation:
+                if wall < cached.valid_until:
+                    return cached  # (an exhausted pool then gives no lease: discovery follows)
+                return None  # an offer it relied on expired: decide on a fresh discovery
+            if pool.available(now) == 0:
+                return None  # nothing to decide on that could be used: discover first
+            generation = pool.generation
+            rows = pool.instances()
+        decision = negotiator.decide(chute_id, rows, wall)
+        offers = {c.instance.instance_id: c.offer for c in decision.candidates if c.offer}
+        skew = negotiator.policy.clock_skew_s
+        valid_until = min((o.not_after + skew for o in offers.values()), default=float("inf"))
+        allowed = {c.instance.instance_id for c in decision.candidates}
+        negotiated = Negotiated(
+            decision,
+            generation,
+            valid_until,
+            frozenset(r.instance_id for r in rows if r.instance_id not in allowed),
+            offers,
+        )
+        with self._lock:
+            if self._pool(chute_id).generation == generation:
+                self._negotiated[chute_id] = negotiated
+        return negotiated
+
+    def negotiated_lease(
+        self, chute_id: str, negotiator: Negotiator, now: float, wall: float
+    ) -> tuple[Lease, Negotiated] | None:
+        """:meth:`negotiate`, then a lease of an instance the decision allows, both from the
+        same discovery; ``None`` when there is none (discover first)."""
+        for _ in range(3):  # a discovery loaded in between: decide again on it
+            negotiated = self.negotiate(chute_id, negotiator, now, wall)
+            if negotiated is None:
+                return None
+            with self._lock:
+                pool = self._pool(chute_id)
+                if pool.generation != negotiated.generation:
+                    continue
+                lease = pool.take(now, exclude=negotiated.excluded)
+            return None if lease is None else (lease, negotiated)
+        return None
+
     def needs_discovery(self, chute_id: str, now: float) -> bool:
         """True when the pool is empty, low, or close to expiry (prefetch)."""
         with self._lock:
@@ -268,8 +389,8 @@ class ClientState:
         """Feed a relay error back into the pool: spent nonce, gone or busy instance."""
         with self._lock:
             pool = self._pool(lease.chute_id)
-            if error.code is ErrorCode.NONCE_REJECTED:
-                pool.invalidate()
+            if error.code in (ErrorCode.NONCE_REJECTED, ErrorCode.UNKNOWN_KEY):
+                pool.invalidate()  # unknown_key: the instance rotated its v2 key - rediscover
             elif error.code is ErrorCode.INSTANCE_GONE:
                 pool.drop_instance(lease.instance_id, now)
             elif error.code is ErrorCode.INSTANCE_BUSY:

@@ -234,6 +234,7 @@ class NoncePool:
         self._dropped: dict[str, float] = {}  # instance_id -> until
         self._expires_at = 0.0
         self._turn = 0
+        self._generation = 0
 
     # loading -------------------------------------------------------------------------------
 
@@ -249,6 +250,18 @@ class NoncePool:
             if inst.instance_id not in self._dropped
         }
         self._expires_at = result.expires_at
+        self._generation += 1
+
+    @property
+    def generation(self) -> int:
+        """How many discovery results were loaded: a decision taken on :meth:`instances`
+        holds until this moves."""
+        return self._generation
+
+    def instances(self) -> tuple[InstanceInfo, ...]:
+        """The rows of the last discovery still in the pool (gone instances dropped), whatever
+        their nonces or cool-down: what a version decision is taken on."""
+        return tuple(e.info for e in self._entries.values())
 
     # leasing -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """``pqe2ee proxy``: a local OpenAI / Responses / Anthropic endpoint that encrypts every call.
 
 Point any OpenAI or Anthropic client (the SDKs, Codex, Claude Code, ...) at the proxy; it speaks
-plain HTTP to them on loopback and end-to-end encrypted Chutes v1 to the network::
+plain HTTP to them on loopback and end-to-end encrypted Chutes v1 or pqe2ee profile v2 (where
+the chute offers it; see :class:`ProxyConfig` ``min_version`` / ``prefer_v2``) to the network::
 
     POST /v1/chat/completions       body forwarded byte for byte, encrypted; replies decrypted
     POST /v1/completions            the same (legacy completions)
@@ -140,6 +141,13 @@ class ProxyConfig:
     with their dialect's error event. ``transport_options`` are passed to :class:`pqe2ee.AsyncE2EETransport` as
     keywords (``max_attempts``, ``limits``, ``on_usage``, ...); the proxy always sets
     ``strict=True`` (a model call that cannot be encrypted is refused, never sent in plaintext).
+
+    ``min_version`` / ``prefer_v2`` are the wire-profile policy (spec/v2.md §8.2) of every
+    per-key transport, which share one set of per-chute v2 pins: by default v2 where a chute
+    offers it, and a chute once seen with v2 is refused (``downgrade_suspected``) if it comes
+    back without; ``min_version=2`` refuses v1 outright (``downgrade_refused``, before any
+    nonce is spent) - the setting for instances you run yourself; ``prefer_v2=False`` speaks v1
+    only.
     """
 
     api_base: str = DEFAULT_API_BASE
@@ -159,6 +167,8 @@ class ProxyConfig:
     write_timeout: float = 60.0
     shutdown_grace: float = 5.0
     transport_options: Mapping[str, Any] = field(default_factory=dict)
+    min_version: int = 1
+    prefer_v2: bool = True
 
     def __post_init__(self) -> None:
         for name in ("api_base", "models_base"):
@@ -179,6 +189,17 @@ class ProxyConfig:
             raise LocalProtocolError("shutdown_grace must be >= 0")
         if not 0 <= self.port <= 65535:
             raise LocalProtocolError("port must be in 0..65535")
+        if self.min_version not in (1, 2) or isinstance(self.min_version, bool):
+            raise LocalProtocolError("min_version must be 1 or 2")
+        if not isinstance(self.prefer_v2, bool):
+            raise LocalProtocolError("prefer_v2 must be a bool")
+        if self.min_version == 2 and not self.prefer_v2:
+            raise LocalProtocolError("min_version=2 needs prefer_v2 (v2 is the only choice)")
+        clash = {"min_version", "prefer_v2", "negotiator"} & set(self.transport_options)
+        if clash:
+            raise LocalProtocolError(
+                f"set {', '.join(sorted(clash))} on ProxyConfig, not in transport_options"
+            )
         object.__setattr__(self, "transport_options", dict(self.transport_options))
 
 
@@ -525,10 +546,14 @@ def _timeout(config: ProxyConfig) -> httpx2.Timeout:
 
 def _client_factory(config: ProxyConfig) -> Callable[[str], httpx2.AsyncClient]:
     """One client per API key over a *strict* E2EE transport: a model call that cannot be
-    encrypted is refused by the transport, never sent in plaintext."""
+    encrypted is refused by the transport, never sent in plaintext. Every transport applies
+    the proxy's version policy with one shared :class:`~pqe2ee.protocol.v2.Negotiator`, so a
+    chute pinned to v2 through one key is pinned for all."""
+    from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
     from pqe2ee.transports.httpx2 import AsyncE2EETransport
 
-    options = {**config.transport_options, "strict": True}
+    negotiator = Negotiator(E2EPolicy(min_version=config.min_version, prefer_v2=config.prefer_v2))
+    options = {**config.transport_options, "strict": True, "negotiator": negotiator}
     timeout = _timeout(config)
     limits = httpx2.Limits(
         max_connections=config.max_connections,

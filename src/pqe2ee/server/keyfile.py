@@ -1,11 +1,16 @@
-"""The instance's long-lived ML-KEM-768 key on disk: a 64-byte seed in a private file.
+"""The instance's long-lived keys on disk: a seed in a private file.
 
-File format (text, ASCII, 153 bytes)::
+Two formats, told apart by their first line (a file of one kind is refused as the other, so the
+v1 and v2 keys can never be mixed up)::
 
-    pqe2ee-mlkem768-seed-v1\\n
+    pqe2ee-mlkem768-seed-v1\\n                                   v1 key, 153 bytes
     <128 lowercase hex digits: the FIPS 203 seed d || z>\\n
 
-The seed is all a backend needs to rebuild the key pair (``KEM.from_seed``). Rules:
+    pqe2ee-xwing-seed-v1\\n                                      v2 key, 86 bytes
+    <64 lowercase hex digits: the 32-byte X-Wing seed>\\n
+
+The seed is all a backend needs to rebuild the key pair (``KEM.from_seed`` /
+``XWing.from_seed``). Rules, the same for both formats:
 
 * loading refuses a path that is not a regular file (directory, FIFO, device) and a file whose
   mode lets the group or others read or write it (``mode & 0o077``), like ``ssh`` does with private
@@ -28,26 +33,49 @@ import errno
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pqe2ee.backends import get_kem
 from pqe2ee.backends.base import KEM, MLKEM768_SEED_LEN, KEMPrivateKey
 from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError
 
+if TYPE_CHECKING:
+    from pqe2ee.backends.xwing import XWing, XWingPrivateKey
+
 __all__ = [
     "KEY_FILE_HEADER",
+    "MLKEM768_FORMAT",
+    "XWING_FORMAT",
+    "XWING_KEY_FILE_HEADER",
     "KeyFileError",
+    "KeyFormat",
     "decode_seed",
     "encode_seed",
     "load_or_create_key",
+    "load_or_create_xwing_key",
     "read_seed",
     "seed_kem",
     "write_seed",
 ]
 
 KEY_FILE_HEADER: Final = b"pqe2ee-mlkem768-seed-v1"
-_MAX_FILE: Final = 4096  # a valid file is 153 bytes; never read more than this
+XWING_KEY_FILE_HEADER: Final = b"pqe2ee-xwing-seed-v1"
+_MAX_FILE: Final = 4096  # a valid file is 153 or 86 bytes; never read more than this
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFormat:
+    """One kind of seed file: its first line, its seed length, a name for messages."""
+
+    header: bytes
+    seed_len: int
+    name: str
+
+
+MLKEM768_FORMAT: Final = KeyFormat(KEY_FILE_HEADER, MLKEM768_SEED_LEN, "ML-KEM-768")
+XWING_FORMAT: Final = KeyFormat(XWING_KEY_FILE_HEADER, 32, "X-Wing")
 
 
 class KeyFileError(LocalProtocolError):
@@ -56,23 +84,23 @@ class KeyFileError(LocalProtocolError):
     default_code = ErrorCode.INVALID_KEY
 
 
-def encode_seed(seed: bytes) -> bytes:
-    """The file contents for ``seed`` (64 bytes)."""
-    if len(seed) != MLKEM768_SEED_LEN:
-        raise KeyFileError(f"seed must be {MLKEM768_SEED_LEN} bytes, got {len(seed)}")
-    return KEY_FILE_HEADER + b"\n" + binascii.hexlify(seed) + b"\n"
+def encode_seed(seed: bytes, fmt: KeyFormat = MLKEM768_FORMAT) -> bytes:
+    """The file contents for ``seed`` (64 bytes for ML-KEM-768, 32 for X-Wing)."""
+    if len(seed) != fmt.seed_len:
+        raise KeyFileError(f"seed must be {fmt.seed_len} bytes, got {len(seed)}")
+    return fmt.header + b"\n" + binascii.hexlify(seed) + b"\n"
 
 
-def decode_seed(data: bytes, *, path: str = "key file") -> bytes:
+def decode_seed(data: bytes, *, path: str = "key file", fmt: KeyFormat = MLKEM768_FORMAT) -> bytes:
     """The seed from file contents; :class:`KeyFileError` when the format is wrong."""
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    if len(lines) != 2 or lines[0].rstrip(b"\r") != KEY_FILE_HEADER:
-        raise KeyFileError(f"{path} is not a pqe2ee ML-KEM-768 seed file")
+    if len(lines) != 2 or lines[0].rstrip(b"\r") != fmt.header:
+        raise KeyFileError(f"{path} is not a pqe2ee {fmt.name} seed file")
     hexed = lines[1].strip()
-    if len(hexed) != 2 * MLKEM768_SEED_LEN:
-        raise KeyFileError(f"{path} does not hold a {MLKEM768_SEED_LEN}-byte seed")
+    if len(hexed) != 2 * fmt.seed_len:
+        raise KeyFileError(f"{path} does not hold a {fmt.seed_len}-byte seed")
     try:
         return binascii.unhexlify(hexed)
     except (binascii.Error, ValueError):
@@ -83,7 +111,7 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def read_seed(path: str | os.PathLike[str]) -> bytes:
+def read_seed(path: str | os.PathLike[str], fmt: KeyFormat = MLKEM768_FORMAT) -> bytes:
     """Read and check a seed file. Raises FileNotFoundError when it does not exist."""
     name = os.fspath(path)
     try:
@@ -119,16 +147,16 @@ def read_seed(path: str | os.PathLike[str]) -> bytes:
         raise KeyFileError(f"cannot read key file {name}: {_os_reason(exc)}") from None
     finally:
         os.close(fd)
-    return decode_seed(b"".join(chunks), path=f"key file {name}")
+    return decode_seed(b"".join(chunks), path=f"key file {name}", fmt=fmt)
 
 
-def write_seed(path: str | os.PathLike[str], seed: bytes) -> None:
+def write_seed(path: str | os.PathLike[str], seed: bytes, fmt: KeyFormat = MLKEM768_FORMAT) -> None:
     """Create ``path`` holding ``seed``, mode 0600, atomically; never overwrite.
 
     Raises FileExistsError when ``path`` already exists, KeyFileError on other OS errors.
     """
     name = os.fspath(path)
-    data = encode_seed(seed)
+    data = encode_seed(seed, fmt)
     target = Path(name)
     tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -212,3 +240,23 @@ def load_or_create_key(
         # Someone created it between our read and our link: use theirs.
         return kem.from_seed(read_seed(path)), False
     return kem.from_seed(seed), True
+
+
+def load_or_create_xwing_key(
+    path: str | os.PathLike[str], xwing: XWing
+) -> tuple[XWingPrivateKey, bool]:
+    """The v2 (X-Wing) key at ``path``, or a fresh one created there: ``(key, created)``.
+
+    Same rules as :func:`load_or_create_key`; the file has its own first line, so a v1 key file
+    given here (or the other way round) is refused instead of reused across protocols.
+    """
+    try:
+        return xwing.from_seed(read_seed(path, XWING_FORMAT)), False
+    except FileNotFoundError:
+        pass
+    seed = os.urandom(XWING_FORMAT.seed_len)
+    try:
+        write_seed(path, seed, XWING_FORMAT)
+    except FileExistsError:
+        return xwing.from_seed(read_seed(path, XWING_FORMAT)), False
+    return xwing.from_seed(seed), True

@@ -13,15 +13,24 @@ Endpoints::
     GET  /v1/models                  model list; chute_id = uuid5(URL, "pqe2ee:model:" + model)
     GET  /e2e/instances/{chute_id}   <= max_instances instances in random order, each with
                                      nonces_per_instance single-use nonces (Bearer auth,
-                                     rate-limited per API key)
+                                     rate-limited per API key) and, for instances serving
+                                     wire profile v2, their ``e2e_v2`` offer (spec/v2.md §8.1)
     POST /e2e/invoke                 consume the nonce, forward the blob to the instance,
                                      stream the answer back (Bearer auth)
     GET  /health                     {"status": "ok"|"degraded", "instances": {...}}
     GET  /metrics                    Prometheus text (counts and latencies only)
 
-Error statuses follow the real relay (design notes ``chutes-v1-notes.md``, section 5), with one
-deliberate improvement: an instance's *sealed* error (``application/octet-stream``,
-any status) is passed through unchanged, so the client can open the engine's message.
+Error statuses follow the real relay (design notes ``chutes-v1-notes.md``, section 5), with two
+deliberate improvements: an instance's *sealed* error (``application/octet-stream``,
+any status) is passed through unchanged, so the client can open the engine's message; and an
+instance's v2 plaintext hint (``{"detail":"e2e_v2:<code>"}``) keeps its text on 409 (replay) and
+413 as on 400, nested in ``detail`` the way the real relay nests a 400.
+
+v2 needs nothing else from the relay: its blobs and stream lines pass through like v1's (the
+body is never parsed or rewritten; the headers are forwarded as for v1). Instances announce v2
+in ``/e2e/info`` (``protocols``, ``e2e_v2``); the relay checks the offer when it reads it (an
+invalid one is dropped, with a warning, from an instance that also serves v1; an instance that
+serves only v2 and has no valid offer is unavailable) and copies it into discovery rows.
 
 ``confidential_compute`` in ``/v1/models`` is ``false`` unless :attr:`RelayConfig.tee` says the
 instances run in attested TEEs; some third-party Chutes clients refuse models without it.
@@ -65,6 +74,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, LocalProtocolError, MalformedError
 from pqe2ee.protocol.codec import b64decode
+from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD, parse_v2_offer
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
     NonceStore,
@@ -94,6 +104,7 @@ _MAX_ERROR_BODY: Final = 64 * 1024
 _MAX_NONCE_LEN: Final = 256
 _KEY_RE: Final = re.compile(r"^[\x21-\x2b\x2d-\x7e]{1,512}$")  # printable, no space/comma
 _INSTANCE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_V2_HINT: Final = b'"e2e_v2:'  # an instance's v2 refusal: {"detail":"e2e_v2:<code>"}
 
 
 def chute_id_for(model: str) -> str:
@@ -222,9 +233,15 @@ class _Info(msgspec.Struct):
     paths: list[str] = msgspec.field(default_factory=list)
     version: str = ""
     protocols: list[str] = msgspec.field(default_factory=lambda: ["v1"])
+    e2e_v2: dict[str, Any] | None = None
 
 
-def _parse_info(doc: bytes) -> _Info:
+def _parse_info(doc: bytes, now: float) -> tuple[_Info, str | None]:
+    """The instance's document, and why its v2 offer was dropped (None if it was not).
+
+    ``e2e_pubkey`` is required even from a v2-only instance: every client's discovery parser
+    needs a valid v1 key in each row (the instance never opens anything with it).
+    """
     try:
         info = msgspec.json.decode(doc, type=_Info)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -233,14 +250,31 @@ def _parse_info(doc: bytes) -> _Info:
         ) from None
     if not _INSTANCE_ID_RE.match(info.instance_id):
         raise MalformedError("/e2e/info has an unusable instance_id")
-    if "v1" not in info.protocols:
-        raise MalformedError("instance does not speak protocol v1")
+    v1 = "v1" in info.protocols
+    v2 = "v2" in info.protocols
+    if not v1 and not v2:
+        raise MalformedError("instance speaks neither protocol v1 nor v2")
     key = b64decode(info.e2e_pubkey, what="e2e_pubkey", code=ErrorCode.MALFORMED_DISCOVERY)
     if len(key) != MLKEM768_PK_LEN:
         raise MalformedError(f"e2e_pubkey must hold {MLKEM768_PK_LEN} bytes")
     if not info.models or any(not m or len(m) > 512 for m in info.models):
         raise MalformedError("/e2e/info must list at least one model name")
-    return info
+    dropped: str | None = None
+    if info.e2e_v2 is not None or v2:
+        try:
+            offer = (
+                None if info.e2e_v2 is None else parse_v2_offer({DISCOVERY_FIELD: info.e2e_v2}, now)
+            )
+        except MalformedError as exc:
+            offer, dropped = None, exc.message
+        if offer is None:
+            dropped = dropped or "protocols lists v2 but there is no e2e_v2 offer"
+            if not v1:
+                raise MalformedError(f"v2-only instance without a valid offer: {dropped}")
+            info.e2e_v2 = None
+        elif not v2:
+            info.e2e_v2, dropped = None, "e2e_v2 offered but protocols does not list v2"
+    return info, dropped
 
 
 @dataclass(slots=True, eq=False)
@@ -248,6 +282,7 @@ class _Instance:
     url: str
     instance_id: str | None = None
     pubkey: str | None = None
+    v2: dict[str, Any] | None = None  # the e2e_v2 offer, copied into discovery rows
     models: frozenset[str] = frozenset()
     up: bool = False
     next_probe: float = 0.0  # monotonic
@@ -273,6 +308,7 @@ class _Registry:
             self.retired.append(inst.instance_id)
         inst.instance_id = info.instance_id
         inst.pubkey = info.e2e_pubkey
+        inst.v2 = info.e2e_v2
         inst.models = frozenset(info.models)
         self.by_id[info.instance_id] = inst
         now = int(time.time())
@@ -520,8 +556,10 @@ class _Relay:
                     body += chunk
                     if len(body) > _MAX_INFO_BYTES:
                         raise MalformedError("/e2e/info is too large")
-            info = _parse_info(bytes(body))
+            info, dropped = _parse_info(bytes(body), time.time())
             self.registry.update(inst, info)
+            if dropped is not None:
+                log.warning("instance %s: v2 offer ignored (%s)", inst.url, dropped)
         except (httpx2.HTTPError, MalformedError) as exc:
             reason = exc.message if isinstance(exc, MalformedError) else type(exc).__name__
             self.mark_down(inst, reason, cfg.probe_interval)
@@ -684,9 +722,14 @@ class _Relay:
             except NonceStoreError:
                 return _store_down()
             self.metrics.nonces_issued.inc(len(nonces))
-            rows.append(
-                {"instance_id": inst.instance_id, "e2e_pubkey": inst.pubkey, "nonces": nonces}
-            )
+            row: dict[str, Any] = {
+                "instance_id": inst.instance_id,
+                "e2e_pubkey": inst.pubkey,
+                "nonces": nonces,
+            }
+            if inst.v2 is not None:
+                row[DISCOVERY_FIELD] = inst.v2
+            rows.append(row)
         now = time.time()
         return _json(
             {
@@ -850,6 +893,8 @@ class _Relay:
             return _detail(502, "Instance requires key exchange, try a different instance")
         if status == 400 and media == "application/json":
             return _detail(400, text.decode("utf-8", "replace"))
+        if status in (409, 413) and media == "application/json" and _V2_HINT in text:
+            return _detail(status, text.decode("utf-8", "replace"))
         return _detail(status, f"Instance returned status {status}")
 
 

@@ -7,12 +7,13 @@ helpers. No I/O here: the transports in ``_async``/``_sync`` move the bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import AEAD, KEM
+from pqe2ee.backends.xwing import XWing, get_xwing
 from pqe2ee.errors import (
     BackendError,
     ErrorCode,
@@ -23,7 +24,8 @@ from pqe2ee.errors import (
 )
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
-from pqe2ee.transports._keypool import KeyPool
+from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
+from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -82,9 +84,16 @@ class Settings:
     kem: KEM
     aead: AEAD
     key_pool_size: int
+    #: The version policy (spec/v2.md §8.2): ``min_version``, ``prefer_v2``, pins.
+    policy: E2EPolicy = field(default_factory=E2EPolicy)
+    #: The X-Wing backend for v2 (``None`` with ``prefer_v2=False``: v1 only).
+    xwing: XWing | None = None
 
     def new_key_pool(self) -> KeyPool:
         return KeyPool(self.kem, self.key_pool_size)
+
+    def new_xwing_key_pool(self) -> XWingKeyPool | None:
+        return None if self.xwing is None else XWingKeyPool(self.xwing, self.key_pool_size)
 
     @property
     def timeout_extension(self) -> dict[str, float]:
@@ -116,6 +125,9 @@ def make_settings(
     on_usage: OnUsage | None,
     limits: ClientLimits | None,
     key_pool_size: int,
+    min_version: int = 1,
+    prefer_v2: bool = True,
+    negotiator: Negotiator | None = None,
 ) -> Settings:
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise LocalProtocolError(
@@ -137,6 +149,7 @@ def make_settings(
         raise LocalProtocolError("timeout must be > 0", code=ErrorCode.INVALID_ARGUMENT)
     if key_pool_size < 0:
         raise LocalProtocolError("key_pool_size must be >= 0", code=ErrorCode.INVALID_ARGUMENT)
+    policy = _policy(min_version, prefer_v2, negotiator)
     return Settings(
         api_key=api_key,
         api_base=_base_url(api_base, "api_base"),
@@ -150,7 +163,46 @@ def make_settings(
         kem=get_kem(backend),
         aead=_aead(backend),
         key_pool_size=key_pool_size,
+        policy=policy,
+        xwing=_xwing(backend) if policy.prefer_v2 else None,
     )
+
+
+def _policy(min_version: int, prefer_v2: bool, negotiator: Negotiator | None) -> E2EPolicy:
+    """The version policy. A shared ``negotiator`` brings its own; ``min_version`` and
+    ``prefer_v2`` may then only repeat it or keep their defaults (never weaken a strict one
+    silently: ``min_version=2`` with a non-strict negotiator is refused)."""
+    if not isinstance(min_version, int) or isinstance(min_version, bool):
+        raise LocalProtocolError("min_version must be 1 or 2", code=ErrorCode.INVALID_ARGUMENT)
+    if not isinstance(prefer_v2, bool):
+        raise LocalProtocolError("prefer_v2 must be a bool", code=ErrorCode.INVALID_ARGUMENT)
+    if negotiator is None:
+        return E2EPolicy(min_version=min_version, prefer_v2=prefer_v2)
+    if not isinstance(negotiator, Negotiator):
+        raise LocalProtocolError(
+            "negotiator must be a pqe2ee.protocol.v2.Negotiator", code=ErrorCode.INVALID_ARGUMENT
+        )
+    policy = negotiator.policy
+    if (min_version != 1 and min_version != policy.min_version) or (
+        not prefer_v2 and policy.prefer_v2
+    ):
+        raise LocalProtocolError(
+            "min_version / prefer_v2 contradict the negotiator's policy: set them on its E2EPolicy",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
+    return policy
+
+
+def _xwing(backend: str) -> XWing:
+    """The X-Wing backend matching ``backend`` when it has one, else the first that works."""
+    try:
+        return get_xwing(backend if backend in ("pyca", "pycryptodome") else "auto")
+    except BackendError as exc:
+        raise BackendError(
+            f"profile v2 needs X-Wing, which is not available here ({exc.message}); pass "
+            "prefer_v2=False to speak v1 only",
+            code=exc.code,
+        ) from None
 
 
 def _aead(backend: str) -> AEAD:

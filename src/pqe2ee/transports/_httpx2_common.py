@@ -73,11 +73,14 @@ def map_inner_exceptions(phase: Literal["connect", "read"]) -> Iterator[None]:
         raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
 
 
-def json_response(status: int, body: bytes, request: httpx2.Request) -> httpx2.Response:
-    """A decrypted JSON answer, bytes exactly as the engine produced them."""
+def json_response(
+    status: int, body: bytes, request: httpx2.Request, content_type: str = "application/json"
+) -> httpx2.Response:
+    """A decrypted answer, bytes exactly as the engine produced them (JSON for v1; v2 gives
+    the engine's authenticated content type)."""
     return httpx2.Response(
         status,
-        headers=[("content-type", "application/json")],
+        headers=[("content-type", content_type)],
         content=body,
         request=request,
     )

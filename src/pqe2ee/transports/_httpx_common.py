@@ -74,11 +74,14 @@ def map_inner_exceptions(phase: Literal["connect", "read"]) -> Iterator[None]:
         raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
 
 
-def json_response(status: int, body: bytes, request: httpx.Request) -> httpx.Response:
-    """A decrypted JSON answer, bytes exactly as the engine produced them."""
+def json_response(
+    status: int, body: bytes, request: httpx.Request, content_type: str = "application/json"
+) -> httpx.Response:
+    """A decrypted answer, bytes exactly as the engine produced them (JSON for v1; v2 gives
+    the engine's authenticated content type)."""
     return httpx.Response(
         status,
-        headers=[("content-type", "application/json")],
+        headers=[("content-type", content_type)],
         content=body,
         request=request,
     )

@@ -1,4 +1,5 @@
-"""A small pool of pre-generated, one-use ML-KEM-768 response keypairs.
+"""Small pools of pre-generated, one-use response keypairs: ML-KEM-768 for v1
+(:class:`KeyPool`), X-Wing for v2 (:class:`XWingKeyPool`).
 
 Every request seals its reply to a fresh keypair that is never used again. Generating one
 costs a fraction of a millisecond; :class:`KeyPool` keeps a few ready (``size``, default 4),
@@ -16,24 +17,37 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from typing import Final
+from typing import Final, Generic, Protocol, TypeVar
 
 from pqe2ee.backends.base import KEM, KEMPrivateKey
+from pqe2ee.backends.xwing import XWing, XWingPrivateKey
 
-__all__ = ["DEFAULT_KEY_POOL_SIZE", "KeyPool"]
+__all__ = ["DEFAULT_KEY_POOL_SIZE", "KeyPool", "XWingKeyPool"]
 
 DEFAULT_KEY_POOL_SIZE: Final = 4
 
 
-class KeyPool:
-    """Pre-generated one-use KEM keys for one transport (thread-safe)."""
+class _Wipeable(Protocol):
+    def wipe(self) -> None: ...
 
-    def __init__(self, kem: KEM, size: int = DEFAULT_KEY_POOL_SIZE) -> None:
+
+K = TypeVar("K", bound=_Wipeable)
+K_co = TypeVar("K_co", bound=_Wipeable, covariant=True)
+
+
+class _Generator(Protocol[K_co]):
+    def generate(self) -> K_co: ...
+
+
+class _Pool(Generic[K]):
+    """Pre-generated one-use keys for one transport (thread-safe)."""
+
+    def __init__(self, kem: _Generator[K], size: int = DEFAULT_KEY_POOL_SIZE) -> None:
         if size < 0:
             raise ValueError("key pool size must be >= 0")
         self._kem = kem
         self._size = size
-        self._keys: collections.deque[KEMPrivateKey] = collections.deque()
+        self._keys: collections.deque[K] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -54,7 +68,7 @@ class KeyPool:
     def closed(self) -> bool:
         return self._closed
 
-    def take(self) -> KEMPrivateKey:
+    def take(self) -> K:
         """A key nobody else has had or will have. Never blocks on the filler thread."""
         with self._cond:
             if self._pid != os.getpid():  # forked: the parent's keys and thread are not ours
@@ -99,3 +113,17 @@ class KeyPool:
                     key.wipe()
                     return
                 self._keys.append(key)
+
+
+class KeyPool(_Pool[KEMPrivateKey]):
+    """Pre-generated one-use ML-KEM-768 keys (v1 response keys) for one transport."""
+
+    def __init__(self, kem: KEM, size: int = DEFAULT_KEY_POOL_SIZE) -> None:
+        super().__init__(kem, size)
+
+
+class XWingKeyPool(_Pool[XWingPrivateKey]):
+    """Pre-generated one-use X-Wing keys (v2 response keys) for one transport."""
+
+    def __init__(self, xwing: XWing, size: int = DEFAULT_KEY_POOL_SIZE) -> None:
+        super().__init__(xwing, size)

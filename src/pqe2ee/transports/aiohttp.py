@@ -1,4 +1,4 @@
-"""End-to-end encryption for aiohttp users (Chutes E2EE v1).
+"""End-to-end encryption for aiohttp users (Chutes E2EE v1 and pqe2ee profile v2).
 
 ::
 
@@ -44,6 +44,7 @@ from yarl import URL
 
 from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError, PQE2EEError
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,
@@ -462,7 +463,7 @@ def _encode_json(obj: Any) -> bytes:
 
 
 class E2EEClientSession:
-    """An aiohttp session that end-to-end encrypts inference requests (Chutes E2EE v1).
+    """An aiohttp session that end-to-end encrypts inference requests (E2EE v1 and v2).
 
     What is encrypted, and where things go, is exactly as for
     :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport`: a ``POST`` to one of ``e2e_paths``
@@ -484,6 +485,10 @@ class E2EEClientSession:
     timeouts of ``timeout`` seconds and no total limit (streams may be long), and closed by
     :meth:`close`. An invoke uses the per-request ``timeout`` if given, else the session's; the
     model listing and discovery calls are bounded by ``timeout`` in total.
+
+    Protocol version: ``min_version``, ``prefer_v2`` and ``negotiator`` as for
+    :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport` (default: v2 where the chute offers
+    it, pinned once seen; ``min_version=2`` refuses v1 before a nonce is spent).
     """
 
     def __init__(
@@ -502,6 +507,9 @@ class E2EEClientSession:
         key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
+        min_version: int = 1,
+        prefer_v2: bool = True,
+        negotiator: Negotiator | None = None,
     ) -> None:
         settings = make_settings(
             api_key=api_key,
@@ -515,8 +523,11 @@ class E2EEClientSession:
             on_usage=on_usage,
             limits=limits,
             key_pool_size=key_pool_size,
+            min_version=min_version,
+            prefer_v2=prefer_v2,
+            negotiator=negotiator,
         )
-        self._engine = AsyncEngine(settings, clock=clock)
+        self._engine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
         weakref.finalize(self, self._engine.close_keys)
         self._session = session
         self._owns_session = session is None
@@ -532,6 +543,11 @@ class E2EEClientSession:
     @property
     def state(self) -> ClientState:
         return self._engine.state
+
+    @property
+    def negotiator(self) -> Negotiator:
+        """The version policy and the per-chute v2 pins."""
+        return self._engine.negotiator
 
     @property
     def keys(self) -> KeyPool:
@@ -689,7 +705,7 @@ class E2EEClientSession:
             )
         if isinstance(outcome, Opened):
             pairs = [
-                ("Content-Type", "application/json"),
+                ("Content-Type", outcome.content_type),
                 ("Content-Length", str(len(outcome.body))),
             ]
             return E2EEResponse(

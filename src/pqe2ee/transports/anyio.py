@@ -1,4 +1,4 @@
-"""An end-to-end encrypted inference client on raw anyio sockets (Chutes E2EE v1).
+"""An end-to-end encrypted inference client on raw anyio sockets (Chutes E2EE v1, profile v2).
 
 For embedding where no HTTP library is wanted: HTTP/1.1 is framed by h11 over
 ``anyio.connect_tcp`` (TLS for ``https`` URLs), one connection per request. Nothing here imports
@@ -55,6 +55,7 @@ from pqe2ee.errors import (
 )
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, request_model
 from pqe2ee.protocol.stream import Done
+from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,
@@ -442,7 +443,7 @@ class EventStream:
 
 
 class E2EEClient:
-    """Chat and completions over Chutes E2EE v1, with nothing but anyio and h11.
+    """Chat and completions over Chutes E2EE v1 or profile v2, with nothing but anyio and h11.
 
     Every request is sealed to an instance of the model's chute (found via
     ``{models_base}/v1/models`` and ``{api_base}/e2e/instances/{chute_id}``; a model that is a
@@ -453,6 +454,12 @@ class E2EEClient:
     usage events of streams (unauthenticated: for display only). Safe to share between tasks.
 
     ``ssl_context`` verifies ``https`` relays (default: the system's trust store).
+
+    Protocol version: ``min_version``, ``prefer_v2`` and ``negotiator`` as for
+    :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport` (default: v2 where the chute offers
+    it, pinned once seen; ``min_version=2`` refuses v1 before a nonce is spent). With v2 a
+    stream ends only after its authenticated END record; an upstream failure reported there is
+    ``RemoteError`` (``upstream_error``).
     """
 
     def __init__(
@@ -472,6 +479,9 @@ class E2EEClient:
         ssl_context: ssl.SSLContext | None = None,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        min_version: int = 1,
+        prefer_v2: bool = True,
+        negotiator: Negotiator | None = None,
     ) -> None:
         settings = make_settings(
             api_key=api_key,
@@ -485,6 +495,9 @@ class E2EEClient:
             on_usage=on_usage,
             limits=limits,
             key_pool_size=key_pool_size,
+            min_version=min_version,
+            prefer_v2=prefer_v2,
+            negotiator=negotiator,
         )
         if read_timeout is not None and not read_timeout > 0:
             raise LocalProtocolError("read_timeout must be > 0", code=ErrorCode.INVALID_ARGUMENT)
@@ -492,7 +505,7 @@ class E2EEClient:
             raise LocalProtocolError(
                 "max_header_size must be >= 1024", code=ErrorCode.INVALID_ARGUMENT
             )
-        self._engine = AsyncEngine(settings, clock=clock)
+        self._engine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
         weakref.finalize(self, self._engine.close_keys)
         self._port = _Port(
             timeout=settings.timeout,
@@ -509,6 +522,11 @@ class E2EEClient:
     @property
     def state(self) -> ClientState:
         return self._engine.state
+
+    @property
+    def negotiator(self) -> Negotiator:
+        """The version policy and the per-chute v2 pins."""
+        return self._engine.negotiator
 
     @property
     def keys(self) -> KeyPool:

@@ -14,10 +14,25 @@ Written once, as async code; ``scripts/unasync.py`` generates the blocking twin
   engine raises itself (e.g. 401, 500), already read, with its classification.
 
 What the engine does, for one request: resolve model -> chute (``/v1/models``, cached; a UUID is
-a chute id), lease a nonce (one discovery per chute at a time, within the client's discovery
-rate limit, prefetching when the pool runs low), seal the body to the instance with a fresh
-one-use response key, ``POST /e2e/invoke``, classify the answer and retry a refused nonce / gone,
-busy or key-exchange instance on a fresh lease up to ``max_attempts`` in all.
+a chute id), decide the protocol version for the chute (spec/v2.md §8: a
+:class:`~pqe2ee.protocol.v2.Negotiator` applies the transport's policy to the discovered
+instances; a strict client refuses v1 with ``downgrade_refused`` and a pinned chute without v2
+raises ``downgrade_suspected``, both before any nonce is spent), lease a nonce of an eligible
+instance (one discovery per chute at a time, within the client's discovery rate limit,
+prefetching when the pool runs low), seal the body to the instance with a fresh one-use
+response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context header), ``POST
+/e2e/invoke``, classify the answer and retry a refused nonce / gone, busy or key-exchange
+instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new request (new
+nonce, new seal, new response key; for v2 also a new timestamp and request id).
+
+v2 answers are opened with their authenticated status: a single response becomes
+:class:`Opened` with the engine's status, body and content type (an upstream failure reported
+in END becomes a 502-class error body); a stream is read up to its authenticated HEAD before it
+is handed over (a non-2xx HEAD is read whole and handed over as :class:`Opened`). Plaintext v2
+refusals of the instance (``{"detail":"e2e_v2:<code>"}``) are typed ``RelayError`` s with the
+hint's code: ``unknown_key`` (after a key rotation; the pool is dropped so the retry
+rediscovers) and ``stale`` are retried once each; the others (``replay``,
+``context_mismatch``, ``decrypt_failed``, ...) are raised at once.
 
 Network exceptions are the port's own and pass through unchanged, except mid-stream, where the
 port's ``lost_errors`` (other than ``timeout_errors``) become ``StreamError(connection_lost)``.
@@ -26,12 +41,16 @@ Each transport maps exceptions to its library's types at its own boundary.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC
+from typing import Final, Protocol
+
+import msgspec
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -40,22 +59,28 @@ from pqe2ee.errors import (
     LocalProtocolError,
     PQE2EEError,
     RelayError,
+    RemoteError,
     StreamError,
 )
 from pqe2ee.protocol.client import (
     INVOKE_PATH,
     MODELS_PATH,
     RETRYABLE,
+    RETRYABLE_ONCE_V2,
     ClientState,
+    Negotiated,
     classify_discovery_error,
     classify_invoke_error,
+    classify_v2_hint,
     discovery_path,
     invoke_headers,
     is_sealed_error,
 )
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.envelope import open_response, seal_request
+from pqe2ee.protocol.sse import SSEParser
 from pqe2ee.protocol.stream import (
+    DEFAULT_MAX_RECORD,
     NEED_DATA,
     Done,
     EndOfStream,
@@ -64,6 +89,10 @@ from pqe2ee.protocol.stream import (
     StreamDecryptor,
     Usage,
 )
+from pqe2ee.protocol.v2.negotiation import Negotiator
+from pqe2ee.protocol.v2.records import Data, End, Head, ResponseV2, UpstreamError, open_response_v2
+from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
+from pqe2ee.protocol.v2.stream import StreamDecryptorV2
 from pqe2ee.transports._common import (
     MAX_BLOB,
     MAX_DOC,
@@ -75,7 +104,7 @@ from pqe2ee.transports._common import (
     header_value,
     remote_error,
 )
-from pqe2ee.transports._keypool import KeyPool
+from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
 
 __all__ = [
@@ -91,6 +120,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("pqe2ee.transports")
+
+#: A relay ``Date`` within this many seconds of the local clock leaves v2 timestamps alone (the
+#: header has a resolution of one second; the instance accepts +-120 s).
+CLOCK_SLACK: Final = 2.0
 
 
 # -- the port --------------------------------------------------------------------------------------
@@ -143,11 +176,14 @@ class Port(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Opened:
-    """A decrypted non-stream answer: the engine's JSON bytes exactly as produced, with the
-    engine's status (200, or the status of an engine error sealed by the instance)."""
+    """A decrypted non-stream answer: the engine's bytes exactly as produced, with the engine's
+    status (200, or the status of an engine error sealed by the instance) and content type
+    (v2 authenticates both; v1 answers are JSON). ``version`` is the wire profile used."""
 
     status: int
     body: bytes
+    content_type: str = "application/json"
+    version: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,34 +237,238 @@ def _read_bounded(response: PortResponse, limit: int) -> bytes:
 # -- the decrypted stream --------------------------------------------------------------------------
 
 
+class _V1Decoder:
+    """Outer v1 stream bytes -> inner events (the v1 state machine does the work)."""
+
+    __slots__ = ("_dec", "_key", "_on_usage")
+
+    def __init__(self, key: KEMPrivateKey, settings: Settings) -> None:
+        self._key = key
+        self._dec = StreamDecryptor(key, aead=settings.aead)
+        self._on_usage: OnUsage | None = settings.on_usage
+
+    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
+        self._dec.receive_data(chunk)
+        return self._drain()
+
+    def eof(self) -> list[InnerEvent | Done]:
+        self._dec.receive_eof()
+        return self._drain()
+
+    def _drain(self) -> list[InnerEvent | Done]:
+        out: list[InnerEvent | Done] = []
+        while True:
+            event = self._dec.next_event()
+            if event is NEED_DATA or isinstance(event, EndOfStream):
+                return out
+            if isinstance(event, InnerEvent | Done):
+                out.append(event)
+            elif isinstance(event, Usage):
+                if self._on_usage is not None:
+                    self._on_usage(event.usage)
+            elif isinstance(event, RemoteErrorEvent):
+                raise remote_error(event.error)
+
+    def wipe(self) -> None:
+        self._key.wipe()
+
+
+def _upstream_error(error: UpstreamError) -> RemoteError:
+    """END reported an upstream failure (authenticated)."""
+    label = error.type if 0 < len(error.type) <= 64 and error.type.isprintable() else "error"
+    return RemoteError(
+        f"the engine failed ({label})",
+        code=ErrorCode.UPSTREAM_ERROR,
+        status=error.status,
+        detail={"type": error.type, "message": error.message},
+    )
+
+
+class _V2Decoder:
+    """Outer v2 stream bytes -> inner events.
+
+    :class:`~pqe2ee.protocol.v2.StreamDecryptorV2` checks every record as it arrives; DATA
+    (the engine's SSE bytes) is parsed into the same events as v1, so callers see the same
+    bytes either way. The inner ``data: [DONE]`` is held back until the authenticated END:
+    a caller never sees a complete stream that END did not vouch for (END without an inner
+    ``[DONE]`` still ends the stream, with an empty :class:`Done`). After a non-2xx HEAD the
+    DATA is the engine's error body, kept whole (bounded). The plaintext usage copy never
+    reaches the caller: END cross-checks it (``usage_mismatch``), then ``on_usage`` gets it
+    (the authenticated usage when the relay sent no copy).
+    """
+
+    __slots__ = (
+        "_dec",
+        "_done",
+        "_error",
+        "_inner",
+        "_on_usage",
+        "_out",
+        "_raw",
+        "_raw_size",
+        "_secrets",
+        "end",
+        "head",
+    )
+
+    def __init__(self, secrets: ResponseSecrets, settings: Settings) -> None:
+        self._secrets = secrets
+        self._dec = StreamDecryptorV2(secrets, aead=settings.aead)
+        self._on_usage: OnUsage | None = settings.on_usage
+        self._inner = SSEParser(max_event=DEFAULT_MAX_RECORD)
+        self._done: Done | None = None
+        self._raw: list[bytes] | None = None
+        self._raw_size = 0
+        self._error: PQE2EEError | None = None
+        self._out: list[InnerEvent | Done] = []
+        self.head: Head | None = None
+        self.end: End | None = None
+
+    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
+        self._check()
+        try:
+            if chunk.count(b"\n") <= 2:  # the usual chunk: one event, or part of one
+                self._dec.receive_data(chunk)
+                self._drain()
+            else:  # line by line: a fault keeps the events before it, however bytes are chunked
+                start, size = 0, len(chunk)
+                while start < size:
+                    end = chunk.find(b"\n", start)
+                    end = size if end < 0 else end + 1
+                    self._dec.receive_data(chunk[start:end])
+                    self._drain()
+                    start = end
+        except PQE2EEError as exc:
+            self._error = exc
+            raise
+        return self.take()
+
+    def eof(self) -> list[InnerEvent | Done]:
+        self._check()
+        try:
+            self._dec.receive_eof()
+            self._drain()
+        except PQE2EEError as exc:
+            self._error = exc
+            raise
+        return self.take()
+
+    def take(self) -> list[InnerEvent | Done]:
+        """The events decoded so far and not yet returned (after a failure: those before it)."""
+        out, self._out = self._out, []
+        return out
+
+    def body(self) -> tuple[bytes, str]:
+        """The engine's error answer after a non-2xx HEAD and its content type (complete once
+        END was seen); when the instance had none to pass on (e.g. the engine timed out),
+        END's error as JSON."""
+        body = b"".join(self._raw or ())
+        if not body and self.end is not None and self.end.error is not None:
+            return _error_body(self.end.error), "application/json"
+        head = self.head
+        return body, (head.content_type if head is not None else None) or "application/json"
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        out = self._out
+        while True:
+            event = self._dec.next_event()
+            if isinstance(event, Data):
+                if self._raw is None:
+                    self._sse(event.data, out)
+                else:
+                    self._raw_size += len(event.data)
+                    if self._raw_size > MAX_BLOB:
+                        raise LimitExceeded(f"engine error body is larger than {MAX_BLOB} bytes")
+                    self._raw.append(event.data)
+            elif isinstance(event, Head):
+                self.head = event
+                if not 200 <= event.status < 300:
+                    self._raw = []
+            elif isinstance(event, End):
+                self._end(event, out)
+            elif event is NEED_DATA or isinstance(event, EndOfStream):
+                return
+            # UsageUpdate: cumulative, END carries the last one. UsageMismatch: report mode only.
+
+    def _sse(self, data: bytes, out: list[InnerEvent | Done]) -> None:
+        for event in self._inner.feed(data):
+            if self._done is not None:
+                raise StreamError("event after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
+            if event.data == "[DONE]":
+                self._done = Done(raw=event.raw)
+            else:
+                out.append(InnerEvent(event))
+        if self._done is not None and self._inner.buffered().strip():
+            raise StreamError("data after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
+
+    def _end(self, end: End, out: list[InnerEvent | Done]) -> None:
+        self.end = end
+        if self._raw is not None:
+            return  # a non-2xx answer: END's error, if any, restates HEAD's status
+        if end.error is not None:
+            raise _upstream_error(end.error)
+        if self._done is None and self._inner.partial_is("[DONE]"):
+            self._done = Done(raw=self._inner.buffered() + b"\n")
+        elif self._done is None and self._inner.buffered().strip():
+            raise StreamError(
+                "the engine's stream ended inside an event", code=ErrorCode.STREAM_TRUNCATED
+            )
+        out.append(self._done or Done(raw=b""))
+        usage = end.usage_copy if end.usage_copy is not None else end.usage
+        if usage is not None and self._on_usage is not None:
+            self._on_usage(usage)
+
+    def wipe(self) -> None:
+        self._secrets.key.wipe()
+
+
 class PlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
 
     Iterate it for the engine's own SSE bytes (events reassembled from records, nothing
     re-serialised), or :meth:`iter_events` for the inner events themselves (the last one is
     the authenticated :class:`~pqe2ee.protocol.stream.Done`). Plaintext usage events go to
-    ``on_usage`` and never into the stream. Any failure - a bad record, a reported remote
-    error, a connection lost, EOF before the inner ``[DONE]`` - raises a typed pqe2ee error
-    (a timeout raises the port's own timeout error). One iteration only; closing (also done
-    when iteration ends, however it ends) wipes the response key and releases the connection.
+    ``on_usage`` and never into the stream (v2: once, at the authenticated END, after the
+    cross-check). Any failure - a bad record, a reported remote error, a connection lost, EOF
+    before the inner ``[DONE]`` (v2: before the authenticated END) - raises a typed pqe2ee
+    error (a timeout raises the port's own timeout error). One iteration only; closing (also
+    done when iteration ends, however it ends) wipes the response key and releases the
+    connection.
+
+    ``key`` opens the answer: a v1 response key (:class:`KEMPrivateKey`) or the
+    :class:`~pqe2ee.protocol.v2.ResponseSecrets` of a v2 request.
     """
 
     def __init__(
         self,
         upstream: PortResponse,
-        key: KEMPrivateKey,
+        key: KEMPrivateKey | ResponseSecrets,
         settings: Settings,
         *,
         lost_errors: tuple[type[BaseException], ...] = (),
         timeout_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._upstream = upstream
-        self._key = key
-        self._decryptor = StreamDecryptor(key, aead=settings.aead)
-        self._on_usage: OnUsage | None = settings.on_usage
+        self._decoder: _V1Decoder | _V2Decoder = (
+            _V2Decoder(key, settings)
+            if isinstance(key, ResponseSecrets)
+            else _V1Decoder(key, settings)
+        )
         self._lost = lost_errors
         self._timeout = timeout_errors
+        self._chunks: Iterator[bytes] | None = None
+        self._pending: list[InnerEvent | Done] = []
+        self._deferred: PQE2EEError | None = None
         self._closed = False
+
+    @property
+    def version(self) -> int:
+        """The wire profile of this stream (1 or 2)."""
+        return 2 if isinstance(self._decoder, _V2Decoder) else 1
 
     def __iter__(self) -> Iterator[bytes]:
         for batch in self._batches():
@@ -241,16 +481,24 @@ class PlainStream:
         for batch in self._batches():
             yield from batch
 
+    def _body(self) -> Iterator[bytes]:
+        if self._chunks is None:
+            self._chunks = self._upstream.iter_bytes()
+        return self._chunks
+
     def _batches(self) -> Iterator[list[InnerEvent | Done]]:
         try:
             try:
-                for chunk in self._upstream.iter_bytes():
-                    self._decryptor.receive_data(chunk)
-                    batch = self._drain()
+                if self._pending:
+                    batch, self._pending = self._pending, []
+                    yield batch
+                if self._deferred is not None:
+                    raise self._deferred
+                for chunk in self._body():
+                    batch = self._decoder.feed(chunk)
                     if batch:
                         yield batch
-                self._decryptor.receive_eof()
-                batch = self._drain()
+                batch = self._decoder.eof()
                 if batch:
                     yield batch
             except self._timeout:
@@ -263,25 +511,42 @@ class PlainStream:
         finally:
             self.close()
 
-    def _drain(self) -> list[InnerEvent | Done]:
-        out: list[InnerEvent | Done] = []
-        while True:
-            event = self._decryptor.next_event()
-            if event is NEED_DATA or isinstance(event, EndOfStream):
-                return out
-            if isinstance(event, InnerEvent | Done):
-                out.append(event)
-            elif isinstance(event, Usage):
-                if self._on_usage is not None:
-                    self._on_usage(event.usage)
-            elif isinstance(event, RemoteErrorEvent):
-                raise remote_error(event.error)
+    def _head(self) -> Head | None:
+        """v2: read until the authenticated HEAD (the events read on the way are kept for the
+        iteration). An integrity failure on the way is kept for the iteration too (``None``
+        when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
+        library's transport error. Network errors pass unchanged: nothing was handed over."""
+        decoder = self._decoder
+        assert isinstance(decoder, _V2Decoder)
+        try:
+            for chunk in self._body():
+                self._pending += decoder.feed(chunk)
+                if decoder.head is not None:
+                    return decoder.head
+            decoder.eof()  # raises stream_truncated: no HEAD
+        except PQE2EEError as exc:
+            self._pending += decoder.take()
+            self._deferred = exc
+        return decoder.head
+
+    def _rest(self) -> tuple[bytes, str]:
+        """v2 after a non-2xx HEAD: the engine's error answer and its content type, read to the
+        authenticated END."""
+        decoder = self._decoder
+        assert isinstance(decoder, _V2Decoder)
+        try:
+            for chunk in self._body():
+                decoder.feed(chunk)
+            decoder.eof()
+            return decoder.body()
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._key.wipe()
+        self._decoder.wipe()
         with ShieldCancellation():
             self._upstream.close()
 
@@ -290,21 +555,45 @@ class PlainStream:
 
 
 class Engine:
-    """Model map, nonce pools, key pool and the invoke loop of one transport (thread-safe for
-    the sync twin; task-safe for this one)."""
+    """Model map, nonce pools, key pools, version negotiation and the invoke loop of one
+    transport (thread-safe for the sync twin; task-safe for this one).
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    ``negotiator`` keeps the per-chute v2 pins; pass one to share pins between transports
+    (the proxy shares one between its per-key transports). ``wall_clock`` (Unix seconds) dates
+    v2 requests and judges offer expiry and pins; it is corrected by the relay's ``Date``
+    when the two disagree by more than :data:`CLOCK_SLACK`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        negotiator: Negotiator | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.wall_clock = wall_clock
         self.state = ClientState(settings.limits)
         self.keys: KeyPool = settings.new_key_pool()
-        self._guard = threading.Lock()  # only around the dict of per-chute locks
+        self.keys_v2: XWingKeyPool | None = settings.new_xwing_key_pool()
+        self.negotiator = negotiator if negotiator is not None else Negotiator(settings.policy)
+        self.clock_offset = 0.0  # seconds to add to wall_clock (from the relay's Date)
+        self._guard = threading.Lock()  # around the dict of per-chute locks and the warnings
         self._chute_locks: dict[str, Lock] = {}
+        self._warned: set[tuple[str, str]] = set()
         self._models_lock = Lock()
 
     def close_keys(self) -> None:
-        """Stop the key pool's thread and wipe the keys still pooled (no I/O)."""
+        """Stop the key pools' threads and wipe the keys still pooled (no I/O)."""
         self.keys.close()
+        if self.keys_v2 is not None:
+            self.keys_v2.close()
+
+    def wall(self) -> float:
+        """Unix seconds, corrected by the relay's clock when it disagrees."""
+        return self.wall_clock() + self.clock_offset
 
     # -- invoke ---------------------------------------------------------------------------------
 
@@ -316,59 +605,139 @@ class Engine:
         deadline = self.clock() + s.timeout
         chute = self._resolve_chute(port, model, auth)
         last: RelayError | None = None
+        retried_once: set[ErrorCode] = set()
         for attempt in range(1, s.max_attempts + 1):
             try:
-                lease = self._lease(port, chute, auth, deadline)
+                lease, negotiated = self._lease(port, chute, auth, deadline)
             except RelayError as exc:
                 if last is not None and exc.code is ErrorCode.NO_INSTANCES:
                     raise RetriesExhausted(last, attempt - 1) from last
                 raise
-            key = self.keys.take()
-            try:
-                sealed = seal_request(
-                    body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead
-                )
-                upstream = port.send(
-                    "POST",
-                    s.api_base + INVOKE_PATH,
-                    invoke_headers(auth, lease, sealed, path),
-                    sealed.blob,
-                    control=False,
-                )
-            except BaseException:
-                key.wipe()
-                raise
-            status = upstream.status
-            if status == 200 and sealed.stream:
-                stream = PlainStream(
-                    upstream,
-                    key,
-                    s,
-                    lost_errors=port.lost_errors,
-                    timeout_errors=port.timeout_errors,
-                )
-                return Streaming(stream)
-            try:
-                content_type = header_value(upstream.headers, b"content-type")
-                maybe_sealed = (
-                    status == 200 or _media_type(content_type) == "application/octet-stream"
-                )
-                data = _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
-                if status == 200 or is_sealed_error(status, content_type, data):
-                    return Opened(status, open_response(data, key, aead=s.aead))
-            finally:
-                key.wipe()
-            error = classify_invoke_error(status, data)
+            if negotiated.version == 2:
+                outcome = self._invoke_v2(port, lease, negotiated, path, body, auth)
+            else:
+                outcome = self._invoke_v1(port, lease, path, body, auth)
+            if not isinstance(outcome, RelayAnswer):
+                return outcome
+            error = outcome.error
             self.state.report(lease, error, self.clock())
-            if error.code in RETRYABLE:
+            retry = error.code in RETRYABLE
+            if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
+                retried_once.add(error.code)
+                retry = True
+                if error.code is ErrorCode.STALE:
+                    self._note_date(outcome.headers)
+            if retry:
                 last = error
-                log.debug("relay answered %s (%s); attempt %d", status, error.code.value, attempt)
+                log.debug(
+                    "relay answered %s (%s); attempt %d", outcome.status, error.code.value, attempt
+                )
                 continue
-            if error.code is ErrorCode.PATH_FORBIDDEN:
-                raise error
-            return RelayAnswer(status, upstream.headers, data, error)
+            if error.code is not ErrorCode.RELAY_ERROR:
+                raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
+            return outcome
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
+
+    def _invoke_v1(
+        self, port: Port, lease: Lease, path: str, body: bytes, auth: str | None
+    ) -> Outcome:
+        s = self.settings
+        key = self.keys.take()
+        try:
+            sealed = seal_request(body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead)
+            upstream = port.send(
+                "POST",
+                s.api_base + INVOKE_PATH,
+                invoke_headers(auth, lease, sealed, path),
+                sealed.blob,
+                control=False,
+            )
+        except BaseException:
+            key.wipe()
+            raise
+        status = upstream.status
+        if status == 200 and sealed.stream:
+            stream = PlainStream(
+                upstream,
+                key,
+                s,
+                lost_errors=port.lost_errors,
+                timeout_errors=port.timeout_errors,
+            )
+            return Streaming(stream)
+        try:
+            content_type = header_value(upstream.headers, b"content-type")
+            maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
+            data = _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
+            if status == 200 or is_sealed_error(status, content_type, data):
+                return Opened(status, open_response(data, key, aead=s.aead))
+        finally:
+            key.wipe()
+        return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
+
+    def _invoke_v2(
+        self,
+        port: Port,
+        lease: Lease,
+        negotiated: Negotiated,
+        path: str,
+        body: bytes,
+        auth: str | None,
+    ) -> Outcome:
+        s = self.settings
+        assert s.xwing is not None and self.keys_v2 is not None  # a v2 decision needs prefer_v2
+        offer = negotiated.offers[lease.instance_id]
+        key = self.keys_v2.take()
+        try:
+            sealed = seal_request_v2(
+                body,
+                offer.public_key,
+                chute_id=lease.chute_id,
+                instance_id=lease.instance_id,
+                relay_nonce=lease.nonce,
+                path=path,
+                now_ms=int(self.wall() * 1000),
+                xwing=s.xwing,
+                aead=s.aead,
+                response_key=key,
+            )
+            upstream = port.send(
+                "POST",
+                s.api_base + INVOKE_PATH,
+                sealed.invoke_headers(auth),
+                sealed.blob,
+                control=False,
+            )
+        except BaseException:
+            key.wipe()
+            raise
+        status = upstream.status
+        if status == 200 and sealed.stream:
+            stream = PlainStream(
+                upstream,
+                sealed.secrets,
+                s,
+                lost_errors=port.lost_errors,
+                timeout_errors=port.timeout_errors,
+            )
+            try:
+                head = stream._head()
+            except BaseException:
+                stream.close()
+                raise
+            if head is None or 200 <= head.status < 300:
+                return Streaming(stream)
+            data, ctype = stream._rest()  # the engine's error answer, authenticated
+            return Opened(head.status, data, ctype, 2)
+        try:
+            data = _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            if status == 200:
+                return _opened_v2(open_response_v2(data, sealed.secrets, aead=s.aead))
+        finally:
+            key.wipe()
+        error = classify_v2_hint(status, data) or classify_invoke_error(status, data)
+        return RelayAnswer(status, upstream.headers, data, error)
 
     # -- models ---------------------------------------------------------------------------------
 
@@ -400,7 +769,7 @@ class Engine:
         return chute
 
     def _fetch_models(self, port: Port, auth: str | None) -> None:
-        status, data = self._get(port, self.settings.models_base + MODELS_PATH, auth)
+        status, _, data = self._get(port, self.settings.models_base + MODELS_PATH, auth)
         if status != 200:
             raise RelayError(
                 f"model listing answered {status}", code=ErrorCode.DISCOVERY_FAILED, status=status
@@ -416,25 +785,60 @@ class Engine:
                 lock = self._chute_locks[chute] = Lock()
             return lock
 
-    def _lease(self, port: Port, chute: str, auth: str | None, deadline: float) -> Lease:
+    def _lease(
+        self, port: Port, chute: str, auth: str | None, deadline: float
+    ) -> tuple[Lease, Negotiated]:
         now = self.clock()
-        lease = self.state.lease(chute, now)
-        if lease is not None:
+        found = self._try_lease(chute, now)
+        if found is not None:
             if self.state.needs_discovery(chute, now):
                 self._prefetch(port, chute, auth)
-            return lease
+            return found
         with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
-            lease = self.state.lease(chute, self.clock())
-            if lease is None:
+            found = self._try_lease(chute, self.clock())
+            if found is None:
                 self._discover(port, chute, auth, deadline)
-                lease = self.state.lease(chute, self.clock())
-        if lease is None:
+                found = self._try_lease(chute, self.clock())
+        if found is None:
             raise RelayError(
                 "no usable instance (all gone, busy or out of nonces)",
                 code=ErrorCode.NO_INSTANCES,
             )
-        return lease
+        return found
+
+    def _try_lease(self, chute: str, now: float) -> tuple[Lease, Negotiated] | None:
+        """A lease of an instance the version decision allows (the decision may raise
+        ``downgrade_refused`` / ``downgrade_suspected``: no nonce is taken then)."""
+        found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
+        if found is not None:
+            self._warn(chute, found[1])
+        return found
+
+    def _warn(self, chute: str, negotiated: Negotiated) -> None:
+        """Log, once per chute, that it is spoken to in v1 although v2 is preferred, or that
+        some of its instances published an invalid v2 offer."""
+        decision = negotiated.decision
+        kinds = []
+        if decision.downgraded:
+            kinds.append("v1")
+        if decision.invalid_offers:
+            kinds.append("invalid")
+        if not kinds:
+            return
+        with self._guard:
+            fresh = [k for k in kinds if (chute, k) not in self._warned]
+            if len(self._warned) >= 10_000:
+                self._warned.clear()
+            self._warned.update((chute, k) for k in fresh)
+        if "invalid" in fresh:
+            log.warning(
+                "chute %s: %d instance(s) published an invalid e2e_v2 offer (ignored)",
+                chute,
+                decision.invalid_offers,
+            )
+        if "v1" in fresh:
+            log.warning("chute %s offers no v2: using v1 (min_version=2 would refuse)", chute)
 
     def _prefetch(self, port: Port, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
@@ -475,16 +879,66 @@ class Engine:
 
     def _discover_now(self, port: Port, chute: str, auth: str | None) -> None:
         sent_at = self.clock()
-        status, data = self._get(port, self.settings.api_base + discovery_path(chute), auth)
+        status, headers, data = self._get(
+            port, self.settings.api_base + discovery_path(chute), auth
+        )
         if status != 200:
             raise classify_discovery_error(status, data)
+        self._note_date(headers)
         if self.state.load_discovery(chute, data, sent_at) == 0:
             raise RelayError("discovery listed no usable instance", code=ErrorCode.NO_INSTANCES)
 
-    def _get(self, port: Port, url: str, auth: str | None) -> tuple[int, bytes]:
+    def _note_date(self, headers: RawHeaders) -> None:
+        """Correct the v2 clock by the relay's ``Date`` when they disagree by more than
+        :data:`CLOCK_SLACK` (a relay lying about it can only get requests refused as stale)."""
+        value = header_value(headers, b"date")
+        if value is None:
+            return
+        try:
+            date = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return
+        if date.tzinfo is None:
+            date = date.replace(tzinfo=UTC)
+        try:
+            offset = date.timestamp() + 0.5 - self.wall_clock()  # Date is rounded down
+        except (OverflowError, OSError, ValueError):
+            return
+        self.clock_offset = offset if abs(offset) > CLOCK_SLACK else 0.0
+
+    def _get(self, port: Port, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
         if auth:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = port.send("GET", url, headers, b"", control=True)
         status = response.status
-        return status, _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        return status, response.headers, data
+
+
+def _error_body(error: UpstreamError) -> bytes:
+    """END's upstream error as an OpenAI-shaped error body."""
+    return msgspec.json.encode(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "code": ErrorCode.UPSTREAM_ERROR.value,
+            }
+        }
+    )
+
+
+def _opened_v2(response: ResponseV2) -> Opened:
+    """An opened v2 single response as the caller's answer: the authenticated status, body and
+    content type. A non-2xx answer keeps the engine's error body (END's error as the body when
+    there is none); a 2xx answer whose END reports an upstream failure becomes that error with
+    its status (502 when it gave none), never a partial body presented as an answer."""
+    error = response.error
+    if error is None or not 200 <= response.status < 300:
+        if not response.body and error is not None:
+            return Opened(response.status, _error_body(error), "application/json", 2)
+        ctype = response.content_type or "application/json"
+        return Opened(response.status, response.body, ctype, 2)
+    status = error.status if error.status is not None and 400 <= error.status <= 599 else 502
+    return Opened(status, _error_body(error), "application/json", 2)

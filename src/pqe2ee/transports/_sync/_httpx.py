@@ -21,6 +21,7 @@ import httpx
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ErrorCode, LocalProtocolError, PQE2EEError
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._common import (
     DEFAULT_API_BASE,
     DEFAULT_MAX_ATTEMPTS,
@@ -167,7 +168,8 @@ class DecryptingStream(httpx.SyncByteStream):
 
 
 class E2EETransport(httpx.BaseTransport):
-    """An httpx transport that end-to-end encrypts inference requests (Chutes E2EE v1).
+    """An httpx transport that end-to-end encrypts inference requests (Chutes E2EE v1 and
+    pqe2ee profile v2).
 
     Use it as ``httpx.Client(transport=E2EETransport(api_key=...))``, e.g. as the
     ``http_client`` of ``openai.OpenAI``.
@@ -201,7 +203,22 @@ class E2EETransport(httpx.BaseTransport):
     ``no_instances``, ``discovery_rate_limited``, ``discovery_failed``, ...); connection
     problems with the relay are httpx's own exceptions. Discovery keeps to ``limits`` (10 per
     minute by default), waiting for a slot at most ``timeout`` seconds, which also bounds each
-    discovery call. Every request seals its answer to a fresh one-use ML-KEM-768 key.
+    discovery call. Every request seals its answer to a fresh one-use key (ML-KEM-768 for v1,
+    X-Wing for v2).
+
+    Protocol version (spec/v2.md §8): by default (``prefer_v2=True``) a chute whose instances
+    offer v2 (``e2e_v2`` in discovery) is spoken to in v2, only on those instances, and is
+    *pinned* (24 h): if it later shows up without any v2 offer the call raises
+    ``RemoteProtocolError`` (``downgrade_suspected``) instead of falling back; chutes that never
+    offered v2 get v1 (a warning is logged). ``min_version=2`` is strict: a chute without a v2
+    offer raises ``downgrade_refused`` before a nonce is spent - the setting for instances you
+    run yourself. ``prefer_v2=False`` speaks v1 only. ``negotiator`` shares one set of pins
+    (and its policy) between transports. v2 adds: the routing context bound into the key
+    schedule, replay refusal at the instance, live-checked stream record order, count and end,
+    the engine's status and errors authenticated, and the relay's plaintext usage copy checked
+    against the authenticated usage (``usage_mismatch``). Plaintext v2 refusals are
+    ``RelayError`` s with the instance's code (``replay``, ``context_mismatch``, ...);
+    ``unknown_key`` (a key rotation) and ``stale`` are retried once.
 
     ``api_key`` authenticates discovery and invocation; ``None`` takes each request's own
     ``Authorization: Bearer`` token. ``inner`` is the transport used to reach the relay
@@ -224,6 +241,9 @@ class E2EETransport(httpx.BaseTransport):
         limits: ClientLimits | None = None,
         key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        min_version: int = 1,
+        prefer_v2: bool = True,
+        negotiator: Negotiator | None = None,
     ) -> None:
         settings = make_settings(
             api_key=api_key,
@@ -237,9 +257,12 @@ class E2EETransport(httpx.BaseTransport):
             on_usage=on_usage,
             limits=limits,
             key_pool_size=key_pool_size,
+            min_version=min_version,
+            prefer_v2=prefer_v2,
+            negotiator=negotiator,
         )
         self._inner = inner if inner is not None else httpx.HTTPTransport()
-        self._engine = Engine(settings, clock=clock)
+        self._engine = Engine(settings, clock=clock, negotiator=negotiator)
         self._control: dict[str, object] = {"timeout": settings.timeout_extension}
         weakref.finalize(self, self._engine.close_keys)
         self._closed = False
@@ -252,6 +275,11 @@ class E2EETransport(httpx.BaseTransport):
     def state(self) -> ClientState:
         """Model map, nonce pools and discovery limiter (shared by every request)."""
         return self._engine.state
+
+    @property
+    def negotiator(self) -> Negotiator:
+        """The version policy and the per-chute v2 pins (``negotiator.pins()``)."""
+        return self._engine.negotiator
 
     @property
     def keys(self) -> KeyPool:
@@ -316,5 +344,5 @@ class E2EETransport(httpx.BaseTransport):
                 200, headers=stream_response_headers(), stream=stream, request=request
             )
         if isinstance(outcome, Opened):
-            return json_response(outcome.status, outcome.body, request)
+            return json_response(outcome.status, outcome.body, request, outcome.content_type)
         return passthrough_response(outcome.status, outcome.headers, outcome.body, request)

@@ -1,0 +1,137 @@
+"""Replay caches for the instance's v2 request ids (spec/v2.md §4.3), beyond the in-memory one.
+
+:class:`~pqe2ee.protocol.v2.replay.MemoryReplayCache` serves one process. Several workers or
+machines serving one instance key share :class:`RedisReplayCache`::
+
+    SET <prefix><hex request_id> 1 NX PX <expires_at_ms - now_ms>
+
+``NX`` makes admission atomic across every process using the same Redis: of any number of
+concurrent attempts with one id exactly one gets ``OK``. The key expires exactly when the id
+could no longer pass the instance's ±W window check, so Redis holds at most the ids of the last
+2W. Run Redis with ``maxmemory-policy noeviction``: an evicted live id could be replayed
+(:meth:`RedisReplayCache.check` warns otherwise). Any Redis failure raises
+:class:`ReplayCacheError`: the instance then refuses the request (503), never admits it.
+
+:class:`FloorReplayCache` refuses every request created before a point in time. An instance
+whose v2 key outlives the process (``--v2-key-file``) but whose cache does not (in memory) uses
+it with the start time: a request captured before a restart cannot be replayed after it.
+
+Calls block (redis-py's synchronous client, with timeouts): the instance runs them in a worker
+thread, never on its event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.protocol.v2.replay import Admission, ReplayCache
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "FloorReplayCache",
+    "RedisReplayCache",
+    "ReplayCacheError",
+]
+
+logger = logging.getLogger("pqe2ee.instance")
+
+DEFAULT_PREFIX: Final = "pqe2ee:v2:rid:"
+
+
+class ReplayCacheError(Exception):
+    """The replay cache cannot answer (Redis down or timing out). Fail closed: refuse (503)."""
+
+
+class RedisReplayCache:
+    """A :class:`~pqe2ee.protocol.v2.replay.ReplayCache` in Redis, shared by every process that
+    uses the same URL and prefix. Thread-safe (redis-py's connection pool)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = 2.0,
+        client: Any | None = None,
+    ) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - needs the [redis] extra
+            raise LocalProtocolError(
+                "RedisReplayCache needs redis-py: pip install 'pqe2ee[redis]'",
+                code=ErrorCode.INVALID_ARGUMENT,
+            ) from exc
+        if not prefix:
+            raise LocalProtocolError("prefix must not be empty", code=ErrorCode.INVALID_ARGUMENT)
+        self.prefix = prefix
+        self._redis: Any = (
+            client
+            if client is not None
+            else redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                decode_responses=False,
+            )
+        )
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return fn(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            # The exception text may hold the URL (and its password): name the type only.
+            raise ReplayCacheError(f"redis: {type(exc).__name__}") from None
+
+    def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
+        ttl_ms = int(expires_at_ms) - int(now_ms)
+        if ttl_ms <= 0:
+            return Admission.TOO_OLD
+        key = self.prefix + bytes(request_id).hex()
+        stored = self._call(self._redis.set, key, b"1", nx=True, px=ttl_ms)
+        return Admission.FRESH if stored else Admission.REPLAY
+
+    def check(self) -> None:
+        """Raise :class:`ReplayCacheError` unless Redis answers; warn when its eviction policy
+        could drop live ids (anything but ``noeviction``; not readable on some managed Redis)."""
+        self._call(self._redis.ping)
+        try:
+            policy = self._redis.config_get("maxmemory-policy").get(b"maxmemory-policy")
+        except Exception:  # CONFIG may be disabled: nothing to check then
+            return
+        if policy is not None and bytes(policy) != b"noeviction":
+            logger.warning(
+                "replay cache: Redis maxmemory-policy is %s; use noeviction, or under memory "
+                "pressure an evicted request id could be replayed",
+                bytes(policy).decode("ascii", "replace"),
+            )
+
+    def close(self) -> None:
+        try:
+            self._redis.close()
+        except Exception:  # pragma: no cover - closing a broken connection
+            pass
+
+
+class FloorReplayCache:
+    """Refuses (``TOO_OLD``) every id expiring at or before ``floor_ms``, else asks ``inner``.
+
+    With ``floor_ms = start_ms + W`` that is every request whose client time is at or before
+    ``start_ms``: what a previous process with the same key may have admitted. (A request with
+    a client clock ahead of the server's could still have been admitted before a restart and be
+    replayed after it; share a :class:`RedisReplayCache` when that matters.)
+    """
+
+    __slots__ = ("floor_ms", "inner")
+
+    def __init__(self, inner: ReplayCache, floor_ms: int) -> None:
+        self.inner = inner
+        self.floor_ms = floor_ms
+
+    def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
+        if expires_at_ms <= self.floor_ms:
+            return Admission.TOO_OLD
+        return self.inner.admit(request_id, expires_at_ms, now_ms)
