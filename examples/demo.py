@@ -159,48 +159,56 @@ class _CountingStream(httpx2.SyncByteStream):
         self.response.close()
 
 
+def ask(relay: str, *, prefer_v2: bool, stream: bool) -> None:
+    """One question through the unchanged openai SDK; prints the answer and the relay's view."""
+    usage_seen: list[object] = []
+    tap = Tap(httpx2.HTTPTransport())
+    transport = pqe2ee.E2EETransport(
+        api_key=API_KEY,
+        api_base=relay,
+        models_base=relay,
+        inner=tap,
+        on_usage=usage_seen.append,
+        prefer_v2=prefer_v2,
+    )
+    client = openai.OpenAI(
+        api_key=API_KEY, base_url=f"{relay}/v1", http_client=httpx2.Client(transport=transport)
+    )
+    messages = [
+        {"role": "user", "content": "What does post-quantum end-to-end encryption protect?"}
+    ]
+    if stream:
+        chunks = client.chat.completions.create(
+            model="dev-echo",
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        chunks.close()
+    else:
+        reply = client.chat.completions.create(model="dev-echo", messages=messages)  # type: ignore[arg-type]
+        text = reply.choices[0].message.content or ""
+    client.close()
+    print(f"  answer      {text!r}")
+    print("\n".join(tap.seen))
+    if stream:
+        print(f"  plaintext usage events the relay could read (billing only): {len(usage_seen)}")
+
+
 def main() -> None:
     print(
         f"pqe2ee {pqe2ee.__version__}: ML-KEM-768 KEM backend {get_kem().name!r}, AEAD {get_aead().name!r}\n"
     )
     with servers() as relay:
-        usage_seen: list[object] = []
-        tap = Tap(httpx2.HTTPTransport())
-        transport = pqe2ee.E2EETransport(
-            api_key=API_KEY,
-            api_base=relay,
-            models_base=relay,
-            inner=tap,
-            on_usage=usage_seen.append,
-        )
-        client = openai.OpenAI(
-            api_key=API_KEY, base_url=f"{relay}/v1", http_client=httpx2.Client(transport=transport)
-        )
-        question = "What does post-quantum end-to-end encryption protect?"
+        print("1) openai SDK through pqe2ee.E2EETransport, Chutes v1 wire format, non-stream")
+        ask(relay, prefer_v2=False, stream=False)
+        print("\n2) the same, streamed (one sealed record per engine line, as the Chutes runtime)")
+        ask(relay, prefer_v2=False, stream=True)
+        print("\n3) profile v2 (X-Wing hybrid KEM, bound headers, numbered records), streamed")
+        ask(relay, prefer_v2=True, stream=True)
 
-        print("1) openai SDK, non-stream, through pqe2ee.E2EETransport")
-        reply = client.chat.completions.create(
-            model="dev-echo", messages=[{"role": "user", "content": question}]
-        )
-        print(f"  answer      {reply.choices[0].message.content!r}")
-        print("\n".join(tap.seen))
-        tap.seen.clear()
-
-        print("\n2) openai SDK, stream")
-        stream = client.chat.completions.create(
-            model="dev-echo",
-            messages=[{"role": "user", "content": question}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        print(f"  answer      {text!r}")
-        stream.close()
-        print("\n".join(tap.seen))
-        print(f"  plaintext usage events the relay could read (billing only): {len(usage_seen)}")
-        client.close()
-
-    print("\n3) the core alone, per crypto backend (no network)")
+    print("\n4) the core alone, per crypto backend (no network)")
     demo_core.main(show_exchange=False)
 
 
