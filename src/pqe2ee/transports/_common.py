@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pqe2ee.backends import get_aead, get_kem
@@ -22,7 +22,7 @@ from pqe2ee.errors import (
     RelayError,
     RemoteError,
 )
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MODELS_BASE",
     "DEFAULT_TIMEOUT",
     "HOP_HEADERS",
+    "EngineFacade",
     "OnUsage",
     "RawHeaders",
     "RetriesExhausted",
@@ -61,6 +62,49 @@ MAX_DOC: Final = 16 * 1024 * 1024
 
 OnUsage = Callable[[Any], object]
 RawHeaders = Sequence[tuple[bytes, bytes]]
+
+
+class _EngineParts(Protocol):
+    settings: Settings
+    state: ClientState
+    negotiator: Negotiator
+    keys: KeyPool
+
+
+class EngineFacade:
+    """The engine's shared parts, exposed the same way by every adapter (httpx2, httpx,
+    aiohttp, anyio; sync and async). Adapters set ``_engine`` and ``_closed``."""
+
+    _engine: _EngineParts
+    _closed: bool
+
+    @property
+    def settings(self) -> Settings:
+        return self._engine.settings
+
+    @property
+    def state(self) -> ClientState:
+        """Model map, nonce pools and discovery limiter (shared by every request)."""
+        return self._engine.state
+
+    @property
+    def negotiator(self) -> Negotiator:
+        """The version policy and the per-chute v2 pins (``negotiator.pins()``)."""
+        return self._engine.negotiator
+
+    @property
+    def keys(self) -> KeyPool:
+        """The pool of one-use response keys."""
+        return self._engine.keys
+
+    @keys.setter
+    def keys(self, pool: KeyPool) -> None:
+        self._engine.keys = pool
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
 
 #: Headers that describe one hop's framing; never copied onto a rebuilt answer.
 HOP_HEADERS: Final = frozenset(

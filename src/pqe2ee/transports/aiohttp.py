@@ -43,7 +43,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError, PQE2EEError
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, e2e_model
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
@@ -58,15 +58,15 @@ from pqe2ee.transports._common import (
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
     HOP_HEADERS,
+    EngineFacade,
     OnUsage,
     RawHeaders,
     RetriesExhausted,
-    Settings,
     bearer_token,
     make_settings,
     retyped,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, KeyPool
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
 from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 __all__ = [
@@ -462,7 +462,7 @@ def _encode_json(obj: Any) -> bytes:
 # -- the session -----------------------------------------------------------------------------------
 
 
-class E2EEClientSession:
+class E2EEClientSession(EngineFacade):
     """An aiohttp session that end-to-end encrypts inference requests (E2EE v1 and v2).
 
     What is encrypted, and where things go, is exactly as for
@@ -527,7 +527,7 @@ class E2EEClientSession:
             prefer_v2=prefer_v2,
             negotiator=negotiator,
         )
-        self._engine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
+        self._engine: AsyncEngine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
         weakref.finalize(self, self._engine.close_keys)
         self._session = session
         self._owns_session = session is None
@@ -535,31 +535,6 @@ class E2EEClientSession:
         self._closed = False
 
     # -- properties -----------------------------------------------------------------------------
-
-    @property
-    def settings(self) -> Settings:
-        return self._engine.settings
-
-    @property
-    def state(self) -> ClientState:
-        return self._engine.state
-
-    @property
-    def negotiator(self) -> Negotiator:
-        """The version policy and the per-chute v2 pins."""
-        return self._engine.negotiator
-
-    @property
-    def keys(self) -> KeyPool:
-        return self._engine.keys
-
-    @keys.setter
-    def keys(self, pool: KeyPool) -> None:
-        self._engine.keys = pool
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- requests -------------------------------------------------------------------------------
 

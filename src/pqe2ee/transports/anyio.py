@@ -53,7 +53,7 @@ from pqe2ee.errors import (
     PQE2EEError,
     RemoteError,
 )
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, request_model
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, request_model
 from pqe2ee.protocol.stream import Done
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._async._engine import (
@@ -68,13 +68,13 @@ from pqe2ee.transports._common import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
+    EngineFacade,
     OnUsage,
     RawHeaders,
     RetriesExhausted,
-    Settings,
     make_settings,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, KeyPool
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
 from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 __all__ = [
@@ -442,7 +442,7 @@ class EventStream:
         await self.aclose()
 
 
-class E2EEClient:
+class E2EEClient(EngineFacade):
     """Chat and completions over Chutes E2EE v1 or profile v2, with nothing but anyio and h11.
 
     Every request is sealed to an instance of the model's chute (found via
@@ -505,7 +505,7 @@ class E2EEClient:
             raise LocalProtocolError(
                 "max_header_size must be >= 1024", code=ErrorCode.INVALID_ARGUMENT
             )
-        self._engine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
+        self._engine: AsyncEngine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
         weakref.finalize(self, self._engine.close_keys)
         self._port = _Port(
             timeout=settings.timeout,
@@ -514,31 +514,6 @@ class E2EEClient:
             max_header_size=max_header_size,
         )
         self._closed = False
-
-    @property
-    def settings(self) -> Settings:
-        return self._engine.settings
-
-    @property
-    def state(self) -> ClientState:
-        return self._engine.state
-
-    @property
-    def negotiator(self) -> Negotiator:
-        """The version policy and the per-chute v2 pins."""
-        return self._engine.negotiator
-
-    @property
-    def keys(self) -> KeyPool:
-        return self._engine.keys
-
-    @keys.setter
-    def keys(self, pool: KeyPool) -> None:
-        self._engine.keys = pool
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # -- non-stream -----------------------------------------------------------------------------
 

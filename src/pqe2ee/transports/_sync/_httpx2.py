@@ -20,13 +20,14 @@ import httpx2
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ErrorCode, LocalProtocolError, PQE2EEError
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState, e2e_model
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, e2e_model
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._common import (
     DEFAULT_API_BASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
+    EngineFacade,
     OnUsage,
     RawHeaders,
     Settings,
@@ -40,7 +41,7 @@ from pqe2ee.transports._httpx2_common import (
     passthrough_response,
     stream_response_headers,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, KeyPool
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
 from pqe2ee.transports._sync._engine import (
     Engine,
     Opened,
@@ -167,7 +168,7 @@ class DecryptingStream(httpx2.SyncByteStream):
         self._plain.close()
 
 
-class E2EETransport(httpx2.BaseTransport):
+class E2EETransport(EngineFacade, httpx2.BaseTransport):
     """An httpx2 transport that end-to-end encrypts inference requests (Chutes E2EE v1 and
     pqe2ee profile v2).
 
@@ -262,33 +263,10 @@ class E2EETransport(httpx2.BaseTransport):
             negotiator=negotiator,
         )
         self._inner = inner if inner is not None else httpx2.HTTPTransport()
-        self._engine = Engine(settings, clock=clock, negotiator=negotiator)
+        self._engine: Engine = Engine(settings, clock=clock, negotiator=negotiator)
         self._control: dict[str, object] = {"timeout": settings.timeout_extension}
         weakref.finalize(self, self._engine.close_keys)
         self._closed = False
-
-    @property
-    def settings(self) -> Settings:
-        return self._engine.settings
-
-    @property
-    def state(self) -> ClientState:
-        """Model map, nonce pools and discovery limiter (shared by every request)."""
-        return self._engine.state
-
-    @property
-    def negotiator(self) -> Negotiator:
-        """The version policy and the per-chute v2 pins (``negotiator.pins()``)."""
-        return self._engine.negotiator
-
-    @property
-    def keys(self) -> KeyPool:
-        """The pool of one-use response keys."""
-        return self._engine.keys
-
-    @keys.setter
-    def keys(self, pool: KeyPool) -> None:
-        self._engine.keys = pool
 
     # -- httpx2 transport API -------------------------------------------------------------------
 
