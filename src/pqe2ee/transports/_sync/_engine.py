@@ -635,6 +635,11 @@ class Engine:
                 continue
             if error.code is not ErrorCode.RELAY_ERROR:
                 raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
+            if negotiated.version == 2:
+                # Under v2 the engine's answers (errors included) are authenticated and always
+                # arrive in a 200; any other status is the relay's own, unauthenticated words.
+                # Raise it as such rather than let it pass for the engine's error.
+                raise error
             return outcome
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
