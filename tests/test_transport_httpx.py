@@ -349,6 +349,21 @@ def test_model_not_found_after_one_refresh(stack: FaultyStack) -> None:
     assert stack.faults.invokes == 3
 
 
+def test_stale_chute_mapping_is_refreshed_once(stack: FaultyStack) -> None:
+    # The cached listing maps the model to a chute the relay no longer knows ("Chute not
+    # found" at discovery): the transport re-reads the listing once and uses the new chute.
+    gone = "00000000-0000-4000-8000-000000000000"
+    doc = b'{"object":"list","data":[{"id":"dev-echo","chute_id":"' + gone.encode() + b'"}]}'
+    tr = transport("httpx2", stack)
+    http = httpx2.Client(transport=tr)
+    with openai.OpenAI(api_key=KEY, base_url=SDK_BASE, http_client=http, max_retries=0) as client:
+        tr.state.update_models(doc, time.monotonic())
+        reply = client.chat.completions.create(model="dev-echo", messages=messages("moved"))
+    assert reply.choices[0].message.content == "Echo: moved"
+    assert stack.faults.model_listings == 1
+    assert stack.faults.invokes == 1
+
+
 # -- relay faults: transparent retries, typed errors -------------------------------------------
 
 

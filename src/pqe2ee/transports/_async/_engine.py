@@ -606,10 +606,19 @@ class AsyncEngine:
         chute = await self._resolve_chute(port, model, auth)
         last: RelayError | None = None
         retried_once: set[ErrorCode] = set()
+        remapped = False
         for attempt in range(1, s.max_attempts + 1):
             try:
                 lease, negotiated = await self._lease(port, chute, auth, deadline)
             except RelayError as exc:
+                if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
+                    # Discovery does not know the cached chute id ("Chute not found"): the
+                    # model may have moved. Re-read the listing once and retry if it changed.
+                    remapped = True
+                    fresh = await self._resolve_chute(port, model, auth, force=True)
+                    if fresh != chute:
+                        chute, last = fresh, exc
+                        continue
                 if last is not None and exc.code is ErrorCode.NO_INSTANCES:
                     raise RetriesExhausted(last, attempt - 1) from last
                 raise
@@ -746,12 +755,14 @@ class AsyncEngine:
 
     # -- models ---------------------------------------------------------------------------------
 
-    async def _resolve_chute(self, port: AsyncPort, model: str, auth: str | None) -> str:
+    async def _resolve_chute(
+        self, port: AsyncPort, model: str, auth: str | None, *, force: bool = False
+    ) -> str:
         if looks_like_uuid(model):
             return model
         now = self.clock()
         chute = self.state.resolve_chute(model, now)
-        if chute is not None and not self.state.models_stale(now):
+        if chute is not None and not force and not self.state.models_stale(now):
             return chute
         generation = self.state.models_generation
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
