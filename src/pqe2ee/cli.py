@@ -7,12 +7,15 @@ library does not.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 try:
     import click
 except ImportError:  # pragma: no cover - exercised only without the extras
     click = None  # type: ignore[assignment]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _missing_extra() -> int:
@@ -29,6 +32,29 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if click is not None:
+    # Options every server command shares (same names, defaults and environment variables).
+    log_level_option = click.option(
+        "--log-level",
+        default="info",
+        show_default=True,
+        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+        envvar="PQE2EE_LOG_LEVEL",
+    )
+    backend_option = click.option(
+        "--backend",
+        default="auto",
+        show_default=True,
+        envvar="PQE2EE_BACKEND",
+        help="Crypto backend (see `pqe2ee backends`).",
+    )
+    host_option = click.option(
+        "--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST"
+    )
+
+    def port_option(default: int) -> Callable[[F], F]:
+        return click.option(
+            "--port", default=default, show_default=True, type=int, envvar="PQE2EE_PORT"
+        )
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
     @click.version_option(package_name="pqe2ee")
@@ -54,15 +80,9 @@ if click is not None:
         click.echo(f"auto KEM: {get_kem('auto').name}   auto AEAD: {get_aead('auto').name}")
 
     @cli.command("dev-engine")
-    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
-    @click.option("--port", default=8001, show_default=True, type=int, envvar="PQE2EE_PORT")
-    @click.option(
-        "--log-level",
-        default="info",
-        show_default=True,
-        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-        envvar="PQE2EE_LOG_LEVEL",
-    )
+    @host_option
+    @port_option(8001)
+    @log_level_option
     def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
         """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 
@@ -80,8 +100,8 @@ if click is not None:
         envvar="PQE2EE_UPSTREAM",
         help="Base URL of the OpenAI-compatible engine, without /v1 (http://127.0.0.1:8000).",
     )
-    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
-    @click.option("--port", default=8002, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @host_option
+    @port_option(8002)
     @click.option(
         "--key-file",
         type=click.Path(dir_okay=True, path_type=str),
@@ -113,13 +133,7 @@ if click is not None:
         envvar="PQE2EE_MAX_CONCURRENCY",
         help="Requests in flight before answering 429.",
     )
-    @click.option(
-        "--backend",
-        default="auto",
-        show_default=True,
-        envvar="PQE2EE_BACKEND",
-        help="Crypto backend (see `pqe2ee backends`).",
-    )
+    @backend_option
     @click.option(
         "--instance-id",
         envvar="PQE2EE_INSTANCE_ID",
@@ -199,13 +213,7 @@ if click is not None:
         help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
         "noeviction) so several processes serving one key share it. Default: in memory.",
     )
-    @click.option(
-        "--log-level",
-        default="info",
-        show_default=True,
-        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-        envvar="PQE2EE_LOG_LEVEL",
-    )
+    @log_level_option
     def instance_cmd(
         upstream: str,
         host: str,
@@ -307,8 +315,8 @@ if click is not None:
         help="Keep nonces and rate limits in Redis (redis://host:6379/0) so several relays "
         "share them. Default: in memory, one process.",
     )
-    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
-    @click.option("--port", default=8000, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @host_option
+    @port_option(8000)
     @click.option(
         "--rate-limit",
         default=10,
@@ -356,13 +364,7 @@ if click is not None:
         help="Mark models confidential_compute: true in /v1/models. Set it only when every "
         "instance runs in an attested TEE.",
     )
-    @click.option(
-        "--log-level",
-        default="info",
-        show_default=True,
-        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-        envvar="PQE2EE_LOG_LEVEL",
-    )
+    @log_level_option
     def relay_cmd(
         instances: tuple[str, ...],
         api_keys: tuple[str, ...],
@@ -442,8 +444,8 @@ if click is not None:
         serve(config, log_level=log_level)
 
     @cli.command("proxy")
-    @click.option("--host", default="127.0.0.1", show_default=True, envvar="PQE2EE_HOST")
-    @click.option("--port", default=8787, show_default=True, type=int, envvar="PQE2EE_PORT")
+    @host_option
+    @port_option(8787)
     @click.option(
         "--api-base",
         default="https://api.chutes.ai",
@@ -467,13 +469,7 @@ if click is not None:
         help="Key for callers that send none of their own (prefer the env variable: it keeps "
         "the key out of the process list).",
     )
-    @click.option(
-        "--backend",
-        default="auto",
-        show_default=True,
-        envvar="PQE2EE_BACKEND",
-        help="Crypto backend (see `pqe2ee backends`).",
-    )
+    @backend_option
     @click.option(
         "--max-body",
         default=32 * 1024 * 1024,
@@ -524,13 +520,7 @@ if click is not None:
         envvar="PQE2EE_NO_PREFER_V2",
         help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
     )
-    @click.option(
-        "--log-level",
-        default="info",
-        show_default=True,
-        type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-        envvar="PQE2EE_LOG_LEVEL",
-    )
+    @log_level_option
     def proxy_cmd(
         host: str,
         port: int,
