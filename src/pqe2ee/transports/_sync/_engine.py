@@ -237,6 +237,9 @@ def _read_bounded(response: PortResponse, limit: int) -> bytes:
 # -- the decrypted stream --------------------------------------------------------------------------
 
 
+_PASSED: Final = (InnerEvent, Done)
+
+
 class _V1Decoder:
     """Outer v1 stream bytes -> inner events (the v1 state machine does the work)."""
 
@@ -256,18 +259,17 @@ class _V1Decoder:
         return self._drain()
 
     def _drain(self) -> list[InnerEvent | Done]:
+        # Hot path (one call per network chunk): drain in one call, test the common types first.
         out: list[InnerEvent | Done] = []
-        while True:
-            event = self._dec.next_event()
-            if event is NEED_DATA or isinstance(event, EndOfStream):
-                return out
-            if isinstance(event, InnerEvent | Done):
+        for event in self._dec.events():
+            if isinstance(event, _PASSED):
                 out.append(event)
             elif isinstance(event, Usage):
                 if self._on_usage is not None:
                     self._on_usage(event.usage)
             elif isinstance(event, RemoteErrorEvent):
                 raise remote_error(event.error)
+        return out
 
     def wipe(self) -> None:
         self._key.wipe()
@@ -472,7 +474,7 @@ class PlainStream:
 
     def __iter__(self) -> Iterator[bytes]:
         for batch in self._batches():
-            out = b"".join(event.raw for event in batch)
+            out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
             if out:
                 yield out
 
