@@ -400,3 +400,11 @@ def test_core_rejects_negatives_with_listed_code(backend: str) -> None:
             # The one case the decryptor reports as an event rather than raising.
             assert vec["expected_error"] == ErrorCode.REMOTE_ERROR.value, vec["description"]
             assert any(isinstance(e, RemoteErrorEvent) for e in dec.events())
+
+
+def test_every_error_code_is_specified() -> None:
+    # A port must be able to read what every stable code means without our code.
+    spec = (ROOT / "SPEC.md").read_text("utf-8") + (ROOT / "spec" / "v2.md").read_text("utf-8")
+    missing = [c.value for c in ErrorCode if f"`{c.value}`" not in spec]
+    assert not missing, missing
+

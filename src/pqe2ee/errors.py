@@ -94,6 +94,12 @@ class ErrorCode(enum.StrEnum):
     USAGE_MISMATCH = "usage_mismatch"
     DOWNGRADE_REFUSED = "downgrade_refused"
     DOWNGRADE_SUSPECTED = "downgrade_suspected"
+    # codes the instance puts in its plaintext JSON refusals (`{"detail": ..., "code": ...}`)
+    STREAM_MISMATCH = "stream_mismatch"
+    INSTANCE_MISMATCH = "instance_mismatch"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    V1_DISABLED = "v1_disabled"
+    REPLAY_CACHE_UNAVAILABLE = "replay_cache_unavailable"
 
 
 class PQE2EEError(Exception):

@@ -113,12 +113,12 @@ logger = logging.getLogger("pqe2ee.instance")
 DEFAULT_ALLOW_PATHS: Final = ("/v1/chat/completions", "/v1/completions")
 MiB: Final = 1024 * 1024
 
-# Codes used in JSON error bodies that ErrorCode does not (yet) name.
-CODE_STREAM_MISMATCH: Final = "stream_mismatch"
-CODE_INSTANCE_MISMATCH: Final = "instance_mismatch"
-CODE_UPSTREAM_TIMEOUT: Final = "upstream_timeout"
-CODE_V1_DISABLED: Final = "v1_disabled"  # 426: a v1 blob sent to a --v2-only instance
-CODE_REPLAY_CACHE_DOWN: Final = "replay_cache_unavailable"  # 503: fail closed
+# Codes of the instance's plaintext JSON refusals (stable wire strings, listed in errors.py).
+CODE_STREAM_MISMATCH: Final = ErrorCode.STREAM_MISMATCH.value
+CODE_INSTANCE_MISMATCH: Final = ErrorCode.INSTANCE_MISMATCH.value
+CODE_UPSTREAM_TIMEOUT: Final = ErrorCode.UPSTREAM_TIMEOUT.value
+CODE_V1_DISABLED: Final = ErrorCode.V1_DISABLED.value  # 426: a v1 blob to a --v2-only instance
+CODE_REPLAY_CACHE_DOWN: Final = ErrorCode.REPLAY_CACHE_UNAVAILABLE.value  # 503: fail closed
 
 V2_PREFIX: Final = MAGIC + bytes((VERSION,))  # a blob starting with these 5 bytes is v2 (§8.2)
 V2_KEY_LIFETIME: Final = 3600.0  # a generated v2 key is current this long, then previous as long
