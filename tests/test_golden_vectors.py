@@ -407,4 +407,3 @@ def test_every_error_code_is_specified() -> None:
     spec = (ROOT / "SPEC.md").read_text("utf-8") + (ROOT / "spec" / "v2.md").read_text("utf-8")
     missing = [c.value for c in ErrorCode if f"`{c.value}`" not in spec]
     assert not missing, missing
-
