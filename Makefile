@@ -1,12 +1,25 @@
 # make demo  - set up everything and run the end-to-end demo
 # make test  - set up everything and run ruff, mypy --strict and the test suite
+# make liboqs SRC=path/to/liboqs-0.16.0.tar.xz - build liboqs into .liboqs/ for the [liboqs] backend
 PYTHON ?= python3
 VENV := .venv
 REFVENV := .venv-ref
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench setup redis clean
+.PHONY: demo test lint typecheck pytest bench setup redis liboqs liboqs-auto clean
+
+# liboqs (the fastest ML-KEM backend) is on no package registry here. setup (so test, demo and
+# bench) builds it from LIBOQS_SRC into .liboqs/ unless the backend already loads (a system
+# liboqs); `make liboqs SRC=...` always builds it there. Both are no-ops once built (.stamp).
+LIBOQS_SRC ?= ../shared/liboqs/liboqs-0.16.0.tar.xz
+ifeq ($(origin SRC),command line)
+LIBOQS_SRC := $(SRC)
+endif
+LIBOQS_PREFIX := $(CURDIR)/.liboqs
+# How the commands that load the backends find the local build (liboqs-python reads it); expanded
+# when their recipe runs, after setup (not $(wildcard): make caches directory listings).
+OQS_ENV = $(shell test -f '$(LIBOQS_PREFIX)/.stamp' && echo 'OQS_INSTALL_PATH=$(LIBOQS_PREFIX)')
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +36,13 @@ $(REFVENV)/.stamp:
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
-setup: $(VENV)/.stamp $(REFVENV)/.stamp redis
+liboqs:
+	scripts/build_liboqs.sh '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
+
+liboqs-auto: $(VENV)/.stamp
+	PYTHON=$(PY) scripts/build_liboqs.sh --if-missing '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
+
+setup: $(VENV)/.stamp $(REFVENV)/.stamp redis liboqs-auto
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
@@ -33,15 +52,15 @@ typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy --strict src
 
 pytest: setup
-	$(VENV)/bin/pytest -q
+	$(OQS_ENV) $(VENV)/bin/pytest -q
 
 test: setup lint typecheck pytest
 
 demo: setup
-	$(PY) examples/demo.py
+	$(OQS_ENV) $(PY) examples/demo.py
 
 bench: setup
-	$(PY) benchmarks/bench_core.py
+	$(OQS_ENV) $(PY) benchmarks/bench_core.py
 
 clean:
-	rm -rf $(VENV) $(REFVENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(REFVENV) $(LIBOQS_PREFIX) .mypy_cache .ruff_cache .pytest_cache
