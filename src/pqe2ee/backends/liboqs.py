@@ -45,7 +45,7 @@ from pqe2ee.backends.base import (
 )
 from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError
 
-__all__ = ["LiboqsKEM", "find_liboqs"]
+__all__ = ["LiboqsKEM", "find_liboqs", "liboqs_path", "liboqs_version"]
 
 _ALG = "ML-KEM-768"
 
@@ -168,6 +168,16 @@ def _probe_encaps_derand() -> Any:
 
 _SEED_KEYGEN = _probe_seed_keygen()
 _ENCAPS_DERAND: Any = _probe_encaps_derand()
+
+
+def liboqs_version() -> str:
+    """The version of the liboqs C library loaded here (``"0.16.0"``), for ``pqe2ee backends``."""
+    return str(_oqs.oqs_version())
+
+
+def liboqs_path() -> str:
+    """The file of the liboqs C library loaded here (a system one, or ``$OQS_INSTALL_PATH/lib``)."""
+    return str(_oqs.native()._name)
 
 
 class _LiboqsPrivateKey(KEMPrivateKey):
