@@ -62,7 +62,8 @@ fi
 
 # 2. --if-missing: a liboqs the backend already loads needs no build.
 if [ "$if_missing" = 1 ] && [ ! -f "$stamp" ]; then
-    probe='from pqe2ee.backends import unavailable_reason as r; import sys; sys.exit(r("liboqs") is not None)'
+    probe='import sys; from pqe2ee.backends import unavailable_reason as r
+sys.exit(r("liboqs") is not None)'
     if PYTHONPATH=src "$python" -c "$probe" 2>/dev/null; then
         say "the liboqs backend already loads here (system library or OQS_INSTALL_PATH): no build"
         exit 0
@@ -74,13 +75,21 @@ fi
   Pass it with 'make liboqs SRC=path/to/liboqs-0.16.0.tar.xz', or install liboqs (a system
   package, or your own build with OQS_INSTALL_PATH set to its prefix) and run make again."
 
+# Only a prefix this script made (stamped, or left .partial by a failed build) is ever deleted.
+if [ -d "$prefix" ] && [ ! -f "$stamp" ] && [ ! -f "$prefix/.partial" ] &&
+    [ -n "$(ls -A "$prefix")" ]; then
+    fail "$prefix exists and was not made by $0: remove it or choose another prefix"
+fi
+
 missing=""
 command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
 command -v ninja >/dev/null 2>&1 || missing="$missing ninja-build"
 command -v cc >/dev/null 2>&1 || missing="$missing gcc"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 if [ -n "$missing" ]; then
-    [ "$(id -u)" = 0 ] || fail "missing build tools:$missing (install them, or run as root)"
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        fail "missing build tools:$missing (install them; as root on Debian this script does)"
+    fi
     say "installing$missing"
     apt-get update -q
     # shellcheck disable=SC2086 # one word per package
@@ -88,13 +97,16 @@ if [ -n "$missing" ]; then
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/liboqs-build.XXXXXX")
-trap 'rm -rf "$work"' EXIT INT TERM
+trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
 say "building $(basename "$tarball") into $prefix"
 started=$(date +%s)
 tar -xJf "$tarball" -C "$work"
 source_dir=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -n 1)
 [ -f "$source_dir/CMakeLists.txt" ] || fail "$tarball does not hold a liboqs source tree"
 rm -rf "$prefix"
+mkdir -p "$prefix"
+touch "$prefix/.partial"
 # shellcheck disable=SC2086 # $flags is a list of arguments
 if ! cmake -S "$source_dir" -B "$work/build" -GNinja $flags \
     -DCMAKE_INSTALL_PREFIX="$prefix" >"$work/build.log" 2>&1 ||
@@ -103,4 +115,5 @@ if ! cmake -S "$source_dir" -B "$work/build" -GNinja $flags \
     fail "the build failed (last lines above)"
 fi
 stamp_of "$tarball" >"$stamp"
+rm -f "$prefix/.partial"
 say "built in $(($(date +%s) - started)) s: OQS_INSTALL_PATH=$prefix"

@@ -76,14 +76,14 @@ def test_build_fails_fast_without_the_tarball(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
 
 
-def _fake_source(tmp_path: Path, marker: str) -> Path:
+def _fake_source(tmp_path: Path, marker: str, *, broken: bool = False) -> Path:
     """A tarball shaped like liboqs's: one top folder with a CMake project installing lib/marker."""
     tree = tmp_path / "src" / "liboqs-fake"
     tree.mkdir(parents=True, exist_ok=True)
     (tree / "marker").write_text(marker)
     (tree / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.10)\nproject(fake NONE)\n"
-        "install(FILES marker DESTINATION lib)\n"
+        "install(FILES marker DESTINATION lib)\n" + ('message(FATAL_ERROR "broken")\n' * broken)
     )
     tarball = tmp_path / "liboqs-fake.tar.xz"
     with tarfile.open(tarball, "w:xz") as tar:
@@ -91,10 +91,13 @@ def _fake_source(tmp_path: Path, marker: str) -> Path:
     return tarball
 
 
-@pytest.mark.skipif(
+needs_build_tools = pytest.mark.skipif(
     not (shutil.which("cmake") and shutil.which("ninja") and shutil.which("xz")),
     reason="cmake, ninja or xz missing (make liboqs installs them)",
 )
+
+
+@needs_build_tools
 def test_build_is_stamped_and_rebuilds_only_for_a_new_tarball(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     tarball = _fake_source(tmp_path, "one")
@@ -121,6 +124,28 @@ def test_build_is_stamped_and_rebuilds_only_for_a_new_tarball(tmp_path: Path) ->
     assert kept.returncode == 0
     assert "using the build" in kept.stdout
     assert _run_script(tarball, prefix).returncode == 1
+
+
+@needs_build_tools
+def test_a_failed_build_is_not_stamped_and_is_redone(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    failed = _run_script(_fake_source(tmp_path, "one", broken=True), prefix)
+    assert failed.returncode == 1
+    assert "the build failed" in failed.stderr and "broken" in failed.stderr
+    assert not (prefix / ".stamp").exists()
+    fixed = _run_script(_fake_source(tmp_path, "one"), prefix)
+    assert fixed.returncode == 0, fixed.stderr
+    assert (prefix / ".stamp").exists() and not (prefix / ".partial").exists()
+
+
+def test_build_never_deletes_a_prefix_it_did_not_make(tmp_path: Path) -> None:
+    prefix = tmp_path / "mine"
+    prefix.mkdir()
+    (prefix / "precious").write_text("")
+    done = _run_script(_fake_source(tmp_path, "one"), prefix)
+    assert done.returncode == 1
+    assert "was not made by" in done.stderr
+    assert (prefix / "precious").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +191,15 @@ def test_without_liboqs_the_backend_is_unavailable_and_nothing_is_downloaded(
     assert "liboqs shared library not found" in done.stdout
 
 
+def test_without_liboqs_make_test_builds_it(tmp_path: Path) -> None:
+    """--if-missing (make test) probes, finds nothing, so needs the tarball (missing here)."""
+    done = _run_script(
+        "--if-missing", tmp_path / "none.tar.xz", tmp_path / "prefix", env=_without_liboqs(tmp_path)
+    )
+    assert done.returncode == 1
+    assert "none.tar.xz not found" in done.stderr
+
+
 def test_without_liboqs_the_suite_skips_with_the_reason(tmp_path: Path) -> None:
     args = ["tests/test_backends_vectors.py", "-k", "test_acvp_encapsulation and liboqs"]
     done = subprocess.run(
@@ -198,6 +232,19 @@ def test_liboqs_loads_with_every_operation() -> None:
     assert key.seed() == bytes(range(64))
     ct, ss = kem.encapsulate_derand(key.public_key, bytes(32))  # not the "unsupported" fallback
     assert key.decapsulate(ct) == ss
+
+
+def test_a_liboqs_that_loads_is_not_built_again(tmp_path: Path) -> None:
+    _liboqs()
+    done = _run_script(
+        "--if-missing",
+        tmp_path / "none.tar.xz",
+        tmp_path / "prefix",
+        env={"PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "already loads" in done.stdout
+    assert not (tmp_path / "prefix").exists()
 
 
 def _acvp_encapsulations() -> list[tuple[str, str, str, str]]:
