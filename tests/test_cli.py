@@ -44,7 +44,8 @@ def test_option_conventions(command: str, option: click.Option) -> None:
     if (command, option.name) in NO_ENV:
         assert option.envvar is None
         return
-    assert option.envvar == f"PQE2EE_{(option.name or '').upper()}" or option.envvar in {
+    flag = option.opts[0].lstrip("-").replace("-", "_").upper()
+    assert option.envvar == f"PQE2EE_{flag}" or option.envvar in {
         "PQE2EE_ALLOW_PATHS",
         "PQE2EE_INSTANCES",
         "PQE2EE_REDIS_URL",

@@ -55,15 +55,24 @@ def count_option(
 
 
 def seconds_option(
-    flag: str, default: float, env: str, help: str, *, min: float = 0, max: float | None = None
+    flag: str,
+    default: float,
+    env: str,
+    help: str,
+    *,
+    min: float = 0,
+    max: float | None = None,
+    name: str | None = None,
 ) -> Callable[[F], F]:
-    """A duration in seconds; strictly positive unless ``min`` is given."""
+    """A duration in seconds; strictly positive unless ``min`` is given. ``name`` renames the
+    parameter (to the configuration field it fills)."""
     kind = (
         click.FloatRange(min=0, min_open=True)
         if min == 0 and max is None
         else click.FloatRange(min=min, max=max)
     )
-    return env_option(flag, env=env, default=default, type=kind, help=help)
+    decls = (flag,) if name is None else (flag, name)
+    return env_option(*decls, env=env, default=default, type=kind, help=help)
 
 
 def max_body_option(default: int, what: str) -> Callable[[F], F]:
@@ -73,8 +82,8 @@ def max_body_option(default: int, what: str) -> Callable[[F], F]:
     )
 
 
-def read_timeout_option(default: float, help: str) -> Callable[[F], F]:
-    return seconds_option("--read-timeout", default, "READ_TIMEOUT", help)
+def read_timeout_option(default: float, help: str, *, name: str | None = None) -> Callable[[F], F]:
+    return seconds_option("--read-timeout", default, "READ_TIMEOUT", help, name=name)
 
 
 def port_option(default: int) -> Callable[[F], F]:

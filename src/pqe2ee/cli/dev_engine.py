@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
-from pqe2ee.cli._options import host_option, log_level_option, port_option
+from pqe2ee.cli import _options as opt
 
 __all__ = ["dev_engine_cmd"]
 
 
 @click.command("dev-engine")
-@host_option
-@port_option(8001)
-@log_level_option
+@opt.host_option
+@opt.port_option(8001)
+@opt.log_level_option
 def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
     """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from pqe2ee.cli._options import (
-    backend_option,
-    count_option,
-    env_option,
-    exit_on_error,
-    host_option,
-    log_level_option,
-    max_body_option,
-    port_option,
-    read_timeout_option,
-    seconds_option,
-)
+from pqe2ee.cli import _options as opt
 
 __all__ = ["instance_cmd"]
 
@@ -23,22 +14,22 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
 
 
 @click.command("instance")
-@env_option(
+@opt.env_option(
     "--upstream",
     env="UPSTREAM",
     required=True,
     help="Base URL of the OpenAI-compatible engine, without /v1 (http://127.0.0.1:8000).",
 )
-@host_option
-@port_option(8002)
-@env_option(
+@opt.host_option
+@opt.port_option(8002)
+@opt.env_option(
     "--key-file",
     env="KEY_FILE",
     type=_KEY_PATH,
     help="Keep the ML-KEM-768 key here (created with mode 0600 if missing; refused if "
     "group/world-accessible). Without it a fresh key is made at every start.",
 )
-@env_option(
+@opt.env_option(
     "--allow-path",
     "allow_paths",
     env="ALLOW_PATHS",
@@ -46,51 +37,59 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     help="Engine path reachable through E2E (repeatable; env: space-separated). "
     "Default: /v1/chat/completions and /v1/completions.",
 )
-@max_body_option(16 * 1024 * 1024, "request blob")
-@count_option(
+@opt.max_body_option(16 * 1024 * 1024, "request blob")
+@opt.count_option(
     "--max-concurrency", 64, "MAX_CONCURRENCY", "Requests in flight before answering 429."
 )
-@backend_option
-@env_option(
+@opt.backend_option
+@opt.env_option(
     "--instance-id",
     env="INSTANCE_ID",
     help="Instance id to announce (default: derived from the public key).",
 )
-@seconds_option("--connect-timeout", 10.0, "CONNECT_TIMEOUT", "Seconds to connect to the engine.")
-@read_timeout_option(600.0, "Seconds to wait for each read from the engine.")
-@env_option(
+@opt.seconds_option(
+    "--connect-timeout",
+    10.0,
+    "CONNECT_TIMEOUT",
+    "Seconds to connect to the engine.",
+    name="upstream_connect_timeout",
+)
+@opt.read_timeout_option(
+    600.0, "Seconds to wait for each read from the engine.", name="upstream_read_timeout"
+)
+@opt.env_option(
     "--continuous-usage/--no-continuous-usage",
     env="CONTINUOUS_USAGE",
     default=True,
     help="Force continuous_usage_stats on streams, as Chutes does (per-chunk token counts "
     "then travel in plaintext usage events); --no-continuous-usage leaks only totals.",
 )
-@env_option(
+@opt.env_option(
     "--upstream-api-key",
     env="UPSTREAM_API_KEY",
     help="Bearer token for the engine (e.g. vLLM --api-key); prefer the env variable.",
 )
-@env_option(
+@opt.env_option(
     "--v2/--no-v2",
     "v2",
     env="V2",
     default=True,
     help="Serve wire profile v2 (spec/v2.md) next to v1 on /e2e/invoke; --no-v2 serves v1 only.",
 )
-@env_option(
+@opt.env_option(
     "--v2-only",
     env="V2_ONLY",
     is_flag=True,
     help="Refuse v1 requests (426, code v1_disabled); only v2 is opened.",
 )
-@env_option(
+@opt.env_option(
     "--v2-key-file",
     env="V2_KEY_FILE",
     type=_KEY_PATH,
     help="Keep the v2 X-Wing key here (its own file; same 0600 rules as --key-file). Such "
     "a key is not rotated. Without it a fresh key is made at start and rotated.",
 )
-@seconds_option(
+@opt.seconds_option(
     "--v2-key-lifetime",
     3600.0,
     "V2_KEY_LIFETIME",
@@ -99,13 +98,13 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     min=60,
     max=86400,
 )
-@env_option(
+@opt.env_option(
     "--chute-id",
     env="CHUTE_ID",
     help="The chute this instance serves (UUID), checked against v2 requests. Default: one "
     "chute per model, named as pqe2ee relay names them.",
 )
-@env_option(
+@opt.env_option(
     "--redis",
     "redis_url",
     env="REPLAY_REDIS_URL",
@@ -113,29 +112,8 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
     "noeviction) so several processes serving one key share it. Default: in memory.",
 )
-@log_level_option
-def instance_cmd(
-    upstream: str,
-    host: str,
-    port: int,
-    key_file: str | None,
-    allow_paths: tuple[str, ...],
-    max_body: int,
-    max_concurrency: int,
-    backend: str,
-    instance_id: str | None,
-    connect_timeout: float,
-    read_timeout: float,
-    continuous_usage: bool,
-    upstream_api_key: str | None,
-    v2: bool,
-    v2_only: bool,
-    v2_key_file: str | None,
-    v2_key_lifetime: float,
-    chute_id: str | None,
-    redis_url: str | None,
-    log_level: str,
-) -> None:
+@opt.log_level_option
+def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -> None:
     """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
 
     Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key (v1) and an
@@ -156,26 +134,6 @@ def instance_cmd(
     """
     from pqe2ee.server.instance import DEFAULT_ALLOW_PATHS, InstanceConfig, serve
 
-    with exit_on_error("instance"):
-        config = InstanceConfig(
-            upstream=upstream,
-            host=host,
-            port=port,
-            key_file=key_file,
-            allow_paths=allow_paths or DEFAULT_ALLOW_PATHS,
-            max_body=max_body,
-            max_concurrency=max_concurrency,
-            backend=backend,
-            instance_id=instance_id,
-            upstream_connect_timeout=connect_timeout,
-            upstream_read_timeout=read_timeout,
-            continuous_usage=continuous_usage,
-            upstream_api_key=upstream_api_key,
-            v2=v2,
-            v2_only=v2_only,
-            v2_key_file=v2_key_file,
-            v2_key_lifetime=v2_key_lifetime,
-            chute_id=chute_id,
-            redis_url=redis_url,
-        )
+    with opt.exit_on_error("instance"):
+        config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
         serve(config, log_level=log_level)

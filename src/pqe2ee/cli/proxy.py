@@ -2,61 +2,52 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from pqe2ee.cli._options import (
-    backend_option,
-    count_option,
-    env_option,
-    exit_on_error,
-    host_option,
-    log_level_option,
-    max_body_option,
-    port_option,
-    read_timeout_option,
-    seconds_option,
-)
+from pqe2ee.cli import _options as opt
 
 __all__ = ["proxy_cmd"]
 
 
 @click.command("proxy")
-@host_option
-@port_option(8787)
-@env_option(
+@opt.host_option
+@opt.port_option(8787)
+@opt.env_option(
     "--api-base",
     env="API_BASE",
     default="https://api.chutes.ai",
     metavar="URL",
     help="Relay (control plane) for discovery and encrypted invocations.",
 )
-@env_option(
+@opt.env_option(
     "--models-base",
     env="MODELS_BASE",
     default="https://llm.chutes.ai",
     metavar="URL",
     help="Where the model list is read (plaintext GET /v1/models).",
 )
-@env_option(
+@opt.env_option(
     "--api-key",
     env="API_KEY",
     metavar="KEY",
     help="Key for callers that send none of their own (prefer the env variable: it keeps "
     "the key out of the process list).",
 )
-@backend_option
-@max_body_option(32 * 1024 * 1024, "request body")
-@count_option(
+@opt.backend_option
+@opt.max_body_option(32 * 1024 * 1024, "request body")
+@opt.count_option(
     "--max-keys",
     64,
     "MAX_KEYS",
     "API keys with a live upstream transport (least recently used closed first).",
 )
-@seconds_option(
+@opt.seconds_option(
     "--key-idle-ttl", 300.0, "KEY_IDLE_TTL", "Seconds before an unused key's transport is closed."
 )
-@read_timeout_option(900.0, "Longest silence (seconds) tolerated from upstream mid-response.")
-@env_option(
+@opt.read_timeout_option(900.0, "Longest silence (seconds) tolerated from upstream mid-response.")
+@opt.env_option(
     "--min-version",
     env="MIN_VERSION",
     default="1",
@@ -65,7 +56,7 @@ __all__ = ["proxy_cmd"]
     "(downgrade_refused, before anything is sent): the setting when you run your own "
     "pqe2ee instances and relay. 1 accepts v1 for chutes that never offered v2.",
 )
-@env_option(
+@opt.env_option(
     "--no-prefer-v2",
     "no_prefer_v2",
     env="NO_PREFER_V2",
@@ -73,21 +64,9 @@ __all__ = ["proxy_cmd"]
     default=False,
     help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
 )
-@log_level_option
+@opt.log_level_option
 def proxy_cmd(
-    host: str,
-    port: int,
-    api_base: str,
-    models_base: str,
-    api_key: str | None,
-    backend: str,
-    max_body: int,
-    max_keys: int,
-    key_idle_ttl: float,
-    read_timeout: float,
-    min_version: str,
-    no_prefer_v2: bool,
-    log_level: str,
+    api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
 
@@ -135,19 +114,11 @@ def proxy_cmd(
     """
     from pqe2ee.proxy.app import ProxyConfig, serve
 
-    with exit_on_error("proxy"):
+    with opt.exit_on_error("proxy"):
         config = ProxyConfig(
-            api_base=api_base,
-            models_base=models_base,
             api_key=api_key or None,
-            backend=backend,
-            host=host,
-            port=port,
-            max_body=max_body,
-            max_keys=max_keys,
-            key_idle_ttl=key_idle_ttl,
-            read_timeout=read_timeout,
             min_version=int(min_version),
             prefer_v2=not no_prefer_v2,
+            **options,
         )
         serve(config, log_level=log_level)

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import click
 
-from pqe2ee.cli._options import (
-    count_option,
-    env_option,
-    exit_on_error,
-    fail,
-    host_option,
-    log_level_option,
-    max_body_option,
-    port_option,
-    read_timeout_option,
-)
+from pqe2ee.cli import _options as opt
 
 __all__ = ["relay_cmd"]
 
 
 @click.command("relay")
-@env_option(
+@opt.env_option(
     "--instance",
     "instances",
     env="INSTANCES",
@@ -45,7 +36,7 @@ __all__ = ["relay_cmd"]
     help="Run an OPEN relay that accepts requests without an API key (required when no "
     "key is given; discovery is then rate-limited per client address).",
 )
-@env_option(
+@opt.env_option(
     "--redis",
     "redis_url",
     env="REDIS_URL",
@@ -53,48 +44,44 @@ __all__ = ["relay_cmd"]
     help="Keep nonces and rate limits in Redis (redis://host:6379/0) so several relays "
     "share them. Default: in memory, one process.",
 )
-@host_option
-@port_option(8000)
-@count_option(
+@opt.host_option
+@opt.port_option(8000)
+@opt.count_option(
     "--rate-limit",
     10,
     "RATE_LIMIT",
     "Instance discoveries allowed per API key per minute (429 beyond).",
 )
-@count_option(
+@opt.count_option(
     "--nonces-per-instance",
     10,
     "NONCES_PER_INSTANCE",
     "Single-use nonces handed out per instance per discovery.",
     max=1000,
 )
-@count_option(
+@opt.count_option(
     "--max-instances", 5, "MAX_INSTANCES", "Instances returned per discovery (a random sample)."
 )
-@max_body_option(64 * 1024 * 1024, "request blob")
-@read_timeout_option(900.0, "Longest silence (seconds) tolerated from an instance mid-response.")
-@env_option(
+@opt.max_body_option(64 * 1024 * 1024, "request blob")
+@opt.read_timeout_option(
+    900.0, "Longest silence (seconds) tolerated from an instance mid-response."
+)
+@opt.env_option(
     "--tee",
     env="TEE",
     is_flag=True,
     help="Mark models confidential_compute: true in /v1/models. Set it only when every "
     "instance runs in an attested TEE.",
 )
-@log_level_option
+@opt.log_level_option
 def relay_cmd(
     instances: tuple[str, ...],
     api_keys: tuple[str, ...],
     no_auth: bool,
-    redis_url: str | None,
     host: str,
     port: int,
-    rate_limit: int,
-    nonces_per_instance: int,
-    max_instances: int,
-    max_body: int,
-    read_timeout: float,
-    tee: bool,
     log_level: str,
+    **options: Any,
 ) -> None:
     """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
 
@@ -116,27 +103,16 @@ def relay_cmd(
     urls = tuple(u for item in instances for u in item.replace(",", " ").split() if u)
     keys = tuple(dict.fromkeys((*api_keys, *api_keys_from_env(os.environ))))
     if not urls:
-        fail("relay", "give at least one --instance URL")
+        opt.fail("relay", "give at least one --instance URL")
     if not keys and not no_auth:
-        fail(
+        opt.fail(
             "relay",
             "no API keys configured. Pass --api-key KEY (or set PQE2EE_API_KEYS=key1,key2), "
             "or pass --no-auth explicitly to run an open relay.",
         )
-    with exit_on_error("relay"):
+    with opt.exit_on_error("relay"):
         config = RelayConfig(
-            instances=urls,
-            api_keys=keys,
-            no_auth=no_auth,
-            redis_url=redis_url,
-            host=host,
-            port=port,
-            rate_limit=rate_limit,
-            nonces_per_instance=nonces_per_instance,
-            max_instances=max_instances,
-            max_body=max_body,
-            read_timeout=read_timeout,
-            tee=tee,
+            instances=urls, api_keys=keys, no_auth=no_auth, host=host, port=port, **options
         )
     if not logging.getLogger().handlers:
         logging.basicConfig(
