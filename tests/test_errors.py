@@ -13,10 +13,12 @@ Codes held in variables are not followed.
 from __future__ import annotations
 
 import ast
+import inspect
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +42,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pqe2ee"
 TREE: list[type[PQE2EEError]] = [
     obj
     for obj in vars(errors).values()
-    if isinstance(obj, type) and issubclass(obj, PQE2EEError) and obj.__module__ == errors.__name__
+    if isinstance(obj, type)
+    and issubclass(obj, PQE2EEError)
+    and obj.__module__ == errors.__name__
+    and not obj.__name__.startswith("_")
 ]
 
 # Violations of the ownership rule in files the error-tree change did not touch, as
@@ -284,20 +289,22 @@ def test_source_check_catches_a_wrong_owner() -> None:
 @pytest.mark.parametrize("cls", TREE, ids=lambda c: c.__name__)
 def test_every_class_pickles_intact(cls: type[PQE2EEError]) -> None:
     code = cls.default_code
-    err = cls("what went wrong", code=code, status=418, detail={"type": "x", "n": [1, 2]})
+    answered = "status" in inspect.signature(cls).parameters
+    extra: dict[str, Any] = {"status": 418, "detail": {"type": "x", "n": [1, 2]}}
+    err = cls("what went wrong", code=code, **(extra if answered else {}))
     err.__dict__["extra"] = "kept"
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is cls
-    assert (back.code, back.message, back.status, back.detail) == (
+    assert (back.code, back.message, str(back)) == (
         code,
-        "what went wrong",
-        418,
-        {"type": "x", "n": [1, 2]},
+        err.message,
+        f"{code.value}: {err.message}",
     )
-    assert back.__dict__["extra"] == "kept"
-    assert str(back) == str(err) == f"{code.value}: what went wrong"
-    plain = pickle.loads(pickle.dumps(cls("m")))
-    assert (plain.code, plain.status, plain.detail) == (cls.default_code, cls.default_status, None)
+    assert back.__dict__ == err.__dict__
+    if answered:
+        assert (back.status, back.detail) == (418, {"type": "x", "n": [1, 2]})
+        plain = pickle.loads(pickle.dumps(cls("m")))
+        assert (plain.status, plain.detail) == (cls.default_status, None)
 
 
 def test_subclasses_with_their_own_constructors_pickle() -> None:

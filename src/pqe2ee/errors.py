@@ -43,9 +43,10 @@ instance may carry the codes of its class; a subclass that declares none (``KeyF
 ancestors (:meth:`PQE2EEError.allowed_codes`). tests/test_errors.py checks every ``code=`` in
 the source against this rule.
 
-Every error has ``code``, ``message``, ``status`` (an HTTP status when one belongs to the error,
-else ``None``) and ``detail`` (the far side's error object, else ``None``); ``str(err)`` is
-``"<code>: <message>"``; every error pickles whatever its constructor's signature. Messages are
+Every error has ``code`` and ``message``; ``RemoteError``, ``RelayError`` and ``ServerError`` also
+``status`` (the HTTP status that belongs to the error, or ``None``) and ``detail`` (the far side's
+error object, or ``None``). ``str(err)`` is ``"<code>: <message>"``; every error pickles,
+whatever its constructor's signature. Messages are
 short and never contain plaintext, key material or prompts: they name what was wrong and, where
 useful, sizes or counts.
 """
@@ -168,7 +169,6 @@ class PQE2EEError(Exception):
     #: The codes this class itself owns (set from the ``codes=`` class keyword; ``()`` if none).
     codes: ClassVar[tuple[ErrorCode, ...]] = ()
     default_code: ClassVar[ErrorCode] = ErrorCode.INVALID_ARGUMENT
-    default_status: ClassVar[int | None] = None
 
     def __init_subclass__(cls, *, codes: Iterable[ErrorCode] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,6 +191,23 @@ class PQE2EEError(Exception):
         nearest = [k for k in owners if not any(o is not k and issubclass(o, k) for o in owners)]
         return frozenset(code for k in nearest for code in k.codes)
 
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        self.code: ErrorCode = code if code is not None else self.default_code
+        self.message = message
+        super().__init__(f"{self.code.value}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt without calling __init__ (subclasses have their own signatures), then the
+        # attributes are restored from __dict__.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+class _Answered(PQE2EEError):
+    """An error that came with an answer: ``status`` is the HTTP status that belongs to it,
+    ``detail`` the far side's error object (``None`` when there is none)."""
+
+    default_status: ClassVar[int | None] = None
+
     def __init__(
         self,
         message: str,
@@ -199,16 +216,9 @@ class PQE2EEError(Exception):
         status: int | None = None,
         detail: object = None,
     ) -> None:
-        self.code: ErrorCode = code if code is not None else self.default_code
-        self.message = message
-        self.status: int | None = status if status is not None else self.default_status
-        self.detail: object = detail
-        super().__init__(f"{self.code.value}: {message}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt without calling __init__ (subclasses have their own signatures), then the
-        # attributes are restored from __dict__.
-        return (_rebuild, (type(self), self.args), self.__dict__)
+        super().__init__(message, code=code)
+        self.status = status if status is not None else self.default_status
+        self.detail = detail
 
 
 class LocalProtocolError(
@@ -291,7 +301,7 @@ class BackendError(
     """A crypto backend is unavailable here, or cannot perform the requested operation."""
 
 
-class RemoteError(PQE2EEError, codes=(ErrorCode.REMOTE_ERROR, ErrorCode.UPSTREAM_ERROR)):
+class RemoteError(_Answered, codes=(ErrorCode.REMOTE_ERROR, ErrorCode.UPSTREAM_ERROR)):
     """The far side reported an error inside the encrypted channel (or as ``e2e_error``).
 
     ``status`` is the HTTP status the far side attached, when known; ``detail`` is the decoded
@@ -300,7 +310,7 @@ class RemoteError(PQE2EEError, codes=(ErrorCode.REMOTE_ERROR, ErrorCode.UPSTREAM
 
 
 class RelayError(
-    PQE2EEError,
+    _Answered,
     codes=(
         ErrorCode.RELAY_ERROR,
         ErrorCode.NONCE_REJECTED,
@@ -319,7 +329,7 @@ class RelayError(
 
 
 class ServerError(
-    PQE2EEError,
+    _Answered,
     codes=(
         ErrorCode.STREAM_MISMATCH,
         ErrorCode.INSTANCE_MISMATCH,
