@@ -101,3 +101,19 @@ def test_main_without_click(
     monkeypatch.setattr(cli_package, "click", None)
     assert main(["--help"]) == 2
     assert "pip install 'pqe2ee[server,proxy]'" in capsys.readouterr().err
+
+
+def test_backends_lists_every_backend_with_what_works_and_why_not() -> None:
+    from pqe2ee.backends import BACKENDS, unavailable
+
+    result = CliRunner().invoke(cli, ["backends"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == list(BACKENDS)
+    for name, line in zip(BACKENDS, lines, strict=False):
+        why = unavailable(name)
+        if why is None:
+            assert line.split(None, 1)[1].startswith("available (ML-KEM-768")
+        else:  # the reason enum's words, then the message
+            assert f"unavailable: {why.reason.value}: {why.message}" in line
+    assert lines[-1].startswith("auto KEM: ") and "auto X-Wing: " in lines[-1]

@@ -21,8 +21,8 @@ Tree (the codes each class owns; a class without codes of its own carries its pa
     │       └── ConnectionLost    the connection broke before the answer was complete
     │                             connection_lost
     ├── LimitExceeded             input went past a configured bound: oversize
-    ├── BackendError              a crypto backend is missing or refused an operation
-    │                             backend_unavailable, unsupported_operation
+    ├── BackendError              a crypto backend is missing or refused an operation (``reason``:
+    │                             an UnavailableReason) backend_unavailable, unsupported_operation
     ├── RemoteError               the far side reported an error: remote_error, upstream_error
     ├── RelayError                the relay answered with an error status (or discovery failed)
     │                             relay_error, nonce_rejected, path_forbidden, instance_gone,
@@ -72,6 +72,7 @@ __all__ = [
     "ServerError",
     "StoreUnavailable",
     "StreamError",
+    "UnavailableReason",
     "error_class",
 ]
 
@@ -295,10 +296,37 @@ class LimitExceeded(PQE2EEError, codes=(ErrorCode.OVERSIZE,)):
     """Input exceeded a configured size or count bound."""
 
 
+class UnavailableReason(enum.StrEnum):
+    """Why a crypto backend (or one primitive of it) cannot be used here:
+    :attr:`BackendError.reason`, shown by ``pqe2ee backends``."""
+
+    UNKNOWN_BACKEND = "unknown backend"
+    NOT_INSTALLED = "not installed"  # the Python package is missing
+    NATIVE_LIBRARY_MISSING = "native library missing"  # e.g. liboqs, or OpenSSL without ML-KEM
+    UNSUPPORTED_VERSION = "unsupported version"  # too old, or not a tested version
+    MISSING_API = "missing API"  # the installed library lacks what the adapter calls
+    UNSUPPORTED_OPERATION = "unsupported operation"  # the backend does not offer this
+    IMPORT_FAILED = "import failed"  # anything else that stopped the adapter from loading
+
+
 class BackendError(
     PQE2EEError, codes=(ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.UNSUPPORTED_OPERATION)
 ):
-    """A crypto backend is unavailable here, or cannot perform the requested operation."""
+    """A crypto backend is unavailable here, or cannot perform the requested operation.
+
+    ``reason`` says why (an :class:`UnavailableReason`), or is ``None`` where no single backend
+    is to blame (``"auto"`` found none).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        reason: UnavailableReason | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.reason = reason
 
 
 class RemoteError(_Answered, codes=(ErrorCode.REMOTE_ERROR, ErrorCode.UPSTREAM_ERROR)):
