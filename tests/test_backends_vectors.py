@@ -710,3 +710,80 @@ def test_backend_error_keeps_its_reason_through_pickle() -> None:
         ErrorCode.BACKEND_UNAVAILABLE,
         UnavailableReason.MISSING_API,
     )
+
+
+class _StandInKEM:
+    """``oqs.KeyEncapsulation`` over pycryptodome's ML-KEM-768 (enough of liboqs-python 0.16 for
+    the adapter: keygen, export, encap, decap, free; no seed keygen, no derand)."""
+
+    def __init__(self, alg: str, secret_key: bytes | None = None) -> None:
+        from Crypto.PublicKey import MLKEM
+
+        assert alg == "ML-KEM-768"
+        self._mlkem = MLKEM
+        self._key: Any = (
+            None
+            if secret_key is None
+            else MLKEM.construct(param_set=MLKEM.ML_KEM_768, expanded_dk=secret_key)
+        )
+        self.freed = False
+
+    def generate_keypair(self) -> bytes:
+        self._key = self._mlkem.generate(param_set=self._mlkem.ML_KEM_768)
+        return bytes(self._key.ek)
+
+    def export_secret_key(self) -> bytes:
+        return bytes(self._key.expanded_dk)
+
+    def encap_secret(self, public_key: bytes) -> tuple[bytes, bytes]:
+        key = self._mlkem.construct(param_set=self._mlkem.ML_KEM_768, ek=public_key)
+        ss, ct = key._encaps()
+        return bytes(ct), bytes(ss)
+
+    def decap_secret(self, ciphertext: bytes) -> bytes:
+        return bytes(self._key._decaps(ciphertext))
+
+    def free(self) -> None:
+        self.freed = True
+
+
+def test_liboqs_adapter_with_a_stand_in_library(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The liboqs adapter's own logic (checks, wipe, free) over a stand-in ``oqs`` module, so it
+    runs where the real shared library is missing."""
+    import _ctypes
+    import ctypes.util
+    import types
+
+    (tmp_path / "lib").mkdir()  # any loadable shared object stands in for liboqs.so
+    (tmp_path / "lib" / "liboqs.so").symlink_to(Path(_ctypes.__file__ or "").resolve())
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    fake = types.ModuleType("oqs")
+    fake.is_kem_enabled = lambda alg: alg == "ML-KEM-768"  # type: ignore[attr-defined]
+    fake.KeyEncapsulation = _StandInKEM  # type: ignore[attr-defined]
+    fake.native = lambda: object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "oqs", fake)
+    monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs", raising=False)
+    module = importlib.import_module("pqe2ee.backends.liboqs")
+    monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs")  # leave no stand-in behind
+
+    kem = module.LiboqsKEM()
+    key = kem.generate()
+    ct, ss = kem.encapsulate(key.public_key)
+    assert key.decapsulate(ct) == ss
+    assert get_kem("pycryptodome").from_expanded(key.expanded_key()).decapsulate(ct) == ss
+    with pytest.raises(MalformedError):
+        key.decapsulate(ct[:-1])
+    with pytest.raises(LocalProtocolError) as info:
+        kem.encapsulate(key.public_key[:-1])
+    assert info.value.code is ErrorCode.INVALID_KEY
+    with pytest.raises(BackendError) as unsupported:
+        kem.from_seed(bytes(64))
+    assert unsupported.value.reason is UnavailableReason.UNSUPPORTED_OPERATION
+    inner = key._key
+    key.wipe()
+    assert inner.freed and key.expanded_key() is None
+    with pytest.raises(LocalProtocolError, match="wiped"):
+        key.decapsulate(ct)

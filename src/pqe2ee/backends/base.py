@@ -9,6 +9,13 @@ return order, key formats):
   64-byte seed ``d || z`` (the form pyca/cryptography and the golden vectors use);
 * ``encapsulate`` returns ``(ciphertext, shared_secret)`` - ciphertext first, always;
 * AEAD ciphertexts are ``ct || tag`` (16-byte tag), nonces are 12 bytes.
+
+What adapters share is here too, so each adapter holds only its library's calls:
+:class:`HeldKey` (public key, ciphertext length check, wiped-key refusal), :class:`CheckedCipher`
+(nonce and record checks, the library's tag failure turned into ``DecryptError``),
+:func:`require_length` (the error class chosen by the code's owner), :func:`refused_public_key`
+(the library checks first; ours only names its failure) and :func:`unavailable` /
+:func:`unsupported` (``BackendError`` with an :class:`~pqe2ee.errors.UnavailableReason`).
 """
 
 from __future__ import annotations
