@@ -24,6 +24,7 @@ import functools
 import inspect
 from typing import Any
 
+from pqe2ee.backends._pycryptodome import encaps, has_kem_methods, version
 from pqe2ee.backends.base import (
     AEAD,
     CHACHA_TAG_LEN,
@@ -44,16 +45,11 @@ __all__ = ["PycryptodomeAEAD", "PycryptodomeKEM"]
 
 _MIN_VERSION = (4, 4)
 
-try:
-    import Crypto
-except ImportError:
-    raise unavailable(UnavailableReason.NOT_INSTALLED, "pycryptodome is not installed") from None
-
-_version_info: tuple[Any, ...] = tuple(getattr(Crypto, "version_info", (0, 0)))
-if tuple(int(v) for v in _version_info[:2]) < _MIN_VERSION:
+_VERSION = version()
+if _VERSION < _MIN_VERSION:
     raise unavailable(
         UnavailableReason.UNSUPPORTED_VERSION,
-        f"pycryptodome {'.'.join(map(str, _version_info))} is too old (need >= 4.4)",
+        f"pycryptodome {'.'.join(map(str, _VERSION))} is too old (need >= 4.4)",
     )
 
 try:
@@ -66,18 +62,13 @@ except ImportError:
 
 _MLKEM: Any = _mlkem_mod
 _CHACHA: Any = _chacha
-_KEY_CLASS: Any = getattr(_MLKEM, "MLKEMKey", None)
-if (
-    _KEY_CLASS is None
-    or not callable(getattr(_KEY_CLASS, "_encaps", None))
-    or not callable(getattr(_KEY_CLASS, "_decaps", None))
-    or not hasattr(_MLKEM, "ML_KEM_768")
-):
+if not has_kem_methods(_MLKEM, "MLKEMKey", "ML_KEM_768"):
     raise unavailable(
         UnavailableReason.MISSING_API,
         "pycryptodome's MLKEMKey lacks the private _encaps/_decaps methods this adapter needs "
         "(tested with 4.4.x)",
     )
+_KEY_CLASS: Any = _MLKEM.MLKEMKey
 _PARAMS: Any = _MLKEM.ML_KEM_768
 
 
@@ -145,15 +136,13 @@ class PycryptodomeKEM(KEM):
         return _PycryptodomePrivateKey(_construct("decapsulation key", expanded_dk=bytes(dk)))
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        shared_secret, ciphertext = _public_key(public_key)._encaps()  # (ss, ct)
-        return bytes(ciphertext), bytes(shared_secret)
+        return encaps(_public_key(public_key))
 
     def encapsulate_derand(self, public_key: bytes, m: bytes) -> tuple[bytes, bytes]:
         if not _DERAND:
             raise unsupported(self.name, "encapsulate with fixed randomness")
         check_mlkem768_coins(m)
-        shared_secret, ciphertext = _public_key(public_key)._encaps(bytes(m))  # (ss, ct)
-        return bytes(ciphertext), bytes(shared_secret)
+        return encaps(_public_key(public_key), m)
 
 
 def _cipher(key: bytes, nonce: bytes, aad: bytes | None) -> Any:

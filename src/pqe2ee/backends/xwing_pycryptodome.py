@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pqe2ee.backends._pycryptodome import encaps, has_kem_methods, version
 from pqe2ee.backends.base import unavailable
 from pqe2ee.backends.xwing import (
     XWing,
@@ -33,39 +34,31 @@ __all__ = ["SUPPORTED_VERSIONS", "PycryptodomeXWing"]
 
 SUPPORTED_VERSIONS = ((4, 4),)
 
-try:
-    import Crypto
-    from Crypto.PublicKey import Hybrid as _hybrid_mod
-except ImportError:
-    raise unavailable(
-        UnavailableReason.NOT_INSTALLED,
-        "pycryptodome with Crypto.PublicKey.Hybrid is not installed",
-    ) from None
-
-_version: tuple[int, ...] = tuple(
-    int(v) for v in tuple(getattr(Crypto, "version_info", (0, 0)))[:2]
-)
-if _version not in SUPPORTED_VERSIONS:
+_VERSION = version()
+if _VERSION not in SUPPORTED_VERSIONS:
     raise unavailable(
         UnavailableReason.UNSUPPORTED_VERSION,
-        f"pycryptodome {'.'.join(map(str, _version))} is not a tested version for X-Wing "
+        f"pycryptodome {'.'.join(map(str, _VERSION))} is not a tested version for X-Wing "
         "(the adapter uses private API; supported: 4.4.x)",
     )
 
+try:
+    from Crypto.PublicKey import Hybrid as _hybrid_mod
+except ImportError:
+    raise unavailable(
+        UnavailableReason.MISSING_API, "this pycryptodome has no Crypto.PublicKey.Hybrid"
+    ) from None
+
 _HYBRID: Any = _hybrid_mod
-_PARAMS: Any = getattr(_HYBRID, "MLKEM768_X25519", None)
-_KEY_CLASS: Any = getattr(_HYBRID, "HybridKey", None)
-if (
-    _PARAMS is None
-    or not callable(getattr(_HYBRID, "_construct", None))
-    or _KEY_CLASS is None
-    or not callable(getattr(_KEY_CLASS, "_encaps", None))
-    or not callable(getattr(_KEY_CLASS, "_decaps", None))
+if not (
+    has_kem_methods(_HYBRID, "HybridKey", "MLKEM768_X25519")
+    and callable(getattr(_HYBRID, "_construct", None))
 ):
     raise unavailable(
         UnavailableReason.MISSING_API,
         "this pycryptodome lacks Hybrid._construct / HybridKey._encaps / _decaps",
     )
+_PARAMS: Any = _HYBRID.MLKEM768_X25519
 
 
 class _PycryptodomeXWingKey(XWingHeldKey[Any], XWingPrivateKey):
@@ -105,10 +98,8 @@ class PycryptodomeXWing(XWing):
         return _PycryptodomeXWingKey(_HYBRID._construct(param_set=_PARAMS, seed=bytes(seed)))
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        ss, ct = _public(public_key)._encaps()
-        return bytes(ct), bytes(ss)
+        return encaps(_public(public_key))
 
     def encapsulate_derand(self, public_key: bytes, eseed: bytes) -> tuple[bytes, bytes]:
         check_xwing_eseed(eseed)
-        ss, ct = _public(public_key)._encaps(bytes(eseed))
-        return bytes(ct), bytes(ss)
+        return encaps(_public(public_key), eseed)
