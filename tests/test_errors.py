@@ -92,11 +92,20 @@ def test_default_code_is_owned() -> None:
             assert cls.default_code is cls.codes[0]
 
 
-def test_claiming_an_owned_code_fails_at_class_creation() -> None:
+def test_claiming_an_owned_code_fails_at_class_creation(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(TypeError, match="owned by DecryptError"):
 
         class Thief(PQE2EEError, codes=(ErrorCode.DECRYPT_FAILED,)):
             pass
+
+    assert error_class(ErrorCode.DECRYPT_FAILED) is DecryptError
+    monkeypatch.delitem(errors._OWNERS, ErrorCode.OVERSIZE)  # a free code, for this test only
+    with pytest.raises(TypeError, match="default_code"):
+
+        class Confused(PQE2EEError, codes=(ErrorCode.OVERSIZE,)):
+            default_code = ErrorCode.INVALID_ARGUMENT
+
+    assert ErrorCode.OVERSIZE not in errors._OWNERS
 
 
 def test_allowed_codes_inherit_only_through_classes_without_codes() -> None:

@@ -46,9 +46,8 @@ the source against this rule.
 Every error has ``code`` and ``message``; ``RemoteError``, ``RelayError`` and ``ServerError`` also
 ``status`` (the HTTP status that belongs to the error, or ``None``) and ``detail`` (the far side's
 error object, or ``None``). ``str(err)`` is ``"<code>: <message>"``; every error pickles,
-whatever its constructor's signature. Messages are
-short and never contain plaintext, key material or prompts: they name what was wrong and, where
-useful, sizes or counts.
+whatever its constructor's signature. Messages are short and never contain plaintext, key
+material or prompts: they name what was wrong and, where useful, sizes or counts.
 """
 
 from __future__ import annotations
@@ -174,15 +173,17 @@ class PQE2EEError(Exception):
     def __init_subclass__(cls, *, codes: Iterable[ErrorCode] = (), **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         owned = tuple(codes)
-        cls.codes = owned
         for code in owned:
             if code in _OWNERS:
                 raise TypeError(
                     f"{cls.__name__} claims {code.value!r}, owned by {_OWNERS[code].__name__}"
                 )
-            _OWNERS[code] = cls
-        if owned and "default_code" not in vars(cls):
-            cls.default_code = owned[0]
+        if owned and vars(cls).get("default_code", owned[0]) not in owned:
+            raise TypeError(f"{cls.__name__}.default_code is not one of its codes")
+        cls.codes = owned
+        _OWNERS.update(dict.fromkeys(owned, cls))
+        if owned:
+            cls.default_code = vars(cls).get("default_code", owned[0])
 
     @classmethod
     def allowed_codes(cls) -> frozenset[ErrorCode]:
