@@ -16,6 +16,7 @@ import importlib
 import itertools
 import json
 import os
+import pickle
 import random
 import sys
 from collections.abc import Iterator
@@ -29,14 +30,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from pqe2ee import backends
-from pqe2ee.backends import AEAD, KEM, get_aead, get_kem, unavailable_reason
+from pqe2ee.backends import AEAD, KEM, Primitive, get_aead, get_kem, unavailable_reason
+from pqe2ee.backends._registry import AUTO, _try_load
 from pqe2ee.backends.base import check_mlkem768_expanded_key, check_mlkem768_public_key
+from pqe2ee.backends.xwing import available_xwing, get_xwing
 from pqe2ee.errors import (
     BackendError,
     DecryptError,
     ErrorCode,
     LocalProtocolError,
     MalformedError,
+    UnavailableReason,
 )
 
 Case = dict[str, Any]
@@ -56,8 +60,8 @@ def _vectors_dir() -> Path:
 
 VECTORS = _vectors_dir()
 
-KEM_BACKENDS = list(backends._REGISTRY)
-AEAD_BACKENDS = [name for name, (_, _, aead) in backends._REGISTRY.items() if aead is not None]
+KEM_BACKENDS = [name for name, offers in backends.BACKENDS.items() if Primitive.KEM in offers]
+AEAD_BACKENDS = [name for name, offers in backends.BACKENDS.items() if Primitive.AEAD in offers]
 
 
 def _load(relative: str) -> Any:
@@ -596,11 +600,11 @@ def test_rfc5869_hkdf_sha256(test: Case) -> None:
 def test_registry_auto_choice() -> None:
     usable = backends.available()
     assert "pyca" in usable
-    first_kem = next(n for n in backends._AUTO_KEM_ORDER if unavailable_reason(n) is None)
+    first_kem = next(n for n in AUTO[Primitive.KEM] if unavailable_reason(n) is None)
     assert usable[0] == first_kem
     assert get_kem("auto").name == first_kem
     assert get_aead("auto").name == "pyca"
-    for name in backends._REGISTRY:
+    for name in backends.BACKENDS:
         assert (name in usable) == (unavailable_reason(name) is None)
     with pytest.raises(BackendError) as info:
         get_kem("no-such-backend")
@@ -623,3 +627,163 @@ def test_liboqs_missing_library_never_installs() -> None:
         importlib.import_module("pqe2ee.backends.liboqs")
     assert info.value.code is ErrorCode.BACKEND_UNAVAILABLE
     assert "oqs" not in sys.modules
+
+
+@pytest.fixture
+def fresh_registry() -> Iterator[None]:
+    """Forget what the registry remembered, before and after (probes are cached)."""
+    _try_load.cache_clear()
+    yield
+    _try_load.cache_clear()
+
+
+def test_one_registry_for_kem_aead_and_xwing() -> None:
+    assert available_xwing() == backends.available(Primitive.XWING)
+    assert backends.available() == backends.available(Primitive.KEM)
+    for name, offers in backends.BACKENDS.items():
+        for primitive in Primitive:
+            why = backends.unavailable(name, primitive)
+            if primitive not in offers:
+                assert why is not None
+                assert why.reason is UnavailableReason.UNSUPPORTED_OPERATION
+            if why is None:
+                assert name in backends.available(primitive)
+
+
+@pytest.mark.parametrize("primitive", list(Primitive), ids=lambda p: p.name)
+def test_unknown_backend_reason(primitive: Primitive) -> None:
+    why = backends.unavailable("no-such-backend", primitive)
+    assert why is not None and why.reason is UnavailableReason.UNKNOWN_BACKEND
+    get = {Primitive.KEM: get_kem, Primitive.AEAD: get_aead, Primitive.XWING: get_xwing}[primitive]
+    with pytest.raises(BackendError) as info:
+        get("no-such-backend")
+    assert info.value.code is ErrorCode.BACKEND_UNAVAILABLE
+    assert info.value.reason is UnavailableReason.UNKNOWN_BACKEND
+    assert "unknown backend 'no-such-backend'" in info.value.message
+
+
+def test_backend_without_the_primitive() -> None:
+    assert unavailable_reason("pqcrypto", Primitive.AEAD) == (
+        "unsupported operation: pqcrypto offers no ChaCha20-Poly1305"
+    )
+    with pytest.raises(BackendError) as info:
+        get_aead("pqcrypto")
+    assert info.value.code is ErrorCode.BACKEND_UNAVAILABLE  # as before the one registry
+    assert info.value.reason is UnavailableReason.UNSUPPORTED_OPERATION
+
+
+def test_missing_native_library_reason() -> None:
+    why = backends.unavailable("liboqs")
+    if why is None:
+        pytest.skip("liboqs is installed here")
+    assert why.reason is UnavailableReason.NATIVE_LIBRARY_MISSING
+    assert unavailable_reason("liboqs") == str(why)
+    assert str(why).startswith("native library missing: ")
+
+
+def test_not_installed_reason(monkeypatch: pytest.MonkeyPatch, fresh_registry: None) -> None:
+    offers = {Primitive.KEM: ("pqe2ee.backends._no_such_adapter", "Nothing")}
+    monkeypatch.setitem(backends.BACKENDS, "ghost", offers)
+    why = backends.unavailable("ghost")
+    assert why is not None and why.reason is UnavailableReason.NOT_INSTALLED
+    with pytest.raises(BackendError) as info:
+        get_kem("ghost")
+    assert info.value.reason is UnavailableReason.NOT_INSTALLED
+    assert info.value.message.startswith("ML-KEM-768 backend 'ghost' is not available here")
+
+
+def test_untested_version_reason(monkeypatch: pytest.MonkeyPatch, fresh_registry: None) -> None:
+    import Crypto
+
+    monkeypatch.setattr(Crypto, "version_info", (4, 5, 0))
+    monkeypatch.delitem(sys.modules, "pqe2ee.backends.xwing_pycryptodome")
+    why = backends.unavailable("pycryptodome", Primitive.XWING)
+    assert why is not None and why.reason is UnavailableReason.UNSUPPORTED_VERSION
+    assert "pycryptodome" not in available_xwing()
+    assert get_xwing().name == "pyca"  # "auto" moves on
+
+
+def test_backend_error_keeps_its_reason_through_pickle() -> None:
+    err = BackendError("x", reason=UnavailableReason.MISSING_API)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.code, back.reason) == (
+        ErrorCode.BACKEND_UNAVAILABLE,
+        UnavailableReason.MISSING_API,
+    )
+
+
+class _StandInKEM:
+    """``oqs.KeyEncapsulation`` over pycryptodome's ML-KEM-768 (enough of liboqs-python 0.16 for
+    the adapter: keygen, export, encap, decap, free; no seed keygen, no derand)."""
+
+    def __init__(self, alg: str, secret_key: bytes | None = None) -> None:
+        from Crypto.PublicKey import MLKEM
+
+        assert alg == "ML-KEM-768"
+        self._mlkem = MLKEM
+        self._key: Any = (
+            None
+            if secret_key is None
+            else MLKEM.construct(param_set=MLKEM.ML_KEM_768, expanded_dk=secret_key)
+        )
+        self.freed = False
+
+    def generate_keypair(self) -> bytes:
+        self._key = self._mlkem.generate(param_set=self._mlkem.ML_KEM_768)
+        return bytes(self._key.ek)
+
+    def export_secret_key(self) -> bytes:
+        return bytes(self._key.expanded_dk)
+
+    def encap_secret(self, public_key: bytes) -> tuple[bytes, bytes]:
+        key = self._mlkem.construct(param_set=self._mlkem.ML_KEM_768, ek=public_key)
+        ss, ct = key._encaps()
+        return bytes(ct), bytes(ss)
+
+    def decap_secret(self, ciphertext: bytes) -> bytes:
+        return bytes(self._key._decaps(ciphertext))
+
+    def free(self) -> None:
+        self.freed = True
+
+
+def test_liboqs_adapter_with_a_stand_in_library(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The liboqs adapter's own logic (checks, wipe, free) over a stand-in ``oqs`` module, so it
+    runs where the real shared library is missing."""
+    import _ctypes
+    import ctypes.util
+    import types
+
+    (tmp_path / "lib").mkdir()  # any loadable shared object stands in for liboqs.so
+    (tmp_path / "lib" / "liboqs.so").symlink_to(Path(_ctypes.__file__ or "").resolve())
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    fake = types.ModuleType("oqs")
+    fake.is_kem_enabled = lambda alg: alg == "ML-KEM-768"  # type: ignore[attr-defined]
+    fake.KeyEncapsulation = _StandInKEM  # type: ignore[attr-defined]
+    fake.native = lambda: object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "oqs", fake)
+    monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs", raising=False)
+    module = importlib.import_module("pqe2ee.backends.liboqs")
+    monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs")  # leave no stand-in behind
+
+    kem = module.LiboqsKEM()
+    key = kem.generate()
+    ct, ss = kem.encapsulate(key.public_key)
+    assert key.decapsulate(ct) == ss
+    assert get_kem("pycryptodome").from_expanded(key.expanded_key()).decapsulate(ct) == ss
+    with pytest.raises(MalformedError):
+        key.decapsulate(ct[:-1])
+    with pytest.raises(LocalProtocolError) as info:
+        kem.encapsulate(key.public_key[:-1])
+    assert info.value.code is ErrorCode.INVALID_KEY
+    with pytest.raises(BackendError) as unsupported:
+        kem.from_seed(bytes(64))
+    assert unsupported.value.reason is UnavailableReason.UNSUPPORTED_OPERATION
+    inner = key._key
+    key.wipe()
+    assert inner.freed and key.expanded_key() is None
+    with pytest.raises(LocalProtocolError, match="wiped"):
+        key.decapsulate(ct)

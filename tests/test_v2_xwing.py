@@ -28,7 +28,12 @@ from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolEr
 from pqe2ee.protocol.v2.hpke import open_base, seal_base
 
 AEAD = get_aead("pyca")
-WYCHEPROOF = Path("/work/shared/vectors/wycheproof/mlkem_768_encaps_test.json")
+# The shared vectors: PQE2EE_VECTORS, else ../shared/vectors beside the checkout (as in
+# test_backends_vectors.py; no hard-coded absolute path).
+VECTORS = Path(
+    os.environ.get("PQE2EE_VECTORS") or Path(__file__).resolve().parents[2] / "shared" / "vectors"
+)
+WYCHEPROOF = VECTORS / "wycheproof" / "mlkem_768_encaps_test.json"
 NAMES = ["pyca", "pycryptodome"]
 ADAPTER = str(Path(__file__).resolve().parent.parent / "src/pqe2ee/backends/xwing_pycryptodome.py")
 SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)

@@ -9,14 +9,30 @@ return order, key formats):
   64-byte seed ``d || z`` (the form pyca/cryptography and the golden vectors use);
 * ``encapsulate`` returns ``(ciphertext, shared_secret)`` - ciphertext first, always;
 * AEAD ciphertexts are ``ct || tag`` (16-byte tag), nonces are 12 bytes.
+
+What adapters share is here too, so each adapter holds only its library's calls:
+:class:`HeldKey` (public key, ciphertext length check, wiped-key refusal), :class:`CheckedCipher`
+(nonce and record checks, the library's tag failure turned into ``DecryptError``),
+:func:`require_length` (the error class chosen by the code's owner), :func:`refused_public_key`
+(the library checks first; ours only names its failure) and :func:`unavailable` /
+:func:`unsupported` (``BackendError`` with an :class:`~pqe2ee.errors.UnavailableReason`).
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Callable
+from typing import ClassVar, Generic, TypeVar
 
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, MalformedError
+from pqe2ee.errors import (
+    BackendError,
+    DecryptError,
+    ErrorCode,
+    LocalProtocolError,
+    UnavailableReason,
+    error_class,
+)
 
 __all__ = [
     "AEAD",
@@ -26,14 +42,22 @@ __all__ = [
     "MLKEM768_SEED_LEN",
     "MLKEM768_SS_LEN",
     "AEADCipher",
+    "CheckedCipher",
+    "DecapsulationKey",
+    "HeldKey",
     "KEMPrivateKey",
+    "check_chacha_key",
     "check_mlkem768_ciphertext",
     "check_mlkem768_coins",
     "check_mlkem768_expanded_key",
     "check_mlkem768_public_key",
     "check_mlkem768_seed",
     "mlkem768_expanded_public_key",
+    "refused_public_key",
+    "require_length",
+    "unavailable",
     "unsupported",
+    "wiped",
 ]
 
 MLKEM768_PK_LEN = 1184
@@ -53,9 +77,28 @@ CHACHA_TAG_LEN = 16
 
 
 def unsupported(backend: str, operation: str) -> BackendError:
+    """The error for an operation ``backend`` cannot perform (``unsupported_operation``)."""
     return BackendError(
-        f"backend {backend!r} cannot {operation}", code=ErrorCode.UNSUPPORTED_OPERATION
+        f"backend {backend!r} cannot {operation}",
+        code=ErrorCode.UNSUPPORTED_OPERATION,
+        reason=UnavailableReason.UNSUPPORTED_OPERATION,
     )
+
+
+def unavailable(reason: UnavailableReason, message: str) -> BackendError:
+    """The error an adapter module raises at import when it cannot work here."""
+    return BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE, reason=reason)
+
+
+def wiped() -> LocalProtocolError:
+    """The error for using a key after :meth:`KEMPrivateKey.wipe`."""
+    return LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+
+
+def require_length(data: bytes, size: int, what: str, code: ErrorCode) -> None:
+    """Raise the class that owns ``code`` unless ``data`` is ``size`` bytes long."""
+    if len(data) != size:
+        raise error_class(code)(f"{what} must be {size} bytes, got {len(data)}", code=code)
 
 
 # FIPS 203 §7.2 modulus check, done on the 1152-byte t-hat as one big integer instead of a loop
@@ -83,15 +126,23 @@ def check_mlkem768_public_key(public_key: bytes) -> None:
     ByteEncode_12(ByteDecode_12(key))). Raises :class:`~pqe2ee.errors.LocalProtocolError`
     (code ``invalid_key``).
     """
-    if len(public_key) != MLKEM768_PK_LEN:
-        raise LocalProtocolError(
-            f"ML-KEM-768 public key must be {MLKEM768_PK_LEN} bytes, got {len(public_key)}",
-            code=ErrorCode.INVALID_KEY,
-        )
+    require_length(public_key, MLKEM768_PK_LEN, "ML-KEM-768 public key", ErrorCode.INVALID_KEY)
     if not _coefficients_reduced(bytes(public_key[:_MLKEM768_T_LEN])):
         raise LocalProtocolError(
             "ML-KEM-768 public key failed the FIPS 203 modulus check", code=ErrorCode.INVALID_KEY
         )
+
+
+def refused_public_key(public_key: bytes, library: str) -> LocalProtocolError:
+    """The ``invalid_key`` error for a public key ``library`` refused: raises the precise one
+    (length, modulus) when our own check finds it, else returns a generic one to raise.
+
+    Adapters call the library first and this only on failure, so a good key is checked once.
+    """
+    check_mlkem768_public_key(public_key)
+    return LocalProtocolError(
+        f"ML-KEM-768 public key refused by {library}", code=ErrorCode.INVALID_KEY
+    )
 
 
 def check_mlkem768_expanded_key(dk: bytes) -> None:
@@ -100,12 +151,12 @@ def check_mlkem768_expanded_key(dk: bytes) -> None:
     The ``H(ek)`` stored in ``dk`` must be SHA3-256 of the ``ek`` stored in ``dk``. Raises
     :class:`~pqe2ee.errors.LocalProtocolError` (code ``invalid_key``).
     """
-    if len(dk) != MLKEM768_EXPANDED_SK_LEN:
-        raise LocalProtocolError(
-            f"ML-KEM-768 expanded decapsulation key must be {MLKEM768_EXPANDED_SK_LEN} bytes, "
-            f"got {len(dk)}",
-            code=ErrorCode.INVALID_KEY,
-        )
+    require_length(
+        dk,
+        MLKEM768_EXPANDED_SK_LEN,
+        "ML-KEM-768 expanded decapsulation key",
+        ErrorCode.INVALID_KEY,
+    )
     ek_end = _MLKEM768_DK_PKE_LEN + MLKEM768_PK_LEN
     ek = bytes(dk[_MLKEM768_DK_PKE_LEN:ek_end])
     if hashlib.sha3_256(ek).digest() != bytes(dk[ek_end : ek_end + 32]):
@@ -122,48 +173,53 @@ def mlkem768_expanded_public_key(dk: bytes) -> bytes:
 
 def check_mlkem768_seed(seed: bytes) -> None:
     """Raise :class:`~pqe2ee.errors.LocalProtocolError` (``invalid_key``) unless 64 bytes."""
-    if len(seed) != MLKEM768_SEED_LEN:
-        raise LocalProtocolError(
-            f"ML-KEM-768 seed must be {MLKEM768_SEED_LEN} bytes, got {len(seed)}",
-            code=ErrorCode.INVALID_KEY,
-        )
+    require_length(seed, MLKEM768_SEED_LEN, "ML-KEM-768 seed", ErrorCode.INVALID_KEY)
 
 
 def check_mlkem768_ciphertext(ciphertext: bytes) -> None:
     """Raise :class:`~pqe2ee.errors.MalformedError` (``malformed_blob``) unless 1088 bytes."""
-    if len(ciphertext) != MLKEM768_CT_LEN:
-        raise MalformedError(
-            f"KEM ciphertext must be {MLKEM768_CT_LEN} bytes, got {len(ciphertext)}",
-            code=ErrorCode.MALFORMED_BLOB,
-        )
+    require_length(ciphertext, MLKEM768_CT_LEN, "KEM ciphertext", ErrorCode.MALFORMED_BLOB)
 
 
 def check_mlkem768_coins(m: bytes) -> None:
     """Raise :class:`~pqe2ee.errors.LocalProtocolError` unless ``m`` is 32 bytes."""
-    if len(m) != MLKEM768_COINS_LEN:
+    require_length(m, MLKEM768_COINS_LEN, "encapsulation randomness", ErrorCode.INVALID_ARGUMENT)
+
+
+def check_chacha_key(key: bytes) -> None:
+    """Raise :class:`~pqe2ee.errors.LocalProtocolError` (``invalid_key``) unless 32 bytes."""
+    if len(key) != CHACHA_KEY_LEN:
         raise LocalProtocolError(
-            f"encapsulation randomness must be {MLKEM768_COINS_LEN} bytes, got {len(m)}",
-            code=ErrorCode.INVALID_ARGUMENT,
+            "ChaCha20-Poly1305 key must be 32 bytes", code=ErrorCode.INVALID_KEY
         )
 
 
-class KEMPrivateKey(abc.ABC):
-    """A decapsulation key. Opaque; only the backend that made it can use it."""
+class DecapsulationKey(abc.ABC):
+    """What every private key (ML-KEM-768 or X-Wing) offers. Opaque; only the backend that
+    made it can use it."""
 
     __slots__ = ()
 
     @property
     @abc.abstractmethod
     def public_key(self) -> bytes:
-        """The 1184-byte encapsulation key."""
+        """The encapsulation key (ML-KEM-768: 1184 bytes ``ek``; X-Wing: 1216 bytes
+        ``ek_M || pk_X``)."""
 
     @abc.abstractmethod
     def decapsulate(self, ciphertext: bytes) -> bytes:
-        """Return the 32-byte shared secret (implicit rejection on a bad ciphertext).
+        """Return the 32-byte shared secret (ML-KEM implicit rejection on a bad ciphertext).
 
         Raises :class:`~pqe2ee.errors.MalformedError` (code ``malformed_blob``) when the
-        ciphertext has the wrong length.
+        ciphertext has the wrong length; for X-Wing, :class:`~pqe2ee.errors.DecryptError` when
+        its X25519 half is a low-order point.
         """
+
+
+class KEMPrivateKey(DecapsulationKey):
+    """An ML-KEM-768 decapsulation key."""
+
+    __slots__ = ()
 
     def seed(self) -> bytes | None:
         """The 64-byte ``d || z`` seed when the backend keeps it, else ``None``."""
@@ -173,8 +229,48 @@ class KEMPrivateKey(abc.ABC):
         """The 2400-byte expanded decapsulation key when the backend exposes it, else ``None``."""
         return None
 
-    def wipe(self) -> None:  # noqa: B027 - optional hook
+    def wipe(self) -> None:
         """Best-effort: drop references to key material (Python cannot zeroise reliably)."""
+
+
+K = TypeVar("K")
+
+
+class HeldKey(Generic[K]):
+    """What every adapter's private key (ML-KEM or X-Wing) does the same way.
+
+    It holds the library's key object (``None`` once wiped) and the public key, checks the
+    ciphertext length (``malformed_blob``) before the library sees it, and refuses a wiped key
+    (``invalid_key``). An adapter lists it first in its bases and implements
+    :meth:`_decapsulate`.
+    """
+
+    __slots__ = ("_key", "_pk")
+    ciphertext_len: ClassVar[int] = MLKEM768_CT_LEN
+    ciphertext_name: ClassVar[str] = "KEM ciphertext"
+
+    def __init__(self, key: K, public_key: bytes) -> None:
+        self._key: K | None = key
+        self._pk = public_key
+
+    @property
+    def public_key(self) -> bytes:
+        return self._pk
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        require_length(
+            ciphertext, self.ciphertext_len, self.ciphertext_name, ErrorCode.MALFORMED_BLOB
+        )
+        key = self._key
+        if key is None:
+            raise wiped()
+        return self._decapsulate(key, bytes(ciphertext))
+
+    def _decapsulate(self, key: K, ciphertext: bytes) -> bytes:
+        raise NotImplementedError
+
+    def wipe(self) -> None:
+        self._key = None
 
 
 class KEM(abc.ABC):
@@ -232,11 +328,49 @@ class AEADCipher(abc.ABC):
         """Open ``ciphertext || tag``; raise :class:`~pqe2ee.errors.DecryptError` on any failure."""
 
 
+class CheckedCipher(AEADCipher):
+    """The checks every adapter's cipher makes, around the library's own seal and open.
+
+    ``seal(nonce, plaintext, aad)`` returns ``ct || tag``; ``open(nonce, data, aad)`` returns
+    the plaintext or raises ``tag_error``, which becomes :class:`~pqe2ee.errors.DecryptError`.
+    Passing the library's bound methods keeps one Python frame per record.
+    """
+
+    __slots__ = ("_open", "_seal")
+    tag_error: ClassVar[type[Exception]] = ValueError
+
+    def __init__(
+        self,
+        seal: Callable[[bytes, bytes, bytes | None], bytes],
+        open: Callable[[bytes, bytes, bytes | None], bytes],
+    ) -> None:
+        self._seal = seal
+        self._open = open
+
+    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes | None = None) -> bytes:
+        if len(nonce) != CHACHA_NONCE_LEN:
+            raise LocalProtocolError("nonce must be 12 bytes", code=ErrorCode.INVALID_ARGUMENT)
+        return self._seal(nonce, plaintext, aad)
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:
+        if len(nonce) != CHACHA_NONCE_LEN or len(data) < CHACHA_TAG_LEN:
+            raise DecryptError("record too short or bad nonce length")
+        try:
+            return self._open(nonce, data, aad)
+        except self.tag_error:
+            raise DecryptError("authentication tag did not verify") from None
+
+
 class AEAD(abc.ABC):
     """ChaCha20-Poly1305 factory."""
 
     name: str = "?"
 
-    @abc.abstractmethod
     def new(self, key: bytes) -> AEADCipher:
         """A cipher for this 32-byte key; raises LocalProtocolError on a wrong key length."""
+        check_chacha_key(key)
+        return self._cipher(bytes(key))
+
+    @abc.abstractmethod
+    def _cipher(self, key: bytes) -> AEADCipher:
+        """The library's cipher for a checked 32-byte key."""

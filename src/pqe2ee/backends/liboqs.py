@@ -34,16 +34,17 @@ from pqe2ee.backends.base import (
     MLKEM768_CT_LEN,
     MLKEM768_SEED_LEN,
     MLKEM768_SS_LEN,
+    HeldKey,
     KEMPrivateKey,
-    check_mlkem768_ciphertext,
     check_mlkem768_coins,
     check_mlkem768_expanded_key,
     check_mlkem768_public_key,
     check_mlkem768_seed,
     mlkem768_expanded_public_key,
+    unavailable,
     unsupported,
 )
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, UnavailableReason
 
 __all__ = ["LiboqsKEM", "find_liboqs", "liboqs_path", "liboqs_version"]
 
@@ -113,20 +114,24 @@ def _drop_record(record: logging.LogRecord) -> bool:
 def _import_oqs() -> Any:
     path, reason = find_liboqs()
     if path is None:
-        raise BackendError(reason, code=ErrorCode.BACKEND_UNAVAILABLE)
+        raise unavailable(UnavailableReason.NATIVE_LIBRARY_MISSING, reason)
     # oqs logs "faulthandler is disabled" to stdout on import; keep stdout clean.
     oqs_logger = logging.getLogger("oqs.oqs")
     oqs_logger.addFilter(_drop_record)
     try:
         import oqs
     except SystemExit:
-        raise BackendError(
-            "liboqs-python could not load liboqs", code=ErrorCode.BACKEND_UNAVAILABLE
+        raise unavailable(
+            UnavailableReason.NATIVE_LIBRARY_MISSING, "liboqs-python could not load liboqs"
         ) from None
-    except (ImportError, OSError, RuntimeError) as exc:
-        raise BackendError(
+    except ImportError:
+        raise unavailable(
+            UnavailableReason.NOT_INSTALLED, "liboqs-python (import oqs) is not installed"
+        ) from None
+    except (OSError, RuntimeError) as exc:
+        raise unavailable(
+            UnavailableReason.IMPORT_FAILED,
             f"liboqs-python failed to import ({type(exc).__name__})",
-            code=ErrorCode.BACKEND_UNAVAILABLE,
         ) from None
     finally:
         oqs_logger.removeFilter(_drop_record)
@@ -140,9 +145,7 @@ try:
 except Exception:  # pragma: no cover - a broken build
     _enabled = False
 if not _enabled:
-    raise BackendError(
-        f"this liboqs build does not enable {_ALG}", code=ErrorCode.BACKEND_UNAVAILABLE
-    )
+    raise unavailable(UnavailableReason.MISSING_API, f"this liboqs build does not enable {_ALG}")
 
 
 def _probe_seed_keygen() -> bool:
@@ -180,24 +183,18 @@ def liboqs_path() -> str:
     return str(_oqs.native()._name)
 
 
-class _LiboqsPrivateKey(KEMPrivateKey):
-    __slots__ = ("_kem", "_pk", "_seed")
+class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
+    """The key is an ``oqs.KeyEncapsulation`` holding the secret key (freed by :meth:`wipe`)."""
+
+    __slots__ = ("_seed",)
 
     def __init__(self, kem: Any, public_key: bytes, seed: bytes | None) -> None:
-        self._kem: Any = kem
-        self._pk = public_key
+        super().__init__(kem, public_key)
         self._seed = seed
 
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
-
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        check_mlkem768_ciphertext(ciphertext)
-        if self._kem is None:
-            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+    def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
         try:
-            return bytes(self._kem.decap_secret(bytes(ciphertext)))
+            return bytes(key.decap_secret(ciphertext))
         except RuntimeError:  # liboqs refused the key (mlkem-native re-checks H(ek))
             raise LocalProtocolError(
                 "liboqs refused the decapsulation key", code=ErrorCode.INVALID_KEY
@@ -207,10 +204,10 @@ class _LiboqsPrivateKey(KEMPrivateKey):
         return self._seed
 
     def expanded_key(self) -> bytes | None:
-        return None if self._kem is None else bytes(self._kem.export_secret_key())
+        return None if self._key is None else bytes(self._key.export_secret_key())
 
     def wipe(self) -> None:
-        kem, self._kem, self._seed = self._kem, None, None
+        kem, self._key, self._seed = self._key, None, None
         if kem is not None:
             kem.free()  # cleanses the secret key buffer, frees the OQS_KEM
 

@@ -21,13 +21,14 @@ from typing import Any
 
 from pqe2ee.backends.base import (
     KEM,
+    HeldKey,
     KEMPrivateKey,
-    check_mlkem768_ciphertext,
     check_mlkem768_expanded_key,
-    check_mlkem768_public_key,
     mlkem768_expanded_public_key,
+    refused_public_key,
+    unavailable,
 )
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, UnavailableReason
 
 __all__ = ["PqcryptoKEM"]
 
@@ -49,54 +50,42 @@ def _major(version: str) -> int:
 try:
     _VERSION = _version()
 except ImportError:
-    raise BackendError("pqcrypto is not installed", code=ErrorCode.BACKEND_UNAVAILABLE) from None
+    raise unavailable(UnavailableReason.NOT_INSTALLED, "pqcrypto is not installed") from None
 if _major(_VERSION) < 1:
-    raise BackendError(
-        f"pqcrypto {_VERSION} is too old (need >= 1.0)", code=ErrorCode.BACKEND_UNAVAILABLE
+    raise unavailable(
+        UnavailableReason.UNSUPPORTED_VERSION, f"pqcrypto {_VERSION} is too old (need >= 1.0)"
     )
 
 try:
     from pqcrypto.kem import ml_kem_768 as _mlkem
 except ImportError:
-    raise BackendError(
-        f"pqcrypto {_VERSION} has no ml_kem_768", code=ErrorCode.BACKEND_UNAVAILABLE
+    raise unavailable(
+        UnavailableReason.MISSING_API, f"pqcrypto {_VERSION} has no ml_kem_768"
     ) from None
 
 _lib: Any = _mlkem
 for _fn in ("keygen", "encaps", "decaps"):
     if not callable(getattr(_lib, _fn, None)):
-        raise BackendError(
-            f"pqcrypto {_VERSION} ml_kem_768 lacks {_fn}()", code=ErrorCode.BACKEND_UNAVAILABLE
+        raise unavailable(
+            UnavailableReason.MISSING_API, f"pqcrypto {_VERSION} ml_kem_768 lacks {_fn}()"
         )
 
 
-class _PqcryptoPrivateKey(KEMPrivateKey):
-    __slots__ = ("_pk", "_sk")
+class _PqcryptoPrivateKey(HeldKey[bytes], KEMPrivateKey):
+    """The key is the 2400-byte expanded decapsulation key."""
 
-    def __init__(self, public_key: bytes, secret_key: bytes) -> None:
-        self._pk = public_key
-        self._sk: bytes | None = secret_key
+    __slots__ = ()
 
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
-
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        check_mlkem768_ciphertext(ciphertext)
-        if self._sk is None:
-            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+    def _decapsulate(self, key: bytes, ciphertext: bytes) -> bytes:
         try:
-            return bytes(_lib.decaps(self._sk, bytes(ciphertext)))
+            return bytes(_lib.decaps(key, ciphertext))
         except ValueError:
             raise LocalProtocolError(
                 "pqcrypto refused the decapsulation key", code=ErrorCode.INVALID_KEY
             ) from None
 
     def expanded_key(self) -> bytes | None:
-        return self._sk
-
-    def wipe(self) -> None:
-        self._sk = None
+        return self._key
 
 
 class PqcryptoKEM(KEM):
@@ -104,18 +93,15 @@ class PqcryptoKEM(KEM):
 
     def generate(self) -> KEMPrivateKey:
         pk, sk = _lib.keygen()
-        return _PqcryptoPrivateKey(bytes(pk), bytes(sk))
+        return _PqcryptoPrivateKey(bytes(sk), bytes(pk))
 
     def from_expanded(self, dk: bytes) -> KEMPrivateKey:
         check_mlkem768_expanded_key(dk)
-        return _PqcryptoPrivateKey(mlkem768_expanded_public_key(dk), bytes(dk))
+        return _PqcryptoPrivateKey(bytes(dk), mlkem768_expanded_public_key(dk))
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        check_mlkem768_public_key(public_key)  # pqcrypto checks too; this gives the typed error
         try:
             ciphertext, shared_secret = _lib.encaps(bytes(public_key))  # (ct, ss) in 1.0
-        except ValueError:
-            raise LocalProtocolError(
-                "ML-KEM-768 public key refused by pqcrypto", code=ErrorCode.INVALID_KEY
-            ) from None
+        except ValueError:  # pqcrypto runs the modulus check; ours names the failure
+            raise refused_public_key(public_key, "pqcrypto") from None
         return bytes(ciphertext), bytes(shared_secret)

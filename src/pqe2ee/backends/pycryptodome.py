@@ -20,66 +20,55 @@ so "auto" never picks it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
+from pqe2ee.backends._pycryptodome import encaps, has_kem_methods, version
 from pqe2ee.backends.base import (
     AEAD,
-    CHACHA_KEY_LEN,
-    CHACHA_NONCE_LEN,
     CHACHA_TAG_LEN,
     KEM,
-    MLKEM768_PK_LEN,
-    AEADCipher,
+    CheckedCipher,
+    HeldKey,
     KEMPrivateKey,
-    check_mlkem768_ciphertext,
     check_mlkem768_coins,
     check_mlkem768_expanded_key,
     check_mlkem768_seed,
+    refused_public_key,
+    unavailable,
     unsupported,
 )
-from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, UnavailableReason
 
 __all__ = ["PycryptodomeAEAD", "PycryptodomeKEM"]
 
 _MIN_VERSION = (4, 4)
 
-try:
-    import Crypto
-except ImportError:
-    raise BackendError(
-        "pycryptodome is not installed", code=ErrorCode.BACKEND_UNAVAILABLE
-    ) from None
-
-_version_info: tuple[Any, ...] = tuple(getattr(Crypto, "version_info", (0, 0)))
-if tuple(int(v) for v in _version_info[:2]) < _MIN_VERSION:
-    raise BackendError(
-        f"pycryptodome {'.'.join(map(str, _version_info))} is too old (need >= 4.4)",
-        code=ErrorCode.BACKEND_UNAVAILABLE,
+_VERSION = version()
+if _VERSION < _MIN_VERSION:
+    raise unavailable(
+        UnavailableReason.UNSUPPORTED_VERSION,
+        f"pycryptodome {'.'.join(map(str, _VERSION))} is too old (need >= 4.4)",
     )
 
 try:
     from Crypto.Cipher import ChaCha20_Poly1305 as _chacha
     from Crypto.PublicKey import MLKEM as _mlkem_mod
 except ImportError:
-    raise BackendError(
-        "this pycryptodome has no Crypto.PublicKey.MLKEM", code=ErrorCode.BACKEND_UNAVAILABLE
+    raise unavailable(
+        UnavailableReason.MISSING_API, "this pycryptodome has no Crypto.PublicKey.MLKEM"
     ) from None
 
 _MLKEM: Any = _mlkem_mod
 _CHACHA: Any = _chacha
-_KEY_CLASS: Any = getattr(_MLKEM, "MLKEMKey", None)
-if (
-    _KEY_CLASS is None
-    or not callable(getattr(_KEY_CLASS, "_encaps", None))
-    or not callable(getattr(_KEY_CLASS, "_decaps", None))
-    or not hasattr(_MLKEM, "ML_KEM_768")
-):
-    raise BackendError(
+if not has_kem_methods(_MLKEM, "MLKEMKey", "ML_KEM_768"):
+    raise unavailable(
+        UnavailableReason.MISSING_API,
         "pycryptodome's MLKEMKey lacks the private _encaps/_decaps methods this adapter needs "
         "(tested with 4.4.x)",
-        code=ErrorCode.BACKEND_UNAVAILABLE,
     )
+_KEY_CLASS: Any = _MLKEM.MLKEMKey
 _PARAMS: Any = _MLKEM.ML_KEM_768
 
 
@@ -94,22 +83,14 @@ def _takes_coins() -> bool:
 _DERAND = _takes_coins()
 
 
-class _PycryptodomePrivateKey(KEMPrivateKey):
-    __slots__ = ("_key", "_pk")
+class _PycryptodomePrivateKey(HeldKey[Any], KEMPrivateKey):
+    __slots__ = ()
 
     def __init__(self, key: Any) -> None:
-        self._key: Any = key
-        self._pk = bytes(key.ek)
+        super().__init__(key, bytes(key.ek))
 
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
-
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        check_mlkem768_ciphertext(ciphertext)
-        if self._key is None:
-            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
-        return bytes(self._key._decaps(bytes(ciphertext)))
+    def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
+        return bytes(key._decaps(ciphertext))
 
     def seed(self) -> bytes | None:
         if self._key is None:
@@ -122,22 +103,22 @@ class _PycryptodomePrivateKey(KEMPrivateKey):
     def expanded_key(self) -> bytes | None:
         return None if self._key is None else bytes(self._key.expanded_dk)
 
-    def wipe(self) -> None:
-        self._key = None
+
+def _construct(what: str, **key: bytes) -> Any:
+    """``MLKEM.construct`` for ML-KEM-768; its ``ValueError`` becomes ``invalid_key``."""
+    try:
+        return _MLKEM.construct(param_set=_PARAMS, **key)
+    except ValueError:
+        raise LocalProtocolError(
+            f"ML-KEM-768 {what} failed the FIPS 203 checks", code=ErrorCode.INVALID_KEY
+        ) from None
 
 
 def _public_key(public_key: bytes) -> Any:
-    if len(public_key) != MLKEM768_PK_LEN:
-        raise LocalProtocolError(
-            f"ML-KEM-768 public key must be {MLKEM768_PK_LEN} bytes, got {len(public_key)}",
-            code=ErrorCode.INVALID_KEY,
-        )
     try:
         return _MLKEM.construct(param_set=_PARAMS, ek=bytes(public_key))
     except ValueError:
-        raise LocalProtocolError(
-            "ML-KEM-768 public key failed the FIPS 203 modulus check", code=ErrorCode.INVALID_KEY
-        ) from None
+        raise refused_public_key(public_key, "pycryptodome") from None
 
 
 class PycryptodomeKEM(KEM):
@@ -148,65 +129,41 @@ class PycryptodomeKEM(KEM):
 
     def from_seed(self, seed: bytes) -> KEMPrivateKey:
         check_mlkem768_seed(seed)
-        return _PycryptodomePrivateKey(_MLKEM.construct(param_set=_PARAMS, seed=bytes(seed)))
+        return _PycryptodomePrivateKey(_construct("seed", seed=bytes(seed)))
 
     def from_expanded(self, dk: bytes) -> KEMPrivateKey:
         check_mlkem768_expanded_key(dk)
-        try:
-            key = _MLKEM.construct(param_set=_PARAMS, expanded_dk=bytes(dk))
-        except ValueError:
-            raise LocalProtocolError(
-                "ML-KEM-768 decapsulation key failed the FIPS 203 checks",
-                code=ErrorCode.INVALID_KEY,
-            ) from None
-        return _PycryptodomePrivateKey(key)
+        return _PycryptodomePrivateKey(_construct("decapsulation key", expanded_dk=bytes(dk)))
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        shared_secret, ciphertext = _public_key(public_key)._encaps()  # (ss, ct)
-        return bytes(ciphertext), bytes(shared_secret)
+        return encaps(_public_key(public_key))
 
     def encapsulate_derand(self, public_key: bytes, m: bytes) -> tuple[bytes, bytes]:
         if not _DERAND:
             raise unsupported(self.name, "encapsulate with fixed randomness")
         check_mlkem768_coins(m)
-        shared_secret, ciphertext = _public_key(public_key)._encaps(bytes(m))  # (ss, ct)
-        return bytes(ciphertext), bytes(shared_secret)
+        return encaps(_public_key(public_key), m)
 
 
-class _PycryptodomeCipher(AEADCipher):
-    __slots__ = ("_key",)
+def _cipher(key: bytes, nonce: bytes, aad: bytes | None) -> Any:
+    cipher = _CHACHA.new(key=key, nonce=bytes(nonce))
+    if aad:
+        cipher.update(aad)
+    return cipher
 
-    def __init__(self, key: bytes) -> None:
-        self._key = key
 
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes | None = None) -> bytes:
-        if len(nonce) != CHACHA_NONCE_LEN:
-            raise LocalProtocolError("nonce must be 12 bytes", code=ErrorCode.INVALID_ARGUMENT)
-        cipher = _CHACHA.new(key=self._key, nonce=bytes(nonce))
-        if aad:
-            cipher.update(aad)
-        ciphertext, tag = cipher.encrypt_and_digest(plaintext)
-        return bytes(ciphertext) + bytes(tag)
+def _seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes | None) -> bytes:
+    ciphertext, tag = _cipher(key, nonce, aad).encrypt_and_digest(plaintext)
+    return bytes(ciphertext) + bytes(tag)
 
-    def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:
-        if len(nonce) != CHACHA_NONCE_LEN or len(data) < CHACHA_TAG_LEN:
-            raise DecryptError("record too short or bad nonce length")
-        cipher = _CHACHA.new(key=self._key, nonce=bytes(nonce))
-        if aad:
-            cipher.update(aad)
-        split = len(data) - CHACHA_TAG_LEN
-        try:
-            return bytes(cipher.decrypt_and_verify(data[:split], data[split:]))
-        except ValueError:
-            raise DecryptError("authentication tag did not verify") from None
+
+def _open(key: bytes, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+    split = len(data) - CHACHA_TAG_LEN
+    return bytes(_cipher(key, nonce, aad).decrypt_and_verify(data[:split], data[split:]))
 
 
 class PycryptodomeAEAD(AEAD):
     name = "pycryptodome"
 
-    def new(self, key: bytes) -> AEADCipher:
-        if len(key) != CHACHA_KEY_LEN:
-            raise LocalProtocolError(
-                "ChaCha20-Poly1305 key must be 32 bytes", code=ErrorCode.INVALID_KEY
-            )
-        return _PycryptodomeCipher(bytes(key))
+    def _cipher(self, key: bytes) -> CheckedCipher:
+        return CheckedCipher(functools.partial(_seal, key), functools.partial(_open, key))

@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import importlib
-from collections.abc import Callable
-from functools import cache
-from typing import Final
+from typing import Final, TypeVar, cast
 
+from pqe2ee.backends._registry import Primitive, available, load
 from pqe2ee.backends.base import (
     MLKEM768_CT_LEN,
     MLKEM768_PK_LEN,
+    DecapsulationKey,
+    HeldKey,
     check_mlkem768_public_key,
+    require_length,
     unsupported,
 )
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, MalformedError
+from pqe2ee.errors import ErrorCode
 
 __all__ = [
     "XWING_CT_LEN",
@@ -55,6 +56,7 @@ __all__ = [
     "XWING_SEED_LEN",
     "XWING_SS_LEN",
     "XWing",
+    "XWingHeldKey",
     "XWingPrivateKey",
     "available_xwing",
     "check_xwing_ciphertext",
@@ -74,6 +76,8 @@ XWING_SEED_LEN: Final = 32
 XWING_ESEED_LEN: Final = 64
 XWING_LABEL: Final = b"\\.//^\\"  # 5c 2e 2f 2f 5e 5c, hashed last
 
+HeldKeyT = TypeVar("HeldKeyT")
+
 
 def xwing_expand_seed(seed: bytes) -> tuple[bytes, bytes]:
     """``(d || z, sk_X)``: the 64-byte ML-KEM-768 seed and the 32-byte X25519 scalar."""
@@ -91,56 +95,29 @@ def check_xwing_public_key(public_key: bytes) -> None:
 
     The X25519 half is checked when it is used (an all-zero X25519 output is refused).
     """
-    if len(public_key) != XWING_PK_LEN:
-        raise LocalProtocolError(
-            f"X-Wing public key must be {XWING_PK_LEN} bytes, got {len(public_key)}",
-            code=ErrorCode.INVALID_KEY,
-        )
+    require_length(public_key, XWING_PK_LEN, "X-Wing public key", ErrorCode.INVALID_KEY)
     check_mlkem768_public_key(bytes(public_key[:MLKEM768_PK_LEN]))
 
 
 def check_xwing_ciphertext(ciphertext: bytes) -> None:
     """Raise :class:`~pqe2ee.errors.MalformedError` (``malformed_blob``) unless 1120 bytes."""
-    if len(ciphertext) != XWING_CT_LEN:
-        raise MalformedError(
-            f"X-Wing ciphertext must be {XWING_CT_LEN} bytes, got {len(ciphertext)}",
-            code=ErrorCode.MALFORMED_BLOB,
-        )
+    require_length(ciphertext, XWING_CT_LEN, "X-Wing ciphertext", ErrorCode.MALFORMED_BLOB)
 
 
 def check_xwing_seed(seed: bytes) -> None:
-    if len(seed) != XWING_SEED_LEN:
-        raise LocalProtocolError(
-            f"X-Wing seed must be {XWING_SEED_LEN} bytes, got {len(seed)}",
-            code=ErrorCode.INVALID_KEY,
-        )
+    require_length(seed, XWING_SEED_LEN, "X-Wing seed", ErrorCode.INVALID_KEY)
 
 
 def check_xwing_eseed(eseed: bytes) -> None:
-    if len(eseed) != XWING_ESEED_LEN:
-        raise LocalProtocolError(
-            f"X-Wing encapsulation randomness must be {XWING_ESEED_LEN} bytes, got {len(eseed)}",
-            code=ErrorCode.INVALID_ARGUMENT,
-        )
+    require_length(
+        eseed, XWING_ESEED_LEN, "X-Wing encapsulation randomness", ErrorCode.INVALID_ARGUMENT
+    )
 
 
-class XWingPrivateKey(abc.ABC):
-    """An X-Wing decapsulation key (expanded once, then cached). Opaque to callers."""
+class XWingPrivateKey(DecapsulationKey):
+    """An X-Wing decapsulation key (expanded once, then cached)."""
 
     __slots__ = ()
-
-    @property
-    @abc.abstractmethod
-    def public_key(self) -> bytes:
-        """The 1216-byte encapsulation key ``ek_M || pk_X``."""
-
-    @abc.abstractmethod
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        """The 32-byte shared secret.
-
-        ML-KEM implicit rejection applies to the ML-KEM half; a low-order X25519 half raises
-        :class:`~pqe2ee.errors.DecryptError`; a wrong length raises MalformedError.
-        """
 
     @abc.abstractmethod
     def seed(self) -> bytes | None:
@@ -149,6 +126,14 @@ class XWingPrivateKey(abc.ABC):
     @abc.abstractmethod
     def wipe(self) -> None:
         """Best-effort: drop references to key material (Python cannot zeroise reliably)."""
+
+
+class XWingHeldKey(HeldKey[HeldKeyT]):
+    """:class:`~pqe2ee.backends.base.HeldKey` with X-Wing's ciphertext length."""
+
+    __slots__ = ()
+    ciphertext_len = XWING_CT_LEN
+    ciphertext_name = "X-Wing ciphertext"
 
 
 class XWing(abc.ABC):
@@ -173,58 +158,11 @@ class XWing(abc.ABC):
         raise unsupported(self.name, "encapsulate with fixed randomness")
 
 
-# -- registry -----------------------------------------------------------------------------------
-
-_REGISTRY: Final[dict[str, tuple[str, str]]] = {
-    "pyca": ("pqe2ee.backends.xwing_pyca", "PycaXWing"),
-    "pycryptodome": ("pqe2ee.backends.xwing_pycryptodome", "PycryptodomeXWing"),
-}
-# pyca first: its ML-KEM and X25519 are in OpenSSL and it is the project's default dependency.
-_AUTO_ORDER: Final = ("pyca", "pycryptodome")
-
-
-@cache
-def _try_load(name: str) -> XWing | BackendError:
-    try:
-        module_name, cls_name = _REGISTRY[name]
-    except KeyError:
-        return BackendError(
-            f"unknown X-Wing backend {name!r}; known: {', '.join(sorted(_REGISTRY))}",
-            code=ErrorCode.BACKEND_UNAVAILABLE,
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except BackendError as exc:
-        return BackendError(
-            f"X-Wing backend {name!r} is not available here: {exc.message}", code=exc.code
-        )
-    except ImportError as exc:
-        return BackendError(
-            f"X-Wing backend {name!r} is not available here ({type(exc).__name__})",
-            code=ErrorCode.BACKEND_UNAVAILABLE,
-        )
-    factory: Callable[[], XWing] = getattr(module, cls_name)
-    return factory()
-
-
-def _load(name: str) -> XWing:
-    loaded = _try_load(name)
-    if isinstance(loaded, BackendError):
-        raise BackendError(loaded.message, code=loaded.code)
-    return loaded
-
-
 def available_xwing() -> list[str]:
     """Names of the X-Wing backends that work here, the ``"auto"`` choice first."""
-    return [n for n in _AUTO_ORDER if not isinstance(_try_load(n), BackendError)]
+    return available(Primitive.XWING)
 
 
 def get_xwing(name: str = "auto") -> XWing:
     """An X-Wing backend by name (``"pyca"``, ``"pycryptodome"``) or the first that works."""
-    if name == "auto":
-        for candidate in _AUTO_ORDER:
-            loaded = _try_load(candidate)
-            if not isinstance(loaded, BackendError):
-                return loaded
-        raise BackendError("no X-Wing backend is available", code=ErrorCode.BACKEND_UNAVAILABLE)
-    return _load(name)
+    return cast(XWing, load(Primitive.XWING, name))

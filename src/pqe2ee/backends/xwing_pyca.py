@@ -18,53 +18,52 @@ from functools import lru_cache
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from pqe2ee.backends.base import MLKEM768_CT_LEN, MLKEM768_PK_LEN
+from pqe2ee.backends.base import MLKEM768_CT_LEN, MLKEM768_PK_LEN, unavailable
 from pqe2ee.backends.xwing import (
     XWING_SEED_LEN,
     XWing,
+    XWingHeldKey,
     XWingPrivateKey,
-    check_xwing_ciphertext,
     check_xwing_public_key,
     check_xwing_seed,
     xwing_combine,
     xwing_expand_seed,
 )
-from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolError
+from pqe2ee.errors import DecryptError, ErrorCode, LocalProtocolError, UnavailableReason
 
 __all__ = ["PycaXWing"]
 
 try:
     mlkem.MLKEM768PrivateKey.from_seed_bytes(bytes(64))
 except (UnsupportedAlgorithm, AttributeError):
-    raise BackendError(
-        "the OpenSSL linked by cryptography has no ML-KEM-768", code=ErrorCode.BACKEND_UNAVAILABLE
+    raise unavailable(
+        UnavailableReason.NATIVE_LIBRARY_MISSING,
+        "the OpenSSL linked by cryptography has no ML-KEM-768",
     ) from None
 
 
-class _PycaXWingKey(XWingPrivateKey):
-    __slots__ = ("_m", "_pk", "_pk_x", "_seed", "_x")
+_Halves = tuple[mlkem.MLKEM768PrivateKey, x25519.X25519PrivateKey]
+
+
+class _PycaXWingKey(XWingHeldKey[_Halves], XWingPrivateKey):
+    """The key is the pair (ML-KEM-768 key, X25519 key) expanded from the seed."""
+
+    __slots__ = ("_pk_x", "_seed")
 
     def __init__(self, seed: bytes) -> None:
         d_z, sk_x = xwing_expand_seed(seed)
+        m = mlkem.MLKEM768PrivateKey.from_seed_bytes(d_z)
+        x = x25519.X25519PrivateKey.from_private_bytes(sk_x)
         self._seed: bytes | None = bytes(seed)
-        self._m: mlkem.MLKEM768PrivateKey | None = mlkem.MLKEM768PrivateKey.from_seed_bytes(d_z)
-        self._x: x25519.X25519PrivateKey | None = x25519.X25519PrivateKey.from_private_bytes(sk_x)
-        self._pk_x = self._x.public_key().public_bytes_raw()
-        self._pk = self._m.public_key().public_bytes_raw() + self._pk_x
+        self._pk_x = x.public_key().public_bytes_raw()
+        super().__init__((m, x), m.public_key().public_bytes_raw() + self._pk_x)
 
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
-
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        check_xwing_ciphertext(ciphertext)
-        if self._m is None or self._x is None:
-            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
-        ct = bytes(ciphertext)
-        ct_x = ct[MLKEM768_CT_LEN:]
-        ss_m = self._m.decapsulate(ct[:MLKEM768_CT_LEN])
+    def _decapsulate(self, key: _Halves, ciphertext: bytes) -> bytes:
+        m, x = key
+        ct_x = ciphertext[MLKEM768_CT_LEN:]
+        ss_m = m.decapsulate(ciphertext[:MLKEM768_CT_LEN])
         try:
-            ss_x = self._x.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
+            ss_x = x.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
         except ValueError:  # all-zero output: a low-order point
             raise DecryptError("X-Wing ciphertext has a low-order X25519 point") from None
         return xwing_combine(ss_m, ss_x, ct_x, self._pk_x)
@@ -73,8 +72,7 @@ class _PycaXWingKey(XWingPrivateKey):
         return self._seed
 
     def wipe(self) -> None:
-        self._m = None
-        self._x = None
+        super().wipe()
         self._seed = None
 
 

@@ -18,80 +18,63 @@ from __future__ import annotations
 
 from typing import Any
 
+from pqe2ee.backends._pycryptodome import encaps, has_kem_methods, version
+from pqe2ee.backends.base import unavailable
 from pqe2ee.backends.xwing import (
     XWing,
+    XWingHeldKey,
     XWingPrivateKey,
-    check_xwing_ciphertext,
     check_xwing_eseed,
     check_xwing_public_key,
     check_xwing_seed,
 )
-from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolError
+from pqe2ee.errors import DecryptError, ErrorCode, LocalProtocolError, UnavailableReason
 
 __all__ = ["SUPPORTED_VERSIONS", "PycryptodomeXWing"]
 
 SUPPORTED_VERSIONS = ((4, 4),)
 
+_VERSION = version()
+if _VERSION not in SUPPORTED_VERSIONS:
+    raise unavailable(
+        UnavailableReason.UNSUPPORTED_VERSION,
+        f"pycryptodome {'.'.join(map(str, _VERSION))} is not a tested version for X-Wing "
+        "(the adapter uses private API; supported: 4.4.x)",
+    )
+
 try:
-    import Crypto
     from Crypto.PublicKey import Hybrid as _hybrid_mod
 except ImportError:
-    raise BackendError(
-        "pycryptodome with Crypto.PublicKey.Hybrid is not installed",
-        code=ErrorCode.BACKEND_UNAVAILABLE,
+    raise unavailable(
+        UnavailableReason.MISSING_API, "this pycryptodome has no Crypto.PublicKey.Hybrid"
     ) from None
 
-_version: tuple[int, ...] = tuple(
-    int(v) for v in tuple(getattr(Crypto, "version_info", (0, 0)))[:2]
-)
-if _version not in SUPPORTED_VERSIONS:
-    raise BackendError(
-        f"pycryptodome {'.'.join(map(str, _version))} is not a tested version for X-Wing "
-        "(the adapter uses private API; supported: 4.4.x)",
-        code=ErrorCode.BACKEND_UNAVAILABLE,
-    )
-
 _HYBRID: Any = _hybrid_mod
-_PARAMS: Any = getattr(_HYBRID, "MLKEM768_X25519", None)
-_KEY_CLASS: Any = getattr(_HYBRID, "HybridKey", None)
-if (
-    _PARAMS is None
-    or not callable(getattr(_HYBRID, "_construct", None))
-    or _KEY_CLASS is None
-    or not callable(getattr(_KEY_CLASS, "_encaps", None))
-    or not callable(getattr(_KEY_CLASS, "_decaps", None))
+if not (
+    has_kem_methods(_HYBRID, "HybridKey", "MLKEM768_X25519")
+    and callable(getattr(_HYBRID, "_construct", None))
 ):
-    raise BackendError(
+    raise unavailable(
+        UnavailableReason.MISSING_API,
         "this pycryptodome lacks Hybrid._construct / HybridKey._encaps / _decaps",
-        code=ErrorCode.BACKEND_UNAVAILABLE,
     )
+_PARAMS: Any = _HYBRID.MLKEM768_X25519
 
 
-class _PycryptodomeXWingKey(XWingPrivateKey):
-    __slots__ = ("_key", "_pk")
+class _PycryptodomeXWingKey(XWingHeldKey[Any], XWingPrivateKey):
+    __slots__ = ()
 
     def __init__(self, key: Any) -> None:
-        self._key: Any = key
-        self._pk = bytes(key._pk)
+        super().__init__(key, bytes(key._pk))
 
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
-
-    def decapsulate(self, ciphertext: bytes) -> bytes:
-        check_xwing_ciphertext(ciphertext)
-        if self._key is None:
-            raise LocalProtocolError("key was wiped", code=ErrorCode.INVALID_KEY)
+    def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
         try:
-            return bytes(self._key._decaps(bytes(ciphertext)))
+            return bytes(key._decaps(ciphertext))
         except ValueError:  # only the X25519 point check can fail after the length check
             raise DecryptError("X-Wing ciphertext has a low-order X25519 point") from None
 
     def seed(self) -> bytes | None:
         return None if self._key is None else bytes(self._key._seed)
-
-    def wipe(self) -> None:
-        self._key = None
 
 
 def _public(public_key: bytes) -> Any:
@@ -115,10 +98,8 @@ class PycryptodomeXWing(XWing):
         return _PycryptodomeXWingKey(_HYBRID._construct(param_set=_PARAMS, seed=bytes(seed)))
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        ss, ct = _public(public_key)._encaps()
-        return bytes(ct), bytes(ss)
+        return encaps(_public(public_key))
 
     def encapsulate_derand(self, public_key: bytes, eseed: bytes) -> tuple[bytes, bytes]:
         check_xwing_eseed(eseed)
-        ss, ct = _public(public_key)._encaps(bytes(eseed))
-        return bytes(ct), bytes(ss)
+        return encaps(_public(public_key), eseed)

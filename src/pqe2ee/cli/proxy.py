@@ -1,0 +1,124 @@
+"""``pqe2ee proxy``: the local endpoint that end-to-end encrypts every model call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pqe2ee.cli import _options as opt
+
+__all__ = ["proxy_cmd"]
+
+
+@click.command("proxy")
+@opt.host_option
+@opt.port_option(8787)
+@opt.env_option(
+    "--api-base",
+    env="API_BASE",
+    default="https://api.chutes.ai",
+    metavar="URL",
+    help="Relay (control plane) for discovery and encrypted invocations.",
+)
+@opt.env_option(
+    "--models-base",
+    env="MODELS_BASE",
+    default="https://llm.chutes.ai",
+    metavar="URL",
+    help="Where the model list is read (plaintext GET /v1/models).",
+)
+@opt.env_option(
+    "--api-key",
+    env="API_KEY",
+    metavar="KEY",
+    help="Key for callers that send none of their own (prefer the env variable: it keeps "
+    "the key out of the process list).",
+)
+@opt.backend_option
+@opt.max_body_option(32 * 1024 * 1024, "request body")
+@opt.count_option(
+    "--max-keys",
+    64,
+    "MAX_KEYS",
+    "API keys with a live upstream transport (least recently used closed first).",
+)
+@opt.seconds_option(
+    "--key-idle-ttl", 300.0, "KEY_IDLE_TTL", "Seconds before an unused key's transport is closed."
+)
+@opt.read_timeout_option(900.0, "Longest silence (seconds) tolerated from upstream mid-response.")
+@opt.env_option(
+    "--min-version",
+    env="MIN_VERSION",
+    default="1",
+    type=click.Choice(["1", "2"]),
+    help="Lowest wire profile accepted. 2 refuses any chute that does not offer v2 "
+    "(downgrade_refused, before anything is sent): the setting when you run your own "
+    "pqe2ee instances and relay. 1 accepts v1 for chutes that never offered v2.",
+)
+@opt.env_option(
+    "--no-prefer-v2",
+    "no_prefer_v2",
+    env="NO_PREFER_V2",
+    is_flag=True,
+    default=False,
+    help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
+)
+@opt.log_level_option
+def proxy_cmd(
+    api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any
+) -> None:
+    """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
+
+    Point your tools at http://HOST:PORT (OpenAI SDK and Codex: base URL .../v1; Anthropic
+    SDK and Claude Code: base URL http://HOST:PORT). Endpoints:
+
+    \b
+      POST /v1/chat/completions, /v1/completions   forwarded as they are, encrypted
+      POST /v1/responses                           OpenAI Responses, via Chat Completions
+      POST /v1/messages                            Anthropic Messages, via Chat Completions
+      POST /v1/messages/count_tokens               a local estimate, not a tokenizer count
+      GET  /v1/models                              plaintext passthrough from --models-base
+      GET  /health, /metrics                       local status, Prometheus counters
+
+    What is encrypted: every model call - prompts, images, tool definitions and results,
+    and every reply, streamed or not - is sealed on this machine to a fresh ML-KEM-768 key
+    of the instance that runs the model, and opened only there.
+
+    Wire profile: v2 (X-Wing, hybrid ML-KEM-768 + X25519) wherever a chute's instances
+    offer it - it also binds the route (path, stream flag, chute, instance) into the
+    encryption, stops replays at the instance, and authenticates stream order, the end of
+    every answer, the engine's status and errors, and the usage the relay bills. A chute
+    seen with v2 is pinned: if the relay later offers it without v2 the call fails
+    (downgrade_suspected) instead of falling back. Chutes that never offered v2 get v1
+    (logged). Running your own instances? Use --min-version 2: v1 is then never sent.
+
+    What goes in plaintext: the model listing (GET /v1/models), which carries no user
+    data. Between this proxy and your tools traffic is plain HTTP: keep --host on
+    loopback.
+
+    What the relay sees: your API key, the model's chute id, the instance id, a one-time
+    nonce, the endpoint path, whether the call streams, body sizes and timing (and, with
+    Chutes instances, per-chunk token counts in plaintext usage events) - never a prompt or
+    a completion.
+
+    The API key is the caller's own (Authorization: Bearer KEY or x-api-key: KEY) when it
+    sends one, else --api-key / PQE2EE_API_KEY; without either a call gets a 401. Logs hold
+    method, path, status, sizes and durations only.
+
+    \b
+    Example:
+      PQE2EE_API_KEY=cpk_... pqe2ee proxy
+      OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
+      ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
+    """
+    from pqe2ee.proxy.app import ProxyConfig, serve
+
+    with opt.exit_on_error("proxy"):
+        config = ProxyConfig(
+            api_key=api_key or None,
+            min_version=int(min_version),
+            prefer_v2=not no_prefer_v2,
+            **options,
+        )
+        serve(config, log_level=log_level)
