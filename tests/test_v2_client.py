@@ -37,11 +37,17 @@ from pqe2ee.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from pqe2ee.protocol import StreamEncoder, StreamSealer, open_request, seal_response
+from pqe2ee.protocol import (
+    Done,
+    InnerEvent,
+    StreamEncoder,
+    StreamSealer,
+    open_request,
+    seal_response,
+)
+from pqe2ee.protocol._codec import b64encode
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, classify_v2_hint
-from pqe2ee.protocol.codec import b64encode
 from pqe2ee.protocol.discovery import Lease
-from pqe2ee.protocol.stream import Done, InnerEvent
 from pqe2ee.protocol.v2 import (
     E2EPolicy,
     InstanceV2,

@@ -38,8 +38,8 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
+from pqe2ee.protocol import NEED_DATA, EndOfStream
 from pqe2ee.protocol.discovery import InstanceInfo
-from pqe2ee.protocol.stream import NEED_DATA, EndOfStream
 from pqe2ee.protocol.v2 import (
     Admission,
     ContextHeader,

@@ -5,6 +5,8 @@ out; time and randomness are parameters. Every transport and server in pqe2ee us
 and nothing else for crypto or SSE framing.
 """
 
+from pqe2ee.protocol._codec import extract_usage, stream_flag
+from pqe2ee.protocol._events import NEED_DATA, Done, EndOfStream, InnerEvent
 from pqe2ee.protocol.discovery import (
     DiscoveryResult,
     InstanceInfo,
@@ -16,7 +18,9 @@ from pqe2ee.protocol.discovery import (
     parse_discovery,
     parse_models,
 )
-from pqe2ee.protocol.envelope import (
+from pqe2ee.protocol.kdf import INFO_REQUEST, INFO_RESPONSE, INFO_STREAM, derive_key
+from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
+from pqe2ee.protocol.v1.envelope import (
     BLOB_OVERHEAD,
     RESPONSE_PK_FIELD,
     OpenedRequest,
@@ -25,22 +29,14 @@ from pqe2ee.protocol.envelope import (
     open_response,
     seal_request,
     seal_response,
-    stream_flag,
 )
-from pqe2ee.protocol.keyschedule import INFO_REQUEST, INFO_RESPONSE, INFO_STREAM, derive_key
-from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
-from pqe2ee.protocol.stream import (
-    NEED_DATA,
-    Done,
-    EndOfStream,
-    InnerEvent,
+from pqe2ee.protocol.v1.stream import (
     RemoteErrorEvent,
     StreamDecryptor,
     StreamEncoder,
     StreamEvent,
     StreamSealer,
     Usage,
-    extract_usage,
 )
 
 __all__ = [

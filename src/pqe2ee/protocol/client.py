@@ -42,7 +42,7 @@ from pqe2ee.protocol.discovery import (
     parse_discovery,
     parse_models,
 )
-from pqe2ee.protocol.envelope import BLOB_OVERHEAD, SealedRequest
+from pqe2ee.protocol.v1.envelope import BLOB_OVERHEAD, SealedRequest
 from pqe2ee.protocol.v2.negotiation import Decision, Negotiator, V2Offer
 from pqe2ee.protocol.v2.request import parse_instance_hint
 

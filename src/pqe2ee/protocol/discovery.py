@@ -22,7 +22,7 @@ import msgspec
 
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, MalformedError
-from pqe2ee.protocol.codec import b64decode
+from pqe2ee.protocol._codec import b64decode
 
 __all__ = [
     "DiscoveryResult",

@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from pqe2ee.backends.xwing import XWING_KEM_ID, XWING_PK_LEN, check_xwing_public_key
 from pqe2ee.errors import ErrorCode, LocalProtocolError, MalformedError, RemoteProtocolError
-from pqe2ee.protocol.codec import b64decode
+from pqe2ee.protocol._codec import b64decode
 from pqe2ee.protocol.discovery import InstanceInfo
 from pqe2ee.protocol.v2.hpke import AEAD_ID, KDF_ID
 from pqe2ee.protocol.v2.request import pk_hash

@@ -21,16 +21,17 @@ body ``model`` / ``stream`` equal H (``context_mismatch``), ``request_id`` new (
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
 from pqe2ee.backends.base import AEAD
+from pqe2ee.backends.kdf import RandomBytes
+from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.backends.xwing import (
     XWING_CT_LEN,
     XWING_PK_LEN,
@@ -46,8 +47,7 @@ from pqe2ee.errors import (
     PQE2EEError,
     RemoteProtocolError,
 )
-from pqe2ee.protocol.codec import gunzip_bounded, gzip_compress, json_decode_object
-from pqe2ee.protocol.envelope import stream_flag
+from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress, json_decode_object, stream_flag
 from pqe2ee.protocol.v2.header import (
     FIXED_LEN,
     MAX_HEADER_LEN,
@@ -78,7 +78,6 @@ __all__ = [
     "seal_request_v2",
 ]
 
-RandomBytes = Callable[[int], bytes]
 
 EXPORT_CONTEXT: Final = b"pqe2ee/v2 resp"
 EXPORT_LEN: Final = 32
@@ -239,7 +238,7 @@ def seal_request_v2(
     now_ms: int,
     xwing: XWing,
     aead: AEAD,
-    random_bytes: RandomBytes = os.urandom,
+    random_bytes: RandomBytes = system_random,
     compress: bool = True,
     compresslevel: int = 1,
     pad: BodyPadding = "padme",

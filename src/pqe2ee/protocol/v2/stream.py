@@ -7,7 +7,7 @@ orjson writes it; the relay re-emits every line byte for byte)::
 
 :class:`StreamEncoderV2` is the instance side; :class:`StreamDecryptorV2` the client side
 (h11-style: ``receive_data`` / ``receive_eof`` buffer, ``next_event`` returns an event or
-:data:`~pqe2ee.protocol.stream.NEED_DATA`; errors are sticky). DATA payloads come out as the
+:data:`~pqe2ee.protocol.NEED_DATA`; errors are sticky). DATA payloads come out as the
 upstream byte stream, whatever the record boundaries. Callers that need all-or-nothing buffer
 until :class:`~pqe2ee.protocol.v2.records.End`.
 """
@@ -30,9 +30,9 @@ from pqe2ee.errors import (
     RemoteError,
     StreamError,
 )
-from pqe2ee.protocol.codec import b64decode, b64encode
+from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._events import NEED_DATA, EndOfStream, NeedData
 from pqe2ee.protocol.sse import LineSplitter
-from pqe2ee.protocol.stream import NEED_DATA, EndOfStream, _NeedData, extract_usage
 from pqe2ee.protocol.v2.records import (
     MAX_PAYLOAD,
     RECORD_OVERHEAD,
@@ -254,7 +254,7 @@ class StreamDecryptorV2:
 
         self._guard(finish)
 
-    def next_event(self) -> StreamEventV2 | _NeedData:
+    def next_event(self) -> StreamEventV2 | NeedData:
         self._check()
         if self._events:
             return self._events.popleft()

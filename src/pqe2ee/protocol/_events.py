@@ -1,0 +1,72 @@
+"""Events both wire profiles hand out, and the ``NEED_DATA`` sentinel.
+
+The stream decryptors (:class:`~pqe2ee.protocol.v1.stream.StreamDecryptor`,
+:class:`~pqe2ee.protocol.v2.stream.StreamDecryptorV2`) and the
+:class:`~pqe2ee.protocol.response.ResponseDecoder` follow h11: bytes go in, ``next_event()``
+returns an event or :data:`NEED_DATA`. The engine's own stream comes out the same way under
+either profile: :class:`InnerEvent` per SSE event, then the authenticated :class:`Done`.
+Profile-specific events live with their profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from pqe2ee.protocol.sse import SSEEvent
+
+__all__ = ["NEED_DATA", "Done", "EndOfStream", "InnerEvent", "NeedData", "inner_event"]
+
+
+class NeedData:
+    """The type of :data:`NEED_DATA` (one instance)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event()`` when no event is complete: feed more bytes (or EOF).
+NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class InnerEvent:
+    """A decrypted, authenticated SSE event of the engine's stream."""
+
+    event: SSEEvent
+
+    @property
+    def data(self) -> str:
+        return self.event.data
+
+    @property
+    def raw(self) -> bytes:
+        return self.event.raw
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The inner ``data: [DONE]`` event (authenticated). ``raw`` is its exact bytes."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Clean end: EOF after the inner ``[DONE]`` (or after a reported remote error)."""
+
+    complete: bool
+
+
+# InnerEvent(ev) without the frozen dataclass's object.__setattr__ (see sse._sse_event): a
+# decryptor makes one per record.
+_set_inner_event = InnerEvent.__dict__["event"].__set__
+
+
+def inner_event(event: SSEEvent) -> InnerEvent:
+    """``InnerEvent(event)``, faster."""
+    ev: InnerEvent = object.__new__(InnerEvent)
+    _set_inner_event(ev, event)
+    return ev
