@@ -47,9 +47,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Final, Protocol
-
-import msgspec
+from typing import Final, Protocol, cast
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -58,9 +56,9 @@ from pqe2ee.errors import (
     LocalProtocolError,
     PQE2EEError,
     RelayError,
-    RemoteError,
     StreamError,
 )
+from pqe2ee.protocol._events import Done, InnerEvent
 from pqe2ee.protocol.client import (
     INVOKE_PATH,
     MODELS_PATH,
@@ -76,32 +74,19 @@ from pqe2ee.protocol.client import (
     is_sealed_error,
 )
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
-from pqe2ee.protocol.envelope import open_response, seal_request
-from pqe2ee.protocol.sse import SSEParser
-from pqe2ee.protocol.stream import (
-    DEFAULT_MAX_RECORD,
-    NEED_DATA,
-    Done,
-    EndOfStream,
-    InnerEvent,
-    RemoteErrorEvent,
-    StreamDecryptor,
-    Usage,
-)
+from pqe2ee.protocol.response import Opened, ResponseDecoder, open_answer
+from pqe2ee.protocol.v1.envelope import seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
-from pqe2ee.protocol.v2.records import Data, End, Head, ResponseV2, UpstreamError, open_response_v2
+from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
-from pqe2ee.protocol.v2.stream import StreamDecryptorV2
 from pqe2ee.transports._common import (
     MAX_BLOB,
     MAX_DOC,
     MAX_ERROR_BODY,
-    OnUsage,
     RawHeaders,
     RetriesExhausted,
     Settings,
     header_value,
-    remote_error,
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import AsyncLock, AsyncShieldCancellation, async_sleep
@@ -174,18 +159,6 @@ class AsyncPort(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
-    """A decrypted non-stream answer: the engine's bytes exactly as produced, with the engine's
-    status (200, or the status of an engine error sealed by the instance) and content type
-    (v2 authenticates both; v1 answers are JSON). ``version`` is the wire profile used."""
-
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    version: int = 1
-
-
-@dataclass(frozen=True, slots=True)
 class Streaming:
     """A 200 stream: read it (and close it) through ``stream``."""
 
@@ -236,203 +209,12 @@ async def _read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
 # -- the decrypted stream --------------------------------------------------------------------------
 
 
-_PASSED: Final = (InnerEvent, Done)
-
-
-class _V1Decoder:
-    """Outer v1 stream bytes -> inner events (the v1 state machine does the work)."""
-
-    __slots__ = ("_dec", "_key", "_on_usage")
-
-    def __init__(self, key: KEMPrivateKey, settings: Settings) -> None:
-        self._key = key
-        self._dec = StreamDecryptor(key, aead=settings.aead)
-        self._on_usage: OnUsage | None = settings.on_usage
-
-    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
-        self._dec.receive_data(chunk)
-        return self._drain()
-
-    def eof(self) -> list[InnerEvent | Done]:
-        self._dec.receive_eof()
-        return self._drain()
-
-    def _drain(self) -> list[InnerEvent | Done]:
-        # Hot path (one call per network chunk): drain in one call, test the common types first.
-        out: list[InnerEvent | Done] = []
-        for event in self._dec.events():
-            if isinstance(event, _PASSED):
-                out.append(event)
-            elif isinstance(event, Usage):
-                if self._on_usage is not None:
-                    self._on_usage(event.usage)
-            elif isinstance(event, RemoteErrorEvent):
-                raise remote_error(event.error)
-        return out
-
-    def wipe(self) -> None:
-        self._key.wipe()
-
-
-def _upstream_error(error: UpstreamError) -> RemoteError:
-    """END reported an upstream failure (authenticated)."""
-    label = error.type if 0 < len(error.type) <= 64 and error.type.isprintable() else "error"
-    return RemoteError(
-        f"the engine failed ({label})",
-        code=ErrorCode.UPSTREAM_ERROR,
-        status=error.status,
-        detail={"type": error.type, "message": error.message},
-    )
-
-
-class _V2Decoder:
-    """Outer v2 stream bytes -> inner events.
-
-    :class:`~pqe2ee.protocol.v2.StreamDecryptorV2` checks every record as it arrives; DATA
-    (the engine's SSE bytes) is parsed into the same events as v1, so callers see the same
-    bytes either way. The inner ``data: [DONE]`` is held back until the authenticated END:
-    a caller never sees a complete stream that END did not vouch for (END without an inner
-    ``[DONE]`` still ends the stream, with an empty :class:`Done`). After a non-2xx HEAD the
-    DATA is the engine's error body, kept whole (bounded). The plaintext usage copy never
-    reaches the caller: END cross-checks it (``usage_mismatch``), then ``on_usage`` gets it
-    (the authenticated usage when the relay sent no copy).
-    """
-
-    __slots__ = (
-        "_dec",
-        "_done",
-        "_error",
-        "_inner",
-        "_on_usage",
-        "_out",
-        "_raw",
-        "_raw_size",
-        "_secrets",
-        "end",
-        "head",
-    )
-
-    def __init__(self, secrets: ResponseSecrets, settings: Settings) -> None:
-        self._secrets = secrets
-        self._dec = StreamDecryptorV2(secrets, aead=settings.aead)
-        self._on_usage: OnUsage | None = settings.on_usage
-        self._inner = SSEParser(max_event=DEFAULT_MAX_RECORD)
-        self._done: Done | None = None
-        self._raw: list[bytes] | None = None
-        self._raw_size = 0
-        self._error: PQE2EEError | None = None
-        self._out: list[InnerEvent | Done] = []
-        self.head: Head | None = None
-        self.end: End | None = None
-
-    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
-        self._check()
-        try:
-            if chunk.count(b"\n") <= 2:  # the usual chunk: one event, or part of one
-                self._dec.receive_data(chunk)
-                self._drain()
-            else:  # line by line: a fault keeps the events before it, however bytes are chunked
-                start, size = 0, len(chunk)
-                while start < size:
-                    end = chunk.find(b"\n", start)
-                    end = size if end < 0 else end + 1
-                    self._dec.receive_data(chunk[start:end])
-                    self._drain()
-                    start = end
-        except PQE2EEError as exc:
-            self._error = exc
-            raise
-        return self.take()
-
-    def eof(self) -> list[InnerEvent | Done]:
-        self._check()
-        try:
-            self._dec.receive_eof()
-            self._drain()
-        except PQE2EEError as exc:
-            self._error = exc
-            raise
-        return self.take()
-
-    def take(self) -> list[InnerEvent | Done]:
-        """The events decoded so far and not yet returned (after a failure: those before it)."""
-        out, self._out = self._out, []
-        return out
-
-    def body(self) -> tuple[bytes, str]:
-        """The engine's error answer after a non-2xx HEAD and its content type (complete once
-        END was seen); when the instance had none to pass on (e.g. the engine timed out),
-        END's error as JSON."""
-        body = b"".join(self._raw or ())
-        if not body and self.end is not None and self.end.error is not None:
-            return _error_body(self.end.error), "application/json"
-        head = self.head
-        return body, (head.content_type if head is not None else None) or "application/json"
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _drain(self) -> None:
-        out = self._out
-        while True:
-            event = self._dec.next_event()
-            if isinstance(event, Data):
-                if self._raw is None:
-                    self._sse(event.data, out)
-                else:
-                    self._raw_size += len(event.data)
-                    if self._raw_size > MAX_BLOB:
-                        raise LimitExceeded(f"engine error body is larger than {MAX_BLOB} bytes")
-                    self._raw.append(event.data)
-            elif isinstance(event, Head):
-                self.head = event
-                if not 200 <= event.status < 300:
-                    self._raw = []
-            elif isinstance(event, End):
-                self._end(event, out)
-            elif event is NEED_DATA or isinstance(event, EndOfStream):
-                return
-            # UsageUpdate: cumulative, END carries the last one. UsageMismatch: report mode only.
-
-    def _sse(self, data: bytes, out: list[InnerEvent | Done]) -> None:
-        for event in self._inner.feed(data):
-            if self._done is not None:
-                raise StreamError("event after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
-            if event.data == "[DONE]":
-                self._done = Done(raw=event.raw)
-            else:
-                out.append(InnerEvent(event))
-        if self._done is not None and self._inner.buffered().strip():
-            raise StreamError("data after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
-
-    def _end(self, end: End, out: list[InnerEvent | Done]) -> None:
-        self.end = end
-        if self._raw is not None:
-            return  # a non-2xx answer: END's error, if any, restates HEAD's status
-        if end.error is not None:
-            raise _upstream_error(end.error)
-        if self._done is None and self._inner.partial_is("[DONE]"):
-            self._done = Done(raw=self._inner.buffered() + b"\n")
-        elif self._done is None and self._inner.buffered().strip():
-            raise StreamError(
-                "the engine's stream ended inside an event", code=ErrorCode.STREAM_TRUNCATED
-            )
-        out.append(self._done or Done(raw=b""))
-        usage = end.usage_copy if end.usage_copy is not None else end.usage
-        if usage is not None and self._on_usage is not None:
-            self._on_usage(usage)
-
-    def wipe(self) -> None:
-        self._secrets.key.wipe()
-
-
 class AsyncPlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
 
     Iterate it for the engine's own SSE bytes (events reassembled from records, nothing
     re-serialised), or :meth:`aiter_events` for the inner events themselves (the last one is
-    the authenticated :class:`~pqe2ee.protocol.stream.Done`). Plaintext usage events go to
+    the authenticated :class:`~pqe2ee.protocol.Done`). Plaintext usage events go to
     ``on_usage`` and never into the stream (v2: once, at the authenticated END, after the
     cross-check). Any failure - a bad record, a reported remote error, a connection lost, EOF
     before the inner ``[DONE]`` (v2: before the authenticated END) - raises a typed pqe2ee
@@ -454,22 +236,19 @@ class AsyncPlainStream:
         timeout_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._upstream = upstream
-        self._decoder: _V1Decoder | _V2Decoder = (
-            _V2Decoder(key, settings)
-            if isinstance(key, ResponseSecrets)
-            else _V1Decoder(key, settings)
+        self._decoder = ResponseDecoder(
+            key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
         self._chunks: AsyncIterator[bytes] | None = None
-        self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
 
     @property
     def version(self) -> int:
         """The wire profile of this stream (1 or 2)."""
-        return 2 if isinstance(self._decoder, _V2Decoder) else 1
+        return self._decoder.version
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for batch in self._batches():
@@ -488,19 +267,27 @@ class AsyncPlainStream:
             self._chunks = self._upstream.aiter_bytes()
         return self._chunks
 
+    def _events(self) -> list[InnerEvent | Done]:
+        # A handed-over stream is a 2xx one: its decoder yields only inner events and Done
+        # (an Opened comes only after a non-2xx v2 HEAD, which is never handed over).
+        return cast("list[InnerEvent | Done]", self._decoder.events())
+
     async def _batches(self) -> AsyncIterator[list[InnerEvent | Done]]:
+        decoder = self._decoder
         try:
             try:
-                if self._pending:
-                    batch, self._pending = self._pending, []
+                batch = self._events()  # read on the way to a v2 HEAD
+                if batch:
                     yield batch
                 if self._deferred is not None:
                     raise self._deferred
                 async for chunk in self._body():
-                    batch = self._decoder.feed(chunk)
+                    decoder.feed(chunk)
+                    batch = self._events()
                     if batch:
                         yield batch
-                batch = self._decoder.eof()
+                decoder.eof()
+                batch = self._events()
                 if batch:
                     yield batch
             except self._timeout:
@@ -514,33 +301,32 @@ class AsyncPlainStream:
             await self.aclose()
 
     async def _head(self) -> Head | None:
-        """v2: read until the authenticated HEAD (the events read on the way are kept for the
-        iteration). An integrity failure on the way is kept for the iteration too (``None``
-        when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
-        library's transport error. Network errors pass unchanged: nothing was handed over."""
+        """v2: read until the authenticated HEAD (the events read on the way stay in the
+        decoder for the iteration). An integrity failure on the way is kept for the iteration
+        too (``None`` when it came before HEAD): as in v1, a 200 stream fails while it is read,
+        as the HTTP library's transport error. Network errors pass unchanged: nothing was
+        handed over."""
         decoder = self._decoder
-        assert isinstance(decoder, _V2Decoder)
         try:
             async for chunk in self._body():
-                self._pending += decoder.feed(chunk)
+                decoder.feed(chunk)
                 if decoder.head is not None:
                     return decoder.head
             decoder.eof()  # raises stream_truncated: no HEAD
         except PQE2EEError as exc:
-            self._pending += decoder.take()
             self._deferred = exc
         return decoder.head
 
-    async def _rest(self) -> tuple[bytes, str]:
-        """v2 after a non-2xx HEAD: the engine's error answer and its content type, read to the
-        authenticated END."""
+    async def _rest(self) -> Opened:
+        """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
         decoder = self._decoder
-        assert isinstance(decoder, _V2Decoder)
         try:
             async for chunk in self._body():
                 decoder.feed(chunk)
             decoder.eof()
-            return decoder.body()
+            (opened,) = decoder.events()
+            assert isinstance(opened, Opened)
+            return opened
         finally:
             await self.aclose()
 
@@ -687,7 +473,7 @@ class AsyncEngine:
             maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
             data = await _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
             if status == 200 or is_sealed_error(status, content_type, data):
-                return Opened(status, open_response(data, key, aead=s.aead))
+                return open_answer(key, data, aead=s.aead, status=status)
         finally:
             key.wipe()
         return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
@@ -744,12 +530,11 @@ class AsyncEngine:
                 raise
             if head is None or 200 <= head.status < 300:
                 return Streaming(stream)
-            data, ctype = await stream._rest()  # the engine's error answer, authenticated
-            return Opened(head.status, data, ctype, 2)
+            return await stream._rest()  # the engine's error answer, authenticated
         try:
             data = await _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
-                return _opened_v2(open_response_v2(data, sealed.secrets, aead=s.aead))
+                return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
             key.wipe()
         error = classify_v2_hint(status, data) or classify_invoke_error(status, data)
@@ -936,31 +721,3 @@ class AsyncEngine:
         status = response.status
         data = await _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data
-
-
-def _error_body(error: UpstreamError) -> bytes:
-    """END's upstream error as an OpenAI-shaped error body."""
-    return msgspec.json.encode(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type,
-                "code": ErrorCode.UPSTREAM_ERROR.value,
-            }
-        }
-    )
-
-
-def _opened_v2(response: ResponseV2) -> Opened:
-    """An opened v2 single response as the caller's answer: the authenticated status, body and
-    content type. A non-2xx answer keeps the engine's error body (END's error as the body when
-    there is none); a 2xx answer whose END reports an upstream failure becomes that error with
-    its status (502 when it gave none), never a partial body presented as an answer."""
-    error = response.error
-    if error is None or not 200 <= response.status < 300:
-        if not response.body and error is not None:
-            return Opened(response.status, _error_body(error), "application/json", 2)
-        ctype = response.content_type or "application/json"
-        return Opened(response.status, response.body, ctype, 2)
-    status = error.status if error.status is not None and 400 <= error.status <= 599 else 502
-    return Opened(status, _error_body(error), "application/json", 2)
