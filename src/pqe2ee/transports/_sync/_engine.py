@@ -45,6 +45,7 @@ import email.utils
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
@@ -74,6 +75,7 @@ from pqe2ee.protocol.client import (
     invoke_headers,
     is_sealed_error,
 )
+from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.response import Opened, ResponseDecoder, open_answer
 from pqe2ee.protocol.v1.envelope import seal_request
@@ -109,6 +111,21 @@ log = logging.getLogger("pqe2ee.transports")
 #: A relay ``Date`` within this many seconds of the local clock leaves v2 timestamps alone (the
 #: header has a resolution of one second; the instance accepts +-120 s).
 CLOCK_SLACK: Final = 2.0
+
+
+_NEGOTIATOR_LOCKS: weakref.WeakKeyDictionary[Negotiator, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_REGISTRY_LOCK: Final = threading.Lock()
+
+
+def _lock_for(negotiator: Negotiator) -> threading.Lock:
+    """The one lock of every engine using ``negotiator``."""
+    with _REGISTRY_LOCK:
+        lock = _NEGOTIATOR_LOCKS.get(negotiator)
+        if lock is None:
+            lock = _NEGOTIATOR_LOCKS[negotiator] = threading.Lock()
+        return lock
 
 
 # -- the port --------------------------------------------------------------------------------------
@@ -368,7 +385,11 @@ class Engine:
         self.keys_v2: XWingKeyPool | None = settings.new_xwing_key_pool()
         self.negotiator = negotiator if negotiator is not None else Negotiator(settings.policy)
         self.clock_offset = 0.0  # seconds to add to wall_clock (from the relay's Date)
-        self._guard = threading.Lock()  # around the dict of per-chute locks and the warnings
+        # Around every call into the (lock-free) client state and negotiator, the dict of
+        # per-chute locks and the warnings: one lock per negotiator, so that engines sharing a
+        # negotiator (the proxy's per-key transports) serialise on the same lock. Never held
+        # across an await.
+        self._guard = _lock_for(self.negotiator)
         self._chute_locks: dict[str, Lock] = {}
         self._warned: set[tuple[str, str]] = set()
         self._models_lock = Lock()
@@ -379,9 +400,13 @@ class Engine:
         if self.keys_v2 is not None:
             self.keys_v2.close()
 
-    def wall(self) -> float:
+    def now(self) -> Monotonic:
+        """The engine's monotonic clock (pools, cool-downs, rate limits, deadlines)."""
+        return Monotonic(self.clock())
+
+    def wall(self) -> UnixTime:
         """Unix seconds, corrected by the relay's clock when it disagrees."""
-        return self.wall_clock() + self.clock_offset
+        return UnixTime(self.wall_clock() + self.clock_offset)
 
     # -- invoke ---------------------------------------------------------------------------------
 
@@ -390,7 +415,7 @@ class Engine:
     ) -> Outcome:
         """Send ``body`` (a JSON object naming ``model``) for ``path`` end-to-end encrypted."""
         s = self.settings
-        deadline = self.clock() + s.timeout
+        deadline = self.now() + s.timeout
         chute = self._resolve_chute(port, model, auth)
         last: RelayError | None = None
         retried_once: set[ErrorCode] = set()
@@ -417,7 +442,8 @@ class Engine:
             if not isinstance(outcome, RelayAnswer):
                 return outcome
             error = outcome.error
-            self.state.report(lease, error, self.clock())
+            with self._guard:
+                self.state.report(lease, error, self.now())
             retry = error.code in RETRYABLE
             if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
                 retried_once.add(error.code)
@@ -547,9 +573,11 @@ class Engine:
     ) -> str:
         if looks_like_uuid(model):
             return model
-        now = self.clock()
-        chute = self.state.resolve_chute(model, now)
-        if chute is not None and not force and not self.state.models_stale(now):
+        now = self.now()
+        with self._guard:
+            chute = self.state.resolve_chute(model, now)
+            stale = self.state.models_stale(now)
+        if chute is not None and not force and not stale:
             return chute
         generation = self.state.models_generation
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
@@ -562,7 +590,8 @@ class Engine:
                     if chute is None:
                         raise
                     log.debug("model listing refresh failed; using the cached mapping")
-        chute = self.state.resolve_chute(model, self.clock())
+        with self._guard:
+            chute = self.state.resolve_chute(model, self.now())
         if chute is None:
             raise RelayError(
                 f"model {model[:100]!r} is not listed at {self.settings.models_base}{MODELS_PATH}",
@@ -577,7 +606,8 @@ class Engine:
             raise RelayError(
                 f"model listing answered {status}", code=ErrorCode.DISCOVERY_FAILED, status=status
             )
-        self.state.update_models(data, self.clock())
+        with self._guard:
+            self.state.update_models(data, self.now())
 
     # -- leases and discovery -------------------------------------------------------------------
 
@@ -591,18 +621,20 @@ class Engine:
     def _lease(
         self, port: Port, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        now = self.clock()
+        now = self.now()
         found = self._try_lease(chute, now)
         if found is not None:
-            if self.state.needs_discovery(chute, now):
+            with self._guard:
+                refresh = self.state.needs_discovery(chute, now)
+            if refresh:
                 self._prefetch(port, chute, auth)
             return found
         with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
-            found = self._try_lease(chute, self.clock())
+            found = self._try_lease(chute, self.now())
             if found is None:
                 self._discover(port, chute, auth, deadline)
-                found = self._try_lease(chute, self.clock())
+                found = self._try_lease(chute, self.now())
         if found is None:
             raise RelayError(
                 "no usable instance (all gone, busy or out of nonces)",
@@ -610,10 +642,11 @@ class Engine:
             )
         return found
 
-    def _try_lease(self, chute: str, now: float) -> tuple[Lease, Negotiated] | None:
+    def _try_lease(self, chute: str, now: Monotonic) -> tuple[Lease, Negotiated] | None:
         """A lease of an instance the version decision allows (the decision may raise
         ``downgrade_refused`` / ``downgrade_suspected``: no nonce is taken then)."""
-        found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
+        with self._guard:
+            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
         if found is not None:
             self._warn(chute, found[1])
         return found
@@ -650,11 +683,12 @@ class Engine:
         if not lock.try_acquire():
             return
         try:
-            now = self.clock()
-            if not self.state.needs_discovery(chute, now):
-                return
-            if self.state.try_record_discovery(now) > 0:
-                return
+            now = self.now()
+            with self._guard:
+                if not self.state.needs_discovery(chute, now):
+                    return
+                if self.state.try_record_discovery(now) > 0:
+                    return
             forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
             try:
                 self._discover_now(port, chute, auth)
@@ -665,8 +699,9 @@ class Engine:
 
     def _discover(self, port: Port, chute: str, auth: str | None, deadline: float) -> None:
         while True:
-            now = self.clock()
-            wait = self.state.try_record_discovery(now)
+            now = self.now()
+            with self._guard:
+                wait = self.state.try_record_discovery(now)
             if wait <= 0:
                 break
             if now + wait > deadline:
@@ -681,14 +716,19 @@ class Engine:
         self._discover_now(port, chute, auth)
 
     def _discover_now(self, port: Port, chute: str, auth: str | None) -> None:
-        sent_at = self.clock()
+        sent_at = self.now()
         status, headers, data = self._get(
             port, self.settings.api_base + discovery_path(chute), auth
         )
         if status != 200:
             raise classify_discovery_error(status, data)
         self._note_date(headers)
-        if self.state.load_discovery(chute, data, sent_at) == 0:
+        # nonce_expires_at is the server's Unix time: place it on the monotonic pool clock by
+        # the Unix time at sent_at (corrected by the relay's Date, just noted).
+        sent_wall = UnixTime(self.wall() - (self.now() - sent_at))
+        with self._guard:
+            usable = self.state.load_discovery(chute, data, sent_at, sent_wall)
+        if usable == 0:
             raise RelayError("discovery listed no usable instance", code=ErrorCode.NO_INSTANCES)
 
     def _note_date(self, headers: RawHeaders) -> None:
