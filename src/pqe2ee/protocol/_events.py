@@ -10,12 +10,24 @@ Profile-specific events live with their profile.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Generic, TypeVar
 
+from pqe2ee.errors import PQE2EEError
 from pqe2ee.protocol.sse import SSEEvent
 
-__all__ = ["NEED_DATA", "Done", "EndOfStream", "InnerEvent", "NeedData", "inner_event"]
+__all__ = [
+    "NEED_DATA",
+    "Done",
+    "EndOfStream",
+    "EventQueue",
+    "InnerEvent",
+    "NeedData",
+    "inner_event",
+]
+
+E = TypeVar("E")
 
 
 class NeedData:
@@ -70,3 +82,30 @@ def inner_event(event: SSEEvent) -> InnerEvent:
     ev: InnerEvent = object.__new__(InnerEvent)
     _set_inner_event(ev, event)
     return ev
+
+
+class EventQueue(Generic[E]):
+    """The pull side shared by the stream decryptors: decoded events wait in ``_events``; a
+    fault is kept in ``_error`` and raised by every later call (errors are sticky)."""
+
+    _events: deque[E]
+    _error: PQE2EEError | None
+
+    def next_event(self) -> E | NeedData:
+        """The next event, or :data:`NEED_DATA`."""
+        if self._error is not None:
+            raise self._error
+        events = self._events
+        return events.popleft() if events else NEED_DATA
+
+    def events(self) -> list[E]:
+        """Drain every pending event."""
+        if self._error is not None:
+            raise self._error
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error

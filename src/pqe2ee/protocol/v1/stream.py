@@ -38,7 +38,7 @@ from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
 from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
-from pqe2ee.protocol._events import NEED_DATA, Done, EndOfStream, InnerEvent, NeedData, inner_event
+from pqe2ee.protocol._events import Done, EndOfStream, EventQueue, InnerEvent, inner_event
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
 from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
 
@@ -226,7 +226,7 @@ _VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
 }
 
 
-class StreamDecryptor:
+class StreamDecryptor(EventQueue[StreamEvent]):
     """Client-side v1 stream state machine.
 
     Feed network bytes with :meth:`receive_data` (split anywhere), call :meth:`receive_eof` when
@@ -335,24 +335,7 @@ class StreamDecryptor:
 
         self._guard(finish)
 
-    def next_event(self) -> StreamEvent | NeedData:
-        if self._error is not None:
-            raise self._error
-        events = self._events
-        return events.popleft() if events else NEED_DATA
-
-    def events(self) -> list[StreamEvent]:
-        """Drain every pending event."""
-        self._check()
-        out = list(self._events)
-        self._events.clear()
-        return out
-
     # -- internals ----------------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

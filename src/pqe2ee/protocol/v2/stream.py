@@ -31,7 +31,7 @@ from pqe2ee.errors import (
     StreamError,
 )
 from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
-from pqe2ee.protocol._events import NEED_DATA, EndOfStream, NeedData
+from pqe2ee.protocol._events import EndOfStream, EventQueue
 from pqe2ee.protocol.sse import LineSplitter
 from pqe2ee.protocol.v2.records import (
     MAX_PAYLOAD,
@@ -182,7 +182,7 @@ class UsageMismatch:
 StreamEventV2 = Head | Data | UsageUpdate | End | UsageMismatch | EndOfStream
 
 
-class StreamDecryptorV2:
+class StreamDecryptorV2(EventQueue[StreamEventV2]):
     """Client-side v2 stream state machine over SSE bytes.
 
     The record layer is :class:`~pqe2ee.protocol.v2.records.RecordDecryptor` (its transition
@@ -254,23 +254,7 @@ class StreamDecryptorV2:
 
         self._guard(finish)
 
-    def next_event(self) -> StreamEventV2 | NeedData:
-        self._check()
-        if self._events:
-            return self._events.popleft()
-        return NEED_DATA
-
-    def events(self) -> list[StreamEventV2]:
-        self._check()
-        out = list(self._events)
-        self._events.clear()
-        return out
-
     # -- internals ------------------------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:

@@ -467,6 +467,25 @@ class Engine:
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
 
+    def _post(self, port: Port, headers: list[tuple[str, str]], blob: bytes) -> PortResponse:
+        """``POST /e2e/invoke`` (the caller's timeouts, not the engine's)."""
+        return port.send("POST", self.settings.api_base + INVOKE_PATH, headers, blob, control=False)
+
+    def _plain(
+        self,
+        port: Port,
+        upstream: PortResponse,
+        key: KEMPrivateKey | ResponseSecrets,
+    ) -> PlainStream:
+        """The decrypting stream over a 200 streamed answer."""
+        return PlainStream(
+            upstream,
+            key,
+            self.settings,
+            lost_errors=port.lost_errors,
+            timeout_errors=port.timeout_errors,
+        )
+
     def _invoke_v1(
         self, port: Port, lease: Lease, path: str, body: bytes, auth: str | None
     ) -> Outcome:
@@ -474,26 +493,13 @@ class Engine:
         key = self.keys.take()
         try:
             sealed = seal_request(body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead)
-            upstream = port.send(
-                "POST",
-                s.api_base + INVOKE_PATH,
-                invoke_headers(auth, lease, sealed, path),
-                sealed.blob,
-                control=False,
-            )
+            upstream = self._post(port, invoke_headers(auth, lease, sealed, path), sealed.blob)
         except BaseException:
             key.wipe()
             raise
         status = upstream.status
         if status == 200 and sealed.stream:
-            stream = PlainStream(
-                upstream,
-                key,
-                s,
-                lost_errors=port.lost_errors,
-                timeout_errors=port.timeout_errors,
-            )
-            return Streaming(stream)
+            return Streaming(self._plain(port, upstream, key))
         try:
             content_type = header_value(upstream.headers, b"content-type")
             maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
@@ -530,25 +536,13 @@ class Engine:
                 aead=s.aead,
                 response_key=key,
             )
-            upstream = port.send(
-                "POST",
-                s.api_base + INVOKE_PATH,
-                sealed.invoke_headers(auth),
-                sealed.blob,
-                control=False,
-            )
+            upstream = self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:
             key.wipe()
             raise
         status = upstream.status
         if status == 200 and sealed.stream:
-            stream = PlainStream(
-                upstream,
-                sealed.secrets,
-                s,
-                lost_errors=port.lost_errors,
-                timeout_errors=port.timeout_errors,
-            )
+            stream = self._plain(port, upstream, sealed.secrets)
             try:
                 head = stream._head()
             except BaseException:
