@@ -24,7 +24,10 @@ response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context header),
 instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new request (new
 nonce, new seal, new response key; for v2 also a new timestamp and request id).
 
-v2 answers are opened with their authenticated status: a single response becomes
+Opening answers is protocol work, done by the sans-IO
+:class:`~pqe2ee.protocol.response.ResponseDecoder` (this module reads the bytes and hands them
+over; it keeps only I/O, the retry loop and the hand-off). v2 answers are opened with their
+authenticated status: a single response becomes
 :class:`Opened` with the engine's status, body and content type (an upstream failure reported
 in END becomes a 502-class error body); a stream is read up to its authenticated HEAD before it
 is handed over (a non-2xx HEAD is read whole and handed over as :class:`Opened`). Plaintext v2
@@ -32,6 +35,13 @@ refusals of the instance (``{"detail":"e2e_v2:<code>"}``) are typed ``RelayError
 hint's code: ``unknown_key`` (after a key rotation; the pool is dropped so the retry
 rediscovers) and ``stale`` are retried once each; the others (``replay``,
 ``context_mismatch``, ``decrypt_failed``, ...) are raised at once.
+
+Time: ``clock`` is monotonic (:data:`~pqe2ee.protocol.clocks.Monotonic`: pools, rate limits,
+deadlines), ``wall_clock`` Unix time (:data:`~pqe2ee.protocol.clocks.UnixTime`: v2 timestamps,
+offer expiry, and placing discovery's ``nonce_expires_at`` on the pool clock). Locks: the
+protocol state is lock-free; the engine holds one ``threading.Lock`` (shared by every engine
+using the same negotiator) around each call into it, never across an await, so the blocking
+twin can serve many threads.
 
 Network exceptions are the port's own and pass through unchanged, except mid-stream, where the
 port's ``lost_errors`` (other than ``timeout_errors``) become ``StreamError(connection_lost)``.
