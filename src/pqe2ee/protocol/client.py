@@ -63,6 +63,8 @@ __all__ = [
     "e2e_model",
     "invoke_headers",
     "is_sealed_error",
+    "may_be_sealed",
+    "media_type",
     "request_model",
 ]
 
@@ -133,11 +135,25 @@ def invoke_headers(
     return headers
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` value, lower case, parameters dropped."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def may_be_sealed(status: int, content_type: str | None) -> bool:
+    """Whether a v1 invoke answer may carry a sealed blob (read it up to the blob bound): a 200,
+    or a sealed engine error (Content-Type ``application/octet-stream``)."""
+    return status == 200 or media_type(content_type) == "application/octet-stream"
+
+
 def is_sealed_error(status: int, content_type: str | None, body: bytes) -> bool:
     """A pqe2ee extension: a non-200 answer carrying an ``e2e-resp-v1`` blob of the engine's
     own error body (Content-Type ``application/octet-stream``)."""
-    ct = (content_type or "").split(";", 1)[0].strip().lower()
-    return status != 200 and ct == "application/octet-stream" and len(body) >= BLOB_OVERHEAD
+    return (
+        status != 200
+        and media_type(content_type) == "application/octet-stream"
+        and len(body) >= BLOB_OVERHEAD
+    )
 
 
 def _detail(body: bytes) -> str:

@@ -83,6 +83,7 @@ from pqe2ee.protocol.client import (
     discovery_path,
     invoke_headers,
     is_sealed_error,
+    may_be_sealed,
 )
 from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
@@ -211,10 +212,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
         f"strict mode: refusing to send {method} {path} in plaintext",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
-
-
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 async def _read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
@@ -518,8 +515,8 @@ class AsyncEngine:
             return Streaming(self._plain(port, upstream, key))
         try:
             content_type = header_value(upstream.headers, b"content-type")
-            maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
-            data = await _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
+            limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
+            data = await _read_bounded(upstream, limit)
             if status == 200 or is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:

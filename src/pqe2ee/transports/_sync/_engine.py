@@ -84,6 +84,7 @@ from pqe2ee.protocol.client import (
     discovery_path,
     invoke_headers,
     is_sealed_error,
+    may_be_sealed,
 )
 from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
@@ -212,10 +213,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
         f"strict mode: refusing to send {method} {path} in plaintext",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
-
-
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def _read_bounded(response: PortResponse, limit: int) -> bytes:
@@ -512,8 +509,8 @@ class Engine:
             return Streaming(self._plain(port, upstream, key))
         try:
             content_type = header_value(upstream.headers, b"content-type")
-            maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
-            data = _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
+            limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
+            data = _read_bounded(upstream, limit)
             if status == 200 or is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:
