@@ -15,7 +15,7 @@ import pytest
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.xwing import get_xwing
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, RemoteError, StreamError
-from pqe2ee.protocol import NEED_DATA, Done, InnerEvent, StreamEncoder, StreamSealer, seal_response
+from pqe2ee.protocol import Done, InnerEvent, StreamEncoder, StreamSealer, seal_response
 from pqe2ee.protocol.response import (
     Opened,
     ResponseDecoder,
@@ -117,24 +117,12 @@ def v2_stream(
     return ex, wire
 
 
-def decode(
-    decoder: ResponseDecoder, pieces: Iterable[bytes], *, pull: bool = False
-) -> list[ResponseEvent]:
+def decode(decoder: ResponseDecoder, pieces: Iterable[bytes]) -> list[ResponseEvent]:
     out: list[ResponseEvent] = []
-
-    def drain() -> None:
-        if pull:
-            while (ev := decoder.next_event()) is not NEED_DATA:
-                assert not isinstance(ev, type(NEED_DATA))
-                out.append(ev)
-        else:
-            out.extend(decoder.events())
-
     for piece in pieces:
-        decoder.feed(piece)
-        drain()
-    decoder.eof()
-    drain()
+        out += decoder.feed(piece)
+    out += decoder.eof()
+    assert decoder.events() == []  # nothing is kept back without a fault
     return out
 
 
@@ -166,14 +154,19 @@ def test_v1_stream_at_every_split() -> None:
         assert inner_bytes(events) == INNER
         assert isinstance(events[-1], Done)
         assert usages and usages[-1] == USAGE
-        assert dec.version == 1 and dec.head is None
+        assert dec.version == 1 and dec.head is None and dec.answer is None
 
 
-def test_v1_stream_pull_api_matches_batches() -> None:
+def test_feed_returns_each_event_as_soon_as_it_is_complete() -> None:
     wire = v1_stream()
-    batched = decode(ResponseDecoder(v1_key(), aead=AEAD, stream=True), [wire])
-    pulled = decode(ResponseDecoder(v1_key(), aead=AEAD, stream=True), [wire], pull=True)
-    assert batched == pulled
+    dec = ResponseDecoder(v1_key(), aead=AEAD, stream=True)
+    seen: list[bytes] = []
+    for i in range(len(wire)):
+        for event in dec.feed(wire[i : i + 1]):
+            seen.append(event.raw)
+            # the event's last byte has just arrived: its bytes end the inner stream so far
+            assert INNER.startswith(b"".join(seen))
+    assert [e.raw for e in dec.eof()] == [] and b"".join(seen) == INNER
 
 
 def test_v1_stream_truncated_and_sticky() -> None:
@@ -206,7 +199,8 @@ def test_v1_single_at_every_split(status: int) -> None:
     blob = seal_response(body, v1_key().public_key, kem=KEM, aead=AEAD)
     for pieces in itertools.islice(splits(blob), 0, None, 97):
         dec = ResponseDecoder(v1_key(), aead=AEAD, stream=False, status=status)
-        assert decode(dec, pieces) == [Opened(status, body)]
+        assert decode(dec, pieces) == []
+        assert dec.answer == Opened(status, body)
     assert open_answer(v1_key(), blob, aead=AEAD, status=status) == Opened(status, body)
 
 
@@ -230,18 +224,17 @@ def test_v2_stream_at_every_split() -> None:
         assert isinstance(events[-1], Done) and events[-1].raw == b"data: [DONE]\n\n"
         assert usages == [USAGE]  # once, at the authenticated END
         assert dec.version == 2 and dec.head is not None and dec.head.status == 200
+        assert dec.answer is None
 
 
 def test_v2_done_is_held_back_until_end() -> None:
     ex, wire = v2_stream()
     end_at = wire.rindex(b"data: ", 0, len(wire) - 1)  # the END record's event
     dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
-    dec.feed(wire[:end_at])
-    before = dec.events()
+    before = dec.feed(wire[:end_at])
     assert inner_bytes(before) == INNER[: INNER.index(b"data: [DONE]")]
     assert not any(isinstance(e, Done) for e in before)
-    dec.feed(wire[end_at:])
-    assert dec.events() == [Done(b"data: [DONE]\n\n")]
+    assert dec.feed(wire[end_at:]) == [Done(b"data: [DONE]\n\n")]
 
 
 def test_v2_stream_without_end_is_truncated() -> None:
@@ -249,7 +242,6 @@ def test_v2_stream_without_end_is_truncated() -> None:
     end_at = wire.rindex(b"data: ", 0, len(wire) - 1)
     dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
     dec.feed(wire[:end_at])
-    dec.events()
     with pytest.raises(PQE2EEError) as info:
         dec.eof()
     assert info.value.code is ErrorCode.STREAM_TRUNCATED
@@ -269,6 +261,7 @@ def test_v2_fault_keeps_the_events_before_it() -> None:
         dec.feed(b"\n".join(lines))
     kept = dec.events()
     assert kept and inner_bytes(kept) == INNER[: len(inner_bytes(kept))]
+    assert dec.events() == []  # once
     with pytest.raises(PQE2EEError):  # sticky
         dec.feed(b"\n")
 
@@ -289,13 +282,16 @@ def test_v2_non_2xx_head_gives_the_whole_error_answer() -> None:
     wire = enc.start(404, "application/json") + enc.feed(body) + enc.finish()
     for pieces in itertools.islice(splits(wire), 0, None, 13):
         dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
-        assert decode(dec, pieces) == [Opened(404, body, "application/json", 2)]
+        assert decode(dec, pieces) == []
+        assert dec.answer == Opened(404, body, "application/json", 2)
         assert dec.head is not None and dec.head.status == 404
     # With no body, END's error becomes the answer.
     ex = v2_exchange(True)
     enc = StreamEncoderV2(ex.sealer)
     wire = enc.start(504, None) + enc.finish(error=UpstreamError("Timeout", "slow", 504))
-    [opened] = decode(ResponseDecoder(ex.secrets(), aead=AEAD, stream=True), [wire])
+    dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
+    assert decode(dec, [wire]) == []
+    opened = dec.answer
     assert isinstance(opened, Opened) and opened.status == 504
     assert json.loads(opened.body)["error"]["code"] == ErrorCode.UPSTREAM_ERROR.value
 
@@ -325,7 +321,8 @@ def test_v2_single_at_every_split(status: int, error: UpstreamError | None, expe
     blob = seal_response_v2(ex.sealer, status=status, body=body, error=error)
     for pieces in itertools.islice(splits(blob), 0, None, 211):
         dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=False)
-        [opened] = decode(dec, pieces)
+        assert decode(dec, pieces) == []
+        opened = dec.answer
         assert isinstance(opened, Opened) and opened.status == expected and opened.version == 2
         if error is None:
             assert opened.body == body

@@ -1,24 +1,26 @@
 """One sans-IO decoder for the answer to an encrypted request, whatever its profile and shape.
 
 A transport reads the relay's body and hands the bytes over; :class:`ResponseDecoder` hands back
-what the caller gets, h11-style::
+what the caller gets (python-hyper style: bytes in, the events they complete out, as h2's
+``receive_data``; nothing is read or written here)::
 
     decoder = ResponseDecoder(key, aead=aead, stream=sealed.stream)
     for chunk in body:
-        decoder.feed(chunk)
-        for event in decoder.events():      # or next_event() until NEED_DATA
+        for event in decoder.feed(chunk):
             ...
-    decoder.eof()
-    ... decoder.events() ...
+    for event in decoder.eof():             # the last one is the authenticated Done
+        ...
+    decoder.answer                          # or, instead of events: a whole answer
 
 ``key`` says the profile: a v1 response key (:class:`~pqe2ee.backends.base.KEMPrivateKey`) or
-the :class:`~pqe2ee.protocol.v2.ResponseSecrets` of a v2 request. Events:
+the :class:`~pqe2ee.protocol.v2.ResponseSecrets` of a v2 request. Two outputs:
 
-* :class:`~pqe2ee.protocol.InnerEvent` per SSE event of the engine's stream, then the
-  authenticated :class:`~pqe2ee.protocol.Done` (streamed answers, either profile: the same
-  bytes the engine wrote);
-* :class:`Opened` - a whole answer: the decrypted body of a single response (at EOF), or, for a
-  v2 stream whose authenticated HEAD is not 2xx, the engine's error body (at EOF, after END).
+* events (:data:`ResponseEvent`): :class:`~pqe2ee.protocol.InnerEvent` per SSE event of the
+  engine's stream, then the authenticated :class:`~pqe2ee.protocol.Done` (streamed answers,
+  either profile: the same bytes the engine wrote);
+* :attr:`ResponseDecoder.answer`, an :class:`Opened` once EOF completed a whole answer: the
+  decrypted body of a single response, or, for a v2 stream whose authenticated HEAD is not
+  2xx, the engine's error body (read to the authenticated END).
 
 v1: plaintext usage events go to ``on_usage`` as they arrive; a reported ``e2e_error`` raises
 :class:`~pqe2ee.errors.RemoteError` (:func:`remote_error`). v2: every record is checked as it
@@ -31,8 +33,8 @@ by END raises ``upstream_error``. :attr:`ResponseDecoder.head` is the authentica
 read (a transport waits for it before handing a v2 stream over).
 
 Faults raise typed pqe2ee errors from :meth:`~ResponseDecoder.feed` / :meth:`~ResponseDecoder.eof`
-and stick. A v2 fault keeps the events decoded before it, however the bytes were chunked:
-:meth:`~ResponseDecoder.events` still returns them once.
+and stick. A v2 fault keeps the events decoded before it in the same bytes, however they were
+chunked: :meth:`~ResponseDecoder.events` returns them once.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import msgspec
 
 from pqe2ee.backends.base import AEAD, KEMPrivateKey
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, RemoteError, StreamError
-from pqe2ee.protocol._events import NEED_DATA, Done, EndOfStream, InnerEvent, NeedData
+from pqe2ee.protocol._events import NEED_DATA, Done, EndOfStream, InnerEvent
 from pqe2ee.protocol.sse import SSEParser
 from pqe2ee.protocol.v1.envelope import DEFAULT_MAX_PLAINTEXT, open_response
 from pqe2ee.protocol.v1.stream import (
@@ -89,7 +91,7 @@ class Opened:
     version: int = 1
 
 
-ResponseEvent = InnerEvent | Done | Opened
+ResponseEvent = InnerEvent | Done
 
 
 # -- errors and error bodies -----------------------------------------------------------------
@@ -175,7 +177,8 @@ def open_answer(
 
 
 class ResponseDecoder:
-    """Bytes of one E2EE answer in, :data:`ResponseEvent` s out (see the module docstring).
+    """Bytes of one E2EE answer in; :data:`ResponseEvent` s and the whole :attr:`answer` out
+    (see the module docstring).
 
     ``stream``: the request asked for a stream (the sealed request's flag). ``status``: the
     HTTP status of a single answer being opened (v1: 200, or the status of a sealed engine
@@ -183,7 +186,7 @@ class ResponseDecoder:
     v2 engine error body.
     """
 
-    __slots__ = ("_error", "_impl", "_out", "version")
+    __slots__ = ("_error", "_impl", "_kept", "answer", "version")
 
     def __init__(
         self,
@@ -203,8 +206,10 @@ class ResponseDecoder:
         else:
             self._impl = _V1Stream(key, aead, on_usage)
         self.version = 2 if isinstance(key, ResponseSecrets) else 1
-        self._out: list[ResponseEvent] = []
+        self._kept: list[ResponseEvent] = []
         self._error: PQE2EEError | None = None
+        #: The whole answer, once :meth:`eof` completed one (single answers; v2 error answers).
+        self.answer: Opened | None = None
 
     @property
     def head(self) -> Head | None:
@@ -212,34 +217,35 @@ class ResponseDecoder:
         impl = self._impl
         return impl.head if isinstance(impl, _V2Stream) else None
 
-    def feed(self, data: bytes) -> None:
-        """Bytes of the body, split anywhere."""
+    def feed(self, data: bytes) -> list[ResponseEvent]:
+        """Bytes of the body, split anywhere; returns the events they complete."""
         if self._error is not None:
             raise self._error
+        out: list[ResponseEvent] = []
         try:
-            self._impl.feed(data, self._out)
+            self._impl.feed(data, out)
         except PQE2EEError as exc:
-            self._error = exc
+            self._error, self._kept = exc, out
             raise
-
-    def eof(self) -> None:
-        """The body ended; raises when that cuts the answer short."""
-        if self._error is not None:
-            raise self._error
-        try:
-            self._impl.eof(self._out)
-        except PQE2EEError as exc:
-            self._error = exc
-            raise
-
-    def events(self) -> list[ResponseEvent]:
-        """Every event decoded and not yet returned (after a fault: those before it)."""
-        out, self._out = self._out, []
         return out
 
-    def next_event(self) -> ResponseEvent | NeedData:
-        """The next event, or :data:`~pqe2ee.protocol.NEED_DATA`."""
-        return self._out.pop(0) if self._out else NEED_DATA
+    def eof(self) -> list[ResponseEvent]:
+        """The body ended: the last events (or sets :attr:`answer`); raises when that cuts
+        the answer short."""
+        if self._error is not None:
+            raise self._error
+        out: list[ResponseEvent] = []
+        try:
+            self.answer = self._impl.eof(out)
+        except PQE2EEError as exc:
+            self._error, self._kept = exc, out
+            raise
+        return out
+
+    def events(self) -> list[ResponseEvent]:
+        """After a fault: the events decoded before it by the call that failed (once)."""
+        out, self._kept = self._kept, []
+        return out
 
     def wipe(self) -> None:
         """Wipe the response key (idempotent; done when the answer is closed)."""
@@ -267,10 +273,10 @@ class _Single:
             raise LimitExceeded(f"relay answer is larger than {self._limit} bytes")
         self._chunks.append(data)
 
-    def eof(self, out: list[ResponseEvent]) -> None:
+    def eof(self, out: list[ResponseEvent]) -> Opened:
         data = b"".join(self._chunks)
         self._chunks = []
-        out.append(open_answer(self._key, data, aead=self._aead, status=self._status))
+        return open_answer(self._key, data, aead=self._aead, status=self._status)
 
     def wipe(self) -> None:
         key = self._key
@@ -357,16 +363,17 @@ class _V2Stream:
             self._drain(out)
             start = end
 
-    def eof(self, out: list[ResponseEvent]) -> None:
+    def eof(self, out: list[ResponseEvent]) -> Opened | None:
         self._dec.receive_eof()
         self._drain(out)
-        if self._raw is not None and self.head is not None:
-            body = b"".join(self._raw)
-            ctype = self.head.content_type or "application/json"
-            if not body and self.end is not None and self.end.error is not None:
-                # The instance had no answer to pass on (e.g. the engine timed out).
-                body, ctype = error_body(self.end.error), "application/json"
-            out.append(Opened(self.head.status, body, ctype, 2))
+        if self._raw is None or self.head is None:
+            return None
+        body = b"".join(self._raw)
+        ctype = self.head.content_type or "application/json"
+        if not body and self.end is not None and self.end.error is not None:
+            # The instance had no answer to pass on (e.g. the engine timed out).
+            body, ctype = error_body(self.end.error), "application/json"
+        return Opened(self.head.status, body, ctype, 2)
 
     def _drain(self, out: list[ResponseEvent]) -> None:
         while True:

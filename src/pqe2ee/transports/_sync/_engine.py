@@ -59,7 +59,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -267,6 +267,7 @@ class PlainStream:
         self._lost = lost_errors
         self._timeout = timeout_errors
         self._chunks: Iterator[bytes] | None = None
+        self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
 
@@ -291,27 +292,20 @@ class PlainStream:
             self._chunks = self._upstream.iter_bytes()
         return self._chunks
 
-    def _events(self) -> list[InnerEvent | Done]:
-        # A handed-over stream is a 2xx one: its decoder yields only inner events and Done
-        # (an Opened comes only after a non-2xx v2 HEAD, which is never handed over).
-        return cast("list[InnerEvent | Done]", self._decoder.events())
-
     def _batches(self) -> Iterator[list[InnerEvent | Done]]:
         decoder = self._decoder
         try:
             try:
-                batch = self._events()  # read on the way to a v2 HEAD
-                if batch:
+                if self._pending:  # read on the way to a v2 HEAD
+                    batch, self._pending = self._pending, []
                     yield batch
                 if self._deferred is not None:
                     raise self._deferred
                 for chunk in self._body():
-                    decoder.feed(chunk)
-                    batch = self._events()
+                    batch = decoder.feed(chunk)
                     if batch:
                         yield batch
-                decoder.eof()
-                batch = self._events()
+                batch = decoder.eof()
                 if batch:
                     yield batch
             except self._timeout:
@@ -325,19 +319,19 @@ class PlainStream:
             self.close()
 
     def _head(self) -> Head | None:
-        """v2: read until the authenticated HEAD (the events read on the way stay in the
-        decoder for the iteration). An integrity failure on the way is kept for the iteration
-        too (``None`` when it came before HEAD): as in v1, a 200 stream fails while it is read,
-        as the HTTP library's transport error. Network errors pass unchanged: nothing was
-        handed over."""
+        """v2: read until the authenticated HEAD (the events read on the way are kept for the
+        iteration). An integrity failure on the way is kept for the iteration too (``None``
+        when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
+        library's transport error. Network errors pass unchanged: nothing was handed over."""
         decoder = self._decoder
         try:
             for chunk in self._body():
-                decoder.feed(chunk)
+                self._pending += decoder.feed(chunk)
                 if decoder.head is not None:
                     return decoder.head
             decoder.eof()  # raises stream_truncated: no HEAD
         except PQE2EEError as exc:
+            self._pending += decoder.events()
             self._deferred = exc
         return decoder.head
 
@@ -348,9 +342,8 @@ class PlainStream:
             for chunk in self._body():
                 decoder.feed(chunk)
             decoder.eof()
-            (opened,) = decoder.events()
-            assert isinstance(opened, Opened)
-            return opened
+            assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer
+            return decoder.answer
         finally:
             self.close()
 
