@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,34 +240,6 @@ def test_parse_discovery_expiry(fields: dict[str, Any], expected: float) -> None
         doc({"instances": [instance("a")], **unix}), now=7.5, wall=1_767_226_000.0
     )
     assert res.expires_at == expected - 1000.0 + 7.5
-
-
-def test_clock_domains_are_distinct_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """mypy refuses a monotonic reading where Unix time is expected, and a bare float where
-    either is; at run time both are floats."""
-    from mypy import api
-
-    from pqe2ee.protocol.clocks import Monotonic, UnixTime, to_monotonic
-
-    sample = tmp_path / "mixup.py"
-    sample.write_text(
-        "from pqe2ee.protocol.client import ClientState\n"
-        "from pqe2ee.protocol.clocks import Monotonic, UnixTime\n"
-        "state = ClientState()\n"
-        "state.load_discovery('c', b'{}', Monotonic(1.0), UnixTime(2.0))\n"  # fine
-        "state.load_discovery('c', b'{}', Monotonic(1.0), Monotonic(2.0))\n"  # line 5
-        "state.load_discovery('c', b'{}', UnixTime(1.0), UnixTime(2.0))\n"  # line 6
-        "state.needs_discovery('c', 3.0)\n"  # line 7
-    )
-    monkeypatch.setenv("MYPYPATH", str(Path(__file__).resolve().parent.parent / "src"))
-    args = ["--strict", "--no-incremental", "--follow-imports=silent", "--cache-dir=/dev/null"]
-    report, _, status = api.run([*args, str(sample)])
-    assert status == 1, report
-    flagged = sorted(int(line.split(":")[1]) for line in report.splitlines() if "arg-type" in line)
-    assert flagged == [5, 6, 7], report
-    assert (
-        to_monotonic(UnixTime(1_000_030.0), now=Monotonic(5.0), wall=UnixTime(1_000_000.0)) == 35.0
-    )
 
 
 # -- NoncePool -------------------------------------------------------------------------------------

@@ -50,14 +50,12 @@ Each transport maps exceptions to its library's types at its own boundary.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Final, Protocol
 
 from pqe2ee.backends.base import KEMPrivateKey
@@ -85,7 +83,7 @@ from pqe2ee.protocol.client import (
     is_sealed_error,
     may_be_sealed,
 )
-from pqe2ee.protocol.clocks import Monotonic, UnixTime
+from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.response import Opened, ResponseDecoder, open_answer
 from pqe2ee.protocol.v1.envelope import seal_request
@@ -117,10 +115,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("pqe2ee.transports")
-
-#: A relay ``Date`` within this many seconds of the local clock leaves v2 timestamps alone (the
-#: header has a resolution of one second; the instance accepts +-120 s).
-CLOCK_SLACK: Final = 2.0
 
 
 _NEGOTIATOR_LOCKS: weakref.WeakKeyDictionary[Negotiator, threading.Lock] = (
@@ -366,7 +360,7 @@ class AsyncEngine:
     ``negotiator`` keeps the per-chute v2 pins; pass one to share pins between transports
     (the proxy shares one between its per-key transports). ``wall_clock`` (Unix seconds) dates
     v2 requests and judges offer expiry and pins; it is corrected by the relay's ``Date``
-    when the two disagree by more than :data:`CLOCK_SLACK`.
+    when the two disagree by more than :data:`~pqe2ee.protocol.clocks.CLOCK_SLACK`.
     """
 
     def __init__(
@@ -735,21 +729,14 @@ class AsyncEngine:
 
     def _note_date(self, headers: RawHeaders) -> None:
         """Correct the v2 clock by the relay's ``Date`` when they disagree by more than
-        :data:`CLOCK_SLACK` (a relay lying about it can only get requests refused as stale)."""
+        :data:`~pqe2ee.protocol.clocks.CLOCK_SLACK` (a relay lying about it can only get
+        requests refused as stale)."""
         value = header_value(headers, b"date")
         if value is None:
             return
-        try:
-            date = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return
-        if date.tzinfo is None:
-            date = date.replace(tzinfo=UTC)
-        try:
-            offset = date.timestamp() + 0.5 - self.wall_clock()  # Date is rounded down
-        except (OverflowError, OSError, ValueError):
-            return
-        self.clock_offset = offset if abs(offset) > CLOCK_SLACK else 0.0
+        offset = relay_clock_offset(value, UnixTime(self.wall_clock()))
+        if offset is not None:
+            self.clock_offset = offset
 
     async def _get(
         self, port: AsyncPort, url: str, auth: str | None
