@@ -1,11 +1,11 @@
-"""Events both wire profiles hand out, and the ``NEED_DATA`` sentinel.
+"""Events both wire profiles hand out, the ``NEED_DATA`` sentinel, and the decryptors' queue.
 
 The stream decryptors (:class:`~pqe2ee.protocol.v1.stream.StreamDecryptor`,
-:class:`~pqe2ee.protocol.v2.stream.StreamDecryptorV2`) and the
-:class:`~pqe2ee.protocol.response.ResponseDecoder` follow h11: bytes go in, ``next_event()``
-returns an event or :data:`NEED_DATA`. The engine's own stream comes out the same way under
-either profile: :class:`InnerEvent` per SSE event, then the authenticated :class:`Done`.
-Profile-specific events live with their profile.
+:class:`~pqe2ee.protocol.v2.stream.StreamDecryptorV2`) follow h11: ``receive_data`` buffers,
+``next_event()`` returns an event or :data:`NEED_DATA` (:class:`EventQueue`). The engine's own
+stream comes out the same way under either profile - :class:`InnerEvent` per SSE event, then
+the authenticated :class:`Done` - and :class:`~pqe2ee.protocol.response.ResponseDecoder` hands
+those on. Profile-specific events live with their profile.
 """
 
 from __future__ import annotations
