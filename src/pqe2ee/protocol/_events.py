@@ -11,6 +11,7 @@ those on. Profile-specific events live with their profile.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -85,11 +86,13 @@ def inner_event(event: SSEEvent) -> InnerEvent:
 
 
 class EventQueue(Generic[E]):
-    """The pull side shared by the stream decryptors: decoded events wait in ``_events``; a
-    fault is kept in ``_error`` and raised by every later call (errors are sticky)."""
+    """What the stream decryptors share: decoded events wait in ``_events``; a fault is kept in
+    ``_error`` (:meth:`_failed`, extended by each decryptor) and raised by every later call
+    (errors are sticky); ``_eof`` says EOF was received."""
 
     _events: deque[E]
     _error: PQE2EEError | None
+    _eof: bool
 
     def next_event(self) -> E | NeedData:
         """The next event, or :data:`NEED_DATA`."""
@@ -109,3 +112,22 @@ class EventQueue(Generic[E]):
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def _mark_eof(self) -> bool:
+        """On EOF: the sticky error, else False when EOF was already received."""
+        self._check()
+        if self._eof:
+            return False
+        self._eof = True
+        return True
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """Run ``fn``; a pqe2ee error fails the decryptor for good."""
+        try:
+            fn()
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: PQE2EEError) -> None:
+        self._error = exc

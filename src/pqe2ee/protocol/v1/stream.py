@@ -309,10 +309,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             raise
 
     def receive_eof(self) -> None:
-        self._check()
-        if self._eof:
+        if not self._mark_eof():
             return
-        self._eof = True
 
         def finish() -> None:
             self._unhold()  # the parser decides what a cut means
@@ -337,16 +335,9 @@ class StreamDecryptor(EventQueue[StreamEvent]):
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except PQE2EEError as exc:
-            self._failed(exc)
-            raise
-
     def _failed(self, exc: PQE2EEError) -> None:
+        super()._failed(exc)
         self._state = _State.ERROR
-        self._error = exc
         self._cipher = self._decrypt = None
         self._key.wipe()
 

@@ -15,7 +15,6 @@ until :class:`~pqe2ee.protocol.v2.records.End`.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -231,10 +230,8 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
             self._guard(lambda: self._lines(self._outer.feed(bytes(data))))
 
     def receive_eof(self) -> None:
-        self._check()
-        if self._eof:
+        if not self._mark_eof():
             return
-        self._eof = True
 
         def finish() -> None:
             tail = self._outer.flush()
@@ -256,14 +253,10 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except PQE2EEError as exc:
-            self._error = exc
-            self._events.clear()
-            self._dec.fail(exc)
-            raise
+    def _failed(self, exc: PQE2EEError) -> None:
+        super()._failed(exc)
+        self._events.clear()
+        self._dec.fail(exc)
 
     def _lines(self, lines: list[bytes]) -> None:
         for line in lines:
