@@ -233,6 +233,13 @@ def test_parse_discovery_malformed(raw: bytes) -> None:
 def test_parse_discovery_expiry(fields: dict[str, Any], expected: float) -> None:
     res = parse_discovery(doc({"instances": [instance("a")], **fields}), now=1000.0)
     assert res.expires_at == expected
+    # The same rules with a monotonic ``now`` far from Unix time and ``wall`` the Unix time at
+    # that moment: the answer is on the monotonic clock.
+    unix = {k: v + 1_767_225_000 if k == "nonce_expires_at" else v for k, v in fields.items()}
+    res = parse_discovery(
+        doc({"instances": [instance("a")], **unix}), now=7.5, wall=1_767_226_000.0
+    )
+    assert res.expires_at == expected - 1000.0 + 7.5
 
 
 # -- NoncePool -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""v1 request/response envelopes (src/pqe2ee/protocol/envelope.py, codec.py, keyschedule.py).
+"""v1 request/response envelopes (src/pqe2ee/protocol/v1/envelope.py, _codec.py, kdf.py).
 
 The blobs are opened here a second time by hand (KEM + HKDF + ChaCha20-Poly1305 + gunzip, straight
 from the primitives) so the tests check the wire layout, not only that seal and open agree.
@@ -39,8 +39,8 @@ from pqe2ee.protocol import (
     seal_response,
     stream_flag,
 )
-from pqe2ee.protocol.codec import gunzip_bounded, gzip_compress
-from pqe2ee.protocol.envelope import STORE_BELOW
+from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress
+from pqe2ee.protocol.v1.envelope import STORE_BELOW
 
 CANARY = "canary-7f3a9c-SECRET-PROMPT"
 

@@ -1,5 +1,5 @@
 """v1 streaming: StreamSealer / StreamEncoder (instance side) and StreamDecryptor (client side),
-plus the SSE helpers they sit on (src/pqe2ee/protocol/stream.py, sse.py).
+plus the SSE helpers they sit on (src/pqe2ee/protocol/v1/stream.py, _events.py, sse.py).
 
 As in h11's tests, everything is bytes in and events out: an encoder and a decryptor are wired
 together in memory and the outer bytes are split, edited and replayed by hand.

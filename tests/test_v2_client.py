@@ -17,6 +17,7 @@ import email.utils
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,11 +38,17 @@ from pqe2ee.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from pqe2ee.protocol import StreamEncoder, StreamSealer, open_request, seal_response
+from pqe2ee.protocol import (
+    Done,
+    InnerEvent,
+    StreamEncoder,
+    StreamSealer,
+    open_request,
+    seal_response,
+)
+from pqe2ee.protocol._codec import b64encode
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, classify_v2_hint
-from pqe2ee.protocol.codec import b64encode
 from pqe2ee.protocol.discovery import Lease
-from pqe2ee.protocol.stream import Done, InnerEvent
 from pqe2ee.protocol.v2 import (
     E2EPolicy,
     InstanceV2,
@@ -156,6 +163,8 @@ class FakeRelay:
     single_edit: Callable[[bytes], bytes] | None = None
     end_error: UpstreamError | None = None
     engine_down: bool = False  # the instance answers as when its engine timed out
+    expires_at_in: float | None = None  # publish nonce_expires_at = Unix now + this
+    wall_clock: Callable[[], float] = time.time  # the relay's Unix clock (Date, nonce_expires_at)
     replies: collections.deque[tuple[int, bytes]] = field(default_factory=collections.deque)
     invokes: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     discoveries: int = 0
@@ -202,8 +211,11 @@ class FakeRelay:
             if inst.v2 is not None and not self.strip_v2:
                 row["e2e_v2"] = inst.offer()
             rows.append(row)
-        status, headers, parts = _json(200, {"instances": rows, "nonce_expires_in": 55})
-        date = email.utils.formatdate(time.time() + self.date_offset, usegmt=True)
+        doc: dict[str, Any] = {"instances": rows, "nonce_expires_in": 55}
+        if self.expires_at_in is not None:
+            doc["nonce_expires_at"] = int(self.wall_clock() + self.expires_at_in)
+        status, headers, parts = _json(200, doc)
+        date = email.utils.formatdate(self.wall_clock() + self.date_offset, usegmt=True)
         return status, [*headers, (b"date", date.encode())], parts
 
     def _v2(self, inst: FakeInstance, headers: dict[str, str], blob: bytes) -> Answer:
@@ -377,6 +389,66 @@ def flip(event: bytes) -> bytes:
     raw = bytearray(base64.b64decode(event[len(b'data: {"e2e_v2":"') : -len(b'"}\n\n')]))
     raw[12] ^= 0x01  # inside the ciphertext
     return b'data: {"e2e_v2":"' + base64.b64encode(bytes(raw)) + b'"}\n\n'
+
+
+# -- clocks ----------------------------------------------------------------------------------------
+
+
+def test_nonce_expires_at_is_honoured_with_a_monotonic_clock() -> None:
+    """SPEC.md: ``nonce_expires_at`` (the server's Unix time) shortens the nonces' expiry. The
+    engine's pool runs on a monotonic clock, far from Unix time: no lease may be used past
+    ``nonce_expires_at`` (minus the safety margin), however far apart the two clocks are."""
+    mono = [1000.0]  # a monotonic clock nowhere near Unix time
+    start = float(int(time.time()))
+
+    def wall() -> float:
+        return start + (mono[0] - 1000.0)
+
+    relay = FakeRelay(kinds=("v1",), expires_at_in=30.0, wall_clock=wall)  # "55 s", but 30 s
+    engine = Engine(settings(prefer_v2=False), clock=lambda: mono[0], wall_clock=wall)
+    assert isinstance(run(engine, relay), Opened)
+    assert relay.discoveries == 1
+    assert engine.state._pool(CHUTE).expires_at == 1030.0  # not 1055
+    mono[0] += 26.0  # within the 5 s safety margin of nonce_expires_at
+    assert isinstance(run(engine, relay), Opened)
+    assert relay.discoveries == 2  # the first discovery's nonces were not used
+    assert engine.state._pool(CHUTE).expires_at == 1056.0
+
+
+def test_nonce_expires_at_in_the_past_is_clock_skew_and_ignored() -> None:
+    relay = FakeRelay(kinds=("v1",), expires_at_in=-100.0)
+    mono = [7.0]
+    engine = Engine(settings(prefer_v2=False), clock=lambda: mono[0])
+    assert isinstance(run(engine, relay), Opened)
+    assert engine.state._pool(CHUTE).expires_at == pytest.approx(7.0 + 55.0, abs=0.5)
+
+
+def test_one_engine_shared_by_many_threads() -> None:
+    """The protocol state has no locks: the blocking engine, shared by threads (as a sync
+    httpx client is), serialises its calls into it. Every request succeeds and no nonce is
+    handed out twice, in v1 and v2, with engines sharing one negotiator."""
+    relay = FakeRelay(kinds=("v2", "v1"), nonces=200)
+    shared = Negotiator()
+    engines = [Engine(settings(), negotiator=shared) for _ in range(2)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def work(engine: Engine) -> None:
+        try:
+            barrier.wait()
+            for _ in range(6):
+                assert isinstance(run(engine, relay), Opened)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(engines[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    nonces = [headers["X-E2E-Nonce"] for headers, _ in relay.invokes]
+    assert len(nonces) == 48 == len(set(nonces))
 
 
 # -- the happy paths -------------------------------------------------------------------------------
@@ -621,7 +693,7 @@ def test_client_state_keeps_a_decision_until_the_next_discovery() -> None:
     relay = FakeRelay(kinds=("v1", "v2"))
     state, negotiator, wall = ClientState(), Negotiator(), time.time()
     assert state.negotiate(CHUTE, negotiator, 0.0, wall) is None  # nothing loaded: discover
-    state.load_discovery(CHUTE, relay._discovery()[2][0], 0.0)
+    state.load_discovery(CHUTE, relay._discovery()[2][0], 0.0, wall)
     first = state.negotiate(CHUTE, negotiator, 1.0, wall)
     assert first is not None and first.version == 2
     assert first.excluded == {relay.instances[0].instance_id}
@@ -630,13 +702,13 @@ def test_client_state_keeps_a_decision_until_the_next_discovery() -> None:
     found = state.negotiated_lease(CHUTE, negotiator, 3.0, wall)
     assert found is not None and found[0].instance_id == relay.instances[1].instance_id
     doc = relay._discovery()[2][0]
-    state.load_discovery(CHUTE, doc, 4.0)
+    state.load_discovery(CHUTE, doc, 4.0, wall)
     again = state.negotiate(CHUTE, negotiator, 5.0, wall)
     assert again is not None and again is not first and again.generation == first.generation + 1
     # an offer's expiry ends the decision too: rediscover; a discovery that still shows only
     # the expired offer counts as one without v2 - and the chute is pinned
     assert state.negotiate(CHUTE, negotiator, 6.0, again.valid_until) is None
-    state.load_discovery(CHUTE, doc, 7.0)
+    state.load_discovery(CHUTE, doc, 7.0, wall)
     with pytest.raises(RemoteProtocolError) as err:
         state.negotiate(CHUTE, negotiator, 8.0, again.valid_until)
     assert err.value.code is ErrorCode.DOWNGRADE_SUSPECTED

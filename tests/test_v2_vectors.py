@@ -15,9 +15,9 @@ from pqe2ee.backends import get_aead
 from pqe2ee.backends.pyca import PycaKEM
 from pqe2ee.backends.xwing import XWing, available_xwing, get_xwing
 from pqe2ee.errors import DecryptError, ErrorCode, PQE2EEError
+from pqe2ee.protocol import EndOfStream
 from pqe2ee.protocol import open_request as open_request_v1
 from pqe2ee.protocol.discovery import parse_discovery
-from pqe2ee.protocol.stream import EndOfStream
 from pqe2ee.protocol.v2 import (
     ContextHeader,
     Data,

@@ -1,10 +1,28 @@
-"""Sans-IO protocol core: envelopes, key schedule, stream state machine, discovery state.
+"""Sans-IO protocol core of both wire profiles: bytes and events in, bytes and events out.
 
-No sockets, no asyncio, no HTTP client, no clock reads: bytes and events in, bytes and events
-out; time and randomness are parameters. Every transport and server in pqe2ee uses this package
-and nothing else for crypto or SSE framing.
+No sockets, no asyncio, no HTTP client, no locks, no clock reads, no randomness of its own and
+no crypto library: time and randomness are parameters (time in two types kept apart,
+:mod:`~pqe2ee.protocol.clocks`), and crypto primitives come from :mod:`pqe2ee.backends`. A test
+walks every module here to keep it so. Every transport and server in pqe2ee uses this package
+for crypto, SSE framing and client state.
+
+Layout (shared first, then each profile, then what sits on both)::
+
+    _events.py   NEED_DATA, InnerEvent, Done, EndOfStream; the decryptors' event queue
+    _codec.py    strict base64, bounded gzip, JSON objects, the stream flag, usage lines
+    sse.py       SSE line splitting and parsing
+    kdf.py       every key derivation (v1 key schedule, HPKE labeled extract/expand), one HKDF
+    clocks.py    Monotonic vs UnixTime
+    v1/          envelope.py (ML-KEM-768 blobs), stream.py (the v1 stream state machine)
+    v2/          header, hpke, request, records, stream, negotiation, padding, replay, usage
+    response.py  ResponseDecoder: the answer to a request, v1 or v2, single or streamed
+    discovery.py model listing, discovery documents, nonce pools, rate limiter
+    client.py    ClientState and the relay-answer classifiers a transport drives
 """
 
+from pqe2ee.protocol._codec import extract_usage, stream_flag
+from pqe2ee.protocol._events import NEED_DATA, Done, EndOfStream, InnerEvent
+from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import (
     DiscoveryResult,
     InstanceInfo,
@@ -16,7 +34,10 @@ from pqe2ee.protocol.discovery import (
     parse_discovery,
     parse_models,
 )
-from pqe2ee.protocol.envelope import (
+from pqe2ee.protocol.kdf import INFO_REQUEST, INFO_RESPONSE, INFO_STREAM, derive_key
+from pqe2ee.protocol.response import Opened, ResponseDecoder
+from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
+from pqe2ee.protocol.v1.envelope import (
     BLOB_OVERHEAD,
     RESPONSE_PK_FIELD,
     OpenedRequest,
@@ -25,22 +46,14 @@ from pqe2ee.protocol.envelope import (
     open_response,
     seal_request,
     seal_response,
-    stream_flag,
 )
-from pqe2ee.protocol.keyschedule import INFO_REQUEST, INFO_RESPONSE, INFO_STREAM, derive_key
-from pqe2ee.protocol.sse import LineSplitter, SSEEvent, SSEParser
-from pqe2ee.protocol.stream import (
-    NEED_DATA,
-    Done,
-    EndOfStream,
-    InnerEvent,
+from pqe2ee.protocol.v1.stream import (
     RemoteErrorEvent,
     StreamDecryptor,
     StreamEncoder,
     StreamEvent,
     StreamSealer,
     Usage,
-    extract_usage,
 )
 
 __all__ = [
@@ -58,10 +71,13 @@ __all__ = [
     "Lease",
     "LineSplitter",
     "ModelMap",
+    "Monotonic",
     "NoncePool",
+    "Opened",
     "OpenedRequest",
     "RateLimiter",
     "RemoteErrorEvent",
+    "ResponseDecoder",
     "SSEEvent",
     "SSEParser",
     "SealedRequest",
@@ -69,6 +85,7 @@ __all__ = [
     "StreamEncoder",
     "StreamEvent",
     "StreamSealer",
+    "UnixTime",
     "Usage",
     "derive_key",
     "extract_usage",

@@ -20,13 +20,14 @@ applies a :class:`~pqe2ee.protocol.v2.Negotiator` to the instances of the chute'
 the decision until the next discovery, so a strict client refuses v1 (``downgrade_refused``) and
 a pinned chute without v2 refuses (``downgrade_suspected``) before any nonce is spent.
 
-All methods of :class:`ClientState` are thread-safe (one short critical section each), so one
-state can serve many threads and tasks; ``now`` is always a parameter.
+:class:`ClientState` holds no lock: each method is one short step with no I/O, and a caller
+shared by threads holds its own lock around each call. Time is always a parameter, in two
+types kept apart (:mod:`pqe2ee.protocol.clocks`): ``now`` is the caller's :data:`Monotonic`
+clock, ``wall`` is :data:`UnixTime`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +35,7 @@ from typing import Any, Final
 import msgspec
 
 from pqe2ee.errors import ErrorCode, RelayError
+from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import (
     Lease,
     ModelMap,
@@ -42,7 +44,7 @@ from pqe2ee.protocol.discovery import (
     parse_discovery,
     parse_models,
 )
-from pqe2ee.protocol.envelope import BLOB_OVERHEAD, SealedRequest
+from pqe2ee.protocol.v1.envelope import BLOB_OVERHEAD, SealedRequest
 from pqe2ee.protocol.v2.negotiation import Decision, Negotiator, V2Offer
 from pqe2ee.protocol.v2.request import parse_instance_hint
 
@@ -61,6 +63,8 @@ __all__ = [
     "e2e_model",
     "invoke_headers",
     "is_sealed_error",
+    "may_be_sealed",
+    "media_type",
     "request_model",
 ]
 
@@ -131,11 +135,25 @@ def invoke_headers(
     return headers
 
 
+def media_type(content_type: str | None) -> str:
+    """The media type of a ``Content-Type`` value, lower case, parameters dropped."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def may_be_sealed(status: int, content_type: str | None) -> bool:
+    """Whether a v1 invoke answer may carry a sealed blob (read it up to the blob bound): a 200,
+    or a sealed engine error (Content-Type ``application/octet-stream``)."""
+    return status == 200 or media_type(content_type) == "application/octet-stream"
+
+
 def is_sealed_error(status: int, content_type: str | None, body: bytes) -> bool:
     """A pqe2ee extension: a non-200 answer carrying an ``e2e-resp-v1`` blob of the engine's
     own error body (Content-Type ``application/octet-stream``)."""
-    ct = (content_type or "").split(";", 1)[0].strip().lower()
-    return status != 200 and ct == "application/octet-stream" and len(body) >= BLOB_OVERHEAD
+    return (
+        status != 200
+        and media_type(content_type) == "application/octet-stream"
+        and len(body) >= BLOB_OVERHEAD
+    )
 
 
 def _detail(body: bytes) -> str:
@@ -220,7 +238,7 @@ class Negotiated:
 
     decision: Decision
     generation: int
-    valid_until: float  # wall clock: the earliest offer's expiry (+ skew), inf for v1
+    valid_until: float  # Unix time: the earliest offer's expiry (+ skew), inf for v1
     excluded: frozenset[str]
     offers: Mapping[str, V2Offer]
 
@@ -240,11 +258,14 @@ class ClientLimits:
 
 
 class ClientState:
-    """Model map, nonce pools and the discovery rate limiter for one client (thread-safe)."""
+    """Model map, nonce pools and the discovery rate limiter for one client.
+
+    Not thread-safe (the protocol layer has no locks): the I/O layer serialises the calls (the
+    blocking engine, used from many threads, holds one lock around each).
+    ``now`` is always the caller's monotonic clock, ``wall`` Unix time."""
 
     def __init__(self, limits: ClientLimits | None = None) -> None:
         self.limits = limits or ClientLimits()
-        self._lock = threading.Lock()
         self._models = ModelMap(self.limits.model_ttl)
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
@@ -253,27 +274,23 @@ class ClientState:
 
     # models ------------------------------------------------------------------------------------
 
-    def resolve_chute(self, model: str, now: float) -> str | None:
-        with self._lock:
-            return self._models.resolve(model, now)
+    def resolve_chute(self, model: str, now: Monotonic) -> str | None:
+        return self._models.resolve(model, now)
 
-    def models_stale(self, now: float) -> bool:
-        with self._lock:
-            return self._models.stale(now)
+    def models_stale(self, now: Monotonic) -> bool:
+        return self._models.stale(now)
 
-    def update_models(self, doc: bytes, now: float) -> dict[str, str]:
+    def update_models(self, doc: bytes, now: Monotonic) -> dict[str, str]:
         mapping = parse_models(doc)
-        with self._lock:
-            self._models.update(mapping, now)
-            self._models_generation += 1
+        self._models.update(mapping, now)
+        self._models_generation += 1
         return mapping
 
     @property
     def models_generation(self) -> int:
         """How many model listings have been loaded: lets concurrent callers that all missed
         the same model share one forced refresh (refresh only if it has not moved)."""
-        with self._lock:
-            return self._models_generation
+        return self._models_generation
 
     # leases ------------------------------------------------------------------------------------
 
@@ -289,12 +306,11 @@ class ClientState:
             )
         return pool
 
-    def lease(self, chute_id: str, now: float, *, exclude: Iterable[str] = ()) -> Lease | None:
-        with self._lock:
-            return self._pool(chute_id).take(now, exclude=exclude)
+    def lease(self, chute_id: str, now: Monotonic, *, exclude: Iterable[str] = ()) -> Lease | None:
+        return self._pool(chute_id).take(now, exclude=exclude)
 
     def negotiate(
-        self, chute_id: str, negotiator: Negotiator, now: float, wall: float
+        self, chute_id: str, negotiator: Negotiator, now: Monotonic, wall: UnixTime
     ) -> Negotiated | None:
         """The protocol version for ``chute_id`` and the instances a lease may use, decided by
         ``negotiator`` on the instances of the last discovery; ``None`` when the pool has no
@@ -305,17 +321,16 @@ class ClientState:
         RemoteProtocolError ``downgrade_refused`` (strict policy, no v2 instance) or
         ``downgrade_suspected`` (pinned chute, no v2 instance) - before any nonce is spent.
         """
-        with self._lock:
-            pool = self._pool(chute_id)
-            cached = self._negotiated.get(chute_id)
-            if cached is not None and cached.generation == pool.generation:
-                if wall < cached.valid_until:
-                    return cached  # (an exhausted pool then gives no lease: discovery follows)
-                return None  # an offer it relied on expired: decide on a fresh discovery
-            if pool.available(now) == 0:
-                return None  # nothing to decide on that could be used: discover first
-            generation = pool.generation
-            rows = pool.instances()
+        pool = self._pool(chute_id)
+        cached = self._negotiated.get(chute_id)
+        if cached is not None and cached.generation == pool.generation:
+            if wall < cached.valid_until:
+                return cached  # (an exhausted pool then gives no lease: discovery follows)
+            return None  # an offer it relied on expired: decide on a fresh discovery
+        if pool.available(now) == 0:
+            return None  # nothing to decide on that could be used: discover first
+        generation = pool.generation
+        rows = pool.instances()
         decision = negotiator.decide(chute_id, rows, wall)
         offers = {c.instance.instance_id: c.offer for c in decision.candidates if c.offer}
         skew = negotiator.policy.clock_skew_s
@@ -328,75 +343,63 @@ class ClientState:
             frozenset(r.instance_id for r in rows if r.instance_id not in allowed),
             offers,
         )
-        with self._lock:
-            if self._pool(chute_id).generation == generation:
-                self._negotiated[chute_id] = negotiated
+        self._negotiated[chute_id] = negotiated
         return negotiated
 
     def negotiated_lease(
-        self, chute_id: str, negotiator: Negotiator, now: float, wall: float
+        self, chute_id: str, negotiator: Negotiator, now: Monotonic, wall: UnixTime
     ) -> tuple[Lease, Negotiated] | None:
         """:meth:`negotiate`, then a lease of an instance the decision allows, both from the
         same discovery; ``None`` when there is none (discover first)."""
-        for _ in range(3):  # a discovery loaded in between: decide again on it
-            negotiated = self.negotiate(chute_id, negotiator, now, wall)
-            if negotiated is None:
-                return None
-            with self._lock:
-                pool = self._pool(chute_id)
-                if pool.generation != negotiated.generation:
-                    continue
-                lease = pool.take(now, exclude=negotiated.excluded)
-            return None if lease is None else (lease, negotiated)
-        return None
+        negotiated = self.negotiate(chute_id, negotiator, now, wall)
+        if negotiated is None:
+            return None
+        lease = self._pool(chute_id).take(now, exclude=negotiated.excluded)
+        return None if lease is None else (lease, negotiated)
 
-    def needs_discovery(self, chute_id: str, now: float) -> bool:
+    def needs_discovery(self, chute_id: str, now: Monotonic) -> bool:
         """True when the pool is empty, low, or close to expiry (prefetch)."""
-        with self._lock:
-            return self._pool(chute_id).needs_refresh(now)
+        return self._pool(chute_id).needs_refresh(now)
 
-    def available(self, chute_id: str, now: float) -> int:
-        with self._lock:
-            return self._pool(chute_id).available(now)
+    def available(self, chute_id: str, now: Monotonic) -> int:
+        return self._pool(chute_id).available(now)
 
-    def discovery_wait(self, now: float) -> float:
+    def discovery_wait(self, now: Monotonic) -> float:
         """Seconds to wait before the next discovery is allowed (0 = now)."""
-        with self._lock:
-            return self._limiter.wait_time(now)
+        return self._limiter.wait_time(now)
 
-    def record_discovery(self, now: float) -> None:
-        with self._lock:
+    def record_discovery(self, now: Monotonic) -> None:
+        self._limiter.record(now)
+
+    def try_record_discovery(self, now: Monotonic) -> float:
+        """If a discovery is allowed now, record it and return 0; else return the seconds to
+        wait (nothing recorded). One call: many callers racing for the last slot (under the
+        caller's lock) cannot both take it."""
+        wait = self._limiter.wait_time(now)
+        if wait <= 0.0:
             self._limiter.record(now)
+            return 0.0
+        return wait
 
-    def try_record_discovery(self, now: float) -> float:
-        """Atomically: if a discovery is allowed now, record it and return 0; else return the
-        seconds to wait (nothing recorded). Safe when many threads race for the last slot."""
-        with self._lock:
-            wait = self._limiter.wait_time(now)
-            if wait <= 0.0:
-                self._limiter.record(now)
-                return 0.0
-            return wait
-
-    def load_discovery(self, chute_id: str, doc: bytes, now: float) -> int:
-        """Load a discovery document; returns the number of usable instances."""
-        result = parse_discovery(doc, now)
-        with self._lock:
-            self._pool(chute_id).load(result, now)
+    def load_discovery(self, chute_id: str, doc: bytes, now: Monotonic, wall: UnixTime) -> int:
+        """Load a discovery document received at ``now`` (pool clock), which was ``wall`` in
+        Unix time (to place the server's ``nonce_expires_at`` on the pool clock); returns the
+        number of usable instances."""
+        result = parse_discovery(doc, now, wall)
+        self._pool(chute_id).load(result, now)
         return len(result.instances)
 
-    def report(self, lease: Lease, error: RelayError, now: float) -> None:
+    def report(self, lease: Lease, error: RelayError, now: Monotonic) -> None:
         """Feed a relay error back into the pool: spent nonce, gone or busy instance."""
-        with self._lock:
-            pool = self._pool(lease.chute_id)
-            if error.code in (ErrorCode.NONCE_REJECTED, ErrorCode.UNKNOWN_KEY):
-                pool.invalidate()  # unknown_key: the instance rotated its v2 key - rediscover
-            elif error.code is ErrorCode.INSTANCE_GONE:
-                pool.drop_instance(lease.instance_id, now)
-            elif error.code is ErrorCode.INSTANCE_BUSY:
-                pool.cool_down(lease.instance_id, now, BUSY_COOLDOWN)
-            elif error.code is ErrorCode.KEY_EXCHANGE_REQUIRED:
-                pool.cool_down(lease.instance_id, now, KEY_EXCHANGE_COOLDOWN)
+        pool = self._pool(lease.chute_id)
+        if error.code in (ErrorCode.NONCE_REJECTED, ErrorCode.UNKNOWN_KEY):
+            pool.invalidate()  # unknown_key: the instance rotated its v2 key - rediscover
+        elif error.code is ErrorCode.INSTANCE_GONE:
+            pool.drop_instance(lease.instance_id, now)
+        elif error.code is ErrorCode.INSTANCE_BUSY:
+            pool.cool_down(lease.instance_id, now, BUSY_COOLDOWN)
+        elif error.code is ErrorCode.KEY_EXCHANGE_REQUIRED:
+            pool.cool_down(lease.instance_id, now, KEY_EXCHANGE_COOLDOWN)
 
 
 def request_model(body: Mapping[str, Any]) -> str | None:

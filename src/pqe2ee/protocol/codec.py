@@ -1,108 +1,22 @@
-"""Byte-level helpers shared by the v1 envelope and stream code: base64, gzip, JSON."""
+# TEMP-SHIM: remove after merge
+"""Moved to :mod:`pqe2ee.protocol._codec`."""
 
-from __future__ import annotations
-
-import base64
-import binascii
-import struct
-import zlib
-from typing import Any
-
-import msgspec
-
-from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
+from pqe2ee.protocol._codec import (
+    b64decode,
+    b64encode,
+    extract_usage,
+    gunzip_bounded,
+    gzip_compress,
+    json_decode_object,
+    stream_flag,
+)
 
 __all__ = [
     "b64decode",
     "b64encode",
+    "extract_usage",
     "gunzip_bounded",
     "gzip_compress",
     "json_decode_object",
+    "stream_flag",
 ]
-
-_json_decoder = msgspec.json.Decoder()
-
-GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
-# What zlib writes for level 0: magic, CM=8, FLG=0, MTIME=0, XFL=4, OS=3 (RFC 1952).
-_GZIP_STORED_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\x03"
-_STORED_DIRECT_MAX = 16384  # checked byte for byte against zlib's level 0 up to here
-
-
-def b64encode(data: bytes) -> bytes:
-    """Standard base64 with padding, as bytes (RFC 4648 section 4)."""
-    return base64.b64encode(data)
-
-
-def b64decode(
-    data: str | bytes, *, what: str, code: ErrorCode = ErrorCode.MALFORMED_PAYLOAD
-) -> bytes:
-    """Strict standard base64 (padding required, no stray characters)."""
-    try:
-        return binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise MalformedError(f"{what} is not valid base64", code=code) from None
-
-
-def gzip_compress(data: bytes, level: int) -> bytes:
-    """A single gzip member with mtime 0 (deterministic for a given zlib). Level 0 stores."""
-    n = len(data)
-    if level == 0 and n <= _STORED_DIRECT_MAX:
-        # One final stored block, written directly: the same bytes zlib writes for level 0,
-        # without setting up a deflate stream (which costs more than the copy).
-        return b"".join(
-            (
-                _GZIP_STORED_HEADER,
-                struct.pack("<BHH", 1, n, n ^ 0xFFFF),
-                data,
-                struct.pack("<II", zlib.crc32(data), n),
-            )
-        )
-    return zlib.compress(data, level, wbits=GZIP_WBITS)
-
-
-def gunzip_bounded(data: bytes, *, limit: int, what: str) -> bytes:
-    """Decompress one or more concatenated gzip members, refusing more than ``limit`` bytes out.
-
-    Never allocates more than ``limit + 1`` bytes of output, so a gzip bomb is refused cheaply.
-    """
-    out: list[bytes] = []
-    total = 0
-    rest = data
-    while True:
-        d = zlib.decompressobj(wbits=GZIP_WBITS)
-        try:
-            chunk = d.decompress(rest, limit - total + 1)
-        except zlib.error:
-            raise MalformedError(
-                f"{what} is not valid gzip", code=ErrorCode.MALFORMED_PAYLOAD
-            ) from None
-        total += len(chunk)
-        if total > limit:
-            raise LimitExceeded(f"{what} decompresses to more than {limit} bytes")
-        out.append(chunk)
-        if not d.eof:
-            raise MalformedError(
-                f"{what} gzip stream is truncated", code=ErrorCode.MALFORMED_PAYLOAD
-            )
-        rest = d.unused_data
-        if not rest:
-            break
-        if not rest.startswith(b"\x1f\x8b"):
-            raise MalformedError(
-                f"{what} has trailing bytes after gzip", code=ErrorCode.MALFORMED_PAYLOAD
-            )
-    return b"".join(out)
-
-
-def json_decode_object(
-    data: bytes, *, what: str, code: ErrorCode = ErrorCode.MALFORMED_PAYLOAD
-) -> dict[str, Any]:
-    """Decode JSON that must be an object."""
-    try:
-        obj = _json_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
-        raise MalformedError(f"{what} is not valid JSON", code=code) from None
-    if not isinstance(obj, dict):
-        raise MalformedError(f"{what} must be a JSON object", code=code)
-    return obj

@@ -22,7 +22,8 @@ import msgspec
 
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, MalformedError
-from pqe2ee.protocol.codec import b64decode
+from pqe2ee.protocol._codec import b64decode
+from pqe2ee.protocol.clocks import Monotonic, UnixTime, to_monotonic
 
 __all__ = [
     "DiscoveryResult",
@@ -115,7 +116,7 @@ class InstanceInfo:
 @dataclass(frozen=True, slots=True)
 class DiscoveryResult:
     instances: tuple[InstanceInfo, ...]
-    expires_at: float  # in the caller's clock
+    expires_at: float  # on the caller's (monotonic) clock
     skipped: int  # malformed instance rows left out
 
 
@@ -131,13 +132,16 @@ class _Discovery(msgspec.Struct):
     nonce_expires_at: float | None = None
 
 
-def parse_discovery(doc: bytes, now: float) -> DiscoveryResult:
+def parse_discovery(doc: bytes, now: Monotonic, wall: UnixTime | None = None) -> DiscoveryResult:
     """Parse a discovery document received at ``now`` (the caller's clock).
 
-    Expiry is ``now + nonce_expires_in`` (55 s when absent). ``nonce_expires_at`` (server clock)
-    shortens it when earlier, unless it is already past - that means clock skew, and the
-    relative value is trusted instead. Instance rows with a bad key or no usable nonces are
-    skipped (counted in ``skipped``), not fatal.
+    Expiry is ``now + nonce_expires_in`` (55 s when absent). ``nonce_expires_at`` (the server's
+    Unix time) shortens it when earlier, unless it is already past - that means clock skew, and
+    the relative value is trusted instead. ``wall`` is the Unix time at ``now``: it places
+    ``nonce_expires_at`` on the caller's clock. Without it ``now`` itself must be Unix time
+    (scripts, tests); a monotonic ``now`` without ``wall`` would never honour
+    ``nonce_expires_at``. Instance rows with a bad key or no usable nonces are skipped (counted
+    in ``skipped``), not fatal.
     """
     try:
         d = msgspec.json.decode(doc, type=_Discovery)
@@ -149,8 +153,11 @@ def parse_discovery(doc: bytes, now: float) -> DiscoveryResult:
         DEFAULT_EXPIRES_IN if d.nonce_expires_in is None else max(0.0, float(d.nonce_expires_in))
     )
     expires_at = now + expires_in
-    if d.nonce_expires_at is not None and now < d.nonce_expires_at < expires_at:
-        expires_at = float(d.nonce_expires_at)
+    if d.nonce_expires_at is not None:
+        unix_now = UnixTime(now) if wall is None else wall
+        at = UnixTime(float(d.nonce_expires_at))
+        if unix_now < at < unix_now + expires_in:
+            expires_at = to_monotonic(at, now=now, wall=unix_now)
     instances: list[InstanceInfo] = []
     skipped = 0
     for raw in d.instances:

@@ -1,9 +1,10 @@
 """RFC 9180 HPKE, base mode, for the one v2 suite: X-Wing (0x647A), HKDF-SHA256 (0x0001),
 ChaCha20-Poly1305 (0x0003).
 
-Written once here over ``hmac``/``hashlib`` and the AEAD backend, because no installed library
-offers a context with AAD, sequence numbers and Export for this suite (cryptography 50 only has
-single-shot encrypt/decrypt without AAD; pycryptodome's HPKE hides Encap and its AEAD is slow).
+Written once here over :mod:`pqe2ee.protocol.kdf` (the one HKDF of both profiles) and the AEAD
+backend, because no installed library offers a context with AAD, sequence numbers and Export
+for this suite (cryptography 50 only has single-shot encrypt/decrypt without AAD;
+pycryptodome's HPKE hides Encap and its AEAD is slow).
 Checked against the draft-ietf-hpke-pq test vector for this suite (key, base_nonce,
 exporter_secret, every encryption, every export).
 
@@ -13,12 +14,13 @@ directly, there is no DHKEM ExtractAndExpand step).
 
 from __future__ import annotations
 
-import hmac
 from typing import Final
 
 from pqe2ee.backends.base import AEAD, AEADCipher
 from pqe2ee.backends.xwing import XWING_KEM_ID, XWing, XWingPrivateKey
-from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError
+from pqe2ee.errors import LimitExceeded
+from pqe2ee.protocol import kdf
+from pqe2ee.protocol.kdf import hkdf_expand, hkdf_extract
 
 __all__ = [
     "AEAD_ID",
@@ -52,44 +54,21 @@ NH: Final = 32
 HPKE_SUITE_ID: Final = (
     b"HPKE" + KEM_ID.to_bytes(2, "big") + KDF_ID.to_bytes(2, "big") + AEAD_ID.to_bytes(2, "big")
 )
-_VERSION_LABEL: Final = b"HPKE-v1"
 _MAX_SEQ: Final = (1 << (8 * NN)) - 1
-
-
-def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
-    """HKDF-Extract with SHA-256 (RFC 5869 §2.2); an empty salt means 32 zero bytes."""
-    return hmac.digest(salt or bytes(32), ikm, "sha256")
-
-
-def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-Expand with SHA-256 (RFC 5869 §2.3); ``length`` <= 255 * 32."""
-    if not 0 <= length <= 255 * 32:
-        raise LocalProtocolError("HKDF-Expand length out of range", code=ErrorCode.INVALID_ARGUMENT)
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(prk, block + info + bytes((counter,)), "sha256")
-        out += block
-        counter += 1
-    return out[:length]
 
 
 def labeled_extract(
     salt: bytes, label: bytes, ikm: bytes, *, suite_id: bytes = HPKE_SUITE_ID
 ) -> bytes:
-    return hkdf_extract(salt, b"".join((_VERSION_LABEL, suite_id, label, ikm)))
+    """``LabeledExtract`` (RFC 9180 §4), by default for this suite."""
+    return kdf.labeled_extract(salt, label, ikm, suite_id=suite_id)
 
 
 def labeled_expand(
     prk: bytes, label: bytes, info: bytes, length: int, *, suite_id: bytes = HPKE_SUITE_ID
 ) -> bytes:
-    if length > 0xFFFF:
-        raise LocalProtocolError(
-            "LabeledExpand length out of range", code=ErrorCode.INVALID_ARGUMENT
-        )
-    labeled_info = b"".join((length.to_bytes(2, "big"), _VERSION_LABEL, suite_id, label, info))
-    return hkdf_expand(prk, labeled_info, length)
+    """``LabeledExpand`` (RFC 9180 §4), by default for this suite."""
+    return kdf.labeled_expand(prk, label, info, length, suite_id=suite_id)
 
 
 class _Context:

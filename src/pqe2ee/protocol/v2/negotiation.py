@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from pqe2ee.backends.xwing import XWING_KEM_ID, XWING_PK_LEN, check_xwing_public_key
 from pqe2ee.errors import ErrorCode, LocalProtocolError, MalformedError, RemoteProtocolError
-from pqe2ee.protocol.codec import b64decode
+from pqe2ee.protocol._codec import b64decode
+from pqe2ee.protocol.clocks import UnixTime
 from pqe2ee.protocol.discovery import InstanceInfo
 from pqe2ee.protocol.v2.hpke import AEAD_ID, KDF_ID
 from pqe2ee.protocol.v2.request import pk_hash
@@ -139,42 +139,40 @@ class Decision:
 
 class Negotiator:
     """Applies an :class:`E2EPolicy` to discovery results; keeps the per-chute pins
-    (bounded, least recently pinned dropped first). Thread-safe."""
+    (bounded, least recently pinned dropped first). ``now`` is Unix time.
+
+    Not thread-safe (no locks in the protocol layer): whoever shares one between threads
+    serialises the calls - the transports' engines that share a negotiator share one lock."""
 
     def __init__(self, policy: E2EPolicy | None = None) -> None:
         self.policy = policy or E2EPolicy()
         self._pins: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._lock = threading.Lock()
 
-    def pinned(self, chute_id: str, now: float) -> bool:
-        with self._lock:
-            until = self._pins.get(chute_id)
-            if until is None:
-                return False
-            if until <= now:
-                del self._pins[chute_id]
-                return False
-            return True
+    def pinned(self, chute_id: str, now: UnixTime) -> bool:
+        until = self._pins.get(chute_id)
+        if until is None:
+            return False
+        if until <= now:
+            del self._pins[chute_id]
+            return False
+        return True
 
-    def pin(self, chute_id: str, now: float) -> None:
+    def pin(self, chute_id: str, now: UnixTime) -> None:
         if self.policy.pin_ttl_s <= 0:
             return
-        with self._lock:
-            self._pins[chute_id] = now + self.policy.pin_ttl_s
-            self._pins.move_to_end(chute_id)
-            while len(self._pins) > self.policy.max_pins:
-                self._pins.popitem(last=False)
+        self._pins[chute_id] = now + self.policy.pin_ttl_s
+        self._pins.move_to_end(chute_id)
+        while len(self._pins) > self.policy.max_pins:
+            self._pins.popitem(last=False)
 
     def unpin(self, chute_id: str) -> None:
-        with self._lock:
-            self._pins.pop(chute_id, None)
+        self._pins.pop(chute_id, None)
 
     def pins(self) -> dict[str, float]:
         """A copy of the pins (chute_id -> until), e.g. to persist them."""
-        with self._lock:
-            return dict(self._pins)
+        return dict(self._pins)
 
-    def decide(self, chute_id: str, instances: Iterable[InstanceInfo], now: float) -> Decision:
+    def decide(self, chute_id: str, instances: Iterable[InstanceInfo], now: UnixTime) -> Decision:
         """Raises RemoteProtocolError ``downgrade_refused`` (strict, no v2 instance) or
         ``downgrade_suspected`` (pinned chute, no v2 instance)."""
         policy = self.policy

@@ -44,8 +44,8 @@ from pqe2ee.errors import (
     RemoteError,
     StreamError,
 )
-from pqe2ee.protocol.codec import gunzip_bounded, gzip_compress
-from pqe2ee.protocol.v2.hpke import hkdf_expand, hkdf_extract
+from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress
+from pqe2ee.protocol.kdf import hkdf_expand, hkdf_extract
 from pqe2ee.protocol.v2.padding import bucket, padme
 from pqe2ee.protocol.v2.request import DEFAULT_MAX_BODY, OpenedRequestV2, ResponseSecrets
 

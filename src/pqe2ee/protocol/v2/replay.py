@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import heapq
-import threading
 from typing import Protocol
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
@@ -42,9 +41,13 @@ class ReplayCache(Protocol):
 
 
 class MemoryReplayCache:
-    """In-process :class:`ReplayCache` holding at most ``max_entries`` ids (thread-safe)."""
+    """In-process :class:`ReplayCache` holding at most ``max_entries`` ids.
 
-    __slots__ = ("_floor", "_heap", "_ids", "_lock", "max_entries")
+    Not thread-safe (the protocol layer has no locks): use it from one thread or event loop,
+    or serialise :meth:`admit` (a server that opens requests in worker threads holds a lock
+    around it)."""
+
+    __slots__ = ("_floor", "_heap", "_ids", "max_entries")
 
     def __init__(self, max_entries: int = 100_000) -> None:
         if max_entries < 1:
@@ -53,7 +56,6 @@ class MemoryReplayCache:
         self._ids: dict[bytes, int] = {}
         self._heap: list[tuple[int, bytes]] = []
         self._floor = -1
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -65,21 +67,20 @@ class MemoryReplayCache:
 
     def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
         rid = bytes(request_id)
-        with self._lock:
-            heap = self._heap
-            while heap and heap[0][0] < now_ms:
-                _, old = heapq.heappop(heap)
-                del self._ids[old]
-            if rid in self._ids:
-                return Admission.REPLAY
-            if expires_at_ms <= self._floor or expires_at_ms < now_ms:
+        heap = self._heap
+        while heap and heap[0][0] < now_ms:
+            _, old = heapq.heappop(heap)
+            del self._ids[old]
+        if rid in self._ids:
+            return Admission.REPLAY
+        if expires_at_ms <= self._floor or expires_at_ms < now_ms:
+            return Admission.TOO_OLD
+        if len(self._ids) >= self.max_entries:
+            evicted_at, old = heapq.heappop(heap)
+            del self._ids[old]
+            self._floor = max(self._floor, evicted_at)
+            if expires_at_ms <= self._floor:
                 return Admission.TOO_OLD
-            if len(self._ids) >= self.max_entries:
-                evicted_at, old = heapq.heappop(heap)
-                del self._ids[old]
-                self._floor = max(self._floor, evicted_at)
-                if expires_at_ms <= self._floor:
-                    return Admission.TOO_OLD
-            self._ids[rid] = expires_at_ms
-            heapq.heappush(heap, (expires_at_ms, rid))
-            return Admission.FRESH
+        self._ids[rid] = expires_at_ms
+        heapq.heappush(heap, (expires_at_ms, rid))
+        return Admission.FRESH

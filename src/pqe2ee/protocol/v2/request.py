@@ -21,16 +21,16 @@ body ``model`` / ``stream`` equal H (``context_mismatch``), ``request_id`` new (
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 
 from pqe2ee.backends.base import AEAD
+from pqe2ee.backends.kdf import RandomBytes
+from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.backends.xwing import (
     XWING_CT_LEN,
     XWING_PK_LEN,
@@ -46,8 +46,7 @@ from pqe2ee.errors import (
     PQE2EEError,
     RemoteProtocolError,
 )
-from pqe2ee.protocol.codec import gunzip_bounded, gzip_compress, json_decode_object
-from pqe2ee.protocol.envelope import stream_flag
+from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress, json_decode_object, stream_flag
 from pqe2ee.protocol.v2.header import (
     FIXED_LEN,
     MAX_HEADER_LEN,
@@ -78,7 +77,6 @@ __all__ = [
     "seal_request_v2",
 ]
 
-RandomBytes = Callable[[int], bytes]
 
 EXPORT_CONTEXT: Final = b"pqe2ee/v2 resp"
 EXPORT_LEN: Final = 32
@@ -239,7 +237,7 @@ def seal_request_v2(
     now_ms: int,
     xwing: XWing,
     aead: AEAD,
-    random_bytes: RandomBytes = os.urandom,
+    random_bytes: RandomBytes = system_random,
     compress: bool = True,
     compresslevel: int = 1,
     pad: BodyPadding = "padme",
@@ -347,6 +345,9 @@ class InstanceV2:
 
     ``keys``: current key first, then at most one previous key (kept after a rotation so that
     requests sealed to it still open; older keys are dropped and should be erased).
+
+    No locks (the protocol layer has none): a server that opens requests in worker threads
+    while it rotates keys, or whose replay cache is not thread-safe, serialises those calls.
     """
 
     def __init__(
@@ -370,7 +371,6 @@ class InstanceV2:
         self.replay_cache = replay_cache
         self.window_ms = window_ms
         self.max_body = max_body
-        self._lock = threading.Lock()
         self._keys = _Keys()
         for key in reversed(keys):
             self._add(key)
@@ -387,14 +387,12 @@ class InstanceV2:
 
     def rotate(self, new_key: XWingPrivateKey) -> None:
         """Make ``new_key`` current; the old current becomes previous; older keys are wiped."""
-        with self._lock:
-            self._add(new_key)
+        self._add(new_key)
 
     @property
     def public_key(self) -> bytes:
         """The current public key (what discovery publishes in ``e2e_v2.pk``)."""
-        with self._lock:
-            return self._keys.by_hash[self._keys.order[0]].public_key
+        return self._keys.by_hash[self._keys.order[0]].public_key
 
     def check(
         self,
@@ -411,8 +409,7 @@ class InstanceV2:
         the relay's ``X-E2E-Stream``; ``relay_nonce`` is checked when the relay forwards it.
         """
         h = parsed.header
-        with self._lock:
-            key = self._keys.by_hash.get(h.pk_hash)
+        key = self._keys.by_hash.get(h.pk_hash)
         if key is None:
             raise RemoteProtocolError(
                 "request is sealed to an unknown key", code=ErrorCode.UNKNOWN_KEY

@@ -7,7 +7,7 @@ orjson writes it; the relay re-emits every line byte for byte)::
 
 :class:`StreamEncoderV2` is the instance side; :class:`StreamDecryptorV2` the client side
 (h11-style: ``receive_data`` / ``receive_eof`` buffer, ``next_event`` returns an event or
-:data:`~pqe2ee.protocol.stream.NEED_DATA`; errors are sticky). DATA payloads come out as the
+:data:`~pqe2ee.protocol.NEED_DATA`; errors are sticky). DATA payloads come out as the
 upstream byte stream, whatever the record boundaries. Callers that need all-or-nothing buffer
 until :class:`~pqe2ee.protocol.v2.records.End`.
 """
@@ -15,7 +15,6 @@ until :class:`~pqe2ee.protocol.v2.records.End`.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -30,9 +29,9 @@ from pqe2ee.errors import (
     RemoteError,
     StreamError,
 )
-from pqe2ee.protocol.codec import b64decode, b64encode
+from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._events import EndOfStream, EventQueue
 from pqe2ee.protocol.sse import LineSplitter
-from pqe2ee.protocol.stream import NEED_DATA, EndOfStream, _NeedData, extract_usage
 from pqe2ee.protocol.v2.records import (
     MAX_PAYLOAD,
     RECORD_OVERHEAD,
@@ -182,7 +181,7 @@ class UsageMismatch:
 StreamEventV2 = Head | Data | UsageUpdate | End | UsageMismatch | EndOfStream
 
 
-class StreamDecryptorV2:
+class StreamDecryptorV2(EventQueue[StreamEventV2]):
     """Client-side v2 stream state machine over SSE bytes.
 
     The record layer is :class:`~pqe2ee.protocol.v2.records.RecordDecryptor` (its transition
@@ -231,10 +230,8 @@ class StreamDecryptorV2:
             self._guard(lambda: self._lines(self._outer.feed(bytes(data))))
 
     def receive_eof(self) -> None:
-        self._check()
-        if self._eof:
+        if not self._mark_eof():
             return
-        self._eof = True
 
         def finish() -> None:
             tail = self._outer.flush()
@@ -254,32 +251,12 @@ class StreamDecryptorV2:
 
         self._guard(finish)
 
-    def next_event(self) -> StreamEventV2 | _NeedData:
-        self._check()
-        if self._events:
-            return self._events.popleft()
-        return NEED_DATA
-
-    def events(self) -> list[StreamEventV2]:
-        self._check()
-        out = list(self._events)
-        self._events.clear()
-        return out
-
     # -- internals ------------------------------------------------------------------------------
 
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except PQE2EEError as exc:
-            self._error = exc
-            self._events.clear()
-            self._dec.fail(exc)
-            raise
+    def _failed(self, exc: PQE2EEError) -> None:
+        super()._failed(exc)
+        self._events.clear()
+        self._dec.fail(exc)
 
     def _lines(self, lines: list[bytes]) -> None:
         for line in lines:

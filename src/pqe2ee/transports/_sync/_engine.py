@@ -25,7 +25,10 @@ response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context header),
 instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new request (new
 nonce, new seal, new response key; for v2 also a new timestamp and request id).
 
-v2 answers are opened with their authenticated status: a single response becomes
+Opening answers is protocol work, done by the sans-IO
+:class:`~pqe2ee.protocol.response.ResponseDecoder` (this module reads the bytes and hands them
+over; it keeps only I/O, the retry loop and the hand-off). v2 answers are opened with their
+authenticated status: a single response becomes
 :class:`Opened` with the engine's status, body and content type (an upstream failure reported
 in END becomes a 502-class error body); a stream is read up to its authenticated HEAD before it
 is handed over (a non-2xx HEAD is read whole and handed over as :class:`Opened`). Plaintext v2
@@ -34,6 +37,13 @@ hint's code: ``unknown_key`` (after a key rotation; the pool is dropped so the r
 rediscovers) and ``stale`` are retried once each; the others (``replay``,
 ``context_mismatch``, ``decrypt_failed``, ...) are raised at once.
 
+Time: ``clock`` is monotonic (:data:`~pqe2ee.protocol.clocks.Monotonic`: pools, rate limits,
+deadlines), ``wall_clock`` Unix time (:data:`~pqe2ee.protocol.clocks.UnixTime`: v2 timestamps,
+offer expiry, and placing discovery's ``nonce_expires_at`` on the pool clock). Locks: the
+protocol state is lock-free; the engine holds one ``threading.Lock`` (shared by every engine
+using the same negotiator) around each call into it, never across an await, so the blocking
+twin can serve many threads.
+
 Network exceptions are the port's own and pass through unchanged, except mid-stream, where the
 port's ``lost_errors`` (other than ``timeout_errors``) become ``StreamError(connection_lost)``.
 Each transport maps exceptions to its library's types at its own boundary.
@@ -41,16 +51,13 @@ Each transport maps exceptions to its library's types at its own boundary.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Final, Protocol
-
-import msgspec
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -59,9 +66,9 @@ from pqe2ee.errors import (
     LocalProtocolError,
     PQE2EEError,
     RelayError,
-    RemoteError,
     StreamError,
 )
+from pqe2ee.protocol._events import Done, InnerEvent
 from pqe2ee.protocol.client import (
     INVOKE_PATH,
     MODELS_PATH,
@@ -75,34 +82,23 @@ from pqe2ee.protocol.client import (
     discovery_path,
     invoke_headers,
     is_sealed_error,
+    may_be_sealed,
 )
+from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
-from pqe2ee.protocol.envelope import open_response, seal_request
-from pqe2ee.protocol.sse import SSEParser
-from pqe2ee.protocol.stream import (
-    DEFAULT_MAX_RECORD,
-    NEED_DATA,
-    Done,
-    EndOfStream,
-    InnerEvent,
-    RemoteErrorEvent,
-    StreamDecryptor,
-    Usage,
-)
+from pqe2ee.protocol.response import Opened, ResponseDecoder, open_answer
+from pqe2ee.protocol.v1.envelope import seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
-from pqe2ee.protocol.v2.records import Data, End, Head, ResponseV2, UpstreamError, open_response_v2
+from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
-from pqe2ee.protocol.v2.stream import StreamDecryptorV2
 from pqe2ee.transports._common import (
     MAX_BLOB,
     MAX_DOC,
     MAX_ERROR_BODY,
-    OnUsage,
     RawHeaders,
     RetriesExhausted,
     Settings,
     header_value,
-    remote_error,
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
@@ -121,9 +117,20 @@ __all__ = [
 
 log = logging.getLogger("pqe2ee.transports")
 
-#: A relay ``Date`` within this many seconds of the local clock leaves v2 timestamps alone (the
-#: header has a resolution of one second; the instance accepts +-120 s).
-CLOCK_SLACK: Final = 2.0
+
+_NEGOTIATOR_LOCKS: weakref.WeakKeyDictionary[Negotiator, threading.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+_REGISTRY_LOCK: Final = threading.Lock()
+
+
+def _lock_for(negotiator: Negotiator) -> threading.Lock:
+    """The one lock of every engine using ``negotiator``."""
+    with _REGISTRY_LOCK:
+        lock = _NEGOTIATOR_LOCKS.get(negotiator)
+        if lock is None:
+            lock = _NEGOTIATOR_LOCKS[negotiator] = threading.Lock()
+        return lock
 
 
 # -- the port --------------------------------------------------------------------------------------
@@ -175,18 +182,6 @@ class Port(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
-    """A decrypted non-stream answer: the engine's bytes exactly as produced, with the engine's
-    status (200, or the status of an engine error sealed by the instance) and content type
-    (v2 authenticates both; v1 answers are JSON). ``version`` is the wire profile used."""
-
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    version: int = 1
-
-
-@dataclass(frozen=True, slots=True)
 class Streaming:
     """A 200 stream: read it (and close it) through ``stream``."""
 
@@ -214,10 +209,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
     )
 
 
-def _media_type(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
 def _read_bounded(response: PortResponse, limit: int) -> bytes:
     """The whole body, refusing more than ``limit`` bytes; always closes."""
     chunks: list[bytes] = []
@@ -237,203 +228,12 @@ def _read_bounded(response: PortResponse, limit: int) -> bytes:
 # -- the decrypted stream --------------------------------------------------------------------------
 
 
-_PASSED: Final = (InnerEvent, Done)
-
-
-class _V1Decoder:
-    """Outer v1 stream bytes -> inner events (the v1 state machine does the work)."""
-
-    __slots__ = ("_dec", "_key", "_on_usage")
-
-    def __init__(self, key: KEMPrivateKey, settings: Settings) -> None:
-        self._key = key
-        self._dec = StreamDecryptor(key, aead=settings.aead)
-        self._on_usage: OnUsage | None = settings.on_usage
-
-    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
-        self._dec.receive_data(chunk)
-        return self._drain()
-
-    def eof(self) -> list[InnerEvent | Done]:
-        self._dec.receive_eof()
-        return self._drain()
-
-    def _drain(self) -> list[InnerEvent | Done]:
-        # Hot path (one call per network chunk): drain in one call, test the common types first.
-        out: list[InnerEvent | Done] = []
-        for event in self._dec.events():
-            if isinstance(event, _PASSED):
-                out.append(event)
-            elif isinstance(event, Usage):
-                if self._on_usage is not None:
-                    self._on_usage(event.usage)
-            elif isinstance(event, RemoteErrorEvent):
-                raise remote_error(event.error)
-        return out
-
-    def wipe(self) -> None:
-        self._key.wipe()
-
-
-def _upstream_error(error: UpstreamError) -> RemoteError:
-    """END reported an upstream failure (authenticated)."""
-    label = error.type if 0 < len(error.type) <= 64 and error.type.isprintable() else "error"
-    return RemoteError(
-        f"the engine failed ({label})",
-        code=ErrorCode.UPSTREAM_ERROR,
-        status=error.status,
-        detail={"type": error.type, "message": error.message},
-    )
-
-
-class _V2Decoder:
-    """Outer v2 stream bytes -> inner events.
-
-    :class:`~pqe2ee.protocol.v2.StreamDecryptorV2` checks every record as it arrives; DATA
-    (the engine's SSE bytes) is parsed into the same events as v1, so callers see the same
-    bytes either way. The inner ``data: [DONE]`` is held back until the authenticated END:
-    a caller never sees a complete stream that END did not vouch for (END without an inner
-    ``[DONE]`` still ends the stream, with an empty :class:`Done`). After a non-2xx HEAD the
-    DATA is the engine's error body, kept whole (bounded). The plaintext usage copy never
-    reaches the caller: END cross-checks it (``usage_mismatch``), then ``on_usage`` gets it
-    (the authenticated usage when the relay sent no copy).
-    """
-
-    __slots__ = (
-        "_dec",
-        "_done",
-        "_error",
-        "_inner",
-        "_on_usage",
-        "_out",
-        "_raw",
-        "_raw_size",
-        "_secrets",
-        "end",
-        "head",
-    )
-
-    def __init__(self, secrets: ResponseSecrets, settings: Settings) -> None:
-        self._secrets = secrets
-        self._dec = StreamDecryptorV2(secrets, aead=settings.aead)
-        self._on_usage: OnUsage | None = settings.on_usage
-        self._inner = SSEParser(max_event=DEFAULT_MAX_RECORD)
-        self._done: Done | None = None
-        self._raw: list[bytes] | None = None
-        self._raw_size = 0
-        self._error: PQE2EEError | None = None
-        self._out: list[InnerEvent | Done] = []
-        self.head: Head | None = None
-        self.end: End | None = None
-
-    def feed(self, chunk: bytes) -> list[InnerEvent | Done]:
-        self._check()
-        try:
-            if chunk.count(b"\n") <= 2:  # the usual chunk: one event, or part of one
-                self._dec.receive_data(chunk)
-                self._drain()
-            else:  # line by line: a fault keeps the events before it, however bytes are chunked
-                start, size = 0, len(chunk)
-                while start < size:
-                    end = chunk.find(b"\n", start)
-                    end = size if end < 0 else end + 1
-                    self._dec.receive_data(chunk[start:end])
-                    self._drain()
-                    start = end
-        except PQE2EEError as exc:
-            self._error = exc
-            raise
-        return self.take()
-
-    def eof(self) -> list[InnerEvent | Done]:
-        self._check()
-        try:
-            self._dec.receive_eof()
-            self._drain()
-        except PQE2EEError as exc:
-            self._error = exc
-            raise
-        return self.take()
-
-    def take(self) -> list[InnerEvent | Done]:
-        """The events decoded so far and not yet returned (after a failure: those before it)."""
-        out, self._out = self._out, []
-        return out
-
-    def body(self) -> tuple[bytes, str]:
-        """The engine's error answer after a non-2xx HEAD and its content type (complete once
-        END was seen); when the instance had none to pass on (e.g. the engine timed out),
-        END's error as JSON."""
-        body = b"".join(self._raw or ())
-        if not body and self.end is not None and self.end.error is not None:
-            return _error_body(self.end.error), "application/json"
-        head = self.head
-        return body, (head.content_type if head is not None else None) or "application/json"
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _drain(self) -> None:
-        out = self._out
-        while True:
-            event = self._dec.next_event()
-            if isinstance(event, Data):
-                if self._raw is None:
-                    self._sse(event.data, out)
-                else:
-                    self._raw_size += len(event.data)
-                    if self._raw_size > MAX_BLOB:
-                        raise LimitExceeded(f"engine error body is larger than {MAX_BLOB} bytes")
-                    self._raw.append(event.data)
-            elif isinstance(event, Head):
-                self.head = event
-                if not 200 <= event.status < 300:
-                    self._raw = []
-            elif isinstance(event, End):
-                self._end(event, out)
-            elif event is NEED_DATA or isinstance(event, EndOfStream):
-                return
-            # UsageUpdate: cumulative, END carries the last one. UsageMismatch: report mode only.
-
-    def _sse(self, data: bytes, out: list[InnerEvent | Done]) -> None:
-        for event in self._inner.feed(data):
-            if self._done is not None:
-                raise StreamError("event after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
-            if event.data == "[DONE]":
-                self._done = Done(raw=event.raw)
-            else:
-                out.append(InnerEvent(event))
-        if self._done is not None and self._inner.buffered().strip():
-            raise StreamError("data after the inner [DONE]", code=ErrorCode.DATA_AFTER_DONE)
-
-    def _end(self, end: End, out: list[InnerEvent | Done]) -> None:
-        self.end = end
-        if self._raw is not None:
-            return  # a non-2xx answer: END's error, if any, restates HEAD's status
-        if end.error is not None:
-            raise _upstream_error(end.error)
-        if self._done is None and self._inner.partial_is("[DONE]"):
-            self._done = Done(raw=self._inner.buffered() + b"\n")
-        elif self._done is None and self._inner.buffered().strip():
-            raise StreamError(
-                "the engine's stream ended inside an event", code=ErrorCode.STREAM_TRUNCATED
-            )
-        out.append(self._done or Done(raw=b""))
-        usage = end.usage_copy if end.usage_copy is not None else end.usage
-        if usage is not None and self._on_usage is not None:
-            self._on_usage(usage)
-
-    def wipe(self) -> None:
-        self._secrets.key.wipe()
-
-
 class PlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
 
     Iterate it for the engine's own SSE bytes (events reassembled from records, nothing
     re-serialised), or :meth:`iter_events` for the inner events themselves (the last one is
-    the authenticated :class:`~pqe2ee.protocol.stream.Done`). Plaintext usage events go to
+    the authenticated :class:`~pqe2ee.protocol.Done`). Plaintext usage events go to
     ``on_usage`` and never into the stream (v2: once, at the authenticated END, after the
     cross-check). Any failure - a bad record, a reported remote error, a connection lost, EOF
     before the inner ``[DONE]`` (v2: before the authenticated END) - raises a typed pqe2ee
@@ -455,10 +255,8 @@ class PlainStream:
         timeout_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._upstream = upstream
-        self._decoder: _V1Decoder | _V2Decoder = (
-            _V2Decoder(key, settings)
-            if isinstance(key, ResponseSecrets)
-            else _V1Decoder(key, settings)
+        self._decoder = ResponseDecoder(
+            key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
@@ -470,7 +268,7 @@ class PlainStream:
     @property
     def version(self) -> int:
         """The wire profile of this stream (1 or 2)."""
-        return 2 if isinstance(self._decoder, _V2Decoder) else 1
+        return self._decoder.version
 
     def __iter__(self) -> Iterator[bytes]:
         for batch in self._batches():
@@ -489,18 +287,19 @@ class PlainStream:
         return self._chunks
 
     def _batches(self) -> Iterator[list[InnerEvent | Done]]:
+        decoder = self._decoder
         try:
             try:
-                if self._pending:
+                if self._pending:  # read on the way to a v2 HEAD
                     batch, self._pending = self._pending, []
                     yield batch
                 if self._deferred is not None:
                     raise self._deferred
                 for chunk in self._body():
-                    batch = self._decoder.feed(chunk)
+                    batch = decoder.feed(chunk)
                     if batch:
                         yield batch
-                batch = self._decoder.eof()
+                batch = decoder.eof()
                 if batch:
                     yield batch
             except self._timeout:
@@ -519,7 +318,6 @@ class PlainStream:
         when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
         library's transport error. Network errors pass unchanged: nothing was handed over."""
         decoder = self._decoder
-        assert isinstance(decoder, _V2Decoder)
         try:
             for chunk in self._body():
                 self._pending += decoder.feed(chunk)
@@ -527,20 +325,19 @@ class PlainStream:
                     return decoder.head
             decoder.eof()  # raises stream_truncated: no HEAD
         except PQE2EEError as exc:
-            self._pending += decoder.take()
+            self._pending += decoder.events()
             self._deferred = exc
         return decoder.head
 
-    def _rest(self) -> tuple[bytes, str]:
-        """v2 after a non-2xx HEAD: the engine's error answer and its content type, read to the
-        authenticated END."""
+    def _rest(self) -> Opened:
+        """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
         decoder = self._decoder
-        assert isinstance(decoder, _V2Decoder)
         try:
             for chunk in self._body():
                 decoder.feed(chunk)
             decoder.eof()
-            return decoder.body()
+            assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer
+            return decoder.answer
         finally:
             self.close()
 
@@ -563,7 +360,7 @@ class Engine:
     ``negotiator`` keeps the per-chute v2 pins; pass one to share pins between transports
     (the proxy shares one between its per-key transports). ``wall_clock`` (Unix seconds) dates
     v2 requests and judges offer expiry and pins; it is corrected by the relay's ``Date``
-    when the two disagree by more than :data:`CLOCK_SLACK`.
+    when the two disagree by more than :data:`~pqe2ee.protocol.clocks.CLOCK_SLACK`.
     """
 
     def __init__(
@@ -582,7 +379,11 @@ class Engine:
         self.keys_v2: XWingKeyPool | None = settings.new_xwing_key_pool()
         self.negotiator = negotiator if negotiator is not None else Negotiator(settings.policy)
         self.clock_offset = 0.0  # seconds to add to wall_clock (from the relay's Date)
-        self._guard = threading.Lock()  # around the dict of per-chute locks and the warnings
+        # Around every call into the (lock-free) client state and negotiator, the dict of
+        # per-chute locks and the warnings: one lock per negotiator, so that engines sharing a
+        # negotiator (the proxy's per-key transports) serialise on the same lock. Never held
+        # across an await.
+        self._guard = _lock_for(self.negotiator)
         self._chute_locks: dict[str, Lock] = {}
         self._warned: set[tuple[str, str]] = set()
         self._models_lock = Lock()
@@ -593,9 +394,13 @@ class Engine:
         if self.keys_v2 is not None:
             self.keys_v2.close()
 
-    def wall(self) -> float:
+    def now(self) -> Monotonic:
+        """The engine's monotonic clock (pools, cool-downs, rate limits, deadlines)."""
+        return Monotonic(self.clock())
+
+    def wall(self) -> UnixTime:
         """Unix seconds, corrected by the relay's clock when it disagrees."""
-        return self.wall_clock() + self.clock_offset
+        return UnixTime(self.wall_clock() + self.clock_offset)
 
     # -- invoke ---------------------------------------------------------------------------------
 
@@ -604,7 +409,7 @@ class Engine:
     ) -> Outcome:
         """Send ``body`` (a JSON object naming ``model``) for ``path`` end-to-end encrypted."""
         s = self.settings
-        deadline = self.clock() + s.timeout
+        deadline = self.now() + s.timeout
         chute = self._resolve_chute(port, model, auth)
         last: RelayError | None = None
         retried_once: set[ErrorCode] = set()
@@ -631,7 +436,8 @@ class Engine:
             if not isinstance(outcome, RelayAnswer):
                 return outcome
             error = outcome.error
-            self.state.report(lease, error, self.clock())
+            with self._guard:
+                self.state.report(lease, error, self.now())
             retry = error.code in RETRYABLE
             if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
                 retried_once.add(error.code)
@@ -655,6 +461,25 @@ class Engine:
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
 
+    def _post(self, port: Port, headers: list[tuple[str, str]], blob: bytes) -> PortResponse:
+        """``POST /e2e/invoke`` (the caller's timeouts, not the engine's)."""
+        return port.send("POST", self.settings.api_base + INVOKE_PATH, headers, blob, control=False)
+
+    def _plain(
+        self,
+        port: Port,
+        upstream: PortResponse,
+        key: KEMPrivateKey | ResponseSecrets,
+    ) -> PlainStream:
+        """The decrypting stream over a 200 streamed answer."""
+        return PlainStream(
+            upstream,
+            key,
+            self.settings,
+            lost_errors=port.lost_errors,
+            timeout_errors=port.timeout_errors,
+        )
+
     def _invoke_v1(
         self, port: Port, lease: Lease, path: str, body: bytes, auth: str | None
     ) -> Outcome:
@@ -662,32 +487,19 @@ class Engine:
         key = self.keys.take()
         try:
             sealed = seal_request(body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead)
-            upstream = port.send(
-                "POST",
-                s.api_base + INVOKE_PATH,
-                invoke_headers(auth, lease, sealed, path),
-                sealed.blob,
-                control=False,
-            )
+            upstream = self._post(port, invoke_headers(auth, lease, sealed, path), sealed.blob)
         except BaseException:
             key.wipe()
             raise
         status = upstream.status
         if status == 200 and sealed.stream:
-            stream = PlainStream(
-                upstream,
-                key,
-                s,
-                lost_errors=port.lost_errors,
-                timeout_errors=port.timeout_errors,
-            )
-            return Streaming(stream)
+            return Streaming(self._plain(port, upstream, key))
         try:
             content_type = header_value(upstream.headers, b"content-type")
-            maybe_sealed = status == 200 or _media_type(content_type) == "application/octet-stream"
-            data = _read_bounded(upstream, MAX_BLOB if maybe_sealed else MAX_ERROR_BODY)
+            limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
+            data = _read_bounded(upstream, limit)
             if status == 200 or is_sealed_error(status, content_type, data):
-                return Opened(status, open_response(data, key, aead=s.aead))
+                return open_answer(key, data, aead=s.aead, status=status)
         finally:
             key.wipe()
         return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
@@ -718,25 +530,13 @@ class Engine:
                 aead=s.aead,
                 response_key=key,
             )
-            upstream = port.send(
-                "POST",
-                s.api_base + INVOKE_PATH,
-                sealed.invoke_headers(auth),
-                sealed.blob,
-                control=False,
-            )
+            upstream = self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:
             key.wipe()
             raise
         status = upstream.status
         if status == 200 and sealed.stream:
-            stream = PlainStream(
-                upstream,
-                sealed.secrets,
-                s,
-                lost_errors=port.lost_errors,
-                timeout_errors=port.timeout_errors,
-            )
+            stream = self._plain(port, upstream, sealed.secrets)
             try:
                 head = stream._head()
             except BaseException:
@@ -744,12 +544,11 @@ class Engine:
                 raise
             if head is None or 200 <= head.status < 300:
                 return Streaming(stream)
-            data, ctype = stream._rest()  # the engine's error answer, authenticated
-            return Opened(head.status, data, ctype, 2)
+            return stream._rest()  # the engine's error answer, authenticated
         try:
             data = _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
-                return _opened_v2(open_response_v2(data, sealed.secrets, aead=s.aead))
+                return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
             key.wipe()
         error = classify_v2_hint(status, data) or classify_invoke_error(status, data)
@@ -762,9 +561,11 @@ class Engine:
     ) -> str:
         if looks_like_uuid(model):
             return model
-        now = self.clock()
-        chute = self.state.resolve_chute(model, now)
-        if chute is not None and not force and not self.state.models_stale(now):
+        now = self.now()
+        with self._guard:
+            chute = self.state.resolve_chute(model, now)
+            stale = self.state.models_stale(now)
+        if chute is not None and not force and not stale:
             return chute
         generation = self.state.models_generation
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
@@ -777,7 +578,8 @@ class Engine:
                     if chute is None:
                         raise
                     log.debug("model listing refresh failed; using the cached mapping")
-        chute = self.state.resolve_chute(model, self.clock())
+        with self._guard:
+            chute = self.state.resolve_chute(model, self.now())
         if chute is None:
             raise RelayError(
                 f"model {model[:100]!r} is not listed at {self.settings.models_base}{MODELS_PATH}",
@@ -792,7 +594,8 @@ class Engine:
             raise RelayError(
                 f"model listing answered {status}", code=ErrorCode.DISCOVERY_FAILED, status=status
             )
-        self.state.update_models(data, self.clock())
+        with self._guard:
+            self.state.update_models(data, self.now())
 
     # -- leases and discovery -------------------------------------------------------------------
 
@@ -806,18 +609,20 @@ class Engine:
     def _lease(
         self, port: Port, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        now = self.clock()
+        now = self.now()
         found = self._try_lease(chute, now)
         if found is not None:
-            if self.state.needs_discovery(chute, now):
+            with self._guard:
+                refresh = self.state.needs_discovery(chute, now)
+            if refresh:
                 self._prefetch(port, chute, auth)
             return found
         with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
-            found = self._try_lease(chute, self.clock())
+            found = self._try_lease(chute, self.now())
             if found is None:
                 self._discover(port, chute, auth, deadline)
-                found = self._try_lease(chute, self.clock())
+                found = self._try_lease(chute, self.now())
         if found is None:
             raise RelayError(
                 "no usable instance (all gone, busy or out of nonces)",
@@ -825,10 +630,11 @@ class Engine:
             )
         return found
 
-    def _try_lease(self, chute: str, now: float) -> tuple[Lease, Negotiated] | None:
+    def _try_lease(self, chute: str, now: Monotonic) -> tuple[Lease, Negotiated] | None:
         """A lease of an instance the version decision allows (the decision may raise
         ``downgrade_refused`` / ``downgrade_suspected``: no nonce is taken then)."""
-        found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
+        with self._guard:
+            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
         if found is not None:
             self._warn(chute, found[1])
         return found
@@ -865,11 +671,12 @@ class Engine:
         if not lock.try_acquire():
             return
         try:
-            now = self.clock()
-            if not self.state.needs_discovery(chute, now):
-                return
-            if self.state.try_record_discovery(now) > 0:
-                return
+            now = self.now()
+            with self._guard:
+                if not self.state.needs_discovery(chute, now):
+                    return
+                if self.state.try_record_discovery(now) > 0:
+                    return
             forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
             try:
                 self._discover_now(port, chute, auth)
@@ -880,8 +687,9 @@ class Engine:
 
     def _discover(self, port: Port, chute: str, auth: str | None, deadline: float) -> None:
         while True:
-            now = self.clock()
-            wait = self.state.try_record_discovery(now)
+            now = self.now()
+            with self._guard:
+                wait = self.state.try_record_discovery(now)
             if wait <= 0:
                 break
             if now + wait > deadline:
@@ -896,33 +704,31 @@ class Engine:
         self._discover_now(port, chute, auth)
 
     def _discover_now(self, port: Port, chute: str, auth: str | None) -> None:
-        sent_at = self.clock()
+        sent_at = self.now()
         status, headers, data = self._get(
             port, self.settings.api_base + discovery_path(chute), auth
         )
         if status != 200:
             raise classify_discovery_error(status, data)
         self._note_date(headers)
-        if self.state.load_discovery(chute, data, sent_at) == 0:
+        # nonce_expires_at is the server's Unix time: place it on the monotonic pool clock by
+        # the Unix time at sent_at (corrected by the relay's Date, just noted).
+        sent_wall = UnixTime(self.wall() - (self.now() - sent_at))
+        with self._guard:
+            usable = self.state.load_discovery(chute, data, sent_at, sent_wall)
+        if usable == 0:
             raise RelayError("discovery listed no usable instance", code=ErrorCode.NO_INSTANCES)
 
     def _note_date(self, headers: RawHeaders) -> None:
         """Correct the v2 clock by the relay's ``Date`` when they disagree by more than
-        :data:`CLOCK_SLACK` (a relay lying about it can only get requests refused as stale)."""
+        :data:`~pqe2ee.protocol.clocks.CLOCK_SLACK` (a relay lying about it can only get
+        requests refused as stale)."""
         value = header_value(headers, b"date")
         if value is None:
             return
-        try:
-            date = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return
-        if date.tzinfo is None:
-            date = date.replace(tzinfo=UTC)
-        try:
-            offset = date.timestamp() + 0.5 - self.wall_clock()  # Date is rounded down
-        except (OverflowError, OSError, ValueError):
-            return
-        self.clock_offset = offset if abs(offset) > CLOCK_SLACK else 0.0
+        offset = relay_clock_offset(value, UnixTime(self.wall_clock()))
+        if offset is not None:
+            self.clock_offset = offset
 
     def _get(self, port: Port, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
@@ -932,31 +738,3 @@ class Engine:
         status = response.status
         data = _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data
-
-
-def _error_body(error: UpstreamError) -> bytes:
-    """END's upstream error as an OpenAI-shaped error body."""
-    return msgspec.json.encode(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type,
-                "code": ErrorCode.UPSTREAM_ERROR.value,
-            }
-        }
-    )
-
-
-def _opened_v2(response: ResponseV2) -> Opened:
-    """An opened v2 single response as the caller's answer: the authenticated status, body and
-    content type. A non-2xx answer keeps the engine's error body (END's error as the body when
-    there is none); a 2xx answer whose END reports an upstream failure becomes that error with
-    its status (502 when it gave none), never a partial body presented as an answer."""
-    error = response.error
-    if error is None or not 200 <= response.status < 300:
-        if not response.body and error is not None:
-            return Opened(response.status, _error_body(error), "application/json", 2)
-        ctype = response.content_type or "application/json"
-        return Opened(response.status, response.body, ctype, 2)
-    status = error.status if error.status is not None and 400 <= error.status <= 599 else 502
-    return Opened(status, _error_body(error), "application/json", 2)

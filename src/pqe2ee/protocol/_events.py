@@ -1,0 +1,133 @@
+"""Events both wire profiles hand out, the ``NEED_DATA`` sentinel, and the decryptors' queue.
+
+The stream decryptors (:class:`~pqe2ee.protocol.v1.stream.StreamDecryptor`,
+:class:`~pqe2ee.protocol.v2.stream.StreamDecryptorV2`) follow h11: ``receive_data`` buffers,
+``next_event()`` returns an event or :data:`NEED_DATA` (:class:`EventQueue`). The engine's own
+stream comes out the same way under either profile - :class:`InnerEvent` per SSE event, then
+the authenticated :class:`Done` - and :class:`~pqe2ee.protocol.response.ResponseDecoder` hands
+those on. Profile-specific events live with their profile.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from pqe2ee.errors import PQE2EEError
+from pqe2ee.protocol.sse import SSEEvent
+
+__all__ = [
+    "NEED_DATA",
+    "Done",
+    "EndOfStream",
+    "EventQueue",
+    "InnerEvent",
+    "NeedData",
+    "inner_event",
+]
+
+E = TypeVar("E")
+
+
+class NeedData:
+    """The type of :data:`NEED_DATA` (one instance)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event()`` when no event is complete: feed more bytes (or EOF).
+NEED_DATA: Final = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class InnerEvent:
+    """A decrypted, authenticated SSE event of the engine's stream."""
+
+    event: SSEEvent
+
+    @property
+    def data(self) -> str:
+        return self.event.data
+
+    @property
+    def raw(self) -> bytes:
+        return self.event.raw
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The inner ``data: [DONE]`` event (authenticated). ``raw`` is its exact bytes."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """Clean end: EOF after the inner ``[DONE]`` (or after a reported remote error)."""
+
+    complete: bool
+
+
+# InnerEvent(ev) without the frozen dataclass's object.__setattr__ (see sse._sse_event): a
+# decryptor makes one per record.
+_set_inner_event = InnerEvent.__dict__["event"].__set__
+
+
+def inner_event(event: SSEEvent) -> InnerEvent:
+    """``InnerEvent(event)``, faster."""
+    ev: InnerEvent = object.__new__(InnerEvent)
+    _set_inner_event(ev, event)
+    return ev
+
+
+class EventQueue(Generic[E]):
+    """What the stream decryptors share: decoded events wait in ``_events``; a fault is kept in
+    ``_error`` (:meth:`_failed`, extended by each decryptor) and raised by every later call
+    (errors are sticky); ``_eof`` says EOF was received."""
+
+    _events: deque[E]
+    _error: PQE2EEError | None
+    _eof: bool
+
+    def next_event(self) -> E | NeedData:
+        """The next event, or :data:`NEED_DATA`."""
+        if self._error is not None:
+            raise self._error
+        events = self._events
+        return events.popleft() if events else NEED_DATA
+
+    def events(self) -> list[E]:
+        """Drain every pending event."""
+        if self._error is not None:
+            raise self._error
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _mark_eof(self) -> bool:
+        """On EOF: the sticky error, else False when EOF was already received."""
+        self._check()
+        if self._eof:
+            return False
+        self._eof = True
+        return True
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """Run ``fn``; a pqe2ee error fails the decryptor for good."""
+        try:
+            fn()
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: PQE2EEError) -> None:
+        self._error = exc

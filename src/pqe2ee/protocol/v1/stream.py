@@ -1,0 +1,551 @@
+"""v1 streaming: the instance-side sealer and the client-side decryptor state machine.
+
+Outer stream (what the relay carries), one SSE event per line pair::
+
+    data: {"e2e_init":"<b64 kem_ciphertext>"}        once, first
+    data: {"e2e":"<b64 nonce || ciphertext || tag>"}  one per record
+    data: {"usage":{...}}                             plaintext, unauthenticated, interleaved
+    data: {"e2e_error":{...}}                         a reported failure
+
+Records decrypt to bytes that are concatenated into the *inner* stream (the engine's own SSE);
+only that reassembled byte stream is parsed as SSE. The stream key is
+``derive_key(ss, kem_ct, "e2e-stream-v1")``.
+
+:class:`StreamDecryptor` follows h11's pattern: ``receive_data`` buffers, ``next_event`` returns
+an event or :data:`NEED_DATA`; errors are sticky.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from pqe2ee.backends.base import (
+    AEAD,
+    CHACHA_NONCE_LEN,
+    CHACHA_TAG_LEN,
+    KEM,
+    MLKEM768_CT_LEN,
+    KEMPrivateKey,
+)
+from pqe2ee.backends.kdf import RandomBytes
+from pqe2ee.backends.kdf import random_bytes as system_random
+from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
+from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._events import Done, EndOfStream, EventQueue, InnerEvent, inner_event
+from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
+from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
+
+__all__ = [
+    "DEFAULT_MAX_RECORD",
+    "RemoteErrorEvent",
+    "StreamDecryptor",
+    "StreamEncoder",
+    "StreamEvent",
+    "StreamSealer",
+    "Usage",
+]
+
+
+DEFAULT_MAX_RECORD: Final = 16 * 1024 * 1024
+DEFAULT_MAX_RECORDS: Final = 1_000_000
+
+_INIT_PREFIX: Final = b'data: {"e2e_init":"'
+_RECORD_PREFIX: Final = b'data: {"e2e":"'
+_RECORD_START: Final = len(_RECORD_PREFIX)
+_EVENT_SUFFIX: Final = b'"}\n\n'
+_MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
+# SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
+# field name means the stream is corrupt (e.g. a flipped bit in "data:" must not drop a record).
+_IGNORED_OUTER_FIELDS: Final = frozenset((b"event", b"id", b"retry"))
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A plaintext usage event from the outer stream. NOT authenticated: for billing display only."""
+
+    usage: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteErrorEvent:
+    """An ``e2e_error`` (or relay ``error``) event. NOT authenticated."""
+
+    error: Any
+
+
+StreamEvent = InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream
+
+
+# --------------------------------------------------------------------------------------------
+# Instance side
+
+
+class StreamSealer:
+    """Seals records into outer SSE events for one response stream (instance side)."""
+
+    __slots__ = ("_cipher", "_kem_ct", "_random")
+
+    def __init__(
+        self,
+        response_public_key: bytes,
+        *,
+        kem: KEM,
+        aead: AEAD,
+        random_bytes: RandomBytes = system_random,
+    ) -> None:
+        kem_ct, shared_secret = kem.encapsulate(response_public_key)
+        self._kem_ct = kem_ct
+        self._cipher = aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+        self._random = random_bytes
+
+    def init_event(self) -> bytes:
+        """``data: {"e2e_init":"<b64 kem ct>"}\\n\\n`` - send it first."""
+        return b"".join((_INIT_PREFIX, b64encode(self._kem_ct), _EVENT_SUFFIX))
+
+    def seal_record(self, plaintext: bytes) -> bytes:
+        """One ``data: {"e2e":"..."}\\n\\n`` event carrying ``plaintext``."""
+        nonce = self._random(CHACHA_NONCE_LEN)
+        sealed = self._cipher.encrypt(nonce, plaintext, None)
+        return b"".join((_RECORD_PREFIX, b64encode(nonce + sealed), _EVENT_SUFFIX))
+
+    @staticmethod
+    def usage_event(usage: Any) -> bytes:
+        return b"data: " + msgspec.json.encode({"usage": usage}) + b"\n\n"
+
+    @staticmethod
+    def error_event(error: Any) -> bytes:
+        return b"data: " + msgspec.json.encode({"e2e_error": error}) + b"\n\n"
+
+
+class StreamEncoder:
+    """Turns an engine's SSE byte stream into the outer v1 stream, as the real runtime does.
+
+    One record per engine line (its ``\\n`` included; blank lines are records of their own),
+    preceded by a plaintext usage event when the line carries ``usage`` (``emit_usage``).
+    ``start()`` gives the init event; ``feed(chunk)`` and ``finish()`` give outer bytes.
+    """
+
+    __slots__ = ("_emit_usage", "_lines", "_sealer")
+
+    def __init__(
+        self, sealer: StreamSealer, *, max_line: int = DEFAULT_MAX_RECORD, emit_usage: bool = True
+    ) -> None:
+        self._sealer = sealer
+        self._lines = LineSplitter(max_line)
+        self._emit_usage = emit_usage
+
+    def start(self) -> bytes:
+        return self._sealer.init_event()
+
+    def _records(self, lines: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for line in lines:
+            if self._emit_usage:
+                usage = extract_usage(line)
+                if usage is not None:
+                    out.append(self._sealer.usage_event(usage))
+            out.append(self._sealer.seal_record(line))
+        return b"".join(out)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._records(self._lines.feed(chunk))
+
+    def finish(self) -> bytes:
+        tail = self._lines.flush()
+        return self._records([tail]) if tail else b""
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+
+
+class _State(enum.Enum):
+    AWAIT_INIT = "await_init"
+    OPEN = "open"
+    DONE = "done"
+    FAILED_REMOTE = "failed_remote"  # an e2e_error was reported
+    CLOSED = "closed"
+    ERROR = "error"
+
+    __hash__ = object.__hash__  # Enum's hashes the name, in Python: slow keys for _TRANSITIONS
+
+
+class _Input(enum.Enum):
+    INIT = "init"
+    RECORD = "record"
+    USAGE = "usage"
+    REMOTE_ERROR = "remote_error"
+    EOF = "eof"
+
+    __hash__ = object.__hash__
+
+
+_S, _I = _State, _Input
+# For the per-record and per-usage paths: reading an Enum member off its class costs ~0.1 µs, a
+# global much less.
+_OPEN, _DONE, _FAILED_REMOTE = _State.OPEN, _State.DONE, _State.FAILED_REMOTE
+_EOF, _USAGE = _Input.EOF, _Input.USAGE
+_a2b_base64 = binascii.a2b_base64
+# (state, input) -> next state. A missing pair is a protocol violation; the error code for it is
+# in _VIOLATIONS (or malformed_event by default). RECORD in OPEN/DONE and EOF in OPEN are refined
+# by the handlers (inner [DONE] moves OPEN -> DONE; EOF in OPEN may be a clean cut after [DONE]).
+_TRANSITIONS: Final[dict[tuple[_State, _Input], _State]] = {
+    (_S.AWAIT_INIT, _I.INIT): _S.OPEN,
+    (_S.AWAIT_INIT, _I.USAGE): _S.AWAIT_INIT,
+    (_S.AWAIT_INIT, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.OPEN, _I.RECORD): _S.OPEN,
+    (_S.OPEN, _I.USAGE): _S.OPEN,
+    (_S.OPEN, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.OPEN, _I.EOF): _S.CLOSED,
+    (_S.DONE, _I.RECORD): _S.DONE,
+    (_S.DONE, _I.USAGE): _S.DONE,
+    (_S.DONE, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.DONE, _I.EOF): _S.CLOSED,
+    (_S.FAILED_REMOTE, _I.USAGE): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.REMOTE_ERROR): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.RECORD): _S.FAILED_REMOTE,
+    (_S.FAILED_REMOTE, _I.EOF): _S.CLOSED,
+}
+_VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
+    (_S.AWAIT_INIT, _I.RECORD): (ErrorCode.RECORD_BEFORE_INIT, "record before e2e_init"),
+    (_S.AWAIT_INIT, _I.EOF): (ErrorCode.STREAM_TRUNCATED, "stream ended before e2e_init"),
+    (_S.OPEN, _I.INIT): (ErrorCode.DUPLICATE_INIT, "second e2e_init"),
+    (_S.DONE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "second e2e_init"),
+    (_S.FAILED_REMOTE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "e2e_init after an error"),
+}
+
+
+class StreamDecryptor(EventQueue[StreamEvent]):
+    """Client-side v1 stream state machine.
+
+    Feed network bytes with :meth:`receive_data` (split anywhere), call :meth:`receive_eof` when
+    the connection ends, and pull events with :meth:`next_event` until it returns
+    :data:`NEED_DATA` or an :class:`EndOfStream`. Every protocol violation raises a
+    :class:`~pqe2ee.errors.StreamError` (or LimitExceeded / DecryptError) with a stable code and
+    the decryptor stays failed: later calls raise the same error.
+
+    Checks: record before init, second init, repeated record nonce, undecryptable or malformed
+    record, invalid UTF-8, non-whitespace data after the inner ``[DONE]``, truncation (EOF before
+    the inner ``[DONE]``), and size bounds (``max_record`` per record, ``max_records`` per stream,
+    ``max_event`` per inner event). Memory is bounded by these limits.
+    """
+
+    def __init__(
+        self,
+        response_key: KEMPrivateKey,
+        *,
+        aead: AEAD,
+        max_record: int = DEFAULT_MAX_RECORD,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        max_event: int = DEFAULT_MAX_RECORD,
+    ) -> None:
+        self._key = response_key
+        self._aead = aead
+        self._max_records = max_records
+        # base64 of a record + JSON wrapper; generous so a legal record always fits.
+        self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
+        self._buf = bytearray()  # the unterminated outer line
+        self._inner = SSEParser(max_event=max_event)
+        self._max_event = max_event
+        # The parser's state as the record path needs it (see _record): whether it holds
+        # nothing, its last event id, and a "data: ...\n" line held back from it.
+        self._inner_idle = True
+        self._inner_id: str | None = None
+        self._held: tuple[str, bytes] | None = None
+        self._cipher: Any = None
+        self._decrypt: Callable[[bytes, bytes, None], bytes] | None = None  # the cipher's
+        self._seen: set[bytes] = set()  # the record nonces
+        self._events: deque[StreamEvent] = deque()
+        self._state = _State.AWAIT_INIT
+        self._eof = False
+        self._error: PQE2EEError | None = None
+        self._done_seen = False
+        self.records = 0
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state.value
+
+    @property
+    def complete(self) -> bool:
+        """True once the authenticated inner ``[DONE]`` has been seen."""
+        return self._done_seen
+
+    def receive_data(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
+        try:
+            n = len(data)
+            if (
+                data.endswith(_EVENT_SUFFIX)
+                and data.startswith(_RECORD_PREFIX)
+                and not self._buf
+                and data.find(b"\n") == n - 2
+                and n - 2 < self._max_line
+                and data.find(b"\\") < 0
+            ):
+                # The usual chunk (a relay flushes each event): one compact record event, taken
+                # as _feed would take its one line.
+                self._record(data[_RECORD_START : n - 4])
+            elif n:
+                self._feed(data)
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
+
+    def receive_eof(self) -> None:
+        if not self._mark_eof():
+            return
+
+        def finish() -> None:
+            self._unhold()  # the parser decides what a cut means
+            tail = bytes(self._buf)
+            self._buf.clear()
+            # An unterminated last line is read while the stream still needs it. Once the inner
+            # [DONE] is in, it can only be a line cut short after the authenticated end: dropped.
+            if tail.strip() and not (self._done_seen or self._inner.partial_is("[DONE]")):
+                try:
+                    self._line(tail)
+                except StreamError as exc:
+                    if exc.code is not ErrorCode.MALFORMED_EVENT:
+                        raise
+                    # A last line that does not parse was cut short: that is truncation.
+                    raise self._fail(
+                        ErrorCode.STREAM_TRUNCATED, "stream ended inside an outer event"
+                    ) from None
+            self._unhold()  # (the last line may have been one to hold)
+            self._on(_Input.EOF)
+
+        self._guard(finish)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _failed(self, exc: PQE2EEError) -> None:
+        super()._failed(exc)
+        self._state = _State.ERROR
+        self._cipher = self._decrypt = None
+        self._key.wipe()
+
+    def _fail(self, code: ErrorCode, message: str) -> StreamError:
+        return StreamError(message, code=code)
+
+    def _on(self, inp: _Input) -> _State:
+        nxt = _TRANSITIONS.get((self._state, inp))
+        if nxt is None:
+            code, msg = _VIOLATIONS.get(
+                (self._state, inp), (ErrorCode.MALFORMED_EVENT, f"unexpected {inp.value}")
+            )
+            raise self._fail(code, msg)
+        if inp is _EOF and self._state is _OPEN:
+            # A cut right after the inner "data: [DONE]\n" (before its blank line) is complete.
+            if self._inner.partial_is("[DONE]"):
+                self._done_seen = True
+                self._events.append(Done(raw=self._inner.buffered() + b"\n"))
+            else:
+                raise self._fail(ErrorCode.STREAM_TRUNCATED, "stream ended before the inner [DONE]")
+        if inp is _EOF:
+            self._events.append(EndOfStream(complete=self._state is not _FAILED_REMOTE))
+        self._state = nxt
+        return nxt
+
+    def _feed(self, data: bytes) -> None:
+        """Split outer bytes into lines (bounded by ``_max_line``) and handle each in order."""
+        buf = self._buf
+        max_line = self._max_line
+        if b"\n" not in data:
+            buf += data  # at most one chunk past the bound before refusing
+            if len(buf) > max_line:
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            return
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        *lines, tail = data.split(b"\n")
+        record = self._record
+        for line in lines:
+            if not line:
+                continue  # blank lines separate outer events and carry nothing
+            if len(line) >= max_line:  # with its newline, longer than the bound
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            if (
+                line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0
+            ):  # _line's fast path, inlined
+                record(line[_RECORD_START:-2])
+            else:
+                self._line(line)
+        if tail:
+            if len(tail) > max_line:
+                raise LimitExceeded(f"line longer than {max_line} bytes")
+            buf += tail
+
+    def _line(self, line: bytes) -> None:
+        """Handle one outer line (its newline excluded)."""
+        # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
+        # path, which decodes the string properly.
+        if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
+            self._record(line[_RECORD_START:-2])
+            return
+        body = line.rstrip(b"\r\n")
+        if not body or body.startswith(b":"):
+            return
+        if not body.startswith(b"data:"):
+            if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
+                return  # event:/id:/retry: lines of the outer stream carry nothing for us
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer line is not an SSE data line")
+        payload = body[5:].strip()
+        if payload == b"[DONE]":
+            return  # an outer terminator is not part of v1 and is not authenticated
+        self._outer_event(payload)
+
+    def _outer_event(self, payload: bytes) -> None:
+        try:
+            obj = msgspec.json.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer event is not valid JSON") from None
+        if not isinstance(obj, dict) or len(obj) != 1:
+            raise self._fail(
+                ErrorCode.MALFORMED_EVENT, "outer event must be an object with one key"
+            )
+        ((key, value),) = obj.items()
+        if key == "e2e":
+            if not isinstance(value, str):
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record must be a string")
+            self._record(value.encode("ascii", "replace"))
+        elif key == "e2e_init":
+            if not isinstance(value, str):
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e_init must be a string")
+            self._init(value.encode("ascii", "replace"))
+        elif key == "usage":
+            self._on(_USAGE)
+            self._events.append(Usage(value))
+        elif key in ("e2e_error", "error"):
+            self._on(_Input.REMOTE_ERROR)
+            self._events.append(RemoteErrorEvent(value))
+        else:
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "unknown outer event")
+
+    def _b64(self, b64: bytes, *, what: str) -> bytes:
+        try:
+            return b64decode(b64, what=what, code=ErrorCode.MALFORMED_EVENT)
+        except MalformedError as exc:  # documented as a StreamError, like every other bad event
+            raise self._fail(exc.code, exc.message) from None
+
+    def _init(self, b64: bytes) -> None:
+        self._on(_Input.INIT)
+        kem_ct = self._b64(b64, what="e2e_init")
+        if len(kem_ct) != MLKEM768_CT_LEN:
+            raise self._fail(
+                ErrorCode.MALFORMED_EVENT, f"e2e_init must hold {MLKEM768_CT_LEN} bytes"
+            )
+        shared_secret = self._key.decapsulate(kem_ct)
+        self._key.wipe()
+        self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+        self._decrypt = self._cipher.decrypt
+
+    def _record(self, b64: bytes) -> None:
+        """One ``e2e`` record: the hot path of a stream (hence the local names)."""
+        state = self._state
+        if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
+            state = self._on(_Input.RECORD)
+            if state is _FAILED_REMOTE:
+                return
+        try:
+            raw = _a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
+        except (binascii.Error, ValueError):
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
+        if len(raw) < _MIN_RECORD:
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
+        nonce = raw[:CHACHA_NONCE_LEN]
+        seen = self._seen
+        if nonce in seen:
+            raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
+        self.records += 1
+        if self.records > self._max_records:
+            raise LimitExceeded(f"stream has more than {self._max_records} records")
+        assert self._decrypt is not None  # set with the cipher, by the init event
+        plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+        seen.add(nonce)
+        if state is _DONE:
+            if plaintext.strip():
+                raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+            return
+
+        # The inner stream. While the SSE parser holds nothing, the records streams are made of
+        # skip it, giving the events it would give: a whole one-line event "data: ...\n\n", or
+        # an engine line "data: ...\n" (held here) followed by a record "\n".
+        if self._held is not None:
+            if plaintext == b"\n":
+                text, line = self._held
+                self._held = None
+                self._dispatch(text, line + plaintext)
+                return
+            self._unhold()
+        elif self._inner_idle and plaintext.startswith(b"data: "):
+            n = len(plaintext)
+            nl = plaintext.find(b"\n")
+            if (
+                nl >= n - 2
+                and (nl == n - 1 or plaintext[n - 1] == 0x0A)
+                and plaintext[nl - 1] != 0x0D  # "\r\n" line ends take the parser
+                and n < self._max_event  # (room for the "\n" a held line waits for)
+            ):
+                try:
+                    text = plaintext[6:nl].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self._fail(
+                        ErrorCode.INVALID_UTF8, "stream text is not valid UTF-8"
+                    ) from None
+                if nl == n - 1:
+                    self._held = (text, plaintext)
+                else:
+                    self._dispatch(text, plaintext)
+                return
+
+        parser = self._inner
+        inner = parser.feed(plaintext)
+        self._inner_idle = not parser.has_partial
+        self._inner_id = parser.last_event_id
+        for ev in inner:
+            if self._state is _DONE:
+                raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
+            if ev.data == "[DONE]":
+                self._state = _DONE
+                self._done_seen = True
+                self._events.append(Done(raw=ev.raw))
+            else:
+                self._events.append(inner_event(ev))
+        if self._state is _DONE and parser.buffered().strip():
+            # the rest of the record that carried [DONE]: a partial event, a comment, ...
+            raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+
+    def _dispatch(self, text: str, raw: bytes) -> None:
+        """The event of one ``data`` line, built here as the parser would (it holds nothing)."""
+        if text == "[DONE]":
+            self._state = _DONE
+            self._done_seen = True
+            self._events.append(Done(raw=raw))
+        else:
+            self._events.append(inner_event(_sse_event(text, None, self._inner_id, raw)))
+
+    def _unhold(self) -> None:
+        """Give the held line to the parser (one ``data`` line: no event yet)."""
+        if self._held is not None:
+            self._inner.feed(self._held[1])
+            self._held = None
+            self._inner_idle = False
