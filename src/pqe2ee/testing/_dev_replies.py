@@ -272,12 +272,45 @@ def _slow_text(text: str) -> str:
     return "Echo: " + text + "".join(f" tick{i}" for i in range(1, SLOW_WORDS + 1))
 
 
+def _triggered(text: str) -> bool:
+    """The test triggers: ``__error_500__`` fails the request, ``__slow__`` answers slowly."""
+    if text == TRIGGER_ERROR_500:
+        raise ApiError(
+            500,
+            "Simulated engine failure (dev engine trigger __error_500__)",
+            "InternalServerError",
+        )
+    return text == TRIGGER_SLOW
+
+
+def _new_plan(
+    model: str,
+    request_id: str,
+    prompt_tokens: int,
+    options: tuple[bool, bool, bool, list[str]],
+    delay: float,
+    *,
+    slow: bool,
+) -> Plan:
+    stream, include_usage, continuous, _ = options
+    return Plan(
+        model=model,
+        request_id=request_id,
+        prompt_tokens=prompt_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage=continuous,
+        chunk_delay=delay + (SLOW_CHUNK_DELAY if slow else 0.0),
+    )
+
+
 def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: bytes) -> Plan:
     model = _check_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("Field 'messages' is required and must be a non-empty list")
-    stream, include_usage, continuous, stops = _common_options(body)
+    options = _common_options(body)
+    stops = options[3]
     max_tokens = _int_field(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int_field(body, "max_tokens")
@@ -303,13 +336,7 @@ def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: by
     _check_model_known(model, models)
     limit = _check_context(prompt_tokens, max_tokens)
 
-    if last_user_text == TRIGGER_ERROR_500:
-        raise ApiError(
-            500,
-            "Simulated engine failure (dev engine trigger __error_500__)",
-            "InternalServerError",
-        )
-    slow = last_user_text == TRIGGER_SLOW
+    slow = _triggered(last_user_text)
 
     effort = body.get("reasoning_effort")
     want_reasoning = (
@@ -352,14 +379,8 @@ def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: by
                 call_id = "call_" + hex_id(b"tool-call", raw, n=24)
                 tool = (call_id, name, _tool_arguments(chosen, source), named)
 
-    plan = Plan(
-        model=model,
-        request_id="chatcmpl-" + hex_id(b"chat", raw),
-        prompt_tokens=prompt_tokens,
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage=continuous,
-        chunk_delay=delay + (SLOW_CHUNK_DELAY if slow else 0.0),
+    plan = _new_plan(
+        model, "chatcmpl-" + hex_id(b"chat", raw), prompt_tokens, options, delay, slow=slow
     )
     _build_pieces(
         plan,
@@ -385,28 +406,17 @@ def plan_completion(body: dict[str, Any], models: Sequence[str], delay: float, r
         prompt = " ".join(str(t) for t in prompt)
     if not isinstance(prompt, str):
         raise bad_request("The dev engine supports one prompt: a string or a list of token ids")
-    stream, include_usage, continuous, stops = _common_options(body)
+    options = _common_options(body)
+    stops = options[3]
     max_tokens = _int_field(body, "max_tokens")
     if max_tokens is None:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     prompt_tokens = _count_words(prompt)
     _check_model_known(model, models)
     limit = _check_context(prompt_tokens, max_tokens)
-    if prompt == TRIGGER_ERROR_500:
-        raise ApiError(
-            500,
-            "Simulated engine failure (dev engine trigger __error_500__)",
-            "InternalServerError",
-        )
-    slow = prompt == TRIGGER_SLOW
-    plan = Plan(
-        model=model,
-        request_id="cmpl-" + hex_id(b"completion", raw),
-        prompt_tokens=prompt_tokens,
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage=continuous,
-        chunk_delay=delay + (SLOW_CHUNK_DELAY if slow else 0.0),
+    slow = _triggered(prompt)
+    plan = _new_plan(
+        model, "cmpl-" + hex_id(b"completion", raw), prompt_tokens, options, delay, slow=slow
     )
     content = _slow_text(prompt) if slow else "Echo: " + prompt
     _build_pieces(plan, reasoning=None, content=content, tool=None, max_tokens=limit, stops=stops)
@@ -415,6 +425,21 @@ def plan_completion(body: dict[str, Any], models: Sequence[str], delay: float, r
 
 # --------------------------------------------------------------------------------------------
 # responses
+
+
+def _head(plan: Plan, created: int, obj: str) -> dict[str, Any]:
+    """The fields every body and chunk starts with."""
+    return {"id": plan.request_id, "object": obj, "created": created, "model": plan.model}
+
+
+def _completion_choice(text: str, finish: str | None, stop: str | None) -> dict[str, Any]:
+    return {
+        "index": 0,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish,
+        "stop_reason": stop,
+    }
 
 
 def chat_body(plan: Plan, created: int) -> dict[str, Any]:
@@ -448,10 +473,7 @@ def chat_body(plan: Plan, created: int) -> dict[str, Any]:
         "reasoning_content": reasoning,
     }
     return {
-        "id": plan.request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": plan.model,
+        **_head(plan, created, "chat.completion"),
         "choices": [
             {
                 "index": 0,
@@ -472,17 +494,10 @@ def chat_body(plan: Plan, created: int) -> dict[str, Any]:
 
 def completion_body(plan: Plan, created: int) -> dict[str, Any]:
     return {
-        "id": plan.request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": plan.model,
+        **_head(plan, created, "text_completion"),
         "choices": [
             {
-                "index": 0,
-                "text": plan.text_of("content"),
-                "logprobs": None,
-                "finish_reason": plan.finish_reason,
-                "stop_reason": plan.stop_reason,
+                **_completion_choice(plan.text_of("content"), plan.finish_reason, plan.stop_reason),
                 "prompt_logprobs": None,
             }
         ],
@@ -503,10 +518,7 @@ DONE = b"data: [DONE]\n\n"
 async def chat_events(plan: Plan, created: int) -> AsyncIterator[bytes]:
     def chunk(choice: dict[str, Any], done: int) -> bytes:
         obj: dict[str, Any] = {
-            "id": plan.request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": plan.model,
+            **_head(plan, created, "chat.completion.chunk"),
             "choices": [choice],
         }
         if plan.continuous_usage:
@@ -550,10 +562,7 @@ async def chat_events(plan: Plan, created: int) -> AsyncIterator[bytes]:
     if plan.include_usage:
         yield _sse(
             {
-                "id": plan.request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": plan.model,
+                **_head(plan, created, "chat.completion.chunk"),
                 "choices": [],
                 "usage": plan.usage(),
             }
@@ -565,19 +574,8 @@ async def completion_events(plan: Plan, created: int) -> AsyncIterator[bytes]:
     def chunk(text: str, finish: str | None, stop: str | None, done: int) -> bytes:
         return _sse(
             {
-                "id": plan.request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": plan.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": text,
-                        "logprobs": None,
-                        "finish_reason": finish,
-                        "stop_reason": stop,
-                    }
-                ],
+                **_head(plan, created, "text_completion"),
+                "choices": [_completion_choice(text, finish, stop)],
                 "usage": plan.usage(done) if plan.continuous_usage else None,
             }
         )
@@ -590,10 +588,7 @@ async def completion_events(plan: Plan, created: int) -> AsyncIterator[bytes]:
     if plan.include_usage:
         yield _sse(
             {
-                "id": plan.request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": plan.model,
+                **_head(plan, created, "text_completion"),
                 "choices": [],
                 "usage": plan.usage(),
             }

@@ -28,6 +28,7 @@ from pqe2ee.server._asgi import (
     read_bounded,
     watch_disconnect,
 )
+from pqe2ee.server._client import backend_client
 from pqe2ee.server.instance.config import InstanceConfig, model_chute_id
 from pqe2ee.server.instance.exchange import (
     SSE_HEADERS,
@@ -82,22 +83,12 @@ class Engine:
     def client(self) -> httpx2.AsyncClient:
         if self._client is None:
             cfg = self.config
-            self._client = httpx2.AsyncClient(
-                timeout=httpx2.Timeout(
-                    connect=cfg.upstream_connect_timeout,
-                    read=cfg.upstream_read_timeout,
-                    write=cfg.upstream_read_timeout,
-                    pool=cfg.upstream_connect_timeout,
-                ),
-                limits=httpx2.Limits(
-                    max_connections=cfg.max_concurrency + 4,
-                    max_keepalive_connections=cfg.max_concurrency,
-                    # Below uvicorn's 5 s keep-alive: never reuse a connection the engine is
-                    # closing (seen as a stray 502 under load).
-                    keepalive_expiry=2.0,
-                ),
-                follow_redirects=False,
-                trust_env=False,  # proxies from the environment must not reroute engine traffic
+            self._client = backend_client(
+                connect=cfg.upstream_connect_timeout,
+                read=cfg.upstream_read_timeout,
+                write=cfg.upstream_read_timeout,
+                max_connections=cfg.max_concurrency + 4,
+                max_keepalive=cfg.max_concurrency,
             )
         return self._client
 

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import anyio
-import httpx2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +25,7 @@ from starlette.routing import Route
 
 from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD
 from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, declared_length, json_response
+from pqe2ee.server._client import backend_client
 from pqe2ee.server._metrics import MetricsMiddleware
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
@@ -104,20 +104,14 @@ class _Relay:
             await self.store.ping()
         except NonceStoreError as exc:
             raise RuntimeError(f"nonce store unavailable: {exc}") from None
-        timeout = httpx2.Timeout(
+        client = backend_client(
             connect=cfg.connect_timeout,
             read=cfg.read_timeout,
             write=cfg.write_timeout,
-            pool=cfg.connect_timeout,
-        )
-        limits = httpx2.Limits(
             max_connections=cfg.max_connections,
-            max_keepalive_connections=min(cfg.max_connections, 256),
-            # below uvicorn's 5 s keep-alive timeout: never reuse a connection the instance is
-            # about to close (that race would turn into a 502 for a request never processed)
-            keepalive_expiry=2.0,
+            max_keepalive=min(cfg.max_connections, 256),
         )
-        async with httpx2.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        async with client:
             self.prober.client = self.forwarder.client = client
             try:
                 await self.prober.startup_probe()
