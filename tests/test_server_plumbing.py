@@ -18,6 +18,7 @@ from pqe2ee.errors import ErrorCode, LimitExceeded
 from pqe2ee.server import relay
 from pqe2ee.server._asgi import (
     BodyTooLarge,
+    DisconnectWatch,
     InvalidContentLength,
     StreamedResponse,
     StreamOutcome,
@@ -152,6 +153,12 @@ class _Chunks(StreamedResponse):
     async def finish(self, outcome: StreamOutcome) -> None:
         self.outcome = outcome
 
+    def watching(self, watch: DisconnectWatch) -> None:
+        self.watch = watch
+
+    async def cancelled(self, send: Send) -> None:
+        await self.send_body(send, b"event: shutdown\n\n" if self.started else b"never")
+
 
 @pytest.mark.anyio
 async def test_streamed_response_outcomes() -> None:
@@ -179,6 +186,19 @@ async def test_streamed_response_outcomes() -> None:
     hung_up = _Chunks([b"a"])
     await hung_up(_scope(), _receiver([]), slow_send)
     assert hung_up.outcome is StreamOutcome.CLIENT_GONE
+
+    sent.clear()
+    ended = _Chunks([b"a", b"b"])
+
+    async def send_then_stall(message: Message) -> None:
+        sent.append(message)
+        if message.get("body") == b"b":
+            ended.watch.cancel_scope.cancel()  # a shutdown ends the stream from outside
+            await anyio.sleep(5)
+
+    await ended(_scope(), _receiver([], then_disconnect=False), send_then_stall)
+    assert ended.outcome is StreamOutcome.CANCELLED
+    assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b"event: shutdown\n\n"]
 
 
 # -- metrics middleware ------------------------------------------------------------------------

@@ -196,14 +196,17 @@ class StreamedResponse(Response):
 
     Subclasses implement :meth:`write` (use :meth:`send_start` and :meth:`send_body`) and
     :meth:`finish`, which runs whatever happened, shielded, with the :class:`StreamOutcome`.
-    :meth:`watching` is called with the watch before writing starts (register its cancel scope
-    to end the stream from outside).
+    Optional hooks: :meth:`watching` gets the watch before writing starts (register its cancel
+    scope to end the stream from outside, e.g. at shutdown); :meth:`cancelled` runs, before
+    :meth:`finish`, when that happened and may still write (an error event; ``started`` says
+    whether the response start went out).
     """
 
     def __init__(self, status_code: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
         self.status_code = status_code
         self.background = None
         self.raw_headers = list(headers)
+        self.started = False
 
     async def send_start(self, send: Send) -> None:
         try:
@@ -216,6 +219,7 @@ class StreamedResponse(Response):
             )
         except OSError:
             raise ClientGone from None
+        self.started = True
 
     async def send_body(self, send: Send, data: bytes, *, more: bool = True) -> None:
         try:
@@ -232,6 +236,9 @@ class StreamedResponse(Response):
     def watching(self, watch: DisconnectWatch) -> None:
         """Called once the watch is running, before :meth:`write`."""
 
+    async def cancelled(self, send: Send) -> None:
+        """Called when the watch's scope was cancelled from outside, before :meth:`finish`."""
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = StreamOutcome.FAILED
         try:
@@ -246,6 +253,8 @@ class StreamedResponse(Response):
                 outcome = (
                     StreamOutcome.CLIENT_GONE if watch.disconnected else StreamOutcome.CANCELLED
                 )
+            if outcome is StreamOutcome.CANCELLED:
+                await self.cancelled(send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.finish(outcome)
