@@ -26,6 +26,7 @@ from pqe2ee.server._asgi import json_response
 
 __all__ = [
     "SSE_HEADERS",
+    "THREAD_THRESHOLD",
     "Concurrency",
     "EngineFailure",
     "Reject",
