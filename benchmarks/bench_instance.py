@@ -22,8 +22,8 @@ import httpx2
 import pqe2ee
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.protocol import StreamDecryptor, open_response, seal_request
-from pqe2ee.server.dev_engine import create_app as create_engine
 from pqe2ee.server.instance import InstanceConfig, create_app
+from pqe2ee.testing.dev_engine import create_app as create_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import run_app

@@ -119,7 +119,7 @@ def _serve(role: str, port: int, upstream: str) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     if role == "engine":
-        from pqe2ee.server.dev_engine import create_app as engine_app
+        from pqe2ee.testing.dev_engine import create_app as engine_app
 
         app = engine_app()
     elif role == "instance":

@@ -46,7 +46,8 @@ from typing import Any
 import msgspec
 
 from pqe2ee.protocol import LineSplitter, StreamEncoder, StreamSealer, extract_usage
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
+from pqe2ee.testing import dev_engine
 from servers import run_app
 
 __all__ = [

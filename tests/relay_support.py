@@ -37,7 +37,8 @@ from pqe2ee.protocol.v2 import (
     parse_v2_offer,
     seal_request_v2,
 )
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
+from pqe2ee.testing import dev_engine
 from servers import run_app
 
 KEY_A = "pk-test-alpha-0123456789"

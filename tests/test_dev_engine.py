@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionFunctionToolParam
 
-from pqe2ee.server.dev_engine import create_app
+from pqe2ee.testing.dev_engine import create_app
 from servers import run_app
 
 WEATHER_TOOL: ChatCompletionFunctionToolParam = {

@@ -40,7 +40,6 @@ from pqe2ee.protocol import (
     open_response,
     seal_request,
 )
-from pqe2ee.server.dev_engine import create_app as create_engine
 from pqe2ee.server.instance import Instance, InstanceConfig, create_app, default_instance_id
 from pqe2ee.server.keyfile import (
     KEY_FILE_HEADER,
@@ -50,6 +49,7 @@ from pqe2ee.server.keyfile import (
     read_seed,
     seed_kem,
 )
+from pqe2ee.testing.dev_engine import create_app as create_engine
 from servers import run_app
 
 KEM = get_kem()

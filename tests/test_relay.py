@@ -642,6 +642,8 @@ def scripted_instance(state: dict[str, Any]) -> Starlette:
             return JSONResponse({"detail": "E2E decryption failed"}, status_code=400)
         if case == "400text":
             return Response("nope", 400, media_type="text/plain")
+        if case == "400huge":  # a plaintext error longer than the relay quotes
+            return JSONResponse({"detail": "e2e_v2:stale " + "x" * (70 * 1024)}, status_code=400)
         if case == "broken":
 
             async def parts() -> AsyncIterator[bytes]:
@@ -699,6 +701,7 @@ def scripted_call(
         ("426", 502, "Instance requires key exchange, try a different instance"),
         ("400json", 400, '{"detail":"E2E decryption failed"}'),
         ("400text", 400, "Instance returned status 400"),
+        ("400huge", 400, "Instance returned status 400"),  # never a truncated quote
         ("404", 404, "Instance returned status 404"),
         ("503", 503, "Instance returned status 503"),
         ("413", 413, "Instance returned status 413"),

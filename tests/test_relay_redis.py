@@ -18,8 +18,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
 from pqe2ee.server.noncestore import RedisNonceStore, api_key_id
+from pqe2ee.testing import dev_engine
 from relay_support import (
     KEY_A,
     KEY_B,

@@ -35,7 +35,7 @@ from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteError
 from pqe2ee.protocol import parse_discovery
 from pqe2ee.protocol.codec import b64encode
 from pqe2ee.protocol.v2 import E2EPolicy, Negotiator, parse_instance_hint, parse_v2_offer
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
 from pqe2ee.server.keyfile import (
     XWING_KEY_FILE_HEADER,
     KeyFileError,
@@ -43,6 +43,7 @@ from pqe2ee.server.keyfile import (
     load_or_create_xwing_key,
 )
 from pqe2ee.server.replaycache import RedisReplayCache
+from pqe2ee.testing import dev_engine
 from relay_support import (
     CHAT,
     KEM,

@@ -81,7 +81,8 @@ from pqe2ee.backends.xwing import get_xwing
 from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteError
 from pqe2ee.protocol.client import classify_v2_hint
 from pqe2ee.protocol.v2 import MemoryReplayCache
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
+from pqe2ee.testing import dev_engine
 from servers import run_app
 
 KEY = "pk-threat-model-0123456789"

@@ -33,9 +33,10 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from pqe2ee.backends import get_kem
 from pqe2ee.backends.base import KEM, MLKEM768_SEED_LEN, KEMPrivateKey
@@ -76,6 +77,8 @@ class KeyFormat:
 
 MLKEM768_FORMAT: Final = KeyFormat(KEY_FILE_HEADER, MLKEM768_SEED_LEN, "ML-KEM-768")
 XWING_FORMAT: Final = KeyFormat(XWING_KEY_FILE_HEADER, 32, "X-Wing")
+
+K = TypeVar("K")
 
 
 class KeyFileError(LocalProtocolError):
@@ -167,10 +170,7 @@ def write_seed(path: str | os.PathLike[str], seed: bytes, fmt: KeyFormat = MLKEM
     try:
         try:
             os.fchmod(fd, 0o600)  # in case a filesystem ignored the create mode
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
         try:
@@ -198,13 +198,18 @@ def write_seed(path: str | os.PathLike[str], seed: bytes, fmt: KeyFormat = MLKEM
             os.close(dir_fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` and make it durable."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
 def _write_exclusive(target: Path, data: bytes) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        _write_all(fd, data)
     finally:
         os.close(fd)
 
@@ -221,6 +226,22 @@ def seed_kem(backend: str) -> KEM:
     return kem
 
 
+def _load_or_create(
+    path: str | os.PathLike[str], fmt: KeyFormat, from_seed: Callable[[bytes], K]
+) -> tuple[K, bool]:
+    try:
+        return from_seed(read_seed(path, fmt)), False
+    except FileNotFoundError:
+        pass
+    seed = os.urandom(fmt.seed_len)
+    try:
+        write_seed(path, seed, fmt)
+    except FileExistsError:
+        # Someone created it between our read and our link: use theirs.
+        return from_seed(read_seed(path, fmt)), False
+    return from_seed(seed), True
+
+
 def load_or_create_key(
     path: str | os.PathLike[str], kem: KEM | None = None
 ) -> tuple[KEMPrivateKey, bool]:
@@ -229,17 +250,7 @@ def load_or_create_key(
     ``kem`` must support ``from_seed`` (default: :func:`seed_kem` ("auto")).
     """
     kem = kem if kem is not None else seed_kem("auto")
-    try:
-        return kem.from_seed(read_seed(path)), False
-    except FileNotFoundError:
-        pass
-    seed = os.urandom(MLKEM768_SEED_LEN)
-    try:
-        write_seed(path, seed)
-    except FileExistsError:
-        # Someone created it between our read and our link: use theirs.
-        return kem.from_seed(read_seed(path)), False
-    return kem.from_seed(seed), True
+    return _load_or_create(path, MLKEM768_FORMAT, kem.from_seed)
 
 
 def load_or_create_xwing_key(
@@ -250,13 +261,4 @@ def load_or_create_xwing_key(
     Same rules as :func:`load_or_create_key`; the file has its own first line, so a v1 key file
     given here (or the other way round) is refused instead of reused across protocols.
     """
-    try:
-        return xwing.from_seed(read_seed(path, XWING_FORMAT)), False
-    except FileNotFoundError:
-        pass
-    seed = os.urandom(XWING_FORMAT.seed_len)
-    try:
-        write_seed(path, seed, XWING_FORMAT)
-    except FileExistsError:
-        return xwing.from_seed(read_seed(path, XWING_FORMAT)), False
-    return xwing.from_seed(seed), True
+    return _load_or_create(path, XWING_FORMAT, xwing.from_seed)

@@ -15,13 +15,15 @@ nonces and rate-limit counters (redis-py asyncio; needs Redis >= 7.0 for ``GETDE
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
-from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.errors import LocalProtocolError
+from pqe2ee.server._redis import import_redis, redis_failures
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
@@ -52,9 +54,13 @@ class NonceStoreError(Exception):
     """The store cannot answer (Redis down, store full). The relay answers 503; fail closed."""
 
 
-@runtime_checkable
-class NonceStore(Protocol):
-    """What the relay needs from a nonce store. Every method is a coroutine."""
+class NonceStore(abc.ABC):
+    """What the relay needs from a nonce store. Every method is a coroutine.
+
+    :meth:`issue` and :meth:`consume` are written here once (binding, constant-time compare);
+    a store implements the primitives :meth:`_put` and :meth:`_take` (atomic get-and-delete),
+    and :meth:`hit`, :meth:`ping`, :meth:`aclose`.
+    """
 
     async def issue(
         self,
@@ -65,24 +71,40 @@ class NonceStore(Protocol):
         ttl: float,
     ) -> None:
         """Remember ``nonces`` for this (key, chute, instance) for ``ttl`` seconds."""
-        ...
+        await self._put(_binding(api_key_id, chute_id, instance_id).encode(), nonces, ttl)
 
     async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
         """Atomically remove ``nonce``; True only if it existed, unexpired, for exactly these."""
-        ...
+        stored = await self._take(nonce)
+        if stored is None:
+            return False
+        try:
+            wanted = _binding(api_key_id, chute_id, instance_id).encode()
+        except LocalProtocolError:
+            return False
+        return hmac.compare_digest(stored, wanted)
 
+    @abc.abstractmethod
+    async def _put(self, binding: bytes, nonces: Sequence[str], ttl: float) -> None:
+        """Store each nonce with ``binding`` for ``ttl`` seconds."""
+
+    @abc.abstractmethod
+    async def _take(self, nonce: str) -> bytes | None:
+        """Remove ``nonce`` atomically; its binding if it was there, unexpired."""
+
+    @abc.abstractmethod
     async def hit(self, key: str, window: float, limit: int) -> bool:
         """Count one event for ``key`` in a fixed ``window``; False when over ``limit``."""
-        ...
 
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`NonceStoreError` unless the store is usable."""
-        ...
 
+    @abc.abstractmethod
     async def aclose(self) -> None: ...
 
 
-class MemoryNonceStore:
+class MemoryNonceStore(NonceStore):
     """Nonces in a dict with expiry; fine for one relay process (not shared between processes).
 
     Bounded: expired entries are purged as new ones arrive, and once ``max_entries`` live
@@ -101,7 +123,7 @@ class MemoryNonceStore:
         self.max_entries = max_entries
         self._clock = clock
         # insertion order ~ expiry order (one ttl per relay), so purging pops from the front
-        self._nonces: dict[str, tuple[str, float]] = {}
+        self._nonces: dict[str, tuple[bytes, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
 
     def __len__(self) -> int:
@@ -118,15 +140,7 @@ class MemoryNonceStore:
     def _purge_all(self, now: float) -> None:
         self._nonces = {k: v for k, v in self._nonces.items() if v[1] > now}
 
-    async def issue(
-        self,
-        api_key_id: str,
-        chute_id: str,
-        instance_id: str,
-        nonces: Sequence[str],
-        ttl: float,
-    ) -> None:
-        binding = _binding(api_key_id, chute_id, instance_id)
+    async def _put(self, binding: bytes, nonces: Sequence[str], ttl: float) -> None:
         now = self._clock()
         self._purge_front(now)
         if len(self._nonces) + len(nonces) > self.max_entries:
@@ -137,18 +151,12 @@ class MemoryNonceStore:
         for nonce in nonces:
             self._nonces[nonce] = (binding, expires)
 
-    async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
+    async def _take(self, nonce: str) -> bytes | None:
         entry = self._nonces.pop(nonce, None)  # no await between lookup and removal: atomic
         if entry is None:
-            return False
+            return None
         binding, expires = entry
-        if expires <= self._clock():
-            return False
-        try:
-            wanted = _binding(api_key_id, chute_id, instance_id)
-        except LocalProtocolError:
-            return False
-        return hmac.compare_digest(binding.encode(), wanted.encode())
+        return binding if expires > self._clock() else None
 
     async def hit(self, key: str, window: float, limit: int) -> bool:
         now = self._clock()
@@ -170,7 +178,7 @@ class MemoryNonceStore:
         return None
 
 
-class RedisNonceStore:
+class RedisNonceStore(NonceStore):
     """Nonces and rate-limit counters in Redis, shared by every relay that uses the same URL.
 
     * nonce: ``SET {prefix}n:{nonce} "keyid|chute|instance" EX ttl``; consumed with ``GETDEL``
@@ -183,13 +191,7 @@ class RedisNonceStore:
     def __init__(
         self, url: str, *, prefix: str = "pqe2ee:", client: Any | None = None, timeout: float = 5.0
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-        except ImportError as exc:  # pragma: no cover - needs the [redis] extra
-            raise LocalProtocolError(
-                "RedisNonceStore needs redis-py: pip install 'pqe2ee[redis]'",
-                code=ErrorCode.INVALID_ARGUMENT,
-            ) from exc
+        aioredis = import_redis("redis.asyncio", "RedisNonceStore")
         self._prefix = prefix
         self._redis: Any = (
             client
@@ -203,41 +205,23 @@ class RedisNonceStore:
         return f"{self._prefix}n:{nonce}"
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
+        with redis_failures(NonceStoreError):
             return await fn()
-        except (RedisError, OSError) as exc:
-            raise NonceStoreError(f"redis: {type(exc).__name__}") from None
 
-    async def issue(
-        self,
-        api_key_id: str,
-        chute_id: str,
-        instance_id: str,
-        nonces: Sequence[str],
-        ttl: float,
-    ) -> None:
-        value = _binding(api_key_id, chute_id, instance_id).encode()
+    async def _put(self, binding: bytes, nonces: Sequence[str], ttl: float) -> None:
         ex = max(1, int(ttl + 0.999))
 
         async def run() -> Any:
             pipe = self._redis.pipeline(transaction=False)
             for nonce in nonces:
-                pipe.set(self._nkey(nonce), value, ex=ex)
+                pipe.set(self._nkey(nonce), binding, ex=ex)
             return await pipe.execute()
 
         await self._call(run)
 
-    async def consume(self, nonce: str, api_key_id: str, chute_id: str, instance_id: str) -> bool:
+    async def _take(self, nonce: str) -> bytes | None:
         stored = await self._call(lambda: self._redis.getdel(self._nkey(nonce)))
-        if stored is None:
-            return False
-        try:
-            wanted = _binding(api_key_id, chute_id, instance_id).encode()
-        except LocalProtocolError:
-            return False
-        return hmac.compare_digest(bytes(stored), wanted)
+        return None if stored is None else bytes(stored)
 
     async def hit(self, key: str, window: float, limit: int) -> bool:
         rkey = f"{self._prefix}rl:{key}"

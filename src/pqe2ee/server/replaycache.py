@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 from pqe2ee.protocol.v2.replay import Admission, ReplayCache
+from pqe2ee.server._redis import import_redis, redis_failures
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -56,13 +57,7 @@ class RedisReplayCache:
         timeout: float = 2.0,
         client: Any | None = None,
     ) -> None:
-        try:
-            import redis
-        except ImportError as exc:  # pragma: no cover - needs the [redis] extra
-            raise LocalProtocolError(
-                "RedisReplayCache needs redis-py: pip install 'pqe2ee[redis]'",
-                code=ErrorCode.INVALID_ARGUMENT,
-            ) from exc
+        redis = import_redis("redis", "RedisReplayCache")
         if not prefix:
             raise LocalProtocolError("prefix must not be empty", code=ErrorCode.INVALID_ARGUMENT)
         self.prefix = prefix
@@ -78,13 +73,8 @@ class RedisReplayCache:
         )
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
+        with redis_failures(ReplayCacheError):
             return fn(*args, **kwargs)
-        except (RedisError, OSError) as exc:
-            # The exception text may hold the URL (and its password): name the type only.
-            raise ReplayCacheError(f"redis: {type(exc).__name__}") from None
 
     def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
         ttl_ms = int(expires_at_ms) - int(now_ms)

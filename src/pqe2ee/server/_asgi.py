@@ -1,0 +1,273 @@
+"""ASGI plumbing shared by every app in pqe2ee (instance, relay, dev engine; the proxy next).
+
+Written once, with one behaviour each, so no app can drift into its own variant:
+
+* **Bounded reads.** :func:`declared_length` reads ``Content-Length`` (absent: ``None``, the
+  body is chunked; not a non-negative integer: :class:`InvalidContentLength`; over the limit:
+  :class:`BodyTooLarge` before a byte is read). :func:`iter_body` streams a request body and
+  raises :class:`BodyTooLarge` the moment the running total passes the limit;
+  :func:`read_body` is both, collected. :func:`read_bounded` collects any byte iterator (an
+  upstream ``httpx2`` response) under the same rule. A body over its limit is *refused*, never
+  truncated: each app maps the typed error to its own answer (413 for requests).
+* **Disconnect watch.** :func:`watch_disconnect` runs a block that is cancelled as soon as the
+  client hangs up (``http.disconnect``), even while the block waits on a silent upstream.
+* **Streamed answers.** :class:`StreamedResponse` sends a body written by a subclass while
+  watching for the disconnect, turns the ``OSError`` an ASGI 2.4 server raises for a gone
+  client into :attr:`StreamOutcome.CLIENT_GONE`, and always runs the subclass's cleanup,
+  shielded from cancellation.
+* :func:`json_response`: compact JSON (msgspec), ``application/json``.
+
+Starlette's :class:`~starlette.requests.ClientDisconnect` passes through the readers unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from typing import Any, Final
+
+import anyio
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from pqe2ee.errors import ErrorCode, LimitExceeded, RemoteProtocolError
+
+__all__ = [
+    "BodyTooLarge",
+    "ClientGone",
+    "DisconnectWatch",
+    "InvalidContentLength",
+    "StreamOutcome",
+    "StreamedResponse",
+    "declared_length",
+    "iter_body",
+    "json_response",
+    "read_body",
+    "read_bounded",
+    "watch_disconnect",
+]
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+# --------------------------------------------------------------------------------------------
+# bounded reads
+
+
+class BodyTooLarge(LimitExceeded):
+    """A body is longer than its limit. ``declared`` is the ``Content-Length`` that announced
+    it (refused before reading), else ``None`` and ``received`` counts the bytes seen up to and
+    including the chunk that crossed the limit."""
+
+    def __init__(self, limit: int, *, declared: int | None = None, received: int = 0) -> None:
+        size = declared if declared is not None else received
+        super().__init__(f"body of {size} bytes exceeds {limit}", code=ErrorCode.OVERSIZE)
+        self.limit = limit
+        self.declared = declared
+        self.received = received
+
+
+class InvalidContentLength(RemoteProtocolError):
+    """The ``Content-Length`` header is not a non-negative integer."""
+
+    default_code = ErrorCode.INVALID_BODY
+
+    def __init__(self) -> None:
+        super().__init__("Content-Length is not a non-negative integer")
+
+
+def declared_length(headers: Mapping[str, str], limit: int) -> int | None:
+    """The request's ``Content-Length``: ``None`` when absent (a chunked body, bounded while it
+    streams), else the size; raises :class:`InvalidContentLength` or :class:`BodyTooLarge`."""
+    raw = headers.get("content-length")
+    if raw is None:
+        return None
+    try:
+        size = int(raw)
+    except ValueError:
+        raise InvalidContentLength from None
+    if size < 0:
+        raise InvalidContentLength
+    if size > limit:
+        raise BodyTooLarge(limit, declared=size)
+    return size
+
+
+async def read_bounded(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """All of ``chunks`` joined; :class:`BodyTooLarge` once they pass ``limit`` bytes."""
+    buf = bytearray()
+    async for chunk in chunks:
+        if len(buf) + len(chunk) > limit:
+            raise BodyTooLarge(limit, received=len(buf) + len(chunk))
+        buf += chunk
+    return bytes(buf)
+
+
+async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body's non-empty chunks as they arrive; :class:`BodyTooLarge` as soon as the
+    total passes ``limit`` (call :func:`declared_length` first to refuse an announced size)."""
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge(limit, received=total)
+        if chunk:
+            yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, never holding more than ``limit`` bytes of it."""
+    declared_length(request.headers, limit)
+    return await read_bounded(iter_body(request, limit), limit)
+
+
+# --------------------------------------------------------------------------------------------
+# disconnect watch
+
+
+class DisconnectWatch:
+    """Handle of :func:`watch_disconnect`: ``disconnected`` tells whether the client hung up;
+    ``cancel_scope`` ends the block early (a shutdown, say) when cancelled."""
+
+    __slots__ = ("cancel_scope", "disconnected")
+
+    def __init__(self, cancel_scope: anyio.CancelScope) -> None:
+        self.cancel_scope = cancel_scope
+        self.disconnected = False
+
+
+@contextlib.asynccontextmanager
+async def watch_disconnect(
+    receive: Receive, *, after: anyio.Event | None = None
+) -> AsyncIterator[DisconnectWatch]:
+    """Run the block; cancel it (and set ``disconnected``) when the client hangs up.
+
+    ``after``: start listening only once it is set - while the request body is still being
+    read, ``receive`` belongs to the reader. The block's cancellation does not propagate: the
+    code after the ``async with`` checks ``watch.disconnected``. An exception raised in the block
+    propagates as itself (not wrapped in an exception group).
+    """
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        watch = DisconnectWatch(tg.cancel_scope)
+
+        async def listen() -> None:
+            if after is not None:
+                await after.wait()
+            while True:
+                if (await receive())["type"] == "http.disconnect":
+                    watch.disconnected = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(listen)
+        try:
+            yield watch
+        except Exception as exc:  # cancellation is a BaseException and stays inside
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+# --------------------------------------------------------------------------------------------
+# streamed answers
+
+
+class ClientGone(Exception):
+    """Raised by :meth:`StreamedResponse.send_start` / :meth:`~StreamedResponse.send_body`
+    when the server reports the client gone (ASGI spec 2.4: ``OSError`` from ``send``)."""
+
+
+class StreamOutcome(enum.Enum):
+    """How a :class:`StreamedResponse` ended."""
+
+    COMPLETE = "complete"  # write() returned
+    CLIENT_GONE = "client_gone"  # the client hung up or could not be written to
+    CANCELLED = "cancelled"  # the watch's cancel scope was cancelled from outside
+    FAILED = "failed"  # write() raised (the exception propagates after cleanup)
+
+
+class StreamedResponse(Response):
+    """A response whose headers and body :meth:`write` sends while the client is watched.
+
+    Subclasses implement :meth:`write` (use :meth:`send_start` and :meth:`send_body`) and
+    :meth:`finish`, which runs whatever happened, shielded, with the :class:`StreamOutcome`.
+    Optional hooks: :meth:`watching` gets the watch before writing starts (register its cancel
+    scope to end the stream from outside, e.g. at shutdown); :meth:`cancelled` runs, before
+    :meth:`finish`, when that happened and may still write (an error event; ``started`` says
+    whether the response start went out).
+    """
+
+    def __init__(self, status_code: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = list(headers)
+        self.started = False
+
+    async def send_start(self, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+        except OSError:
+            raise ClientGone from None
+        self.started = True
+
+    async def send_body(self, send: Send, data: bytes, *, more: bool = True) -> None:
+        try:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+        except OSError:
+            raise ClientGone from None
+
+    async def write(self, send: Send) -> None:
+        raise NotImplementedError
+
+    async def finish(self, outcome: StreamOutcome) -> None:
+        """Release what the stream holds; runs once, shielded from cancellation."""
+
+    def watching(self, watch: DisconnectWatch) -> None:
+        """Called once the watch is running, before :meth:`write`."""
+
+    async def cancelled(self, send: Send) -> None:
+        """Called when the watch's scope was cancelled from outside, before :meth:`finish`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = StreamOutcome.FAILED
+        try:
+            async with watch_disconnect(receive) as watch:
+                self.watching(watch)
+                try:
+                    await self.write(send)
+                    outcome = StreamOutcome.COMPLETE
+                except ClientGone:
+                    outcome = StreamOutcome.CLIENT_GONE
+            if outcome is StreamOutcome.FAILED:  # write() was cancelled: by whom?
+                outcome = (
+                    StreamOutcome.CLIENT_GONE if watch.disconnected else StreamOutcome.CANCELLED
+                )
+            if outcome is StreamOutcome.CANCELLED:
+                await self.cancelled(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.finish(outcome)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+
+
+def json_response(
+    obj: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """``obj`` as compact JSON (``application/json``)."""
+    return Response(
+        _ENCODER.encode(obj), status_code=status, headers=headers, media_type="application/json"
+    )
