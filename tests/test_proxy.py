@@ -999,9 +999,9 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _reframe(pieces: list[bytes], dialect: str) -> list[tuple[str | None, str]]:
-    from pqe2ee.proxy.anthropic import MessagesStreamTranslator
     from pqe2ee.proxy.app import _Metrics, _TranslatedBody
-    from pqe2ee.proxy.responses import ResponsesStreamTranslator
+    from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
+    from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
 
     async def body() -> Any:
         for piece in pieces:

@@ -1,4 +1,4 @@
-"""Responses API ⇄ Chat Completions translation (pqe2ee.proxy.responses, pqe2ee.proxy.errors)."""
+"""Responses API ⇄ Chat Completions translation (pqe2ee.proxy.translate.responses, .chat, .errors)."""
 
 from __future__ import annotations
 
@@ -16,20 +16,22 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
-from pqe2ee.proxy.errors import TranslationError, convert, openai_error_body
-from pqe2ee.proxy.responses import (
+from pqe2ee.proxy.translate.chat import (
     ChatChunkReader,
     ReasoningDelta,
-    ResponsesRequest,
-    ResponsesStreamTranslator,
     TextDelta,
     ToolCallArgs,
     ToolCallStart,
-    chat_to_response,
     parse_chat_reply,
+)
+from pqe2ee.proxy.translate.errors import TranslationError, convert, openai_error_body
+from pqe2ee.proxy.translate.responses import (
+    ResponsesRequest,
+    chat_to_response,
     response_error_code,
     responses_to_chat,
 )
+from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 

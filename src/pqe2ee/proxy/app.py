@@ -21,7 +21,7 @@ the call is refused with a 401 in the dialect's shape.
 Streams are passed on as they arrive: chat and completions streams byte for byte as the transport
 decrypts them; Responses and Anthropic streams are parsed with
 :class:`pqe2ee.protocol.sse.SSEParser` and re-emitted by the translators in
-:mod:`pqe2ee.proxy.responses` and :mod:`pqe2ee.proxy.anthropic`. A stream that breaks mid-way
+:mod:`pqe2ee.proxy.translate`. A stream that breaks mid-way
 ends with the dialect's error event (``data: {"error": ...}`` for chat, ``response.failed`` for
 Responses, ``event: error`` for Anthropic) and never with a clean end. A client that hangs up
 cancels the upstream call at once.
@@ -72,25 +72,21 @@ from pqe2ee.errors import (
     RemoteError,
 )
 from pqe2ee.protocol.sse import SSEParser
-from pqe2ee.proxy.anthropic import (
-    MessagesStreamTranslator,
+from pqe2ee.proxy.translate.anthropic import (
     chat_to_message,
     count_tokens_estimate,
     messages_to_chat,
 )
-from pqe2ee.proxy.errors import (
+from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
+from pqe2ee.proxy.translate.chat import StreamEvent, parse_chat_reply
+from pqe2ee.proxy.translate.errors import (
     TranslationError,
     anthropic_error_body,
     anthropic_error_type,
     openai_error_body,
 )
-from pqe2ee.proxy.responses import (
-    ResponsesStreamTranslator,
-    StreamEvent,
-    chat_to_response,
-    parse_chat_reply,
-    responses_to_chat,
-)
+from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
+from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
 
 __all__ = [
     "DEFAULT_API_BASE",
