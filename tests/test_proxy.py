@@ -29,7 +29,8 @@ import pytest
 from click.testing import CliRunner
 
 from pqe2ee.cli import cli
-from pqe2ee.proxy.app import ProxyConfig, ProxyServer, _ClientPool, create_app, server_config
+from pqe2ee.proxy.app import ProxyConfig, ProxyServer, create_app, server_config
+from pqe2ee.proxy.app.pool import ClientPool as _ClientPool
 from pqe2ee.server import dev_engine, instance, relay
 from servers import run_app
 
@@ -999,7 +1000,8 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _reframe(pieces: list[bytes], dialect: str) -> list[tuple[str | None, str]]:
-    from pqe2ee.proxy.app import _Metrics, _TranslatedBody
+    from pqe2ee.proxy.app.metrics import Metrics as _Metrics
+    from pqe2ee.proxy.app.streaming import TranslatedBody as _TranslatedBody
     from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
     from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
 
