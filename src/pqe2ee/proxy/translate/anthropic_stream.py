@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pqe2ee.errors import LocalProtocolError
 from pqe2ee.proxy.translate.anthropic import (
     parse_messages_request,
     stop_fields,
@@ -20,13 +19,9 @@ from pqe2ee.proxy.translate.anthropic import (
     wants_thinking,
 )
 from pqe2ee.proxy.translate.chat import (
-    ChatChunkReader,
-    ChunkOp,
+    ChunkTranslator,
     Finish,
-    ReasoningDelta,
-    RefusalDelta,
     StreamEvent,
-    TextDelta,
     ToolCallArgs,
     ToolCallStart,
     new_id,
@@ -42,7 +37,7 @@ class _Block:
     index: int
 
 
-class MessagesStreamTranslator:
+class MessagesStreamTranslator(ChunkTranslator):
     """Sans-IO translator: ``chat.completion.chunk`` dicts in, Anthropic stream events out.
 
     Call :meth:`feed` for each parsed chunk, then :meth:`finish` at end of stream, or
@@ -64,26 +59,19 @@ class MessagesStreamTranslator:
     :class:`pqe2ee.errors.LocalProtocolError`. (``ping`` keep-alives are the caller's business.)
     """
 
+    dialect = "Messages"
+
     def __init__(self, req: dict[str, Any]) -> None:
         self._req = parse_messages_request(req)
         self._thinking = wants_thinking(self._req)
-        self._reader = ChatChunkReader(call_id_prefix="toolu_")
+        super().__init__(call_id_prefix="toolu_")
         self.message_id = new_id("msg_")
         self._started = False
-        self._closed = False
         self._next_index = 0
         self._open: _Block | None = None
         self._tools: dict[int, _Block] = {}
         self._tool_calls = False
         self._refusal = False
-        self.failure: TranslationError | None = None
-
-    @property
-    def closed(self) -> bool:
-        """True once ``message_stop`` or an ``error`` event was produced."""
-        return self._closed
-
-    # -- public API ---------------------------------------------------------------------------
 
     def start(self) -> list[StreamEvent]:
         """``message_start`` if not yet sent (idempotent; also done by the first :meth:`feed`)."""
@@ -104,28 +92,10 @@ class MessagesStreamTranslator:
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        """Translate one parsed ``chat.completion.chunk``."""
-        self._check_open()
-        out: list[StreamEvent] = []
-        try:
-            ops = self._reader.feed(chunk)
-            out.extend(self.start())
-            for op in ops:
-                self._apply(op, out)
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-        return out
+    # -- ChunkTranslator hooks ----------------------------------------------------------------
 
-    def finish(self) -> list[StreamEvent]:
-        """End of the upstream stream: ``message_delta`` and ``message_stop`` (or an ``error``
-        event if the stream was cut short)."""
-        out = self.start()
-        try:
-            self._reader.end()
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-            return out
+    def _end(self, out: list[StreamEvent]) -> None:
+        """``message_delta`` (stop reason, usage) and ``message_stop``."""
         self._close_open(out)
         stop_reason, stop_sequence = stop_fields(
             self._reader.finish_reason,
@@ -147,19 +117,6 @@ class MessagesStreamTranslator:
             )
         )
         out.append(("message_stop", {"type": "message_stop"}))
-        self._closed = True
-        return out
-
-    def error(self, status: int, type: str, message: str) -> list[StreamEvent]:
-        """The upstream failed: an Anthropic ``error`` event; closes the stream."""
-        self._check_open()
-        return self._fail(TranslationError(status, type, message))
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LocalProtocolError("the Messages stream translator is closed")
 
     def _fail(self, exc: TranslationError) -> list[StreamEvent]:
         self.failure = exc
@@ -167,33 +124,37 @@ class MessagesStreamTranslator:
         self._open = None
         return [("error", exc.to_anthropic())]
 
-    def _apply(self, op: ChunkOp, out: list[StreamEvent]) -> None:
-        if isinstance(op, ReasoningDelta):
-            if self._thinking:
-                block = self._ensure("thinking", out)
-                delta = {"type": "thinking_delta", "thinking": op.text}
-                out.append(self._delta(block, delta))
-        elif isinstance(op, TextDelta | RefusalDelta):
-            if isinstance(op, RefusalDelta):
-                self._refusal = True
-            block = self._ensure("text", out)
-            out.append(self._delta(block, {"type": "text_delta", "text": op.text}))
-        elif isinstance(op, ToolCallStart):
-            self._tool_calls = True
-            self._close_open(out)
-            block = self._new_block("tool_use")
-            self._tools[op.index] = block
-            start = {"type": "tool_use", "id": op.call_id, "name": op.name, "input": {}}
-            out.append(self._start(block, start))
-        elif isinstance(op, ToolCallArgs):
-            block = self._tools[op.index]
-            if block is not self._open:
-                raise upstream_error("upstream interleaved the arguments of several tool calls")
-            out.append(
-                self._delta(block, {"type": "input_json_delta", "partial_json": op.fragment})
-            )
-        elif isinstance(op, Finish):
-            self._close_open(out)
+    def _on_reasoning(self, text: str, out: list[StreamEvent]) -> None:
+        if self._thinking:
+            block = self._ensure("thinking", out)
+            out.append(self._delta(block, {"type": "thinking_delta", "thinking": text}))
+
+    def _on_text(self, text: str, out: list[StreamEvent]) -> None:
+        block = self._ensure("text", out)
+        out.append(self._delta(block, {"type": "text_delta", "text": text}))
+
+    def _on_refusal(self, text: str, out: list[StreamEvent]) -> None:
+        self._refusal = True
+        self._on_text(text, out)
+
+    def _on_tool_start(self, op: ToolCallStart, out: list[StreamEvent]) -> None:
+        self._tool_calls = True
+        self._close_open(out)
+        block = self._new_block("tool_use")
+        self._tools[op.index] = block
+        start = {"type": "tool_use", "id": op.call_id, "name": op.name, "input": {}}
+        out.append(self._start(block, start))
+
+    def _on_tool_args(self, op: ToolCallArgs, out: list[StreamEvent]) -> None:
+        block = self._tools[op.index]
+        if block is not self._open:
+            raise upstream_error("upstream interleaved the arguments of several tool calls")
+        out.append(self._delta(block, {"type": "input_json_delta", "partial_json": op.fragment}))
+
+    def _on_finish(self, op: Finish, out: list[StreamEvent]) -> None:
+        self._close_open(out)
+
+    # -- content blocks -----------------------------------------------------------------------
 
     def _new_block(self, kind: Literal["text", "thinking", "tool_use"]) -> _Block:
         block = _Block(kind, self._next_index)

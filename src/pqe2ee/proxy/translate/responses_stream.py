@@ -13,15 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pqe2ee.errors import LocalProtocolError
 from pqe2ee.proxy.translate.chat import (
-    ChatChunkReader,
-    ChunkOp,
+    ChunkTranslator,
     Finish,
-    ReasoningDelta,
-    RefusalDelta,
     StreamEvent,
-    TextDelta,
     ToolCallArgs,
     ToolCallStart,
     new_id,
@@ -76,7 +71,7 @@ class _Item:
         }
 
 
-class ResponsesStreamTranslator:
+class ResponsesStreamTranslator(ChunkTranslator):
     """Sans-IO translator: ``chat.completion.chunk`` dicts in, Responses stream events out.
 
     Call :meth:`feed` for each parsed chunk, then :meth:`finish` at end of stream, or
@@ -96,25 +91,18 @@ class ResponsesStreamTranslator:
     the translator closed raises :class:`pqe2ee.errors.LocalProtocolError`.
     """
 
+    dialect = "Responses"
+
     def __init__(self, req: dict[str, Any]) -> None:
         self._req = parse_responses_request(req)
-        self._reader = ChatChunkReader(call_id_prefix="call_")
+        super().__init__(call_id_prefix="call_")
         self.response_id = new_id("resp_")
         self._created_at = int(time.time())
         self._seq = 0
         self._started = False
-        self._closed = False
         self._items: list[_Item] = []
         self._open: _Item | None = None
         self._tools: dict[int, _Item] = {}
-        self.failure: TranslationError | None = None
-
-    @property
-    def closed(self) -> bool:
-        """True once a terminal event (completed, incomplete or failed) was produced."""
-        return self._closed
-
-    # -- public API ---------------------------------------------------------------------------
 
     def start(self) -> list[StreamEvent]:
         """``response.created`` and ``response.in_progress`` if not yet sent (idempotent; also
@@ -131,40 +119,19 @@ class ResponsesStreamTranslator:
 
     def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
         """Translate one parsed ``chat.completion.chunk``."""
+        # The opening goes first and echoes only the request: it never depends on the chunk.
         out = self.start()
-        try:
-            for op in self._reader.feed(chunk):
-                self._apply(op, out)
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-        return out
+        return out + super().feed(chunk)
 
-    def finish(self) -> list[StreamEvent]:
-        """End of the upstream stream: the terminal ``response.completed`` /
-        ``response.incomplete`` event (or the failure events if the stream was cut short)."""
-        out = self.start()
-        try:
-            self._reader.end()
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-            return out
+    # -- ChunkTranslator hooks ----------------------------------------------------------------
+
+    def _end(self, out: list[StreamEvent]) -> None:
+        """The terminal ``response.completed`` / ``response.incomplete`` event."""
         incomplete = incomplete_of(self._reader.finish_reason)
         self._close_open(out, "incomplete" if incomplete is not None else "completed")
         status = "incomplete" if incomplete is not None else "completed"
         response = self._response(status, incomplete_reason=incomplete)
         out.append(self._emit(f"response.{status}", {"response": response}))
-        self._closed = True
-        return out
-
-    def error(self, status: int, type: str, message: str) -> list[StreamEvent]:
-        """The upstream failed: an ``error`` event and ``response.failed``; closes the stream."""
-        return self._fail(TranslationError(status, type, message))
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LocalProtocolError("the Responses stream translator is closed")
 
     def _emit(self, kind: str, fields: dict[str, Any]) -> StreamEvent:
         data = {"type": kind, "sequence_number": self._seq, **fields}
@@ -207,20 +174,20 @@ class ResponsesStreamTranslator:
         self._closed = True
         return out
 
-    def _apply(self, op: ChunkOp, out: list[StreamEvent]) -> None:
-        if isinstance(op, ReasoningDelta):
-            self._reasoning(op.text, out)
-        elif isinstance(op, TextDelta):
-            self._message(_Part("output_text"), op.text, out)
-        elif isinstance(op, RefusalDelta):
-            self._message(_Part("refusal"), op.text, out)
-        elif isinstance(op, ToolCallStart):
-            self._tool_start(op, out)
-        elif isinstance(op, ToolCallArgs):
-            self._tool_args(op, out)
-        elif isinstance(op, Finish):
-            status = "incomplete" if incomplete_of(op.reason) is not None else "completed"
-            self._close_open(out, status)
+    def _on_reasoning(self, text: str, out: list[StreamEvent]) -> None:
+        self._reasoning(text, out)
+
+    def _on_text(self, text: str, out: list[StreamEvent]) -> None:
+        self._message(_Part("output_text"), text, out)
+
+    def _on_refusal(self, text: str, out: list[StreamEvent]) -> None:
+        self._message(_Part("refusal"), text, out)
+
+    def _on_finish(self, op: Finish, out: list[StreamEvent]) -> None:
+        status = "incomplete" if incomplete_of(op.reason) is not None else "completed"
+        self._close_open(out, status)
+
+    # -- output items -------------------------------------------------------------------------
 
     def _new_item(self, kind: Literal["reasoning", "message", "function_call"]) -> _Item:
         prefix = {"reasoning": "rs_", "message": "msg_", "function_call": "fc_"}[kind]
@@ -306,7 +273,7 @@ class ResponsesStreamTranslator:
             out.append(self._emit("response.refusal.done", {**where, "refusal": part.text}))
         out.append(self._emit("response.content_part.done", {**where, "part": part.to_dict()}))
 
-    def _tool_start(self, op: ToolCallStart, out: list[StreamEvent]) -> None:
+    def _on_tool_start(self, op: ToolCallStart, out: list[StreamEvent]) -> None:
         self._close_open(out, "completed")
         item = self._new_item("function_call")
         item.call_id = op.call_id
@@ -314,7 +281,7 @@ class ResponsesStreamTranslator:
         self._tools[op.index] = item
         self._added(item, out)
 
-    def _tool_args(self, op: ToolCallArgs, out: list[StreamEvent]) -> None:
+    def _on_tool_args(self, op: ToolCallArgs, out: list[StreamEvent]) -> None:
         item = self._tools.get(op.index)
         if item is None or item is not self._open:
             raise upstream_error("upstream interleaved the arguments of several tool calls")
