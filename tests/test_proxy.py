@@ -1002,8 +1002,7 @@ DONE = b"data: [DONE]\n\n"
 async def _reframe(pieces: list[bytes], dialect: str) -> list[tuple[str | None, str]]:
     from pqe2ee.proxy.app.metrics import Metrics as _Metrics
     from pqe2ee.proxy.app.streaming import TranslatedBody as _TranslatedBody
-    from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
-    from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
+    from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 
     async def body() -> Any:
         for piece in pieces:

@@ -24,7 +24,6 @@ from pqe2ee.proxy.translate.anthropic import (
     messages_to_chat,
     tool_input,
 )
-from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
 from pqe2ee.proxy.translate.errors import (
     ANTHROPIC_ERROR_TYPES,
     TranslationError,
@@ -33,6 +32,7 @@ from pqe2ee.proxy.translate.errors import (
     invalid_request,
     upstream_error,
 )
+from pqe2ee.proxy.translate.streams import MessagesStreamTranslator
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 

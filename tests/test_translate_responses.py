@@ -31,7 +31,7 @@ from pqe2ee.proxy.translate.responses import (
     response_error_code,
     responses_to_chat,
 )
-from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
+from pqe2ee.proxy.translate.streams import ResponsesStreamTranslator
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 

@@ -58,10 +58,9 @@ from pqe2ee.proxy.translate.anthropic import (
     count_tokens_estimate,
     messages_to_chat,
 )
-from pqe2ee.proxy.translate.anthropic_stream import MessagesStreamTranslator
 from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
-from pqe2ee.proxy.translate.responses_stream import ResponsesStreamTranslator
+from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
 

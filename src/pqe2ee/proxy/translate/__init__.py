@@ -4,10 +4,10 @@ The proxy accepts three API dialects and forwards each as an OpenAI Chat Complet
 
 * :mod:`.chat` — the Chat Completions side every translation shares: reply/chunk structs, the
   chunk reader (:class:`~.chat.ChatChunkReader`) and the request messages builder;
-* :mod:`.responses` / :mod:`.responses_stream` — the OpenAI Responses API (Codex) ⇄ Chat
-  Completions, single replies and streams;
-* :mod:`.anthropic` / :mod:`.anthropic_stream` — the Anthropic Messages API (Claude Code, the
-  anthropic SDK) ⇄ Chat Completions, plus the local ``count_tokens`` estimate;
+* :mod:`.responses` — the OpenAI Responses API (Codex) ⇄ Chat Completions;
+* :mod:`.anthropic` — the Anthropic Messages API (Claude Code, the anthropic SDK) ⇄ Chat
+  Completions, plus the local ``count_tokens`` estimate;
+* :mod:`.streams` — both dialects' stream translators, over one skeleton;
 * :mod:`.errors` — :class:`~.errors.TranslationError` and the error bodies of each dialect.
 
 Everything here is functions over plain ``dict`` values (as decoded from and encoded to JSON)

@@ -6,7 +6,7 @@ Pure and sans-IO:
 * :func:`chat_to_message` turns a ``chat.completion`` into an Anthropic ``Message``;
 * :func:`count_tokens_estimate` answers ``POST /v1/messages/count_tokens`` with an estimate.
 
-The streamed side is :class:`~pqe2ee.proxy.translate.anthropic_stream.MessagesStreamTranslator`
+The streamed side is :class:`~pqe2ee.proxy.translate.streams.MessagesStreamTranslator`
 (it shares :func:`stop_fields` and :func:`usage_object`); the Chat Completions side is
 :mod:`pqe2ee.proxy.translate.chat`.
 

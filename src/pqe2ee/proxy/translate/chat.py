@@ -7,8 +7,7 @@ from, an OpenAI Chat Completions endpoint. What they share lives here:
   (:func:`parse_chat_reply`, which also surfaces errors an upstream reports in-band) and small
   readers over them (:func:`reply_message`, :func:`function_calls`, :func:`content_text`, ...);
 * :class:`ChatChunkReader`, which turns chunks into a flat list of semantic operations
-  (:data:`ChunkOp`), and :class:`ChunkTranslator`, the skeleton of the dialects' stream
-  translators that render them;
+  (:data:`ChunkOp`) that the dialects' stream translators (:mod:`.streams`) render;
 * :class:`ChatMessagesBuilder`, which accumulates the ``messages`` list of a request under the
   rules open-model chat templates need (one leading system message, alternating roles, tool
   messages right after the assistant's calls).
@@ -18,15 +17,13 @@ Pure and sans-IO: plain ``dict`` values in and out, no HTTP, no SSE bytes.
 
 from __future__ import annotations
 
-import abc
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, TypeAlias
 
 import msgspec
 
-from pqe2ee.errors import LocalProtocolError
 from pqe2ee.proxy.translate.errors import TranslationError, upstream_error
 
 __all__ = [
@@ -37,7 +34,6 @@ __all__ = [
     "ChatReply",
     "ChatUsage",
     "ChunkOp",
-    "ChunkTranslator",
     "Finish",
     "ReasoningDelta",
     "RefusalDelta",
@@ -394,112 +390,6 @@ class ChatChunkReader:
             raise upstream_error("upstream stream ended with a tool call that has no name")
         if self.finish_reason is None:
             raise upstream_error("upstream stream ended without a finish_reason")
-
-
-class ChunkTranslator(abc.ABC):
-    """The skeleton of a dialect's stream translator: chunks in, ``(event_name, data)`` out.
-
-    Holds the :class:`ChatChunkReader` and the sticky closed state, and drives the calls:
-    :meth:`feed` reads a chunk and hands each :data:`ChunkOp` to one handler (``_on_*``);
-    :meth:`finish` checks the upstream ended properly, then lets the dialect write its clean
-    ending (:meth:`_end`); :meth:`error` ends with the dialect's failure events. A chunk or an
-    ending that breaks the rules ends with those failure events too (:attr:`failure` is then
-    set). Any call after the translator closed raises
-    :class:`~pqe2ee.errors.LocalProtocolError`.
-    """
-
-    #: How the translator is named in the error raised once it is closed.
-    dialect: ClassVar[str]
-
-    def __init__(self, *, call_id_prefix: str) -> None:
-        self._reader = ChatChunkReader(call_id_prefix)
-        self._closed = False
-        self.failure: TranslationError | None = None
-
-    @property
-    def closed(self) -> bool:
-        """True once a terminal event (a clean end or a failure) was produced."""
-        return self._closed
-
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        """Translate one parsed ``chat.completion.chunk``."""
-        self._check_open()
-        out: list[StreamEvent] = []
-        try:
-            ops = self._reader.feed(chunk)
-            out.extend(self.start())
-            for op in ops:
-                self._apply(op, out)
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-        return out
-
-    def finish(self) -> list[StreamEvent]:
-        """End of the upstream stream: the dialect's clean ending, or its failure events if the
-        stream was cut short (no ``finish_reason``, a tool call without a name)."""
-        out = self.start()
-        try:
-            self._reader.end()
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-            return out
-        self._end(out)
-        self._closed = True
-        return out
-
-    def error(self, status: int, type: str, message: str) -> list[StreamEvent]:
-        """The upstream failed: the dialect's failure events; closes the stream."""
-        self._check_open()
-        return self._fail(TranslationError(status, type, message))
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LocalProtocolError(f"the {self.dialect} stream translator is closed")
-
-    def _apply(self, op: ChunkOp, out: list[StreamEvent]) -> None:
-        if isinstance(op, ReasoningDelta):
-            self._on_reasoning(op.text, out)
-        elif isinstance(op, TextDelta):
-            self._on_text(op.text, out)
-        elif isinstance(op, RefusalDelta):
-            self._on_refusal(op.text, out)
-        elif isinstance(op, ToolCallStart):
-            self._on_tool_start(op, out)
-        elif isinstance(op, ToolCallArgs):
-            self._on_tool_args(op, out)
-        elif isinstance(op, Finish):
-            self._on_finish(op, out)
-        # UsageUpdate: the reader keeps the latest usage for the ending.
-
-    @abc.abstractmethod
-    def start(self) -> list[StreamEvent]:
-        """The opening events if not yet sent (idempotent; also done by :meth:`feed`)."""
-
-    @abc.abstractmethod
-    def _fail(self, exc: TranslationError) -> list[StreamEvent]:
-        """The failure events; sets :attr:`failure` and closes."""
-
-    @abc.abstractmethod
-    def _end(self, out: list[StreamEvent]) -> None:
-        """Append the clean ending (the upstream ended properly)."""
-
-    @abc.abstractmethod
-    def _on_reasoning(self, text: str, out: list[StreamEvent]) -> None: ...
-
-    @abc.abstractmethod
-    def _on_text(self, text: str, out: list[StreamEvent]) -> None: ...
-
-    @abc.abstractmethod
-    def _on_refusal(self, text: str, out: list[StreamEvent]) -> None: ...
-
-    @abc.abstractmethod
-    def _on_tool_start(self, op: ToolCallStart, out: list[StreamEvent]) -> None: ...
-
-    @abc.abstractmethod
-    def _on_tool_args(self, op: ToolCallArgs, out: list[StreamEvent]) -> None: ...
-
-    @abc.abstractmethod
-    def _on_finish(self, op: Finish, out: list[StreamEvent]) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------

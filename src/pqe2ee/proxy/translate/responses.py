@@ -5,7 +5,7 @@ Pure and sans-IO:
 * :func:`responses_to_chat` turns a ``POST /v1/responses`` body into a Chat Completions body;
 * :func:`chat_to_response` turns a ``chat.completion`` into a Responses ``response`` object;
 * the builders of ``response`` objects and output items, which
-  :class:`~pqe2ee.proxy.translate.responses_stream.ResponsesStreamTranslator` (the streamed
+  :class:`~pqe2ee.proxy.translate.streams.ResponsesStreamTranslator` (the streamed
   side) shares.
 
 The Chat Completions side (reply structs, the chunk reader, the messages builder) is
