@@ -36,24 +36,10 @@ Modules: :mod:`.config` (settings), :mod:`.failures` (errors as answers in each 
 
 from __future__ import annotations
 
-from pqe2ee.proxy.app.config import (
-    DEFAULT_API_BASE,
-    DEFAULT_HOST,
-    DEFAULT_MODELS_BASE,
-    DEFAULT_PORT,
-    ProxyConfig,
-)
+from pqe2ee.proxy.app import config
+from pqe2ee.proxy.app.config import *  # noqa: F403  (ProxyConfig and the defaults, as asyncio does)
 from pqe2ee.proxy.app.routes import create_app
 from pqe2ee.proxy.app.server import ProxyServer, serve, server_config
 
-__all__ = [
-    "DEFAULT_API_BASE",
-    "DEFAULT_HOST",
-    "DEFAULT_MODELS_BASE",
-    "DEFAULT_PORT",
-    "ProxyConfig",
-    "ProxyServer",
-    "create_app",
-    "serve",
-    "server_config",
-]
+__all__ = ["ProxyServer", "create_app", "serve", "server_config"]
+__all__ += config.__all__

@@ -8,7 +8,8 @@ Small functions with one behaviour each, meant to be swapped for the shared serv
   arrive; never truncated. A malformed ``Content-Length`` is a 400.
 * :func:`read_upstream` — an upstream reply read whole, bounded the same way (502
   ``oversize``: the upstream, not the caller, is at fault); the reply is always closed.
-* :func:`parse_object` — a request body as a JSON object (400 ``invalid_json`` otherwise).
+* :func:`decode_json` — JSON in, with the refusal to raise when it is not JSON;
+  :func:`parse_object` — a request body as a JSON object (400 ``invalid_json`` otherwise).
 * :func:`json_response` — a compact JSON answer.
 * :func:`wait_for_disconnect` — returns when the client hangs up (``http.disconnect``).
 
@@ -33,6 +34,7 @@ from pqe2ee.proxy.app.failures import Failure
 __all__ = [
     "ENCODER",
     "JSON_TYPE",
+    "decode_json",
     "json_response",
     "parse_object",
     "read_body",
@@ -82,14 +84,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+def decode_json(raw: bytes, refusal: Failure) -> Any:
+    """``raw`` decoded as JSON; ``refusal`` is raised if it is not JSON."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise refusal from None
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
     """``raw`` decoded as a JSON object; a 400 ``invalid_json`` :class:`Failure` otherwise."""
-    try:
-        obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        raise Failure(
+    obj = decode_json(
+        raw,
+        Failure(
             400, "invalid_request_error", "request body is not valid JSON", code="invalid_json"
-        ) from None
+        ),
+    )
     if not isinstance(obj, dict):
         raise Failure(
             400, "invalid_request_error", "request body must be a JSON object", code="invalid_json"

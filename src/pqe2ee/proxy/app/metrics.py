@@ -46,20 +46,14 @@ class Metrics:
             p + "requests", "Requests by route and status", ["route", "status"], registry=r
         )
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-        self.first_byte = Histogram(
-            p + "first_byte_seconds",
-            "Time from request to the first response byte",
-            ["route"],
-            registry=r,
-            buckets=buckets,
+
+        def latency(name: str, doc: str) -> Histogram:
+            return Histogram(p + name, doc, ["route"], registry=r, buckets=buckets)
+
+        self.first_byte = latency(
+            "first_byte_seconds", "Time from request to the first response byte"
         )
-        self.duration = Histogram(
-            p + "duration_seconds",
-            "Time from request to the last response byte",
-            ["route"],
-            registry=r,
-            buckets=buckets,
-        )
+        self.duration = latency("duration_seconds", "Time from request to the last response byte")
         self.bytes_in = Counter(p + "request_bytes", "Request body bytes", ["route"], registry=r)
         self.bytes_out = Counter(p + "response_bytes", "Response body bytes", ["route"], registry=r)
         self.stream_faults = Counter(

@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import httpx2
-import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,6 +29,7 @@ from pqe2ee.errors import PQE2EEError
 from pqe2ee.proxy.app._plumbing import (
     ENCODER,
     JSON_TYPE,
+    decode_json,
     json_response,
     parse_object,
     read_body,
@@ -220,12 +220,10 @@ class _Proxy:
                 raise fail_of_upstream_body(resp.status_code, raw)
             if not stream:
                 raw = await read_upstream(resp, self.config.max_response)
-                try:
-                    reply = msgspec.json.decode(raw)
-                except msgspec.DecodeError:
-                    raise Failure(
-                        502, "server_error", "upstream reply is not JSON", code="bad_upstream_reply"
-                    ) from None
+                not_json = Failure(
+                    502, "server_error", "upstream reply is not JSON", code="bad_upstream_reply"
+                )
+                reply = decode_json(raw, not_json)
                 try:
                     return json_response(dialect.from_chat(reply, req))
                 except TranslationError as exc:

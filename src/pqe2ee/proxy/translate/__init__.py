@@ -13,6 +13,6 @@ The proxy accepts three API dialects and forwards each as an OpenAI Chat Complet
 Everything here is functions over plain ``dict`` values (as decoded from and encoded to JSON)
 and small stateful stream translators that take already-parsed ``chat.completion.chunk`` dicts
 and return ``(event_name, data)`` pairs for the caller to write as server-sent events. No HTTP,
-no crypto, no SSE byte parsing, no I/O library (``tests/test_proxy_purity.py`` checks the
-imports). The HTTP side is :mod:`pqe2ee.proxy.app`.
+no crypto, no SSE byte parsing, no I/O library (``tests/test_translate_responses.py`` checks
+the imports). The HTTP side is :mod:`pqe2ee.proxy.app`.
 """
