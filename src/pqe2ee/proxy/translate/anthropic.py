@@ -61,8 +61,10 @@ import msgspec
 from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
+    chat_request,
     content_text,
     function_calls,
+    function_tool,
     json_text,
     matched_stop,
     new_id,
@@ -345,13 +347,7 @@ def _tools(req: MessagesRequest) -> list[dict[str, Any]]:
                 code="unsupported_tool",
             )
         tool = convert(raw, _Tool, where=where)
-        fn: dict[str, Any] = {"name": tool.name}
-        if tool.description is not None:
-            fn["description"] = tool.description
-        fn["parameters"] = tool.input_schema
-        if tool.strict is not None:
-            fn["strict"] = tool.strict
-        tools.append({"type": "function", "function": fn})
+        tools.append(function_tool(tool.name, tool.description, tool.input_schema, tool.strict))
     return tools
 
 
@@ -414,45 +410,40 @@ def messages_to_chat(req: dict[str, Any]) -> dict[str, Any]:
             _user_turn(out, msg.content, f"{where}.content")
         else:
             _assistant_turn(out, msg.content, f"{where}.content")
-    chat: dict[str, Any] = {}
-    if parsed.model is not None:
-        chat["model"] = parsed.model
-    chat["messages"] = out.build()
     tools = _tools(parsed)
     choice, parallel = _tool_choice(parsed)
-    if tools:  # Chat Completions rejects tool_choice without tools
-        chat["tools"] = tools
-        if choice is not None:
-            chat["tool_choice"] = choice
-        if parallel is not None:
-            chat["parallel_tool_calls"] = parallel
-    chat["max_tokens"] = parsed.max_tokens
-    if parsed.stop_sequences:
-        chat["stop"] = list(parsed.stop_sequences)
-    if parsed.temperature is not None:
-        chat["temperature"] = parsed.temperature
-    if parsed.top_p is not None:
-        chat["top_p"] = parsed.top_p
     effort = _reasoning_effort(parsed)
-    if effort is not None:
-        chat["reasoning_effort"] = effort
-    fmt = parsed.output_config.format if parsed.output_config is not None else None
-    if fmt is not None:
-        if fmt.type != "json_schema" or fmt.schema is None:
-            raise invalid_request(
-                "output_config.format: only {type: json_schema, schema} is supported",
-                param="output_config.format",
-            )
-        chat["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": fmt.schema, "strict": True},
-        }
-    if parsed.metadata is not None and parsed.metadata.user_id is not None:
-        chat["user"] = parsed.metadata.user_id
-    if parsed.stream:
-        chat["stream"] = True
-        chat["stream_options"] = {"include_usage": True}
-    return chat
+    return chat_request(
+        model=parsed.model,
+        messages=out.build(),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        max_tokens=parsed.max_tokens,
+        stop=list(parsed.stop_sequences) if parsed.stop_sequences else None,
+        temperature=parsed.temperature,
+        top_p=parsed.top_p,
+        reasoning_effort=effort,
+        response_format=_response_format(parsed),
+        user=parsed.metadata.user_id if parsed.metadata is not None else None,
+        stream=bool(parsed.stream),
+    )
+
+
+def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """``output_config.format`` (a JSON schema) as a Chat Completions ``response_format``."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    if fmt is None:
+        return None
+    if fmt.type != "json_schema" or fmt.schema is None:
+        raise invalid_request(
+            "output_config.format: only {type: json_schema, schema} is supported",
+            param="output_config.format",
+        )
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": fmt.schema, "strict": True},
+    }
 
 
 # ---------------------------------------------------------------------------------------------

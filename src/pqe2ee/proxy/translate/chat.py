@@ -8,7 +8,8 @@ from, an OpenAI Chat Completions endpoint. What they share lives here:
   readers over them (:func:`reply_message`, :func:`function_calls`, :func:`content_text`, ...);
 * :class:`ChatChunkReader`, which turns chunks into a flat list of semantic operations
   (:data:`ChunkOp`) that the dialects' stream translators (:mod:`.streams`) render;
-* :class:`ChatMessagesBuilder`, which accumulates the ``messages`` list of a request under the
+* :func:`chat_request` (the create body, in one field order for both dialects) and
+  :class:`ChatMessagesBuilder`, which accumulates the ``messages`` list of a request under the
   rules open-model chat templates need (one leading system message, alternating roles, tool
   messages right after the assistant's calls).
 
@@ -42,15 +43,18 @@ __all__ = [
     "ToolCallArgs",
     "ToolCallStart",
     "UsageUpdate",
+    "chat_request",
     "content_text",
     "first_choice",
     "function_calls",
+    "function_tool",
     "json_text",
     "matched_stop",
     "new_id",
     "parse_chat_reply",
     "reasoning_text",
     "reply_message",
+    "without_none",
 ]
 
 #: One output event: ``(event_name, data)``; write as ``event: <name>\ndata: <json>\n\n``.
@@ -395,6 +399,57 @@ class ChatChunkReader:
 # ---------------------------------------------------------------------------------------------
 # Requests: the messages list
 # ---------------------------------------------------------------------------------------------
+
+
+def without_none(**fields: Any) -> dict[str, Any]:
+    """The fields that are not ``None``, in the order given (the JSON object keeps it)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def function_tool(
+    name: str, description: str | None, parameters: dict[str, Any] | None, strict: bool | None
+) -> dict[str, Any]:
+    """A Chat Completions ``function`` tool (fields that are ``None`` left out)."""
+    fn = without_none(name=name, description=description, parameters=parameters, strict=strict)
+    return {"type": "function", "function": fn}
+
+
+def chat_request(
+    *,
+    model: str | None,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    tool_choice: str | dict[str, Any] | None,
+    parallel_tool_calls: bool | None,
+    max_tokens: int | None,
+    stop: list[str] | None,
+    temperature: float | None,
+    top_p: float | None,
+    reasoning_effort: str | None,
+    response_format: dict[str, Any] | None,
+    user: str | None,
+    stream: bool,
+) -> dict[str, Any]:
+    """A Chat Completions create body, in this field order; fields that are ``None`` are left
+    out, ``tool_choice`` and ``parallel_tool_calls`` too when there are no tools (Chat
+    Completions rejects them then), and a stream asks for usage in its last chunk."""
+    chat = without_none(model=model, messages=messages)
+    if tools:
+        chat["tools"] = tools
+        chat |= without_none(tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls)
+    chat |= without_none(
+        max_tokens=max_tokens,
+        stop=stop,
+        temperature=temperature,
+        top_p=top_p,
+        reasoning_effort=reasoning_effort,
+        response_format=response_format,
+        user=user,
+    )
+    if stream:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat
 
 
 class ChatMessagesBuilder:

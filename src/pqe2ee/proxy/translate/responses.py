@@ -50,11 +50,14 @@ import msgspec
 from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
+    chat_request,
     content_text,
     function_calls,
+    function_tool,
     new_id,
     reasoning_text,
     reply_message,
+    without_none,
 )
 from pqe2ee.proxy.translate.errors import (
     TranslationError,
@@ -218,17 +221,6 @@ def _function_tools(req: ResponsesRequest) -> list[_FunctionTool]:
             )
         tools.append(convert(raw, _FunctionTool, where=where))
     return tools
-
-
-def _chat_tool(tool: _FunctionTool) -> dict[str, Any]:
-    fn: dict[str, Any] = {"name": tool.name}
-    if tool.description is not None:
-        fn["description"] = tool.description
-    if tool.parameters is not None:
-        fn["parameters"] = tool.parameters
-    if tool.strict is not None:
-        fn["strict"] = tool.strict
-    return {"type": "function", "function": fn}
 
 
 def _tool_choice(
@@ -400,6 +392,13 @@ def _input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return out.build()
 
 
+def _schema_spec(fmt: _TextFormat, schema: dict[str, Any]) -> dict[str, Any]:
+    """The named JSON schema of a ``json_schema`` text format (absent fields left out)."""
+    return without_none(
+        name=fmt.name or "response", schema=schema, description=fmt.description, strict=fmt.strict
+    )
+
+
 def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     fmt = req.text.format if req.text is not None else None
     if fmt is None or fmt.type == "text":
@@ -409,12 +408,7 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     if fmt.type == "json_schema":
         if fmt.schema is None:
             raise invalid_request("text.format.schema: field required", param="text.format.schema")
-        spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema}
-        if fmt.description is not None:
-            spec["description"] = fmt.description
-        if fmt.strict is not None:
-            spec["strict"] = fmt.strict
-        return {"type": "json_schema", "json_schema": spec}
+        return {"type": "json_schema", "json_schema": _schema_spec(fmt, fmt.schema)}
     raise invalid_request(
         f"text.format.type: {fmt.type!r} is not supported", param="text.format.type"
     )
@@ -429,33 +423,23 @@ def responses_to_chat(req: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_responses_request(req)
     tools = _function_tools(parsed)
     choice, tools = _tool_choice(parsed, tools)
-    chat: dict[str, Any] = {}
-    if parsed.model is not None:
-        chat["model"] = parsed.model
-    chat["messages"] = _input_messages(parsed)
-    if tools:  # Chat Completions rejects tool_choice without tools
-        chat["tools"] = [_chat_tool(t) for t in tools]
-        if choice is not None:
-            chat["tool_choice"] = choice
-        if parsed.parallel_tool_calls is not None:
-            chat["parallel_tool_calls"] = parsed.parallel_tool_calls
-    if parsed.max_output_tokens is not None:
-        chat["max_tokens"] = parsed.max_output_tokens
-    if parsed.temperature is not None:
-        chat["temperature"] = parsed.temperature
-    if parsed.top_p is not None:
-        chat["top_p"] = parsed.top_p
-    if parsed.reasoning is not None and parsed.reasoning.effort is not None:
-        chat["reasoning_effort"] = _EFFORTS[parsed.reasoning.effort]
-    response_format = _response_format(parsed)
-    if response_format is not None:
-        chat["response_format"] = response_format
-    if parsed.user is not None:
-        chat["user"] = parsed.user
-    if parsed.stream:
-        chat["stream"] = True
-        chat["stream_options"] = {"include_usage": True}
-    return chat
+    messages = _input_messages(parsed)
+    effort = parsed.reasoning.effort if parsed.reasoning is not None else None
+    return chat_request(
+        model=parsed.model,
+        messages=messages,
+        tools=[function_tool(t.name, t.description, t.parameters, t.strict) for t in tools],
+        tool_choice=choice,
+        parallel_tool_calls=parsed.parallel_tool_calls,
+        max_tokens=parsed.max_output_tokens,
+        stop=None,
+        temperature=parsed.temperature,
+        top_p=parsed.top_p,
+        reasoning_effort=_EFFORTS[effort] if effort is not None else None,
+        response_format=_response_format(parsed),
+        user=parsed.user,
+        stream=bool(parsed.stream),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,16 +478,7 @@ def _echo_text(req: ResponsesRequest) -> dict[str, Any]:
     if fmt is not None and fmt.type == "json_object":
         out["format"] = {"type": "json_object"}
     elif fmt is not None and fmt.type == "json_schema":
-        spec: dict[str, Any] = {
-            "type": "json_schema",
-            "name": fmt.name or "response",
-            "schema": fmt.schema or {},
-        }
-        if fmt.description is not None:
-            spec["description"] = fmt.description
-        if fmt.strict is not None:
-            spec["strict"] = fmt.strict
-        out["format"] = spec
+        out["format"] = {"type": "json_schema", **_schema_spec(fmt, fmt.schema or {})}
     if req.text is not None and req.text.verbosity in ("low", "medium", "high"):
         out["verbosity"] = req.text.verbosity
     return out
