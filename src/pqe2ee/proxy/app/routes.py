@@ -49,6 +49,7 @@ from pqe2ee.proxy.app.pool import ClientPool, PoolEntry, client_factory, client_
 from pqe2ee.proxy.app.streaming import (
     OpenStreams,
     PassthroughBody,
+    StreamBody,
     StreamResponse,
     TranslatedBody,
     Translator,
@@ -157,6 +158,19 @@ class _Proxy:
         }
         return entry.client.build_request("POST", path, content=body, headers=headers)
 
+    def _stream(
+        self, body: StreamBody, upstream: httpx2.Response, entry: PoolEntry, route: str
+    ) -> StreamResponse:
+        """The streamed answer; it closes ``upstream`` and releases ``entry`` when it ends."""
+        return StreamResponse(
+            body,
+            upstream=upstream,
+            release=lambda: self.pool.release(entry),
+            metrics=self.metrics,
+            streams=self.streams,
+            route=route,
+        )
+
     # -- OpenAI passthrough ------------------------------------------------------------------
 
     async def passthrough(self, request: Request) -> Response:
@@ -178,14 +192,7 @@ class _Proxy:
                 ctype = resp.headers.get("content-type", JSON_TYPE)
                 return Response(body, status_code=resp.status_code, media_type=ctype)
             handed_over = True
-            return StreamResponse(
-                PassthroughBody(resp, self.metrics, route),
-                upstream=resp,
-                release=lambda: self.pool.release(entry),
-                metrics=self.metrics,
-                streams=self.streams,
-                route=route,
-            )
+            return self._stream(PassthroughBody(resp, self.metrics, route), resp, entry, route)
         finally:
             if not handed_over:
                 await self.pool.release(entry)
@@ -228,21 +235,15 @@ class _Proxy:
                     return json_response(dialect.from_chat(reply, req))
                 except TranslationError as exc:
                     raise Failure.of_translation(exc) from None
-            handed_over = True
-            return StreamResponse(
-                TranslatedBody(
-                    resp,
-                    dialect.translator(req),
-                    max_event=self.config.max_event,
-                    metrics=self.metrics,
-                    route=dialect.route,
-                ),
-                upstream=resp,
-                release=lambda: self.pool.release(entry),
+            translated = TranslatedBody(
+                resp,
+                dialect.translator(req),
+                max_event=self.config.max_event,
                 metrics=self.metrics,
-                streams=self.streams,
                 route=dialect.route,
             )
+            handed_over = True
+            return self._stream(translated, resp, entry, dialect.route)
         finally:
             if not handed_over:
                 await self.pool.release(entry)

@@ -35,6 +35,7 @@ __all__ = [
     "SSE_HEADERS",
     "OpenStreams",
     "PassthroughBody",
+    "StreamBody",
     "StreamResponse",
     "TranslatedBody",
     "Translator",
@@ -71,7 +72,7 @@ class Translator(Protocol):
     def error(self, status: int, type: str, message: str) -> list[StreamEvent]: ...
 
 
-class _Body(Protocol):
+class StreamBody(Protocol):
     """What a streamed answer sends: ``chunks()`` while the upstream lasts, and ``abort()`` -
     the dialect's error ending - when the proxy itself has to cut the stream short."""
 
@@ -119,7 +120,7 @@ class StreamResponse(Response):
 
     def __init__(
         self,
-        body: _Body,
+        body: StreamBody,
         *,
         upstream: httpx2.Response,
         release: Callable[[], Awaitable[None]],
