@@ -255,16 +255,22 @@ def function_calls(msg: ChatMessage) -> list[tuple[str | None, str, str]]:
 
 @dataclass(slots=True)
 class ReasoningDelta:
+    """Reasoning text (``reasoning_content`` or ``reasoning``)."""
+
     text: str
 
 
 @dataclass(slots=True)
 class TextDelta:
+    """Answer text (``content``)."""
+
     text: str
 
 
 @dataclass(slots=True)
 class RefusalDelta:
+    """Refusal text (``refusal``)."""
+
     text: str
 
 
@@ -279,18 +285,24 @@ class ToolCallStart:
 
 @dataclass(slots=True)
 class ToolCallArgs:
+    """A fragment of tool call ``index``'s JSON arguments."""
+
     index: int
     fragment: str
 
 
 @dataclass(slots=True)
 class Finish:
+    """The ``finish_reason`` (and the stop string matched, if the upstream says)."""
+
     reason: str
     matched_stop: str | None
 
 
 @dataclass(slots=True)
 class UsageUpdate:
+    """Token usage (the last one reported counts)."""
+
     usage: ChatUsage
 
 

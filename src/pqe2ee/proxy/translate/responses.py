@@ -79,11 +79,15 @@ __all__ = [
 
 
 class _Reasoning(msgspec.Struct):
+    """``reasoning``: the effort and whether a summary is wanted."""
+
     effort: str | None = None
     summary: str | None = None
 
 
 class _TextFormat(msgspec.Struct):
+    """``text.format``: ``text``, ``json_object`` or a named ``json_schema``."""
+
     type: str
     name: str | None = None
     schema: dict[str, Any] | None = None
@@ -92,11 +96,15 @@ class _TextFormat(msgspec.Struct):
 
 
 class _TextConfig(msgspec.Struct):
+    """``text``: the output format and verbosity."""
+
     format: _TextFormat | None = None
     verbosity: str | None = None
 
 
 class _FunctionTool(msgspec.Struct):
+    """A ``function`` entry of ``tools``."""
+
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -127,30 +135,42 @@ class ResponsesRequest(msgspec.Struct):
 
 
 class _MessageItem(msgspec.Struct):
+    """A ``message`` input item."""
+
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[Any]
 
 
 class _FunctionCallItem(msgspec.Struct):
+    """A ``function_call`` input item: an earlier tool call."""
+
     call_id: str
     name: str
     arguments: str
 
 
 class _FunctionCallOutputItem(msgspec.Struct):
+    """A ``function_call_output`` input item: a tool call's result."""
+
     call_id: str
     output: str | list[Any]
 
 
 class _TextPart(msgspec.Struct):
+    """An ``input_text`` / ``output_text`` (or similar) content part."""
+
     text: str
 
 
 class _RefusalPart(msgspec.Struct):
+    """A ``refusal`` content part."""
+
     refusal: str
 
 
 class _ImagePart(msgspec.Struct):
+    """An ``input_image`` content part."""
+
     image_url: str | None = None
     file_id: str | None = None
     detail: str | None = None
