@@ -57,7 +57,7 @@ def dialect_of(path: str) -> Dialect:
 class Failure(Exception):
     """An error answer: HTTP status, OpenAI-vocabulary ``type``, message and machine ``code``
     (the OpenAI ``code`` field; ``param`` likewise). Raised anywhere below a route, rendered
-    once, in the caller's dialect, by :func:`pqe2ee.proxy.app.routes.guard`."""
+    once, in the caller's dialect, by the routes' guard."""
 
     status: int
     type: str

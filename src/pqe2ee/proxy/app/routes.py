@@ -302,7 +302,7 @@ def _guard(handler: Endpoint) -> Endpoint:
 
 
 def create_app(config: ProxyConfig | None = None) -> Starlette:
-    """Build the proxy's Starlette app (see the module docstring for its endpoints)."""
+    """Build the proxy's Starlette app (its endpoints: see :mod:`pqe2ee.proxy.app`)."""
     config = config or ProxyConfig()
     metrics = Metrics()
     pool = ClientPool(
