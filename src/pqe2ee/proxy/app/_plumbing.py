@@ -5,9 +5,11 @@ Small functions with one behaviour each, meant to be swapped for the shared serv
 
 * :func:`read_body` — a request body, bounded: refused (413 ``oversize``) as soon as it is
   known to exceed the limit, from ``Content-Length`` before reading or from the bytes as they
-  arrive; never truncated. A malformed ``Content-Length`` is a 400.
+  arrive; never truncated, and never more than the limit held. A malformed
+  ``Content-Length`` is a 400.
 * :func:`read_upstream` — an upstream reply read whole, bounded the same way (502
   ``oversize``: the upstream, not the caller, is at fault); the reply is always closed.
+  Both use one bounded collector, :func:`_collect`.
 * :func:`decode_json` — JSON in, with the refusal to raise when it is not JSON;
   :func:`parse_object` — a request body as a JSON object (400 ``invalid_json`` otherwise).
 * :func:`json_response` — a compact JSON answer.
@@ -19,6 +21,7 @@ caller's dialect by the routes.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, Callable
 from typing import Any, Final
 
 import anyio
@@ -60,6 +63,28 @@ def _body_too_large(limit: int) -> Failure:
     )
 
 
+def _reply_too_large(limit: int) -> Failure:
+    return Failure(
+        502,
+        "server_error",
+        f"{ErrorCode.OVERSIZE.value}: upstream reply larger than {limit} bytes",
+        code=ErrorCode.OVERSIZE.value,
+    )
+
+
+async def _collect(
+    chunks: AsyncIterable[bytes], limit: int, too_large: Callable[[int], Failure]
+) -> bytes:
+    """All of ``chunks``, refused with ``too_large(limit)`` at the first chunk that would take
+    the total past ``limit`` (nothing past the limit is held; nothing is cut)."""
+    buf = bytearray()
+    async for chunk in chunks:
+        if len(buf) + len(chunk) > limit:
+            raise too_large(limit)
+        buf += chunk
+    return bytes(buf)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes; a larger one is refused, never truncated.
 
@@ -76,12 +101,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise Failure(400, "invalid_request_error", "bad Content-Length header") from None
         if size > limit:
             raise _body_too_large(limit)
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise _body_too_large(limit)
-    return bytes(buf)
+    return await _collect(request.stream(), limit, _body_too_large)
 
 
 def decode_json(raw: bytes, refusal: Failure) -> Any:
@@ -111,21 +131,11 @@ async def read_upstream(resp: httpx2.Response, limit: int) -> bytes:
     """The whole body of an upstream reply, at most ``limit`` bytes; a larger one is refused
     (502 ``oversize`` :class:`Failure`), never truncated. ``resp`` is closed either way
     (shielded from cancellation)."""
-    buf = bytearray()
     try:
-        async for chunk in resp.aiter_bytes():
-            buf += chunk
-            if len(buf) > limit:
-                raise Failure(
-                    502,
-                    "server_error",
-                    f"{ErrorCode.OVERSIZE.value}: upstream reply larger than {limit} bytes",
-                    code=ErrorCode.OVERSIZE.value,
-                )
+        return await _collect(resp.aiter_bytes(), limit, _reply_too_large)
     finally:
         with anyio.CancelScope(shield=True):
             await resp.aclose()
-    return bytes(buf)
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
