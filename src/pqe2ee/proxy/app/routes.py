@@ -249,7 +249,7 @@ class _Proxy:
                 await self.pool.release(entry)
 
     async def count_tokens(self, request: Request) -> Response:
-        """A local estimate (see :func:`pqe2ee.proxy.anthropic.count_tokens_estimate`)."""
+        """A local estimate (see :func:`pqe2ee.proxy.translate.anthropic.count_tokens_estimate`)."""
         self._key(request)
         req = parse_object(await read_body(request, self.config.max_body))
         try:
