@@ -29,7 +29,8 @@ import pytest
 from click.testing import CliRunner
 
 from pqe2ee.cli import cli
-from pqe2ee.proxy.app import ProxyConfig, ProxyServer, _ClientPool, create_app, server_config
+from pqe2ee.proxy.app import ProxyConfig, ProxyServer, create_app, server_config
+from pqe2ee.proxy.app.pool import ClientPool as _ClientPool
 from pqe2ee.server import dev_engine, instance, relay
 from servers import run_app
 
@@ -985,6 +986,96 @@ def anyio_backend() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# the plumbing on its own: bounded reads refuse (never truncate), the disconnect watcher
+
+
+def _request(
+    chunks: list[bytes], headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[Any, list[int]]:
+    """A starlette Request whose body arrives in ``chunks``; ``reads[0]`` counts receive calls."""
+    from starlette.requests import Request
+
+    reads = [0]
+
+    async def receive() -> dict[str, Any]:
+        i = reads[0]
+        reads[0] += 1
+        if i < len(chunks):
+            return {"type": "http.request", "body": chunks[i], "more_body": i + 1 < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    return Request({**scope, "headers": headers or []}, receive), reads
+
+
+@pytest.mark.anyio
+async def test_read_body_refuses_a_streamed_body_over_the_limit_as_soon_as_it_crosses() -> None:
+    from pqe2ee.proxy.app._plumbing import read_body
+    from pqe2ee.proxy.app.failures import Failure
+
+    request, reads = _request([b"x" * 40] * 5)  # no Content-Length: 200 bytes in 5 pieces
+    with pytest.raises(Failure) as info:
+        await read_body(request, 100)
+    assert (info.value.status, info.value.code) == (413, "oversize")
+    assert reads[0] == 3  # stopped at the piece that crossed the limit, not at the end
+
+
+@pytest.mark.anyio
+async def test_read_body_refuses_a_declared_length_over_the_limit_before_reading() -> None:
+    from pqe2ee.proxy.app._plumbing import read_body
+    from pqe2ee.proxy.app.failures import Failure
+
+    request, reads = _request([b"x" * 500], [(b"content-length", b"500")])
+    with pytest.raises(Failure) as info:
+        await read_body(request, 100)
+    assert (info.value.status, info.value.code) == (413, "oversize")
+    assert reads[0] == 0
+    bad, _ = _request([b"{}"], [(b"content-length", b"two")])
+    with pytest.raises(Failure) as info:
+        await read_body(bad, 100)
+    assert info.value.status == 400
+
+
+@pytest.mark.anyio
+async def test_read_body_at_the_limit_is_whole() -> None:
+    from pqe2ee.proxy.app._plumbing import read_body
+
+    request, _ = _request([b"a" * 60, b"b" * 40])
+    assert await read_body(request, 100) == b"a" * 60 + b"b" * 40
+
+
+@pytest.mark.anyio
+async def test_read_upstream_refuses_over_the_limit_and_always_closes() -> None:
+    from pqe2ee.proxy.app._plumbing import read_upstream
+    from pqe2ee.proxy.app.failures import Failure
+
+    def reply(pieces: list[bytes]) -> httpx2.Response:
+        async def body() -> Any:
+            for piece in pieces:
+                yield piece
+
+        return httpx2.Response(200, content=body())
+
+    big = reply([b"x" * 60] * 3)
+    with pytest.raises(Failure) as info:
+        await read_upstream(big, 100)
+    assert (info.value.status, info.value.code) == (502, "oversize")
+    assert big.is_closed
+    exact = reply([b"x" * 60, b"y" * 40])
+    assert await read_upstream(exact, 100) == b"x" * 60 + b"y" * 40
+    assert exact.is_closed
+
+
+@pytest.mark.anyio
+async def test_wait_for_disconnect_returns_on_the_disconnect_only() -> None:
+    from pqe2ee.proxy.app._plumbing import wait_for_disconnect
+
+    request, reads = _request([b"a", b"b"])
+    await wait_for_disconnect(request.receive)
+    assert reads[0] == 3  # two body messages passed over, then the disconnect
+
+
+# --------------------------------------------------------------------------------------------
 # the stream re-framing on its own: odd upstream streams never end cleanly
 
 CHUNK = (
@@ -999,9 +1090,9 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _reframe(pieces: list[bytes], dialect: str) -> list[tuple[str | None, str]]:
-    from pqe2ee.proxy.anthropic import MessagesStreamTranslator
-    from pqe2ee.proxy.app import _Metrics, _TranslatedBody
-    from pqe2ee.proxy.responses import ResponsesStreamTranslator
+    from pqe2ee.proxy.app.metrics import Metrics as _Metrics
+    from pqe2ee.proxy.app.streaming import TranslatedBody as _TranslatedBody
+    from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 
     async def body() -> Any:
         for piece in pieces:

@@ -1,4 +1,4 @@
-"""Anthropic Messages ⇄ Chat Completions translation (pqe2ee.proxy.anthropic, .errors)."""
+"""Anthropic Messages ⇄ Chat Completions translation (pqe2ee.proxy.translate.anthropic, .errors)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
-from pqe2ee.proxy.anthropic import (
+from pqe2ee.proxy.translate.anthropic import (
     IMAGE_TOKEN_ESTIMATE,
-    MessagesStreamTranslator,
     chat_to_message,
     count_tokens_estimate,
     messages_to_chat,
     tool_input,
 )
-from pqe2ee.proxy.errors import (
+from pqe2ee.proxy.translate.errors import (
     ANTHROPIC_ERROR_TYPES,
     TranslationError,
     anthropic_error_body,
@@ -33,6 +32,7 @@ from pqe2ee.proxy.errors import (
     invalid_request,
     upstream_error,
 )
+from pqe2ee.proxy.translate.streams import MessagesStreamTranslator
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 

@@ -1,8 +1,14 @@
-"""Responses API ⇄ Chat Completions translation (pqe2ee.proxy.responses, pqe2ee.proxy.errors)."""
+"""Responses API ⇄ Chat Completions translation (pqe2ee.proxy.translate.responses, .chat, .errors),
+and the purity of pqe2ee.proxy.translate as a whole (no I/O library, no web stack)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -15,21 +21,25 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+import pqe2ee
+import pqe2ee.proxy.translate
 from pqe2ee.errors import ErrorCode, LocalProtocolError
-from pqe2ee.proxy.errors import TranslationError, convert, openai_error_body
-from pqe2ee.proxy.responses import (
+from pqe2ee.proxy.translate.chat import (
     ChatChunkReader,
     ReasoningDelta,
-    ResponsesRequest,
-    ResponsesStreamTranslator,
     TextDelta,
     ToolCallArgs,
     ToolCallStart,
-    chat_to_response,
     parse_chat_reply,
+)
+from pqe2ee.proxy.translate.errors import TranslationError, convert, openai_error_body
+from pqe2ee.proxy.translate.responses import (
+    ResponsesRequest,
+    chat_to_response,
     response_error_code,
     responses_to_chat,
 )
+from pqe2ee.proxy.translate.streams import ResponsesStreamTranslator
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -1159,3 +1169,68 @@ def test_sdk_raw_stream_sees_the_failure() -> None:
     client = sdk_client([chunk({"content": "par"})], fail=True)
     kinds = [e.type for e in client.responses.create(model="gpt-test", input="x", stream=True)]
     assert kinds[-2:] == ["error", "response.failed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pqe2ee.proxy.translate as a whole: pure, importable without the web stack
+
+TRANSLATE = Path(pqe2ee.proxy.translate.__file__).parent
+
+#: All that translate/ may import: pure parts of the standard library, msgspec, pqe2ee's errors
+#: and itself. (The web stack, sockets, event loops and HTTP clients belong to proxy/app/.)
+PURE_IMPORTS = {
+    "__future__",
+    "abc",
+    "collections",
+    "dataclasses",
+    "enum",
+    "math",
+    "msgspec",
+    "re",
+    "secrets",
+    "time",
+    "typing",
+}
+
+
+def _imports(path: Path) -> list[str]:
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+    return names
+
+
+def test_translate_imports_no_io_library() -> None:
+    paths = sorted(TRANSLATE.glob("*.py"))
+    assert {p.name for p in paths} >= {"chat.py", "responses.py", "anthropic.py", "streams.py"}
+    for path in paths:
+        for name in _imports(path):
+            allowed = (
+                name.split(".")[0] in PURE_IMPORTS
+                or name == "pqe2ee.errors"
+                or name.startswith("pqe2ee.proxy.translate")
+            )
+            assert allowed, f"translate/{path.name} imports {name}"
+
+
+def test_translate_imports_without_the_web_stack() -> None:
+    """Every translate/ module imports with the web stack, HTTP clients and event loops made
+    unimportable (as on a machine without the ``proxy`` extra)."""
+    script = """
+import importlib, pkgutil, sys
+for name in ("starlette", "uvicorn", "prometheus_client", "httpx", "httpx2", "aiohttp",
+             "anyio", "trio", "asyncio", "socket"):
+    sys.modules[name] = None  # import raises ImportError
+import pqe2ee.proxy.translate as translate
+for info in pkgutil.iter_modules(translate.__path__):
+    importlib.import_module("pqe2ee.proxy.translate." + info.name)
+"""
+    src = str(Path(pqe2ee.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

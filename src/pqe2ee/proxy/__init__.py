@@ -1,15 +1,11 @@
-"""Dialect translation for ``pqe2ee proxy``.
+"""``pqe2ee proxy``: a local OpenAI / Responses / Anthropic endpoint that encrypts every call.
 
-The proxy accepts three API dialects and forwards each as an OpenAI Chat Completions call:
+Two halves:
 
-* :mod:`pqe2ee.proxy.responses` — the OpenAI Responses API (Codex) ⇄ Chat Completions;
-* :mod:`pqe2ee.proxy.anthropic` — the Anthropic Messages API (Claude Code, the anthropic SDK)
-  ⇄ Chat Completions;
-* :mod:`pqe2ee.proxy.errors` — :class:`~pqe2ee.proxy.errors.TranslationError` and rendering of
-  errors in each dialect.
+* :mod:`pqe2ee.proxy.translate` — pure, sans-IO translation between the Responses and Anthropic
+  Messages dialects and the Chat Completions calls that go over the wire (no HTTP, no I/O);
+* :mod:`pqe2ee.proxy.app` — the Starlette app and its server: configuration, the per-key pool
+  of E2EE transports, streaming out, routes.
 
-Everything here is pure and sans-IO: functions over plain ``dict`` values (as decoded from and
-encoded to JSON) and small stateful stream translators that take already-parsed
-``chat.completion.chunk`` dicts and return ``(event_name, data)`` pairs for the caller to write as
-server-sent events. No HTTP, no crypto, no SSE byte parsing.
+Importing this package imports neither (the web stack is an optional extra).
 """

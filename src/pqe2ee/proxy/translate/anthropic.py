@@ -4,9 +4,11 @@ Pure and sans-IO:
 
 * :func:`messages_to_chat` turns a ``POST /v1/messages`` body into a Chat Completions body;
 * :func:`chat_to_message` turns a ``chat.completion`` into an Anthropic ``Message``;
-* :class:`MessagesStreamTranslator` turns ``chat.completion.chunk`` dicts into Anthropic stream
-  events ``(event_name, data)``;
 * :func:`count_tokens_estimate` answers ``POST /v1/messages/count_tokens`` with an estimate.
+
+The streamed side is :class:`~pqe2ee.proxy.translate.streams.MessagesStreamTranslator`
+(it shares :func:`stop_fields` and :func:`usage_object`); the Chat Completions side is
+:mod:`pqe2ee.proxy.translate.chat`.
 
 Where the APIs do not map 1:1:
 
@@ -52,38 +54,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 
-from pqe2ee.errors import LocalProtocolError
-from pqe2ee.proxy.errors import TranslationError, convert, invalid_request, upstream_error
-from pqe2ee.proxy.responses import (
-    ChatChunkReader,
+from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
-    ChunkOp,
-    Finish,
-    ReasoningDelta,
-    RefusalDelta,
-    StreamEvent,
-    TextDelta,
-    ToolCallArgs,
-    ToolCallStart,
+    chat_request,
     content_text,
-    first_choice,
+    function_calls,
+    function_tool,
     json_text,
     matched_stop,
     new_id,
-    parse_chat_reply,
     reasoning_text,
+    reply_message,
 )
+from pqe2ee.proxy.translate.errors import TranslationError, convert, invalid_request
 
 __all__ = [
     "IMAGE_TOKEN_ESTIMATE",
     "MessagesRequest",
-    "MessagesStreamTranslator",
     "chat_to_message",
     "count_tokens_estimate",
     "messages_to_chat",
@@ -355,13 +347,7 @@ def _tools(req: MessagesRequest) -> list[dict[str, Any]]:
                 code="unsupported_tool",
             )
         tool = convert(raw, _Tool, where=where)
-        fn: dict[str, Any] = {"name": tool.name}
-        if tool.description is not None:
-            fn["description"] = tool.description
-        fn["parameters"] = tool.input_schema
-        if tool.strict is not None:
-            fn["strict"] = tool.strict
-        tools.append({"type": "function", "function": fn})
+        tools.append(function_tool(tool.name, tool.description, tool.input_schema, tool.strict))
     return tools
 
 
@@ -424,45 +410,40 @@ def messages_to_chat(req: dict[str, Any]) -> dict[str, Any]:
             _user_turn(out, msg.content, f"{where}.content")
         else:
             _assistant_turn(out, msg.content, f"{where}.content")
-    chat: dict[str, Any] = {}
-    if parsed.model is not None:
-        chat["model"] = parsed.model
-    chat["messages"] = out.build()
     tools = _tools(parsed)
     choice, parallel = _tool_choice(parsed)
-    if tools:  # Chat Completions rejects tool_choice without tools
-        chat["tools"] = tools
-        if choice is not None:
-            chat["tool_choice"] = choice
-        if parallel is not None:
-            chat["parallel_tool_calls"] = parallel
-    chat["max_tokens"] = parsed.max_tokens
-    if parsed.stop_sequences:
-        chat["stop"] = list(parsed.stop_sequences)
-    if parsed.temperature is not None:
-        chat["temperature"] = parsed.temperature
-    if parsed.top_p is not None:
-        chat["top_p"] = parsed.top_p
     effort = _reasoning_effort(parsed)
-    if effort is not None:
-        chat["reasoning_effort"] = effort
-    fmt = parsed.output_config.format if parsed.output_config is not None else None
-    if fmt is not None:
-        if fmt.type != "json_schema" or fmt.schema is None:
-            raise invalid_request(
-                "output_config.format: only {type: json_schema, schema} is supported",
-                param="output_config.format",
-            )
-        chat["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": fmt.schema, "strict": True},
-        }
-    if parsed.metadata is not None and parsed.metadata.user_id is not None:
-        chat["user"] = parsed.metadata.user_id
-    if parsed.stream:
-        chat["stream"] = True
-        chat["stream_options"] = {"include_usage": True}
-    return chat
+    return chat_request(
+        model=parsed.model,
+        messages=out.build(),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        max_tokens=parsed.max_tokens,
+        stop=list(parsed.stop_sequences) if parsed.stop_sequences else None,
+        temperature=parsed.temperature,
+        top_p=parsed.top_p,
+        reasoning_effort=effort,
+        response_format=_response_format(parsed),
+        user=parsed.metadata.user_id if parsed.metadata is not None else None,
+        stream=bool(parsed.stream),
+    )
+
+
+def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """``output_config.format`` (a JSON schema) as a Chat Completions ``response_format``."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    if fmt is None:
+        return None
+    if fmt.type != "json_schema" or fmt.schema is None:
+        raise invalid_request(
+            "output_config.format: only {type: json_schema, schema} is supported",
+            param="output_config.format",
+        )
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": fmt.schema, "strict": True},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +465,7 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return {"_raw": arguments}
 
 
-def _stop(
+def stop_fields(
     finish_reason: str | None,
     matched: str | None,
     req: MessagesRequest,
@@ -492,6 +473,7 @@ def _stop(
     tool_calls: bool,
     refusal: bool,
 ) -> tuple[str, str | None]:
+    """``(stop_reason, stop_sequence)`` of a Message (see the module docstring's mapping)."""
     if finish_reason == "length":
         return "max_tokens", None
     if finish_reason == "content_filter" or refusal:
@@ -503,7 +485,8 @@ def _stop(
     return "end_turn", None
 
 
-def _usage(usage: ChatUsage | None) -> dict[str, Any]:
+def usage_object(usage: ChatUsage | None) -> dict[str, Any]:
+    """A Message ``usage``: cached prompt tokens counted apart from ``input_tokens``."""
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
     cached = min(usage.cached_tokens, usage.prompt_tokens)
@@ -524,11 +507,7 @@ def chat_to_message(chat: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]
     ``chat`` is malformed (or the upstream's error if it reports one).
     """
     parsed = parse_messages_request(req)
-    reply = parse_chat_reply(chat)
-    choice = first_choice(reply)
-    if choice is None or choice.message is None:
-        raise upstream_error("upstream reply has no choices")
-    msg = choice.message
+    reply, choice, msg = reply_message(chat)
     content: list[dict[str, Any]] = []
     reasoning = reasoning_text(msg)
     if reasoning and wants_thinking(parsed):
@@ -536,19 +515,16 @@ def chat_to_message(chat: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]
     text = content_text(msg.content) + (msg.refusal or "")
     if text:
         content.append({"type": "text", "text": text})
-    for call in msg.tool_calls or ():
-        fn = call.function
-        if fn is None or not fn.name:
-            raise upstream_error("upstream tool call has no function name")
+    for call_id, name, arguments in function_calls(msg):
         content.append(
             {
                 "type": "tool_use",
-                "id": call.id or new_id("toolu_"),
-                "name": fn.name,
-                "input": tool_input(fn.arguments or ""),
+                "id": call_id or new_id("toolu_"),
+                "name": name,
+                "input": tool_input(arguments),
             }
         )
-    stop_reason, stop_sequence = _stop(
+    stop_reason, stop_sequence = stop_fields(
         choice.finish_reason,
         matched_stop(choice),
         parsed,
@@ -563,209 +539,8 @@ def chat_to_message(chat: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": _usage(reply.usage),
+        "usage": usage_object(reply.usage),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming: chat.completion.chunk → Anthropic events
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Block:
-    kind: Literal["text", "thinking", "tool_use"]
-    index: int
-
-
-class MessagesStreamTranslator:
-    """Sans-IO translator: ``chat.completion.chunk`` dicts in, Anthropic stream events out.
-
-    Call :meth:`feed` for each parsed chunk, then :meth:`finish` at end of stream, or
-    :meth:`error` when the upstream fails. Each returns a list of ``(event_name, data)`` pairs
-    with ``data["type"] == event_name``.
-
-    Event order: ``message_start`` (empty content; ``usage.input_tokens`` if the first chunk
-    carried usage, else 0), then per content block ``content_block_start`` /
-    ``content_block_delta`` (``text_delta``, ``thinking_delta``, ``input_json_delta``) /
-    ``content_block_stop`` — one block open at a time, a different kind of delta (or the next tool
-    call) closes it — and at :meth:`finish` ``message_delta`` (``stop_reason``,
-    ``stop_sequence``, ``usage`` with ``output_tokens`` and, when known, ``input_tokens`` and
-    cache counts) and ``message_stop``.
-
-    Failures never end cleanly: :meth:`error`, a malformed/error chunk passed to :meth:`feed`, or
-    a stream without ``finish_reason`` at :meth:`finish` yields an ``error`` event
-    (``{"type": "error", "error": {"type", "message"}}``) and closes the translator
-    (:attr:`failure` is then set). Any call after the translator closed raises
-    :class:`pqe2ee.errors.LocalProtocolError`. (``ping`` keep-alives are the caller's business.)
-    """
-
-    def __init__(self, req: dict[str, Any]) -> None:
-        self._req = parse_messages_request(req)
-        self._thinking = wants_thinking(self._req)
-        self._reader = ChatChunkReader(call_id_prefix="toolu_")
-        self.message_id = new_id("msg_")
-        self._started = False
-        self._closed = False
-        self._next_index = 0
-        self._open: _Block | None = None
-        self._tools: dict[int, _Block] = {}
-        self._tool_calls = False
-        self._refusal = False
-        self.failure: TranslationError | None = None
-
-    @property
-    def closed(self) -> bool:
-        """True once ``message_stop`` or an ``error`` event was produced."""
-        return self._closed
-
-    # -- public API ---------------------------------------------------------------------------
-
-    def start(self) -> list[StreamEvent]:
-        """``message_start`` if not yet sent (idempotent; also done by the first :meth:`feed`)."""
-        self._check_open()
-        if self._started:
-            return []
-        self._started = True
-        usage = self._reader.usage
-        message: dict[str, Any] = {
-            "id": self.message_id,
-            "type": "message",
-            "role": "assistant",
-            "model": self._req.model or self._reader.model or "unknown",
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {**_usage(usage), "output_tokens": 0},
-        }
-        return [("message_start", {"type": "message_start", "message": message})]
-
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        """Translate one parsed ``chat.completion.chunk``."""
-        self._check_open()
-        out: list[StreamEvent] = []
-        try:
-            ops = self._reader.feed(chunk)
-            out.extend(self.start())
-            for op in ops:
-                self._apply(op, out)
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-        return out
-
-    def finish(self) -> list[StreamEvent]:
-        """End of the upstream stream: ``message_delta`` and ``message_stop`` (or an ``error``
-        event if the stream was cut short)."""
-        out = self.start()
-        try:
-            self._reader.end()
-        except TranslationError as exc:
-            out.extend(self._fail(exc))
-            return out
-        self._close_open(out)
-        stop_reason, stop_sequence = _stop(
-            self._reader.finish_reason,
-            self._reader.matched_stop,
-            self._req,
-            tool_calls=self._tool_calls,
-            refusal=self._refusal,
-        )
-        usage = self._reader.usage
-        delta_usage = _usage(usage) if usage is not None else {"output_tokens": 0}
-        out.append(
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": delta_usage,
-                },
-            )
-        )
-        out.append(("message_stop", {"type": "message_stop"}))
-        self._closed = True
-        return out
-
-    def error(self, status: int, type: str, message: str) -> list[StreamEvent]:
-        """The upstream failed: an Anthropic ``error`` event; closes the stream."""
-        self._check_open()
-        return self._fail(TranslationError(status, type, message))
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LocalProtocolError("the Messages stream translator is closed")
-
-    def _fail(self, exc: TranslationError) -> list[StreamEvent]:
-        self.failure = exc
-        self._closed = True
-        self._open = None
-        return [("error", exc.to_anthropic())]
-
-    def _apply(self, op: ChunkOp, out: list[StreamEvent]) -> None:
-        if isinstance(op, ReasoningDelta):
-            if self._thinking:
-                block = self._ensure("thinking", out)
-                delta = {"type": "thinking_delta", "thinking": op.text}
-                out.append(self._delta(block, delta))
-        elif isinstance(op, TextDelta | RefusalDelta):
-            if isinstance(op, RefusalDelta):
-                self._refusal = True
-            block = self._ensure("text", out)
-            out.append(self._delta(block, {"type": "text_delta", "text": op.text}))
-        elif isinstance(op, ToolCallStart):
-            self._tool_calls = True
-            self._close_open(out)
-            block = self._new_block("tool_use")
-            self._tools[op.index] = block
-            start = {"type": "tool_use", "id": op.call_id, "name": op.name, "input": {}}
-            out.append(self._start(block, start))
-        elif isinstance(op, ToolCallArgs):
-            block = self._tools[op.index]
-            if block is not self._open:
-                raise upstream_error("upstream interleaved the arguments of several tool calls")
-            out.append(
-                self._delta(block, {"type": "input_json_delta", "partial_json": op.fragment})
-            )
-        elif isinstance(op, Finish):
-            self._close_open(out)
-
-    def _new_block(self, kind: Literal["text", "thinking", "tool_use"]) -> _Block:
-        block = _Block(kind, self._next_index)
-        self._next_index += 1
-        self._open = block
-        return block
-
-    def _ensure(self, kind: Literal["text", "thinking"], out: list[StreamEvent]) -> _Block:
-        if self._open is not None and self._open.kind == kind:
-            return self._open
-        self._close_open(out)
-        block = self._new_block(kind)
-        if kind == "text":
-            out.append(self._start(block, {"type": "text", "text": ""}))
-        else:
-            out.append(self._start(block, {"type": "thinking", "thinking": "", "signature": ""}))
-        return block
-
-    @staticmethod
-    def _start(block: _Block, content_block: dict[str, Any]) -> StreamEvent:
-        data = {"type": "content_block_start", "index": block.index, "content_block": content_block}
-        return "content_block_start", data
-
-    @staticmethod
-    def _delta(block: _Block, delta: dict[str, Any]) -> StreamEvent:
-        return "content_block_delta", {
-            "type": "content_block_delta",
-            "index": block.index,
-            "delta": delta,
-        }
-
-    def _close_open(self, out: list[StreamEvent]) -> None:
-        if self._open is not None:
-            index = self._open.index
-            self._open = None
-            out.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
 
 
 # ---------------------------------------------------------------------------------------------

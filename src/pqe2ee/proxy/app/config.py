@@ -1,0 +1,99 @@
+"""The proxy's settings: one frozen :class:`ProxyConfig`, validated on construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pqe2ee.errors import LocalProtocolError
+
+__all__ = [
+    "DEFAULT_API_BASE",
+    "DEFAULT_HOST",
+    "DEFAULT_MODELS_BASE",
+    "DEFAULT_PORT",
+    "ProxyConfig",
+]
+
+MiB: Final = 1024 * 1024
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8787
+DEFAULT_API_BASE: Final = "https://api.chutes.ai"
+DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything the proxy needs. Sizes are bytes, durations seconds.
+
+    ``api_key`` is used for callers that bring no key of their own. ``max_body`` bounds a
+    request body (413 beyond it), ``max_response`` a non-streamed reply read whole, ``max_event``
+    one SSE event of a translated stream. ``max_keys`` transports (one per API key) are kept,
+    least recently used first out; one unused for ``key_idle_ttl`` is closed; each holds at
+    most ``max_connections`` connections to the relay (calls beyond wait for one, at most
+    ``connect_timeout``). ``read_timeout`` is the longest silence accepted from upstream
+    mid-response. On shutdown, open streams get ``shutdown_grace`` seconds to finish, then end
+    with their dialect's error event. ``transport_options`` are passed to :class:`pqe2ee.AsyncE2EETransport` as
+    keywords (``max_attempts``, ``limits``, ``on_usage``, ...); the proxy always sets
+    ``strict=True`` (a model call that cannot be encrypted is refused, never sent in plaintext).
+
+    ``min_version`` / ``prefer_v2`` are the wire-profile policy (spec/v2.md §8.2) of every
+    per-key transport, which share one set of per-chute v2 pins: by default v2 where a chute
+    offers it, and a chute once seen with v2 is refused (``downgrade_suspected``) if it comes
+    back without; ``min_version=2`` refuses v1 outright (``downgrade_refused``, before any
+    nonce is spent) - the setting for instances you run yourself; ``prefer_v2=False`` speaks v1
+    only.
+    """
+
+    api_base: str = DEFAULT_API_BASE
+    models_base: str = DEFAULT_MODELS_BASE
+    api_key: str | None = field(default=None, repr=False)
+    backend: str = "auto"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_body: int = 32 * MiB
+    max_response: int = 64 * MiB
+    max_event: int = 16 * MiB
+    max_keys: int = 64
+    key_idle_ttl: float = 300.0
+    max_connections: int = 256
+    connect_timeout: float = 30.0
+    read_timeout: float = 900.0
+    write_timeout: float = 60.0
+    shutdown_grace: float = 5.0
+    transport_options: Mapping[str, Any] = field(default_factory=dict)
+    min_version: int = 1
+    prefer_v2: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("api_base", "models_base"):
+            url = getattr(self, name)
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise LocalProtocolError(f"{name} must be an http:// or https:// URL")
+            object.__setattr__(self, name, url.rstrip("/"))
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            raise LocalProtocolError("api_key must be non-empty, without surrounding spaces")
+        for name in ("max_body", "max_response", "max_event", "max_keys", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LocalProtocolError(f"{name} must be a positive integer")
+        for name in ("key_idle_ttl", "connect_timeout", "read_timeout", "write_timeout"):
+            if not float(getattr(self, name)) > 0:
+                raise LocalProtocolError(f"{name} must be positive")
+        if not float(self.shutdown_grace) >= 0:
+            raise LocalProtocolError("shutdown_grace must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise LocalProtocolError("port must be in 0..65535")
+        if self.min_version not in (1, 2) or isinstance(self.min_version, bool):
+            raise LocalProtocolError("min_version must be 1 or 2")
+        if not isinstance(self.prefer_v2, bool):
+            raise LocalProtocolError("prefer_v2 must be a bool")
+        if self.min_version == 2 and not self.prefer_v2:
+            raise LocalProtocolError("min_version=2 needs prefer_v2 (v2 is the only choice)")
+        clash = {"min_version", "prefer_v2", "negotiator"} & set(self.transport_options)
+        if clash:
+            raise LocalProtocolError(
+                f"set {', '.join(sorted(clash))} on ProxyConfig, not in transport_options"
+            )
+        object.__setattr__(self, "transport_options", dict(self.transport_options))

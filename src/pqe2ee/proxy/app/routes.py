@@ -1,0 +1,361 @@
+"""The routes: each endpoint, the error guard around it, and :func:`create_app`.
+
+Model calls take the caller's key (or the configured one), read the body bounded, and go out
+through the key's pooled E2EE client: chat and completions byte for byte, Responses and
+Anthropic Messages through their translation (:data:`RESPONSES`, :data:`MESSAGES`). Every
+failure below a route is a :class:`~pqe2ee.proxy.app.failures.Failure`, answered by
+:func:`_guard` in the caller's dialect; nothing escapes as a 500 page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from pqe2ee.errors import PQE2EEError
+from pqe2ee.proxy.app._plumbing import (
+    ENCODER,
+    JSON_TYPE,
+    decode_json,
+    json_response,
+    parse_object,
+    read_body,
+    read_upstream,
+)
+from pqe2ee.proxy.app.config import ProxyConfig
+from pqe2ee.proxy.app.failures import (
+    Dialect,
+    Failure,
+    dialect_of,
+    fail_of,
+    fail_of_upstream_body,
+    kind_of,
+)
+from pqe2ee.proxy.app.metrics import CHAT_PATH, COMPLETIONS_PATH, ROUTES, AccessLog, Metrics
+from pqe2ee.proxy.app.pool import ClientPool, PoolEntry, client_factory, client_timeout
+from pqe2ee.proxy.app.streaming import (
+    OpenStreams,
+    PassthroughBody,
+    StreamBody,
+    StreamResponse,
+    TranslatedBody,
+    Translator,
+)
+from pqe2ee.proxy.translate.anthropic import (
+    chat_to_message,
+    count_tokens_estimate,
+    messages_to_chat,
+)
+from pqe2ee.proxy.translate.errors import TranslationError
+from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
+from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
+
+__all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
+
+log = logging.getLogger("pqe2ee.proxy")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """A translated dialect: its metrics route name, the request and reply translations, and
+    its stream translator (built per call from the client's request)."""
+
+    route: str
+    to_chat: Callable[[dict[str, Any]], dict[str, Any]]
+    from_chat: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+    translator: Callable[[dict[str, Any]], Translator]
+
+
+RESPONSES = Translation("responses", responses_to_chat, chat_to_response, ResponsesStreamTranslator)
+MESSAGES = Translation("messages", messages_to_chat, chat_to_message, MessagesStreamTranslator)
+
+
+def _answer(fail: Failure, dialect: Dialect) -> Response:
+    return json_response(fail.body(dialect), fail.status)
+
+
+def _caller_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            return token
+    key = request.headers.get("x-api-key", "").strip()
+    return key or None
+
+
+def _require_model(obj: Mapping[str, Any]) -> None:
+    """A model call must name its model: that is what routes (and encrypts) it."""
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise Failure(
+            400,
+            "invalid_request_error",
+            "model: a non-empty string is required",
+            param="model",
+            code="missing_model",
+        )
+
+
+class _Proxy:
+    """The endpoints, over one config, pool of per-key clients, plaintext client and metrics."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        pool: ClientPool,
+        plain: httpx2.AsyncClient,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.plain = plain  # the public model listing only; never a model call
+        self.metrics = metrics
+        self.streams = OpenStreams()
+
+    def _key(self, request: Request) -> str:
+        key = _caller_key(request) or self.config.api_key
+        if key is None:
+            raise Failure(
+                401,
+                "authentication_error",
+                "no API key: send Authorization: Bearer <key> or x-api-key, or start the "
+                "proxy with --api-key",
+                code="missing_api_key",
+            )
+        return key
+
+    @staticmethod
+    async def _send(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return await client.send(request, stream=True)
+        except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
+            fail = fail_of(exc)
+            log.info("upstream call failed: %s", fail.code)
+            raise fail from None
+
+    @staticmethod
+    def _post(entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:
+        headers = {
+            "accept": "text/event-stream" if stream else JSON_TYPE,
+            "content-type": JSON_TYPE,
+        }
+        return entry.client.build_request("POST", path, content=body, headers=headers)
+
+    def _stream(
+        self, body: StreamBody, upstream: httpx2.Response, entry: PoolEntry, route: str
+    ) -> StreamResponse:
+        """The streamed answer; it closes ``upstream`` and releases ``entry`` when it ends."""
+        return StreamResponse(
+            body,
+            upstream=upstream,
+            release=lambda: self.pool.release(entry),
+            metrics=self.metrics,
+            streams=self.streams,
+            route=route,
+        )
+
+    # -- OpenAI passthrough ------------------------------------------------------------------
+
+    async def passthrough(self, request: Request) -> Response:
+        """Chat Completions / Completions: the body goes through byte for byte."""
+        path = request.url.path
+        route = ROUTES[path]
+        key = self._key(request)
+        raw = await read_body(request, self.config.max_body)
+        obj = parse_object(raw)
+        _require_model(obj)
+        stream = obj.get("stream") is True
+        entry = await self.pool.acquire(key)
+        handed_over = False
+        try:
+            resp = await self._send(entry.client, self._post(entry, path, raw, stream=stream))
+            if resp.status_code != 200 or not stream:
+                # Upstream errors keep their status and body.
+                body = await read_upstream(resp, self.config.max_response)
+                ctype = resp.headers.get("content-type", JSON_TYPE)
+                return Response(body, status_code=resp.status_code, media_type=ctype)
+            handed_over = True
+            return self._stream(PassthroughBody(resp, self.metrics, route), resp, entry, route)
+        finally:
+            if not handed_over:
+                await self.pool.release(entry)
+
+    # -- translated dialects -----------------------------------------------------------------
+
+    def translated(self, dialect: Translation) -> Endpoint:
+        """The endpoint of a translated dialect: its request becomes a Chat Completions call,
+        the reply (or stream) is translated back."""
+
+        async def call(request: Request) -> Response:
+            return await self._translated_call(request, dialect)
+
+        return call
+
+    async def _translated_call(self, request: Request, dialect: Translation) -> Response:
+        key = self._key(request)
+        req = parse_object(await read_body(request, self.config.max_body))
+        try:
+            chat = dialect.to_chat(req)
+        except TranslationError as exc:
+            raise Failure.of_translation(exc) from None
+        _require_model(chat)
+        stream = chat.get("stream") is True
+        body = ENCODER.encode(chat)
+        entry = await self.pool.acquire(key)
+        handed_over = False
+        try:
+            resp = await self._send(entry.client, self._post(entry, CHAT_PATH, body, stream=stream))
+            if resp.status_code != 200:
+                raw = await read_upstream(resp, self.config.max_response)
+                raise fail_of_upstream_body(resp.status_code, raw)
+            if not stream:
+                raw = await read_upstream(resp, self.config.max_response)
+                not_json = Failure(
+                    502, "server_error", "upstream reply is not JSON", code="bad_upstream_reply"
+                )
+                reply = decode_json(raw, not_json)
+                try:
+                    return json_response(dialect.from_chat(reply, req))
+                except TranslationError as exc:
+                    raise Failure.of_translation(exc) from None
+            translated = TranslatedBody(
+                resp,
+                dialect.translator(req),
+                max_event=self.config.max_event,
+                metrics=self.metrics,
+                route=dialect.route,
+            )
+            handed_over = True
+            return self._stream(translated, resp, entry, dialect.route)
+        finally:
+            if not handed_over:
+                await self.pool.release(entry)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """A local estimate (see :func:`pqe2ee.proxy.translate.anthropic.count_tokens_estimate`)."""
+        self._key(request)
+        req = parse_object(await read_body(request, self.config.max_body))
+        try:
+            return json_response(count_tokens_estimate(req))
+        except TranslationError as exc:
+            raise Failure.of_translation(exc) from None
+
+    # -- plaintext and local -----------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        """The public model list, in plaintext from models_base (with the caller's key, if
+        any, as Chutes clients send it; it works without one)."""
+        key = _caller_key(request) or self.config.api_key
+        headers = {"accept": JSON_TYPE}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        params = request.url.query or None
+        plain = self.plain.build_request("GET", "/v1/models", params=params, headers=headers)
+        resp = await self._send(self.plain, plain)
+        body = await read_upstream(resp, self.config.max_response)
+        ctype = resp.headers.get("content-type", JSON_TYPE)
+        return Response(body, status_code=resp.status_code, media_type=ctype)
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        self.metrics.keys.set(len(self.pool))
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _guard(handler: Endpoint) -> Endpoint:
+    """Every failure becomes an answer in the caller's dialect; nothing escapes as a 500 page."""
+
+    async def wrapped(request: Request) -> Response:
+        dialect = dialect_of(request.url.path)
+        try:
+            return await handler(request)
+        except Failure as fail:
+            return _answer(fail, dialect)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as exc:
+            log.error("internal error (%s)", type(exc).__name__)
+            return _answer(
+                Failure(500, "server_error", "internal proxy error", code="internal"), dialect
+            )
+
+    return wrapped
+
+
+def create_app(config: ProxyConfig | None = None) -> Starlette:
+    """Build the proxy's Starlette app (its endpoints: see :mod:`pqe2ee.proxy.app`)."""
+    config = config or ProxyConfig()
+    metrics = Metrics()
+    pool = ClientPool(
+        client_factory(config), max_size=config.max_keys, idle_ttl=config.key_idle_ttl
+    )
+    plain = httpx2.AsyncClient(base_url=config.models_base, timeout=client_timeout(config))
+    proxy = _Proxy(config, pool, plain, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+
+            async def sweeper() -> None:
+                interval = max(1.0, min(60.0, config.key_idle_ttl / 4))
+                while True:
+                    await anyio.sleep(interval)
+                    await pool.sweep()
+
+            tg.start_soon(sweeper)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await pool.aclose()
+                    await plain.aclose()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = kind_of(exc.status_code)
+        message = {404: "no such endpoint", 405: "method not allowed"}.get(
+            exc.status_code, "request refused"
+        )
+        fail = Failure(exc.status_code, kind, message)
+        return _answer(fail, dialect_of(request.url.path))
+
+    app = Starlette(
+        routes=[
+            Route(CHAT_PATH, _guard(proxy.passthrough), methods=["POST"]),
+            Route(COMPLETIONS_PATH, _guard(proxy.passthrough), methods=["POST"]),
+            Route("/v1/responses", _guard(proxy.translated(RESPONSES)), methods=["POST"]),
+            Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
+            Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
+            Route("/v1/models", _guard(proxy.models), methods=["GET"]),
+            Route("/health", proxy.health, methods=["GET"]),
+            Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
+        ],
+        middleware=[Middleware(AccessLog, metrics=metrics)],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.state.streams = proxy.streams
+    return app

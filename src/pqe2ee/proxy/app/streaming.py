@@ -1,0 +1,324 @@
+"""Streaming out: SSE answers relayed while the upstream response is open.
+
+:class:`StreamResponse` is the ASGI side (start, body chunks, the end; a disconnect watcher;
+the shutdown ending; cleanup that closes the upstream and releases the key's transport). What
+it sends comes from a body:
+
+* :class:`PassthroughBody` — chat and completions streams, byte for byte as decrypted;
+* :class:`TranslatedBody` — chat chunks parsed with :class:`~pqe2ee.protocol.sse.SSEParser`
+  and re-emitted by a dialect's translator.
+
+Either way a stream that breaks ends with the dialect's error event, never a clean end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from typing import Any, Final, Protocol
+
+import anyio
+import httpx2
+import msgspec
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.protocol.sse import SSEParser
+from pqe2ee.proxy.app._plumbing import ENCODER, wait_for_disconnect
+from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
+from pqe2ee.proxy.app.metrics import Metrics
+from pqe2ee.proxy.translate.chat import StreamEvent
+
+__all__ = [
+    "SSE_HEADERS",
+    "OpenStreams",
+    "PassthroughBody",
+    "StreamBody",
+    "StreamResponse",
+    "TranslatedBody",
+    "Translator",
+    "sse_event",
+    "sse_events",
+]
+
+log = logging.getLogger("pqe2ee.proxy")
+
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def sse_event(name: str, data: Any) -> bytes:
+    """``event: <name>\\ndata: <compact JSON>\\n\\n`` (JSON never contains a raw newline)."""
+    return b"event: " + name.encode() + b"\ndata: " + ENCODER.encode(data) + b"\n\n"
+
+
+def sse_events(events: Iterable[StreamEvent]) -> bytes:
+    """The named events, framed one after another."""
+    return b"".join(sse_event(name, data) for name, data in events)
+
+
+class Translator(Protocol):
+    """A dialect's stream translator (:mod:`pqe2ee.proxy.translate`), as used here."""
+
+    @property
+    def closed(self) -> bool: ...
+    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]: ...
+    def finish(self) -> list[StreamEvent]: ...
+    def error(self, status: int, type: str, message: str) -> list[StreamEvent]: ...
+
+
+class StreamBody(Protocol):
+    """What a streamed answer sends: ``chunks()`` while the upstream lasts, and ``abort()`` -
+    the dialect's error ending - when the proxy itself has to cut the stream short."""
+
+    def chunks(self) -> AsyncGenerator[bytes, None]: ...
+    def abort(self, fail: Failure) -> bytes: ...
+
+
+class OpenStreams:
+    """The streams being relayed, so a shutdown can end them with an error event (instead of
+    the server cancelling them mid-write)."""
+
+    def __init__(self) -> None:
+        self._scopes: set[anyio.CancelScope] = set()
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def add(self, scope: anyio.CancelScope) -> None:
+        self._scopes.add(scope)
+        if self.closing:
+            scope.cancel()
+
+    def discard(self, scope: anyio.CancelScope) -> None:
+        self._scopes.discard(scope)
+
+    def close_all(self) -> None:
+        """Call in the server's event loop: every open stream ends with its error event."""
+        self.closing = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+SHUTTING_DOWN: Final = "shutting_down"
+
+
+class StreamResponse(Response):
+    """An SSE answer produced by ``body`` while the upstream response is open.
+
+    A watcher listens for the client's disconnect and cancels the copy at once (even while the
+    upstream is silent); whatever happens, the upstream response is then closed - which cancels
+    the call end to end - and the API key's transport is released. A shutdown ends the stream
+    with the dialect's error event.
+    """
+
+    def __init__(
+        self,
+        body: StreamBody,
+        *,
+        upstream: httpx2.Response,
+        release: Callable[[], Awaitable[None]],
+        metrics: Metrics,
+        streams: OpenStreams,
+        route: str,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(SSE_HEADERS)
+        self._body = body
+        self._upstream = upstream
+        self._release = release
+        self._metrics = metrics
+        self._streams = streams
+        self._route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self._metrics
+        metrics.open_streams.inc()
+        chunks = self._body.chunks()
+        started = finished = broken = gone = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    await wait_for_disconnect(receive)
+                    gone = True
+                    tg.cancel_scope.cancel()
+
+                self._streams.add(tg.cancel_scope)
+                tg.start_soon(watch)
+                try:
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                    )
+                    started = True
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    finished = True
+                except OSError:
+                    gone = True  # ASGI 2.4 servers report a gone client this way
+                except Exception as exc:  # a bug: end the answer, no traceback, no clean end
+                    broken = True
+                    log.error("stream failed (%s)", type(exc).__name__)
+                tg.cancel_scope.cancel()
+            self._streams.discard(tg.cancel_scope)
+            if not finished and not broken and not gone and self._streams.closing:
+                await self._end_for_shutdown(send, started)
+            elif gone:
+                metrics.disconnects.labels(self._route).inc()
+        finally:
+            metrics.open_streams.dec()
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()
+                with contextlib.suppress(Exception):
+                    await self._upstream.aclose()
+                await self._release()
+
+    async def _end_for_shutdown(self, send: Send, started: bool) -> None:
+        fail = Failure(503, "server_error", "the proxy is shutting down", code=SHUTTING_DOWN)
+        self._metrics.stream_faults.labels(self._route).inc()
+        with contextlib.suppress(OSError):
+            if not started:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
+            await send({"type": "http.response.body", "body": self._body.abort(fail)})
+
+
+def chat_error_event(fail: Failure) -> bytes:
+    """The error event that ends a broken chat stream: ``data: {"error": {...}}``."""
+    return b"data: " + ENCODER.encode(fail.body(Dialect.OPENAI)) + b"\n\n"
+
+
+class PassthroughBody:
+    """The decrypted SSE bytes as they come; an upstream fault ends with an error event
+    (``data: {"error": {...}}``, never ``[DONE]``)."""
+
+    def __init__(self, resp: httpx2.Response, metrics: Metrics, route: str) -> None:
+        self._resp = resp
+        self._metrics = metrics
+        self._route = route
+        self._tail = b"\n\n"  # the last two bytes sent: is an event half-written?
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in self._resp.aiter_bytes():
+                if chunk:
+                    self._tail = (self._tail + chunk)[-2:]
+                    yield chunk
+        except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
+            fail = fail_of(exc)
+            self._metrics.stream_faults.labels(self._route).inc()
+            log.warning("%s stream broke: %s", self._route, fail.code)
+            yield self.abort(fail)
+
+    def abort(self, fail: Failure) -> bytes:
+        # Terminate a half-written event first so the error event stands on its own.
+        return (b"" if self._tail == b"\n\n" else b"\n\n") + chat_error_event(fail)
+
+
+class TranslatedBody:
+    """Decrypted chat chunks in (parsed with :class:`SSEParser`), the dialect's events out;
+    never a clean end after a fault."""
+
+    def __init__(
+        self,
+        resp: httpx2.Response,
+        translator: Translator,
+        *,
+        max_event: int,
+        metrics: Metrics,
+        route: str,
+    ) -> None:
+        self._resp = resp
+        self._translator = translator
+        self._max_event = max_event
+        self._metrics = metrics
+        self._route = route
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        translator = self._translator
+        try:
+            async for out in self._events():
+                yield out
+            if translator.closed:  # an upstream chunk reported an error or broke the rules
+                self._metrics.stream_faults.labels(self._route).inc()
+            else:
+                yield sse_events(translator.finish())
+        except (Failure, PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
+            fail = exc if isinstance(exc, Failure) else fail_of(exc)
+            self._metrics.stream_faults.labels(self._route).inc()
+            log.warning("%s stream broke: %s", self._route, fail.code)
+            yield self.abort(fail)
+
+    async def _events(self) -> AsyncGenerator[bytes, None]:
+        """Translated events per upstream read; raises unless the upstream ended with [DONE]."""
+        translator = self._translator
+        parser = SSEParser(self._max_event)
+        done = False
+        async for chunk in self._resp.aiter_bytes():
+            out: list[StreamEvent] = []
+            for event in parser.feed(chunk):
+                if event.data == "[DONE]":
+                    done = True
+                    continue
+                if done:
+                    raise Failure(
+                        502,
+                        "server_error",
+                        "upstream sent data after [DONE]",
+                        code=ErrorCode.DATA_AFTER_DONE.value,
+                    )
+                out.extend(translator.feed(chunk_object(event.data)))
+                if translator.closed:
+                    break
+            if out:
+                yield sse_events(out)
+            if translator.closed:
+                return
+        if not done and parser.partial_is("[DONE]"):
+            done = True  # "data: [DONE]\n" cut before its blank line: still the end marker
+        elif parser.has_partial:
+            done = False  # bytes of an unfinished event after the end
+        if not done:
+            raise Failure(
+                502,
+                "server_error",
+                f"{ErrorCode.STREAM_TRUNCATED.value}: upstream stream ended early",
+                code=ErrorCode.STREAM_TRUNCATED.value,
+            )
+
+    def abort(self, fail: Failure) -> bytes:
+        if self._translator.closed:
+            return b""
+        return sse_events(self._translator.error(fail.status, fail.type, fail.message))
+
+
+def chunk_object(data: str) -> dict[str, Any]:
+    """One upstream chunk's data as a JSON object (a 502 :class:`Failure` otherwise)."""
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise Failure(
+            502,
+            "server_error",
+            "upstream sent a chunk that is not JSON",
+            code=ErrorCode.MALFORMED_EVENT.value,
+        ) from None
+    if not isinstance(obj, dict):
+        raise Failure(
+            502,
+            "server_error",
+            "upstream sent a chunk that is not an object",
+            code=ErrorCode.MALFORMED_EVENT.value,
+        )
+    return obj
