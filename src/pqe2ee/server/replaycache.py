@@ -23,6 +23,7 @@ thread, never on its event loop.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Final
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
@@ -32,6 +33,7 @@ from pqe2ee.server._redis import import_redis, redis_failures
 __all__ = [
     "DEFAULT_PREFIX",
     "FloorReplayCache",
+    "LockedReplayCache",
     "RedisReplayCache",
     "ReplayCacheError",
 ]
@@ -125,3 +127,20 @@ class FloorReplayCache:
         if expires_at_ms <= self.floor_ms:
             return Admission.TOO_OLD
         return self.inner.admit(request_id, expires_at_ms, now_ms)
+
+
+class LockedReplayCache:
+    """Serialises :meth:`admit` of an in-memory cache (``MemoryReplayCache``, or a
+    :class:`FloorReplayCache` over one) that is reached from worker threads as well as from the
+    event loop: the instance opens bodies over its thread threshold off the loop, and the
+    protocol layer's caches hold no locks. The lock is held for one dictionary update."""
+
+    __slots__ = ("_lock", "inner")
+
+    def __init__(self, inner: ReplayCache) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
+        with self._lock:
+            return self.inner.admit(request_id, expires_at_ms, now_ms)

@@ -177,9 +177,7 @@ class Instance:
                 self.v2_key_source,
                 self.keys.v2_fingerprint(),
                 f"rotated every {cfg.v2_key_lifetime:g} s" if self.rotates_v2 else "not rotated",
-                "redis"
-                if self.keys.owned_cache is not None
-                else type(self.v2.replay_cache).__name__,
+                self.keys.replay_cache_kind,
                 cfg.chute_id or "per model",
             )
         else:

@@ -30,7 +30,12 @@ from pqe2ee.protocol.v2.request import DEFAULT_WINDOW_MS
 from pqe2ee.server.instance.config import InstanceConfig, default_instance_id, model_chute_id
 from pqe2ee.server.instance.exchange import logger
 from pqe2ee.server.keyfile import load_or_create_key, load_or_create_xwing_key, seed_kem
-from pqe2ee.server.replaycache import FloorReplayCache, RedisReplayCache, ReplayCacheError
+from pqe2ee.server.replaycache import (
+    FloorReplayCache,
+    LockedReplayCache,
+    RedisReplayCache,
+    ReplayCacheError,
+)
 
 __all__ = ["Keys"]
 
@@ -119,6 +124,7 @@ class Keys:
         self.v2_key_source = "off"
         self.owned_cache: RedisReplayCache | None = None
         self.v2_threaded = False
+        self.replay_cache_kind = "off"
         self.v2_since = time.time()
         if config.v2:
             self._setup_v2(v2_key, replay_cache, own_chutes)
@@ -151,6 +157,10 @@ class Keys:
                     cache = FloorReplayCache(cache, start_ms + DEFAULT_WINDOW_MS)
         # Anything but the in-memory cache may block (network): open v2 requests off the loop.
         self.v2_threaded = not isinstance(cache, MemoryReplayCache | FloorReplayCache)
+        self.replay_cache_kind = "redis" if self.owned_cache is not None else type(cache).__name__
+        if not self.v2_threaded:
+            # Opened on the loop, except bodies over the thread threshold: serialise admit.
+            cache = LockedReplayCache(cache)
         self.v2 = _ServerInstanceV2(
             chute_id=cfg.chute_id,
             own_chutes=own_chutes,
