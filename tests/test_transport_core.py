@@ -22,7 +22,7 @@ from pqe2ee.protocol.client import (
     e2e_model,
 )
 from pqe2ee.transports._common import bearer_token, make_settings, remote_error
-from pqe2ee.transports._keypool import KeyPool
+from pqe2ee.transports._keypool import HANDOFF_COST, PROBES, KeyPool
 
 ROOT = Path(__file__).resolve().parent.parent
 KEM = get_kem()
@@ -62,7 +62,7 @@ def is_wiped(key: Any) -> bool:
 
 def test_key_pool_fills_in_the_background_and_hands_each_key_out_once() -> None:
     spy = SpyKEM()
-    pool = KeyPool(spy, size=4)  # type: ignore[arg-type]
+    pool = KeyPool(spy, size=4, filler=True)  # type: ignore[arg-type]
     try:
         first = pool.take()  # starts the filler; this one is generated inline
         assert pool.generated_inline == 1
@@ -77,31 +77,65 @@ def test_key_pool_fills_in_the_background_and_hands_each_key_out_once() -> None:
         pool.close()
 
 
-def test_key_pool_close_stops_the_thread_and_wipes_pooled_keys() -> None:
+def test_key_pool_close_stops_and_joins_the_thread_and_wipes_pooled_keys() -> None:
     spy = SpyKEM()
-    pool = KeyPool(spy, size=3)  # type: ignore[arg-type]
+    pool = KeyPool(spy, size=3, filler=True)  # type: ignore[arg-type]
     first = pool.take()
     wait_until(lambda: pool.ready == 3, "the pool to fill")
     thread = pool._thread
-    assert thread is not None and thread.daemon
+    assert thread is not None and pool.running
     pooled = [k for k in spy.keys if k is not first]
     assert len(pooled) == 3
     pool.close()
-    thread.join(5)
-    assert not thread.is_alive()
+    assert not thread.is_alive()  # close() waited for it: nothing outlives the pool's owner
+    assert not pool.running
     assert all(is_wiped(k) for k in pooled)
     assert pool.ready == 0
     key = pool.take()  # still works, inline, without restarting the thread
     assert not is_wiped(key)
-    assert pool._thread is thread
+    assert pool._thread is thread and not pool.running
+    pool.close()  # idempotent
 
 
 def test_key_pool_of_size_zero_never_starts_a_thread() -> None:
-    pool = KeyPool(KEM, size=0)
+    pool = KeyPool(KEM, size=0, filler=True)
     keys = [pool.take() for _ in range(3)]
     assert pool._thread is None
     assert pool.generated_inline == 3
     assert len({k.public_key for k in keys}) == 3
+
+
+class TimedKEM:
+    """A KEM whose keygen takes ``cost`` seconds (busy-waiting, like real keygen)."""
+
+    def __init__(self, cost: float) -> None:
+        self.cost = cost
+        self.made = 0
+
+    def generate(self) -> Any:
+        deadline = time.perf_counter() + self.cost
+        while time.perf_counter() < deadline:
+            pass
+        self.made += 1
+        return KEM.generate()
+
+
+@pytest.mark.parametrize(("cost", "threaded"), [(0.0, False), (HANDOFF_COST * 25, True)])
+def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
+    cost: float, threaded: bool
+) -> None:
+    pool = KeyPool(TimedKEM(cost), size=2)  # type: ignore[arg-type]
+    try:
+        assert pool.filler is None  # undecided until PROBES keys were timed
+        for _ in range(PROBES):
+            assert not pool.running
+            pool.take()
+        assert pool.filler is threaded
+        pool.take()
+        assert pool.running is threaded
+    finally:
+        pool.close()
+    assert not pool.running
 
 
 def test_key_pool_is_safe_across_threads() -> None:
