@@ -315,12 +315,17 @@ def test_generated_transports_are_up_to_date() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _unasync() -> Any:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import unasync
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    return unasync
+
+
+def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unasync = _unasync()
     source, target, rules = unasync.TARGETS[0]
     stale = tmp_path / "_httpx2.py"
     stale.write_text(target.read_text().replace("def handle_request", "def handle_requests"))
@@ -330,6 +335,34 @@ def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert unasync.main([]) == 0
     assert unasync.main(["--check"]) == 0
     assert stale.read_text() == target.read_text()
+
+
+def test_unasync_rules_are_generic() -> None:
+    unasync = _unasync()
+    source = (
+        "class _AsyncFoo(httpx2.AsyncByteStream, AsyncNewThing):\n"
+        "    async def __aenter__(self) -> AsyncIterator[bytes]:\n"
+        "        async with x: await self.aclose(); await async_sleep(1)\n"
+        "        async for c in r.aiter_bytes(): await r.aread()\n"
+        "    async def handle_async_request(self): raise StopAsyncIteration\n"
+        "from pqe2ee.transports._async._engine import AsyncEngine  # the async twin\n"
+    )
+    assert unasync.substitute(source, (unasync.SYNC, unasync.HTTPX)) == (
+        "class _Foo(httpx.SyncByteStream, NewThing):\n"
+        "    def __enter__(self) -> Iterator[bytes]:\n"
+        "        with x: self.close(); sleep(1)\n"
+        "        for c in r.iter_bytes(): r.read()\n"
+        "    def handle_request(self): raise StopIteration\n"
+        "from pqe2ee.transports._sync._engine import Engine  # the async twin\n"
+    )
+
+
+def test_unasync_refuses_another_ruff_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    unasync = _unasync()
+    monkeypatch.setattr(unasync, "_ruff_version", lambda ruff: "0.0.1")
+    with pytest.raises(SystemExit) as err:
+        unasync.main(["--check"])
+    assert f"ruff=={unasync.RUFF_VERSION}" in str(err.value.code)
 
 
 def test_generated_sync_code_has_no_async_left() -> None:
