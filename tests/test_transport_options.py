@@ -124,10 +124,32 @@ async def test_every_adapter_takes_the_value_or_the_keywords(adapter: Any) -> No
         assert both.settings.timeout == 1.5 and both.settings.api_key == KEY
     finally:
         for client in (by_value, by_keywords, both):
-            close = getattr(client, "aclose", None) or client.close
-            result = close()
-            if result is not None:
-                await result
+            await _close(client)
+
+
+async def _close(client: Any) -> None:
+    close = getattr(client, "aclose", None) or client.close
+    result = close()
+    if result is not None:
+        await result
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: f"{a.__module__}.{a.__name__}")
+async def test_closing_any_adapter_stops_and_joins_its_key_fillers(adapter: Any) -> None:
+    from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
+
+    client = adapter(api_key=KEY)
+    engine = client._engine
+    client.keys = KeyPool(engine.settings.kem, 2, filler=True)
+    engine.keys_v2 = XWingKeyPool(engine.settings.xwing, 2, filler=True)
+    pools = [engine.keys, engine.keys_v2]
+    for pool in pools:
+        pool.take()  # what a request does: starts the filler
+    assert all(pool.running for pool in pools)
+    await _close(client)
+    assert client.closed
+    assert not any(pool.running for pool in pools)  # nothing outlives the adapter
 
 
 def test_the_anyio_client_is_always_strict() -> None:

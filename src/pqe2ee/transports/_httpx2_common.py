@@ -25,20 +25,6 @@ from pqe2ee.errors import (
 from pqe2ee.transports._common import HOP_HEADERS, RawHeaders
 from pqe2ee.transports._stream_errors import StreamErrorBase
 
-__all__ = [
-    "E2EEStreamDecryptError",
-    "E2EEStreamError",
-    "E2EEStreamIntegrityError",
-    "E2EEStreamLimitExceeded",
-    "E2EEStreamMalformedError",
-    "E2EEStreamProtocolError",
-    "E2EEStreamRemoteError",
-    "as_stream_error",
-    "json_response",
-    "map_inner_exceptions",
-    "passthrough_response",
-]
-
 
 class E2EEStreamError(StreamErrorBase, httpx2.TransportError):
     """An encrypted stream failed after its response was handed over.
