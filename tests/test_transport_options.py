@@ -152,6 +152,44 @@ async def test_closing_any_adapter_stops_and_joins_its_key_fillers(adapter: Any)
     assert not any(pool.running for pool in pools)  # nothing outlives the adapter
 
 
+@pytest.mark.anyio
+async def test_transports_can_share_one_pair_of_key_pools() -> None:
+    from pqe2ee.backends import get_kem
+    from pqe2ee.backends.xwing import get_xwing
+    from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
+    from pqe2ee.transports.options import SharedKeyPools
+
+    probe = tx_httpx2.E2EETransport(api_key=KEY, backend="pyca")
+    kem, xwing = probe.settings.kem, probe.settings.xwing
+    probe.close()
+    assert xwing is not None
+    shared = SharedKeyPools(KeyPool(kem, 2, filler=True), XWingKeyPool(xwing, 2, filler=True))
+    opts = ClientOptions(backend="pyca", key_pools=shared)
+    clients = [
+        tx_httpx2.E2EETransport(options=opts, api_key="a"),
+        tx_httpx2.AsyncE2EETransport(options=opts, api_key="b"),
+        tx_aiohttp.E2EEClientSession(options=opts, api_key="c"),
+    ]
+    assert all(c.keys is shared.v1 and c._engine.keys_v2 is shared.v2 for c in clients)
+    shared.v1.take(), shared.v2.take()  # start both fillers
+    for client in clients:
+        await _close(client)
+        await _close(client)  # a transport gives up its share once, however often it closes
+        assert shared.v1.running and shared.v2.running  # the maker still holds them
+    with shared:
+        pass  # the maker's share: now they close
+    assert shared.v1.closed and not shared.v1.running and not shared.v2.running
+    with ClientOptions(backend="pyca", key_pool_size=1).make_key_pools() as made:
+        assert made.v1.backend == kem.name == "pyca" and made.v2 is not None
+        assert made.v1.size == made.v2.size == 1
+        tx_httpx2.E2EETransport(backend="pyca", key_pools=made).close()
+    assert made.v1.closed
+    other = "pycryptodome"
+    mismatched = SharedKeyPools(KeyPool(get_kem(other), 1), XWingKeyPool(get_xwing(), 1))
+    with pytest.raises(LocalProtocolError), mismatched:
+        tx_httpx2.E2EETransport(backend="pyca", key_pools=mismatched)
+
+
 def test_the_anyio_client_is_always_strict() -> None:
     assert tx_anyio.E2EEClient(api_key=KEY).settings.strict
     assert tx_anyio.E2EEClient(options=ClientOptions(strict=False)).settings.strict

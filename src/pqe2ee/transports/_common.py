@@ -19,7 +19,7 @@ from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayErro
 from pqe2ee.protocol.client import ClientLimits, ClientState
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
-from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
+from pqe2ee.transports._keypool import KeyPool, SharedKeyPools, XWingKeyPool
 from pqe2ee.transports.options import ClientOptions, OnUsage
 
 __all__ = [
@@ -86,12 +86,15 @@ class EngineFacade:
 
     _engine: _EngineParts
     _closed: bool
+    #: Stops the key fillers and wipes pooled keys (a shared pool: gives up this share).
+    _close_keys: Callable[[], object]
 
     def _start(self, make: Callable[..., _E], options: ClientOptions) -> _E:
         """The engine for ``options`` (backends resolved; ``make`` is the adapter's engine
-        class). Its key pools close with the adapter, or when it is collected unclosed."""
+        class). Its key pools close with the adapter (:meth:`_close_keys`), or when it is
+        collected unclosed."""
         engine = make(options.settings(), clock=options.clock, negotiator=options.negotiator)
-        weakref.finalize(self, engine.close_keys)
+        self._close_keys = weakref.finalize(self, engine.close_keys)  # runs at most once
         self._closed = False
         return engine
 
@@ -165,6 +168,9 @@ class Settings:
     @classmethod
     def from_options(cls, options: ClientOptions) -> Settings:
         policy = options.policy
+        kem = get_kem(options.backend)
+        xwing = _xwing(options.backend) if policy.prefer_v2 else None
+        _check_shared_pools(options.key_pools, kem, xwing)
         return cls(
             api_key=options.api_key,
             api_base=options.api_base,
@@ -175,25 +181,49 @@ class Settings:
             timeout=options.timeout,
             on_usage=options.on_usage,
             limits=options.limits or ClientLimits(),
-            kem=get_kem(options.backend),
+            kem=kem,
             aead=_aead(options.backend),
             key_pool_size=options.key_pool_size,
             policy=policy,
-            xwing=_xwing(options.backend) if policy.prefer_v2 else None,
+            xwing=xwing,
             options=options,
         )
 
     def new_key_pool(self) -> KeyPool:
+        """The engine's v1 key pool: its own, or a share of the options' shared pools."""
+        shared = self.options.key_pools
+        if shared is not None:
+            return shared.v1.share()
         return KeyPool(self.kem, self.key_pool_size)
 
     def new_xwing_key_pool(self) -> XWingKeyPool | None:
-        return None if self.xwing is None else XWingKeyPool(self.xwing, self.key_pool_size)
+        """The engine's v2 key pool (``None`` for v1 only), own or shared like the v1 pool."""
+        if self.xwing is None:
+            return None
+        shared = self.options.key_pools
+        if shared is not None and shared.v2 is not None:
+            return shared.v2.share()
+        return XWingKeyPool(self.xwing, self.key_pool_size)
 
     @property
     def timeout_extension(self) -> dict[str, float]:
         """``request.extensions["timeout"]`` for the transport's own calls (discovery)."""
         t = self.timeout
         return {"connect": t, "read": t, "write": t, "pool": t}
+
+
+def _check_shared_pools(pools: SharedKeyPools | None, kem: KEM, xwing: XWing | None) -> None:
+    """Shared pools must make keys with the backends the transport resolved."""
+    if pools is None:
+        return
+    v2 = pools.v2
+    if pools.v1.backend != kem.name or (
+        v2 is not None and xwing is not None and v2.backend != xwing.name
+    ):
+        raise LocalProtocolError(
+            "key_pools were made with other backends than this transport's",
+            code=ErrorCode.INVALID_ARGUMENT,
+        )
 
 
 def make_settings(**kwargs: Any) -> Settings:

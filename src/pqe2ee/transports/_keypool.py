@@ -18,6 +18,12 @@ The filler belongs to the pool's owner: it starts on a :meth:`take` (an unused t
 no thread), and :meth:`close` - called by the owning transport's ``close``/``aclose`` - stops
 it *and waits for it* (at most one keygen), so a closed transport leaves nothing running. A
 forked child, which has no threads, starts its own.
+
+Many transports can share one pair of pools (:class:`SharedKeyPools`, passed as
+``ClientOptions(key_pools=...)``): the proxy, which makes one transport per API key, then runs
+at most one filler per key type instead of one per key. A shared pool has one user per
+transport plus its maker; each closes it once, and it really closes (filler joined, keys
+wiped) when the last of them has.
 """
 
 from __future__ import annotations
@@ -26,14 +32,23 @@ import collections
 import os
 import threading
 import time
-from typing import Final, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Final, Generic, Protocol, Self, TypeVar
 
 from pqe2ee.backends.base import KEM, KEMPrivateKey
 from pqe2ee.backends.xwing import XWing, XWingPrivateKey
-from pqe2ee.transports.options import DEFAULT_KEY_POOL_SIZE
 
-__all__ = ["DEFAULT_KEY_POOL_SIZE", "HANDOFF_COST", "PROBES", "KeyPool", "XWingKeyPool"]
+__all__ = [
+    "DEFAULT_KEY_POOL_SIZE",
+    "HANDOFF_COST",
+    "PROBES",
+    "KeyPool",
+    "SharedKeyPools",
+    "XWingKeyPool",
+]
 
+#: One-use response keys kept ready per key type (0: every key is made when needed).
+DEFAULT_KEY_POOL_SIZE: Final = 4
 #: Seconds a key costs to hand over from a filler thread (measured: see the module docstring).
 HANDOFF_COST: Final = 40e-6
 #: Inline keygens timed before deciding whether a filler thread pays off.
@@ -51,6 +66,8 @@ K_co = TypeVar("K_co", bound=_Wipeable, covariant=True)
 
 
 class _Generator(Protocol[K_co]):
+    name: str
+
     def generate(self) -> K_co: ...
 
 
@@ -72,6 +89,7 @@ class _Pool(Generic[K]):
         #: True: a filler thread keeps the pool full; False: never; None: not decided yet.
         self.filler: bool | None = False if size == 0 else filler
         self._probes: list[float] = []
+        self._users = 1
         self.generated_inline = 0  # keys made on the caller's thread because the pool was empty
 
     @property
@@ -87,6 +105,11 @@ class _Pool(Generic[K]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend that makes the keys."""
+        return self._kem.name
 
     @property
     def running(self) -> bool:
@@ -109,10 +132,23 @@ class _Pool(Generic[K]):
             key = self._generate_inline()
         return key
 
-    def close(self) -> None:
-        """Stop the filler thread, wait for it, and wipe the keys still pooled. Idempotent;
-        :meth:`take` still works afterwards (inline, without a thread)."""
+    def share(self) -> Self:
+        """This pool, with one more user who must :meth:`close` it once (see the module
+        docstring)."""
         with self._cond:
+            if self._closed:
+                raise ValueError("the key pool is closed")
+            self._users += 1
+        return self
+
+    def close(self) -> None:
+        """Stop the filler thread, wait for it, and wipe the keys still pooled - once every
+        user has closed a shared pool. Idempotent; :meth:`take` still works afterwards
+        (inline, without a thread)."""
+        with self._cond:
+            self._users -= 1
+            if self._users > 0 and not self._closed:
+                return
             self._closed = True
             keys = list(self._keys)
             self._keys.clear()
@@ -171,3 +207,35 @@ class XWingKeyPool(_Pool[XWingPrivateKey]):
         self, xwing: XWing, size: int = DEFAULT_KEY_POOL_SIZE, *, filler: bool | None = None
     ) -> None:
         super().__init__(xwing, size, filler=filler)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedKeyPools:
+    """One v1 and one v2 key pool for many transports (``ClientOptions(key_pools=...)``).
+
+    Whoever makes it owns it and closes it (``with SharedKeyPools(...)`` or :meth:`close`) when
+    its transports are done; each transport closes its share when it closes. ``v2`` is
+    ``None`` when the transports speak v1 only (``prefer_v2=False``). Their backends must be
+    the ones the transports use.
+    """
+
+    v1: KeyPool
+    v2: XWingKeyPool | None = None
+
+    @classmethod
+    def make(
+        cls, kem: KEM, xwing: XWing | None, size: int = DEFAULT_KEY_POOL_SIZE
+    ) -> SharedKeyPools:
+        return cls(KeyPool(kem, size), None if xwing is None else XWingKeyPool(xwing, size))
+
+    def close(self) -> None:
+        """The maker's share: the pools close once every transport has closed too."""
+        self.v1.close()
+        if self.v2 is not None:
+            self.v2.close()
+
+    def __enter__(self) -> SharedKeyPools:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

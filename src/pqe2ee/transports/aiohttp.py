@@ -530,7 +530,7 @@ class E2EEClientSession(EngineFacade):
         if self._closed:
             return
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
         if self._owns_session and self._session is not None:
             await self._session.close()
 

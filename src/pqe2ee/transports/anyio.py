@@ -506,7 +506,7 @@ class E2EEClient(EngineFacade, AsyncResource):
     async def aclose(self) -> None:
         """Wipe the pooled keys; idempotent. Open streams stay readable until closed."""
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, SharedKeyPools
 
 if TYPE_CHECKING:
     from pqe2ee.transports._common import Settings
@@ -45,14 +46,13 @@ __all__ = [
     "ClientOptions",
     "ClientOptionsArgs",
     "OnUsage",
+    "SharedKeyPools",
 ]
 
 DEFAULT_API_BASE: Final = "https://api.chutes.ai"
 DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
 DEFAULT_TIMEOUT: Final = 30.0
 DEFAULT_MAX_ATTEMPTS: Final = 4
-#: One-use response keys kept ready per key type (0: every key is made when needed).
-DEFAULT_KEY_POOL_SIZE: Final = 4
 
 #: Receives the plaintext (unauthenticated) usage object of a stream.
 OnUsage = Callable[[Any], object]
@@ -72,6 +72,7 @@ class ClientOptionsArgs(TypedDict, total=False):
     on_usage: OnUsage | None
     limits: ClientLimits | None
     key_pool_size: int
+    key_pools: SharedKeyPools | None
     clock: Callable[[], float]
     min_version: int
     prefer_v2: bool
@@ -139,6 +140,8 @@ class ClientOptions:
     * ``on_usage`` receives the plaintext usage events of streams (display only).
     * ``limits``: the discovery rate limits (default :class:`ClientLimits`).
     * ``key_pool_size``: one-use response keys kept ready (>= 0).
+    * ``key_pools``: pools shared with other transports instead of the transport's own
+      (:class:`~pqe2ee.transports._keypool.SharedKeyPools`; ``key_pool_size`` is then theirs).
     * ``clock``: monotonic seconds, for deadlines and cool-downs (a test hook).
     * ``min_version``, ``prefer_v2``, ``negotiator``: the version policy (spec/v2.md §8); a
       ``negotiator`` shares its pins and policy between transports, and is the one the
@@ -156,6 +159,7 @@ class ClientOptions:
     on_usage: OnUsage | None = None
     limits: ClientLimits | None = None
     key_pool_size: int = DEFAULT_KEY_POOL_SIZE
+    key_pools: SharedKeyPools | None = field(default=None, compare=False)
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
     min_version: int = 1
     prefer_v2: bool = True
@@ -193,6 +197,12 @@ class ClientOptions:
         if options is None:
             return cls(**changes)
         return dataclasses.replace(options, **changes) if changes else options
+
+    def make_key_pools(self) -> SharedKeyPools:
+        """New key pools for transports that share them, with the backends and size these
+        options give (pass them on as ``key_pools=``; the caller owns and closes them)."""
+        s = self.settings()
+        return SharedKeyPools.make(s.kem, s.xwing, s.key_pool_size)
 
     def settings(self) -> Settings:
         """The engine's settings: these options with the crypto backends resolved (raises

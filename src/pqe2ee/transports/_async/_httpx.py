@@ -240,7 +240,7 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
         if self._closed:
             return
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
         await self._inner.aclose()
 
     # -- plaintext ------------------------------------------------------------------------------

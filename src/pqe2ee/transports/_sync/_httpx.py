@@ -238,7 +238,7 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
         if self._closed:
             return
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
         self._inner.close()
 
     # -- plaintext ------------------------------------------------------------------------------
