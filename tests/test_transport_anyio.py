@@ -69,9 +69,9 @@ def _clean(stack: FaultyStack) -> Iterator[None]:
     stack.faults.reset()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # trio is not installed here; nothing in the client is asyncio-specific
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # the client is anyio + h11 only: it runs on every backend
 
 
 @pytest.fixture

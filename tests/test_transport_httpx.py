@@ -62,9 +62,9 @@ def _clean(stack: FaultyStack) -> Iterator[None]:
     stack.faults.reset()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # the async transports are anyio code (httpcore runs on both)
 
 
 def transport(flavour: str, stack: FaultyStack, *, is_async: bool = False, **kw: Any) -> Any:
