@@ -3,6 +3,7 @@ unasync drift check."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -363,6 +364,13 @@ def test_unasync_refuses_another_ruff_version(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit) as err:
         unasync.main(["--check"])
     assert f"ruff=={unasync.RUFF_VERSION}" in str(err.value.code)
+
+
+def test_pyproject_pins_the_ruff_that_unasync_formats_with() -> None:
+    pins = re.findall(r'"ruff==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    if not pins:
+        pytest.skip("pyproject.toml does not pin ruff yet (dev extra: ruff==RUFF_VERSION)")
+    assert pins == [_unasync().RUFF_VERSION]
 
 
 def test_generated_sync_code_has_no_async_left() -> None:
