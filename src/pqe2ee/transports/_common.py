@@ -33,6 +33,7 @@ __all__ = [
     "RetriesExhausted",
     "Settings",
     "bearer_token",
+    "end_to_end_headers",
     "header_value",
     "join_url",
     "make_settings",
@@ -267,12 +268,16 @@ def header_value(headers: RawHeaders, name: bytes) -> str | None:
     return None
 
 
-def join_url(base: str, path: str, query: bytes = b"") -> str:
+def end_to_end_headers(raw: RawHeaders) -> list[tuple[bytes, bytes]]:
+    """A relay answer's headers without the ones that described its hop (:data:`HOP_HEADERS`):
+    what an adapter copies onto the answer it hands over."""
+    return [(key, value) for key, value in raw if key.lower() not in HOP_HEADERS]
+
+
+def join_url(base: str, path: str, query: str = "") -> str:
     """``base`` (no trailing slash, may carry a path prefix) + ``path`` (+ ``?query``)."""
     url = base + (path if path.startswith("/") else "/" + path)
-    if query:
-        url += "?" + query.decode("ascii")
-    return url
+    return f"{url}?{query}" if query else url
 
 
 class RetriesExhausted(RelayError):

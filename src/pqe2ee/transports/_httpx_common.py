@@ -23,7 +23,7 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
-from pqe2ee.transports._common import HOP_HEADERS, RawHeaders
+from pqe2ee.transports._common import RawHeaders, end_to_end_headers
 from pqe2ee.transports._stream_errors import StreamErrorBase
 
 
@@ -111,5 +111,5 @@ def passthrough_response(
     status: int, raw_headers: RawHeaders, body: bytes, request: httpx.Request
 ) -> httpx.Response:
     """The relay's own (plaintext) answer, already read, handed to the caller as it was."""
-    headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_HEADERS]
+    headers = end_to_end_headers(raw_headers)
     return httpx.Response(status, headers=headers, content=body, request=request)

@@ -61,7 +61,6 @@ from pqe2ee.transports._async._engine import (
     plaintext_refused,
 )
 from pqe2ee.transports._common import (
-    HOP_HEADERS,
     STREAM_HEADERS,
     EngineFacade,
     RawHeaders,
@@ -69,6 +68,8 @@ from pqe2ee.transports._common import (
     ResponseHead,
     RetriesExhausted,
     bearer_token,
+    end_to_end_headers,
+    join_url,
 )
 from pqe2ee.transports._primitives import AsyncResource, aclose_shielded
 from pqe2ee.transports._stream_errors import StreamErrorBase
@@ -441,11 +442,8 @@ def _headers(pairs: Iterable[tuple[str, str]]) -> CIMultiDictProxy[str]:
 
 def _relay_headers(raw: RawHeaders) -> CIMultiDictProxy[str]:
     """A relay's own headers, minus the ones that described its framing."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in raw:
-        if key.lower() not in HOP_HEADERS:
-            out.add(key.decode("latin-1"), value.decode("latin-1"))
-    return CIMultiDictProxy(out)
+    pairs = end_to_end_headers(raw)
+    return _headers((key.decode("latin-1"), value.decode("latin-1")) for key, value in pairs)
 
 
 def _encode_json(obj: Any) -> bytes:
@@ -590,8 +588,7 @@ class E2EEClientSession(EngineFacade):
         headers: CIMultiDict[str],
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> E2EEResponse:
-        query = target.raw_query_string
-        url = self.settings.models_base + path + (f"?{query}" if query else "")
+        url = join_url(self.settings.models_base, path, target.raw_query_string)
         headers.popall("Host", None)
         kwargs: dict[str, Any] = {} if client_timeout is None else {"timeout": client_timeout}
         response = await self._http().request(
