@@ -55,6 +55,13 @@ def test_defaults_and_normalisation() -> None:
     assert ClientOptions().e2e_paths == frozenset(DEFAULT_E2E_PATHS)
 
 
+def test_the_keyword_types_list_exactly_the_fields() -> None:
+    from pqe2ee.transports.options import ClientOptionsArgs
+
+    fields = {f.name for f in dataclasses.fields(ClientOptions) if f.init}
+    assert set(ClientOptionsArgs.__annotations__) == fields
+
+
 def test_frozen_slotted_and_comparable() -> None:
     o = ClientOptions(api_key=KEY)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -141,7 +141,7 @@ class ClientOptions:
     * ``limits``: the discovery rate limits (default :class:`ClientLimits`).
     * ``key_pool_size``: one-use response keys kept ready (>= 0).
     * ``key_pools``: pools shared with other transports instead of the transport's own
-      (:class:`~pqe2ee.transports._keypool.SharedKeyPools`; ``key_pool_size`` is then theirs).
+      (:class:`SharedKeyPools`, e.g. from :meth:`make_key_pools`; their size applies).
     * ``clock``: monotonic seconds, for deadlines and cool-downs (a test hook).
     * ``min_version``, ``prefer_v2``, ``negotiator``: the version policy (spec/v2.md §8); a
       ``negotiator`` shares its pins and policy between transports, and is the one the
