@@ -31,21 +31,26 @@ work, the relay and the instance (which also runs ML-KEM and the AEAD) and two m
 hops. The KEM backend's encaps + decaps is measured in this process between rounds.
 
 The dev-engine is a test stand-in: these are protocol costs, not inference.
+
+``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
+backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
+and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import platform
+import queue
 import socket
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +61,7 @@ import httpx2
 
 import pqe2ee
 from pqe2ee.backends import get_kem
+from pqe2ee.transports.options import ClientOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_PYTHON = Path(sys.executable)
@@ -163,7 +169,12 @@ WORKER = textwrap.dedent(
             import inspect
             import pqe2ee
             kw = dict(api_key=key, api_base=relay, models_base=relay)
-            if protocol == "v1" and "prefer_v2" in inspect.signature(pqe2ee.E2EETransport).parameters:
+            try:  # the options are one ClientOptions value (older releases: keywords)
+                from pqe2ee.transports.options import ClientOptions
+                has_v2 = "prefer_v2" in ClientOptions.__dataclass_fields__
+            except ImportError:
+                has_v2 = "prefer_v2" in ClientOptions.__dataclass_fields__
+            if protocol == "v1" and has_v2:
                 kw["prefer_v2"] = False
             transport = pqe2ee.E2EETransport(**kw)
     else:
@@ -471,6 +482,88 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
     )
 
 
+def _median_us(fn: Any, n: int = 300, gap: float = 0.0) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(n):
+        if gap:
+            time.sleep(gap)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+class _Handoff:
+    """Another thread makes an object on request: the round trip a filler thread costs."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.asked = False
+        self.made: object | None = None
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.cond:
+            while True:
+                while not self.asked:
+                    self.cond.wait()
+                self.asked, self.made = False, object()
+                self.cond.notify_all()
+
+    def ask(self) -> object:
+        with self.cond:
+            self.asked, self.made = True, None
+            self.cond.notify_all()
+            while self.made is None:
+                self.cond.wait()
+            return self.made
+
+
+def keypool_table() -> None:
+    from pqe2ee.backends import available
+    from pqe2ee.backends.xwing import available_xwing, get_xwing
+    from pqe2ee.transports._keypool import HANDOFF_COST, KeyPool, XWingKeyPool
+
+    requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+    answers: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def serve() -> None:
+        while True:
+            requests.get()
+            answers.put(object())
+
+    threading.Thread(target=serve, daemon=True).start()
+    handoff = _Handoff()
+    print(f"Python {platform.python_version()} | {platform.machine()} × {os.cpu_count()} CPUs")
+    print(
+        f"hand-off round trip: Condition {_median_us(handoff.ask):.1f} µs, SimpleQueue "
+        f"{_median_us(lambda: (requests.put(None), answers.get())):.1f} µs; the pool's "
+        f"threshold HANDOFF_COST = {HANDOFF_COST * 1e6:.0f} µs"
+    )
+    print(
+        "\n| key | backend | keygen µs | take() no filler µs | take() filler, 2 ms apart µs "
+        "| filler by default |"
+    )
+    print("|---|---|---|---|---|---|")
+    gens: list[tuple[str, str, Any, Any]] = [
+        ("ML-KEM-768", n, get_kem(n), KeyPool) for n in available()
+    ] + [("X-Wing", n, get_xwing(n), XWingKeyPool) for n in available_xwing()]
+    for label, name, kem, pool_cls in gens:
+        keygen = _median_us(kem.generate)
+        bare = pool_cls(kem, 4, filler=False)
+        inline = _median_us(bare.take)
+        filled = pool_cls(kem, 4, filler=True)
+        spaced = _median_us(filled.take, n=200, gap=0.002)
+        auto = pool_cls(kem, 4)
+        for _ in range(4):
+            auto.take()
+        for pool in (bare, filled, auto):
+            pool.close()
+        print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (~20 s)")
@@ -483,12 +576,16 @@ def main() -> None:
         default="v1",
         help="our transport's wire version (v1: as the reference; auto: its default)",
     )
+    ap.add_argument("--keypool", action="store_true", help="only the key pool table (~10 s)")
     args = ap.parse_args()
+    if args.keypool:
+        keypool_table()
+        return
     if args.rounds is None:
         args.rounds = 10 if args.quick else 50
     if not REF_PYTHON.exists():
         sys.exit(f"reference venv not found at {REF_PYTHON}")
-    has_v2 = "prefer_v2" in inspect.signature(pqe2ee.E2EETransport).parameters
+    has_v2 = "prefer_v2" in ClientOptions.__dataclass_fields__
     print(
         f"pqe2ee {pqe2ee.__version__} | Python {platform.python_version()} | "
         f"httpx2 {httpx2.__version__} | {platform.machine()} × {os.cpu_count()} CPUs | "

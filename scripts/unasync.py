@@ -9,11 +9,15 @@ As httpcore does it: plain token substitutions, nothing clever. Sources (edit th
 * ``src/pqe2ee/transports/_httpx2_common.py``  -> ``_httpx_common.py``
 * ``src/pqe2ee/transports/httpx2.py``          -> ``httpx.py``
 
-"sync" substitutions turn async code into blocking code (``async def`` -> ``def``, ``await``
-dropped, ``AsyncByteStream`` -> ``SyncByteStream``, ``AsyncLock`` -> ``Lock``, ...); "httpx"
+"sync" substitutions turn async code into blocking code: generic rules (``Async[A-Z]...`` ->
+``...``, ``async def`` -> ``def``, ``await`` dropped, ``__aenter__`` -> ``__enter__``,
+``aclose`` -> ``close``, ``aiter_*`` -> ``iter_*``) plus a short explicit list where the
+generic rule would be wrong (``AsyncByteStream`` -> ``SyncByteStream``); "httpx"
 substitutions turn every ``httpx2`` into ``httpx``. The output is then import-sorted, its
 yield loops collapsed to ``yield from``, and formatted with ruff so that ``ruff format --check``
-agrees with it.
+agrees with it. Formatting differs between ruff releases, so the output is only defined for
+ruff :data:`RUFF_VERSION` (pinned in the dev extra): another version is refused rather than
+reported as drift.
 
 Usage::
 
@@ -33,39 +37,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "src" / "pqe2ee" / "transports"
 
+#: Async -> sync, like httpcore's: the explicit names first (where the generic rule would be
+#: wrong), then generic rules that need no list of names.
 SYNC: list[tuple[str, str]] = [
-    (r"\bAsyncByteStream\b", "SyncByteStream"),
-    (r"\bAsyncBaseTransport\b", "BaseTransport"),
-    (r"\bAsyncHTTPTransport\b", "HTTPTransport"),
-    (r"\bAsyncE2EETransport\b", "E2EETransport"),
-    (r"\bAsyncDecryptingStream\b", "DecryptingStream"),
-    (r"\bAsyncEngine\b", "Engine"),
-    (r"\bAsyncPlainStream\b", "PlainStream"),
-    (r"\bAsyncPortResponse\b", "PortResponse"),
-    (r"\bAsyncPort\b", "Port"),
-    (r"\b_AsyncPortResponse\b", "_PortResponse"),
-    (r"\b_AsyncPort\b", "_Port"),
-    (r"\bAsyncIterator\b", "Iterator"),
-    (r"\bAsyncLock\b", "Lock"),
-    (r"\bAsyncShieldCancellation\b", "ShieldCancellation"),
-    (r"\bAsyncClient\b", "Client"),
-    (r"\bAsyncOpenAI\b", "OpenAI"),
-    (r"\basync_sleep\b", "sleep"),
-    (r"\bhandle_async_request\b", "handle_request"),
-    (r"\basync def\b", "def"),
-    (r"\basync with\b", "with"),
-    (r"\basync for\b", "for"),
-    (r"\bawait ", ""),
-    (r"\b__aenter__\b", "__enter__"),
-    (r"\b__aexit__\b", "__exit__"),
-    (r"\b__aiter__\b", "__iter__"),
-    (r"\baclose\b", "close"),
-    (r"\baread\b", "read"),
-    (r"\baiter_bytes\b", "iter_bytes"),
-    (r"\baiter_raw\b", "iter_raw"),
-    (r"\baiter_events\b", "iter_events"),
+    # explicit
+    (r"\bAsyncByteStream\b", "SyncByteStream"),  # httpx's sync twin is not "ByteStream"
     (r"\bStopAsyncIteration\b", "StopIteration"),
-    (r"\b_async\b", "_sync"),
+    (r"\bhandle_async_request\b", "handle_request"),
+    # generic
+    (r"\b(_?)Async([A-Z]\w*)", r"\1\2"),  # AsyncEngine -> Engine, _AsyncPort -> _Port
+    (r"\basync_(\w+)", r"\1"),  # async_sleep -> sleep
+    (r"\basync (def|with|for)\b", r"\1"),
+    (r"\bawait ", ""),
+    (r"\b__a(enter|exit|iter|next)__\b", r"__\1__"),
+    (r"\ba(close|read)\b", r"\1"),
+    (r"\baiter_(\w+)", r"iter_\1"),  # aiter_bytes -> iter_bytes
+    (r"\b_async\b", "_sync"),  # module paths
 ]
 HTTPX: list[tuple[str, str]] = [(r"httpx2", "httpx")]
 
@@ -85,11 +72,28 @@ TARGETS: list[tuple[Path, Path, tuple[list[tuple[str, str]], ...]]] = [
 ]
 
 
+#: The ruff release whose formatting the generated files follow (``ruff==`` in the dev extra).
+RUFF_VERSION = "0.17.6"
+
+
+def _ruff_version(ruff: str) -> str:
+    out = subprocess.run([ruff, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().removeprefix("ruff ").split()[0] if out.stdout.strip() else "?"
+
+
 def _ruff() -> str:
     here = Path(sys.executable).parent / "ruff"
     found = str(here) if here.exists() else shutil.which("ruff")
     if not found:
-        sys.exit("unasync: ruff is needed to format the generated files (pip install ruff)")
+        sys.exit(
+            f"unasync: ruff is needed to format the generated files (pip install ruff=={RUFF_VERSION})"
+        )
+    version = _ruff_version(found)
+    if version != RUFF_VERSION:
+        sys.exit(
+            f"unasync: the generated files are formatted by ruff {RUFF_VERSION}, found {version} "
+            f"(pip install ruff=={RUFF_VERSION})"
+        )
     return found
 
 
@@ -115,13 +119,19 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def generate(source: Path, target: Path, rule_sets: tuple[list[tuple[str, str]], ...]) -> str:
-    text = source.read_text()
+def substitute(text: str, rule_sets: tuple[list[tuple[str, str]], ...]) -> str:
+    """``text`` with every rule of every set applied, in order."""
     for rules in rule_sets:
         for pattern, replacement in rules:
             text = re.sub(pattern, replacement, text)
+    return text
+
+
+def generate(
+    source: Path, target: Path, rule_sets: tuple[list[tuple[str, str]], ...], ruff: str
+) -> str:
+    text = substitute(source.read_text(), rule_sets)
     text = f"# GENERATED by scripts/unasync.py from {_rel(source)} - do not edit.\n{text}"
-    ruff = _ruff()
     # Sort imports and __all__, drop the imports a substitution made unused, and turn ``for x in it: yield x``
     # (an ``async for`` loop in the source, where ``yield from`` is not allowed) into
     # ``yield from it``.
@@ -134,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a generated file is stale")
     args = parser.parse_args(argv)
+    ruff = _ruff()
     stale: list[str] = []
     for source, target, rules in TARGETS:
-        expected = generate(source, target, rules)
+        expected = generate(source, target, rules, ruff)
         current = target.read_text() if target.exists() else None
         if current == expected:
             continue

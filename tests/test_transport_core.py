@@ -3,6 +3,7 @@ unasync drift check."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from pqe2ee.protocol.client import (
     e2e_model,
 )
 from pqe2ee.transports._common import bearer_token, make_settings, remote_error
-from pqe2ee.transports._keypool import KeyPool
+from pqe2ee.transports._keypool import HANDOFF_COST, PROBES, KeyPool
 
 ROOT = Path(__file__).resolve().parent.parent
 KEM = get_kem()
@@ -62,7 +63,7 @@ def is_wiped(key: Any) -> bool:
 
 def test_key_pool_fills_in_the_background_and_hands_each_key_out_once() -> None:
     spy = SpyKEM()
-    pool = KeyPool(spy, size=4)  # type: ignore[arg-type]
+    pool = KeyPool(spy, size=4, filler=True)  # type: ignore[arg-type]
     try:
         first = pool.take()  # starts the filler; this one is generated inline
         assert pool.generated_inline == 1
@@ -77,31 +78,65 @@ def test_key_pool_fills_in_the_background_and_hands_each_key_out_once() -> None:
         pool.close()
 
 
-def test_key_pool_close_stops_the_thread_and_wipes_pooled_keys() -> None:
+def test_key_pool_close_stops_and_joins_the_thread_and_wipes_pooled_keys() -> None:
     spy = SpyKEM()
-    pool = KeyPool(spy, size=3)  # type: ignore[arg-type]
+    pool = KeyPool(spy, size=3, filler=True)  # type: ignore[arg-type]
     first = pool.take()
     wait_until(lambda: pool.ready == 3, "the pool to fill")
     thread = pool._thread
-    assert thread is not None and thread.daemon
+    assert thread is not None and pool.running
     pooled = [k for k in spy.keys if k is not first]
     assert len(pooled) == 3
     pool.close()
-    thread.join(5)
-    assert not thread.is_alive()
+    assert not thread.is_alive()  # close() waited for it: nothing outlives the pool's owner
+    assert not pool.running
     assert all(is_wiped(k) for k in pooled)
     assert pool.ready == 0
     key = pool.take()  # still works, inline, without restarting the thread
     assert not is_wiped(key)
-    assert pool._thread is thread
+    assert pool._thread is thread and not pool.running
+    pool.close()  # idempotent
 
 
 def test_key_pool_of_size_zero_never_starts_a_thread() -> None:
-    pool = KeyPool(KEM, size=0)
+    pool = KeyPool(KEM, size=0, filler=True)
     keys = [pool.take() for _ in range(3)]
     assert pool._thread is None
     assert pool.generated_inline == 3
     assert len({k.public_key for k in keys}) == 3
+
+
+class TimedKEM:
+    """A KEM whose keygen takes ``cost`` seconds (busy-waiting, like real keygen)."""
+
+    def __init__(self, cost: float) -> None:
+        self.cost = cost
+        self.made = 0
+
+    def generate(self) -> Any:
+        deadline = time.perf_counter() + self.cost
+        while time.perf_counter() < deadline:
+            pass
+        self.made += 1
+        return KEM.generate()
+
+
+@pytest.mark.parametrize(("cost", "threaded"), [(0.0, False), (HANDOFF_COST * 25, True)])
+def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
+    cost: float, threaded: bool
+) -> None:
+    pool = KeyPool(TimedKEM(cost), size=2)  # type: ignore[arg-type]
+    try:
+        assert pool.filler is None  # undecided until PROBES keys were timed
+        for _ in range(PROBES):
+            assert not pool.running
+            pool.take()
+        assert pool.filler is threaded
+        pool.take()
+        assert pool.running is threaded
+    finally:
+        pool.close()
+    assert not pool.running
 
 
 def test_key_pool_is_safe_across_threads() -> None:
@@ -281,12 +316,17 @@ def test_generated_transports_are_up_to_date() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _unasync() -> Any:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import unasync
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+    return unasync
+
+
+def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unasync = _unasync()
     source, target, rules = unasync.TARGETS[0]
     stale = tmp_path / "_httpx2.py"
     stale.write_text(target.read_text().replace("def handle_request", "def handle_requests"))
@@ -296,6 +336,41 @@ def test_unasync_check_detects_drift(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert unasync.main([]) == 0
     assert unasync.main(["--check"]) == 0
     assert stale.read_text() == target.read_text()
+
+
+def test_unasync_rules_are_generic() -> None:
+    unasync = _unasync()
+    source = (
+        "class _AsyncFoo(httpx2.AsyncByteStream, AsyncNewThing):\n"
+        "    async def __aenter__(self) -> AsyncIterator[bytes]:\n"
+        "        async with x: await self.aclose(); await async_sleep(1)\n"
+        "        async for c in r.aiter_bytes(): await r.aread()\n"
+        "    async def handle_async_request(self): raise StopAsyncIteration\n"
+        "from pqe2ee.transports._async._engine import AsyncEngine  # the async twin\n"
+    )
+    assert unasync.substitute(source, (unasync.SYNC, unasync.HTTPX)) == (
+        "class _Foo(httpx.SyncByteStream, NewThing):\n"
+        "    def __enter__(self) -> Iterator[bytes]:\n"
+        "        with x: self.close(); sleep(1)\n"
+        "        for c in r.iter_bytes(): r.read()\n"
+        "    def handle_request(self): raise StopIteration\n"
+        "from pqe2ee.transports._sync._engine import Engine  # the async twin\n"
+    )
+
+
+def test_unasync_refuses_another_ruff_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    unasync = _unasync()
+    monkeypatch.setattr(unasync, "_ruff_version", lambda ruff: "0.0.1")
+    with pytest.raises(SystemExit) as err:
+        unasync.main(["--check"])
+    assert f"ruff=={unasync.RUFF_VERSION}" in str(err.value.code)
+
+
+def test_pyproject_pins_the_ruff_that_unasync_formats_with() -> None:
+    pins = re.findall(r'"ruff==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    if not pins:
+        pytest.skip("pyproject.toml does not pin ruff yet (dev extra: ruff==RUFF_VERSION)")
+    assert pins == [_unasync().RUFF_VERSION]
 
 
 def test_generated_sync_code_has_no_async_left() -> None:

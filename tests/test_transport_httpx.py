@@ -9,6 +9,7 @@ a host that does not exist, so every byte that arrives went where the transport 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -61,9 +62,9 @@ def _clean(stack: FaultyStack) -> Iterator[None]:
     stack.faults.reset()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # the async transports are anyio code (httpcore runs on both)
 
 
 def transport(flavour: str, stack: FaultyStack, *, is_async: bool = False, **kw: Any) -> Any:
@@ -520,6 +521,65 @@ def test_stream_error_keeps_pqe2ee_class(stack: FaultyStack) -> None:
     assert isinstance(err.value, httpx2.TransportError)
     assert isinstance(err.value.error, pqe2ee.DecryptError)
     assert err.value.request is not None
+
+
+STREAM_ERROR_CLASSES = {
+    ErrorCode.STREAM_TRUNCATED: "E2EEStreamIntegrityError",
+    ErrorCode.DUPLICATE_RECORD: "E2EEStreamIntegrityError",
+    ErrorCode.DECRYPT_FAILED: "E2EEStreamDecryptError",
+    ErrorCode.MALFORMED_EVENT: "E2EEStreamIntegrityError",
+    ErrorCode.CONNECTION_LOST: "E2EEStreamIntegrityError",
+    ErrorCode.REMOTE_ERROR: "E2EEStreamRemoteError",
+}
+
+
+@pytest.mark.parametrize(("fault", "at", "code"), STREAM_FAULTS)
+def test_stream_errors_are_declared_classes_that_pickle(
+    stack: FaultyStack, fault: Fault, at: int, code: ErrorCode
+) -> None:
+    body = {"model": "dev-echo", "messages": messages("one two three four five"), "stream": True}
+    stack.faults.inject(fault, at=at)
+    with (
+        httpx2.Client(transport=transport("httpx2", stack)) as http,
+        http.stream("POST", SDK_BASE + "/chat/completions", json=body) as resp,
+        pytest.raises(tx_httpx2.E2EEStreamError) as err,
+    ):
+        resp.read()
+    exc = err.value
+    assert type(exc) is getattr(tx_httpx2, STREAM_ERROR_CLASSES[code])  # a name, not a type()
+    assert type(exc).__module__ == "pqe2ee.transports._httpx2_common"
+    assert isinstance(exc, type(exc.error))
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc)
+    assert (copy.code, copy.message, str(copy)) == (exc.code, exc.message, str(exc))
+    assert type(copy.error) is type(exc.error) and copy.error.code is code
+    assert isinstance(copy, httpx2.TransportError) and isinstance(copy, pqe2ee.PQE2EEError)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_a_closed_transport_leaves_no_key_filler_running(
+    stack: FaultyStack, is_async: bool
+) -> None:
+    from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
+
+    t = transport("httpx2", stack, is_async=is_async)
+    engine = t._engine
+    t.keys = KeyPool(engine.settings.kem, 2, filler=True)
+    if engine.keys_v2 is not None:
+        engine.keys_v2 = XWingKeyPool(engine.settings.xwing, 2, filler=True)
+    pools = [p for p in (engine.keys, engine.keys_v2) if p is not None]
+    body = {"model": "dev-echo", "messages": messages("warm the pools")}
+    if is_async:
+        async with httpx2.AsyncClient(transport=t) as http:
+            assert (await http.post(SDK_BASE + "/chat/completions", json=body)).status_code == 200
+    else:
+        with httpx2.Client(transport=t) as http:
+            assert http.post(SDK_BASE + "/chat/completions", json=body).status_code == 200
+    assert any(p._thread is not None for p in pools)  # a filler was started by the request
+    # closing the client closed the transport: every filler is stopped and joined
+    assert t.closed
+    assert not any(p.running for p in pools)
 
 
 def test_records_that_split_and_coalesce_lines(

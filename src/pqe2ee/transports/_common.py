@@ -1,56 +1,44 @@
 """What every HTTP-library transport shares, whatever the library and sync or async.
 
-Settings and their validation, the crypto context (backends and the key pool), URL and header
-helpers. No I/O here: the transports in ``_async``/``_sync`` move the bytes.
+The engine's :class:`Settings` (the validated :class:`~pqe2ee.transports.options.ClientOptions`
+with the crypto backends resolved), the :class:`EngineFacade` every adapter exposes, URL and
+header helpers. No I/O here: the transports in ``_async``/``_sync`` move the bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar, cast
-from urllib.parse import urlsplit
+from typing import Any, Final, Protocol, TypeVar
 
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import AEAD, KEM
 from pqe2ee.backends.xwing import XWing, get_xwing
-from pqe2ee.errors import (
-    BackendError,
-    ErrorCode,
-    LocalProtocolError,
-    PQE2EEError,
-    RelayError,
-    RemoteError,
-)
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, ClientState
+from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError, RemoteError
+from pqe2ee.protocol.client import ClientLimits, ClientState
 from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
-from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
+from pqe2ee.transports._keypool import KeyPool, SharedKeyPools, XWingKeyPool
+from pqe2ee.transports.options import ClientOptions, OnUsage
 
 __all__ = [
-    "DEFAULT_API_BASE",
-    "DEFAULT_E2E_PATHS",
-    "DEFAULT_MAX_ATTEMPTS",
-    "DEFAULT_MODELS_BASE",
-    "DEFAULT_TIMEOUT",
     "HOP_HEADERS",
+    "STREAM_HEADERS",
     "EngineFacade",
     "OnUsage",
     "RawHeaders",
+    "RequestHeaders",
+    "ResponseHead",
     "RetriesExhausted",
     "Settings",
     "bearer_token",
+    "end_to_end_headers",
     "header_value",
     "join_url",
     "make_settings",
     "remote_error",
-    "retyped",
 ]
-
-DEFAULT_API_BASE: Final = "https://api.chutes.ai"
-DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
-DEFAULT_TIMEOUT: Final = 30.0
-DEFAULT_MAX_ATTEMPTS: Final = 4
 
 #: Largest relay answer read whole: a sealed reply (response plaintext limit + blob overhead +
 #: gzip slack) - anything larger is refused with ``oversize``.
@@ -60,8 +48,25 @@ MAX_ERROR_BODY: Final = 1024 * 1024
 #: Largest discovery document or model listing read.
 MAX_DOC: Final = 16 * 1024 * 1024
 
-OnUsage = Callable[[Any], object]
 RawHeaders = Sequence[tuple[bytes, bytes]]
+#: A request's headers as the engine hands them to a port.
+RequestHeaders = list[tuple[str, str]]
+#: The headers of a decrypted event stream handed to the caller.
+STREAM_HEADERS: Final = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+class ResponseHead:
+    """The status and headers of a port response (the engine's ``AsyncPortResponse``), read
+    before its body; each adapter's port response adds ``aiter_bytes`` and ``aclose``."""
+
+    __slots__ = ("headers", "status")
+
+    def __init__(self, status: int, headers: RawHeaders) -> None:
+        self.status = status
+        self.headers = headers
 
 
 class _EngineParts(Protocol):
@@ -70,17 +75,42 @@ class _EngineParts(Protocol):
     negotiator: Negotiator
     keys: KeyPool
 
+    def close_keys(self) -> None: ...
+
+
+_E = TypeVar("_E", bound=_EngineParts)
+
 
 class EngineFacade:
     """The engine's shared parts, exposed the same way by every adapter (httpx2, httpx,
-    aiohttp, anyio; sync and async). Adapters set ``_engine`` and ``_closed``."""
+    aiohttp, anyio; sync and async). Adapters start their engine with :meth:`_start`."""
 
     _engine: _EngineParts
     _closed: bool
+    #: Stops the key fillers and wipes pooled keys (a shared pool: gives up this share).
+    _close_keys: Callable[[], object]
+
+    def _start(self, make: Callable[..., _E], options: ClientOptions) -> _E:
+        """The engine for ``options`` (backends resolved; ``make`` is the adapter's engine
+        class). Its key pools close with the adapter (:meth:`_close_keys`), or when it is
+        collected unclosed."""
+        engine = make(options.settings(), clock=options.clock, negotiator=options.negotiator)
+        self._close_keys = weakref.finalize(self, engine.close_keys)  # runs at most once
+        self._closed = False
+        return engine
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise LocalProtocolError(f"the E2EE {what} is closed", code=ErrorCode.INVALID_ARGUMENT)
 
     @property
     def settings(self) -> Settings:
         return self._engine.settings
+
+    @property
+    def options(self) -> ClientOptions:
+        """The options this client was made with."""
+        return self._engine.settings.options
 
     @property
     def state(self) -> ClientState:
@@ -114,7 +144,8 @@ HOP_HEADERS: Final = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Validated transport settings (see the transport's docstring for each field)."""
+    """What the engine reads: the client's options, narrowed and with its backends resolved
+    (build it with :meth:`from_options`; see :class:`ClientOptions` for each field)."""
 
     api_key: str | None
     api_base: str
@@ -132,12 +163,48 @@ class Settings:
     policy: E2EPolicy = field(default_factory=E2EPolicy)
     #: The X-Wing backend for v2 (``None`` with ``prefer_v2=False``: v1 only).
     xwing: XWing | None = None
+    #: The options these settings were made from.
+    options: ClientOptions = field(default_factory=ClientOptions, compare=False)
+
+    @classmethod
+    def from_options(cls, options: ClientOptions) -> Settings:
+        policy = options.policy
+        kem = get_kem(options.backend)
+        xwing = _xwing(options.backend) if policy.prefer_v2 else None
+        _check_shared_pools(options.key_pools, kem, xwing)
+        return cls(
+            api_key=options.api_key,
+            api_base=options.api_base,
+            models_base=options.models_base,
+            e2e_paths=frozenset(options.e2e_paths),
+            strict=options.strict,
+            max_attempts=options.max_attempts,
+            timeout=options.timeout,
+            on_usage=options.on_usage,
+            limits=options.limits or ClientLimits(),
+            kem=kem,
+            aead=_aead(options.backend),
+            key_pool_size=options.key_pool_size,
+            policy=policy,
+            xwing=xwing,
+            options=options,
+        )
 
     def new_key_pool(self) -> KeyPool:
+        """The engine's v1 key pool: its own, or a share of the options' shared pools."""
+        shared = self.options.key_pools
+        if shared is not None:
+            return shared.v1.share()
         return KeyPool(self.kem, self.key_pool_size)
 
     def new_xwing_key_pool(self) -> XWingKeyPool | None:
-        return None if self.xwing is None else XWingKeyPool(self.xwing, self.key_pool_size)
+        """The engine's v2 key pool (``None`` for v1 only), own or shared like the v1 pool."""
+        if self.xwing is None:
+            return None
+        shared = self.options.key_pools
+        if shared is not None and shared.v2 is not None:
+            return shared.v2.share()
+        return XWingKeyPool(self.xwing, self.key_pool_size)
 
     @property
     def timeout_extension(self) -> dict[str, float]:
@@ -146,95 +213,23 @@ class Settings:
         return {"connect": t, "read": t, "write": t, "pool": t}
 
 
-def _base_url(value: str, name: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise LocalProtocolError(
-            f"{name} must be an http(s) URL without query or fragment",
-            code=ErrorCode.INVALID_ARGUMENT,
-        )
-    return value.rstrip("/")
-
-
-def make_settings(
-    *,
-    api_key: str | None,
-    api_base: str,
-    models_base: str,
-    backend: str,
-    e2e_paths: Collection[str],
-    strict: bool,
-    max_attempts: int,
-    timeout: float,
-    on_usage: OnUsage | None,
-    limits: ClientLimits | None,
-    key_pool_size: int,
-    min_version: int = 1,
-    prefer_v2: bool = True,
-    negotiator: Negotiator | None = None,
-) -> Settings:
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise LocalProtocolError(
-            "api_key must be a non-empty string or None", code=ErrorCode.INVALID_ARGUMENT
-        )
-    if isinstance(e2e_paths, str):
-        raise LocalProtocolError(
-            "e2e_paths must be a collection of paths, not one string",
-            code=ErrorCode.INVALID_ARGUMENT,
-        )
-    paths = frozenset(e2e_paths)
-    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
-        raise LocalProtocolError(
-            "every e2e path must be a string starting with '/'", code=ErrorCode.INVALID_ARGUMENT
-        )
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise LocalProtocolError("max_attempts must be >= 1", code=ErrorCode.INVALID_ARGUMENT)
-    if not timeout > 0:
-        raise LocalProtocolError("timeout must be > 0", code=ErrorCode.INVALID_ARGUMENT)
-    if key_pool_size < 0:
-        raise LocalProtocolError("key_pool_size must be >= 0", code=ErrorCode.INVALID_ARGUMENT)
-    policy = _policy(min_version, prefer_v2, negotiator)
-    return Settings(
-        api_key=api_key,
-        api_base=_base_url(api_base, "api_base"),
-        models_base=_base_url(models_base, "models_base"),
-        e2e_paths=paths,
-        strict=strict,
-        max_attempts=max_attempts,
-        timeout=float(timeout),
-        on_usage=on_usage,
-        limits=limits or ClientLimits(),
-        kem=get_kem(backend),
-        aead=_aead(backend),
-        key_pool_size=key_pool_size,
-        policy=policy,
-        xwing=_xwing(backend) if policy.prefer_v2 else None,
-    )
-
-
-def _policy(min_version: int, prefer_v2: bool, negotiator: Negotiator | None) -> E2EPolicy:
-    """The version policy. A shared ``negotiator`` brings its own; ``min_version`` and
-    ``prefer_v2`` may then only repeat it or keep their defaults (never weaken a strict one
-    silently: ``min_version=2`` with a non-strict negotiator is refused)."""
-    if not isinstance(min_version, int) or isinstance(min_version, bool):
-        raise LocalProtocolError("min_version must be 1 or 2", code=ErrorCode.INVALID_ARGUMENT)
-    if not isinstance(prefer_v2, bool):
-        raise LocalProtocolError("prefer_v2 must be a bool", code=ErrorCode.INVALID_ARGUMENT)
-    if negotiator is None:
-        return E2EPolicy(min_version=min_version, prefer_v2=prefer_v2)
-    if not isinstance(negotiator, Negotiator):
-        raise LocalProtocolError(
-            "negotiator must be a pqe2ee.protocol.v2.Negotiator", code=ErrorCode.INVALID_ARGUMENT
-        )
-    policy = negotiator.policy
-    if (min_version != 1 and min_version != policy.min_version) or (
-        not prefer_v2 and policy.prefer_v2
+def _check_shared_pools(pools: SharedKeyPools | None, kem: KEM, xwing: XWing | None) -> None:
+    """Shared pools must make keys with the backends the transport resolved."""
+    if pools is None:
+        return
+    v2 = pools.v2
+    if pools.v1.backend != kem.name or (
+        v2 is not None and xwing is not None and v2.backend != xwing.name
     ):
         raise LocalProtocolError(
-            "min_version / prefer_v2 contradict the negotiator's policy: set them on its E2EPolicy",
+            "key_pools were made with other backends than this transport's",
             code=ErrorCode.INVALID_ARGUMENT,
         )
-    return policy
+
+
+def make_settings(**kwargs: Any) -> Settings:
+    """``ClientOptions(**kwargs).settings()`` (kept for callers that build an engine directly)."""
+    return ClientOptions(**kwargs).settings()
 
 
 def _xwing(backend: str) -> XWing:
@@ -273,12 +268,16 @@ def header_value(headers: RawHeaders, name: bytes) -> str | None:
     return None
 
 
-def join_url(base: str, path: str, query: bytes = b"") -> str:
+def end_to_end_headers(raw: RawHeaders) -> list[tuple[bytes, bytes]]:
+    """A relay answer's headers without the ones that described its hop (:data:`HOP_HEADERS`):
+    what an adapter copies onto the answer it hands over."""
+    return [(key, value) for key, value in raw if key.lower() not in HOP_HEADERS]
+
+
+def join_url(base: str, path: str, query: str = "") -> str:
     """``base`` (no trailing slash, may carry a path prefix) + ``path`` (+ ``?query``)."""
     url = base + (path if path.startswith("/") else "/" + path)
-    if query:
-        url += "?" + query.decode("ascii")
-    return url
+    return f"{url}?{query}" if query else url
 
 
 class RetriesExhausted(RelayError):
@@ -323,36 +322,3 @@ def remote_error(error: Any) -> RemoteError:
         status=status,
         detail=error,
     )
-
-
-_E = TypeVar("_E", bound=PQE2EEError)
-
-
-def retyped(error: PQE2EEError, base: type[_E], cache: dict[type[PQE2EEError], type[_E]]) -> _E:
-    """``error`` as an instance of a class that subclasses both ``base`` and ``type(error)``.
-
-    ``base`` is a library's stream error (a :class:`PQE2EEError` that is also, say, an
-    ``httpx2.TransportError`` or an ``aiohttp.ClientPayloadError``); the result keeps the
-    original's code, message and attributes, and ``error`` holds the original. The generated
-    classes are made once per original class and kept in ``cache``.
-    """
-    if isinstance(error, base):
-        return error
-    cls = cache.get(type(error))
-    if cls is None:
-        if type(error) is PQE2EEError:
-            cls = base
-        else:
-            made: type[_E] = type(
-                f"{base.__name__.removesuffix('Error')}{type(error).__name__}",
-                (base, type(error)),
-                {"__module__": base.__module__, "__doc__": base.__doc__},
-            )
-            cls = made
-        cache[type(error)] = cls
-    new: Any = cls.__new__
-    exc = cast(_E, new(cls))
-    exc.__dict__.update(error.__dict__)
-    exc.args = error.args
-    exc.__dict__["error"] = error
-    return exc

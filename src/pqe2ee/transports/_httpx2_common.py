@@ -1,4 +1,4 @@
-"""httpx2 pieces shared by the sync and the async transport: the stream error type, exception
+"""httpx2 pieces shared by the sync and the async transport: the stream error types, exception
 mapping at the inner-transport boundary, and response builders.
 
 ``scripts/unasync.py`` generates the legacy-httpx twin of this module (``httpx2`` -> ``httpx``).
@@ -13,42 +13,62 @@ from typing import Literal
 import anyio
 import httpx2
 
-from pqe2ee.errors import PQE2EEError
-from pqe2ee.transports._common import HOP_HEADERS, RawHeaders, retyped
+from pqe2ee.errors import (
+    DecryptError,
+    LimitExceeded,
+    MalformedError,
+    PQE2EEError,
+    RemoteError,
+    RemoteProtocolError,
+    StreamError,
+)
+from pqe2ee.transports._common import RawHeaders, end_to_end_headers
+from pqe2ee.transports._stream_errors import StreamErrorBase
 
-__all__ = [
-    "E2EEStreamError",
-    "as_stream_error",
-    "json_response",
-    "map_inner_exceptions",
-    "passthrough_response",
-    "stream_response_headers",
-]
 
-
-class E2EEStreamError(PQE2EEError, httpx2.TransportError):
+class E2EEStreamError(StreamErrorBase, httpx2.TransportError):
     """An encrypted stream failed after its response was handed over.
 
     Both a :class:`~pqe2ee.errors.PQE2EEError` (``code`` is the original error's code, e.g.
     ``decrypt_failed``, ``duplicate_record``, ``stream_truncated``, ``connection_lost``,
     ``remote_error``) and an ``httpx2.TransportError``, so HTTP clients and SDKs treat it as
     a broken transfer (openai raises ``APIConnectionError`` from it) and never as success.
-    Raised instances also subclass the original pqe2ee class (``StreamError``,
-    ``DecryptError``, ``RemoteError``, ...), so ``except pqe2ee.DecryptError`` works; ``error``
-    is the original exception (also ``__cause__`` unless a lower-level error is the cause).
+    What is raised is the subclass below for the original pqe2ee class, so ``except
+    pqe2ee.DecryptError`` works too; ``error`` is the original exception (also ``__cause__``
+    unless a lower-level error is the cause).
     """
 
-    error: PQE2EEError
+    _unpicklable = ("_request",)
 
 
-_SUBCLASSES: dict[type[PQE2EEError], type[E2EEStreamError]] = {}
+class E2EEStreamProtocolError(E2EEStreamError, RemoteProtocolError):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.RemoteProtocolError`."""
+
+
+class E2EEStreamDecryptError(E2EEStreamError, DecryptError):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.DecryptError` (tampered data)."""
+
+
+class E2EEStreamMalformedError(E2EEStreamError, MalformedError):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.MalformedError`."""
+
+
+class E2EEStreamIntegrityError(E2EEStreamError, StreamError):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.StreamError` (truncated, reordered,
+    duplicated records; a lost connection)."""
+
+
+class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.RemoteError` (the far side gave up)."""
 
 
 def as_stream_error(error: PQE2EEError, request: httpx2.Request | None) -> E2EEStreamError:
-    """``error`` re-typed as an :class:`E2EEStreamError` (same code, message and attributes)."""
-    if isinstance(error, E2EEStreamError):
-        return error
-    exc = retyped(error, E2EEStreamError, _SUBCLASSES)
+    """``error`` as this library's :class:`E2EEStreamError` (same code, message, attributes)."""
+    exc = E2EEStreamError.wrap(error)
     exc._request = request
     return exc
 
@@ -86,13 +106,9 @@ def json_response(
     )
 
 
-def stream_response_headers() -> list[tuple[str, str]]:
-    return [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
-
-
 def passthrough_response(
     status: int, raw_headers: RawHeaders, body: bytes, request: httpx2.Request
 ) -> httpx2.Response:
     """The relay's own (plaintext) answer, already read, handed to the caller as it was."""
-    headers = [(k, v) for k, v in raw_headers if k.lower() not in HOP_HEADERS]
+    headers = end_to_end_headers(raw_headers)
     return httpx2.Response(status, headers=headers, content=body, request=request)

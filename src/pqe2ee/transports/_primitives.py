@@ -1,4 +1,5 @@
-"""Synchronisation twins for the generated transports (as httpcore's ``_synchronization``).
+"""Synchronisation twins for the generated transports (as httpcore's ``_synchronization``),
+and the closing helpers of the async-only adapters (aiohttp, anyio).
 
 ``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock``, ``AsyncShieldCancellation`` into
 ``ShieldCancellation`` and ``async_sleep`` into ``sleep``: each async name here has a sync
@@ -11,14 +12,17 @@ from __future__ import annotations
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 import anyio
 
 __all__ = [
     "AsyncLock",
+    "AsyncResource",
     "AsyncShieldCancellation",
     "Lock",
     "ShieldCancellation",
+    "aclose_shielded",
     "async_sleep",
     "sleep",
 ]
@@ -35,12 +39,7 @@ class AsyncLock:
     async def __aenter__(self) -> None:
         await self._lock.acquire()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._lock.release()
 
     def try_acquire(self) -> bool:
@@ -66,12 +65,7 @@ class Lock:
     def __enter__(self) -> None:
         self._lock.acquire()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
 
     def try_acquire(self) -> bool:
@@ -110,12 +104,7 @@ class ShieldCancellation:
     def __enter__(self) -> ShieldCancellation:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         return None
 
 
@@ -125,3 +114,28 @@ async def async_sleep(seconds: float) -> None:
 
 def sleep(seconds: float) -> None:
     time.sleep(seconds)
+
+
+class AsyncResource:
+    """Something with ``aclose()`` that ``async with`` closes on the way out."""
+
+    __slots__ = ()
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def aclose_shielded(*resources: object) -> None:
+    """Close each of ``resources`` that has an ``aclose`` (an async generator, a stream), in
+    order, even if the calling task is being cancelled."""
+    with AsyncShieldCancellation():
+        for resource in resources:
+            aclose = getattr(resource, "aclose", None)
+            if aclose is not None:
+                await aclose()

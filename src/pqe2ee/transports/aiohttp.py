@@ -27,24 +27,32 @@ its body and headers; a decrypted answer would mean patching private attributes 
 A broken encrypted stream raises :class:`E2EEStreamError`: a
 :class:`~pqe2ee.errors.PQE2EEError` (and the original pqe2ee class, e.g. ``DecryptError``) and
 an :class:`aiohttp.ClientPayloadError` at once, so ``except aiohttp.ClientError`` catches it.
+The session is configured like every transport: a
+:class:`~pqe2ee.transports.options.ClientOptions` (``options=``) and/or its fields as keywords.
 """
 
 from __future__ import annotations
 
 import json as _json
-import time
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Generator, Mapping
-from types import TracebackType
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
+from typing import Any, Final, Unpack
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError, PQE2EEError
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, e2e_model
-from pqe2ee.protocol.v2.negotiation import Negotiator
+from pqe2ee.errors import (
+    DecryptError,
+    ErrorCode,
+    LimitExceeded,
+    LocalProtocolError,
+    MalformedError,
+    PQE2EEError,
+    RemoteError,
+    RemoteProtocolError,
+    StreamError,
+)
+from pqe2ee.protocol.client import e2e_model
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,
@@ -53,21 +61,28 @@ from pqe2ee.transports._async._engine import (
     plaintext_refused,
 )
 from pqe2ee.transports._common import (
+    STREAM_HEADERS,
+    EngineFacade,
+    RawHeaders,
+    RequestHeaders,
+    ResponseHead,
+    RetriesExhausted,
+    bearer_token,
+    end_to_end_headers,
+    join_url,
+)
+from pqe2ee.transports._primitives import AsyncResource, aclose_shielded
+from pqe2ee.transports._stream_errors import StreamErrorBase
+from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
+    DEFAULT_E2E_PATHS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
-    HOP_HEADERS,
-    EngineFacade,
-    OnUsage,
-    RawHeaders,
-    RetriesExhausted,
-    bearer_token,
-    make_settings,
-    retyped,
+    ClientLimits,
+    ClientOptions,
+    ClientOptionsArgs,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
-from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -76,10 +91,17 @@ __all__ = [
     "DEFAULT_MODELS_BASE",
     "DEFAULT_TIMEOUT",
     "ClientLimits",
+    "ClientOptions",
     "E2EEClientSession",
     "E2EEContent",
     "E2EEResponse",
+    "E2EEStreamDecryptError",
     "E2EEStreamError",
+    "E2EEStreamIntegrityError",
+    "E2EEStreamLimitExceeded",
+    "E2EEStreamMalformedError",
+    "E2EEStreamProtocolError",
+    "E2EEStreamRemoteError",
     "RetriesExhausted",
 ]
 
@@ -87,43 +109,51 @@ __all__ = [
 MAX_LINE: Final = 16 * 1024 * 1024
 
 
-class E2EEStreamError(PQE2EEError, aiohttp.ClientPayloadError):
+class E2EEStreamError(StreamErrorBase, aiohttp.ClientPayloadError):
     """An encrypted stream failed after its response was handed over.
 
     Both a :class:`~pqe2ee.errors.PQE2EEError` (``code`` is the original error's code, e.g.
     ``decrypt_failed``, ``duplicate_record``, ``stream_truncated``, ``connection_lost``,
     ``remote_error``) and an :class:`aiohttp.ClientPayloadError`, so code that handles broken
-    aiohttp transfers handles it too. Raised instances also subclass the original pqe2ee class
-    (``StreamError``, ``DecryptError``, ``RemoteError``, ...); ``error`` is the original
-    exception.
+    aiohttp transfers handles it too. What is raised is the subclass below for the original
+    pqe2ee class (``except pqe2ee.DecryptError`` works); ``error`` is the original exception.
     """
 
-    error: PQE2EEError
+
+class E2EEStreamProtocolError(E2EEStreamError, RemoteProtocolError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.RemoteProtocolError`."""
 
 
-_SUBCLASSES: dict[type[PQE2EEError], type[E2EEStreamError]] = {}
+class E2EEStreamDecryptError(E2EEStreamError, DecryptError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.DecryptError` (tampered data)."""
 
 
-def _stream_error(exc: PQE2EEError) -> E2EEStreamError:
-    return retyped(exc, E2EEStreamError, _SUBCLASSES)
+class E2EEStreamMalformedError(E2EEStreamError, MalformedError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.MalformedError`."""
+
+
+class E2EEStreamIntegrityError(E2EEStreamError, StreamError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.StreamError` (truncated, reordered,
+    duplicated records; a lost connection)."""
+
+
+class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.RemoteError` (the far side gave up)."""
 
 
 # -- the port: the engine's way out through aiohttp ------------------------------------------------
 
 
-class _PortResponse:
+class _PortResponse(ResponseHead):
     __slots__ = ("_response",)
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
+        super().__init__(response.status, response.raw_headers)
         self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def headers(self) -> RawHeaders:
-        return self._response.raw_headers
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         async for chunk in self._response.content.iter_any():
@@ -157,13 +187,7 @@ class _Port:
         self._control = control
 
     async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> _PortResponse:
         timeout = self._control if control else self._invoke
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
@@ -282,16 +306,12 @@ async def _decrypted(plain: AsyncPlainStream) -> AsyncIterator[bytes]:
         async for chunk in plain:
             yield chunk
     except PQE2EEError as exc:
-        raise _stream_error(exc) from exc
+        raise E2EEStreamError.wrap(exc) from exc
     finally:
         await plain.aclose()
 
 
-async def _nothing() -> None:
-    return None
-
-
-class E2EEResponse:
+class E2EEResponse(AsyncResource):
     """An answer of :class:`E2EEClientSession`, shaped like :class:`aiohttp.ClientResponse`.
 
     ``encrypted`` says whether the request went end-to-end encrypted. For an encrypted request
@@ -310,7 +330,7 @@ class E2EEResponse:
         headers: CIMultiDictProxy[str],
         source: AsyncIterator[bytes],
         encrypted: bool,
-        closer: Callable[[], Awaitable[None]] = _nothing,
+        resource: object = None,
     ) -> None:
         self.method = method
         self.url = url
@@ -319,7 +339,7 @@ class E2EEResponse:
         self.encrypted = encrypted
         self.content = E2EEContent(source)
         self._source = source
-        self._closer = closer
+        self._resource = resource  # closed after the body: the connection, a stream's key
         self._body: bytes | None = None
         self._closed = False
 
@@ -392,22 +412,7 @@ class E2EEResponse:
         if self._closed:
             return
         self._closed = True
-        with AsyncShieldCancellation():
-            aclose = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            await self._closer()
-
-    async def __aenter__(self) -> E2EEResponse:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        await aclose_shielded(self._source, self._resource)
 
 
 class _RequestContext:
@@ -426,27 +431,19 @@ class _RequestContext:
         self._response = await self._coro
         return self._response
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._response is not None:
             await self._response.aclose()
 
 
-def _headers(pairs: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
+def _headers(pairs: Iterable[tuple[str, str]]) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(CIMultiDict(pairs))
 
 
 def _relay_headers(raw: RawHeaders) -> CIMultiDictProxy[str]:
     """A relay's own headers, minus the ones that described its framing."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in raw:
-        if key.lower() not in HOP_HEADERS:
-            out.add(key.decode("latin-1"), value.decode("latin-1"))
-    return CIMultiDictProxy(out)
+    pairs = end_to_end_headers(raw)
+    return _headers((key.decode("latin-1"), value.decode("latin-1")) for key, value in pairs)
 
 
 def _encode_json(obj: Any) -> bytes:
@@ -491,50 +488,19 @@ class E2EEClientSession(EngineFacade):
     it, pinned once seen; ``min_version=2`` refuses v1 before a nonce is spent).
     """
 
+    _engine: AsyncEngine
+
     def __init__(
         self,
         *,
-        api_key: str | None = None,
-        api_base: str = DEFAULT_API_BASE,
-        models_base: str = DEFAULT_MODELS_BASE,
-        backend: str = "auto",
-        e2e_paths: Collection[str] = DEFAULT_E2E_PATHS,
-        strict: bool = False,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float = DEFAULT_TIMEOUT,
-        on_usage: OnUsage | None = None,
-        limits: ClientLimits | None = None,
-        key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
+        options: ClientOptions | None = None,
         session: aiohttp.ClientSession | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        min_version: int = 1,
-        prefer_v2: bool = True,
-        negotiator: Negotiator | None = None,
+        **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
-        settings = make_settings(
-            api_key=api_key,
-            api_base=api_base,
-            models_base=models_base,
-            backend=backend,
-            e2e_paths=e2e_paths,
-            strict=strict,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            on_usage=on_usage,
-            limits=limits,
-            key_pool_size=key_pool_size,
-            min_version=min_version,
-            prefer_v2=prefer_v2,
-            negotiator=negotiator,
-        )
-        self._engine: AsyncEngine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
-        weakref.finalize(self, self._engine.close_keys)
+        self._engine = self._start(AsyncEngine, ClientOptions.of(options, **kwargs))
         self._session = session
         self._owns_session = session is None
-        self._control = aiohttp.ClientTimeout(total=settings.timeout)
-        self._closed = False
-
-    # -- properties -----------------------------------------------------------------------------
+        self._control = aiohttp.ClientTimeout(total=self.settings.timeout)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -562,19 +528,14 @@ class E2EEClientSession(EngineFacade):
         if self._closed:
             return
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
         if self._owns_session and self._session is not None:
             await self._session.close()
 
     async def __aenter__(self) -> E2EEClientSession:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     # -- internals ------------------------------------------------------------------------------
@@ -596,8 +557,7 @@ class E2EEClientSession(EngineFacade):
         headers: Mapping[str, str] | None,
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> E2EEResponse:
-        if self._closed:
-            raise LocalProtocolError("the E2EE session is closed", code=ErrorCode.INVALID_ARGUMENT)
+        self._check_open("session")
         if json is not None and data is not None:
             raise LocalProtocolError("pass json or data, not both", code=ErrorCode.INVALID_ARGUMENT)
         method = method.upper()
@@ -628,25 +588,21 @@ class E2EEClientSession(EngineFacade):
         headers: CIMultiDict[str],
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> E2EEResponse:
-        query = target.raw_query_string
-        url = self.settings.models_base + path + (f"?{query}" if query else "")
+        url = join_url(self.settings.models_base, path, target.raw_query_string)
         headers.popall("Host", None)
         kwargs: dict[str, Any] = {} if client_timeout is None else {"timeout": client_timeout}
         response = await self._http().request(
             method, URL(url, encoded=True), headers=headers, data=body or None, **kwargs
         )
-
-        async def release() -> None:
-            response.release()
-
+        port_response = _PortResponse(response)
         return E2EEResponse(
             method=method,
             url=target,
             status=response.status,
             headers=response.headers,
-            source=_PortResponse(response).aiter_bytes(),
+            source=port_response.aiter_bytes(),
             encrypted=False,
-            closer=release,
+            resource=port_response,
         )
 
     async def _encrypted(
@@ -665,18 +621,14 @@ class E2EEClientSession(EngineFacade):
         )
         if isinstance(outcome, Streaming):
             plain = outcome.stream
-            pairs = [
-                ("Content-Type", "text/event-stream; charset=utf-8"),
-                ("Cache-Control", "no-cache"),
-            ]
             return E2EEResponse(
                 method=method,
                 url=target,
                 status=200,
-                headers=_headers(pairs),
+                headers=_headers(STREAM_HEADERS),
                 source=_decrypted(plain),
                 encrypted=True,
-                closer=plain.aclose,
+                resource=plain,
             )
         if isinstance(outcome, Opened):
             pairs = [

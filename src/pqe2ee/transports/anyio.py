@@ -32,13 +32,11 @@ bodies read whole by the engine's limits, streams by the decryptor's record and 
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
-import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Unpack
 from urllib.parse import urlsplit
 
 import anyio
@@ -53,9 +51,8 @@ from pqe2ee.errors import (
     PQE2EEError,
     RemoteError,
 )
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, request_model
+from pqe2ee.protocol.client import request_model
 from pqe2ee.protocol.stream import Done
-from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,
@@ -64,18 +61,21 @@ from pqe2ee.transports._async._engine import (
     Streaming,
 )
 from pqe2ee.transports._common import (
+    EngineFacade,
+    RequestHeaders,
+    ResponseHead,
+    RetriesExhausted,
+)
+from pqe2ee.transports._primitives import AsyncResource, aclose_shielded
+from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
-    EngineFacade,
-    OnUsage,
-    RawHeaders,
-    RetriesExhausted,
-    make_settings,
+    ClientLimits,
+    ClientOptions,
+    ClientOptionsArgs,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
-from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 __all__ = [
     "CHAT_PATH",
@@ -85,6 +85,7 @@ __all__ = [
     "DEFAULT_MODELS_BASE",
     "DEFAULT_TIMEOUT",
     "ClientLimits",
+    "ClientOptions",
     "E2EEClient",
     "E2EEConnectionError",
     "E2EETimeoutError",
@@ -145,10 +146,10 @@ def _receive_error(exc: BaseException, what: str) -> E2EEConnectionError:
     return E2EEConnectionError(f"the relay connection failed while {what} ({type(exc).__name__})")
 
 
-class _Response:
+class _Response(ResponseHead):
     """One HTTP/1.1 answer on its own connection: the head is read, the body is pulled."""
 
-    __slots__ = ("_closed", "_conn", "_headers", "_read_timeout", "_status", "_stream")
+    __slots__ = ("_closed", "_conn", "_read_timeout", "_stream")
 
     def __init__(
         self,
@@ -157,20 +158,11 @@ class _Response:
         response: h11.Response,
         read_timeout: float,
     ) -> None:
+        super().__init__(response.status_code, list(response.headers))
         self._stream = stream
         self._conn = conn
-        self._status = response.status_code
-        self._headers: RawHeaders = list(response.headers)
         self._read_timeout = read_timeout
         self._closed = False
-
-    @property
-    def status(self) -> int:
-        return self._status
-
-    @property
-    def headers(self) -> RawHeaders:
-        return self._headers
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         while True:
@@ -265,13 +257,7 @@ class _Port:
             raise _receive_error(exc, "connecting") from exc
 
     async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> _Response:
         target = _Target.parse(url)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_header)
@@ -354,7 +340,7 @@ def _decode_object(data: bytes | str, what: str) -> dict[str, Any]:
     return obj
 
 
-class EventStream:
+class EventStream(AsyncResource):
     """The decoded events of one encrypted stream (from :meth:`E2EEClient.stream`).
 
     An async iterator of the JSON objects the engine sent (``chat.completion.chunk`` /
@@ -421,28 +407,10 @@ class EventStream:
         if self._closed:
             return
         self._closed = True
-        with AsyncShieldCancellation():
-            events = self._events
-            if events is not None:
-                aclose = getattr(events, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            if self._plain is not None:
-                await self._plain.aclose()
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        await aclose_shielded(self._events, self._plain)
 
 
-class E2EEClient(EngineFacade):
+class E2EEClient(EngineFacade, AsyncResource):
     """Chat and completions over Chutes E2EE v1 or profile v2, with nothing but anyio and h11.
 
     Every request is sealed to an instance of the model's chute (found via
@@ -453,7 +421,9 @@ class E2EEClient(EngineFacade):
     retried on a fresh lease up to ``max_attempts`` in all. ``on_usage`` receives the plaintext
     usage events of streams (unauthenticated: for display only). Safe to share between tasks.
 
-    ``ssl_context`` verifies ``https`` relays (default: the system's trust store).
+    Configuration: ``options`` (a :class:`~pqe2ee.transports.options.ClientOptions`) and/or
+    its fields as keyword arguments; the client is always ``strict`` (``strict=False`` is
+    refused). ``ssl_context`` verifies ``https`` relays (default: the system's trust store).
 
     Protocol version: ``min_version``, ``prefer_v2`` and ``negotiator`` as for
     :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport` (default: v2 where the chute offers
@@ -462,58 +432,36 @@ class E2EEClient(EngineFacade):
     ``RemoteError`` (``upstream_error``).
     """
 
+    _engine: AsyncEngine
+
     def __init__(
         self,
         *,
-        api_key: str | None = None,
-        api_base: str = DEFAULT_API_BASE,
-        models_base: str = DEFAULT_MODELS_BASE,
-        backend: str = "auto",
-        e2e_paths: Collection[str] = DEFAULT_E2E_PATHS,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float = DEFAULT_TIMEOUT,
+        options: ClientOptions | None = None,
         read_timeout: float | None = None,
-        on_usage: OnUsage | None = None,
-        limits: ClientLimits | None = None,
-        key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
         ssl_context: ssl.SSLContext | None = None,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
-        clock: Callable[[], float] = time.monotonic,
-        min_version: int = 1,
-        prefer_v2: bool = True,
-        negotiator: Negotiator | None = None,
+        **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
-        settings = make_settings(
-            api_key=api_key,
-            api_base=api_base,
-            models_base=models_base,
-            backend=backend,
-            e2e_paths=e2e_paths,
-            strict=True,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            on_usage=on_usage,
-            limits=limits,
-            key_pool_size=key_pool_size,
-            min_version=min_version,
-            prefer_v2=prefer_v2,
-            negotiator=negotiator,
-        )
+        opts = ClientOptions.of(options, **kwargs)
+        if kwargs.get("strict") is False:
+            raise LocalProtocolError(
+                "the anyio client is always strict", code=ErrorCode.INVALID_ARGUMENT
+            )
         if read_timeout is not None and not read_timeout > 0:
             raise LocalProtocolError("read_timeout must be > 0", code=ErrorCode.INVALID_ARGUMENT)
         if max_header_size < 1024:
             raise LocalProtocolError(
                 "max_header_size must be >= 1024", code=ErrorCode.INVALID_ARGUMENT
             )
-        self._engine: AsyncEngine = AsyncEngine(settings, clock=clock, negotiator=negotiator)
-        weakref.finalize(self, self._engine.close_keys)
+        self._engine = self._start(AsyncEngine, dataclasses.replace(opts, strict=True))
+        timeout = self.settings.timeout
         self._port = _Port(
-            timeout=settings.timeout,
-            read_timeout=settings.timeout if read_timeout is None else float(read_timeout),
+            timeout=timeout,
+            read_timeout=timeout if read_timeout is None else float(read_timeout),
             ssl_context=ssl_context,
             max_header_size=max_header_size,
         )
-        self._closed = False
 
     # -- non-stream -----------------------------------------------------------------------------
 
@@ -558,18 +506,7 @@ class E2EEClient(EngineFacade):
     async def aclose(self) -> None:
         """Wipe the pooled keys; idempotent. Open streams stay readable until closed."""
         self._closed = True
-        self._engine.close_keys()
-
-    async def __aenter__(self) -> E2EEClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        self._close_keys()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -601,8 +538,7 @@ class E2EEClient(EngineFacade):
         return data, model
 
     async def _invoke(self, path: str, data: bytes, model: str) -> Outcome:
-        if self._closed:
-            raise LocalProtocolError("the E2EE client is closed", code=ErrorCode.INVALID_ARGUMENT)
+        self._check_open("client")
         return await self._engine.invoke(
             self._port, path=path, body=data, model=model, auth=self.settings.api_key
         )

@@ -14,24 +14,37 @@
 requests and send everything else in plaintext to ``models_base`` (refused with
 ``strict=True``); see :class:`AsyncE2EETransport` for the full contract.
 :class:`E2EEStreamError` is what a broken encrypted stream raises: a
-:class:`~pqe2ee.errors.PQE2EEError` and an ``httpx2.TransportError`` at once.
+:class:`~pqe2ee.errors.PQE2EEError` and an ``httpx2.TransportError`` at once (raised as the
+subclass for the original error: ``E2EEStreamDecryptError``, ``E2EEStreamIntegrityError``, ...).
+Both transports take a :class:`~pqe2ee.transports.options.ClientOptions` (``options=``) or its
+fields as keyword arguments.
 
 The legacy-httpx flavour, :mod:`pqe2ee.transports.httpx`, is generated from this module.
 """
 
 from __future__ import annotations
 
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
 from pqe2ee.transports._async._httpx2 import AsyncDecryptingStream, AsyncE2EETransport
-from pqe2ee.transports._common import (
+from pqe2ee.transports._common import RetriesExhausted
+from pqe2ee.transports._httpx2_common import (
+    E2EEStreamDecryptError,
+    E2EEStreamError,
+    E2EEStreamIntegrityError,
+    E2EEStreamLimitExceeded,
+    E2EEStreamMalformedError,
+    E2EEStreamProtocolError,
+    E2EEStreamRemoteError,
+)
+from pqe2ee.transports._sync._httpx2 import DecryptingStream, E2EETransport
+from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
+    DEFAULT_E2E_PATHS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
     DEFAULT_TIMEOUT,
-    RetriesExhausted,
+    ClientLimits,
+    ClientOptions,
 )
-from pqe2ee.transports._httpx2_common import E2EEStreamError
-from pqe2ee.transports._sync._httpx2 import DecryptingStream, E2EETransport
 
 __all__ = [
     "DEFAULT_API_BASE",
@@ -42,8 +55,15 @@ __all__ = [
     "AsyncDecryptingStream",
     "AsyncE2EETransport",
     "ClientLimits",
+    "ClientOptions",
     "DecryptingStream",
+    "E2EEStreamDecryptError",
     "E2EEStreamError",
+    "E2EEStreamIntegrityError",
+    "E2EEStreamLimitExceeded",
+    "E2EEStreamMalformedError",
+    "E2EEStreamProtocolError",
+    "E2EEStreamRemoteError",
     "E2EETransport",
     "RetriesExhausted",
 ]

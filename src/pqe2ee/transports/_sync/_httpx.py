@@ -12,36 +12,28 @@ requests through it and maps errors onto httpx's types.
 
 from __future__ import annotations
 
-import time
-import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Iterator
+from typing import Unpack
 
 import httpx
 
 from pqe2ee.backends.base import KEMPrivateKey
-from pqe2ee.errors import ErrorCode, LocalProtocolError, PQE2EEError
-from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits, e2e_model
-from pqe2ee.protocol.v2.negotiation import Negotiator
+from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.protocol.client import e2e_model
 from pqe2ee.transports._common import (
-    DEFAULT_API_BASE,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MODELS_BASE,
-    DEFAULT_TIMEOUT,
+    STREAM_HEADERS,
     EngineFacade,
-    OnUsage,
-    RawHeaders,
+    RequestHeaders,
+    ResponseHead,
     Settings,
     bearer_token,
-    make_settings,
 )
 from pqe2ee.transports._httpx_common import (
     as_stream_error,
     json_response,
     map_inner_exceptions,
     passthrough_response,
-    stream_response_headers,
 )
-from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE
 from pqe2ee.transports._sync._engine import (
     Engine,
     Opened,
@@ -49,6 +41,7 @@ from pqe2ee.transports._sync._engine import (
     Streaming,
     plaintext_refused,
 )
+from pqe2ee.transports.options import ClientOptions, ClientOptionsArgs
 
 __all__ = ["DecryptingStream", "E2EETransport"]
 
@@ -57,21 +50,14 @@ _LOST_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,)
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx.TimeoutException,)
 
 
-class _PortResponse:
+class _PortResponse(ResponseHead):
     """An httpx response as the engine's port response (errors mapped to httpx's)."""
 
     __slots__ = ("_response",)
 
     def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code, response.headers.raw)
         self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status_code
-
-    @property
-    def headers(self) -> RawHeaders:
-        return self._response.headers.raw
 
     def iter_bytes(self) -> Iterator[bytes]:
         with map_inner_exceptions("read"):
@@ -102,13 +88,7 @@ class _Port:
         self._control = control
 
     def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> _PortResponse:
         request = httpx.Request(
             method,
@@ -221,60 +201,31 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
     ``RelayError`` s with the instance's code (``replay``, ``context_mismatch``, ...);
     ``unknown_key`` (a key rotation) and ``stale`` are retried once.
 
-    ``api_key`` authenticates discovery and invocation; ``None`` takes each request's own
-    ``Authorization: Bearer`` token. ``inner`` is the transport used to reach the relay
-    (default ``httpx.HTTPTransport()``); it is closed with this one.
+    Configuration: ``options`` (a :class:`~pqe2ee.transports.options.ClientOptions`) and/or
+    its fields as keyword arguments (``api_key=``, ``strict=``, ...; a keyword replaces that
+    field of ``options``). ``api_key`` authenticates discovery and invocation; ``None`` takes
+    each request's own ``Authorization: Bearer`` token. ``inner`` is the transport used to
+    reach the relay (default ``httpx.HTTPTransport()``); it is closed with this one, as
+    are the key pools' filler threads.
     """
+
+    _engine: Engine
 
     def __init__(
         self,
         *,
-        api_key: str | None = None,
-        api_base: str = DEFAULT_API_BASE,
-        models_base: str = DEFAULT_MODELS_BASE,
-        backend: str = "auto",
-        e2e_paths: Collection[str] = DEFAULT_E2E_PATHS,
-        strict: bool = False,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float = DEFAULT_TIMEOUT,
-        on_usage: OnUsage | None = None,
+        options: ClientOptions | None = None,
         inner: httpx.BaseTransport | None = None,
-        limits: ClientLimits | None = None,
-        key_pool_size: int = DEFAULT_KEY_POOL_SIZE,
-        clock: Callable[[], float] = time.monotonic,
-        min_version: int = 1,
-        prefer_v2: bool = True,
-        negotiator: Negotiator | None = None,
+        **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
-        settings = make_settings(
-            api_key=api_key,
-            api_base=api_base,
-            models_base=models_base,
-            backend=backend,
-            e2e_paths=e2e_paths,
-            strict=strict,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            on_usage=on_usage,
-            limits=limits,
-            key_pool_size=key_pool_size,
-            min_version=min_version,
-            prefer_v2=prefer_v2,
-            negotiator=negotiator,
-        )
+        self._engine = self._start(Engine, ClientOptions.of(options, **kwargs))
         self._inner = inner if inner is not None else httpx.HTTPTransport()
-        self._engine: Engine = Engine(settings, clock=clock, negotiator=negotiator)
-        self._control: dict[str, object] = {"timeout": settings.timeout_extension}
-        weakref.finalize(self, self._engine.close_keys)
-        self._closed = False
+        self._control: dict[str, object] = {"timeout": self.settings.timeout_extension}
 
     # -- httpx transport API -------------------------------------------------------------------
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise LocalProtocolError(
-                "the E2EE transport is closed", code=ErrorCode.INVALID_ARGUMENT
-            )
+        self._check_open("transport")
         e2e_paths = self.settings.e2e_paths
         if request.method == "POST" and request.url.path in e2e_paths:
             body = request.read()
@@ -287,7 +238,7 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
         if self._closed:
             return
         self._closed = True
-        self._engine.close_keys()
+        self._close_keys()
         self._inner.close()
 
     # -- plaintext ------------------------------------------------------------------------------
@@ -318,9 +269,7 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
         )
         if isinstance(outcome, Streaming):
             stream = DecryptingStream._over(outcome.stream, request)
-            return httpx.Response(
-                200, headers=stream_response_headers(), stream=stream, request=request
-            )
+            return httpx.Response(200, headers=STREAM_HEADERS, stream=stream, request=request)
         if isinstance(outcome, Opened):
             return json_response(outcome.status, outcome.body, request, outcome.content_type)
         return passthrough_response(outcome.status, outcome.headers, outcome.body, request)

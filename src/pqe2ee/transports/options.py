@@ -1,0 +1,212 @@
+"""What a client of any transport is configured with: one frozen, validated value.
+
+Like ``httpx.Limits`` or ``httpx.Timeout``, :class:`ClientOptions` is a small immutable object
+with its defaults, validation and documentation in one place. Every adapter (httpx2 and httpx,
+sync and async; aiohttp; anyio) takes it whole, or the same names as keyword arguments::
+
+    opts = ClientOptions(api_key=KEY, strict=True, min_version=2)
+    E2EETransport(options=opts)                  # the value, shared between transports
+    E2EETransport(api_key=KEY, strict=True)      # the keywords, as before
+    E2EETransport(options=opts, timeout=10.0)    # a keyword replaces that field of the value
+
+The keywords are typed by :class:`ClientOptionsArgs` (``**kwargs: Unpack[ClientOptionsArgs]``),
+so a misspelt name or a wrong type is a type-checker error, and at run time a ``TypeError``.
+Options only an adapter has (httpx's ``inner``, aiohttp's ``session``, anyio's ``ssl_context``)
+stay keyword arguments of that adapter.
+
+Backends are resolved when a transport is built (:meth:`ClientOptions.settings`), not here, so
+a value can be made, compared and shared without touching a crypto library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypedDict, Unpack
+from urllib.parse import urlsplit
+
+from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
+from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
+from pqe2ee.transports._keypool import DEFAULT_KEY_POOL_SIZE, SharedKeyPools
+
+if TYPE_CHECKING:
+    from pqe2ee.transports._common import Settings
+
+__all__ = [
+    "DEFAULT_API_BASE",
+    "DEFAULT_E2E_PATHS",
+    "DEFAULT_KEY_POOL_SIZE",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MODELS_BASE",
+    "DEFAULT_TIMEOUT",
+    "ClientLimits",
+    "ClientOptions",
+    "ClientOptionsArgs",
+    "OnUsage",
+    "SharedKeyPools",
+]
+
+DEFAULT_API_BASE: Final = "https://api.chutes.ai"
+DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
+DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_MAX_ATTEMPTS: Final = 4
+
+#: Receives the plaintext (unauthenticated) usage object of a stream.
+OnUsage = Callable[[Any], object]
+
+
+class ClientOptionsArgs(TypedDict, total=False):
+    """The fields of :class:`ClientOptions` as keyword arguments (all optional)."""
+
+    api_key: str | None
+    api_base: str
+    models_base: str
+    backend: str
+    e2e_paths: Collection[str]
+    strict: bool
+    max_attempts: int
+    timeout: float
+    on_usage: OnUsage | None
+    limits: ClientLimits | None
+    key_pool_size: int
+    key_pools: SharedKeyPools | None
+    clock: Callable[[], float]
+    min_version: int
+    prefer_v2: bool
+    negotiator: Negotiator | None
+
+
+def _invalid(message: str) -> LocalProtocolError:
+    return LocalProtocolError(message, code=ErrorCode.INVALID_ARGUMENT)
+
+
+def _base_url(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise _invalid(f"{name} must be an http(s) URL without query or fragment")
+    return value.rstrip("/")
+
+
+def _paths(value: Collection[str]) -> frozenset[str]:
+    if isinstance(value, str):
+        raise _invalid("e2e_paths must be a collection of paths, not one string")
+    paths = frozenset(value)
+    if not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise _invalid("every e2e path must be a string starting with '/'")
+    return paths
+
+
+def _policy(min_version: int, prefer_v2: bool, negotiator: Negotiator | None) -> E2EPolicy:
+    """The version policy. A shared ``negotiator`` brings its own; ``min_version`` and
+    ``prefer_v2`` may then only repeat it or keep their defaults (never weaken a strict one
+    silently: ``min_version=2`` with a non-strict negotiator is refused)."""
+    if not isinstance(min_version, int) or isinstance(min_version, bool):
+        raise _invalid("min_version must be 1 or 2")
+    if not isinstance(prefer_v2, bool):
+        raise _invalid("prefer_v2 must be a bool")
+    if negotiator is None:
+        return E2EPolicy(min_version=min_version, prefer_v2=prefer_v2)
+    if not isinstance(negotiator, Negotiator):
+        raise _invalid("negotiator must be a pqe2ee.protocol.v2.Negotiator")
+    policy = negotiator.policy
+    if (min_version != 1 and min_version != policy.min_version) or (
+        not prefer_v2 and policy.prefer_v2
+    ):
+        raise _invalid(
+            "min_version / prefer_v2 contradict the negotiator's policy: set them on its E2EPolicy"
+        )
+    return policy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientOptions:
+    """How an E2EE client behaves, whatever HTTP library carries it (validated when made).
+
+    * ``api_key`` authenticates discovery and invocation; ``None`` takes each request's own
+      ``Authorization: Bearer`` token (where the adapter sees one).
+    * ``api_base`` is the relay (discovery and ``/e2e/invoke``); ``models_base`` serves the
+      model listing and every plaintext request. http(s) URLs, a trailing ``/`` is dropped.
+    * ``backend`` names the ML-KEM backend (``"auto"``: the first that works here).
+    * ``e2e_paths``: the ``POST`` paths whose JSON body with a ``model`` is encrypted.
+    * ``strict``: refuse anything that would leave in plaintext (``plaintext_refused``).
+    * ``max_attempts``: tries in all for retryable relay answers (>= 1).
+    * ``timeout`` (seconds, > 0) bounds the transport's own calls (model listing, discovery)
+      and the wait for a discovery slot.
+    * ``on_usage`` receives the plaintext usage events of streams (display only).
+    * ``limits``: the discovery rate limits (default :class:`ClientLimits`).
+    * ``key_pool_size``: one-use response keys kept ready (>= 0).
+    * ``key_pools``: pools shared with other transports instead of the transport's own
+      (:class:`SharedKeyPools`, e.g. from :meth:`make_key_pools`; their size applies).
+    * ``clock``: monotonic seconds, for deadlines and cool-downs (a test hook).
+    * ``min_version``, ``prefer_v2``, ``negotiator``: the version policy (spec/v2.md §8); a
+      ``negotiator`` shares its pins and policy between transports, and is the one the
+      transport's engine uses.
+    """
+
+    api_key: str | None = None
+    api_base: str = DEFAULT_API_BASE
+    models_base: str = DEFAULT_MODELS_BASE
+    backend: str = "auto"
+    e2e_paths: Collection[str] = DEFAULT_E2E_PATHS
+    strict: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float = DEFAULT_TIMEOUT
+    on_usage: OnUsage | None = None
+    limits: ClientLimits | None = None
+    key_pool_size: int = DEFAULT_KEY_POOL_SIZE
+    key_pools: SharedKeyPools | None = field(default=None, compare=False)
+    clock: Callable[[], float] = field(default=time.monotonic, compare=False)
+    min_version: int = 1
+    prefer_v2: bool = True
+    negotiator: Negotiator | None = None
+    #: The policy ``min_version``/``prefer_v2``/``negotiator`` add up to (derived).
+    policy: E2EPolicy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        api_key = self.api_key
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise _invalid("api_key must be a non-empty string or None")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise _invalid("max_attempts must be >= 1")
+        if not self.timeout > 0:
+            raise _invalid("timeout must be > 0")
+        if not isinstance(self.key_pool_size, int) or self.key_pool_size < 0:
+            raise _invalid("key_pool_size must be >= 0")
+        normal = {
+            "api_base": _base_url(self.api_base, "api_base"),
+            "models_base": _base_url(self.models_base, "models_base"),
+            "e2e_paths": _paths(self.e2e_paths),
+            "timeout": float(self.timeout),
+            "limits": self.limits or ClientLimits(),
+            "policy": _policy(self.min_version, self.prefer_v2, self.negotiator),
+        }
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(
+        cls, options: ClientOptions | None, **changes: Unpack[ClientOptionsArgs]
+    ) -> ClientOptions:
+        """``options`` (default: all defaults) with the fields named in ``changes`` replaced:
+        how an adapter combines its ``options=`` argument with its keyword arguments."""
+        if options is None:
+            return cls(**changes)
+        return dataclasses.replace(options, **changes) if changes else options
+
+    def make_key_pools(self) -> SharedKeyPools:
+        """New key pools for transports that share them, with the backends and size these
+        options give (pass them on as ``key_pools=``; the caller owns and closes them)."""
+        s = self.settings()
+        return SharedKeyPools.make(s.kem, s.xwing, s.key_pool_size)
+
+    def settings(self) -> Settings:
+        """The engine's settings: these options with the crypto backends resolved (raises
+        :class:`~pqe2ee.errors.BackendError` when the named backend is not available)."""
+        from pqe2ee.transports._common import Settings
+
+        return Settings.from_options(self)
