@@ -766,8 +766,15 @@ def test_liboqs_adapter_with_a_stand_in_library(
     fake.native = lambda: object()  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "oqs", fake)
     monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs", raising=False)
-    module = importlib.import_module("pqe2ee.backends.liboqs")
-    monkeypatch.delitem(sys.modules, "pqe2ee.backends.liboqs")  # leave no stand-in behind
+    monkeypatch.delattr(backends, "liboqs", raising=False)
+    _try_load.cache_clear()
+    try:
+        module = importlib.import_module("pqe2ee.backends.liboqs")
+    finally:  # leave no stand-in behind: not in sys.modules, the package or the registry (not
+        # through monkeypatch, whose undo would put the stand-in back)
+        sys.modules.pop("pqe2ee.backends.liboqs", None)
+        vars(backends).pop("liboqs", None)
+        _try_load.cache_clear()
 
     kem = module.LiboqsKEM()
     key = kem.generate()

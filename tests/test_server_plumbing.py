@@ -74,7 +74,7 @@ def test_declared_length() -> None:
     for bad in ("ten", "-1", "1.5", ""):
         with pytest.raises(InvalidContentLength) as invalid:
             declared_length({"content-length": bad}, 10)
-        assert invalid.value.code is ErrorCode.INVALID_BODY
+        assert invalid.value.code is ErrorCode.MALFORMED_PAYLOAD
     with pytest.raises(BodyTooLarge) as big:
         declared_length({"content-length": "11"}, 10)
     assert (big.value.declared, big.value.limit, big.value.received) == (11, 10, 0)

@@ -528,7 +528,7 @@ STREAM_ERROR_CLASSES = {
     ErrorCode.DUPLICATE_RECORD: "E2EEStreamIntegrityError",
     ErrorCode.DECRYPT_FAILED: "E2EEStreamDecryptError",
     ErrorCode.MALFORMED_EVENT: "E2EEStreamIntegrityError",
-    ErrorCode.CONNECTION_LOST: "E2EEStreamIntegrityError",
+    ErrorCode.CONNECTION_LOST: "E2EEStreamConnectionLost",
     ErrorCode.REMOTE_ERROR: "E2EEStreamRemoteError",
 }
 

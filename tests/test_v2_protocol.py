@@ -33,6 +33,7 @@ from pqe2ee.errors import (
     LocalProtocolError,
     MalformedError,
     PQE2EEError,
+    RelayError,
     RemoteError,
     RemoteProtocolError,
     StreamError,
@@ -886,7 +887,7 @@ def test_outer_framing_tolerance() -> None:
     ex3 = exchange(True)
     w3 = make_stream(ex3, chunks)
     cut = w3.rindex(b"data: {")
-    with pytest.raises(RemoteError) as info:
+    with pytest.raises(RelayError) as info:
         decrypt(ex3, w3[:cut] + b'data: {"e2e_error":{"m":1}}\n\n')
     assert info.value.code is ErrorCode.RELAY_ERROR and info.value.detail == {"m": 1}
 

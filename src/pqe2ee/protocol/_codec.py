@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
+from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, error_class
 
 __all__ = [
     "b64decode",
@@ -45,7 +45,7 @@ def b64decode(
     try:
         return binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError):
-        raise MalformedError(f"{what} is not valid base64", code=code) from None
+        raise error_class(code)(f"{what} is not valid base64", code=code) from None
 
 
 def gzip_compress(data: bytes, level: int) -> bytes:
@@ -107,9 +107,9 @@ def json_decode_object(
         obj = _json_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
         # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
-        raise MalformedError(f"{what} is not valid JSON", code=code) from None
+        raise error_class(code)(f"{what} is not valid JSON", code=code) from None
     if not isinstance(obj, dict):
-        raise MalformedError(f"{what} must be a JSON object", code=code)
+        raise error_class(code)(f"{what} must be a JSON object", code=code)
     return obj
 
 

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from pqe2ee.errors import ErrorCode, LimitExceeded, RemoteProtocolError
+from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
 
 __all__ = [
     "BodyTooLarge",
@@ -70,10 +70,9 @@ class BodyTooLarge(LimitExceeded):
         self.received = received
 
 
-class InvalidContentLength(RemoteProtocolError):
-    """The ``Content-Length`` header is not a non-negative integer."""
-
-    default_code = ErrorCode.INVALID_BODY
+class InvalidContentLength(MalformedError):
+    """The ``Content-Length`` header is not a non-negative integer (the server answers 400
+    ``invalid_body``)."""
 
     def __init__(self) -> None:
         super().__init__("Content-Length is not a non-negative integer")

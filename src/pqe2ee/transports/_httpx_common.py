@@ -15,10 +15,12 @@ import anyio
 import httpx
 
 from pqe2ee.errors import (
+    ConnectionLost,
     DecryptError,
     LimitExceeded,
     MalformedError,
     PQE2EEError,
+    RelayError,
     RemoteError,
     RemoteProtocolError,
     StreamError,
@@ -57,6 +59,16 @@ class E2EEStreamMalformedError(E2EEStreamError, MalformedError):
 class E2EEStreamIntegrityError(E2EEStreamError, StreamError):
     """httpx's stream error for a :class:`~pqe2ee.errors.StreamError` (truncated, reordered,
     duplicated records; a lost connection)."""
+
+
+class E2EEStreamConnectionLost(E2EEStreamIntegrityError, ConnectionLost):
+    """httpx's stream error for a :class:`~pqe2ee.errors.ConnectionLost` (the connection to the
+    relay broke mid-stream; ``__cause__`` is the network error)."""
+
+
+class E2EEStreamRelayError(E2EEStreamError, RelayError):
+    """httpx's stream error for a :class:`~pqe2ee.errors.RelayError` (an unauthenticated error
+    the relay put into a v2 stream before its end)."""
 
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):

@@ -42,12 +42,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from pqe2ee.errors import (
+    ConnectionLost,
     DecryptError,
     ErrorCode,
     LimitExceeded,
     LocalProtocolError,
     MalformedError,
     PQE2EEError,
+    RelayError,
     RemoteError,
     RemoteProtocolError,
     StreamError,
@@ -95,12 +97,14 @@ __all__ = [
     "E2EEClientSession",
     "E2EEContent",
     "E2EEResponse",
+    "E2EEStreamConnectionLost",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",
     "E2EEStreamLimitExceeded",
     "E2EEStreamMalformedError",
     "E2EEStreamProtocolError",
+    "E2EEStreamRelayError",
     "E2EEStreamRemoteError",
     "RetriesExhausted",
 ]
@@ -135,6 +139,16 @@ class E2EEStreamMalformedError(E2EEStreamError, MalformedError):
 class E2EEStreamIntegrityError(E2EEStreamError, StreamError):
     """aiohttp's stream error for a :class:`~pqe2ee.errors.StreamError` (truncated, reordered,
     duplicated records; a lost connection)."""
+
+
+class E2EEStreamConnectionLost(E2EEStreamIntegrityError, ConnectionLost):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.ConnectionLost` (the connection to the
+    relay broke mid-stream; ``__cause__`` is the network error)."""
+
+
+class E2EEStreamRelayError(E2EEStreamError, RelayError):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.RelayError` (an unauthenticated error
+    the relay put into a v2 stream before its end)."""
 
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):

@@ -45,10 +45,10 @@ import h11
 import msgspec
 
 from pqe2ee.errors import (
+    ConnectionLost,
     ErrorCode,
     LocalProtocolError,
     MalformedError,
-    PQE2EEError,
     RemoteError,
 )
 from pqe2ee.protocol.client import request_model
@@ -99,11 +99,9 @@ DEFAULT_MAX_HEADER_SIZE: Final = 64 * 1024
 _RECEIVE_SIZE: Final = 64 * 1024
 
 
-class E2EEConnectionError(PQE2EEError, OSError):
+class E2EEConnectionError(ConnectionLost, OSError):
     """The connection to the relay could not be made, or broke before the answer was complete
     (code ``connection_lost``). Chained (``__cause__``) to the underlying error."""
-
-    default_code = ErrorCode.CONNECTION_LOST
 
 
 class E2EETimeoutError(E2EEConnectionError, TimeoutError):

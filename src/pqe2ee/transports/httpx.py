@@ -28,12 +28,14 @@ from __future__ import annotations
 from pqe2ee.transports._async._httpx import AsyncDecryptingStream, AsyncE2EETransport
 from pqe2ee.transports._common import RetriesExhausted
 from pqe2ee.transports._httpx_common import (
+    E2EEStreamConnectionLost,
     E2EEStreamDecryptError,
     E2EEStreamError,
     E2EEStreamIntegrityError,
     E2EEStreamLimitExceeded,
     E2EEStreamMalformedError,
     E2EEStreamProtocolError,
+    E2EEStreamRelayError,
     E2EEStreamRemoteError,
 )
 from pqe2ee.transports._sync._httpx import DecryptingStream, E2EETransport
@@ -58,12 +60,14 @@ __all__ = [
     "ClientLimits",
     "ClientOptions",
     "DecryptingStream",
+    "E2EEStreamConnectionLost",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",
     "E2EEStreamLimitExceeded",
     "E2EEStreamMalformedError",
     "E2EEStreamProtocolError",
+    "E2EEStreamRelayError",
     "E2EEStreamRemoteError",
     "E2EETransport",
     "RetriesExhausted",

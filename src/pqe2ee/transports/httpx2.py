@@ -27,12 +27,14 @@ from __future__ import annotations
 from pqe2ee.transports._async._httpx2 import AsyncDecryptingStream, AsyncE2EETransport
 from pqe2ee.transports._common import RetriesExhausted
 from pqe2ee.transports._httpx2_common import (
+    E2EEStreamConnectionLost,
     E2EEStreamDecryptError,
     E2EEStreamError,
     E2EEStreamIntegrityError,
     E2EEStreamLimitExceeded,
     E2EEStreamMalformedError,
     E2EEStreamProtocolError,
+    E2EEStreamRelayError,
     E2EEStreamRemoteError,
 )
 from pqe2ee.transports._sync._httpx2 import DecryptingStream, E2EETransport
@@ -57,12 +59,14 @@ __all__ = [
     "ClientLimits",
     "ClientOptions",
     "DecryptingStream",
+    "E2EEStreamConnectionLost",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",
     "E2EEStreamLimitExceeded",
     "E2EEStreamMalformedError",
     "E2EEStreamProtocolError",
+    "E2EEStreamRelayError",
     "E2EEStreamRemoteError",
     "E2EETransport",
     "RetriesExhausted",

@@ -609,7 +609,7 @@ class RecordDecryptor:
         if end > len(inner):
             raise StreamError("record plen runs past the end", code=ErrorCode.MALFORMED_EVENT)
         if any(inner[end:]):
-            raise StreamError("record padding is not all zero", code=ErrorCode.BAD_PADDING)
+            raise MalformedError("record padding is not all zero", code=ErrorCode.BAD_PADDING)
         if rtype not in _RTYPES:
             raise StreamError(f"unknown record type {rtype:#x}", code=ErrorCode.UNKNOWN_RECORD_TYPE)
         if final != (rtype == END):

@@ -26,7 +26,7 @@ from pqe2ee.errors import (
     LocalProtocolError,
     MalformedError,
     PQE2EEError,
-    RemoteError,
+    RelayError,
     StreamError,
 )
 from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
@@ -188,7 +188,7 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
     table decides every record's fate). This layer adds the outer framing: init and record
     events, the plaintext usage copy (kept from the application; cross-checked with END:
     ``usage_mismatch``, or reported in ``End.usage_copy_matches`` with ``usage_check="report"``),
-    unauthenticated relay errors before END (RemoteError ``relay_error``), and bounds (one
+    unauthenticated relay errors before END (RelayError ``relay_error``), and bounds (one
     outer line holds at most one record of ``max_payload`` bytes plus padding).
     """
 
@@ -303,7 +303,7 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
             self._usage_copy(value)
         elif key in ("e2e_error", "error"):
             if not self._dec.complete:
-                raise RemoteError(
+                raise RelayError(
                     "the relay reported an error (unauthenticated)",
                     code=ErrorCode.RELAY_ERROR,
                     detail=value,

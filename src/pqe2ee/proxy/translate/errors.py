@@ -21,11 +21,13 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, MalformedError, PQE2EEError
 
 __all__ = [
     "ANTHROPIC_ERROR_TYPES",
     "TranslationError",
+    "TranslationRequestError",
+    "TranslationUpstreamError",
     "anthropic_error_body",
     "anthropic_error_type",
     "convert",
@@ -58,9 +60,16 @@ class TranslationError(PQE2EEError):
     ``status`` is the HTTP status to answer with (4xx: the client's request is at fault; 5xx: the
     upstream reply was malformed). ``type`` is the error type (OpenAI vocabulary), ``param`` the
     offending request field when known, ``error_code`` a machine-readable OpenAI ``code`` such as
-    ``"unsupported_tool"``. The inherited :attr:`code` is the package-wide :class:`ErrorCode`
-    (``invalid_body`` for 4xx, ``malformed_payload`` for 5xx).
+    ``"unsupported_tool"``. Constructing it gives one of its two concrete classes, which place it
+    in the error tree: :class:`TranslationRequestError` (a :class:`LocalProtocolError`, code
+    ``invalid_body``) for a 4xx, :class:`TranslationUpstreamError` (a :class:`MalformedError`,
+    code ``malformed_payload``) for a 5xx.
     """
+
+    def __new__(cls, status: int = 400, *args: Any, **kwargs: Any) -> TranslationError:
+        if cls is TranslationError:
+            cls = TranslationRequestError if status < 500 else TranslationUpstreamError
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -71,10 +80,7 @@ class TranslationError(PQE2EEError):
         param: str | None = None,
         error_code: str | None = None,
     ) -> None:
-        super().__init__(
-            message,
-            code=ErrorCode.INVALID_BODY if status < 500 else ErrorCode.MALFORMED_PAYLOAD,
-        )
+        super().__init__(message)
         self.status = status
         self.type = type
         self.param = param
@@ -87,6 +93,18 @@ class TranslationError(PQE2EEError):
     def to_anthropic(self) -> dict[str, Any]:
         """The Anthropic error body: ``{"type": "error", "error": {"type", "message"}}``."""
         return anthropic_error_body(self.status, self.type, self.message)
+
+
+class TranslationRequestError(TranslationError, LocalProtocolError):
+    """The client's request cannot be translated (a 4xx)."""
+
+    default_code = ErrorCode.INVALID_BODY
+
+
+class TranslationUpstreamError(TranslationError, MalformedError):
+    """The upstream Chat Completions reply cannot be translated (a 5xx)."""
+
+    default_code = ErrorCode.MALFORMED_PAYLOAD
 
 
 def invalid_request(

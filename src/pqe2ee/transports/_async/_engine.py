@@ -60,12 +60,12 @@ from typing import Final, Protocol
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
+    ConnectionLost,
     ErrorCode,
     LimitExceeded,
     LocalProtocolError,
     PQE2EEError,
     RelayError,
-    StreamError,
 )
 from pqe2ee.protocol._events import Done, InnerEvent
 from pqe2ee.protocol.client import (
@@ -305,7 +305,7 @@ class AsyncPlainStream:
             except self._timeout:
                 raise
             except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
-                raise StreamError(
+                raise ConnectionLost(
                     "the connection to the relay broke mid-stream",
                     code=ErrorCode.CONNECTION_LOST,
                 ) from exc
