@@ -297,7 +297,8 @@ def v2_stream(records: int, padding: int) -> tuple[float, int, int]:
 def _stack() -> Iterator[str]:
     """dev-engine -> instance (v1 and v2) -> relay, in this process; yields the relay's URL."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from pqe2ee.server import dev_engine, instance, relay
+    from pqe2ee.server import instance, relay
+    from pqe2ee.testing import dev_engine
     from servers import run_app  # the test suite's loopback server helper
 
     with contextlib.ExitStack() as es:

@@ -61,9 +61,9 @@ def test_environment_variable_reaches_the_command(monkeypatch: pytest.MonkeyPatc
     def serve(host: str, port: int, *, log_level: str) -> None:
         seen.update(host=host, port=port, log_level=log_level)
 
-    import pqe2ee.server.dev_engine
+    import pqe2ee.testing.dev_engine
 
-    monkeypatch.setattr(pqe2ee.server.dev_engine, "serve", serve)
+    monkeypatch.setattr(pqe2ee.testing.dev_engine, "serve", serve)
     env = {"PQE2EE_PORT": "9123", "PQE2EE_LOG_LEVEL": "debug"}
     result = CliRunner().invoke(cli, ["dev-engine"], env=env)
     assert result.exit_code == 0, result.output

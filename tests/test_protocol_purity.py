@@ -134,7 +134,7 @@ def test_the_walk_covers_all_of_protocol() -> None:
     names = {p.relative_to(PROTOCOL).as_posix() for p in protocol_modules()}
     for expected in ("__init__.py", "client.py", "response.py", "v1/stream.py", "v2/hpke.py"):
         assert expected in names
-    assert len(names) >= 25
+    assert len(names) >= 20
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,8 @@ from click.testing import CliRunner
 from pqe2ee.cli import cli
 from pqe2ee.proxy.app import ProxyConfig, ProxyServer, create_app, server_config
 from pqe2ee.proxy.app.pool import ClientPool as _ClientPool
-from pqe2ee.server import dev_engine, instance, relay
+from pqe2ee.server import instance, relay
+from pqe2ee.testing import dev_engine
 from servers import run_app
 
 KEY = "pk-proxy-test-5f0c1d2e3a4b"

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pqe2ee.errors import LocalProtocolError
-from pqe2ee.protocol.codec import b64encode
+from pqe2ee.protocol._codec import b64encode
 from pqe2ee.server import relay
 from pqe2ee.server.noncestore import MemoryNonceStore, NonceStoreError, api_key_id
 from relay_support import (

@@ -1091,7 +1091,8 @@ def real() -> Iterator[RealStack]:
 
     from pqe2ee.proxy.app import ProxyConfig
     from pqe2ee.proxy.app import create_app as proxy_app
-    from pqe2ee.server import dev_engine, instance, relay
+    from pqe2ee.server import instance, relay
+    from pqe2ee.testing import dev_engine
     from servers import run_app
 
     with contextlib.ExitStack() as es:

@@ -33,7 +33,7 @@ from starlette.routing import Route
 from pqe2ee.cli import cli
 from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteError
 from pqe2ee.protocol import parse_discovery
-from pqe2ee.protocol.codec import b64encode
+from pqe2ee.protocol._codec import b64encode
 from pqe2ee.protocol.v2 import E2EPolicy, Negotiator, parse_instance_hint, parse_v2_offer
 from pqe2ee.server import instance, relay
 from pqe2ee.server.keyfile import (

@@ -19,6 +19,6 @@ def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
     It echoes prompts, emits tool calls and reasoning_content, and streams with vLLM's SSE
     shape, so the demo and the tests run without a GPU.
     """
-    from pqe2ee.server.dev_engine import serve
+    from pqe2ee.testing.dev_engine import serve
 
     serve(host, port, log_level=log_level)

@@ -17,7 +17,7 @@ from pqe2ee.backends.base import AEAD, KEM
 from pqe2ee.backends.xwing import XWing, get_xwing
 from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError, RemoteError
 from pqe2ee.protocol.client import ClientLimits, ClientState
-from pqe2ee.protocol.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
+from pqe2ee.protocol.v1.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
 from pqe2ee.transports._keypool import KeyPool, SharedKeyPools, XWingKeyPool
 from pqe2ee.transports.options import ClientOptions, OnUsage

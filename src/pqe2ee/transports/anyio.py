@@ -51,8 +51,8 @@ from pqe2ee.errors import (
     MalformedError,
     RemoteError,
 )
+from pqe2ee.protocol._events import Done
 from pqe2ee.protocol.client import request_model
-from pqe2ee.protocol.stream import Done
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,

@@ -23,7 +23,7 @@ from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import AEAD, KEM, KEMPrivateKey
 from pqe2ee.backends.xwing import XWING_KEM_ID, XWing, XWingPrivateKey, get_xwing
 from pqe2ee.errors import BackendError, LocalProtocolError
-from pqe2ee.protocol.codec import b64encode
+from pqe2ee.protocol._codec import b64encode
 from pqe2ee.protocol.v2 import VERSION, InstanceV2, MemoryReplayCache, ParsedRequest, ReplayCache
 from pqe2ee.protocol.v2.hpke import AEAD_ID, KDF_ID
 from pqe2ee.protocol.v2.request import DEFAULT_WINDOW_MS
