@@ -769,6 +769,14 @@ def test_disconnect_cancels_upstream_chat(stack: Stack, oai: openai.OpenAI) -> N
     wait_for(lambda: stack.stats()["streams_cancelled"] > before, "the engine to see the cancel")
     assert stack.stats()["streams_in_flight"] == 0
 
+    def metric(name: str) -> float:
+        text = httpx2.get(stack.proxy + "/metrics", timeout=10).text
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    wait_for(lambda: metric("pqe2ee_proxy_open_streams") == 0, "the stream to be released")
+    assert metric('pqe2ee_proxy_client_disconnects_total{route="chat"}') >= 1
+
 
 def test_disconnect_cancels_upstream_messages(stack: Stack, ant: anthropic.Anthropic) -> None:
     before = stack.stats()["streams_cancelled"]
@@ -898,7 +906,18 @@ def test_log_canary(stack: Stack, oai: openai.OpenAI, ant: anthropic.Anthropic) 
 
 
 def test_metrics_and_health(stack: Stack, oai: openai.OpenAI) -> None:
-    oai.chat.completions.create(model="dev-echo", messages=user("count me"))
+    access = re.compile(
+        r"pqe2ee\.proxy: (\S+) (.+) (\d+) in=\d+B out=\d+B first=[\d.]+ms total=[\d.]+ms$"
+    )
+    with capture_all_logs() as logs:
+        oai.chat.completions.create(model="dev-echo", messages=user("count me"))
+        httpx2.get(stack.proxy + "/nowhere/secret-path", timeout=10)
+
+        def logged(*line: str) -> bool:  # the line is written once the exchange has ended
+            return line in [m.groups() for t in logs.texts if (m := access.match(t))]
+
+        wait_for(lambda: logged("POST", "/v1/chat/completions", "200"), "the chat access line")
+        wait_for(lambda: logged("GET", "(other path)", "404"), "the 404 access line")
     r = httpx2.get(stack.proxy + "/health", timeout=10)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     text = httpx2.get(stack.proxy + "/metrics", timeout=10).text
@@ -987,7 +1006,7 @@ def anyio_backend() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# the plumbing on its own: bounded reads refuse (never truncate), the disconnect watcher
+# the plumbing on its own: bounded reads refuse (never truncate)
 
 
 def _request(
@@ -1068,12 +1087,19 @@ async def test_read_upstream_refuses_over_the_limit_and_always_closes() -> None:
 
 
 @pytest.mark.anyio
-async def test_wait_for_disconnect_returns_on_the_disconnect_only() -> None:
-    from pqe2ee.proxy.app._plumbing import wait_for_disconnect
+@pytest.mark.parametrize("length", [b"-1", b"1e3", b""])
+async def test_read_body_answers_a_bad_content_length_with_400_before_reading(
+    length: bytes,
+) -> None:
+    # The disconnect watch is the shared one (test_server_plumbing); the mapping is the proxy's.
+    from pqe2ee.proxy.app._plumbing import read_body
+    from pqe2ee.proxy.app.failures import Failure
 
-    request, reads = _request([b"a", b"b"])
-    await wait_for_disconnect(request.receive)
-    assert reads[0] == 3  # two body messages passed over, then the disconnect
+    request, reads = _request([b"{}"], [(b"content-length", length)])
+    with pytest.raises(Failure) as info:
+        await read_body(request, 100)
+    assert (info.value.status, info.value.message) == (400, "bad Content-Length header")
+    assert reads[0] == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ cancels the upstream call at once.
 Logs carry method, path, status, byte counts and durations: never bodies, prompts or keys.
 
 Modules: :mod:`.config` (settings), :mod:`.failures` (errors as answers in each dialect),
-:mod:`._plumbing` (bounded reads, JSON, disconnect watching), :mod:`.pool` (per-key clients),
+:mod:`._plumbing` (bounded reads and JSON, answered as refusals), :mod:`.pool` (per-key clients),
 :mod:`.metrics` (Prometheus and the access log), :mod:`.streaming` (SSE out), :mod:`.routes`
 (the endpoints and :func:`create_app`), :mod:`.server` (uvicorn and :func:`serve`).
 """

@@ -1,7 +1,8 @@
-"""Prometheus metrics and the access log: one middleware that sees every exchange.
+"""Prometheus metrics and the access log, fed by the shared middleware that sees every exchange.
 
-:class:`AccessLog` counts bytes in and out at the ASGI layer, notes the status and the first
-byte, and when the exchange ends writes one log line and the metrics. Lines and labels hold
+:class:`~pqe2ee.server._metrics.MetricsMiddleware` counts bytes in and out at the ASGI layer
+and notes the status and the first byte; when the exchange ends, :class:`AccessLog` writes one
+log line and the metrics. Lines and labels hold
 method, fixed route names, status, byte counts and durations: never bodies, prompts, keys,
 models or free-form paths.
 """
@@ -9,12 +10,11 @@ models or free-form paths.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.types import Message, Receive, Scope, Send
+
+from pqe2ee.server._metrics import Exchange
 
 __all__ = ["CHAT_PATH", "COMPLETIONS_PATH", "ROUTES", "AccessLog", "Metrics"]
 
@@ -69,68 +69,33 @@ class Metrics:
         self.keys = Gauge(p + "pooled_keys", "API keys with a live upstream transport", registry=r)
 
 
-@dataclass(slots=True)
-class _Exchange:
-    started: float
-    status: int | None = None
-    first: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    complete: bool = False
-
-
 class AccessLog:
-    """ASGI middleware: one log line and the metrics per request, written when the body ends.
+    """The ``observe`` of a :class:`~pqe2ee.server._metrics.MetricsMiddleware`: one log line
+    and the metrics per request, written when the exchange ends.
 
     The line holds method, route, status, byte counts and durations - nothing else."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        ex = _Exchange(time.perf_counter())
-        path: str = scope.get("path", "")
-        route = ROUTES.get(path, "other")
-
-        async def receive_counting() -> Message:
-            message = await receive()
-            if message["type"] == "http.request":
-                ex.bytes_in += len(message.get("body", b""))
-            return message
-
-        async def send_counting(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                ex.status = int(message["status"])
-                ex.first = time.perf_counter() - ex.started
-            elif message["type"] == "http.response.body":
-                ex.bytes_out += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    ex.complete = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive_counting, send_counting)
-        finally:
-            elapsed = time.perf_counter() - ex.started
-            m = self.metrics
-            status = str(ex.status) if ex.status is not None else "499"
-            m.requests.labels(route, status).inc()
-            m.first_byte.labels(route).observe(ex.first if ex.first is not None else elapsed)
-            m.duration.labels(route).observe(elapsed)
-            m.bytes_in.labels(route).inc(ex.bytes_in)
-            m.bytes_out.labels(route).inc(ex.bytes_out)
-            log.info(
-                "%s %s %s in=%dB out=%dB first=%.1fms total=%.1fms%s",
-                scope.get("method", "-"),
-                path if route != "other" else "(other path)",
-                status,
-                ex.bytes_in,
-                ex.bytes_out,
-                (ex.first or 0.0) * 1000,
-                elapsed * 1000,
-                "" if ex.complete else " incomplete",
-            )
+    def __call__(self, ex: Exchange) -> None:
+        elapsed = ex.elapsed
+        route = ROUTES.get(ex.path, "other")
+        m = self.metrics
+        status = str(ex.status) if ex.status is not None else "499"
+        m.requests.labels(route, status).inc()
+        m.first_byte.labels(route).observe(ex.first_byte if ex.first_byte is not None else elapsed)
+        m.duration.labels(route).observe(elapsed)
+        m.bytes_in.labels(route).inc(ex.bytes_in)
+        m.bytes_out.labels(route).inc(ex.bytes_out)
+        log.info(
+            "%s %s %s in=%dB out=%dB first=%.1fms total=%.1fms%s",
+            ex.method,
+            ex.path if route != "other" else "(other path)",
+            status,
+            ex.bytes_in,
+            ex.bytes_out,
+            (ex.first_byte or 0.0) * 1000,
+            elapsed * 1000,
+            "" if ex.complete else " incomplete",
+        )

@@ -30,7 +30,6 @@ from pqe2ee.proxy.app._plumbing import (
     ENCODER,
     JSON_TYPE,
     decode_json,
-    json_response,
     parse_object,
     read_body,
     read_upstream,
@@ -62,6 +61,8 @@ from pqe2ee.proxy.translate.anthropic import (
 from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
+from pqe2ee.server._asgi import json_response
+from pqe2ee.server._metrics import MetricsMiddleware
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
 
@@ -350,7 +351,7 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/health", proxy.health, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
-        middleware=[Middleware(AccessLog, metrics=metrics)],
+        middleware=[Middleware(MetricsMiddleware, observe=AccessLog(metrics))],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )

@@ -1,7 +1,8 @@
 """Streaming out: SSE answers relayed while the upstream response is open.
 
-:class:`StreamResponse` is the ASGI side (start, body chunks, the end; a disconnect watcher;
-the shutdown ending; cleanup that closes the upstream and releases the key's transport). What
+:class:`StreamResponse` is the ASGI side, on the shared
+:class:`~pqe2ee.server._asgi.StreamedResponse` (start, body chunks, the end; the disconnect
+watch; the shutdown ending; cleanup that closes the upstream and releases the key's transport). What
 it sends comes from a body:
 
 * :class:`PassthroughBody` — chat and completions streams, byte for byte as decrypted;
@@ -21,15 +22,15 @@ from typing import Any, Final, Protocol
 import anyio
 import httpx2
 import msgspec
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
 from pqe2ee.errors import ErrorCode, PQE2EEError
 from pqe2ee.protocol.sse import SSEParser
-from pqe2ee.proxy.app._plumbing import ENCODER, wait_for_disconnect
+from pqe2ee.proxy.app._plumbing import ENCODER
 from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
 from pqe2ee.proxy.app.metrics import Metrics
 from pqe2ee.proxy.translate.chat import StreamEvent
+from pqe2ee.server._asgi import ClientGone, DisconnectWatch, StreamedResponse, StreamOutcome
 
 __all__ = [
     "SSE_HEADERS",
@@ -109,13 +110,14 @@ class OpenStreams:
 SHUTTING_DOWN: Final = "shutting_down"
 
 
-class StreamResponse(Response):
+class StreamResponse(StreamedResponse):
     """An SSE answer produced by ``body`` while the upstream response is open.
 
-    A watcher listens for the client's disconnect and cancels the copy at once (even while the
-    upstream is silent); whatever happens, the upstream response is then closed - which cancels
-    the call end to end - and the API key's transport is released. A shutdown ends the stream
-    with the dialect's error event.
+    The shared :class:`~pqe2ee.server._asgi.StreamedResponse` watches for the client's
+    disconnect and cancels the copy at once (even while the upstream is silent); whatever
+    happens, the upstream response is then closed - which cancels the call end to end - and
+    the API key's transport is released. A shutdown ends the stream with the dialect's error
+    event.
     """
 
     def __init__(
@@ -128,70 +130,53 @@ class StreamResponse(Response):
         streams: OpenStreams,
         route: str,
     ) -> None:
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = list(SSE_HEADERS)
+        super().__init__(200, SSE_HEADERS)
         self._body = body
+        self._chunks = body.chunks()
         self._upstream = upstream
         self._release = release
         self._metrics = metrics
         self._streams = streams
         self._route = route
+        self._scope: anyio.CancelScope | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics = self._metrics
-        metrics.open_streams.inc()
-        chunks = self._body.chunks()
-        started = finished = broken = gone = False
+    def watching(self, watch: DisconnectWatch) -> None:
+        self._scope = watch.cancel_scope
+        self._metrics.open_streams.inc()
+        self._streams.add(watch.cancel_scope)
+
+    async def write(self, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as tg:
+            await self.send_start(send)
+            async for chunk in self._chunks:
+                await self.send_body(send, chunk)
+            await self.send_body(send, b"", more=False)
+        except ClientGone:
+            raise
+        except Exception as exc:  # a bug: end the answer, no traceback, no clean end
+            log.error("stream failed (%s)", type(exc).__name__)
 
-                async def watch() -> None:
-                    nonlocal gone
-                    await wait_for_disconnect(receive)
-                    gone = True
-                    tg.cancel_scope.cancel()
-
-                self._streams.add(tg.cancel_scope)
-                tg.start_soon(watch)
-                try:
-                    await send(
-                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                    )
-                    started = True
-                    async for chunk in chunks:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    finished = True
-                except OSError:
-                    gone = True  # ASGI 2.4 servers report a gone client this way
-                except Exception as exc:  # a bug: end the answer, no traceback, no clean end
-                    broken = True
-                    log.error("stream failed (%s)", type(exc).__name__)
-                tg.cancel_scope.cancel()
-            self._streams.discard(tg.cancel_scope)
-            if not finished and not broken and not gone and self._streams.closing:
-                await self._end_for_shutdown(send, started)
-            elif gone:
-                metrics.disconnects.labels(self._route).inc()
-        finally:
-            metrics.open_streams.dec()
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await chunks.aclose()
-                with contextlib.suppress(Exception):
-                    await self._upstream.aclose()
-                await self._release()
-
-    async def _end_for_shutdown(self, send: Send, started: bool) -> None:
+    async def cancelled(self, send: Send) -> None:
+        if not self._streams.closing:
+            return
         fail = Failure(503, "server_error", "the proxy is shutting down", code=SHUTTING_DOWN)
         self._metrics.stream_faults.labels(self._route).inc()
-        with contextlib.suppress(OSError):
-            if not started:
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                )
-            await send({"type": "http.response.body", "body": self._body.abort(fail)})
+        with contextlib.suppress(ClientGone):
+            if not self.started:
+                await self.send_start(send)
+            await self.send_body(send, self._body.abort(fail), more=False)
+
+    async def finish(self, outcome: StreamOutcome) -> None:
+        if self._scope is not None:
+            self._streams.discard(self._scope)
+            self._metrics.open_streams.dec()
+        if outcome is StreamOutcome.CLIENT_GONE:
+            self._metrics.disconnects.labels(self._route).inc()
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()
+        with contextlib.suppress(Exception):
+            await self._upstream.aclose()
+        await self._release()
 
 
 def chat_error_event(fail: Failure) -> bytes:
