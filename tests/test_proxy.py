@@ -11,6 +11,7 @@ then it cuts the next ``/e2e/invoke`` answer after a number of bytes, either wit
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -839,6 +840,45 @@ def test_shutdown_ends_open_streams_with_error_events(stack: Stack) -> None:
         assert not thread.is_alive()
     assert not [t for t in logs.texts if "Exception in ASGI application" in t]
     assert any("ending 2 open stream(s) for shutdown" in t for t in logs.texts)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-key transports share one set of response-key pools
+
+
+def _key_pools_of(app: Any) -> list[Any]:
+    """The key pools every live per-key transport of the proxy ``app`` takes keys from."""
+    pools = []
+    for entry in app.state.pool._entries.values():
+        engine = entry.client._transport._engine
+        pools += [p for p in (engine.keys, engine.keys_v2) if p is not None]
+    return pools
+
+
+def test_per_key_transports_share_key_pools_and_stop_their_fillers(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pqe2ee.transports import _keypool
+
+    # Every pool decides for a filler thread after its probes, whatever the backend's speed.
+    monkeypatch.setattr(_keypool, "HANDOFF_COST", 0.0)
+    config = ProxyConfig(api_base=stack.relay, models_base=stack.relay)
+    with serve_proxy(config) as (url, server, thread):
+        app = server.config.app
+        for key in (KEY, OTHER_KEY):
+            with openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
+                for i in range(_keypool.PROBES + 2):
+                    client.chat.completions.create(model="dev-echo", messages=user(f"k{i}"))
+        pools = _key_pools_of(app)
+        assert len(app.state.pool) == 2 and len(pools) >= 2
+        running = {id(p): type(p).__name__ for p in pools if p.running}  # a filler each
+        per_type = sorted(collections.Counter(running.values()).values())
+        assert per_type and per_type[-1] == 1, running  # at most one filler per key type
+        shared = {id(p) for p in (app.state.key_pools.v1, app.state.key_pools.v2) if p}
+        assert {id(p) for p in pools} <= shared  # both keys' transports use the same pools
+    assert not thread.is_alive()
+    assert not [p for p in pools if p.running]  # closed: transports first, then the pools
+    assert all(p.closed for p in pools)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """One ``httpx2.AsyncClient`` over its own strict E2EE transport per API key, pooled.
 
 :class:`ClientPool` keeps them LRU with an idle TTL; :func:`client_factory` builds them from a
-:class:`~pqe2ee.proxy.app.config.ProxyConfig`. Keys are held only inside the transports: the
+:class:`~pqe2ee.proxy.app.config.ProxyConfig` and the :func:`upstream_options` every transport
+shares - including one set of response-key pools (``ClientOptions.make_key_pools``), so many
+keys still mean at most one key filler thread per key type. Keys are held only inside the transports: the
 pool indexes them by digest. An entry evicted while calls still use it is closed when the last
 of them ends; everything is closed when the pool is.
 """
@@ -20,8 +22,9 @@ import httpx2
 
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.failures import Failure
+from pqe2ee.transports.options import ClientOptions
 
-__all__ = ["ClientPool", "PoolEntry", "client_factory", "client_timeout"]
+__all__ = ["ClientPool", "PoolEntry", "client_factory", "client_timeout", "upstream_options"]
 
 log = logging.getLogger("pqe2ee.proxy")
 
@@ -133,16 +136,39 @@ def client_timeout(config: ProxyConfig) -> httpx2.Timeout:
     )
 
 
-def client_factory(config: ProxyConfig) -> Callable[[str], httpx2.AsyncClient]:
-    """One client per API key over a *strict* E2EE transport: a model call that cannot be
-    encrypted is refused by the transport, never sent in plaintext. Every transport applies
-    the proxy's version policy with one shared :class:`~pqe2ee.protocol.v2.Negotiator`, so a
-    chute pinned to v2 through one key is pinned for all."""
+def upstream_options(config: ProxyConfig) -> ClientOptions:
+    """The options of every per-key transport: *strict* (a model call that cannot be
+    encrypted is refused by the transport, never sent in plaintext), the proxy's version
+    policy in one shared :class:`~pqe2ee.protocol.v2.Negotiator` (a chute pinned to v2
+    through one key is pinned for all), and ``config.transport_options`` on top. The API key
+    and the inner transport are set per key."""
     from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
+
+    extra = dict(config.transport_options)
+    extra.pop("inner", None)  # each key's transport gets its own connection pool
+    base = extra.pop("options", None)
+    negotiator = Negotiator(E2EPolicy(min_version=config.min_version, prefer_v2=config.prefer_v2))
+    return ClientOptions.of(
+        base,
+        **{
+            **extra,
+            "api_base": config.api_base,
+            "models_base": config.models_base,
+            "backend": config.backend,
+            "strict": True,
+            "negotiator": negotiator,
+        },
+    )
+
+
+def client_factory(
+    config: ProxyConfig, options: ClientOptions
+) -> Callable[[str], httpx2.AsyncClient]:
+    """One client per API key over an E2EE transport with ``options`` (see
+    :func:`upstream_options`; give them shared ``key_pools`` so that the per-key transports
+    run one set of key fillers, not one per key)."""
     from pqe2ee.transports.httpx2 import AsyncE2EETransport
 
-    negotiator = Negotiator(E2EPolicy(min_version=config.min_version, prefer_v2=config.prefer_v2))
-    options = {**config.transport_options, "strict": True, "negotiator": negotiator}
     timeout = client_timeout(config)
     limits = httpx2.Limits(
         max_connections=config.max_connections,
@@ -151,13 +177,7 @@ def client_factory(config: ProxyConfig) -> Callable[[str], httpx2.AsyncClient]:
 
     def make(key: str) -> httpx2.AsyncClient:
         inner = httpx2.AsyncHTTPTransport(limits=limits)
-        transport = AsyncE2EETransport(
-            api_key=key,
-            api_base=config.api_base,
-            models_base=config.models_base,
-            backend=config.backend,
-            **{**options, "inner": inner},
-        )
+        transport = AsyncE2EETransport(options=options, api_key=key, inner=inner)
         return httpx2.AsyncClient(transport=transport, base_url=config.models_base, timeout=timeout)
 
     return make

@@ -44,7 +44,13 @@ from pqe2ee.proxy.app.failures import (
     kind_of,
 )
 from pqe2ee.proxy.app.metrics import CHAT_PATH, COMPLETIONS_PATH, ROUTES, AccessLog, Metrics
-from pqe2ee.proxy.app.pool import ClientPool, PoolEntry, client_factory, client_timeout
+from pqe2ee.proxy.app.pool import (
+    ClientPool,
+    PoolEntry,
+    client_factory,
+    client_timeout,
+    upstream_options,
+)
 from pqe2ee.proxy.app.streaming import (
     OpenStreams,
     PassthroughBody,
@@ -63,6 +69,7 @@ from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
 
@@ -306,8 +313,14 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
     """Build the proxy's Starlette app (its endpoints: see :mod:`pqe2ee.proxy.app`)."""
     config = config or ProxyConfig()
     metrics = Metrics()
+    options = upstream_options(config)
+    # One set of response-key pools for all the per-key transports (unless the caller brought
+    # its own in transport_options: then it owns them). Closed after the transports.
+    key_pools = None if options.key_pools is not None else options.make_key_pools()
+    if key_pools is not None:
+        options = ClientOptions.of(options, key_pools=key_pools)
     pool = ClientPool(
-        client_factory(config), max_size=config.max_keys, idle_ttl=config.key_idle_ttl
+        client_factory(config, options), max_size=config.max_keys, idle_ttl=config.key_idle_ttl
     )
     plain = httpx2.AsyncClient(base_url=config.models_base, timeout=client_timeout(config))
     proxy = _Proxy(config, pool, plain, metrics)
@@ -330,6 +343,8 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
                 with anyio.CancelScope(shield=True):
                     await pool.aclose()
                     await plain.aclose()
+                    if key_pools is not None:  # joins the fillers: off the event loop
+                        await anyio.to_thread.run_sync(key_pools.close)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -357,6 +372,7 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
     )
     app.state.config = config
     app.state.pool = pool
+    app.state.key_pools = options.key_pools
     app.state.metrics = metrics
     app.state.streams = proxy.streams
     return app
