@@ -112,6 +112,24 @@ def test_store_unavailable_answers_503() -> None:
     assert StoreUnavailable("x", status=500).status == 500
 
 
+def test_the_servers_store_errors_are_in_the_tree() -> None:
+    from pqe2ee.server.noncestore import NonceStoreError
+    from pqe2ee.server.replaycache import ReplayCacheError
+
+    assert error_class(ErrorCode.NONCE_STORE_UNAVAILABLE) is StoreUnavailable
+    for cls, code in (
+        (NonceStoreError, ErrorCode.NONCE_STORE_UNAVAILABLE),
+        (ReplayCacheError, ErrorCode.REPLAY_CACHE_UNAVAILABLE),
+    ):
+        err = cls("redis: ConnectionError")
+        assert isinstance(err, StoreUnavailable)
+        assert (err.code, err.status, err.message) == (code, 503, "redis: ConnectionError")
+        assert str(err) == f"{code.value}: redis: ConnectionError"
+        assert cls.allowed_codes() == frozenset(StoreUnavailable.codes)
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), back.code, back.status, str(back)) == (cls, code, 503, str(err))
+
+
 def test_package_reexports_the_tree() -> None:
     for name in errors.__all__:
         assert getattr(pqe2ee, name) is getattr(errors, name)

@@ -33,7 +33,9 @@ Tree (the codes each class owns; a class without codes of its own carries its pa
         │                         stream_mismatch, instance_mismatch, upstream_timeout,
         │                         v1_disabled
         └── StoreUnavailable      a shared store (replay cache, nonce store) cannot answer:
-                                  fail closed (503). replay_cache_unavailable
+                                  fail closed (503). replay_cache_unavailable,
+                                  nonce_store_unavailable (server.replaycache.ReplayCacheError,
+                                  server.noncestore.NonceStoreError)
 
 A class declares the codes it owns with a class keyword, ``class DecryptError(RemoteProtocolError,
 codes=(...))``; the first is its ``default_code``. Claiming a code another class owns is a
@@ -143,6 +145,7 @@ class ErrorCode(enum.StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     V1_DISABLED = "v1_disabled"
     REPLAY_CACHE_UNAVAILABLE = "replay_cache_unavailable"
+    NONCE_STORE_UNAVAILABLE = "nonce_store_unavailable"
 
 
 _OWNERS: dict[ErrorCode, type[PQE2EEError]] = {}
@@ -373,8 +376,14 @@ class ServerError(
     """
 
 
-class StoreUnavailable(ServerError, codes=(ErrorCode.REPLAY_CACHE_UNAVAILABLE,)):
+class StoreUnavailable(
+    ServerError,
+    codes=(ErrorCode.REPLAY_CACHE_UNAVAILABLE, ErrorCode.NONCE_STORE_UNAVAILABLE),
+):
     """A shared store (the v2 replay cache, the relay's nonce store) cannot answer.
+
+    The stores raise their own subclasses (:class:`pqe2ee.server.replaycache.ReplayCacheError`,
+    :class:`pqe2ee.server.noncestore.NonceStoreError`), each with its code.
 
     Fail closed: the request is refused with 503, never admitted.
     """

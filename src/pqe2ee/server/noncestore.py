@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from pqe2ee.errors import LocalProtocolError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, StoreUnavailable
 from pqe2ee.server._redis import import_redis, redis_failures
 
 __all__ = [
@@ -50,8 +50,10 @@ def _binding(api_key_id: str, chute_id: str, instance_id: str) -> str:
     return _SEP.join((api_key_id, chute_id, instance_id))
 
 
-class NonceStoreError(Exception):
+class NonceStoreError(StoreUnavailable):
     """The store cannot answer (Redis down, store full). The relay answers 503; fail closed."""
+
+    default_code = ErrorCode.NONCE_STORE_UNAVAILABLE
 
 
 class NonceStore(abc.ABC):

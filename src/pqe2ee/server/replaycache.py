@@ -26,7 +26,7 @@ import logging
 import threading
 from typing import Any, Final
 
-from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, StoreUnavailable
 from pqe2ee.protocol.v2.replay import Admission, ReplayCache
 from pqe2ee.server._redis import import_redis, redis_failures
 
@@ -43,8 +43,10 @@ logger = logging.getLogger("pqe2ee.instance")
 DEFAULT_PREFIX: Final = "pqe2ee:v2:rid:"
 
 
-class ReplayCacheError(Exception):
+class ReplayCacheError(StoreUnavailable):
     """The replay cache cannot answer (Redis down or timing out). Fail closed: refuse (503)."""
+
+    default_code = ErrorCode.REPLAY_CACHE_UNAVAILABLE
 
 
 class RedisReplayCache:

@@ -180,7 +180,7 @@ class Keys:
             try:
                 await anyio.to_thread.run_sync(self.owned_cache.check)
             except ReplayCacheError as exc:
-                raise RuntimeError(f"v2 replay cache unavailable: {exc}") from None
+                raise RuntimeError(f"v2 replay cache unavailable: {exc.message}") from None
 
     async def aclose(self) -> None:
         if self.owned_cache is not None:

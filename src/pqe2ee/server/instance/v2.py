@@ -154,14 +154,14 @@ class V2Handler:
                 len(blob),
                 always=keys.v2_threaded,
             )
-        except PQE2EEError as exc:
-            raise _refusal(exc) from None
-        except ReplayCacheError:
+        except ReplayCacheError:  # a PQE2EEError too (StoreUnavailable): caught first
             raise Reject.error(
                 503,
                 "Replay cache unavailable, try again later",
                 ErrorCode.REPLAY_CACHE_UNAVAILABLE.value,
             ) from None
+        except PQE2EEError as exc:
+            raise _refusal(exc) from None
         h = opened.header
         log.chute = h.chute_id
         delivered = headers.get("x-chute-id")

@@ -103,7 +103,7 @@ class _Relay:
         try:
             await self.store.ping()
         except NonceStoreError as exc:
-            raise RuntimeError(f"nonce store unavailable: {exc}") from None
+            raise RuntimeError(f"nonce store unavailable: {exc.message}") from None
         client = backend_client(
             connect=cfg.connect_timeout,
             read=cfg.read_timeout,
