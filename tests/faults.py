@@ -46,9 +46,7 @@ from typing import Any
 import msgspec
 
 from pqe2ee.protocol import LineSplitter, StreamEncoder, StreamSealer, extract_usage
-from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
-from servers import run_app
+from servers import serve_chain
 
 __all__ = [
     "Fault",
@@ -410,18 +408,13 @@ def serve_faulty_stack(
     fault here edits v1 records, and clients prefer v2 where it is offered. The v2 faults are
     in tests/test_v2_client.py.
     """
-    kw: dict[str, Any] = {"v2": False, **(instance_kw or {})}
-    with contextlib.ExitStack() as stack:
-        engine_app = dev_engine.create_app()
-        engine = stack.enter_context(run_app(engine_app))
-        urls = [
-            stack.enter_context(
-                run_app(instance.create_app(instance.InstanceConfig(upstream=engine, **kw)))
-            )
-            for _ in range(n_instances)
-        ]
-        relay_kw.setdefault("startup_wait", 5.0)
-        config = relay.RelayConfig(instances=tuple(urls), api_keys=tuple(api_keys), **relay_kw)
-        faulty = FaultyRelay(relay.create_app(config))
-        relay_url = stack.enter_context(run_app(faulty))
-        yield FaultyStack(engine, engine_app, urls, relay_url, faulty)
+    with serve_chain(
+        n_instances,
+        api_keys=api_keys,
+        instance_kw={"v2": False, **(instance_kw or {})},
+        wrap_relay=FaultyRelay,
+        **relay_kw,
+    ) as chain:
+        yield FaultyStack(
+            chain.engine, chain.engine_app, chain.instances, chain.relay, chain.relay_app
+        )

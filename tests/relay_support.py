@@ -37,9 +37,8 @@ from pqe2ee.protocol.v2 import (
     parse_v2_offer,
     seal_request_v2,
 )
-from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
-from servers import run_app
+from pqe2ee.server import instance
+from servers import serve_chain
 
 KEY_A = "pk-test-alpha-0123456789"
 KEY_B = "pk-test-bravo-9876543210"
@@ -93,29 +92,27 @@ def serve_stack(
     instance_kw: dict[str, Any] | None = None,
     **relay_kw: Any,
 ) -> Iterator[Stack]:
-    """dev-engine, ``n_instances`` real instances in front of it, one relay in front of those.
+    """dev-engine, ``n_instances`` real instances in front of it (each behind an
+    :class:`InvokeCounter`), one relay in front of those (:func:`servers.serve_chain`).
 
     ``instance_models[i]`` restricts instance i to those engine models (its own dev-engine).
     """
-    with contextlib.ExitStack() as stack:
-        engine_app = dev_engine.create_app()
-        engine = stack.enter_context(run_app(engine_app))
-        urls: list[str] = []
-        counters: list[InvokeCounter] = []
-        for i in range(n_instances):
-            upstream = engine
-            models = instance_models[i] if instance_models is not None else None
-            if models is not None:
-                upstream = stack.enter_context(run_app(dev_engine.create_app(models=list(models))))
-            cfg = instance.InstanceConfig(upstream=upstream, **(instance_kw or {}))
-            counter = InvokeCounter(instance.create_app(cfg))
-            counters.append(counter)
-            urls.append(stack.enter_context(run_app(counter)))
-        relay_kw.setdefault("startup_wait", 5.0)
-        config = relay.RelayConfig(instances=tuple(urls), api_keys=tuple(api_keys), **relay_kw)
-        relay_app = relay.create_app(config)
-        relay_url = stack.enter_context(run_app(relay_app))
-        yield Stack(engine, engine_app, urls, counters, relay_url, relay_app)
+    with serve_chain(
+        n_instances,
+        api_keys=api_keys,
+        instance_kw=instance_kw,
+        instance_models=instance_models,
+        wrap_instance=InvokeCounter,
+        **relay_kw,
+    ) as chain:
+        yield Stack(
+            chain.engine,
+            chain.engine_app,
+            chain.instances,
+            chain.instance_apps,
+            chain.relay,
+            chain.relay_app,
+        )
 
 
 def auth(key: str = KEY_A) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Every crypto backend against the shared test vectors (see /work/shared/vectors/README.md).
+"""Every crypto backend against the shared test vectors (see shared/vectors/README.md; found by
+conftest.vectors_dir).
 
 ML-KEM-768: NIST ACVP keyGen + encapDecap, Wycheproof mlkem_768_{test,encaps_test,keygen_seed_test,
 semi_expanded_decaps_test}. ChaCha20-Poly1305: Wycheproof + RFC 8439 §2.8.2. HKDF-SHA256 (used by
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import json
 import os
 import pickle
 import random
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
+from conftest import load_vectors
 from pqe2ee import backends
 from pqe2ee.backends import AEAD, KEM, Primitive, get_aead, get_kem, unavailable_reason
 from pqe2ee.backends._registry import AUTO, _try_load
@@ -46,27 +47,8 @@ from pqe2ee.errors import (
 Case = dict[str, Any]
 
 
-def _vectors_dir() -> Path:
-    override = os.environ.get("PQE2EE_VECTORS")
-    path = (
-        Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "vectors"
-    )
-    if not (path / "wycheproof" / "mlkem_768_test.json").is_file():
-        raise RuntimeError(
-            f"test vectors not found at {path} (set PQE2EE_VECTORS to the shared/vectors folder)"
-        )
-    return path
-
-
-VECTORS = _vectors_dir()
-
 KEM_BACKENDS = [name for name, offers in backends.BACKENDS.items() if Primitive.KEM in offers]
 AEAD_BACKENDS = [name for name, offers in backends.BACKENDS.items() if Primitive.AEAD in offers]
-
-
-def _load(relative: str) -> Any:
-    with (VECTORS / relative).open(encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def _h(value: str) -> bytes:
@@ -75,14 +57,14 @@ def _h(value: str) -> bytes:
 
 def _wycheproof_cases(relative: str) -> list[tuple[Case, Case]]:
     """``(group, test)`` for every test of a Wycheproof file."""
-    data = _load(relative)
+    data = load_vectors(relative)
     return [(group, test) for group in data["testGroups"] for test in group["tests"]]
 
 
 def _acvp_cases(mode: str) -> list[tuple[Case, Case, Case]]:
     """``(prompt group, prompt test, expected result)`` joined on tgId/tcId."""
-    prompt = _load(f"acvp/ML-KEM-{mode}-FIPS203.ML-KEM-768.prompt.json")
-    expected = _load(f"acvp/ML-KEM-{mode}-FIPS203.ML-KEM-768.expectedResults.json")
+    prompt = load_vectors(f"acvp/ML-KEM-{mode}-FIPS203.ML-KEM-768.prompt.json")
+    expected = load_vectors(f"acvp/ML-KEM-{mode}-FIPS203.ML-KEM-768.expectedResults.json")
     results = {
         (group["tgId"], test["tcId"]): test
         for group in expected["testGroups"]
@@ -470,7 +452,7 @@ def test_cross_kem_expanded_key(sender: str, receiver: str) -> None:
 # --------------------------------------------------------------------------- ChaCha20-Poly1305
 
 CHACHA = _wycheproof_cases("wycheproof/chacha20_poly1305_test.json")
-RFC8439 = _load("rfc/rfc8439_aead_chacha20_poly1305.json")["tests"]
+RFC8439 = load_vectors("rfc/rfc8439_aead_chacha20_poly1305.json")["tests"]
 
 
 @pytest.mark.parametrize(
@@ -562,7 +544,7 @@ def test_cross_aead(sealer: str, opener: str) -> None:
 # --------------------------------------------------------------------------- HKDF-SHA256
 
 HKDF_CASES = _wycheproof_cases("wycheproof/hkdf_sha256_test.json")
-RFC5869 = _load("rfc/rfc5869_hkdf_sha256.json")["tests"]
+RFC5869 = load_vectors("rfc/rfc5869_hkdf_sha256.json")["tests"]
 
 
 @pytest.mark.parametrize(

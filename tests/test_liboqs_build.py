@@ -26,17 +26,13 @@ from typing import Any
 
 import pytest
 
+from conftest import load_vectors, vectors_dir
 from pqe2ee.backends import get_aead, get_kem, unavailable_reason
 from pqe2ee.backends.base import KEM
 from pqe2ee.protocol import open_request, open_response, seal_request, seal_response
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "build_liboqs.sh"
-
-
-def _vectors_dir() -> Path:
-    override = os.environ.get("PQE2EE_VECTORS")
-    return Path(override) if override else ROOT.parent / "shared" / "vectors"
 
 
 def _liboqs() -> KEM:
@@ -161,7 +157,7 @@ def _without_liboqs(tmp_path: Path) -> dict[str, str]:
     env.update(
         OQS_INSTALL_PATH=str(empty),
         HOME=str(empty),
-        PQE2EE_VECTORS=str(_vectors_dir()),
+        PQE2EE_VECTORS=str(vectors_dir()),
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
     )
     return env
@@ -248,11 +244,8 @@ def test_a_liboqs_that_loads_is_not_built_again(tmp_path: Path) -> None:
 
 
 def _acvp_encapsulations() -> list[tuple[str, str, str, str]]:
-    base = _vectors_dir() / "acvp"
-    prompt = json.loads((base / "ML-KEM-encapDecap-FIPS203.ML-KEM-768.prompt.json").read_text())
-    expected = json.loads(
-        (base / "ML-KEM-encapDecap-FIPS203.ML-KEM-768.expectedResults.json").read_text()
-    )
+    prompt = load_vectors("acvp/ML-KEM-encapDecap-FIPS203.ML-KEM-768.prompt.json")
+    expected = load_vectors("acvp/ML-KEM-encapDecap-FIPS203.ML-KEM-768.expectedResults.json")
     results = {(g["tgId"], t["tcId"]): t for g in expected["testGroups"] for t in g["tests"]}
     return [
         (t["ek"], t["m"], results[g["tgId"], t["tcId"]]["c"], results[g["tgId"], t["tcId"]]["k"])

@@ -32,9 +32,7 @@ from click.testing import CliRunner
 from pqe2ee.cli import cli
 from pqe2ee.proxy.app import ProxyConfig, ProxyServer, create_app, server_config
 from pqe2ee.proxy.app.pool import ClientPool as _ClientPool
-from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
-from servers import run_app
+from servers import run_app, serve_chain
 
 KEY = "pk-proxy-test-5f0c1d2e3a4b"
 OTHER_KEY = "pk-proxy-other-99aa88bb77"
@@ -131,32 +129,25 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        inst = es.enter_context(
-            run_app(instance.create_app(instance.InstanceConfig(upstream=engine)))
-        )
-        relay_config = relay.RelayConfig(
-            instances=(inst,),
-            api_keys=(KEY, OTHER_KEY),
-            startup_wait=5.0,
-            rate_limit=10_000,
-            nonces_per_instance=100,
-        )
-        faults = FaultInjector(relay.create_app(relay_config))
-        relay_url = es.enter_context(run_app(faults))
+    with serve_chain(
+        1,
+        api_keys=(KEY, OTHER_KEY),
+        wrap_relay=FaultInjector,
+        rate_limit=10_000,
+        nonces_per_instance=100,
+    ) as chain:
 
         def proxy(**kw: Any) -> str:
-            config = ProxyConfig(api_base=relay_url, models_base=relay_url, **kw)
-            return es.enter_context(run_app(create_app(config)))
+            config = ProxyConfig(api_base=chain.relay, models_base=chain.relay, **kw)
+            return chain.exits.enter_context(run_app(create_app(config)))
 
         yield Stack(
-            engine=engine,
-            relay=relay_url,
+            engine=chain.engine,
+            relay=chain.relay,
             proxy=proxy(),
             proxy_keyed=proxy(api_key=KEY),
             proxy_small=proxy(max_body=64 * 1024),
-            faults=faults,
+            faults=chain.relay_app,
         )
 
 
@@ -1038,11 +1029,6 @@ async def test_pool_idle_ttl() -> None:
     assert len(pool) == 1
     await pool.release(busy)
     await pool.aclose()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 # --------------------------------------------------------------------------------------------

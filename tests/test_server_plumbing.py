@@ -31,11 +31,6 @@ from pqe2ee.server._asgi import (
 from pqe2ee.server._metrics import Exchange, MetricsMiddleware
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def _scope(headers: Iterable[tuple[str, str]] = (), path: str = "/x") -> Scope:
     return {
         "type": "http",

@@ -4,7 +4,7 @@ behind :class:`faults.FaultyRelay`, driven through :class:`E2EEClientSession` ov
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import pqe2ee
-from faults import Fault, FaultyStack, serve_faulty_stack
+from faults import Fault, FaultyStack
 from pqe2ee.errors import ErrorCode
 from pqe2ee.transports.aiohttp import E2EEClientSession, E2EEStreamError, RetriesExhausted
 from transport_support import (
@@ -41,22 +41,9 @@ CHAT = "/v1/chat/completions"
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[FaultyStack]:
-    with serve_faulty_stack(2, api_keys=(KEY,), rate_limit=100_000) as st:
-        yield st
-
-
-@pytest.fixture(autouse=True)
-def _clean(stack: FaultyStack) -> Iterator[None]:
-    stack.faults.reset()
-    yield
-    stack.faults.reset()
-
-
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"  # aiohttp runs on asyncio only
+    return "asyncio"  # pinned: aiohttp runs on asyncio only
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import anyio.abc
 import pytest
 
 import pqe2ee
-from faults import Fault, FaultyStack, serve_faulty_stack
+from faults import Fault, FaultyStack
 from pqe2ee.errors import ErrorCode
 from pqe2ee.server import relay
 from pqe2ee.transports.anyio import (
@@ -55,24 +55,6 @@ from transport_support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[FaultyStack]:
-    with serve_faulty_stack(2, api_keys=(KEY,), rate_limit=100_000) as st:
-        yield st
-
-
-@pytest.fixture(autouse=True)
-def _clean(stack: FaultyStack) -> Iterator[None]:
-    stack.faults.reset()
-    yield
-    stack.faults.reset()
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)  # the client is anyio + h11 only: it runs on every backend
 
 
 @pytest.fixture
@@ -408,12 +390,15 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def tls_relay(
-    stack: FaultyStack, tmp_path_factory: pytest.TempPathFactory
+    faulty_stack: FaultyStack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
     """A second real relay over the same instances, served over TLS: (https URL, CA file)."""
     cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
     config = relay.RelayConfig(
-        instances=tuple(stack.instances), api_keys=(KEY,), startup_wait=5.0, rate_limit=100_000
+        instances=tuple(faulty_stack.instances),
+        api_keys=(KEY,),
+        startup_wait=5.0,
+        rate_limit=100_000,
     )
     with run_app(relay.create_app(config), ssl_certfile=str(cert), ssl_keyfile=str(key)) as url:
         yield url.replace("http://", "https://"), cert

@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +26,7 @@ import pqe2ee
 import pqe2ee.server.instance
 import pqe2ee.transports.httpx as tx_httpx
 import pqe2ee.transports.httpx2 as tx_httpx2
-from faults import Fault, FaultyStack, RechunkingEncoder, serve_faulty_stack
+from faults import Fault, FaultyStack, RechunkingEncoder
 from pqe2ee.errors import ErrorCode
 from pqe2ee.protocol.client import ClientLimits
 from pqe2ee.server.relay import chute_id_for
@@ -47,24 +47,6 @@ TOOLS = [
         },
     }
 ]
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[FaultyStack]:
-    with serve_faulty_stack(2, api_keys=(KEY,), rate_limit=100_000) as st:
-        yield st
-
-
-@pytest.fixture(autouse=True)
-def _clean(stack: FaultyStack) -> Iterator[None]:
-    stack.faults.reset()
-    yield
-    stack.faults.reset()
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)  # the async transports are anyio code (httpcore runs on both)
 
 
 def transport(flavour: str, stack: FaultyStack, *, is_async: bool = False, **kw: Any) -> Any:

@@ -206,7 +206,7 @@ def test_the_anyio_client_is_always_strict() -> None:
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"
+    return "asyncio"  # pinned: ADAPTERS and the shared-pools test include aiohttp (asyncio only)
 
 
 # -- stream errors ------------------------------------------------------------------------------

@@ -1087,41 +1087,30 @@ class RealStack:
 
 @pytest.fixture(scope="module")
 def real() -> Iterator[RealStack]:
-    import contextlib
-
     from pqe2ee.proxy.app import ProxyConfig
     from pqe2ee.proxy.app import create_app as proxy_app
-    from pqe2ee.server import instance, relay
-    from pqe2ee.testing import dev_engine
-    from servers import run_app
+    from servers import run_app, serve_chain
 
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        apps = [
-            instance.create_app(instance.InstanceConfig(upstream=engine)),
-            instance.create_app(instance.InstanceConfig(upstream=engine, v2=False)),
-        ]
-        urls = [es.enter_context(run_app(app)) for app in apps]
-        config = relay.RelayConfig(
-            instances=tuple(urls),
-            api_keys=(KEY,),
-            startup_wait=5.0,
-            rate_limit=100_000,
-            nonces_per_instance=50,
-        )
-        hostile = HostileRelay(relay.create_app(config))
-        relay_url = es.enter_context(run_app(hostile))
+    with serve_chain(
+        2,
+        api_keys=(KEY,),
+        instance_kw=[{}, {"v2": False}],
+        wrap_relay=HostileRelay,
+        rate_limit=100_000,
+        nonces_per_instance=50,
+    ) as chain:
 
         def proxy(**kw: Any) -> str:
-            cfg = ProxyConfig(api_base=relay_url, models_base=relay_url, api_key=KEY, **kw)
-            return es.enter_context(run_app(proxy_app(cfg)))
+            cfg = ProxyConfig(api_base=chain.relay, models_base=chain.relay, api_key=KEY, **kw)
+            return chain.exits.enter_context(run_app(proxy_app(cfg)))
 
+        v2_app, v1_app = chain.instance_apps
         yield RealStack(
-            engine=engine,
-            relay=relay_url,
-            hostile=hostile,
-            v2_instance=apps[0].state.instance.instance_id,
-            v1_instance=apps[1].state.instance.instance_id,
+            engine=chain.engine,
+            relay=chain.relay,
+            hostile=chain.relay_app,
+            v2_instance=v2_app.state.instance.instance_id,
+            v1_instance=v1_app.state.instance.instance_id,
             proxy_strict=proxy(min_version=2),
             proxy=proxy(),
         )
@@ -1132,11 +1121,6 @@ def stack(real: RealStack) -> Iterator[RealStack]:
     real.hostile.reset()
     yield real
     real.hostile.reset()
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 SDK_BASE = "http://sdk-base-url.invalid/v1"  # never reached: the transport routes everything
@@ -1295,6 +1279,7 @@ def test_anthropic_sdk_through_the_strict_proxy(stack: RealStack) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # pinned: aiohttp is asyncio only
 async def test_aiohttp_session_speaks_v2(stack: RealStack) -> None:
     from pqe2ee.transports.aiohttp import E2EEClientSession
 
@@ -1342,6 +1327,7 @@ async def test_anyio_client_speaks_v2(stack: RealStack) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # pinned: aiohttp is asyncio only
 async def test_strict_clients_refuse_a_stripped_relay_without_sending(stack: RealStack) -> None:
     from pqe2ee.transports.aiohttp import E2EEClientSession
     from pqe2ee.transports.anyio import E2EEClient

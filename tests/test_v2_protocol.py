@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import load_vectors
 from pqe2ee.backends import get_aead
 from pqe2ee.backends.xwing import XWingPrivateKey, get_xwing
 from pqe2ee.errors import (
@@ -147,7 +147,7 @@ def code(fn: Callable[[], Any]) -> ErrorCode:
 
 
 def test_hkdf_rfc5869() -> None:
-    doc = json.loads(Path("/work/shared/vectors/rfc/rfc5869_hkdf_sha256.json").read_text())
+    doc = load_vectors("rfc/rfc5869_hkdf_sha256.json")
     for t in doc["tests"]:
         prk = hkdf_extract(bytes.fromhex(t["salt"]), bytes.fromhex(t["ikm"]))
         assert prk.hex() == t["prk"]

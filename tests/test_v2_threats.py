@@ -63,7 +63,6 @@ key holder (grammar checks: tests/test_v2_protocol.py, spec vectors ``stream_neg
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -82,8 +81,7 @@ from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteError
 from pqe2ee.protocol.client import classify_v2_hint
 from pqe2ee.protocol.v2 import MemoryReplayCache
 from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
-from servers import run_app
+from servers import serve_chain
 
 KEY = "pk-threat-model-0123456789"
 MODEL = "dev-echo"
@@ -450,29 +448,25 @@ def served() -> Iterator[Stack]:
     kem_key = get_kem().generate()
     xwing_key = get_xwing().generate()
     ids = (str(uuid.uuid4()), str(uuid.uuid4()))
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        spies = {
-            iid: InstanceSpy(
-                instance.create_app(
-                    instance.InstanceConfig(upstream=engine, instance_id=iid),
-                    private_key=kem_key,
-                    v2_key=xwing_key,
-                    replay_cache=MemoryReplayCache(),
-                )
-            )
-            for iid in ids
-        }
-        urls = tuple(es.enter_context(run_app(spy)) for spy in spies.values())
-        config = relay.RelayConfig(
-            instances=urls,
-            api_keys=(KEY,),
-            startup_wait=5.0,
-            rate_limit=100_000,
-            nonces_per_instance=4,
+
+    def make_instance(config: instance.InstanceConfig) -> Any:
+        # Both instances hold the same v1 and v2 keys.
+        return instance.create_app(
+            config, private_key=kem_key, v2_key=xwing_key, replay_cache=MemoryReplayCache()
         )
-        hostile = HostileRelay(relay.create_app(config), instance_ids=ids)
-        yield Stack(engine, es.enter_context(run_app(hostile)), hostile, spies)
+
+    with serve_chain(
+        2,
+        api_keys=(KEY,),
+        instance_kw=[{"instance_id": iid} for iid in ids],
+        make_instance=make_instance,
+        wrap_instance=InstanceSpy,
+        wrap_relay=lambda app: HostileRelay(app, instance_ids=ids),
+        rate_limit=100_000,
+        nonces_per_instance=4,
+    ) as chain:
+        spies = dict(zip(ids, chain.instance_apps, strict=True))
+        yield Stack(chain.engine, chain.relay, chain.relay_app, spies)
 
 
 @pytest.fixture

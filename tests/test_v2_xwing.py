@@ -5,7 +5,6 @@ tests/test_v2_vectors.py (via spec/vectors/v2.json)."""
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from conftest import load_vectors
 from pqe2ee.backends import get_aead
 from pqe2ee.backends.xwing import (
     XWING_CT_LEN,
@@ -28,12 +28,6 @@ from pqe2ee.errors import BackendError, DecryptError, ErrorCode, LocalProtocolEr
 from pqe2ee.protocol.v2.hpke import open_base, seal_base
 
 AEAD = get_aead("pyca")
-# The shared vectors: PQE2EE_VECTORS, else ../shared/vectors beside the checkout (as in
-# test_backends_vectors.py; no hard-coded absolute path).
-VECTORS = Path(
-    os.environ.get("PQE2EE_VECTORS") or Path(__file__).resolve().parents[2] / "shared" / "vectors"
-)
-WYCHEPROOF = VECTORS / "wycheproof" / "mlkem_768_encaps_test.json"
 NAMES = ["pyca", "pycryptodome"]
 ADAPTER = str(Path(__file__).resolve().parent.parent / "src/pqe2ee/backends/xwing_pycryptodome.py")
 SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
@@ -116,7 +110,7 @@ def test_decaps_error_classes(xw: XWing) -> None:
 
 
 def _modulus_failures() -> list[tuple[int, str]]:
-    doc = json.loads(WYCHEPROOF.read_text())
+    doc = load_vectors("wycheproof/mlkem_768_encaps_test.json")
     return [
         (t["tcId"], t["ek"])
         for g in doc["testGroups"]
