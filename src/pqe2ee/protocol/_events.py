@@ -5,7 +5,8 @@ The stream decryptors (:class:`~pqe2ee.protocol.v1.stream.StreamDecryptor`,
 ``next_event()`` returns an event or :data:`NEED_DATA` (:class:`EventQueue`). The engine's own
 stream comes out the same way under either profile - :class:`InnerEvent` per SSE event, then
 the authenticated :class:`Done` - and :class:`~pqe2ee.protocol.response.ResponseDecoder` hands
-those on. Profile-specific events live with their profile.
+those on. Profile-specific events live with their profile. :func:`outer_event` reads one line
+of the relay's outer stream the same way for both.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
-from pqe2ee.errors import PQE2EEError
+import msgspec
+
+from pqe2ee.errors import ErrorCode, PQE2EEError, StreamError
 from pqe2ee.protocol.sse import SSEEvent
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "InnerEvent",
     "NeedData",
     "inner_event",
+    "outer_event",
 ]
 
 E = TypeVar("E")
@@ -83,6 +87,39 @@ def inner_event(event: SSEEvent) -> InnerEvent:
     ev: InnerEvent = object.__new__(InnerEvent)
     _set_inner_event(ev, event)
     return ev
+
+
+#: Outer SSE fields that carry nothing for either profile.
+_IGNORED_OUTER_FIELDS: Final = frozenset((b"event", b"id", b"retry"))
+
+
+def outer_event(line: bytes) -> tuple[str, Any] | None:
+    """One line of the relay's outer stream (its line break may be included), the slow way:
+    ``(key, value)`` of the one-member JSON object a ``data:`` line carries, or ``None`` for a
+    line that carries nothing (blank, a comment, ``event:``/``id:``/``retry:``, an outer
+    ``[DONE]``: part of neither profile, and not authenticated). Anything else is a
+    :class:`~pqe2ee.errors.StreamError` (``malformed_event``). The decryptors take the
+    compact form of their record lines on a fast path before calling this."""
+    body = line.rstrip(b"\r\n")
+    if not body or body.startswith(b":"):
+        return None
+    if not body.startswith(b"data:"):
+        if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
+            return None
+        raise StreamError("outer line is not an SSE data line", code=ErrorCode.MALFORMED_EVENT)
+    payload = body[5:].strip()
+    if payload == b"[DONE]":
+        return None
+    try:
+        obj = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
+        raise StreamError("outer event is not valid JSON", code=ErrorCode.MALFORMED_EVENT) from None
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise StreamError(
+            "outer event must be an object with one key", code=ErrorCode.MALFORMED_EVENT
+        )
+    ((key, value),) = obj.items()
+    return key, value
 
 
 class EventQueue(Generic[E]):

@@ -15,7 +15,7 @@ from typing import Any, Final, Protocol, TypeVar
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import AEAD, KEM
 from pqe2ee.backends.xwing import XWing, get_xwing
-from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError, RemoteError
+from pqe2ee.errors import BackendError, ErrorCode, LocalProtocolError, RelayError
 from pqe2ee.protocol.client import ClientLimits, ClientState
 from pqe2ee.protocol.v1.envelope import BLOB_OVERHEAD, DEFAULT_MAX_PLAINTEXT
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
@@ -37,7 +37,6 @@ __all__ = [
     "header_value",
     "join_url",
     "make_settings",
-    "remote_error",
 ]
 
 #: Largest relay answer read whole: a sealed reply (response plaintext limit + blob overhead +
@@ -295,30 +294,3 @@ class RetriesExhausted(RelayError):
         )
         self.last_error = last_error
         self.attempts = attempts
-
-
-def remote_error(error: Any) -> RemoteError:
-    """A :class:`RemoteError` for an ``e2e_error`` / ``error`` event of an encrypted stream.
-
-    The message names only the error's ``type``/``code`` (short strings); the whole object is
-    kept in ``detail``. ``status`` is taken from an integer ``status``/``code`` field if any.
-    """
-    label = ""
-    status: int | None = None
-    if isinstance(error, dict):
-        for field in ("type", "code"):
-            value = error.get(field)
-            if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable():
-                label = f" ({value})"
-                break
-        for field in ("status", "status_code", "code"):
-            value = error.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
-                status = value
-                break
-    return RemoteError(
-        f"the far side reported an error mid-stream{label}",
-        code=ErrorCode.REMOTE_ERROR,
-        status=status,
-        detail=error,
-    )

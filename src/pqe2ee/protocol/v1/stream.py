@@ -38,7 +38,14 @@ from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
 from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
-from pqe2ee.protocol._events import Done, EndOfStream, EventQueue, InnerEvent, inner_event
+from pqe2ee.protocol._events import (
+    Done,
+    EndOfStream,
+    EventQueue,
+    InnerEvent,
+    inner_event,
+    outer_event,
+)
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
 from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
 
@@ -63,7 +70,6 @@ _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
 # SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
 # field name means the stream is corrupt (e.g. a flipped bit in "data:" must not drop a record).
-_IGNORED_OUTER_FIELDS: Final = frozenset((b"event", b"id", b"retry"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,28 +407,11 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
             self._record(line[_RECORD_START:-2])
             return
-        body = line.rstrip(b"\r\n")
-        if not body or body.startswith(b":"):
-            return
-        if not body.startswith(b"data:"):
-            if body.partition(b":")[0] in _IGNORED_OUTER_FIELDS:
-                return  # event:/id:/retry: lines of the outer stream carry nothing for us
-            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer line is not an SSE data line")
-        payload = body[5:].strip()
-        if payload == b"[DONE]":
-            return  # an outer terminator is not part of v1 and is not authenticated
-        self._outer_event(payload)
+        event = outer_event(line)
+        if event is not None:
+            self._outer_event(*event)
 
-    def _outer_event(self, payload: bytes) -> None:
-        try:
-            obj = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
-            raise self._fail(ErrorCode.MALFORMED_EVENT, "outer event is not valid JSON") from None
-        if not isinstance(obj, dict) or len(obj) != 1:
-            raise self._fail(
-                ErrorCode.MALFORMED_EVENT, "outer event must be an object with one key"
-            )
-        ((key, value),) = obj.items()
+    def _outer_event(self, key: str, value: Any) -> None:
         if key == "e2e":
             if not isinstance(value, str):
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record must be a string")

@@ -30,7 +30,7 @@ from pqe2ee.errors import (
     StreamError,
 )
 from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
-from pqe2ee.protocol._events import EndOfStream, EventQueue
+from pqe2ee.protocol._events import EndOfStream, EventQueue, outer_event
 from pqe2ee.protocol.sse import LineSplitter
 from pqe2ee.protocol.v2.records import (
     MAX_PAYLOAD,
@@ -63,7 +63,6 @@ __all__ = [
 INIT_PREFIX: Final = b'data: {"e2e_v2_init":"'
 RECORD_PREFIX: Final = b'data: {"e2e_v2":"'
 EVENT_SUFFIX: Final = b'"}\n\n'
-_IGNORED_FIELDS: Final = frozenset((b"event", b"id", b"retry"))
 _USAGE_SCAN_LIMIT: Final = 1 << 20
 
 
@@ -263,32 +262,11 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
             if line.startswith(RECORD_PREFIX) and line.endswith(b'"}\n') and b"\\" not in line:
                 self._record(line[len(RECORD_PREFIX) : -3])
                 continue
-            body = line.rstrip(b"\r\n")
-            if not body or body.startswith(b":"):
-                continue
-            if not body.startswith(b"data:"):
-                if body.partition(b":")[0] in _IGNORED_FIELDS:
-                    continue
-                raise StreamError(
-                    "outer line is not an SSE data line", code=ErrorCode.MALFORMED_EVENT
-                )
-            payload = body[5:].strip()
-            if payload == b"[DONE]":
-                continue  # not part of v2 and not authenticated: END is the end
-            self._outer_event(payload)
+            event = outer_event(line)
+            if event is not None:
+                self._outer_event(*event)
 
-    def _outer_event(self, payload: bytes) -> None:
-        try:
-            obj = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            raise StreamError(
-                "outer event is not valid JSON", code=ErrorCode.MALFORMED_EVENT
-            ) from None
-        if not isinstance(obj, dict) or len(obj) != 1:
-            raise StreamError(
-                "outer event must be an object with one key", code=ErrorCode.MALFORMED_EVENT
-            )
-        ((key, value),) = obj.items()
+    def _outer_event(self, key: str, value: Any) -> None:
         if key == "e2e_v2":
             if not isinstance(value, str):
                 raise StreamError("e2e_v2 must be a string", code=ErrorCode.MALFORMED_EVENT)
