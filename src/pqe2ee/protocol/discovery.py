@@ -16,7 +16,7 @@ import collections
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -62,14 +62,22 @@ class _ModelList(msgspec.Struct):
     data: list[_ModelRow]
 
 
-def parse_models(doc: bytes) -> dict[str, str]:
-    """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
+_Doc = TypeVar("_Doc", bound=msgspec.Struct)
+
+
+def _decode(doc: bytes, shape: type[_Doc], what: str) -> _Doc:
+    """``doc`` as ``shape``; ``malformed_discovery`` naming ``what`` when it is not one."""
     try:
-        listing = msgspec.json.decode(doc, type=_ModelList)
+        return msgspec.json.decode(doc, type=shape)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
-            "model listing is not a valid /v1/models document", code=ErrorCode.MALFORMED_DISCOVERY
+            f"{what} is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
         ) from None
+
+
+def parse_models(doc: bytes) -> dict[str, str]:
+    """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
+    listing = _decode(doc, _ModelList, "model listing (/v1/models)")
     return {
         row.id: row.chute_id
         for row in listing.data
@@ -143,12 +151,7 @@ def parse_discovery(doc: bytes, now: Monotonic, wall: UnixTime | None = None) ->
     ``nonce_expires_at``. Instance rows with a bad key or no usable nonces are skipped (counted
     in ``skipped``), not fatal.
     """
-    try:
-        d = msgspec.json.decode(doc, type=_Discovery)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        raise MalformedError(
-            "discovery response is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
-        ) from None
+    d = _decode(doc, _Discovery, "discovery response")
     expires_in = (
         DEFAULT_EXPIRES_IN if d.nonce_expires_in is None else max(0.0, float(d.nonce_expires_in))
     )
