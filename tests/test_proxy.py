@@ -36,6 +36,7 @@ from servers import run_app, serve_chain
 
 KEY = "pk-proxy-test-5f0c1d2e3a4b"
 OTHER_KEY = "pk-proxy-other-99aa88bb77"
+THIRD_KEY = "pk-proxy-third-5566ccdd44"
 LONG_TEXT = " ".join(f"w{i}" for i in range(300))
 LONG_ANSWER = "Echo: " + LONG_TEXT
 
@@ -131,7 +132,7 @@ class Stack:
 def stack() -> Iterator[Stack]:
     with serve_chain(
         1,
-        api_keys=(KEY, OTHER_KEY),
+        api_keys=(KEY, OTHER_KEY, THIRD_KEY),
         wrap_relay=FaultInjector,
         rate_limit=10_000,
         nonces_per_instance=100,
@@ -856,17 +857,17 @@ def test_per_key_transports_share_key_pools_and_stop_their_fillers(
     config = ProxyConfig(api_base=stack.relay, models_base=stack.relay)
     with serve_proxy(config) as (url, server, thread):
         app = server.config.app
-        for key in (KEY, OTHER_KEY):
+        for key in (KEY, OTHER_KEY, THIRD_KEY):
             with openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0) as client:
                 for i in range(_keypool.PROBES + 2):
                     client.chat.completions.create(model="dev-echo", messages=user(f"k{i}"))
         pools = _key_pools_of(app)
-        assert len(app.state.pool) == 2 and len(pools) >= 2
+        assert len(app.state.pool) == 3 and len(pools) >= 3
         running = {id(p): type(p).__name__ for p in pools if p.running}  # a filler each
         per_type = sorted(collections.Counter(running.values()).values())
         assert per_type and per_type[-1] == 1, running  # at most one filler per key type
         shared = {id(p) for p in (app.state.key_pools.v1, app.state.key_pools.v2) if p}
-        assert {id(p) for p in pools} <= shared  # both keys' transports use the same pools
+        assert {id(p) for p in pools} <= shared  # every key's transport uses the same pools
     assert not thread.is_alive()
     assert not [p for p in pools if p.running]  # closed: transports first, then the pools
     assert all(p.closed for p in pools)
