@@ -1,0 +1,139 @@
+"""Saved evidence captures and collateral directories (file I/O; the rest of attest is pure).
+
+A capture directory (the layout of ``pqe2ee attest fetch`` and of the shared fixtures) holds
+``manifest.json`` (``nonce_hex``, ``captured_at``), ``discovery.body``, ``evidence.body`` and
+Intel collateral answers as ``<name>.body`` + ``<name>.meta.json`` (request ``url`` and response
+``headers``, each a list of values). Collateral files are recognised by their URL, so any
+directory of such answers (``--collateral-dir``) can be merged in.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pqe2ee.attest.collateral import (
+    PCK_CRL_CHAIN_HEADER,
+    QE_IDENTITY_CHAIN_HEADER,
+    TCB_INFO_CHAIN_HEADER,
+    Collateral,
+    qe_identity_from_pcs,
+    tcb_info_from_pcs,
+    unquote_chain,
+)
+from pqe2ee.attest.verify import EvidenceBundle, parse_evidence
+from pqe2ee.errors import AttestationError, ErrorCode
+
+__all__ = ["Capture", "collateral_from_answer", "load_capture", "load_collateral_dir"]
+
+_MAX_FILE = 16 << 20
+
+
+def _read(path: Path) -> bytes:
+    try:
+        if path.stat().st_size > _MAX_FILE:
+            raise AttestationError(
+                f"{path.name}: too large", code=ErrorCode.ATTEST_EVIDENCE_MALFORMED
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        raise AttestationError(
+            f"{path.name}: {exc.strerror or type(exc).__name__}",
+            code=ErrorCode.ATTEST_EVIDENCE_MISSING,
+        ) from None
+
+
+def _header(headers: Mapping[str, object], name: str) -> str:
+    for key, value in headers.items():
+        if key.lower() == name:
+            if isinstance(value, list) and value and isinstance(value[0], str):
+                return value[0]
+            if isinstance(value, str):
+                return value
+    raise AttestationError(f"missing header {name}", code=ErrorCode.ATTEST_COLLATERAL_MISSING)
+
+
+def collateral_from_answer(url: str, headers: Mapping[str, object], body: bytes) -> Collateral:
+    """One Intel PCS / certificates answer -> :class:`Collateral` (empty if not collateral)."""
+    parsed = urllib.parse.urlsplit(url)
+    path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
+    if path.endswith("/tcb"):
+        return Collateral(
+            tcb_infos=(tcb_info_from_pcs(body, _header(headers, TCB_INFO_CHAIN_HEADER)),)
+        )
+    if path.endswith("/qe/identity"):
+        qe = qe_identity_from_pcs(body, _header(headers, QE_IDENTITY_CHAIN_HEADER))
+        return Collateral(qe_identities=(qe,))
+    if path.endswith("/pckcrl"):
+        ca = query.get("ca", ["platform"])[0].lower()
+        chain = unquote_chain(_header(headers, PCK_CRL_CHAIN_HEADER))
+        return Collateral(pck_crls=((ca, body, chain),))
+    if path.endswith("RootCA.der") or path.endswith("/rootcacrl"):
+        return Collateral(root_ca_crl=body)
+    return Collateral()
+
+
+def _answer(meta_path: Path) -> Collateral:
+    try:
+        meta = json.loads(_read(meta_path))
+        url, headers = meta["url"], meta.get("headers", {})
+        if not isinstance(url, str) or not isinstance(headers, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise AttestationError(
+            f"{meta_path.name}: not a capture meta file", code=ErrorCode.ATTEST_COLLATERAL_MISSING
+        ) from None
+    body_path = meta_path.with_name(meta_path.name.removesuffix(".meta.json") + ".body")
+    found = collateral_from_answer(url, headers, _read(body_path))
+    return Collateral(
+        found.tcb_infos, found.qe_identities, found.pck_crls, found.root_ca_crl, (body_path.name,)
+    )
+
+
+def load_collateral_dir(directory: Path) -> Collateral:
+    """Every collateral answer in ``directory`` (``*.meta.json`` + ``*.body``), merged."""
+    collateral = Collateral()
+    for meta_path in sorted(directory.glob("*.meta.json")):
+        collateral = collateral.merged(_answer(meta_path))
+    return collateral
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A saved capture: our nonce, when it was taken, discovery and evidence, collateral."""
+
+    nonce_hex: str
+    captured_at: datetime
+    instances: dict[str, str]  # instance_id -> e2e_pubkey, in discovery order
+    evidence: EvidenceBundle
+    collateral: Collateral
+
+
+def load_capture(directory: Path) -> Capture:
+    """Read a capture directory; typed errors for missing or malformed parts."""
+    try:
+        manifest = json.loads(_read(directory / "manifest.json"))
+        nonce_hex = manifest["nonce_hex"]
+        captured_at = datetime.fromisoformat(manifest["captured_at"].replace("Z", "+00:00"))
+        if captured_at.tzinfo is None or not isinstance(nonce_hex, str):
+            raise TypeError
+        bytes.fromhex(nonce_hex)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise AttestationError(
+            "manifest.json lacks nonce_hex / captured_at", code=ErrorCode.ATTEST_EVIDENCE_MALFORMED
+        ) from None
+    try:
+        discovery = json.loads(_read(directory / "discovery.body"))
+        instances = {i["instance_id"]: i["e2e_pubkey"] for i in discovery["instances"]}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in instances.items()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise AttestationError(
+            "discovery.body is not a discovery answer", code=ErrorCode.ATTEST_EVIDENCE_MALFORMED
+        ) from None
+    evidence = parse_evidence(_read(directory / "evidence.body"))
+    return Capture(nonce_hex, captured_at, instances, evidence, load_collateral_dir(directory))
