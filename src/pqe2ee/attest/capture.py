@@ -10,21 +10,11 @@ directory of such answers (``--collateral-dir``) can be merged in.
 from __future__ import annotations
 
 import json
-import urllib.parse
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pqe2ee.attest.collateral import (
-    PCK_CRL_CHAIN_HEADER,
-    QE_IDENTITY_CHAIN_HEADER,
-    TCB_INFO_CHAIN_HEADER,
-    Collateral,
-    qe_identity_from_pcs,
-    tcb_info_from_pcs,
-    unquote_chain,
-)
+from pqe2ee.attest.collateral import Collateral, collateral_from_answer
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence
 from pqe2ee.errors import AttestationError, ErrorCode
 
@@ -45,36 +35,6 @@ def _read(path: Path) -> bytes:
             f"{path.name}: {exc.strerror or type(exc).__name__}",
             code=ErrorCode.ATTEST_EVIDENCE_MISSING,
         ) from None
-
-
-def _header(headers: Mapping[str, object], name: str) -> str:
-    for key, value in headers.items():
-        if key.lower() == name:
-            if isinstance(value, list) and value and isinstance(value[0], str):
-                return value[0]
-            if isinstance(value, str):
-                return value
-    raise AttestationError(f"missing header {name}", code=ErrorCode.ATTEST_COLLATERAL_MISSING)
-
-
-def collateral_from_answer(url: str, headers: Mapping[str, object], body: bytes) -> Collateral:
-    """One Intel PCS / certificates answer -> :class:`Collateral` (empty if not collateral)."""
-    parsed = urllib.parse.urlsplit(url)
-    path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
-    if path.endswith("/tcb"):
-        return Collateral(
-            tcb_infos=(tcb_info_from_pcs(body, _header(headers, TCB_INFO_CHAIN_HEADER)),)
-        )
-    if path.endswith("/qe/identity"):
-        qe = qe_identity_from_pcs(body, _header(headers, QE_IDENTITY_CHAIN_HEADER))
-        return Collateral(qe_identities=(qe,))
-    if path.endswith("/pckcrl"):
-        ca = query.get("ca", ["platform"])[0].lower()
-        chain = unquote_chain(_header(headers, PCK_CRL_CHAIN_HEADER))
-        return Collateral(pck_crls=((ca, body, chain),))
-    if path.endswith("RootCA.der") or path.endswith("/rootcacrl"):
-        return Collateral(root_ca_crl=body)
-    return Collateral()
 
 
 def _answer(meta_path: Path) -> Collateral:

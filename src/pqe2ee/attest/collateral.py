@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -22,6 +22,7 @@ __all__ = [
     "QeIdentity",
     "SelectedCollateral",
     "TcbInfo",
+    "collateral_from_answer",
     "qe_identity_from_pcs",
     "raw_members",
     "tcb_info_from_pcs",
@@ -225,3 +226,33 @@ class Collateral:
 
     def fmspcs(self) -> frozenset[str]:
         return frozenset(t.fmspc for t in self.tcb_infos)
+
+
+def _header(headers: Mapping[str, object], name: str) -> str:
+    for key, value in headers.items():
+        if key.lower() == name:
+            if isinstance(value, list) and value and isinstance(value[0], str):
+                return value[0]
+            if isinstance(value, str):
+                return value
+    raise AttestationError(f"missing header {name}", code=ErrorCode.ATTEST_COLLATERAL_MISSING)
+
+
+def collateral_from_answer(url: str, headers: Mapping[str, object], body: bytes) -> Collateral:
+    """One Intel PCS / certificates answer -> :class:`Collateral` (empty if not collateral)."""
+    parsed = urllib.parse.urlsplit(url)
+    path, query = parsed.path, urllib.parse.parse_qs(parsed.query)
+    if path.endswith("/tcb"):
+        return Collateral(
+            tcb_infos=(tcb_info_from_pcs(body, _header(headers, TCB_INFO_CHAIN_HEADER)),)
+        )
+    if path.endswith("/qe/identity"):
+        qe = qe_identity_from_pcs(body, _header(headers, QE_IDENTITY_CHAIN_HEADER))
+        return Collateral(qe_identities=(qe,))
+    if path.endswith("/pckcrl"):
+        ca = query.get("ca", ["platform"])[0].lower()
+        chain = unquote_chain(_header(headers, PCK_CRL_CHAIN_HEADER))
+        return Collateral(pck_crls=((ca, body, chain),))
+    if path.endswith("RootCA.der") or path.endswith("/rootcacrl"):
+        return Collateral(root_ca_crl=body)
+    return Collateral()
