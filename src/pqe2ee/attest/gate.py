@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pqe2ee.attest.collateral import Collateral
 from pqe2ee.attest.policy import Policy, Verdict
-from pqe2ee.attest.verify import EvidenceBundle
+from pqe2ee.attest.verify import EvidenceBundle, new_nonce
 from pqe2ee.errors import AttestationError, ErrorCode
 
 __all__ = [
@@ -50,7 +50,8 @@ class AttestOptions:
     ``collateral``: Intel collateral at hand (e.g. :func:`~pqe2ee.attest.capture.
     load_collateral_dir`); ``pcs_url`` / ``root_ca_crl_url``: where missing collateral is
     fetched (``None``: offline, only what is at hand); ``wall_clock``: Unix seconds for the
-    verification time (the client's own clock, never corrected by the relay's ``Date``).
+    verification time (the client's own clock, never corrected by the relay's ``Date``);
+    ``nonce_factory``: the evidence nonce (64 hex digits), fresh and random by default.
     """
 
     mode: AttestMode = AttestMode.AUTO
@@ -59,6 +60,8 @@ class AttestOptions:
     pcs_url: str | None = INTEL_PCS_URL
     root_ca_crl_url: str | None = INTEL_ROOT_CA_CRL_URL
     wall_clock: Callable[[], float] = field(default=time.time, compare=False)
+    #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
+    nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", AttestMode(self.mode))

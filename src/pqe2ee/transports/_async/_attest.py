@@ -23,7 +23,7 @@ from pqe2ee.attest.collateral import Collateral, collateral_from_answer
 from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions
 from pqe2ee.attest.policy import Verdict
 from pqe2ee.attest.tdx import parse_quote
-from pqe2ee.attest.verify import EvidenceBundle, new_nonce, parse_evidence, verify_instance
+from pqe2ee.attest.verify import EvidenceBundle, parse_evidence, verify_instance
 from pqe2ee.errors import AttestationError, ErrorCode, PQE2EEError, RelayError
 from pqe2ee.protocol.client import Negotiated
 from pqe2ee.protocol.discovery import Lease
@@ -119,7 +119,7 @@ class AsyncAttestor:
         if verdict is not None:
             return verdict
         if cached is None:
-            nonce_hex = new_nonce()
+            nonce_hex = self.options.nonce_factory()
             bundle = await self._fetch_evidence(port, chute, nonce_hex, auth)
             if bundle is None:
                 return None
