@@ -190,3 +190,19 @@ def test_attest_option_validation() -> None:
     with pytest.raises(Exception) as err:
         E2EETransport(api_key=KEY, attest="sometimes")
     assert "attest must be" in str(err.value)
+
+
+def test_the_next_request_after_every_instance_failed_is_attest_failed_too(
+    replay: tuple[Replay, str],
+) -> None:
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=True, nonce_factory=lambda: "ab" * 32)
+    transport = E2EETransport(api_key=KEY, api_base=base, models_base=base, attest=options)
+    with httpx2.Client(transport=transport, base_url=base, timeout=30) as client:
+        for _ in range(3):
+            with pytest.raises(AttestationError) as err:
+                client.post("/v1/chat/completions", json=BODY)
+            assert err.value.code is ErrorCode.ATTEST_FAILED  # not no_instances
+    assert rp.invokes == []
+    assert len(rp.evidence_nonces) == 1  # the rejections are cached per (chute, instance, key)

@@ -15,10 +15,12 @@ from datetime import datetime
 from pathlib import Path
 
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer
+from pqe2ee.attest.gate import INTEL_PCS_URL, AttestMode, AttestOptions
+from pqe2ee.attest.policy import Policy
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence
 from pqe2ee.errors import AttestationError, ErrorCode
 
-__all__ = ["Capture", "collateral_from_answer", "load_capture", "load_collateral_dir"]
+__all__ = ["Capture", "attest_options", "load_capture", "load_collateral_dir", "load_policy"]
 
 _MAX_FILE = 16 << 20
 
@@ -97,3 +99,43 @@ def load_capture(directory: Path) -> Capture:
         ) from None
     evidence = parse_evidence(_read(directory / "evidence.body"))
     return Capture(nonce_hex, captured_at, instances, evidence, load_collateral_dir(directory))
+
+
+def load_policy(path: Path) -> Policy:
+    """A :class:`Policy` from a JSON file; ``attest_unavailable`` when it cannot be used."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        raise AttestationError(
+            f"policy {path.name} is not a readable JSON file", code=ErrorCode.ATTEST_UNAVAILABLE
+        ) from None
+    if not isinstance(doc, dict):
+        raise AttestationError(
+            "the policy must be a JSON object", code=ErrorCode.ATTEST_UNAVAILABLE
+        )
+    return Policy.from_dict(doc)
+
+
+def attest_options(
+    mode: str,
+    *,
+    policy: Path | None = None,
+    collateral_dirs: tuple[Path, ...] = (),
+    pcs_url: str | None = INTEL_PCS_URL,
+) -> AttestOptions:
+    """:class:`AttestOptions` from command-line style values (files read here)."""
+    try:
+        chosen = AttestMode(mode)
+    except ValueError:
+        raise AttestationError(
+            f"attest mode {mode!r} is not auto, require or off", code=ErrorCode.ATTEST_UNAVAILABLE
+        ) from None
+    collateral = Collateral()
+    for directory in collateral_dirs:
+        collateral = collateral.merged(load_collateral_dir(directory))
+    return AttestOptions(
+        mode=chosen,
+        policy=load_policy(policy) if policy is not None else Policy(),
+        collateral=collateral,
+        pcs_url=pcs_url.rstrip("/") if pcs_url else None,
+    )

@@ -4,13 +4,15 @@ The transports do the fetching (:mod:`pqe2ee.transports._async._attest`); this m
 Verification happens once per (chute, instance, key) and its verdict is reused until the
 policy's ``max_age`` or the collateral's earliest ``nextUpdate``, whichever comes first. A chute
 once verified is pinned: if it later comes back without evidence, that is ``attest_downgrade``,
-never a quiet unattested send. Not thread-safe by itself: the engine holds its lock around it.
+never a quiet unattested send. Not thread-safe by itself: callers hold :attr:`AttestationGate.lock`
+around each call (never across I/O).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,8 +65,13 @@ class AttestOptions:
     #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
     nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
 
+    #: The verdicts, evidence and pins of every client made with these options (shared, like
+    #: a Negotiator: the proxy's per-key transports share one gate).
+    gate: AttestationGate = field(init=False, compare=False, repr=False)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", AttestMode(self.mode))
+        object.__setattr__(self, "gate", AttestationGate(self))
 
 
 def key_id(e2e_pubkey: str) -> str:
@@ -83,6 +90,7 @@ class AttestationGate:
 
     def __init__(self, options: AttestOptions) -> None:
         self.options = options
+        self.lock = threading.Lock()
         self.collateral = options.collateral
         self._verdicts: dict[tuple[str, str, str], tuple[Verdict, float]] = {}
         self._evidence: dict[str, _Evidence] = {}
@@ -111,6 +119,14 @@ class AttestationGate:
         self._verdicts[(chute, verdict.instance_id, key_id(e2e_pubkey))] = (verdict, until)
         if verdict.trusted:
             self.pinned.add(chute)
+
+    def rejected(self, chute: str, now: float) -> tuple[Verdict, ...]:
+        """The still-valid rejections of this chute's instances."""
+        return tuple(
+            verdict
+            for (c, _, _), (verdict, until) in self._verdicts.items()
+            if c == chute and not verdict.trusted and now < until
+        )
 
     def evidence(
         self, chute: str, instance_id: str, now: float

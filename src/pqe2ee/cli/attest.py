@@ -78,19 +78,11 @@ def verify_cmd(
 ) -> None:
     """Verify a saved capture: one verdict per discovered instance."""
     from pqe2ee.attest import Policy, verify_evidence
-    from pqe2ee.attest.capture import load_capture, load_collateral_dir
+    from pqe2ee.attest.capture import load_capture, load_collateral_dir, load_policy
 
     when = _when(at)
     with exit_on_error("attest verify"):
-        policy = Policy()
-        if policy_file is not None:
-            try:
-                doc = json.loads(policy_file.read_bytes())
-            except (OSError, ValueError):
-                fail("attest verify", f"{policy_file.name} is not a JSON file")
-            if not isinstance(doc, dict):
-                fail("attest verify", "the policy must be a JSON object")
-            policy = Policy.from_dict(doc)
+        policy = load_policy(policy_file) if policy_file is not None else Policy()
         capture = load_capture(capture_dir)
         collateral = capture.collateral
         for extra in collateral_dir:

@@ -142,7 +142,12 @@ def client_factory(config: ProxyConfig) -> Callable[[str], httpx2.AsyncClient]:
     from pqe2ee.transports.httpx2 import AsyncE2EETransport
 
     negotiator = Negotiator(E2EPolicy(min_version=config.min_version, prefer_v2=config.prefer_v2))
-    options = {**config.transport_options, "strict": True, "negotiator": negotiator}
+    options = {
+        **config.transport_options,
+        "strict": True,
+        "negotiator": negotiator,
+        "attest": config.attest,  # one AttestOptions, so one gate for every key
+    }
     timeout = client_timeout(config)
     limits = httpx2.Limits(
         max_connections=config.max_connections,

@@ -389,9 +389,7 @@ class AsyncEngine:
         self._warned: set[tuple[str, str]] = set()
         self._models_lock = AsyncLock()
         attest = settings.options.attestation
-        self.attestor = (
-            AsyncAttestor(attest, settings.api_base, self._guard) if attest.mode != "off" else None
-        )
+        self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
 
     def close_keys(self) -> None:
         """Stop the key pools' threads and wipe the keys still pooled (no I/O)."""
@@ -431,6 +429,8 @@ class AsyncEngine:
                     if fresh != chute:
                         chute, last = fresh, exc
                         continue
+                if self.attestor is not None:
+                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
                 if last is not None and exc.code is ErrorCode.NO_INSTANCES:
                     raise RetriesExhausted(last, attempt - 1) from last
                 raise

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer
@@ -53,11 +53,11 @@ class _Leaser(Protocol):
 class Attestor:
     """One engine's attestation: its gate (verdicts, evidence, pins) and the fetching."""
 
-    def __init__(self, options: AttestOptions, api_base: str, guard: threading.Lock) -> None:
+    def __init__(self, options: AttestOptions, api_base: str) -> None:
         self.options = options
-        self.gate = AttestationGate(options)
+        self.gate: AttestationGate = options.gate  # shared by every client of these options
         self.api_base = api_base
-        self._guard = guard
+        self._guard = options.gate.lock
 
     def admit(
         self,
@@ -100,13 +100,17 @@ class Attestor:
                 if exc.code is not ErrorCode.NO_INSTANCES:
                     raise
                 break
-        reasons = sorted({r.value for v in rejected for r in v.reasons})
-        raise AttestationError(
-            f"no instance of chute {chute} passed attestation ({len(rejected)} rejected: "
-            f"{', '.join(reasons)})",
-            code=ErrorCode.ATTEST_FAILED,
-            verdicts=tuple(rejected),
-        )
+        raise _failed(chute, rejected)
+
+    def no_instances(self, chute: str, exc: RelayError) -> None:
+        """The pool has no instance left: when that is because they failed attestation, say so
+        (``attest_failed``) instead of ``no_instances``."""
+        if exc.code is not ErrorCode.NO_INSTANCES or self.options.mode is AttestMode.OFF:
+            return
+        with self._guard:
+            rejected = self.gate.rejected(chute, self.options.wall_clock())
+        if rejected:
+            raise _failed(chute, rejected) from exc
 
     def _verdict(self, port: Port, chute: str, lease: Lease, auth: str | None) -> Verdict | None:
         gate = self.gate
@@ -213,6 +217,16 @@ class Attestor:
             except AttestationError as exc:
                 log.warning("collateral answer unusable (%s): %s", url, exc.message)
         return found
+
+
+def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
+    reasons = sorted({r.value for v in rejected for r in v.reasons})
+    return AttestationError(
+        f"no instance of chute {chute} passed attestation ({len(rejected)} rejected: "
+        f"{', '.join(reasons)})",
+        code=ErrorCode.ATTEST_FAILED,
+        verdicts=tuple(rejected),
+    )
 
 
 def _read(response: PortResponse, limit: int) -> bytes:
