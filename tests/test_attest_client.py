@@ -206,3 +206,34 @@ def test_the_next_request_after_every_instance_failed_is_attest_failed_too(
             assert err.value.code is ErrorCode.ATTEST_FAILED  # not no_instances
     assert rp.invokes == []
     assert len(rp.evidence_nonces) == 1  # the rejections are cached per (chute, instance, key)
+
+
+@pytest.mark.parametrize("flavour", ["aiohttp", "anyio"])
+def test_other_transports_fail_closed_too(replay: tuple[Replay, str], flavour: str) -> None:
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
+
+    async def go() -> None:
+        if flavour == "aiohttp":
+            from pqe2ee.transports.aiohttp import E2EEClientSession
+
+            session = E2EEClientSession(
+                api_key=KEY, api_base=base, models_base=base, attest=options
+            )
+            try:
+                await session.post("/v1/chat/completions", json=BODY)
+            finally:
+                await session.close()
+        else:
+            from pqe2ee.transports.anyio import E2EEClient
+
+            async with E2EEClient(
+                api_key=KEY, api_base=base, models_base=base, attest=options
+            ) as c:
+                await c.chat(**BODY)
+
+    with pytest.raises(AttestationError) as err:
+        asyncio.run(go())
+    assert err.value.code is ErrorCode.ATTEST_FAILED
+    assert rp.invokes == []
