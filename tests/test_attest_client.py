@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
 
-from attest_replay import MODEL, Replay
+from attest_replay import CHUTE, MODEL, Replay
 from attest_support import ATTESTATION, EXTRA, capture, full_collateral
 from pqe2ee.attest import Policy
 from pqe2ee.attest.capture import Capture
@@ -236,4 +237,85 @@ def test_other_transports_fail_closed_too(replay: tuple[Replay, str], flavour: s
     with pytest.raises(AttestationError) as err:
         asyncio.run(go())
     assert err.value.code is ErrorCode.ATTEST_FAILED
+    assert rp.invokes == []
+
+
+def test_collateral_cache_on_disk_serves_the_next_run_offline(
+    replay: tuple[Replay, str], tmp_path: Path
+) -> None:
+    rp, base = replay
+    cap = capture(NAME)
+    online = _options(
+        cap,
+        base,
+        extra=False,
+        collateral=type(cap.collateral)(),
+        pcs_url=base,
+        root_ca_crl_url=base + "/IntelSGXRootCA.der",
+        cache_dir=tmp_path,
+    )
+    assert _post(base, online, n=2) == [500] * 2
+    assert len(list(tmp_path.glob("*.meta.json"))) >= 5  # 2 FMSPCs' TCB info, QE id, CRLs
+    fetched = len([p for _, p, _ in rp.seen if "certification" in p])
+    offline = _options(
+        cap,
+        base,
+        extra=False,
+        collateral=type(cap.collateral)(),
+        pcs_url=None,
+        cache_dir=tmp_path,
+    )
+    assert _post(base, offline, n=4) == [500] * 4
+    assert len([p for _, p, _ in rp.seen if "certification" in p]) == fetched  # none fetched
+    assert {h["x-instance-id"] for h in rp.invokes[-4:]} == {GOOD, OTHER}
+
+
+def test_attest_fetch_captures_a_layout_that_verifies(
+    replay: tuple[Replay, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from pqe2ee.attest import verify as verify_module
+    from pqe2ee.cli import cli
+
+    rp, base = replay
+    cap = capture(NAME)
+    out = tmp_path / "capture"
+    args = [
+        "attest",
+        "fetch",
+        "--chute",
+        CHUTE,
+        "--out",
+        str(out),
+        "--api-base",
+        base,
+        "--api-key",
+        KEY,
+        "--attest-pcs-url",
+        base,
+        "--root-ca-crl-url",
+        base + "/IntelSGXRootCA.der",
+    ]
+    # A fresh nonce (the default): the replayed evidence does not bind it - caught.
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "attest_nonce_binding" in result.output and "0 trusted" in result.output
+    for name in (
+        "manifest.json",
+        "discovery.body",
+        "evidence.body",
+        "intel-tcb-info.body",
+        "intel-qe-identity.meta.json",
+        "intel-pck-crl.body",
+        "intel-root-ca-crl.body",
+    ):
+        assert (out / name).is_file(), name
+    # The capture's own nonce, verified at the capture time: what was fetched verifies.
+    monkeypatch.setattr(verify_module, "new_nonce", lambda: cap.nonce_hex)
+    out2 = tmp_path / "again"
+    assert CliRunner().invoke(cli, [*args[:4], "--out", str(out2), *args[6:]]).exit_code == 0
+    at = cap.captured_at.isoformat()
+    result = CliRunner().invoke(cli, ["attest", "verify", "--capture", str(out2), "--at", at])
+    assert result.exit_code == 0 and "2 trusted, 0 rejected" in result.output, result.output
     assert rp.invokes == []

@@ -20,7 +20,15 @@ from pqe2ee.attest.policy import Policy
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence
 from pqe2ee.errors import AttestationError, ErrorCode
 
-__all__ = ["Capture", "attest_options", "load_capture", "load_collateral_dir", "load_policy"]
+__all__ = [
+    "Capture",
+    "attest_options",
+    "fetch_capture",
+    "load_capture",
+    "load_collateral_dir",
+    "load_policy",
+    "save_answer",
+]
 
 _MAX_FILE = 16 << 20
 
@@ -54,6 +62,16 @@ def _answer(meta_path: Path) -> Collateral:
     return Collateral(
         found.tcb_infos, found.qe_identities, found.pck_crls, found.root_ca_crl, (body_path.name,)
     )
+
+
+def save_answer(
+    directory: Path, name: str, url: str, status: int, headers: dict[str, list[str]], body: bytes
+) -> None:
+    """Write one HTTP answer as ``<name>.body`` + ``<name>.meta.json`` (the capture layout)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.body").write_bytes(body)
+    meta = {"method": "GET", "url": url, "status": status, "headers": headers}
+    (directory / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_collateral_dir(directory: Path) -> Collateral:
@@ -122,6 +140,7 @@ def attest_options(
     policy: Path | None = None,
     collateral_dirs: tuple[Path, ...] = (),
     pcs_url: str | None = INTEL_PCS_URL,
+    cache_dir: Path | None = None,
 ) -> AttestOptions:
     """:class:`AttestOptions` from command-line style values (files read here)."""
     try:
@@ -138,4 +157,73 @@ def attest_options(
         policy=load_policy(policy) if policy is not None else Policy(),
         collateral=collateral,
         pcs_url=pcs_url.rstrip("/") if pcs_url else None,
+        cache_dir=cache_dir,
     )
+
+
+def fetch_capture(
+    out: Path,
+    *,
+    chute: str,
+    api_base: str,
+    api_key: str | None,
+    pcs_url: str,
+    root_ca_crl_url: str,
+    timeout: float = 60.0,
+) -> None:
+    """Capture a chute's discovery and evidence (fresh nonce) and the Intel collateral its
+    quotes need into ``out`` (the layout of :func:`load_capture`). Needs httpx2."""
+    import base64
+    from datetime import UTC
+
+    import httpx2
+
+    from pqe2ee.attest.collateral import collateral_urls
+    from pqe2ee.attest.tdx import parse_quote
+    from pqe2ee.attest.verify import new_nonce
+
+    nonce_hex = new_nonce()
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def get(client: httpx2.Client, name: str, url: str, headers: dict[str, str]) -> bytes:
+        try:
+            response = client.get(url, headers=headers)
+        except httpx2.HTTPError as exc:
+            raise AttestationError(
+                f"{name}: {type(exc).__name__}", code=ErrorCode.ATTEST_EVIDENCE_MISSING
+            ) from None
+        multi: dict[str, list[str]] = {}
+        for key, value in response.headers.multi_items():
+            multi.setdefault(key, []).append(value)
+        save_answer(out, name, url, response.status_code, multi, response.content)
+        if response.status_code != 200:
+            raise AttestationError(
+                f"{name}: answered {response.status_code}", code=ErrorCode.ATTEST_EVIDENCE_MISSING
+            )
+        return response.content
+
+    with httpx2.Client(timeout=timeout) as client:
+        get(client, "discovery", f"{api_base}/e2e/instances/{chute}", auth)
+        captured_at = datetime.now(UTC)
+        body = get(
+            client, "evidence", f"{api_base}/chutes/{chute}/evidence?nonce={nonce_hex}", auth
+        )
+        wanted: set[tuple[str, str]] = set()
+        for entry in parse_evidence(body).entries.values():
+            try:
+                quote = parse_quote(base64.b64decode(str(entry.get("quote")), validate=True))
+            except (ValueError, AttestationError):
+                continue
+            wanted.add((quote.fmspc, quote.ca))
+        for i, (fmspc, ca) in enumerate(sorted(wanted)):
+            for name, url in collateral_urls(pcs_url, fmspc, ca).items():
+                suffix = "" if i == 0 else f"-{fmspc}-{ca}"
+                get(client, name + suffix, url, {})
+        get(client, "intel-root-ca-crl", root_ca_crl_url, {})
+    manifest = {
+        "nonce_hex": nonce_hex,
+        "captured_at": captured_at.isoformat(),
+        "chute_id": chute,
+        "api_base": api_base,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -23,6 +23,7 @@ __all__ = [
     "SelectedCollateral",
     "TcbInfo",
     "collateral_from_answer",
+    "collateral_urls",
     "qe_identity_from_pcs",
     "raw_members",
     "tcb_info_from_pcs",
@@ -256,3 +257,12 @@ def collateral_from_answer(url: str, headers: Mapping[str, object], body: bytes)
     if path.endswith("RootCA.der") or path.endswith("/rootcacrl"):
         return Collateral(root_ca_crl=body)
     return Collateral()
+
+
+def collateral_urls(pcs_url: str, fmspc: str, ca: str) -> dict[str, str]:
+    """Intel PCS (or PCCS) URLs of the collateral one quote needs, by capture file name."""
+    return {
+        "intel-tcb-info": f"{pcs_url}/tdx/certification/v4/tcb?fmspc={fmspc}",
+        "intel-qe-identity": f"{pcs_url}/tdx/certification/v4/qe/identity",
+        "intel-pck-crl": f"{pcs_url}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der",
+    }

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pqe2ee.attest.collateral import Collateral
 from pqe2ee.attest.policy import Policy, Verdict
@@ -62,6 +63,9 @@ class AttestOptions:
     pcs_url: str | None = INTEL_PCS_URL
     root_ca_crl_url: str | None = INTEL_ROOT_CA_CRL_URL
     wall_clock: Callable[[], float] = field(default=time.time, compare=False)
+    #: Collateral fetched is also written here (capture layout) and read back at start, so a
+    #: later run can verify offline until the collateral's nextUpdate.
+    cache_dir: Path | None = None
     #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
     nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
 
@@ -95,6 +99,7 @@ class AttestationGate:
         self._verdicts: dict[tuple[str, str, str], tuple[Verdict, float]] = {}
         self._evidence: dict[str, _Evidence] = {}
         self.pinned: set[str] = set()
+        self.loaded: set[Path] = set()  # cache directories already read
         self._warned: set[str] = set()
 
     @property

@@ -121,3 +121,62 @@ def verify_cmd(
         )
     for instance_id in unmatched:
         click.echo(f"  {instance_id}  (evidence only, not in discovery: not a candidate)")
+
+
+@attest_cmd.command("fetch")
+@env_option("--chute", env="CHUTE", required=True, help="Chute id (UUID).")
+@env_option(
+    "--out",
+    env="OUT",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write the capture to (created).",
+)
+@env_option(
+    "--api-base",
+    env="API_BASE",
+    default="https://api.chutes.ai",
+    metavar="URL",
+    help="Relay serving discovery and evidence.",
+)
+@env_option("--api-key", env="API_KEY", metavar="KEY", help="Bearer key for the relay.")
+@env_option(
+    "--attest-pcs-url",
+    env="ATTEST_PCS_URL",
+    default="https://api.trustedservices.intel.com",
+    metavar="URL",
+    help="Intel PCS (or a PCCS) for the collateral.",
+)
+@env_option(
+    "--root-ca-crl-url",
+    env="ROOT_CA_CRL_URL",
+    default="https://certificates.trustedservices.intel.com/IntelSGXRootCA.der",
+    metavar="URL",
+    help="Intel SGX root CA CRL.",
+)
+def fetch_cmd(
+    chute: str,
+    out: Path,
+    api_base: str,
+    api_key: str | None,
+    attest_pcs_url: str,
+    root_ca_crl_url: str,
+) -> None:
+    """Capture a chute's discovery, evidence (fresh nonce) and Intel collateral into OUT, in
+    the layout `attest verify --capture` reads, then verify it."""
+    from pqe2ee.attest.capture import fetch_capture
+
+    with exit_on_error("attest fetch"):
+        fetch_capture(
+            out,
+            chute=chute,
+            api_base=api_base.rstrip("/"),
+            api_key=api_key,
+            pcs_url=attest_pcs_url.rstrip("/"),
+            root_ca_crl_url=root_ca_crl_url,
+        )
+    click.echo(f"captured chute {chute} into {out}")
+    ctx = click.get_current_context()
+    ctx.invoke(
+        verify_cmd, capture_dir=out, collateral_dir=(), at=None, policy_file=None, as_json=False
+    )

@@ -15,11 +15,13 @@ left, ``attest_failed`` is raised (with the verdicts) before any byte of the pro
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from pqe2ee.attest.collateral import Collateral, collateral_from_answer
+from pqe2ee.attest.capture import load_collateral_dir, save_answer
+from pqe2ee.attest.collateral import Collateral, collateral_from_answer, collateral_urls
 from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions
 from pqe2ee.attest.policy import Verdict
 from pqe2ee.attest.tdx import parse_quote
@@ -57,6 +59,16 @@ class AsyncAttestor:
         self.gate: AttestationGate = options.gate  # shared by every client of these options
         self.api_base = api_base
         self._guard = options.gate.lock
+        cache = options.cache_dir
+        if cache is not None and cache.is_dir() and cache not in self.gate.loaded:
+            try:
+                cached = load_collateral_dir(cache)
+            except AttestationError as exc:  # a damaged cache is refetched, not fatal
+                log.warning("collateral cache %s unusable: %s", cache, exc.message)
+                cached = Collateral()
+            with self._guard:  # once per gate: what earlier runs fetched (select() skips stale)
+                self.gate.loaded.add(cache)
+                self.gate.add_collateral(cached)
 
     async def admit(
         self,
@@ -190,16 +202,13 @@ class AsyncAttestor:
 
     async def _fetch_collateral(self, port: AsyncPort, fmspc: str, ca: str) -> Collateral:
         pcs = self.options.pcs_url
-        urls = [
-            f"{pcs}/tdx/certification/v4/tcb?fmspc={fmspc}",
-            f"{pcs}/tdx/certification/v4/qe/identity",
-            f"{pcs}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der",
-        ]
+        assert pcs is not None
+        urls = collateral_urls(pcs, fmspc, ca)
         if self.options.root_ca_crl_url and self.gate.collateral.root_ca_crl is None:
-            urls.append(self.options.root_ca_crl_url)
+            urls["intel-root-ca-crl"] = self.options.root_ca_crl_url
         found = Collateral()
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
-        for url in urls:
+        for name, url in urls.items():
             try:
                 response = await port.send("GET", url, [], b"", control=True)
                 status = response.status
@@ -219,6 +228,13 @@ class AsyncAttestor:
                 found = found.merged(collateral_from_answer(url, headers, body))
             except AttestationError as exc:
                 log.warning("collateral answer unusable (%s): %s", url, exc.message)
+                continue
+            if self.options.cache_dir is not None:
+                tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+                try:
+                    save_answer(self.options.cache_dir, f"{name}-{tag}", url, status, headers, body)
+                except OSError as exc:
+                    log.warning("collateral cache not written: %s", type(exc).__name__)
         return found
 
 
