@@ -95,6 +95,13 @@ __all__ = ["proxy_cmd"]
     metavar="URL",
     help="Intel PCS (or a PCCS) for collateral not at hand; empty: offline only.",
 )
+@opt.env_option(
+    "--attest-cache-dir",
+    env="ATTEST_CACHE_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep fetched Intel collateral here and reuse it (offline) until its nextUpdate.",
+)
 @opt.log_level_option
 def proxy_cmd(
     api_key: str | None,
@@ -105,6 +112,7 @@ def proxy_cmd(
     attest_policy: Path | None,
     attest_collateral_dir: tuple[Path, ...],
     attest_pcs_url: str,
+    attest_cache_dir: Path | None,
     **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
@@ -131,6 +139,12 @@ def proxy_cmd(
     seen with v2 is pinned: if the relay later offers it without v2 the call fails
     (downgrade_suspected) instead of falling back. Chutes that never offered v2 get v1
     (logged). Running your own instances? Use --min-version 2: v1 is then never sent.
+
+    Attestation (--attest auto, the default): before the first prompt to a chute that
+    serves TEE evidence, the instance's key is checked against an Intel TDX quote (dcap-qvl,
+    extra [attest]) and its GPUs' SPDM evidence, for a fresh nonce; an instance that fails
+    never gets a prompt, and with none left the call fails with attest_failed. Chutes without
+    evidence are used unattested (one warning) unless verified before (attest_downgrade).
 
     What goes in plaintext: the model listing (GET /v1/models), which carries no user
     data. Between this proxy and your tools traffic is plain HTTP: keep --host on
@@ -160,6 +174,7 @@ def proxy_cmd(
             policy=attest_policy,
             collateral_dirs=attest_collateral_dir,
             pcs_url=attest_pcs_url or None,
+            cache_dir=attest_cache_dir,
         )
         config = ProxyConfig(
             attest=attestation,
