@@ -23,13 +23,13 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from attest_support import capture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from attest_support import capture
 from pqe2ee.attest.collateral import Collateral, QeIdentity, TcbInfo
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
@@ -44,8 +44,12 @@ def _raw_sig(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pqe2ee test only")])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pqe2ee test only"),
+        ]
+    )
 
 
 @dataclass
@@ -59,8 +63,13 @@ class _Node:
 
 
 def _cert(
-    cn: str, issuer: _Node | None, *, ca: bool, extra: list[x509.ExtensionType] = (),  # type: ignore[assignment]
-    not_before: datetime.datetime, not_after: datetime.datetime,
+    cn: str,
+    issuer: _Node | None,
+    *,
+    ca: bool,
+    extra: list[x509.ExtensionType] = (),  # type: ignore[assignment]
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
 ) -> _Node:
     key = ec.generate_private_key(ec.SECP256R1())
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -75,9 +84,15 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=not ca, content_commitment=not ca, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                encipher_only=False, decipher_only=False,
+                digital_signature=not ca,
+                content_commitment=not ca,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -115,6 +130,8 @@ class TestQuoteSigner:
     for any report_data; :attr:`collateral` verifies it (with :attr:`root_der`) while the
     template's TCB info is valid, i.e. at :attr:`now`."""
 
+    __test__ = False  # not a pytest class
+
     def __init__(self, template_capture: str = "glm-5-tee-2026-06-29") -> None:
         cap = capture(template_capture)
         self.now = cap.captured_at.timestamp()
@@ -123,14 +140,22 @@ class TestQuoteSigner:
         t0 = cap.captured_at - datetime.timedelta(days=30)
         t1 = cap.captured_at + datetime.timedelta(days=3650)
         self.root = _cert("pqe2ee TEST SGX Root CA", None, ca=True, not_before=t0, not_after=t1)
-        self.platform = _cert("pqe2ee TEST SGX PCK Platform CA", self.root, ca=True,
-                              not_before=t0, not_after=t1)
+        self.platform = _cert(
+            "pqe2ee TEST SGX PCK Platform CA", self.root, ca=True, not_before=t0, not_after=t1
+        )
         real_pck = self._template_pck()
         sgx_ext = real_pck.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value
-        self.pck = _cert("pqe2ee TEST SGX PCK Certificate", self.platform, ca=False,
-                         extra=[sgx_ext], not_before=t0, not_after=t1)
-        self.tcb_signer = _cert("pqe2ee TEST SGX TCB Signing", self.root, ca=False,
-                                not_before=t0, not_after=t1)
+        self.pck = _cert(
+            "pqe2ee TEST SGX PCK Certificate",
+            self.platform,
+            ca=False,
+            extra=[sgx_ext],
+            not_before=t0,
+            not_after=t1,
+        )
+        self.tcb_signer = _cert(
+            "pqe2ee TEST SGX TCB Signing", self.root, ca=False, not_before=t0, not_after=t1
+        )
         self.attestation_key = ec.generate_private_key(ec.SECP256R1())
         self.root_der = self.root.cert.public_bytes(serialization.Encoding.DER)
         crl_next = cap.captured_at + datetime.timedelta(days=30)
@@ -139,19 +164,36 @@ class TestQuoteSigner:
         qe = next(q for q in real.qe_identities if q.valid_at(self.now))
         chain = self.tcb_signer.pem + self.root.pem
         self.collateral = Collateral(
-            tcb_infos=(TcbInfo(tcb.fmspc, tcb.raw, _raw_sig(self.tcb_signer.key, tcb.raw.encode()),
-                               chain, tcb.issue_date, tcb.next_update),),
-            qe_identities=(QeIdentity(qe.raw, _raw_sig(self.tcb_signer.key, qe.raw.encode()),
-                                      chain, qe.issue_date, qe.next_update),),
-            pck_crls=(("platform", _crl(self.platform, t0, crl_next),
-                       self.platform.pem + self.root.pem),),
+            tcb_infos=(
+                TcbInfo(
+                    tcb.fmspc,
+                    tcb.raw,
+                    _raw_sig(self.tcb_signer.key, tcb.raw.encode()),
+                    chain,
+                    tcb.issue_date,
+                    tcb.next_update,
+                ),
+            ),
+            qe_identities=(
+                QeIdentity(
+                    qe.raw,
+                    _raw_sig(self.tcb_signer.key, qe.raw.encode()),
+                    chain,
+                    qe.issue_date,
+                    qe.next_update,
+                ),
+            ),
+            pck_crls=(
+                ("platform", _crl(self.platform, t0, crl_next), self.platform.pem + self.root.pem),
+            ),
             root_ca_crl=_crl(self.root, t0, crl_next),
         )
 
     def _template_pck(self) -> x509.Certificate:
         q = self.template
         pos = HEADER + TD_REPORT + 4 + 64 + 64
-        _, size = struct.unpack_from("<HI", q, pos)
+        ctype6 = struct.unpack_from("<H", q, pos)[0]
+        assert ctype6 == 6  # QE report certification data
         inner = pos + 6
         qe_auth_len = struct.unpack_from("<H", q, inner + 384 + 64)[0]
         cert_at = inner + 384 + 64 + 2 + qe_auth_len

@@ -66,6 +66,9 @@ class AttestOptions:
     #: Collateral fetched is also written here (capture layout) and read back at start, so a
     #: later run can verify offline until the collateral's nextUpdate.
     cache_dir: Path | None = None
+    #: Replaces Intel's SGX root in dcap-qvl: only for a test root of trust (tests of the
+    #: evidence endpoints with a test signer). Production leaves it None; no CLI flag sets it.
+    test_intel_root_der: bytes | None = field(default=None, repr=False)
     #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
     nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
 

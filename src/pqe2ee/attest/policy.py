@@ -165,6 +165,8 @@ class Verdict:
     gpus_checked: int = 0
     gpus_ok: int = 0
     notes: tuple[str, ...] = field(default=())
+    #: True when the quote was checked to bind the instance's v2 key as well (spec/v2.md §8.3).
+    v2_bound: bool = False
 
     @classmethod
     def from_checks(
@@ -205,4 +207,5 @@ class Verdict:
                 for c in self.checks
             ],
             "notes": list(self.notes),
+            "v2_bound": self.v2_bound,
         }

@@ -47,9 +47,17 @@ def new_nonce() -> str:
     return secrets.token_hex(32)
 
 
-def nonce_binding(nonce_hex: str, e2e_pubkey: str) -> bytes:
-    """``report_data[0:32]`` for this nonce and key (H; also the GPUs' requester nonce)."""
-    return hashlib.sha256(nonce_hex.encode("ascii") + e2e_pubkey.encode("ascii")).digest()
+def nonce_binding(nonce_hex: str, e2e_pubkey: str, e2e_v2_pk: str | None = None) -> bytes:
+    """``report_data[0:32]`` for this nonce and key (H; also the GPUs' requester nonce).
+
+    Chutes: ``SHA-256(ascii(nonce_hex) || ascii(e2e_pubkey))``. An instance that offers v2
+    binds its X-Wing key too (spec/v2.md §8.3): ``SHA-256(ascii(nonce_hex) || ascii(e2e_pubkey)
+    || "," || ascii(e2e_v2.pk))`` (',' is in neither alphabet, so the forms cannot collide).
+    """
+    data = nonce_hex.encode("ascii") + e2e_pubkey.encode("ascii")
+    if e2e_v2_pk is not None:
+        data += b"," + e2e_v2_pk.encode("ascii")
+    return hashlib.sha256(data).digest()
 
 
 @dataclass(frozen=True)
@@ -105,10 +113,12 @@ def verify_instance(
     qvl: ModuleType | None = None,
     gpu_root: x509.Certificate | None = None,
     intel_root_der: bytes | None = None,
+    e2e_v2_pk: str | None = None,
 ) -> Verdict:
     """Every check for one discovered instance; never raises for bad evidence (the verdict
-    says what failed). ``intel_root_der`` / ``gpu_root`` replace the pinned roots only in
-    tests with the test signer."""
+    says what failed). ``e2e_v2_pk``: the row's v2 key (base64) when it offers v2, which the
+    quote must then bind too. ``intel_root_der`` / ``gpu_root`` replace the pinned roots only
+    in tests with the test signer."""
     qvl = qvl or load_qvl()
     if entry is None:
         return Verdict.from_checks(
@@ -130,7 +140,7 @@ def verify_instance(
         return Verdict.from_checks(instance_id, [Check("quote", False, exc.code, exc.message)], now)
     result = check_quote(raw, quote, collateral, policy, now, qvl, intel_root_der)
     checks.extend(result.checks)
-    h = nonce_binding(nonce_hex, e2e_pubkey)
+    h = nonce_binding(nonce_hex, e2e_pubkey, e2e_v2_pk)
     bound = hmac.compare_digest(quote.report_data[:32], h)
     checks.append(
         Check(
@@ -177,6 +187,7 @@ def verify_instance(
         gpus_checked=gpus_checked,
         gpus_ok=gpus_ok,
         notes=tuple(notes),
+        v2_bound=e2e_v2_pk is not None,
     )
 
 
@@ -204,8 +215,10 @@ def verify_evidence(
     *,
     gpu_root: x509.Certificate | None = None,
     intel_root_der: bytes | None = None,
+    v2_keys: Mapping[str, str] | None = None,
 ) -> list[Verdict]:
-    """One verdict per discovered instance (``instance_id -> e2e_pubkey``), in order."""
+    """One verdict per discovered instance (``instance_id -> e2e_pubkey``), in order;
+    ``v2_keys``: ``instance_id -> e2e_v2.pk`` of the rows that offer v2."""
     qvl = load_qvl()
     verdicts = []
     for instance_id, pubkey in instances.items():
@@ -221,6 +234,7 @@ def verify_evidence(
             qvl=qvl,
             gpu_root=gpu_root,
             intel_root_der=intel_root_der,
+            e2e_v2_pk=(v2_keys or {}).get(instance_id),
         )
         verdicts.append(verdict)
     return verdicts

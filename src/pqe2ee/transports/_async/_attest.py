@@ -26,9 +26,10 @@ from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions
 from pqe2ee.attest.policy import Verdict
 from pqe2ee.attest.tdx import parse_quote
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence, verify_instance
-from pqe2ee.errors import AttestationError, ErrorCode, PQE2EEError, RelayError
+from pqe2ee.errors import AttestationError, ErrorCode, MalformedError, PQE2EEError, RelayError
 from pqe2ee.protocol.client import Negotiated
 from pqe2ee.protocol.discovery import Lease
+from pqe2ee.protocol.v2.negotiation import parse_v2_offer
 from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 
 if TYPE_CHECKING:
@@ -90,10 +91,10 @@ class AsyncAttestor:
             if verdict is None:  # auto mode, a chute without evidence (warned once)
                 return found
             if verdict.trusted:
-                if negotiated.version != 1:
+                if negotiated.version != 1 and not verdict.v2_bound:
                     raise AttestationError(
-                        "the attested key is the v1 e2e_pubkey; this request would be sealed to "
-                        "an unattested v2 key (use min_version=1 or attest='off')",
+                        "the quote binds only the v1 e2e_pubkey; this request would be sealed "
+                        "to an unattested v2 key (spec/v2.md §8.3)",
                         code=ErrorCode.ATTEST_FAILED,
                     )
                 return found
@@ -129,8 +130,10 @@ class AsyncAttestor:
         gate = self.gate
         pubkey = base64.b64encode(lease.public_key).decode("ascii")
         now = self.options.wall_clock()
+        v2_pk = _v2_key(lease, now)
+        keys = pubkey if v2_pk is None else f"{pubkey},{v2_pk}"
         with self._guard:
-            verdict = gate.verdict(chute, lease.instance_id, pubkey, now)
+            verdict = gate.verdict(chute, lease.instance_id, keys, now)
             cached = gate.evidence(chute, lease.instance_id, now)
         if verdict is not None:
             return verdict
@@ -150,10 +153,18 @@ class AsyncAttestor:
         if entry is not None:
             expires = await self._ensure_collateral(port, entry.get("quote"), now)
         verdict = verify_instance(
-            lease.instance_id, pubkey, entry, nonce_hex, gate.collateral, gate.policy, now
+            lease.instance_id,
+            pubkey,
+            entry,
+            nonce_hex,
+            gate.collateral,
+            gate.policy,
+            now,
+            e2e_v2_pk=v2_pk,
+            intel_root_der=self.options.test_intel_root_der,
         )
         with self._guard:
-            gate.record(chute, pubkey, verdict, expires)
+            gate.record(chute, keys, verdict, expires)
         return verdict
 
     async def _fetch_evidence(
@@ -236,6 +247,16 @@ class AsyncAttestor:
                 except OSError as exc:
                     log.warning("collateral cache not written: %s", type(exc).__name__)
         return found
+
+
+def _v2_key(lease: Lease, now: float) -> str | None:
+    """The row's valid ``e2e_v2`` key (base64), which the quote must then bind; an invalid
+    offer counts as absent (spec/v2.md §8.1)."""
+    try:
+        offer = parse_v2_offer(lease.extra, now)
+    except MalformedError:
+        return None
+    return None if offer is None else base64.b64encode(offer.public_key).decode("ascii")
 
 
 def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
