@@ -10,7 +10,7 @@ directory of such answers (``--collateral-dir``) can be merged in.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -91,6 +91,8 @@ class Capture:
     instances: dict[str, str]  # instance_id -> e2e_pubkey, in discovery order
     evidence: EvidenceBundle
     collateral: Collateral
+    #: instance_id -> e2e_v2.pk for rows that carry an ``e2e_v2`` object (spec/v2.md §8.3)
+    v2_keys: dict[str, str] = field(default_factory=dict)
 
 
 def load_capture(directory: Path) -> Capture:
@@ -109,6 +111,11 @@ def load_capture(directory: Path) -> Capture:
     try:
         discovery = json.loads(_read(directory / "discovery.body"))
         instances = {i["instance_id"]: i["e2e_pubkey"] for i in discovery["instances"]}
+        v2_keys = {
+            i["instance_id"]: i["e2e_v2"]["pk"]
+            for i in discovery["instances"]
+            if isinstance(i.get("e2e_v2"), dict) and isinstance(i["e2e_v2"].get("pk"), str)
+        }
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in instances.items()):
             raise TypeError
     except (ValueError, KeyError, TypeError):
@@ -116,7 +123,9 @@ def load_capture(directory: Path) -> Capture:
             "discovery.body is not a discovery answer", code=ErrorCode.ATTEST_EVIDENCE_MALFORMED
         ) from None
     evidence = parse_evidence(_read(directory / "evidence.body"))
-    return Capture(nonce_hex, captured_at, instances, evidence, load_collateral_dir(directory))
+    return Capture(
+        nonce_hex, captured_at, instances, evidence, load_collateral_dir(directory), v2_keys
+    )
 
 
 def load_policy(path: Path) -> Policy:

@@ -89,7 +89,13 @@ def verify_cmd(
             collateral = collateral.merged(load_collateral_dir(extra))
         now = (when or capture.captured_at).timestamp()
         verdicts = verify_evidence(
-            capture.instances, capture.evidence, capture.nonce_hex, collateral, policy, now
+            capture.instances,
+            capture.evidence,
+            capture.nonce_hex,
+            collateral,
+            policy,
+            now,
+            v2_keys=capture.v2_keys,
         )
     unmatched = sorted(set(capture.evidence.entries) - set(capture.instances))
     if as_json:
