@@ -18,10 +18,12 @@ certification data type 5 (PCK chain, PEM).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from attest_support import capture
-from pqe2ee.attest.collateral import Collateral, QeIdentity, TcbInfo
+from pqe2ee.attest.collateral import Collateral
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 HEADER, TD_REPORT = 48, 584
@@ -164,30 +166,18 @@ class TestQuoteSigner:
         qe = next(q for q in real.qe_identities if q.valid_at(self.now))
         chain = self.tcb_signer.pem + self.root.pem
         self.collateral = Collateral(
-            tcb_infos=(
-                TcbInfo(
-                    tcb.fmspc,
-                    tcb.raw,
-                    _raw_sig(self.tcb_signer.key, tcb.raw.encode()),
-                    chain,
-                    tcb.issue_date,
-                    tcb.next_update,
-                ),
-            ),
-            qe_identities=(
-                QeIdentity(
-                    qe.raw,
-                    _raw_sig(self.tcb_signer.key, qe.raw.encode()),
-                    chain,
-                    qe.issue_date,
-                    qe.next_update,
-                ),
-            ),
+            tcb_infos=(self._resigned(tcb, chain),),
+            qe_identities=(self._resigned(qe, chain),),
             pck_crls=(
                 ("platform", _crl(self.platform, t0, crl_next), self.platform.pem + self.root.pem),
             ),
             root_ca_crl=_crl(self.root, t0, crl_next),
         )
+
+    def _resigned(self, doc: Any, chain: str) -> Any:
+        """Intel's document text as it is, signed by the test TCB signer."""
+        signature = _raw_sig(self.tcb_signer.key, doc.raw.encode())
+        return dataclasses.replace(doc, signature=signature, issuer_chain=chain)
 
     def _template_pck(self) -> x509.Certificate:
         q = self.template

@@ -49,6 +49,19 @@ def replay() -> Iterator[tuple[Replay, str]]:
         yield rp, base
 
 
+def _from_pcs(cap: Capture, base: str, **kw: object) -> AttestOptions:
+    """Nothing at hand: every piece of collateral comes from the PCS (the replay relay)."""
+    return _options(
+        cap,
+        base,
+        extra=False,
+        collateral=type(cap.collateral)(),
+        pcs_url=base,
+        root_ca_crl_url=base + "/IntelSGXRootCA.der",
+        **kw,
+    )
+
+
 def _post(base: str, attest: AttestOptions | str, n: int = 1) -> list[int]:
     transport = E2EETransport(
         api_key=KEY, api_base=base, models_base=base, attest=attest, max_attempts=1
@@ -157,14 +170,7 @@ def test_collateral_fetched_from_a_pcs(replay: tuple[Replay, str]) -> None:
     # serving Intel's captured answers byte for byte with their issuer-chain headers).
     rp, base = replay
     cap = capture(NAME)
-    options = _options(
-        cap,
-        base,
-        extra=False,
-        collateral=type(cap.collateral)(),
-        pcs_url=base,
-        root_ca_crl_url=base + "/IntelSGXRootCA.der",
-    )
+    options = _from_pcs(cap, base)
     assert _post(base, options, n=4) == [500] * 4
     fetched = [p for m, p, _ in rp.seen if "certification" in p or p.endswith(".der")]
     assert "/tdx/certification/v4/tcb" in fetched and "/IntelSGXRootCA.der" in fetched
@@ -245,15 +251,7 @@ def test_collateral_cache_on_disk_serves_the_next_run_offline(
 ) -> None:
     rp, base = replay
     cap = capture(NAME)
-    online = _options(
-        cap,
-        base,
-        extra=False,
-        collateral=type(cap.collateral)(),
-        pcs_url=base,
-        root_ca_crl_url=base + "/IntelSGXRootCA.der",
-        cache_dir=tmp_path,
-    )
+    online = _from_pcs(cap, base, cache_dir=tmp_path)
     assert _post(base, online, n=2) == [500] * 2
     assert len(list(tmp_path.glob("*.meta.json"))) >= 5  # 2 FMSPCs' TCB info, QE id, CRLs
     fetched = len([p for _, p, _ in rp.seen if "certification" in p])

@@ -24,30 +24,19 @@ from pqe2ee.errors import AttestationError, ErrorCode
 from pqe2ee.server import instance, relay
 from pqe2ee.testing import dev_engine
 from pqe2ee.transports.httpx2 import E2EETransport
+from relay_support import InvokeCounter
 from servers import run_app
 
 KEY = "cpk_attest-servers-0123456789"
 BODY = {"model": "dev-echo", "messages": [{"role": "user", "content": "attested hello"}]}
 
 
-class Counting:
-    """ASGI wrapper counting ``POST /e2e/invoke`` (which instance got prompts)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app, self.invokes = app, 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/e2e/invoke":
-            self.invokes += 1
-        await self.app(scope, receive, send)
-
-
 @dataclass
 class Stack:
     signer: TestQuoteSigner
     relay: str
-    good: Counting
-    debug: Counting
+    good: InvokeCounter
+    debug: InvokeCounter
     good_url: str
     good_id: str
 
@@ -72,8 +61,8 @@ def stack() -> Iterator[Stack]:
         good_app = instance.create_app(
             instance.InstanceConfig(upstream=engine), quote_provider=signer.quote
         )
-        good = Counting(good_app)
-        debug = Counting(
+        good = InvokeCounter(good_app)
+        debug = InvokeCounter(
             instance.create_app(
                 instance.InstanceConfig(upstream=engine),
                 quote_provider=lambda rd: signer.quote(rd, debug=True),
@@ -92,6 +81,20 @@ def stack() -> Iterator[Stack]:
         yield Stack(signer, relay_url, good, debug, good_url, good_app.state.instance.instance_id)
 
 
+def _verify(stack: Stack, instance_id: str, k1: str, entry: Any, nonce: str, **kw: Any) -> Any:
+    kw.setdefault("intel_root_der", stack.signer.root_der)
+    return verify_instance(
+        instance_id,
+        k1,
+        entry,
+        nonce,
+        stack.signer.collateral,
+        Policy(gpu=GpuMode.OFF),
+        stack.signer.now,
+        **kw,
+    )
+
+
 def _chute(stack: Stack) -> str:
     models = httpx2.get(stack.relay + "/v1/models", timeout=10).json()["data"]
     return str(models[0]["chute_id"])
@@ -104,41 +107,14 @@ def test_instance_evidence_binds_nonce_and_both_keys(stack: Stack) -> None:
     entry = r.json()
     info = httpx2.get(stack.good_url + "/e2e/info", timeout=10).json()
     assert entry["instance_id"] == info["instance_id"] and entry["gpu_evidence"] == []
-    verdict = verify_instance(
-        info["instance_id"],
-        info["e2e_pubkey"],
-        entry,
-        nonce,
-        stack.signer.collateral,
-        Policy(gpu=GpuMode.OFF),
-        stack.signer.now,
-        intel_root_der=stack.signer.root_der,
-        e2e_v2_pk=info["e2e_v2"]["pk"],
-    )
+    args = (stack, info["instance_id"], info["e2e_pubkey"], entry, nonce)
+    verdict = _verify(*args, e2e_v2_pk=info["e2e_v2"]["pk"])
     assert verdict.trusted and verdict.v2_bound, verdict.checks
     # the v1-only form does not match an instance that serves v2 (a stripped offer fails)
-    v1_only = verify_instance(
-        info["instance_id"],
-        info["e2e_pubkey"],
-        entry,
-        nonce,
-        stack.signer.collateral,
-        Policy(gpu=GpuMode.OFF),
-        stack.signer.now,
-        intel_root_der=stack.signer.root_der,
-    )
+    v1_only = _verify(*args)
     assert v1_only.reasons == (ErrorCode.ATTEST_NONCE_BINDING,)
     # and Intel's real root does not accept the test signer's chain
-    real_root = verify_instance(
-        info["instance_id"],
-        info["e2e_pubkey"],
-        entry,
-        nonce,
-        stack.signer.collateral,
-        Policy(gpu=GpuMode.OFF),
-        stack.signer.now,
-        e2e_v2_pk=info["e2e_v2"]["pk"],
-    )
+    real_root = _verify(*args, e2e_v2_pk=info["e2e_v2"]["pk"], intel_root_der=None)
     assert real_root.reasons == (ErrorCode.ATTEST_QUOTE_INVALID,)
     quote = base64.b64decode(entry["quote"])
     assert nonce_binding(nonce, info["e2e_pubkey"], info["e2e_v2"]["pk"]) in quote
@@ -167,15 +143,12 @@ def test_relay_fans_out_in_the_chutes_shape(stack: Stack) -> None:
     ).json()["instances"]
     reasons = {}
     for row in rows:
-        verdict = verify_instance(
+        verdict = _verify(
+            stack,
             row["instance_id"],
             row["e2e_pubkey"],
             bundle.entries[row["instance_id"]],
             nonce,
-            stack.signer.collateral,
-            Policy(gpu=GpuMode.OFF),
-            stack.signer.now,
-            intel_root_der=stack.signer.root_der,
             e2e_v2_pk=row["e2e_v2"]["pk"],
         )
         reasons[row["instance_id"]] = verdict.reasons

@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from pqe2ee.errors import AttestationError, ErrorCode
 
@@ -101,33 +102,31 @@ def _when(value: object, what: str) -> datetime:
     return when
 
 
-@dataclass(frozen=True)
-class TcbInfo:
-    """Intel's signed TDX TCB info for one FMSPC (raw text, signature, issuer chain)."""
+@dataclass(frozen=True, kw_only=True)
+class _SignedDocument:
+    """An Intel-signed JSON member: its exact text, signature (raw r||s), issuer chain (PEM)
+    and validity window."""
+
+    raw: str
+    signature: bytes
+    issuer_chain: str
+    issue_date: datetime
+    next_update: datetime
+
+    def valid_at(self, now: float) -> bool:
+        return self.issue_date.timestamp() <= now < self.next_update.timestamp()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TcbInfo(_SignedDocument):
+    """Intel's signed TDX TCB info for one FMSPC."""
 
     fmspc: str
-    raw: str
-    signature: bytes
-    issuer_chain: str
-    issue_date: datetime
-    next_update: datetime
-
-    def valid_at(self, now: float) -> bool:
-        return self.issue_date.timestamp() <= now < self.next_update.timestamp()
 
 
-@dataclass(frozen=True)
-class QeIdentity:
+@dataclass(frozen=True, kw_only=True)
+class QeIdentity(_SignedDocument):
     """Intel's signed TD quoting enclave identity."""
-
-    raw: str
-    signature: bytes
-    issuer_chain: str
-    issue_date: datetime
-    next_update: datetime
-
-    def valid_at(self, now: float) -> bool:
-        return self.issue_date.timestamp() <= now < self.next_update.timestamp()
 
 
 def _signed(body: bytes, member: str) -> tuple[str, dict[str, object], bytes]:
@@ -144,32 +143,33 @@ def _signed(body: bytes, member: str) -> tuple[str, dict[str, object], bytes]:
         raise _bad("collateral signature is not hex") from None
 
 
+def _document(
+    body: bytes, member: str, issuer_chain_header: str
+) -> tuple[dict[str, Any], dict[str, object]]:
+    """The :class:`_SignedDocument` fields of an Intel answer, and the decoded member."""
+    raw, value, signature = _signed(body, member)
+    fields = {
+        "raw": raw,
+        "signature": signature,
+        "issuer_chain": unquote_chain(issuer_chain_header),
+        "issue_date": _when(value.get("issueDate"), f"{member}.issueDate"),
+        "next_update": _when(value.get("nextUpdate"), f"{member}.nextUpdate"),
+    }
+    return fields, value
+
+
 def tcb_info_from_pcs(body: bytes, issuer_chain_header: str) -> TcbInfo:
     """Intel PCS ``tdx/certification/v4/tcb?fmspc=`` answer -> :class:`TcbInfo`."""
-    raw, value, signature = _signed(body, "tcbInfo")
+    fields, value = _document(body, "tcbInfo", issuer_chain_header)
     fmspc = value.get("fmspc")
     if not isinstance(fmspc, str) or len(fmspc) != 12:
         raise _bad("tcbInfo has no 12-hex-digit fmspc")
-    return TcbInfo(
-        fmspc=fmspc.lower(),
-        raw=raw,
-        signature=signature,
-        issuer_chain=unquote_chain(issuer_chain_header),
-        issue_date=_when(value.get("issueDate"), "tcbInfo.issueDate"),
-        next_update=_when(value.get("nextUpdate"), "tcbInfo.nextUpdate"),
-    )
+    return TcbInfo(fmspc=fmspc.lower(), **fields)
 
 
 def qe_identity_from_pcs(body: bytes, issuer_chain_header: str) -> QeIdentity:
     """Intel PCS ``tdx/certification/v4/qe/identity`` answer -> :class:`QeIdentity`."""
-    raw, value, signature = _signed(body, "enclaveIdentity")
-    return QeIdentity(
-        raw=raw,
-        signature=signature,
-        issuer_chain=unquote_chain(issuer_chain_header),
-        issue_date=_when(value.get("issueDate"), "enclaveIdentity.issueDate"),
-        next_update=_when(value.get("nextUpdate"), "enclaveIdentity.nextUpdate"),
-    )
+    return QeIdentity(**_document(body, "enclaveIdentity", issuer_chain_header)[0])
 
 
 @dataclass(frozen=True)
