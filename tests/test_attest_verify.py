@@ -29,9 +29,9 @@ from pqe2ee.attest import (
     verify_evidence,
 )
 from pqe2ee.attest.capture import Capture
-from pqe2ee.attest.collateral import raw_members
+from pqe2ee.attest.collateral import SelectedCollateral, raw_members
 from pqe2ee.attest.gpu import nvidia_root, parse_spdm
-from pqe2ee.attest.tdx import parse_quote
+from pqe2ee.attest.tdx import _verify, load_qvl, parse_quote
 from pqe2ee.errors import AttestationError, ErrorCode
 
 E = ErrorCode
@@ -120,9 +120,9 @@ def test_rejected_outside_the_collateral_window(name: str, days: int) -> None:
         assert E.ATTEST_COLLATERAL_MISSING in verdict.reasons
 
 
-def test_expired_pck_crl_fails_in_dcap_qvl() -> None:
-    # TCB info and QE identity valid at the 06-29 capture, but the PCK CRL of 05-20 (next
-    # update 06-19): dcap-qvl refuses, so every piece's window counts, not only the ones we select.
+def test_an_expired_pck_crl_is_not_used() -> None:
+    # TCB info and QE identity valid at the 06-29 capture, but only the PCK CRL of 05-20 (next
+    # update 06-19): no usable collateral, so nothing is trusted; dcap-qvl refuses it as well.
     early = capture("glm-5-tee-2026-05-20")
     cap = capture("glm-5-tee-2026-06-29")
     crl = x509.load_der_x509_crl(early.collateral.pck_crls[0][1])
@@ -130,7 +130,20 @@ def test_expired_pck_crl_fails_in_dcap_qvl() -> None:
     coll = dataclasses.replace(full_collateral(cap), pck_crls=early.collateral.pck_crls)
     now = cap.captured_at.timestamp()
     verdicts = verify_evidence(cap.instances, cap.evidence, cap.nonce_hex, coll, Policy(), now)
-    assert [v.reasons for v in verdicts] == [(E.ATTEST_QUOTE_INVALID,)] * 2
+    assert [v.reasons for v in verdicts] == [(E.ATTEST_COLLATERAL_MISSING,)] * 2
+    fresh = full_collateral(cap)
+    selected = fresh.select("90c06f000000", "platform", now)
+    assert selected is not None
+    stale = SelectedCollateral(
+        selected.tcb_info,
+        selected.qe_identity,
+        early.collateral.pck_crls[0][1],
+        selected.pck_crl_issuer_chain,
+        selected.root_ca_crl,
+    )
+    quote = base64.b64decode(str(cap.evidence.entries[_first(cap)]["quote"]))
+    with pytest.raises(ValueError, match=r"(?i)crl"):
+        _verify(load_qvl(), quote, stale, int(now), None)
 
 
 # ------------------------------------------------------------------------------ negative cases

@@ -9,12 +9,15 @@ pieces valid at the verification time, so an expired or not-yet-issued answer is
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+
+from cryptography import x509
 
 from pqe2ee.errors import AttestationError, ErrorCode
 
@@ -205,7 +208,7 @@ class Collateral:
             tcb_infos=self.tcb_infos + other.tcb_infos,
             qe_identities=self.qe_identities + other.qe_identities,
             pck_crls=self.pck_crls + other.pck_crls,
-            root_ca_crl=self.root_ca_crl if self.root_ca_crl is not None else other.root_ca_crl,
+            root_ca_crl=_newer_crl(self.root_ca_crl, other.root_ca_crl),
             sources=self.sources + other.sources,
         )
 
@@ -217,16 +220,48 @@ class Collateral:
         fmspc = fmspc.lower()
         tcbs = [t for t in self.tcb_infos if t.fmspc == fmspc and t.valid_at(now)]
         qes = [q for q in self.qe_identities if q.valid_at(now)]
-        crls = [(crl, chain) for kind, crl, chain in self.pck_crls if kind == ca.lower()]
-        if not tcbs or not qes or not crls or self.root_ca_crl is None:
+        crls = [
+            (crl, chain)
+            for kind, crl, chain in self.pck_crls
+            if kind == ca.lower() and crl_valid_at(crl, now)
+        ]
+        root = self.root_ca_crl
+        if not tcbs or not qes or not crls or root is None or not crl_valid_at(root, now):
             return None
         tcb = max(tcbs, key=lambda t: t.issue_date)
         qe = max(qes, key=lambda q: q.issue_date)
         crl, chain = crls[-1]
-        return SelectedCollateral(tcb, qe, crl, chain, self.root_ca_crl)
+        return SelectedCollateral(tcb, qe, crl, chain, root)
+
+    def root_crl_valid(self, now: float) -> bool:
+        return self.root_ca_crl is not None and crl_valid_at(self.root_ca_crl, now)
 
     def fmspcs(self) -> frozenset[str]:
         return frozenset(t.fmspc for t in self.tcb_infos)
+
+
+@functools.lru_cache(maxsize=64)
+def _crl_window(der: bytes) -> tuple[float, float] | None:
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError:
+        return None
+    if crl.next_update_utc is None:
+        return None
+    return crl.last_update_utc.timestamp(), crl.next_update_utc.timestamp()
+
+
+def crl_valid_at(der: bytes, now: float) -> bool:
+    """A DER CRL whose thisUpdate..nextUpdate window holds ``now`` (unparsable: not valid)."""
+    window = _crl_window(der)
+    return window is not None and window[0] <= now < window[1]
+
+
+def _newer_crl(a: bytes | None, b: bytes | None) -> bytes | None:
+    if a is None or b is None:
+        return a if b is None else b
+    wa, wb = _crl_window(a), _crl_window(b)
+    return b if wb is not None and (wa is None or wb[1] > wa[1]) else a
 
 
 def _header(headers: Mapping[str, object], name: str) -> str:

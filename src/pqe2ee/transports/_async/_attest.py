@@ -215,7 +215,9 @@ class AsyncAttestor:
         pcs = self.options.pcs_url
         assert pcs is not None
         urls = collateral_urls(pcs, fmspc, ca)
-        if self.options.root_ca_crl_url and self.gate.collateral.root_ca_crl is None:
+        if self.options.root_ca_crl_url and not self.gate.collateral.root_crl_valid(
+            self.options.wall_clock()
+        ):
             urls["intel-root-ca-crl"] = self.options.root_ca_crl_url
         found = Collateral()
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
