@@ -197,3 +197,23 @@ def test_without_a_root_that_accepts_the_quotes_nothing_is_sent(stack: Stack) ->
             client.post("/v1/chat/completions", json=BODY)
     assert err.value.code is ErrorCode.ATTEST_FAILED
     assert stack.good.invokes + stack.debug.invokes == before
+
+
+def test_relay_rate_limits_evidence(stack: Stack) -> None:
+    config = relay.RelayConfig(
+        instances=(stack.good_url,),
+        api_keys=(KEY,),
+        startup_wait=5.0,
+        rate_limit=2,
+        rate_window=60.0,
+    )
+    with run_app(relay.create_app(config)) as small:
+        url = f"{small}/chutes/{_chute(stack)}/evidence"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        codes = [
+            httpx2.get(
+                url, params={"nonce": secrets.token_hex(32)}, headers=auth, timeout=30
+            ).status_code
+            for _ in range(3)
+        ]
+    assert codes == [200, 200, 429]

@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pqe2ee.server._asgi import json_response
-from pqe2ee.server.relay.answers import detail, unauthorized
+from pqe2ee.server.noncestore import NonceStoreError
+from pqe2ee.server.relay.answers import detail, store_down, unauthorized
 
 if TYPE_CHECKING:
     from pqe2ee.server.relay.app import _Relay
@@ -55,8 +56,23 @@ async def _fetch(client: httpx2.AsyncClient, inst: InstanceState, nonce: str) ->
 
 
 async def chute_evidence(relay: _Relay, request: Request) -> Response:
-    if relay.authenticate(request) is None:
+    key_id = relay.authenticate(request)
+    if key_id is None:
         return unauthorized()
+    cfg = relay.config
+    try:  # its own budget, as large as discovery's: each call fans out to every instance
+        allowed = await relay.store.hit(
+            "evidence:" + relay.rate_key(request, key_id), cfg.rate_window, cfg.rate_limit
+        )
+    except NonceStoreError:
+        return store_down()
+    if not allowed:
+        return detail(
+            429,
+            f"Rate limit exceeded: at most {cfg.rate_limit} evidence requests "
+            f"per {cfg.rate_window:g} s",
+            {"Retry-After": str(int(cfg.rate_window + 0.999))},
+        )
     nonce = request.query_params.get("nonce", "")
     if not _NONCE.fullmatch(nonce):
         return detail(400, "nonce must be 64 lowercase hex digits")
