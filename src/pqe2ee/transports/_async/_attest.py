@@ -15,6 +15,7 @@ left, ``attest_failed`` is raised (with the verdicts) before any byte of the pro
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pqe2ee.protocol.client import Negotiated
 from pqe2ee.protocol.discovery import Lease
 from pqe2ee.protocol.v2.negotiation import parse_v2_offer
 from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
+from pqe2ee.transports._offload import async_offload
 
 if TYPE_CHECKING:
     from pqe2ee.transports._async._engine import AsyncPort, AsyncPortResponse
@@ -152,16 +154,20 @@ class AsyncAttestor:
         expires = None
         if entry is not None:
             expires = await self._ensure_collateral(port, entry.get("quote"), now)
-        verdict = verify_instance(
-            lease.instance_id,
-            pubkey,
-            entry,
-            nonce_hex,
-            gate.collateral,
-            gate.policy,
-            now,
-            e2e_v2_pk=v2_pk,
-            intel_root_der=self.options.test_intel_root_der,
+        collateral, policy = gate.collateral, gate.policy
+        verdict = await async_offload(
+            functools.partial(
+                verify_instance,
+                lease.instance_id,
+                pubkey,
+                entry,
+                nonce_hex,
+                collateral,
+                policy,
+                now,
+                e2e_v2_pk=v2_pk,
+                intel_root_der=self.options.test_intel_root_der,
+            )
         )
         with self._guard:
             gate.record(chute, keys, verdict, expires)
