@@ -121,3 +121,41 @@ def test_unusable_input_exits_2(tmp_path: Path, args: list[str], message: str) -
     code, _, err = _verify(*args)
     assert code == 2
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attest-policy", "POLICY"], "unknown policy keys"),
+        (["--attest-collateral-dir", "EMPTYMETA"], "not a capture meta file"),
+    ],
+)
+def test_proxy_refuses_an_unusable_attestation_setup(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    policy = tmp_path / "p.json"
+    policy.write_text('{"colour": "blue"}')
+    broken = tmp_path / "collateral"
+    broken.mkdir()
+    (broken / "x.meta.json").write_text("[]")
+    args = [str(policy) if a == "POLICY" else str(broken) if a == "EMPTYMETA" else a for a in args]
+    result = CliRunner().invoke(cli, ["proxy", "--port", "0", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_instance_tee_without_configfs_answers_503(tmp_path: Path) -> None:
+    # Outside a TDX guest the configfs-tsm directory is an ordinary one: no quote appears, and
+    # /evidence says so (503) instead of serving anything unbound.
+    import httpx2
+
+    from pqe2ee.server import instance
+    from pqe2ee.testing import dev_engine
+    from servers import run_app
+
+    with run_app(dev_engine.create_app()) as engine:
+        config = instance.InstanceConfig(upstream=engine, tee="tdx", tsm_path=str(tmp_path))
+        with run_app(instance.create_app(config)) as inst:
+            r = httpx2.get(inst + "/evidence", params={"nonce": "ab" * 32}, timeout=10)
+    assert r.status_code == 503
+    assert r.json() == {"detail": "evidence unavailable"}
