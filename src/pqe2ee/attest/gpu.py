@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -113,24 +114,34 @@ def _valid_at(cert: x509.Certificate, now: float) -> bool:
     return cert.not_valid_before_utc <= when <= cert.not_valid_after_utc
 
 
+@functools.lru_cache(maxsize=256)
+def _issued_by(cert_der: bytes, issuer_der: bytes) -> bool:
+    """``cert`` carries ``issuer``'s name as its issuer and its signature verifies with that
+    key. A pure function of the two certificates' bytes, so its answer is kept: the
+    intermediates of a host's GPUs are the same certificates (times are checked per call)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    issuer = x509.load_der_x509_certificate(issuer_der)
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _chain_ok(chain: list[x509.Certificate], root: x509.Certificate, now: float) -> str | None:
     """``None`` when chain[0] leads to ``root`` (each link valid at ``now``), else why not."""
     root_der = root.public_bytes(Encoding.DER)
+    ders = [cert.public_bytes(Encoding.DER) for cert in chain]
     for i, cert in enumerate(chain):
-        if cert.public_bytes(Encoding.DER) == root_der:
+        if ders[i] == root_der:
             return None if i > 0 else "the leaf is the root"
         if not _valid_at(cert, now):
             return f"certificate {i} is not valid at the verification time"
-        try:
-            cert.verify_directly_issued_by(root)
+        if _issued_by(ders[i], root_der):
             return None
-        except (ValueError, TypeError, InvalidSignature):
-            pass
         if i + 1 == len(chain):
             return "the chain does not reach the pinned NVIDIA root"
-        try:
-            cert.verify_directly_issued_by(chain[i + 1])
-        except (ValueError, TypeError, InvalidSignature):
+        if not _issued_by(ders[i], ders[i + 1]):
             return f"certificate {i} is not issued by certificate {i + 1}"
     return "empty chain"
 
