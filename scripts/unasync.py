@@ -8,6 +8,7 @@ As httpcore does it: plain token substitutions, nothing clever. Sources (edit th
   ``_sync/_httpx.py``
 * ``src/pqe2ee/transports/_httpx2_common.py``  -> ``_httpx_common.py``
 * ``src/pqe2ee/transports/httpx2.py``          -> ``httpx.py``
+* ``src/pqe2ee/transports/_async/_attest.py``  -> ``_sync/_attest.py`` (attestation step)
 
 "sync" substitutions turn async code into blocking code: generic rules (``Async[A-Z]...`` ->
 ``...``, ``async def`` -> ``def``, ``await`` dropped, ``__aenter__`` -> ``__enter__``,
@@ -69,6 +70,7 @@ TARGETS: list[tuple[Path, Path, tuple[list[tuple[str, str]], ...]]] = [
     (COMMON, PKG / "_httpx_common.py", (HTTPX,)),
     (PUBLIC, PKG / "httpx.py", (HTTPX,)),
     (ENGINE, PKG / "_sync" / "_engine.py", (SYNC,)),
+    (PKG / "_async" / "_attest.py", PKG / "_sync" / "_attest.py", (SYNC,)),
 ]
 
 

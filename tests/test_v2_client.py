@@ -183,6 +183,8 @@ class FakeRelay:
             return _json(200, {"data": [{"id": MODEL, "chute_id": CHUTE}]})
         if path.startswith("/e2e/instances/"):
             return self._discovery()
+        if path.endswith("/evidence"):  # no TEE evidence here: attest="auto" sends unattested
+            return _json(404, {"detail": "Not Found"})
         assert path == "/e2e/invoke" and method == "POST"
         self.invokes.append((headers, body))
         nonce, inst_id = headers["X-E2E-Nonce"], headers["X-Instance-Id"]

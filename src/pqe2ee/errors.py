@@ -29,6 +29,8 @@ Tree (the codes each class owns; a class without codes of its own carries its pa
     │                             instance_busy, key_exchange_required, no_instances,
     │                             model_not_found, discovery_failed, discovery_rate_limited,
     │                             retries_exhausted
+    ├── AttestationError          TEE evidence did not prove the instance key (per-check reasons
+    │                             in a Verdict; raised as attest_* codes, see pqe2ee.attest)
     └── ServerError               a pqe2ee server refuses or cannot serve a request
         │                         stream_mismatch, instance_mismatch, upstream_timeout,
         │                         v1_disabled
@@ -59,6 +61,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 __all__ = [
+    "AttestationError",
     "BackendError",
     "ConnectionLost",
     "DecryptError",
@@ -146,6 +149,26 @@ class ErrorCode(enum.StrEnum):
     V1_DISABLED = "v1_disabled"
     REPLAY_CACHE_UNAVAILABLE = "replay_cache_unavailable"
     NONCE_STORE_UNAVAILABLE = "nonce_store_unavailable"
+    # attestation (SPEC.md "Attestation"): the reasons of a Verdict and the errors raised
+    ATTEST_FAILED = "attest_failed"
+    ATTEST_UNAVAILABLE = "attest_unavailable"
+    ATTEST_DOWNGRADE = "attest_downgrade"
+    ATTEST_EVIDENCE_MISSING = "attest_evidence_missing"
+    ATTEST_EVIDENCE_MALFORMED = "attest_evidence_malformed"
+    ATTEST_COLLATERAL_MISSING = "attest_collateral_missing"
+    ATTEST_QUOTE_INVALID = "attest_quote_invalid"
+    ATTEST_QUOTE_VERSION = "attest_quote_version"
+    ATTEST_TEE_TYPE = "attest_tee_type"
+    ATTEST_TCB_STATUS = "attest_tcb_status"
+    ATTEST_DEBUG = "attest_debug"
+    ATTEST_NONCE_BINDING = "attest_nonce_binding"
+    ATTEST_CERT_BINDING = "attest_cert_binding"
+    ATTEST_MEASUREMENT = "attest_measurement"
+    ATTEST_GPU_MISSING = "attest_gpu_missing"
+    ATTEST_GPU_CHAIN = "attest_gpu_chain"
+    ATTEST_GPU_SIGNATURE = "attest_gpu_signature"
+    ATTEST_GPU_NONCE = "attest_gpu_nonce"
+    ATTEST_GPU_UNSUPPORTED = "attest_gpu_unsupported"
 
 
 _OWNERS: dict[ErrorCode, type[PQE2EEError]] = {}
@@ -358,6 +381,47 @@ class RelayError(
     ),
 ):
     """The relay (control plane) answered an invocation or discovery with an error status."""
+
+
+class AttestationError(
+    PQE2EEError,
+    codes=(
+        ErrorCode.ATTEST_FAILED,
+        ErrorCode.ATTEST_UNAVAILABLE,
+        ErrorCode.ATTEST_DOWNGRADE,
+        ErrorCode.ATTEST_EVIDENCE_MISSING,
+        ErrorCode.ATTEST_EVIDENCE_MALFORMED,
+        ErrorCode.ATTEST_COLLATERAL_MISSING,
+        ErrorCode.ATTEST_QUOTE_INVALID,
+        ErrorCode.ATTEST_QUOTE_VERSION,
+        ErrorCode.ATTEST_TEE_TYPE,
+        ErrorCode.ATTEST_TCB_STATUS,
+        ErrorCode.ATTEST_DEBUG,
+        ErrorCode.ATTEST_NONCE_BINDING,
+        ErrorCode.ATTEST_CERT_BINDING,
+        ErrorCode.ATTEST_MEASUREMENT,
+        ErrorCode.ATTEST_GPU_MISSING,
+        ErrorCode.ATTEST_GPU_CHAIN,
+        ErrorCode.ATTEST_GPU_SIGNATURE,
+        ErrorCode.ATTEST_GPU_NONCE,
+        ErrorCode.ATTEST_GPU_UNSUPPORTED,
+    ),
+):
+    """TEE evidence did not prove that the instance key belongs to a genuine, up-to-date,
+    non-debug TEE answering for our nonce (or it could not be checked here).
+
+    ``verdicts`` holds the per-instance :class:`pqe2ee.attest.Verdict` values when there are
+    any (every one rejected); a verdict's reasons are codes of this class. ``attest_failed``:
+    no instance passed; ``attest_unavailable``: the verifier (extra ``[attest]``) or its
+    collateral is missing here; ``attest_downgrade``: a chute verified before came back with
+    no TEE listing or evidence.
+    """
+
+    def __init__(
+        self, message: str, *, code: ErrorCode | None = None, verdicts: tuple[object, ...] = ()
+    ) -> None:
+        super().__init__(message, code=code)
+        self.verdicts = verdicts
 
 
 class ServerError(

@@ -1,7 +1,8 @@
-"""The ``pqe2ee`` command line: proxy, instance, relay, dev-engine, backends.
+"""The ``pqe2ee`` command line: proxy, instance, relay, dev-engine, backends, attest.
 
 One module per command (:mod:`~pqe2ee.cli.proxy`, :mod:`~pqe2ee.cli.instance`,
-:mod:`~pqe2ee.cli.relay`, :mod:`~pqe2ee.cli.dev_engine`, :mod:`~pqe2ee.cli.backends`); the
+:mod:`~pqe2ee.cli.relay`, :mod:`~pqe2ee.cli.dev_engine`, :mod:`~pqe2ee.cli.backends`,
+:mod:`~pqe2ee.cli.attest`); the
 options and the exit path they share live in :mod:`pqe2ee.cli._options`. Each command imports
 the server or proxy it starts only when it runs, so ``pqe2ee --help`` stays fast.
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if click is not None:
+    from pqe2ee.cli.attest import attest_cmd
     from pqe2ee.cli.backends import backends_cmd
     from pqe2ee.cli.dev_engine import dev_engine_cmd
     from pqe2ee.cli.instance import instance_cmd
@@ -53,7 +55,8 @@ if click is not None:
         relay       control plane: discovery, nonces, forwarding bytes it cannot read
         dev-engine  a deterministic stand-in engine for demos and tests (not a model)
         backends    list the crypto backends that work on this machine
+        attest      verify TEE evidence (a saved capture) bound to instance keys
         """
 
-    for _command in (backends_cmd, dev_engine_cmd, instance_cmd, relay_cmd, proxy_cmd):
+    for _command in (backends_cmd, dev_engine_cmd, instance_cmd, relay_cmd, proxy_cmd, attest_cmd):
         cli.add_command(_command)

@@ -112,6 +112,20 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
     "noeviction) so several processes serving one key share it. Default: in memory.",
 )
+@opt.env_option(
+    "--tee",
+    env="TEE",
+    type=click.Choice(["tdx"]),
+    default=None,
+    help="Serve TEE evidence at GET /evidence?nonce= (tdx: quotes from Linux configfs-tsm), "
+    "binding the caller's nonce and this instance's keys (SPEC.md §18, spec/v2.md §8.3).",
+)
+@opt.env_option(
+    "--tsm-path",
+    env="TSM_PATH",
+    default="/sys/kernel/config/tsm/report",
+    help="The configfs-tsm report directory (with --tee tdx).",
+)
 @opt.log_level_option
 def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -> None:
     """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -64,9 +65,55 @@ __all__ = ["proxy_cmd"]
     default=False,
     help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
 )
+@opt.env_option(
+    "--attest",
+    env="ATTEST",
+    default="auto",
+    type=click.Choice(["auto", "require", "off"]),
+    help="TEE attestation of instance keys before a prompt is sealed: auto verifies every "
+    "chute that serves evidence (fail closed; once verified, always), require refuses any "
+    "chute it cannot verify, off skips it.",
+)
+@opt.env_option(
+    "--attest-policy",
+    env="ATTEST_POLICY",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Attestation policy JSON (allowed_tcb_statuses, measurements allowlist, gpu, max_age).",
+)
+@opt.env_option(
+    "--attest-collateral-dir",
+    env="ATTEST_COLLATERAL_DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    help="Intel collateral answers at hand (*.body + *.meta.json); repeatable.",
+)
+@opt.env_option(
+    "--attest-pcs-url",
+    env="ATTEST_PCS_URL",
+    default="https://api.trustedservices.intel.com",
+    metavar="URL",
+    help="Intel PCS (or a PCCS) for collateral not at hand; empty: offline only.",
+)
+@opt.env_option(
+    "--attest-cache-dir",
+    env="ATTEST_CACHE_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep fetched Intel collateral here and reuse it (offline) until its nextUpdate.",
+)
 @opt.log_level_option
 def proxy_cmd(
-    api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any
+    api_key: str | None,
+    min_version: str,
+    no_prefer_v2: bool,
+    log_level: str,
+    attest: str,
+    attest_policy: Path | None,
+    attest_collateral_dir: tuple[Path, ...],
+    attest_pcs_url: str,
+    attest_cache_dir: Path | None,
+    **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
 
@@ -93,6 +140,12 @@ def proxy_cmd(
     (downgrade_suspected) instead of falling back. Chutes that never offered v2 get v1
     (logged). Running your own instances? Use --min-version 2: v1 is then never sent.
 
+    Attestation (--attest auto, the default): before the first prompt to a chute that
+    serves TEE evidence, the instance's key is checked against an Intel TDX quote (dcap-qvl,
+    extra [attest]) and its GPUs' SPDM evidence, for a fresh nonce; an instance that fails
+    never gets a prompt, and with none left the call fails with attest_failed. Chutes without
+    evidence are used unattested (one warning) unless verified before (attest_downgrade).
+
     What goes in plaintext: the model listing (GET /v1/models), which carries no user
     data. Between this proxy and your tools traffic is plain HTTP: keep --host on
     loopback.
@@ -112,10 +165,19 @@ def proxy_cmd(
       OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
       ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
     """
+    from pqe2ee.attest.capture import attest_options
     from pqe2ee.proxy.app import ProxyConfig, serve
 
     with opt.exit_on_error("proxy"):
+        attestation = attest_options(
+            attest,
+            policy=attest_policy,
+            collateral_dirs=attest_collateral_dir,
+            pcs_url=attest_pcs_url or None,
+            cache_dir=attest_cache_dir,
+        )
         config = ProxyConfig(
+            attest=attestation,
             api_key=api_key or None,
             min_version=int(min_version),
             prefer_v2=not no_prefer_v2,

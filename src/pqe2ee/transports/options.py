@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypedDict, Unpack
 from urllib.parse import urlsplit
 
+from pqe2ee.attest.gate import AttestMode, AttestOptions
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 from pqe2ee.protocol.client import DEFAULT_E2E_PATHS, ClientLimits
 from pqe2ee.protocol.v2.negotiation import E2EPolicy, Negotiator
@@ -77,6 +78,7 @@ class ClientOptionsArgs(TypedDict, total=False):
     min_version: int
     prefer_v2: bool
     negotiator: Negotiator | None
+    attest: AttestOptions | str
 
 
 def _invalid(message: str) -> LocalProtocolError:
@@ -146,6 +148,10 @@ class ClientOptions:
     * ``min_version``, ``prefer_v2``, ``negotiator``: the version policy (spec/v2.md §8); a
       ``negotiator`` shares its pins and policy between transports, and is the one the
       transport's engine uses.
+    * ``attest``: TEE attestation of instance keys before sealing (:mod:`pqe2ee.attest`):
+      ``"auto"`` (default: chutes that serve evidence are verified, fail closed and stay
+      pinned; others get one warning), ``"require"``, ``"off"``, or an
+      :class:`~pqe2ee.attest.gate.AttestOptions` (policy, collateral, PCS URL, clock).
     """
 
     api_key: str | None = None
@@ -164,10 +170,18 @@ class ClientOptions:
     min_version: int = 1
     prefer_v2: bool = True
     negotiator: Negotiator | None = None
+    attest: AttestOptions | str = "auto"
     #: The policy ``min_version``/``prefer_v2``/``negotiator`` add up to (derived).
     policy: E2EPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        attest: object = self.attest
+        if isinstance(attest, str):
+            if attest not in tuple(AttestMode):
+                raise _invalid("attest must be 'auto', 'require', 'off' or an AttestOptions")
+            object.__setattr__(self, "attest", AttestOptions(mode=AttestMode(attest)))
+        elif not isinstance(attest, AttestOptions):
+            raise _invalid("attest must be 'auto', 'require', 'off' or an AttestOptions")
         api_key = self.api_key
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise _invalid("api_key must be a non-empty string or None")
@@ -203,6 +217,12 @@ class ClientOptions:
         options give (pass them on as ``key_pools=``; the caller owns and closes them)."""
         s = self.settings()
         return SharedKeyPools.make(s.kem, s.xwing, s.key_pool_size)
+
+    @property
+    def attestation(self) -> AttestOptions:
+        """``attest`` as an :class:`AttestOptions` (a mode string is made into one)."""
+        assert isinstance(self.attest, AttestOptions)  # __post_init__ made it one
+        return self.attest
 
     def settings(self) -> Settings:
         """The engine's settings: these options with the crypto backends resolved (raises

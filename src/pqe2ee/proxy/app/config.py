@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pqe2ee.attest.gate import AttestMode, AttestOptions
 from pqe2ee.errors import LocalProtocolError
 
 __all__ = [
@@ -44,6 +45,10 @@ class ProxyConfig:
     back without; ``min_version=2`` refuses v1 outright (``downgrade_refused``, before any
     nonce is spent) - the setting for instances you run yourself; ``prefer_v2=False`` speaks v1
     only.
+
+    ``attest`` (``auto`` / ``require`` / ``off`` or an :class:`~pqe2ee.attest.gate.AttestOptions`)
+    is the TEE attestation of every per-key transport, which share one gate (verdicts, pins):
+    a chute that serves evidence is verified before its first prompt and fails closed.
     """
 
     api_base: str = DEFAULT_API_BASE
@@ -65,6 +70,7 @@ class ProxyConfig:
     transport_options: Mapping[str, Any] = field(default_factory=dict)
     min_version: int = 1
     prefer_v2: bool = True
+    attest: AttestOptions | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("api_base", "models_base"):
@@ -91,7 +97,13 @@ class ProxyConfig:
             raise LocalProtocolError("prefer_v2 must be a bool")
         if self.min_version == 2 and not self.prefer_v2:
             raise LocalProtocolError("min_version=2 needs prefer_v2 (v2 is the only choice)")
-        clash = {"min_version", "prefer_v2", "negotiator"} & set(self.transport_options)
+        if isinstance(self.attest, str):
+            if self.attest not in tuple(AttestMode):
+                raise LocalProtocolError("attest must be 'auto', 'require' or 'off'")
+            object.__setattr__(self, "attest", AttestOptions(mode=AttestMode(self.attest)))
+        elif not isinstance(self.attest, AttestOptions):
+            raise LocalProtocolError("attest must be a mode or an AttestOptions")
+        clash = {"min_version", "prefer_v2", "negotiator", "attest"} & set(self.transport_options)
         if clash:
             raise LocalProtocolError(
                 f"set {', '.join(sorted(clash))} on ProxyConfig, not in transport_options"

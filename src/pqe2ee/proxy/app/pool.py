@@ -157,6 +157,7 @@ def upstream_options(config: ProxyConfig) -> ClientOptions:
             "backend": config.backend,
             "strict": True,
             "negotiator": negotiator,
+            "attest": config.attest,  # one AttestOptions, so one gate for every key
         },
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -23,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pqe2ee import __version__
+from pqe2ee.attest.tsm import TsmQuoteProvider
 from pqe2ee.backends.base import AEAD, KEM, KEMPrivateKey
 from pqe2ee.backends.xwing import XWing, XWingPrivateKey
 from pqe2ee.errors import ErrorCode
@@ -35,6 +37,7 @@ from pqe2ee.server._asgi import (
     read_body,
 )
 from pqe2ee.server.instance.config import InstanceConfig, MiB
+from pqe2ee.server.instance.evidence import EvidenceService, QuoteProvider
 from pqe2ee.server.instance.exchange import Concurrency, Reject, RequestLog, logger
 from pqe2ee.server.instance.keys import Keys
 from pqe2ee.server.instance.upstream import Engine, EngineStream, safe_url
@@ -290,11 +293,14 @@ def create_app(
     private_key: KEMPrivateKey | None = None,
     v2_key: XWingPrivateKey | None = None,
     replay_cache: ReplayCache | None = None,
+    quote_provider: QuoteProvider | None = None,
 ) -> Starlette:
     """The instance as an ASGI app. The keys are loaded (or created) here, before serving.
 
     ``private_key`` / ``v2_key`` override the v1 / v2 key (tests); otherwise ``config.key_file``
     / ``config.v2_key_file`` or fresh keys. ``replay_cache`` overrides the v2 replay cache.
+    ``quote_provider`` (or ``config.tee="tdx"``: configfs-tsm at ``config.tsm_path``) serves
+    ``GET /evidence?nonce=`` (:mod:`pqe2ee.server.instance.evidence`).
     Raises :class:`~pqe2ee.server.keyfile.KeyFileError` / :class:`~pqe2ee.errors.BackendError`
     for a bad key file or backend. The lifespan checks a Redis replay cache (start-up fails
     when it does not answer) and rotates a generated v2 key. ``app.state.instance`` is the
@@ -319,6 +325,11 @@ def create_app(
         Route("/e2e/info", instance.info, methods=["GET"]),
         Route("/e2e/invoke", instance.invoke, methods=["POST"]),
     ]
+    if quote_provider is None and config.tee == "tdx":
+        quote_provider = TsmQuoteProvider(Path(config.tsm_path))
+    if quote_provider is not None:
+        service = EvidenceService(instance, quote_provider)
+        routes.append(Route("/evidence", service.evidence, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.instance = instance
     return app

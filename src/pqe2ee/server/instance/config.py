@@ -81,8 +81,12 @@ class InstanceConfig:
     chute_id: str | None = None
     redis_url: str | None = field(default=None, repr=False)
     replay_max_entries: int = 100_000
+    tee: str | None = None
+    tsm_path: str = "/sys/kernel/config/tsm/report"
 
     def __post_init__(self) -> None:
+        if self.tee not in (None, "tdx"):
+            raise LocalProtocolError("tee must be 'tdx' (or None)")
         up = self.upstream.strip()
         try:
             url = httpx2.URL(up)

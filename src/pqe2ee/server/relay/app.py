@@ -13,6 +13,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -44,6 +45,7 @@ from pqe2ee.server.relay.answers import (
     unauthorized,
 )
 from pqe2ee.server.relay.config import API_KEYS_ENV, RelayConfig, chute_id_for, config_error
+from pqe2ee.server.relay.evidence import chute_evidence
 from pqe2ee.server.relay.forward import Forwarder
 from pqe2ee.server.relay.metrics import RelayMetrics
 from pqe2ee.server.relay.registry import Prober, Registry
@@ -296,6 +298,7 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
         routes=[
             Route("/v1/models", relay.models, methods=["GET"]),
             Route("/e2e/instances/{chute_id}", relay.instances, methods=["GET"]),
+            Route("/chutes/{chute_id}/evidence", partial(chute_evidence, relay), methods=["GET"]),
             Route("/e2e/invoke", relay.invoke, methods=["POST"]),
             Route("/health", relay.health, methods=["GET"]),
             Route("/metrics", relay.metrics_endpoint, methods=["GET"]),

@@ -90,6 +90,7 @@ from pqe2ee.protocol.v1.envelope import seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
+from pqe2ee.transports._async._attest import AsyncAttestor
 from pqe2ee.transports._common import (
     MAX_BLOB,
     MAX_DOC,
@@ -387,6 +388,8 @@ class AsyncEngine:
         self._chute_locks: dict[str, AsyncLock] = {}
         self._warned: set[tuple[str, str]] = set()
         self._models_lock = AsyncLock()
+        attest = settings.options.attestation
+        self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
 
     def close_keys(self) -> None:
         """Stop the key pools' threads and wipe the keys still pooled (no I/O)."""
@@ -426,9 +429,16 @@ class AsyncEngine:
                     if fresh != chute:
                         chute, last = fresh, exc
                         continue
+                if self.attestor is not None:
+                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
                 if last is not None and exc.code is ErrorCode.NO_INSTANCES:
                     raise RetriesExhausted(last, attempt - 1) from last
                 raise
+            if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
+                found = await self.attestor.admit(
+                    self, port, chute, (lease, negotiated), auth, deadline
+                )
+                lease, negotiated = found
             if negotiated.version == 2:
                 outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth)
             else:
@@ -604,6 +614,12 @@ class AsyncEngine:
             self.state.update_models(data, self.now())
 
     # -- leases and discovery -------------------------------------------------------------------
+
+    def drop(self, lease: Lease) -> None:
+        """Take ``lease``'s instance out of the pool (it failed attestation)."""
+        gone = RelayError("instance failed attestation", code=ErrorCode.INSTANCE_GONE)
+        with self._guard:
+            self.state.report(lease, gone, self.now())
 
     def _chute_lock(self, chute: str) -> AsyncLock:
         with self._guard:

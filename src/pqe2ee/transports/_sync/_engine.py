@@ -102,6 +102,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
+from pqe2ee.transports._sync._attest import Attestor
 
 __all__ = [
     "Engine",
@@ -387,6 +388,8 @@ class Engine:
         self._chute_locks: dict[str, Lock] = {}
         self._warned: set[tuple[str, str]] = set()
         self._models_lock = Lock()
+        attest = settings.options.attestation
+        self.attestor = Attestor(attest, settings.api_base) if attest.mode != "off" else None
 
     def close_keys(self) -> None:
         """Stop the key pools' threads and wipe the keys still pooled (no I/O)."""
@@ -426,9 +429,14 @@ class Engine:
                     if fresh != chute:
                         chute, last = fresh, exc
                         continue
+                if self.attestor is not None:
+                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
                 if last is not None and exc.code is ErrorCode.NO_INSTANCES:
                     raise RetriesExhausted(last, attempt - 1) from last
                 raise
+            if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
+                found = self.attestor.admit(self, port, chute, (lease, negotiated), auth, deadline)
+                lease, negotiated = found
             if negotiated.version == 2:
                 outcome = self._invoke_v2(port, lease, negotiated, path, body, auth)
             else:
@@ -598,6 +606,12 @@ class Engine:
             self.state.update_models(data, self.now())
 
     # -- leases and discovery -------------------------------------------------------------------
+
+    def drop(self, lease: Lease) -> None:
+        """Take ``lease``'s instance out of the pool (it failed attestation)."""
+        gone = RelayError("instance failed attestation", code=ErrorCode.INSTANCE_GONE)
+        with self._guard:
+            self.state.report(lease, gone, self.now())
 
     def _chute_lock(self, chute: str) -> Lock:
         with self._guard:
