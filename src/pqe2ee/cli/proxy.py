@@ -64,9 +64,15 @@ __all__ = ["proxy_cmd"]
     default=False,
     help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
 )
+@opt.pure_python_option
 @opt.log_level_option
 def proxy_cmd(
-    api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any
+    api_key: str | None,
+    min_version: str,
+    no_prefer_v2: bool,
+    log_level: str,
+    pure_python: bool,
+    **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
 
@@ -121,4 +127,4 @@ def proxy_cmd(
             prefer_v2=not no_prefer_v2,
             **options,
         )
-        serve(config, log_level=log_level)
+        serve(config, log_level=log_level, pure_python=pure_python)
