@@ -125,15 +125,19 @@ class TimedKEM:
 def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
     cost: float, threaded: bool
 ) -> None:
-    pool = KeyPool(TimedKEM(cost), size=2)  # type: ignore[arg-type]
+    kem = TimedKEM(cost)
+    pool = KeyPool(kem, size=2)  # type: ignore[arg-type]
     try:
         assert pool.filler is None  # undecided until PROBES keys were timed
-        for _ in range(PROBES):
-            assert not pool.running
-            pool.take()
-        assert pool.filler is threaded
+        pool.take()  # its key, then PROBES timed ones (kept, as far as the pool has room)
+        assert (kem.made, pool.generated_inline, len(pool._probes)) == (1 + PROBES, 1, PROBES)
+        assert pool.filler is threaded and not pool.running
+        assert pool.ready == 2
         pool.take()
-        assert pool.running is threaded
+        assert not pool.running  # one key left of two: no hand-off yet
+        pool.take()
+        assert pool.running is threaded  # below half: the filler refills in a batch
+        assert pool.generated_inline == 1
     finally:
         pool.close()
     assert not pool.running
