@@ -444,6 +444,12 @@ def test_extract_usage() -> None:
     assert extract_usage(b'data: {"usage":\n') is None
     assert extract_usage(b'data: {"usage":"\xc3"}\n') is None  # invalid UTF-8 in a string
     assert extract_usage(b"\n") is None
+    # Only usage is built from the line, but the whole line is still checked as before.
+    assert extract_usage(b'data: {"x":"\xc3","usage":1}\n') is None  # bad UTF-8 elsewhere
+    assert extract_usage(b'data: {"x":"\xc3\xa9","usage":1}\n') == 1  # good UTF-8 elsewhere
+    assert extract_usage(b'data: {"x":[1,,2],"usage":1}\n') is None
+    assert extract_usage(b'data: {"usage":1} x\n') is None
+    assert extract_usage(b'data: {"usage":1,"usage":{"a":[2]}}\n') == {"a": [2]}  # the last
 
 
 def test_encoder_tail_and_max_line(kem: KEM, aead: AEAD) -> None:
