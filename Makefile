@@ -61,7 +61,7 @@ demo: setup
 	$(OQS_ENV) $(PY) examples/demo.py
 
 # Every benchmark, one after the other (about 8 minutes on 2 cores); each prints its tables.
-BENCHES := core client instance server proxy v2
+BENCHES := core overhead client instance server proxy v2
 bench: setup
 	for b in $(BENCHES); do echo "== benchmarks/bench_$$b.py"; \
 		$(OQS_ENV) $(PY) benchmarks/bench_$$b.py || exit 1; done
