@@ -138,11 +138,12 @@ def _server(*args: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def stack() -> Iterator[tuple[str, str]]:
-    """(engine, relay) URLs: relay -> instance -> dev-engine, each a ``pqe2ee`` process."""
+def stack(*instance_args: str) -> Iterator[tuple[str, str]]:
+    """(engine, relay) URLs: relay -> instance -> dev-engine, each a ``pqe2ee`` process
+    (``instance_args``: more options for the instance)."""
     with contextlib.ExitStack() as es:
         engine = es.enter_context(_server("dev-engine"))
-        inst = es.enter_context(_server("instance", "--upstream", engine))
+        inst = es.enter_context(_server("instance", "--upstream", engine, *instance_args))
         relay = es.enter_context(
             _server(
                 "relay",

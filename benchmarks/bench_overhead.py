@@ -45,7 +45,7 @@ from pqe2ee.protocol import open_request, seal_response
 from pqe2ee.server.keyfile import load_or_create_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_client import KEY, _server
+from bench_client import KEY, stack
 
 MESSAGES = [{"role": "user", "content": "Say hello to the benchmark."}]
 ANSWER = (
@@ -168,23 +168,7 @@ def main() -> None:
     with contextlib.ExitStack() as es:
         key_file = Path(es.enter_context(tempfile.TemporaryDirectory())) / "instance.key"
         instance_key, _ = load_or_create_key(key_file)
-        engine = es.enter_context(_server("dev-engine"))
-        inst = es.enter_context(
-            _server("instance", "--upstream", engine, "--key-file", str(key_file))
-        )
-        relay_url = es.enter_context(
-            _server(
-                "relay",
-                "--instance",
-                inst,
-                "--api-key",
-                KEY,
-                "--rate-limit",
-                "1000000",
-                "--nonces-per-instance",
-                "1000",
-            )
-        )
+        _, relay_url = es.enter_context(stack("--key-file", str(key_file)))
         print(
             "\n| backend | plain client | E2EE client | overhead (medians' difference) "
             "| KEM floor (keygen + encaps + decaps) | overhead - floor |"
