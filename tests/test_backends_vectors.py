@@ -822,3 +822,20 @@ def test_liboqs_adapter_with_a_stand_in_library(
     assert inner.freed and key.expanded_key() is None
     with pytest.raises(LocalProtocolError, match="wiped"):
         key.decapsulate(ct)
+
+
+def test_pyca_keeps_parsed_public_keys_but_never_a_refused_one() -> None:
+    from pqe2ee.backends import pyca
+
+    kem = get_kem("pyca")
+    key = kem.generate()
+    before = pyca._public_key.cache_info().hits
+    results = [kem.encapsulate(key.public_key) for _ in range(3)]
+    assert pyca._public_key.cache_info().hits - before >= 2  # parsed once, then kept
+    assert len({ct for ct, _ in results}) == 3  # still a fresh encapsulation each time
+    assert all(key.decapsulate(ct) == ss for ct, ss in results)
+    unreduced = b"\xff\x0f" + key.public_key[2:]
+    for _ in range(2):  # refused every time, with the precise reason
+        with pytest.raises(LocalProtocolError, match="modulus check") as info:
+            kem.encapsulate(unreduced)
+        assert info.value.code is ErrorCode.INVALID_KEY
