@@ -60,8 +60,11 @@ test: setup lint typecheck pytest
 demo: setup
 	$(OQS_ENV) $(PY) examples/demo.py
 
+# Every benchmark, one after the other (about 8 minutes on 2 cores); each prints its tables.
+BENCHES := core overhead client instance server proxy v2
 bench: setup
-	$(OQS_ENV) $(PY) benchmarks/bench_core.py
+	for b in $(BENCHES); do echo "== benchmarks/bench_$$b.py"; \
+		$(OQS_ENV) $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(REFVENV) $(LIBOQS_PREFIX) .mypy_cache .ruff_cache .pytest_cache

@@ -141,8 +141,17 @@ def _serve(role: str, port: int, upstream: str) -> None:
         app = _proxy_app(upstream)
     else:
         raise SystemExit(f"unknown role {role}")
+    from pqe2ee.server._stack import uvicorn_stack
+
+    stack = uvicorn_stack(pure_python=os.environ.get("PQE2EE_PURE_PYTHON") == "1")
     uvicorn.run(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, backlog=2048
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        backlog=2048,
+        **stack,
     )
 
 
@@ -445,8 +454,17 @@ def _versions() -> str:
     return (
         f"Python {platform.python_version()}, CPU {cpu} x {os.cpu_count()}, "
         f"backend KEM {get_kem().name} / AEAD {get_aead().name}, uvicorn {uvicorn.__version__}, "
-        f"starlette {starlette.__version__}, httpx2 {httpx2.__version__}"
+        f"starlette {starlette.__version__}, httpx2 {httpx2.__version__}, every server on "
+        f"{_stack_name()}"
     )
+
+
+def _stack_name() -> str:
+    from pqe2ee.server._stack import uvicorn_stack
+
+    stack = uvicorn_stack(pure_python=os.environ.get("PQE2EE_PURE_PYTHON") == "1")
+    http = stack["http"] if isinstance(stack["http"], str) else "httptools"
+    return f"{stack['loop']} + {http} (PQE2EE_PURE_PYTHON=1: asyncio + h11)"
 
 
 async def bench(args: argparse.Namespace) -> None:

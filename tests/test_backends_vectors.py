@@ -18,6 +18,7 @@ import itertools
 import os
 import pickle
 import random
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -597,18 +598,54 @@ def test_registry_auto_choice() -> None:
                 get_aead(name)
 
 
-def test_liboqs_missing_library_never_installs() -> None:
-    """Without the liboqs shared library the backend is reported unavailable, oqs is never imported
-    (its import would git-clone and build liboqs) and the adapter module raises BackendError."""
-    reason = unavailable_reason("liboqs")
-    if reason is None:
-        pytest.skip("liboqs is installed here")
-    assert "liboqs" not in backends.available()
-    assert "oqs" not in sys.modules
-    with pytest.raises(BackendError) as info:
-        importlib.import_module("pqe2ee.backends.liboqs")
-    assert info.value.code is ErrorCode.BACKEND_UNAVAILABLE
-    assert "oqs" not in sys.modules
+_WITHOUT_LIBOQS = """
+import importlib, sys
+from pqe2ee import backends
+from pqe2ee.errors import BackendError, ErrorCode, UnavailableReason
+why = backends.unavailable("liboqs")
+if why is None:
+    print("LOADED")  # a system liboqs the loader finds by name: nothing to check here
+    raise SystemExit(0)
+assert why.reason is UnavailableReason.NATIVE_LIBRARY_MISSING, why
+assert str(why).startswith("native library missing: "), str(why)
+assert backends.unavailable_reason("liboqs") == str(why)
+assert "liboqs" not in backends.available()
+assert "oqs" not in sys.modules
+try:
+    importlib.import_module("pqe2ee.backends.liboqs")
+except BackendError as exc:
+    assert exc.code is ErrorCode.BACKEND_UNAVAILABLE, exc.code
+else:
+    raise AssertionError("the adapter imported without liboqs")
+assert "oqs" not in sys.modules
+print("REFUSED", backends.get_kem("auto").name)
+"""
+
+
+def test_liboqs_missing_library_never_installs(tmp_path: Path) -> None:
+    """Without the liboqs shared library the backend is reported unavailable (native library
+    missing), oqs is never imported (its import would git-clone and build liboqs), the adapter
+    module raises BackendError and ``auto`` moves on. Run in a fresh interpreter whose
+    ``OQS_INSTALL_PATH`` (and home) holds no liboqs, so it runs where liboqs loads too."""
+    env = {**os.environ, "OQS_INSTALL_PATH": str(tmp_path), "HOME": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(backends.__file__).resolve().parents[2]), env.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LIBOQS],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if done.stdout.strip() == "LOADED":
+        pytest.skip("a system liboqs is on the loader's search path")
+    refused, auto = done.stdout.split()
+    assert refused == "REFUSED" and auto in backends.BACKENDS and auto != "liboqs"
+    assert not list(tmp_path.iterdir())  # nothing downloaded or built into the empty prefix
 
 
 @pytest.fixture
@@ -652,15 +689,6 @@ def test_backend_without_the_primitive() -> None:
         get_aead("pqcrypto")
     assert info.value.code is ErrorCode.BACKEND_UNAVAILABLE  # as before the one registry
     assert info.value.reason is UnavailableReason.UNSUPPORTED_OPERATION
-
-
-def test_missing_native_library_reason() -> None:
-    why = backends.unavailable("liboqs")
-    if why is None:
-        pytest.skip("liboqs is installed here")
-    assert why.reason is UnavailableReason.NATIVE_LIBRARY_MISSING
-    assert unavailable_reason("liboqs") == str(why)
-    assert str(why).startswith("native library missing: ")
 
 
 def test_not_installed_reason(monkeypatch: pytest.MonkeyPatch, fresh_registry: None) -> None:
@@ -776,3 +804,20 @@ def test_liboqs_adapter_with_a_stand_in_library(
     assert inner.freed and key.expanded_key() is None
     with pytest.raises(LocalProtocolError, match="wiped"):
         key.decapsulate(ct)
+
+
+def test_pyca_keeps_parsed_public_keys_but_never_a_refused_one() -> None:
+    from pqe2ee.backends import pyca
+
+    kem = get_kem("pyca")
+    key = kem.generate()
+    before = pyca._public_key.cache_info().hits
+    results = [kem.encapsulate(key.public_key) for _ in range(3)]
+    assert pyca._public_key.cache_info().hits - before >= 2  # parsed once, then kept
+    assert len({ct for ct, _ in results}) == 3  # still a fresh encapsulation each time
+    assert all(key.decapsulate(ct) == ss for ct, ss in results)
+    unreduced = b"\xff\x0f" + key.public_key[2:]
+    for _ in range(2):  # refused every time, with the precise reason
+        with pytest.raises(LocalProtocolError, match="modulus check") as info:
+            kem.encapsulate(unreduced)
+        assert info.value.code is ErrorCode.INVALID_KEY

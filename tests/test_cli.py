@@ -5,8 +5,10 @@ refused configuration. Per-command behaviour is tested beside the server it star
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -117,3 +119,29 @@ def test_backends_lists_every_backend_with_what_works_and_why_not() -> None:
         else:  # the reason enum's words, then the message
             assert f"unavailable: {why.reason.value}: {why.message}" in line
     assert lines[-1].startswith("auto KEM: ") and "auto X-Wing: " in lines[-1]
+
+
+def test_backends_names_the_library_and_version_each_backend_loaded() -> None:
+    from importlib import metadata
+
+    from pqe2ee.backends import BACKENDS, unavailable
+
+    lines = CliRunner().invoke(cli, ["backends"]).output.splitlines()
+    expected = {
+        "pyca": f"via cryptography {metadata.version('cryptography')} (OpenSSL ",
+        "pycryptodome": f"via pycryptodome {metadata.version('pycryptodome')}",
+        "pqcrypto": f"via pqcrypto {metadata.version('pqcrypto')}",
+        "liboqs": f"(liboqs-python {metadata.version('liboqs-python')})",
+    }
+    for name, line in zip(BACKENDS, lines, strict=False):
+        if unavailable(name) is not None:
+            assert " via " not in line
+            continue
+        assert expected[name] in line
+        if name == "liboqs":  # the C library's own version and the file it came from
+            from pqe2ee.backends.liboqs import liboqs_path, liboqs_version
+
+            assert f"via liboqs {liboqs_version()} at {liboqs_path()} " in line
+            assert re.fullmatch(r"\d+\.\d+\.\d+.*", liboqs_version())
+            path = Path(liboqs_path())  # a bare soname when the system loader found it
+            assert path.is_file() or not path.is_absolute()

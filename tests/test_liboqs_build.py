@@ -299,3 +299,25 @@ def test_protocol_interop_with_liboqs(other: str, liboqs_side: str) -> None:
     reply = b'{"choices":[{"message":{"content":"hello"}}]}'
     blob = seal_response(reply, opened.response_public_key, kem=instance, aead=aead)
     assert open_response(blob, sealed.response_key, aead=aead) == reply
+
+
+def test_liboqs_encapsulation_uses_one_descriptor_and_its_own_key_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Encapsulation makes no per-call ``KeyEncapsulation``, and a key failing the FIPS 203
+    modulus check is refused with the precise error whether we or liboqs check it."""
+    kem = _liboqs()
+    from pqe2ee.backends import liboqs as adapter
+    from pqe2ee.errors import ErrorCode, LocalProtocolError
+
+    assert adapter._CHECKS_MODULUS  # liboqs 0.16 checks the key itself (probed at import)
+    public_key = kem.generate().public_key
+    unreduced = b"\xff\x0f" + public_key[2:]  # first coefficient 4095 >= q
+    for ours in (False, True):
+        monkeypatch.setattr(adapter, "_CHECKS_MODULUS", not ours)
+        with pytest.raises(LocalProtocolError, match="modulus check") as info:
+            kem.encapsulate(unreduced)
+        assert info.value.code is ErrorCode.INVALID_KEY
+    monkeypatch.setattr(adapter._oqs, "KeyEncapsulation", None)  # any use would raise
+    ct, ss = kem.encapsulate(public_key)
+    assert len(ct) == 1088 and len(ss) == 32

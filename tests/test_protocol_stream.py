@@ -444,6 +444,12 @@ def test_extract_usage() -> None:
     assert extract_usage(b'data: {"usage":\n') is None
     assert extract_usage(b'data: {"usage":"\xc3"}\n') is None  # invalid UTF-8 in a string
     assert extract_usage(b"\n") is None
+    # Only usage is built from the line, but the whole line is still checked as before.
+    assert extract_usage(b'data: {"x":"\xc3","usage":1}\n') is None  # bad UTF-8 elsewhere
+    assert extract_usage(b'data: {"x":"\xc3\xa9","usage":1}\n') == 1  # good UTF-8 elsewhere
+    assert extract_usage(b'data: {"x":[1,,2],"usage":1}\n') is None
+    assert extract_usage(b'data: {"usage":1} x\n') is None
+    assert extract_usage(b'data: {"usage":1,"usage":{"a":[2]}}\n') == {"a": [2]}  # the last
 
 
 def test_encoder_tail_and_max_line(kem: KEM, aead: AEAD) -> None:
@@ -954,3 +960,39 @@ def test_sse_event_size_bound() -> None:
     with pytest.raises(LimitExceeded):
         for _ in range(10):
             p.feed(b": ping\n\n")
+
+
+def test_usage_events_unread_are_checked_but_not_built(kem: KEM, aead: AEAD) -> None:
+    """decode_usage=False (what ResponseDecoder asks for without an on_usage listener): the same
+    inner events, no Usage events, and a malformed usage event still fails the stream."""
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + chunk(2, "b") + b"data: [DONE]\n\n")
+    assert outer.count(b'data: {"usage":') == 2
+    everything = run(pair.decryptor(), outer)
+    unread = run(StreamDecryptor(pair.key(), aead=aead, decode_usage=False), outer)
+    assert [e for e in everything if not isinstance(e, Usage)] == unread
+    assert sum(isinstance(e, Usage) for e in everything) == 2
+    for bad in (
+        b'data: {"usage":{"a":1},"e2e":"x"}\n\n',  # a second key
+        b'data: {"usage":{"a":1}\n\n',  # cut JSON
+        b'data: {"usage":"\xc3"}\n\n',  # bad UTF-8
+    ):
+        dec = StreamDecryptor(pair.key(), aead=aead, decode_usage=False)
+        with pytest.raises(StreamError) as info:
+            run(dec, pair.sealer.init_event() + bad)
+        assert info.value.code is ErrorCode.MALFORMED_EVENT
+    # Usage after the inner [DONE] is still allowed; data after it still is not.
+    tail = b'data: {"usage":{"total_tokens":3}}\n\n'
+    assert run(StreamDecryptor(pair.key(), aead=aead, decode_usage=False), outer + tail) == unread
+
+
+def test_response_decoder_builds_usage_only_for_a_listener(kem: KEM, aead: AEAD) -> None:
+    from pqe2ee.protocol.response import ResponseDecoder
+
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + b"data: [DONE]\n\n")
+    seen: list[Any] = []
+    with_listener = ResponseDecoder(pair.key(), aead=aead, stream=True, on_usage=seen.append)
+    without = ResponseDecoder(pair.key(), aead=aead, stream=True)
+    assert with_listener.feed(outer) + with_listener.eof() == without.feed(outer) + without.eof()
+    assert seen == [{"prompt_tokens": 7, "total_tokens": 8, "completion_tokens": 1}]

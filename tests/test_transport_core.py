@@ -107,37 +107,44 @@ def test_key_pool_of_size_zero_never_starts_a_thread() -> None:
     assert len({k.public_key for k in keys}) == 3
 
 
+class _TimedKey:
+    def wipe(self) -> None:
+        pass
+
+
 class TimedKEM:
-    """A KEM whose keygen takes ``cost`` seconds (busy-waiting, like real keygen)."""
+    """A KEM whose keygen takes ``cost`` seconds (busy-waiting, like real keygen) and makes
+    stand-in keys (a real keygen's own time would blur the cost on a busy machine)."""
 
     def __init__(self, cost: float) -> None:
         self.cost = cost
         self.made = 0
-        # Made beforehand: a real keygen inside generate() would add its own cost (pyca's is
-        # over HANDOFF_COST) and "cost 0" would decide for a thread.
-        self._keys = [KEM.generate() for _ in range(16)]
 
     def generate(self) -> Any:
         deadline = time.perf_counter() + self.cost
         while time.perf_counter() < deadline:
             pass
         self.made += 1
-        return self._keys.pop()
+        return _TimedKey()
 
 
 @pytest.mark.parametrize(("cost", "threaded"), [(0.0, False), (HANDOFF_COST * 25, True)])
 def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
     cost: float, threaded: bool
 ) -> None:
-    pool = KeyPool(TimedKEM(cost), size=2)  # type: ignore[arg-type]
+    kem = TimedKEM(cost)
+    pool = KeyPool(kem, size=2)  # type: ignore[arg-type]
     try:
         assert pool.filler is None  # undecided until PROBES keys were timed
-        for _ in range(PROBES):
-            assert not pool.running
-            pool.take()
-        assert pool.filler is threaded
+        pool.take()  # its key, then PROBES timed ones (kept, as far as the pool has room)
+        assert (kem.made, pool.generated_inline, len(pool._probes)) == (1 + PROBES, 1, PROBES)
+        assert pool.filler is threaded and not pool.running
+        assert pool.ready == 2
         pool.take()
-        assert pool.running is threaded
+        assert not pool.running  # one key left of two: no hand-off yet
+        pool.take()
+        assert pool.running is threaded  # below half: the filler refills in a batch
+        assert pool.generated_inline == 1
     finally:
         pool.close()
     assert not pool.running

@@ -1489,7 +1489,7 @@ def test_proxy_cli_policy_flags(
     from pqe2ee.cli import cli
 
     seen: list[Any] = []
-    monkeypatch.setattr(proxy_mod, "serve", lambda config, log_level: seen.append(config))
+    monkeypatch.setattr(proxy_mod, "serve", lambda config, log_level, **kw: seen.append(config))
     result = CliRunner().invoke(cli, ["proxy", *args], env=env)
     assert result.exit_code == 0, result.output
     assert (seen[0].min_version, seen[0].prefer_v2) == expected
@@ -1501,7 +1501,7 @@ def test_proxy_cli_refuses_contradicting_flags(monkeypatch: pytest.MonkeyPatch) 
     import pqe2ee.proxy.app as proxy_mod
     from pqe2ee.cli import cli
 
-    monkeypatch.setattr(proxy_mod, "serve", lambda config, log_level: None)
+    monkeypatch.setattr(proxy_mod, "serve", lambda config, log_level, **kw: None)
     result = CliRunner().invoke(cli, ["proxy", "--min-version", "2", "--no-prefer-v2"])
     assert result.exit_code == 2 and "min_version=2" in result.output
     help_text = CliRunner().invoke(cli, ["proxy", "--help"]).output

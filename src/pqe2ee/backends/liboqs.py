@@ -14,7 +14,13 @@ API used (liboqs-python 0.16): ``KeyEncapsulation("ML-KEM-768", secret_key=dk)``
 encapsulation calls the C function ``OQS_KEM_encaps_derand`` directly when the library exports it.
 The wrapper zero-pads short inputs (``ctypes.create_string_buffer(data, size)``), so every length
 is checked here first; the modulus and hash checks of FIPS 203 are done here too, whatever the
-liboqs version.
+liboqs version - except the encapsulation key's modulus check when the loaded liboqs is seen to do
+it itself (probed once at import with a key that fails it; liboqs 0.16's mlkem-native does).
+
+Encapsulation is the client's per-request KEM call, so it skips liboqs-python's per-call
+``KeyEncapsulation`` (an ``OQS_KEM_new``/``OQS_KEM_free`` pair, ~4 us of 18): it calls
+``OQS_KEM_encaps`` on one module-wide ``OQS_KEM`` descriptor, which holds no key and which
+liboqs only reads (safe from any thread).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 from pqe2ee.backends.base import (
     KEM,
     MLKEM768_CT_LEN,
+    MLKEM768_PK_LEN,
     MLKEM768_SEED_LEN,
     MLKEM768_SS_LEN,
     HeldKey,
@@ -41,6 +48,8 @@ from pqe2ee.backends.base import (
     check_mlkem768_public_key,
     check_mlkem768_seed,
     mlkem768_expanded_public_key,
+    refused_public_key,
+    require_length,
     unavailable,
     unsupported,
 )
@@ -162,15 +171,47 @@ def _probe_seed_keygen() -> bool:
         kem.free()
 
 
-def _probe_encaps_derand() -> Any:
+def _native(function: str) -> Any:
     try:
-        return _oqs.native().OQS_KEM_encaps_derand
-    except AttributeError:  # liboqs before encaps_derand existed
+        return getattr(_oqs.native(), function)
+    except AttributeError:  # a liboqs without it (encaps_derand came late)
         return None
 
 
 _SEED_KEYGEN = _probe_seed_keygen()
-_ENCAPS_DERAND: Any = _probe_encaps_derand()
+_ENCAPS_DERAND: Any = _native("OQS_KEM_encaps_derand")
+_ENCAPS: Any = _native("OQS_KEM_encaps")
+#: The descriptor every encapsulation uses (never freed: it holds no key material).
+_ENCAPS_KEM: Any = _oqs.KeyEncapsulation(_ALG)
+
+
+def _encaps(public_key: bytes) -> tuple[bytes, bytes] | None:
+    """``(ct, ss)``, or ``None`` when liboqs refused the (right-length) key."""
+    if _ENCAPS is None:  # through liboqs-python (no per-call state there either)
+        try:
+            ciphertext, shared_secret = _ENCAPS_KEM.encap_secret(public_key)
+        except RuntimeError:
+            return None
+        return bytes(ciphertext), bytes(shared_secret)
+    ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
+    ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+    # OQS_STATUS OQS_KEM_encaps(const OQS_KEM *kem, uint8_t *ciphertext, uint8_t *shared_secret,
+    #     const uint8_t *public_key); a bytes object passes as a read-only char pointer.
+    if _ENCAPS(_ENCAPS_KEM._kem, ct, ss, public_key) != 0:
+        return None
+    return ct.raw, ss.raw
+
+
+def _probe_modulus_check() -> bool:
+    """Whether this liboqs refuses an encapsulation key whose coefficients are not reduced."""
+    unreduced = b"\xff" * MLKEM768_PK_LEN  # every 12-bit coefficient is 4095 >= q
+    try:
+        return _encaps(unreduced) is None
+    except Exception:  # anything unexpected: keep checking here
+        return False
+
+
+_CHECKS_MODULUS = _probe_modulus_check()
 
 
 def liboqs_version() -> str:
@@ -248,38 +289,27 @@ class LiboqsKEM(KEM):
         return _LiboqsPrivateKey(kem, mlkem768_expanded_public_key(dk), None)
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        check_mlkem768_public_key(public_key)
-        kem = _oqs.KeyEncapsulation(_ALG)
-        try:
-            ciphertext, shared_secret = kem.encap_secret(bytes(public_key))  # (ct, ss)
-        except RuntimeError:
-            raise LocalProtocolError(
-                "ML-KEM-768 public key refused by liboqs", code=ErrorCode.INVALID_KEY
-            ) from None
-        finally:
-            kem.free()
-        return bytes(ciphertext), bytes(shared_secret)
+        if _CHECKS_MODULUS:  # liboqs checks the key: only its length is ours to check
+            require_length(
+                public_key, MLKEM768_PK_LEN, "ML-KEM-768 public key", ErrorCode.INVALID_KEY
+            )
+        else:
+            check_mlkem768_public_key(public_key)
+        result = _encaps(bytes(public_key))
+        if result is None:
+            raise refused_public_key(public_key, "liboqs")
+        return result
 
     def encapsulate_derand(self, public_key: bytes, m: bytes) -> tuple[bytes, bytes]:
         if _ENCAPS_DERAND is None:
             raise unsupported(self.name, "encapsulate with fixed randomness")
         check_mlkem768_coins(m)
         check_mlkem768_public_key(public_key)
-        kem = _oqs.KeyEncapsulation(_ALG)
-        try:
-            ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
-            ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
-            # OQS_STATUS OQS_KEM_encaps_derand(const OQS_KEM *kem, uint8_t *ciphertext,
-            #     uint8_t *shared_secret, const uint8_t *public_key, const uint8_t *seed)
-            rv = _ENCAPS_DERAND(
-                kem._kem,
-                ctypes.byref(ct),
-                ctypes.byref(ss),
-                ctypes.create_string_buffer(bytes(public_key), len(public_key)),
-                ctypes.create_string_buffer(bytes(m), len(m)),
-            )
-        finally:
-            kem.free()
+        ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
+        ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+        # OQS_STATUS OQS_KEM_encaps_derand(const OQS_KEM *kem, uint8_t *ciphertext,
+        #     uint8_t *shared_secret, const uint8_t *public_key, const uint8_t *seed)
+        rv = _ENCAPS_DERAND(_ENCAPS_KEM._kem, ct, ss, bytes(public_key), bytes(m))
         if rv != 0:
             raise LocalProtocolError(
                 "liboqs refused the fixed-randomness encapsulation", code=ErrorCode.INVALID_KEY

@@ -28,6 +28,7 @@ __all__ = [
     "log_level_option",
     "max_body_option",
     "port_option",
+    "pure_python_option",
     "read_timeout_option",
     "seconds_option",
 ]
@@ -91,6 +92,13 @@ def port_option(default: int) -> Callable[[F], F]:
 
 
 host_option = env_option("--host", env="HOST", default="127.0.0.1")
+pure_python_option = env_option(
+    "--pure-python",
+    env="PURE_PYTHON",
+    is_flag=True,
+    default=False,
+    help="Serve on asyncio + h11 instead of uvloop + httptools (installed by the extras).",
+)
 log_level_option = env_option(
     "--log-level",
     env="LOG_LEVEL",

@@ -126,8 +126,11 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     default="/sys/kernel/config/tsm/report",
     help="The configfs-tsm report directory (with --tee tdx).",
 )
+@opt.pure_python_option
 @opt.log_level_option
-def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -> None:
+def instance_cmd(
+    allow_paths: tuple[str, ...], log_level: str, pure_python: bool, **options: Any
+) -> None:
     """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
 
     Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key (v1) and an
@@ -150,4 +153,4 @@ def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -
 
     with opt.exit_on_error("instance"):
         config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
-        serve(config, log_level=log_level)
+        serve(config, log_level=log_level, pure_python=pure_python)

@@ -102,6 +102,7 @@ __all__ = ["proxy_cmd"]
     default=None,
     help="Keep fetched Intel collateral here and reuse it (offline) until its nextUpdate.",
 )
+@opt.pure_python_option
 @opt.log_level_option
 def proxy_cmd(
     api_key: str | None,
@@ -113,6 +114,7 @@ def proxy_cmd(
     attest_collateral_dir: tuple[Path, ...],
     attest_pcs_url: str,
     attest_cache_dir: Path | None,
+    pure_python: bool,
     **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
@@ -183,4 +185,4 @@ def proxy_cmd(
             prefer_v2=not no_prefer_v2,
             **options,
         )
-        serve(config, log_level=log_level)
+        serve(config, log_level=log_level, pure_python=pure_python)

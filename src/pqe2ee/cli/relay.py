@@ -73,6 +73,7 @@ __all__ = ["relay_cmd"]
     help="Mark models confidential_compute: true in /v1/models. Set it only when every "
     "instance runs in an attested TEE.",
 )
+@opt.pure_python_option
 @opt.log_level_option
 def relay_cmd(
     instances: tuple[str, ...],
@@ -81,6 +82,7 @@ def relay_cmd(
     host: str,
     port: int,
     log_level: str,
+    pure_python: bool,
     **options: Any,
 ) -> None:
     """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
@@ -124,4 +126,4 @@ def relay_cmd(
             host,
             port,
         )
-    serve(config, log_level=log_level)
+    serve(config, log_level=log_level, pure_python=pure_python)

@@ -293,7 +293,7 @@ class _V1Stream:
 
     def __init__(self, key: KEMPrivateKey, aead: AEAD, on_usage: OnUsage | None) -> None:
         self._key = key
-        self._dec = StreamDecryptor(key, aead=aead)
+        self._dec = StreamDecryptor(key, aead=aead, decode_usage=on_usage is not None)
         self._on_usage = on_usage
 
     def feed(self, data: bytes, out: list[ResponseEvent]) -> None:

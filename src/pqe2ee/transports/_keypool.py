@@ -10,9 +10,17 @@ over from another thread (lock, notify, the filler waking and re-taking the GIL)
 :data:`HANDOFF_COST`; a backend whose keygen is cheaper than that gains nothing from a thread
 (measured on a 2-core x86-64, CPython 3.11, medians: ML-KEM-768 keygen pycryptodome 34 us,
 pqcrypto 56 us, pyca 98-148 us; X-Wing pyca 133 us, pycryptodome 184 us; a Condition round
-trip 39 us, a ``SimpleQueue`` round trip 18 us). By default (``filler=None``) the pool times
-its first :data:`PROBES` inline keygens and starts a filler only when the fastest of them took
-longer than :data:`HANDOFF_COST`; ``filler=True``/``False`` decides it outright.
+trip 39 us, a ``SimpleQueue`` round trip 18 us; liboqs keygen 17 us). By default
+(``filler=None``) the first :meth:`take` makes its key and then :data:`PROBES` more back to
+back, timed, and kept in the pool; a filler starts only when the fastest of them took longer
+than :data:`HANDOFF_COST`; ``filler=True``/``False`` decides it outright. The probes run warm on
+purpose: timing the first keys of a client that has just done network I/O measured liboqs at
+44-183 us (cold caches) and started a thread that only cost CPU. A thread never saves CPU (it
+moves keygen off the request path and adds the hand-off); it saves latency when keygen is
+slower than the hand-off.
+
+The filler works in batches: a :meth:`take` wakes it only when the pool is below half full, and
+it then refills the pool, so a hand-off is paid per batch rather than per key.
 
 The filler belongs to the pool's owner: it starts on a :meth:`take` (an unused transport costs
 no thread), and :meth:`close` - called by the owning transport's ``close``/``aclose`` - stops
@@ -125,7 +133,7 @@ class _Pool(Generic[K]):
                 self._thread = None
                 self._pid = os.getpid()
             key = self._keys.popleft() if self._keys else None
-            if self.filler and not self._closed:
+            if self.filler and not self._closed and 2 * len(self._keys) < self._size:
                 self._ensure_thread()
                 self._cond.notify()
         if key is None:
@@ -161,14 +169,24 @@ class _Pool(Generic[K]):
 
     def _generate_inline(self) -> K:
         self.generated_inline += 1
-        if self.filler is not None:
-            return self._kem.generate()
-        started = time.perf_counter()
         key = self._kem.generate()
-        self._probes.append(time.perf_counter() - started)
-        if len(self._probes) >= PROBES:
-            self.filler = min(self._probes) > HANDOFF_COST
+        if self.filler is None:
+            self._probe()  # right after a keygen: caches are warm
         return key
+
+    def _probe(self) -> None:
+        """Time :data:`PROBES` keygens back to back, keep the keys, decide on the filler."""
+        keys: list[K] = []
+        for _ in range(PROBES):
+            started = time.perf_counter()
+            keys.append(self._kem.generate())
+            self._probes.append(time.perf_counter() - started)
+        with self._cond:
+            room = 0 if self._closed else max(0, self._size - len(self._keys))
+            self._keys.extend(keys[:room])
+            self.filler = min(self._probes) > HANDOFF_COST
+        for extra in keys[room:]:
+            extra.wipe()
 
     def _ensure_thread(self) -> None:
         # called with the condition held

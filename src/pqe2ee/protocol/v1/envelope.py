@@ -134,10 +134,8 @@ def _body_json(
     """The request JSON with ``e2e_response_pk`` appended, and the decoded caller body."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         raw = bytes(body).strip()
-        try:
-            obj = json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
-        except MalformedError as exc:  # the caller's own body: a local error, not a remote one
-            raise LocalProtocolError(exc.message, code=ErrorCode.INVALID_BODY) from None
+        # invalid_body: the caller's own body, a LocalProtocolError (not a remote one)
+        obj = json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
         if RESPONSE_PK_FIELD in obj:
             raise LocalProtocolError(
                 f"request body must not contain {RESPONSE_PK_FIELD!r}", code=ErrorCode.INVALID_BODY

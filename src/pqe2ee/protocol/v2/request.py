@@ -210,11 +210,8 @@ def _canonical_uuid(value: str, what: str) -> str:
 def _body_object(body: bytes | Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
     if isinstance(body, (bytes, bytearray, memoryview)):
         raw = bytes(body)
-        try:
-            obj = json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
-        except MalformedError as exc:
-            raise LocalProtocolError(exc.message, code=ErrorCode.INVALID_BODY) from None
-        return raw, obj
+        # invalid_body: the caller's own body, a LocalProtocolError
+        return raw, json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
     if not isinstance(body, Mapping):
         raise LocalProtocolError("request body must be a JSON object", code=ErrorCode.INVALID_BODY)
     obj = dict(body)

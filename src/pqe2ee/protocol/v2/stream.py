@@ -24,7 +24,6 @@ from pqe2ee.backends.base import AEAD
 from pqe2ee.errors import (
     ErrorCode,
     LocalProtocolError,
-    MalformedError,
     PQE2EEError,
     RelayError,
     StreamError,
@@ -291,10 +290,7 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
 
     @staticmethod
     def _b64(b64: bytes, what: str) -> bytes:
-        try:
-            return b64decode(b64, what=what, code=ErrorCode.MALFORMED_EVENT)
-        except MalformedError as exc:
-            raise StreamError(exc.message, code=exc.code) from None
+        return b64decode(b64, what=what, code=ErrorCode.MALFORMED_EVENT)  # a StreamError
 
     def _record(self, b64: bytes) -> None:
         if self._dec.state is not State.AWAIT_HEAD and self._dec.state is not State.BODY:

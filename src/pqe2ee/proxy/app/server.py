@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.routes import create_app
 from pqe2ee.proxy.app.streaming import OpenStreams
+from pqe2ee.server._stack import uvicorn_stack
 
 __all__ = ["ProxyServer", "serve", "server_config"]
 
@@ -46,14 +47,18 @@ class ProxyServer(uvicorn.Server):
 
 
 def server_config(app: Starlette, config: ProxyConfig, **kw: Any) -> uvicorn.Config:
-    """The uvicorn settings the proxy runs with (access lines are the proxy's own)."""
+    """The uvicorn settings the proxy runs with (access lines are the proxy's own; uvloop +
+    httptools unless ``kw`` says otherwise)."""
     kw.setdefault("access_log", False)
+    for key, value in uvicorn_stack().items():
+        kw.setdefault(key, value)
     kw.setdefault("timeout_graceful_shutdown", int(config.shutdown_grace) + 5)
     return uvicorn.Config(app, host=config.host, port=config.port, **kw)
 
 
-def serve(config: ProxyConfig, *, log_level: str = "info") -> None:
-    """Run the proxy until interrupted (Ctrl-C / SIGTERM: see :class:`ProxyServer`)."""
+def serve(config: ProxyConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
+    """Run the proxy until interrupted (Ctrl-C / SIGTERM: see :class:`ProxyServer`), on
+    uvloop + httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -75,7 +80,8 @@ def serve(config: ProxyConfig, *, log_level: str = "info") -> None:
     )
     app = create_app(config)
     server = ProxyServer(
-        server_config(app, config, log_level=log_level), grace=config.shutdown_grace
+        server_config(app, config, log_level=log_level, **uvicorn_stack(pure_python)),
+        grace=config.shutdown_grace,
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
         server.run()

@@ -335,9 +335,12 @@ def create_app(
     return app
 
 
-def serve(config: InstanceConfig, *, log_level: str = "info") -> None:
-    """Run the instance with uvicorn until interrupted (key errors raise before binding)."""
+def serve(config: InstanceConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
+    """Run the instance with uvicorn until interrupted (key errors raise before binding), on
+    uvloop + httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`)."""
     import uvicorn
+
+    from pqe2ee.server._stack import uvicorn_stack
 
     app = create_app(config)
     if not logging.getLogger().handlers:
@@ -352,4 +355,5 @@ def serve(config: InstanceConfig, *, log_level: str = "info") -> None:
         log_level=log_level,
         access_log=False,
         server_header=False,
+        **uvicorn_stack(pure_python),
     )

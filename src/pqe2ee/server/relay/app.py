@@ -311,9 +311,12 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
     return app
 
 
-def serve(config: RelayConfig, *, log_level: str = "info") -> None:
-    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted."""
+def serve(config: RelayConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
+    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted, on
+    uvloop + httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`)."""
     import uvicorn
+
+    from pqe2ee.server._stack import uvicorn_stack
 
     uvicorn.run(
         create_app(config),
@@ -323,4 +326,5 @@ def serve(config: RelayConfig, *, log_level: str = "info") -> None:
         lifespan="on",
         proxy_headers=False,
         server_header=False,
+        **uvicorn_stack(pure_python),
     )

@@ -1,0 +1,87 @@
+"""Which event loop and HTTP parser uvicorn runs the servers (instance, relay, proxy) on.
+
+The ``[server]`` and ``[proxy]`` extras install uvloop and httptools, and the servers use them
+by default: on these machines they cut the server CPU per encrypted request by about a fifth
+(benchmarks/bench_server.py). ``pure_python=True`` (``--pure-python`` /
+``PQE2EE_PURE_PYTHON=1`` on the command line) forces asyncio + h11, e.g. to rule the C
+extensions out when chasing a bug; so does a missing extension (uvloop has no Windows build),
+without an error.
+
+Limits: bodies are bounded by the app (:mod:`pqe2ee.server._asgi`) whatever the parser. The
+request head is not: uvicorn's h11 stack refuses an oversized head, but its httptools stack
+buffers any amount (an 8 MB header is accepted). :class:`BoundedHttpTools` closes that gap:
+a request whose line and headers are still incomplete after :data:`MAX_HEAD` bytes gets a 400
+and the connection is closed, as on h11.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from functools import cache
+from typing import Final, TypedDict
+
+__all__ = ["MAX_HEAD", "PURE_PYTHON", "UvicornStack", "bounded_httptools", "uvicorn_stack"]
+
+#: Bytes of request line + headers the httptools stack buffers before refusing the request.
+MAX_HEAD: Final = 64 * 1024
+
+
+class UvicornStack(TypedDict):
+    """uvicorn's ``loop`` and ``http`` settings (``uvicorn.run(app, **stack)``)."""
+
+    loop: str
+    http: str | type[asyncio.Protocol]
+
+
+#: The pure-Python stack.
+PURE_PYTHON: Final = UvicornStack(loop="asyncio", http="h11")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def uvicorn_stack(pure_python: bool = False) -> UvicornStack:
+    """uvicorn's ``loop`` and ``http`` settings: uvloop and (bounded) httptools where
+    installed, unless ``pure_python``."""
+    if pure_python:
+        return PURE_PYTHON.copy()
+    return UvicornStack(
+        loop="uvloop" if _installed("uvloop") else "asyncio",
+        http=bounded_httptools() if _installed("httptools") else "h11",
+    )
+
+
+@cache
+def bounded_httptools() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the request head bounded by :data:`MAX_HEAD`."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpTools(HttpToolsProtocol):
+        # Bytes fed while the current request's head is incomplete. A chunk that completes a
+        # head is not counted (it may carry body bytes); pipelined bytes of an earlier request
+        # in the same chunk as a new head may be, which only makes the bound stricter.
+        _head_bytes = 0
+        _in_head = True
+
+        def on_message_begin(self) -> None:
+            self._in_head = True
+            self._head_bytes = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                msg = "Request line and headers too large."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+
+    return BoundedHttpTools
