@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> Any:
 
 if click is not None:
     from pqe2ee.cli.backends import backends_cmd
+    from pqe2ee.cli.conformance import conformance_cmd
     from pqe2ee.cli.dev_engine import dev_engine_cmd
     from pqe2ee.cli.instance import instance_cmd
     from pqe2ee.cli.proxy import proxy_cmd
@@ -53,7 +54,15 @@ if click is not None:
         relay       control plane: discovery, nonces, forwarding bytes it cannot read
         dev-engine  a deterministic stand-in engine for demos and tests (not a model)
         backends    list the crypto backends that work on this machine
+        conformance check another implementation (server, client) against the spec
         """
 
-    for _command in (backends_cmd, dev_engine_cmd, instance_cmd, relay_cmd, proxy_cmd):
+    for _command in (
+        backends_cmd,
+        dev_engine_cmd,
+        instance_cmd,
+        relay_cmd,
+        proxy_cmd,
+        conformance_cmd,
+    ):
         cli.add_command(_command)

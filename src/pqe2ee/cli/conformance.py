@@ -1,0 +1,84 @@
+"""``pqe2ee conformance``: check another implementation against the spec, one role at a time."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pqe2ee.cli import _options as opt
+
+__all__ = ["conformance_cmd"]
+
+
+def _report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")(
+        f
+    )
+    f = click.option(
+        "--markdown",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write the report as Markdown to this file.",
+    )(f)
+    f = click.option(
+        "--only", multiple=True, metavar="PREFIX", help="Run only cases whose id starts so."
+    )(f)
+    return click.option(
+        "--profile",
+        type=click.Choice(["v1", "v2", "both"]),
+        default="both",
+        show_default=True,
+        help="Wire profiles to check (v2 cases SKIP where v2 is not offered).",
+    )(f)
+
+
+def _finish(report: Any, as_json: bool, markdown: Path | None) -> None:
+    if markdown is not None:
+        markdown.write_text(report.to_markdown(), encoding="utf-8")
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(report.to_text())
+    sys.exit(report.exit_code)
+
+
+@click.group("conformance")
+def conformance_cmd() -> None:
+    """Check another implementation against SPEC.md / spec/v2.md.
+
+    \b
+    Exit codes: 0 every case passed · 10 a case FAILed · 20 nothing applied (all skipped)
+    · 30 the target's answers could not be parsed · 1 runner error.
+    See docs/conformance.md for the cases and the adapter contract.
+    """
+
+
+@conformance_cmd.command("server")
+@click.argument("url")
+@opt.env_option("--api-key", env="API_KEY", help="API key for the relay (Bearer).")
+@opt.env_option("--model", env="MODEL", default="dev-echo", help="Model to call.")
+@opt.env_option(
+    "--models-base", env="MODELS_BASE", help="Where /v1/models is served (default: URL)."
+)
+@_report_options
+def server_cmd(
+    url: str,
+    api_key: str | None,
+    model: str,
+    models_base: str | None,
+    profile: str,
+    only: tuple[str, ...],
+    as_json: bool,
+    markdown: Path | None,
+) -> None:
+    """Check the relay at URL (and the instances behind it) on the wire."""
+    from pqe2ee.conformance.runner import run_server
+
+    with opt.exit_on_error("conformance"):
+        report = run_server(
+            url, api_key=api_key, model=model, profile=profile, models_base=models_base, only=only
+        )
+    _finish(report, as_json, markdown)
