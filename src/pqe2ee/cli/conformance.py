@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -81,4 +82,33 @@ def server_cmd(
         report = run_server(
             url, api_key=api_key, model=model, profile=profile, models_base=models_base, only=only
         )
+    _finish(report, as_json, markdown)
+
+
+@conformance_cmd.command(
+    "client", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@opt.seconds_option("--timeout", 60.0, "CONFORMANCE_TIMEOUT", "Time limit of one adapter run.")
+@_report_options
+def client_cmd(
+    command: tuple[str, ...],
+    timeout: float,
+    profile: str,
+    only: tuple[str, ...],
+    as_json: bool,
+    markdown: Path | None,
+) -> None:
+    """Check a client through its adapter COMMAND (after `--`), once per case.
+
+    The runner starts a relay of its own on loopback (instances and a stand-in engine behind
+    it) and runs `COMMAND --base-url URL --api-key K --model M --prompt P [--stream]`; the
+    adapter prints the decrypted text and exits 0, or exits non-zero on an error. With
+    --profile v1 the relay offers no v2; with v2 it does (cases SKIP if the client stays on v1).
+    """
+    from pqe2ee.conformance.runner import run_client
+
+    # uvicorn's peers hang up mid-answer on purpose here; asyncio would log each one
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    report = run_client(command, profile=profile, only=only, timeout=timeout)
     _finish(report, as_json, markdown)

@@ -21,7 +21,9 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["HostileRelay", "Mode", "Seen"]
+from pqe2ee.protocol.v2.header import MAGIC as V2_MAGIC
+
+__all__ = ["HostileRelay", "Mode", "Seen", "SeenInvoke"]
 
 ASGI = Callable[..., Any]
 
@@ -63,9 +65,18 @@ _ANSWERS: dict[Mode, tuple[int, str]] = {
 _USAGE_EVENT = b'data: {"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
 
 
+@dataclass(frozen=True)
+class SeenInvoke:
+    instance_id: str
+    nonce: str
+    stream_header: str | None
+    path_header: str | None
+    v2: bool  # the blob starts with the v2 magic
+
+
 @dataclass
 class Seen:
-    invokes: list[tuple[str, str]] = field(default_factory=list)  # (instance id, nonce)
+    invokes: list[SeenInvoke] = field(default_factory=list)
     discoveries: int = 0
     statuses: list[int] = field(default_factory=list)  # what the client was answered
 
@@ -75,11 +86,13 @@ class HostileRelay:
     app: ASGI
     mode: Mode = Mode.FAITHFUL
     seen: Seen = field(default_factory=Seen)
+    hide_v2: bool = False  # on top of any mode: serve a v1-only relay (no e2e_v2 offers)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: Mode, *, hide_v2: bool = False) -> None:
         with self._lock:
             self.mode = mode
+            self.hide_v2 = hide_v2
             self.seen = Seen()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -95,20 +108,17 @@ class HostileRelay:
                 await _send_all(send, 429, b'{"detail":"Rate limit exceeded"}', "application/json")
                 return
             status, headers, body = await _capture(self.app, scope, receive)
+            if self.hide_v2:
+                body = _rewrite_discovery(body, Mode.HIDE_V2)
             await _send_all(send, status, _rewrite_discovery(body, mode), _ctype(headers))
             return
         if path != "/e2e/invoke":
             await self.app(scope, receive, send)
             return
-        hdrs = dict(scope["headers"])
+        receive, head = await _peek(receive)
         with self._lock:
             first = not self.seen.invokes
-            self.seen.invokes.append(
-                (
-                    hdrs.get(b"x-instance-id", b"").decode("latin-1"),
-                    hdrs.get(b"x-e2e-nonce", b"").decode("latin-1"),
-                )
-            )
+            self.seen.invokes.append(_seen_invoke(scope, head))
         if mode in _ANSWERS and first:
             status, text = _ANSWERS[mode]
             await _drain(receive)
@@ -126,6 +136,37 @@ class HostileRelay:
         status, ctype, pieces = _rewrite_answer(mode, status, ctype, body)
         self.seen.statuses.append(status)
         await _send_pieces(send, status, ctype, pieces)
+
+
+def _seen_invoke(scope: Any, head: bytes) -> SeenInvoke:
+    def header(name: bytes) -> str | None:
+        for k, v in scope["headers"]:
+            if k.lower() == name:
+                return str(v.decode("latin-1"))
+        return None
+
+    return SeenInvoke(
+        header(b"x-instance-id") or "",
+        header(b"x-e2e-nonce") or "",
+        header(b"x-e2e-stream"),
+        header(b"x-e2e-path"),
+        head.startswith(V2_MAGIC),
+    )
+
+
+async def _peek(receive: Any) -> tuple[Any, bytes]:
+    """Read the first body message; return a receive that replays it, and its bytes."""
+    first = await receive()
+    replayed = False
+
+    async def replay() -> Any:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return first
+        return await receive()
+
+    return replay, bytes(first.get("body", b"")) if first["type"] == "http.request" else b""
 
 
 def _ctype(headers: list[tuple[bytes, bytes]]) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Sequence
 
 import httpx2
 
-from pqe2ee.conformance.model import Report, Result, run_cases
+from pqe2ee.conformance.client_cases import CLIENT_CASES, PROMPT, ClientCase, Outcome, judge
+from pqe2ee.conformance.hostile import Mode
+from pqe2ee.conformance.loopback import OwnStack, own_stack
+from pqe2ee.conformance.model import Case, CaseSkipped, Report, Result, run_cases
 from pqe2ee.conformance.probe import ServerProbe
 from pqe2ee.conformance.server_cases import SERVER_CASES, server_capabilities
 
-__all__ = ["profiles_of", "run_server"]
+__all__ = ["profiles_of", "run_client", "run_server"]
 
 
 def profiles_of(profile: str) -> tuple[str, ...]:
@@ -43,3 +48,73 @@ def run_server(
         return report
     finally:
         probe.close()
+
+
+def _run_adapter(
+    cmd: Sequence[str], st: OwnStack, case_id: str, stream: bool, timeout: float
+) -> Outcome:
+    args = [*cmd, "--base-url", st.relay, "--api-key", st.api_key, "--model", st.model]
+    args += ["--prompt", PROMPT] + (["--stream"] if stream else [])
+    env = {**os.environ, "PQE2EE_CONFORMANCE_CASE": case_id}
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return Outcome(None, out, "")
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def _client_case(
+    cmd: Sequence[str],
+    st: OwnStack,
+    case: ClientCase,
+    profile: str,
+    timeout: float,
+    spoken: set[str],
+) -> Case[None]:
+    case_id = f"{profile}.{case.id}"
+
+    def run(_: None) -> str:
+        st.hostile.set_mode(case.mode, hide_v2=profile == "v1")
+        out = _run_adapter(cmd, st, case_id, case.stream, timeout)
+        seen = list(st.hostile.seen.invokes)
+        spoke_v2 = bool(seen) and seen[0].v2
+        spoken.update("v2" if inv.v2 else "v1" for inv in seen)
+        if profile == "v2" and seen and not spoke_v2:
+            raise CaseSkipped("v2 was offered; the client spoke v1")
+        return judge(case, out, seen, spoke_v2)
+
+    return Case(case_id, case.section, profile, case.title, run)
+
+
+def run_client(
+    cmd: Sequence[str],
+    *,
+    profile: str = "both",
+    only: Sequence[str] = (),
+    timeout: float = 60.0,
+    on_result: Callable[[Result], object] | None = None,
+) -> Report:
+    """Run the client cases: ``cmd`` is the adapter (docs/conformance.md), once per case, against
+    our own loopback relay; with profile ``v1`` the relay offers no v2, with ``v2`` it does."""
+    report = Report("client", " ".join(cmd))
+    spoken: set[str] = set()
+    try:
+        with own_stack() as st:
+            cases = [
+                _client_case(cmd, st, c, p, timeout, spoken)
+                for p in profiles_of(profile)
+                for c in CLIENT_CASES
+                if not only or any(f"{p}.{c.id}".startswith(o) for o in only)
+            ]
+            report.results = run_cases(
+                cases, None, profiles=profiles_of(profile), on_result=on_result
+            )
+            st.hostile.set_mode(Mode.FAITHFUL)
+    except OSError as exc:
+        report.error = f"cannot run the adapter: {exc}"
+        return report
+    report.capabilities = {"profiles_spoken": sorted(spoken)}
+    return report
