@@ -112,3 +112,43 @@ def client_cmd(
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     report = run_client(command, profile=profile, only=only, timeout=timeout)
     _finish(report, as_json, markdown)
+
+
+@conformance_cmd.command(
+    "vectors", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@opt.env_option(
+    "--vectors",
+    env="CONFORMANCE_VECTORS",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with v1.json and v2.json (default: spec/vectors).",
+)
+@opt.seconds_option("--timeout", 30.0, "CONFORMANCE_TIMEOUT", "Time limit of one adapter run.")
+@click.option(
+    "--batch",
+    is_flag=True,
+    help="Run the adapter once as `COMMAND --batch`: JSON lines in, one answer line each.",
+)
+@_report_options
+def vectors_cmd(
+    command: tuple[str, ...],
+    vectors: Path | None,
+    timeout: float,
+    batch: bool,
+    profile: str,
+    only: tuple[str, ...],
+    as_json: bool,
+    markdown: Path | None,
+) -> None:
+    """Check a sealer/opener through its adapter COMMAND (after `--`) with the golden vectors.
+
+    One JSON object on the adapter's stdin per case, one on its stdout; exit 0 accepted, 10
+    rejected, 20 unsupported op, 30 malformed input (docs/conformance.md).
+    """
+    from pqe2ee.conformance.runner import run_vectors
+
+    report = run_vectors(
+        command, profile=profile, only=only, vectors=vectors, timeout=timeout, batch=batch
+    )
+    _finish(report, as_json, markdown)

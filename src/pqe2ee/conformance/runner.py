@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import httpx2
 
@@ -15,7 +16,7 @@ from pqe2ee.conformance.model import Case, CaseSkipped, Report, Result, run_case
 from pqe2ee.conformance.probe import ServerProbe
 from pqe2ee.conformance.server_cases import SERVER_CASES, server_capabilities
 
-__all__ = ["profiles_of", "run_client", "run_server"]
+__all__ = ["profiles_of", "run_client", "run_server", "run_vectors"]
 
 
 def profiles_of(profile: str) -> tuple[str, ...]:
@@ -117,4 +118,36 @@ def run_client(
         report.error = f"cannot run the adapter: {exc}"
         return report
     report.capabilities = {"profiles_spoken": sorted(spoken)}
+    return report
+
+
+def run_vectors(
+    cmd: Sequence[str],
+    *,
+    profile: str = "both",
+    only: Sequence[str] = (),
+    vectors: Path | None = None,
+    timeout: float = 30.0,
+    batch: bool = False,
+    on_result: Callable[[Result], object] | None = None,
+) -> Report:
+    """Run the golden-vector cases through the sealer/opener adapter ``cmd``."""
+    from pqe2ee.conformance.vectors_cases import default_vectors_dir, vector_cases
+
+    report = Report("vectors", " ".join(cmd))
+    directory = vectors or default_vectors_dir()
+    profiles = profiles_of(profile)
+    try:
+        cases = vector_cases(
+            directory, cmd, timeout=timeout, batch=batch, only=only, profiles=profiles
+        )
+    except OSError as exc:
+        report.error = f"cannot read the vectors in {directory}: {exc}"
+        return report
+    try:
+        report.results = run_cases(cases, None, profiles=profiles, on_result=on_result)
+    except OSError as exc:
+        report.error = f"cannot run the adapter: {exc}"
+    ops = {".".join(r.id.split(".")[:2]) for r in report.results if r.status.value != "SKIP"}
+    report.capabilities = {"ops": sorted(ops)}
     return report
