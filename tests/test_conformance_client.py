@@ -32,7 +32,7 @@ def test_our_client_passes_both_profiles() -> None:
     assert {k for k, s in statuses.items() if s is not Status.PASS} == {"v1.stream.reordered"}
     assert statuses["v1.stream.reordered"] is Status.SKIP
     assert code == EXIT_OK
-    assert len(statuses) == 30
+    assert len(statuses) == 32
 
 
 def test_broken_client_swallowing_errors_is_caught() -> None:
@@ -46,6 +46,7 @@ def test_broken_client_swallowing_errors_is_caught() -> None:
         "v2.stream.tampered",
         "v2.single.tampered",
         "v2.discovery.rate_limited",
+        "v2.discovery.expired_nonces",
     }
     assert code == EXIT_FAIL
 
@@ -58,6 +59,22 @@ def test_broken_client_without_retries_is_caught() -> None:
         "v1.retry.busy_429": Status.FAIL,
         "v1.retry.key_502": Status.FAIL,
     }
+
+
+def test_declared_capabilities_skip_what_the_adapter_does_not_do(tmp_path: Path) -> None:
+    script = tmp_path / "no_stream_adapter.py"
+    script.write_text(
+        "import sys\n"
+        "if sys.argv[1:] == ['--capabilities']:\n"
+        '    print(\'{"profiles": ["v1"], "streaming": false}\'); sys.exit(0)\n'
+        "from pqe2ee.conformance.adapter import main\n"
+        "sys.exit(main(sys.argv[1:] + ['--no-v2']))\n"
+    )
+    report = run_client([sys.executable, str(script)], only=["v1.single", "v1.stream", "v2.single"])
+    statuses = {r.id: r.status for r in report.results}
+    assert statuses["v1.single"] is Status.PASS
+    assert statuses["v1.stream"] is Status.SKIP and statuses["v2.single"] is Status.SKIP
+    assert report.capabilities["declared"] == {"profiles": ["v1"], "streaming": False}
 
 
 def test_a_hanging_client_is_a_fail_not_a_hang() -> None:
@@ -92,4 +109,5 @@ def test_published_client_weaknesses_are_named_fails(tmp_path: Path) -> None:
     for case in ("v1.single", "v1.stream", "v1.stream.split", "v1.stream.tampered"):
         assert statuses[case] == "PASS", case
     assert doc["capabilities"]["profiles_spoken"] == ["v1"]
+    assert doc["capabilities"]["declared"] == {"profiles": ["v1"], "streaming": True}
     assert "| FAIL | `v1.retry.gone_410` | SPEC §11 |" in md.read_text()

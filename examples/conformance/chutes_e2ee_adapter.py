@@ -14,10 +14,14 @@ listing and discovery from its single ``api_base``, which is the runner's base U
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--capabilities"]:  # chutes-e2ee 0.1.0 speaks profile v1 only
+        sys.stdout.write(json.dumps({"profiles": ["v1"], "streaming": True}) + "\n")
+        return 0
     p = argparse.ArgumentParser()
     for name in ("--base-url", "--api-key", "--model", "--prompt"):
         p.add_argument(name, required=True)

@@ -14,7 +14,10 @@ import argparse
 import json
 import sys
 
-__all__ = ["main"]
+__all__ = ["CAPABILITIES", "main"]
+
+#: What ``--capabilities`` declares (docs/conformance.md).
+CAPABILITIES = {"profiles": ["v1", "v2"], "streaming": True}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +68,9 @@ def _chat(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from pqe2ee.errors import PQE2EEError
 
+    if (sys.argv[1:] if argv is None else argv) == ["--capabilities"]:
+        sys.stdout.write(json.dumps(CAPABILITIES) + "\n")
+        return 0
     args = _parser().parse_args(argv)
     try:
         text = _chat(args)

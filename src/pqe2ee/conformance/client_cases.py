@@ -66,6 +66,10 @@ def _retried(other_instance: bool) -> ServerCheck:
     return run
 
 
+def _no_invoke(seen: list[SeenInvoke]) -> None:
+    check(not seen, f"the client sent {len(seen)} invoke(s) with nonces already expired")
+
+
 def _single(seen: list[SeenInvoke]) -> None:
     _headers(seen, False)
 
@@ -89,6 +93,7 @@ CLIENT_CASES: tuple[ClientCase, ...] = (
     ClientCase("retry.gone_410", "SPEC §11", "410: retry on another instance", Mode.GONE_410, False, True, _retried(True)),
     ClientCase("retry.busy_429", "SPEC §11", "429: retry on another instance", Mode.BUSY_429, False, True, _retried(True)),
     ClientCase("retry.key_502", "SPEC §11", "502 key exchange: retry on another instance", Mode.KEY_502, False, True, _retried(True)),
+    ClientCase("discovery.expired_nonces", "SPEC §10.2", "nonces that expire at once are never sent (safety margin); no hang", Mode.EXPIRED_NONCES, False, False, _no_invoke),
     ClientCase("discovery.rate_limited", "SPEC §10.2, §11", "a 429 from discovery is an error, not a hang", Mode.DISCOVERY_429, False, False),
 )  # fmt: skip
 

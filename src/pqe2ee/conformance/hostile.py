@@ -54,6 +54,7 @@ class Mode(enum.Enum):
     BUSY_429 = "busy_429"
     KEY_502 = "key_502"
     DISCOVERY_429 = "discovery_429"  # every discovery rate-limited
+    EXPIRED_NONCES = "expired_nonces"  # discovery says nonce_expires_in 0 (expires_at kept)
 
 
 _ANSWERS: dict[Mode, tuple[int, str]] = {
@@ -182,12 +183,14 @@ def _flip(raw: bytes, offset: int) -> bytes:
 
 
 def _rewrite_discovery(body: bytes, mode: Mode) -> bytes:
-    if mode not in (Mode.DUPLICATE_NONCES, Mode.BAD_OFFER, Mode.HIDE_V2):
+    if mode not in (Mode.DUPLICATE_NONCES, Mode.BAD_OFFER, Mode.HIDE_V2, Mode.EXPIRED_NONCES):
         return body
     try:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return body
+    if mode is Mode.EXPIRED_NONCES and isinstance(doc, dict):
+        doc["nonce_expires_in"] = 0
     for row in doc.get("instances", []) if isinstance(doc, dict) else []:
         if not isinstance(row, dict):
             continue

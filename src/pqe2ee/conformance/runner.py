@@ -51,6 +51,32 @@ def run_server(
         probe.close()
 
 
+def declared_capabilities(cmd: Sequence[str], timeout: float = 30.0) -> dict[str, object] | None:
+    """What the adapter declares with ``CMD... --capabilities`` (a JSON object on stdout, exit
+    0); None when it declares nothing (any other answer: every case is tried)."""
+    import json
+
+    try:
+        done = subprocess.run(
+            [*cmd, "--capabilities"], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        doc = json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _undeclared(declared: dict[str, object] | None, profile: str, stream: bool) -> str | None:
+    if declared is None:
+        return None
+    profiles = declared.get("profiles")
+    if isinstance(profiles, list) and profile not in profiles:
+        return f"the adapter does not declare profile {profile}"
+    if stream and declared.get("streaming") is False:
+        return "the adapter declares no streaming"
+    return None
+
+
 def _run_adapter(
     cmd: Sequence[str], st: OwnStack, case_id: str, stream: bool, timeout: float
 ) -> Outcome:
@@ -74,10 +100,14 @@ def _client_case(
     profile: str,
     timeout: float,
     spoken: set[str],
+    declared: dict[str, object] | None,
 ) -> Case[None]:
     case_id = f"{profile}.{case.id}"
 
     def run(_: None) -> str:
+        why = _undeclared(declared, profile, case.stream)
+        if why is not None:
+            raise CaseSkipped(why)
         st.hostile.set_mode(case.mode, hide_v2=profile == "v1")
         out = _run_adapter(cmd, st, case_id, case.stream, timeout)
         seen = list(st.hostile.seen.invokes)
@@ -102,10 +132,11 @@ def run_client(
     our own loopback relay; with profile ``v1`` the relay offers no v2, with ``v2`` it does."""
     report = Report("client", " ".join(cmd))
     spoken: set[str] = set()
+    declared = declared_capabilities(cmd, timeout)
     try:
         with own_stack() as st:
             cases = [
-                _client_case(cmd, st, c, p, timeout, spoken)
+                _client_case(cmd, st, c, p, timeout, spoken, declared)
                 for p in profiles_of(profile)
                 for c in CLIENT_CASES
                 if not only or any(f"{p}.{c.id}".startswith(o) for o in only)
@@ -117,7 +148,7 @@ def run_client(
     except OSError as exc:
         report.error = f"cannot run the adapter: {exc}"
         return report
-    report.capabilities = {"profiles_spoken": sorted(spoken)}
+    report.capabilities = {"declared": declared, "profiles_spoken": sorted(spoken)}
     return report
 
 
@@ -138,8 +169,16 @@ def run_vectors(
     directory = vectors or default_vectors_dir()
     profiles = profiles_of(profile)
     try:
+        declared = declared_capabilities(cmd, timeout)
+        ops = declared.get("ops") if declared is not None else None
         cases = vector_cases(
-            directory, cmd, timeout=timeout, batch=batch, only=only, profiles=profiles
+            directory,
+            cmd,
+            timeout=timeout,
+            batch=batch,
+            only=only,
+            profiles=profiles,
+            ops=ops if isinstance(ops, list) else None,
         )
     except OSError as exc:
         report.error = f"cannot read the vectors in {directory}: {exc}"
@@ -148,6 +187,6 @@ def run_vectors(
         report.results = run_cases(cases, None, profiles=profiles, on_result=on_result)
     except OSError as exc:
         report.error = f"cannot run the adapter: {exc}"
-    ops = {".".join(r.id.split(".")[:2]) for r in report.results if r.status.value != "SKIP"}
-    report.capabilities = {"ops": sorted(ops)}
+    ran = {".".join(r.id.split(".")[:2]) for r in report.results if r.status.value != "SKIP"}
+    report.capabilities = {"declared": declared, "ops_answered": sorted(ran)}
     return report

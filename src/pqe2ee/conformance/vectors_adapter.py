@@ -131,6 +131,9 @@ def answer(
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     ops = _ops()
+    if args == ["--capabilities"]:
+        sys.stdout.write(json.dumps({"ops": sorted(ops)}) + "\n")
+        return 0
     if args == ["--batch"]:
         for line in sys.stdin:
             try:
