@@ -111,3 +111,9 @@ def test_published_client_weaknesses_are_named_fails(tmp_path: Path) -> None:
     assert doc["capabilities"]["profiles_spoken"] == ["v1"]
     assert doc["capabilities"]["declared"] == {"profiles": ["v1"], "streaming": True}
     assert "| FAIL | `v1.retry.gone_410` | SPEC §11 |" in md.read_text()
+
+
+def test_an_adapter_that_cannot_start_is_a_runner_error() -> None:
+    report = run_client(["/nonexistent/adapter"])
+    assert report.exit_code == 1 and report.results == []
+    assert report.error is not None and "cannot run the adapter" in report.error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,15 @@ def run_server(
         return report
     finally:
         probe.close()
+
+
+def _missing(cmd: Sequence[str]) -> str | None:
+    """Why ``cmd`` cannot be started at all (None when it can be tried)."""
+    if not cmd:
+        return "no adapter command given (put it after --)"
+    if shutil.which(cmd[0]) is None:
+        return f"cannot run the adapter: {cmd[0]!r} is not an executable file or on PATH"
+    return None
 
 
 def declared_capabilities(cmd: Sequence[str], timeout: float = 30.0) -> dict[str, object] | None:
@@ -131,6 +141,9 @@ def run_client(
     """Run the client cases: ``cmd`` is the adapter (docs/conformance.md), once per case, against
     our own loopback relay; with profile ``v1`` the relay offers no v2, with ``v2`` it does."""
     report = Report("client", " ".join(cmd))
+    report.error = _missing(cmd)
+    if report.error is not None:
+        return report
     spoken: set[str] = set()
     declared = declared_capabilities(cmd, timeout)
     try:
@@ -166,6 +179,9 @@ def run_vectors(
     from pqe2ee.conformance.vectors_cases import default_vectors_dir, vector_cases
 
     report = Report("vectors", " ".join(cmd))
+    report.error = _missing(cmd)
+    if report.error is not None:
+        return report
     directory = vectors or default_vectors_dir()
     profiles = profiles_of(profile)
     try:
