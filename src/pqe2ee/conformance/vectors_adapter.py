@@ -25,10 +25,13 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     from pqe2ee.protocol._events import Done, InnerEvent
     from pqe2ee.protocol.v2 import (
         Data,
+        ResponseSealer,
         ResponseSecrets,
         StreamDecryptorV2,
         open_response_v2,
         parse_header,
+        seal_request_v2,
+        seal_response_v2,
     )
 
     kem, aead = get_kem(), get_aead()
@@ -83,6 +86,31 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         key = get_xwing().from_seed(h(r["response_seed"]))
         return ResponseSecrets(h(r["exporter"]), key, bool(r["stream"]))
 
+    def v2_seal_request(r: dict[str, Any]) -> dict[str, Any]:
+        sealed = seal_request_v2(
+            r["body"].encode(),
+            h(r["public_key"]),
+            chute_id=r["chute_id"],
+            instance_id=r["instance_id"],
+            relay_nonce=r["relay_nonce"],
+            path=r["path"],
+            now_ms=int(r["ts_ms"]),
+            xwing=get_xwing(),
+            aead=aead,
+        )
+        return {"blob": sealed.blob.hex()}
+
+    def v2_seal_single(r: dict[str, Any]) -> dict[str, Any]:
+        sealer = ResponseSealer(
+            h(r["exporter"]),
+            h(r["response_public_key"]),
+            stream=False,
+            xwing=get_xwing(),
+            aead=aead,
+        )
+        body = seal_response_v2(sealer, status=int(r["status"]), body=r["body"].encode())
+        return {"body": body.hex()}
+
     def v2_parse_header(r: dict[str, Any]) -> dict[str, Any]:
         parse_header(h(r["h"]))
         return {}
@@ -105,6 +133,8 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         "v1.seal_request": v1_seal_request,
         "v1.seal_response": v1_seal_response,
         "v1.seal_stream": v1_seal_stream,
+        "v2.seal_request": v2_seal_request,
+        "v2.seal_single": v2_seal_single,
         "v2.parse_header": v2_parse_header,
         "v2.open_single": v2_open_single,
         "v2.open_stream": v2_open_stream,

@@ -12,6 +12,7 @@ checked the other way round: the adapter seals, pqe2ee opens and compares.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -105,10 +106,37 @@ def batch_caller(cmd: Sequence[str], cases: Sequence[VectorCase], timeout: float
     return call
 
 
+def _verify_v2_seal(vc: VectorCase, out: dict[str, Any], seed: bytes) -> None:
+    from pqe2ee.backends.xwing import get_xwing
+    from pqe2ee.protocol.v2 import MemoryReplayCache, ResponseSecrets, open_response_v2
+    from pqe2ee.protocol.v2.request import InstanceV2
+
+    xw, aead, r = get_xwing(), get_aead(), vc.request
+    blob = bytes.fromhex(out["blob"] if vc.verify == "v2_seal_request" else out["body"])
+    if vc.verify == "v2_seal_request":
+        inst = InstanceV2(
+            chute_id=r["chute_id"],
+            instance_id=r["instance_id"],
+            keys=[xw.from_seed(seed)],
+            aead=aead,
+            replay_cache=MemoryReplayCache(),
+        )
+        opened = inst.open(blob, path=r["path"], stream=r["stream"], now_ms=r["ts_ms"])
+        check(opened.body == r["body"].encode(), "the sealed request opened to another body")
+        return
+    secrets = ResponseSecrets(bytes.fromhex(r["exporter"]), xw.from_seed(seed), False)
+    resp = open_response_v2(blob, secrets, aead=aead)
+    check(resp.status == r["status"], f"authenticated status {resp.status}, want {r['status']}")
+    check(resp.body == r["body"].encode(), "the sealed response opened to another body")
+
+
 def _verify_seal(vc: VectorCase, out: dict[str, Any], seed: bytes) -> None:
     kem, aead = get_kem(), get_aead()
-    key = kem.from_seed(seed)
     try:
+        if vc.verify in ("v2_seal_request", "v2_seal_single"):
+            _verify_v2_seal(vc, out, seed)
+            return
+        key = kem.from_seed(seed)
         if vc.verify == "seal_request":
             opened = open_request(bytes.fromhex(out["blob"]), key, aead=aead)
             want = json.loads(vc.request["plaintext"])
@@ -130,7 +158,9 @@ def _verify_seal(vc: VectorCase, out: dict[str, Any], seed: bytes) -> None:
     except PQE2EEError as exc:
         raise CaseFailed(f"pqe2ee cannot open what the adapter sealed: {exc.code.value}") from None
     except (KeyError, ValueError, TypeError):
-        raise CaseFailed("the adapter's output lacks a hex 'blob' / text 'sse'") from None
+        raise CaseFailed(
+            "the adapter's output lacks its hex 'blob' / 'body' / text 'sse'"
+        ) from None
 
 
 def make_case(vc: VectorCase, call: Caller, seed: bytes | None) -> Case[None]:
@@ -219,6 +249,26 @@ def _v2(doc: dict[str, Any]) -> Iterator[Found]:
     for v in doc["header_negative"]:
         yield VectorCase(f"v2.parse_header.negative.{v['name']}", "v2 §3", v["name"],
                          {"op": "v2.parse_header", "h": v["h"]}, None, v["code"]), None  # fmt: skip
+    from pqe2ee.backends.xwing import get_xwing
+
+    xw = get_xwing()
+    instance_seed = hashlib.sha256(b"pqe2ee-v2-vector-instance").digest()
+    instance_pk = xw.from_seed(instance_seed).public_key.hex()
+    for v in reqs:
+        route = {k: v[k] for k in ("chute_id", "instance_id", "relay_nonce", "path", "ts_ms")}
+        req = {"op": "v2.seal_request", "public_key": instance_pk, "body": v["body"], **route}
+        req["stream"] = v["stream"]
+        yield VectorCase(f"v2.seal_request.{v['name']}", "v2 §3, §4.1", "seal: " + v["name"],
+                         req, {}, verify="v2_seal_request"), instance_seed  # fmt: skip
+    for v in doc["response"]:
+        if v["kind"] != "single" or v["expect"]["error"] is not None:
+            continue
+        r = reqs[int(v["request"])]
+        seed = bytes.fromhex(r["response_seed"])
+        req = {"op": "v2.seal_single", "exporter": r["exporter"], "status": v["expect"]["status"],
+               "body": v["expect"]["body"], "response_public_key": xw.from_seed(seed).public_key.hex()}  # fmt: skip
+        yield VectorCase(f"v2.seal_single.{v['name']}", "v2 §5.1-5.4", "seal: " + v["name"], req,
+                         {}, verify="v2_seal_single"), seed  # fmt: skip
     for v in doc["response"]:
         kind = v["kind"]
         member = "body" if kind == "single" else "wire"
