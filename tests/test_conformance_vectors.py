@@ -32,6 +32,9 @@ def test_our_sealer_opener_passes_every_vector() -> None:
     assert sum(i.startswith("v1.open_stream.negative.") for i in ids) == len(v1["negative"])
     assert sum(i.startswith("v2.open_stream.negative.") for i in ids) == len(v2["stream_negative"])
     assert sum(i.startswith("v2.parse_header.negative.") for i in ids) == len(v2["header_negative"])
+    assert sum(
+        i.startswith(("v2.open_request.negative.", "v2.open_request.edge.")) for i in ids
+    ) == len(v2["instance_negative"])
     ops = {".".join(i.split(".")[:2]) for i in ids}
     assert ops >= {"v1.seal_request", "v1.seal_response", "v1.seal_stream", "v2.seal_request"}
     assert "v2.seal_single" in ops
@@ -52,7 +55,7 @@ def _statuses(fault: str, **kw: object) -> dict[str, Status]:
 
 
 def test_an_opener_that_accepts_everything_fails_every_negative_vector() -> None:
-    statuses = _statuses("lenient", only=["v1.open_stream", "v2.open_single"])
+    statuses = _statuses("lenient", only=["v1.open_stream", "v2.open_single", "v2.open_request"])
     negatives = {k: s for k, s in statuses.items() if ".negative." in k}
     assert negatives and set(negatives.values()) == {Status.FAIL}
     assert {s for k, s in statuses.items() if k not in negatives} == {Status.PASS}

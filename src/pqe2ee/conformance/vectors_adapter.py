@@ -25,6 +25,8 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     from pqe2ee.protocol._events import Done, InnerEvent
     from pqe2ee.protocol.v2 import (
         Data,
+        InstanceV2,
+        MemoryReplayCache,
         ResponseSealer,
         ResponseSecrets,
         StreamDecryptorV2,
@@ -86,6 +88,25 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         key = get_xwing().from_seed(h(r["response_seed"]))
         return ResponseSecrets(h(r["exporter"]), key, bool(r["stream"]))
 
+    def v2_open_request(r: dict[str, Any]) -> dict[str, Any]:
+        view = r["view"]
+        inst = InstanceV2(
+            chute_id=view["chute_id"],
+            instance_id=view["instance_id"],
+            keys=[get_xwing().from_seed(h(r["instance_seed"]))],
+            aead=aead,
+            replay_cache=MemoryReplayCache(),
+        )
+        for _ in range(2 if r.get("open_twice") else 1):
+            opened = inst.open(
+                h(r["blob"]),
+                path=view["path"],
+                stream=bool(view["stream"]),
+                now_ms=int(view["now_ms"]),
+                relay_nonce=view.get("relay_nonce"),
+            )
+        return {"body": opened.body.decode()}
+
     def v2_seal_request(r: dict[str, Any]) -> dict[str, Any]:
         sealed = seal_request_v2(
             r["body"].encode(),
@@ -133,6 +154,7 @@ def _ops() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         "v1.seal_request": v1_seal_request,
         "v1.seal_response": v1_seal_response,
         "v1.seal_stream": v1_seal_stream,
+        "v2.open_request": v2_open_request,
         "v2.seal_request": v2_seal_request,
         "v2.seal_single": v2_seal_single,
         "v2.parse_header": v2_parse_header,

@@ -260,6 +260,21 @@ def _v2(doc: dict[str, Any]) -> Iterator[Found]:
         req["stream"] = v["stream"]
         yield VectorCase(f"v2.seal_request.{v['name']}", "v2 §3, §4.1", "seal: " + v["name"],
                          req, {}, verify="v2_seal_request"), instance_seed  # fmt: skip
+    for v in reqs:
+        view = {"chute_id": v["chute_id"], "instance_id": v["instance_id"],
+                "path": v["delivered_path"], "stream": v["stream"], "now_ms": v["ts_ms"]}  # fmt: skip
+        req = {"op": "v2.open_request", "instance_seed": v["instance_seed"], "blob": v["blob"],
+               "view": view}  # fmt: skip
+        yield VectorCase(f"v2.open_request.{v['name']}", "v2 §4.2", v["name"], req,
+                         {"body": v["body"]}), None  # fmt: skip
+    for v in doc["instance_negative"]:
+        r = reqs[int(v["request"])]
+        req = {"op": "v2.open_request", "instance_seed": r["instance_seed"], "blob": v["blob"],
+               "view": v["view"], "open_twice": bool(v.get("open_twice"))}  # fmt: skip
+        want = {"body": r["body"]} if v["code"] is None else None
+        kind = "negative" if want is None else "edge"  # e.g. now = ts + W is accepted
+        yield VectorCase(f"v2.open_request.{kind}.{v['name']}", "v2 §4.2-4.3", v["name"], req,
+                         want, v["code"]), None  # fmt: skip
     for v in doc["response"]:
         if v["kind"] != "single" or v["expect"]["error"] is not None:
             continue
