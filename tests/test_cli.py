@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from pqe2ee import cli as cli_package
 from pqe2ee.cli import cli, main
 
-COMMANDS = ["attest", "backends", "dev-engine", "instance", "proxy", "relay"]
+COMMANDS = ["attest", "backends", "conformance", "dev-engine", "instance", "proxy", "relay"]
 # Options that deliberately read no PQE2EE_<NAME> variable: keys come from PQE2EE_API_KEYS (a
 # list) in the relay, and --no-auth must be typed.
 NO_ENV = {("relay", "api_keys"), ("relay", "no_auth")}

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> Any:
 if click is not None:
     from pqe2ee.cli.attest import attest_cmd
     from pqe2ee.cli.backends import backends_cmd
+    from pqe2ee.cli.conformance import conformance_cmd
     from pqe2ee.cli.dev_engine import dev_engine_cmd
     from pqe2ee.cli.instance import instance_cmd
     from pqe2ee.cli.proxy import proxy_cmd
@@ -56,7 +57,16 @@ if click is not None:
         dev-engine  a deterministic stand-in engine for demos and tests (not a model)
         backends    list the crypto backends that work on this machine
         attest      verify TEE evidence (a saved capture) bound to instance keys
+        conformance check another implementation (server, client) against the spec
         """
 
-    for _command in (backends_cmd, dev_engine_cmd, instance_cmd, relay_cmd, proxy_cmd, attest_cmd):
+    for _command in (
+        backends_cmd,
+        dev_engine_cmd,
+        instance_cmd,
+        relay_cmd,
+        proxy_cmd,
+        attest_cmd,
+        conformance_cmd,
+    ):
         cli.add_command(_command)

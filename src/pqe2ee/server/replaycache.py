@@ -3,12 +3,12 @@
 :class:`~pqe2ee.protocol.v2.replay.MemoryReplayCache` serves one process. Several workers or
 machines serving one instance key share :class:`RedisReplayCache`::
 
-    SET <prefix><hex request_id> 1 NX PX <expires_at_ms - now_ms>
+    SET <prefix><hex request_id> 1 NX PX <expires_at_ms - now_ms + 1>
 
 ``NX`` makes admission atomic across every process using the same Redis: of any number of
 concurrent attempts with one id exactly one gets ``OK``. The key expires exactly when the id
-could no longer pass the instance's ±W window check, so Redis holds at most the ids of the last
-2W. Run Redis with ``maxmemory-policy noeviction``: an evicted live id could be replayed
+could no longer pass the instance's ±W window check (inclusive: one millisecond after
+``expires_at``), so Redis holds at most the ids of the last 2W. Run Redis with ``maxmemory-policy noeviction``: an evicted live id could be replayed
 (:meth:`RedisReplayCache.check` warns otherwise). Any Redis failure raises
 :class:`ReplayCacheError`: the instance then refuses the request (503), never admits it.
 
@@ -81,7 +81,9 @@ class RedisReplayCache:
             return fn(*args, **kwargs)
 
     def admit(self, request_id: bytes, expires_at_ms: int, now_ms: int) -> Admission:
-        ttl_ms = int(expires_at_ms) - int(now_ms)
+        # Inclusive, as the in-memory cache (spec/v2.md §4.3): the id is kept while
+        # now <= expires_at, so the key lives one millisecond past expires_at.
+        ttl_ms = int(expires_at_ms) - int(now_ms) + 1
         if ttl_ms <= 0:
             return Admission.TOO_OLD
         key = self.prefix + bytes(request_id).hex()

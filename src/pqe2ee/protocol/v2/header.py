@@ -45,7 +45,8 @@ VERSION: Final = 2
 FIXED_LEN: Final = 70
 MAX_PATH_LEN: Final = 2048
 MAX_LP1: Final = 255
-MAX_HEADER_LEN: Final = FIXED_LEN + 3 * (1 + MAX_LP1) + 2 + MAX_PATH_LEN + 1 + MAX_LP1  # 3142
+# The longest valid H (spec/v2.md §3): two 36-byte UUIDs, the longest nonce, path and model.
+MAX_HEADER_LEN: Final = FIXED_LEN + 2 * (1 + 36) + (1 + MAX_LP1) + 2 + MAX_PATH_LEN + 1 + MAX_LP1
 INFO_PREFIX: Final = b"pqe2ee/v2 req\x00"
 SUITE_BYTES: Final = (
     KEM_ID.to_bytes(2, "big") + KDF_ID.to_bytes(2, "big") + AEAD_ID.to_bytes(2, "big")

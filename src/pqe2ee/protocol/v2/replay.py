@@ -5,7 +5,7 @@ An instance accepts a request only when ``|now - ts| <= W`` (spec/v2.md §4.2) a
 ``ts + W``, so its id must be remembered until then: ``expires_at_ms = ts_ms + window_ms``
 (at most 2W after arrival). The cache is per instance key, shared by every worker of an instance
 (the in-memory one serves one process; a Redis one comes with the server wiring:
-``SET pqe2ee:v2:rid:<hex> 1 NX PX <expires_at - now>`` with ``maxmemory-policy noeviction``).
+``SET pqe2ee:v2:rid:<hex> 1 NX PX <expires_at - now + 1>`` with ``maxmemory-policy noeviction``).
 
 :class:`MemoryReplayCache` is bounded. When it is full of live entries it evicts the one that
 expires first and raises a *floor*: from then on any request whose ``expires_at`` is at or below
