@@ -71,6 +71,7 @@ from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesSt
 from pqe2ee.proxy.translate.tool_names import HostedPolicy, prepare_responses
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.transports._answers import ERROR_EXTENSION
 from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
@@ -202,11 +203,19 @@ class _Proxy:
     @staticmethod
     async def _send(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
         try:
-            return await client.send(request, stream=True)
+            resp = await client.send(request, stream=True)
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
             log.info("upstream call failed: %s", fail.code)
             raise fail from None
+        # A relay failure the transport answered as an HTTP error: in the caller's dialect.
+        relay_error = resp.extensions.get(ERROR_EXTENSION)
+        if isinstance(relay_error, PQE2EEError):
+            await resp.aclose()
+            fail = fail_of(relay_error)
+            log.info("upstream call failed: %s", fail.code)
+            raise fail from None
+        return resp
 
     @staticmethod
     def _post(entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:

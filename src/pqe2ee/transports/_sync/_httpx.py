@@ -18,8 +18,9 @@ from typing import Unpack
 import httpx
 
 from pqe2ee.backends.base import KEMPrivateKey
-from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.errors import ErrorCode, PQE2EEError, RelayError
 from pqe2ee.protocol.client import e2e_model
+from pqe2ee.transports._answers import ERROR_EXTENSION, error_answer
 from pqe2ee.transports._common import (
     STREAM_HEADERS,
     EngineFacade,
@@ -177,12 +178,18 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
       only), never into the stream; failures mid-stream raise ``E2EEStreamError``;
     * other relay answers: nonce rejected, instance gone (410), busy (429) or needing key
       exchange (502) are retried on a fresh nonce / another instance, up to ``max_attempts``
-      in all (then ``RetriesExhausted``, code ``retries_exhausted``); a refused path (403)
-      raises ``RelayError`` (``path_forbidden``); any other status is handed over unchanged.
+      in all (then a 503 answer, code ``retries_exhausted``); a refused path is a 403 answer
+      (``path_forbidden``); any other status is handed over unchanged.
 
-    Errors before any byte reaches the caller are typed pqe2ee errors (``model_not_found``,
-    ``no_instances``, ``discovery_rate_limited``, ``discovery_failed``, ...); connection
-    problems with the relay are httpx's own exceptions. Discovery keeps to ``limits`` (10 per
+    Relay and discovery failures before any byte reaches the caller (``model_not_found``,
+    ``no_instances``, ``discovery_rate_limited``, ``discovery_failed``, a refused path,
+    exhausted retries: a :class:`~pqe2ee.errors.RelayError`) are answered as HTTP errors the
+    SDKs map onto their own classes - 401/403 as the relay said, 404 unknown model, 429 rate
+    limited or busy, 503 no instance / retries exhausted, 502 otherwise - with a JSON body
+    ``{"error": {"message", "type", "code": <pqe2ee code>}}``, an ``x-pqe2ee-error`` header,
+    and the error itself in ``response.extensions["pqe2ee_error"]`` (an SDK error's
+    ``.response``); other errors (local refusals, downgrade refusals, bad crypto) raise typed pqe2ee
+    errors, and connection problems with the relay are httpx's own exceptions. Discovery keeps to ``limits`` (10 per
     minute by default), waiting for a slot at most ``timeout`` seconds, which also bounds each
     discovery call. Every request seals its answer to a fresh one-use key (ML-KEM-768 for v1,
     X-Wing for v2).
@@ -264,9 +271,23 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
     def _encrypted(self, request: httpx.Request, model: str, body: bytes) -> httpx.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _Port(self._inner, request.extensions, self._control)
-        outcome = self._engine.invoke(
-            port, path=request.url.path, body=body, model=model, auth=auth
-        )
+        try:
+            outcome = self._engine.invoke(
+                port, path=request.url.path, body=body, model=model, auth=auth
+            )
+        except RelayError as exc:
+            # An HTTP answer the SDKs map onto their own error classes (see _answers).
+            answer = error_answer(exc)
+            if answer is None:
+                raise
+            status, headers, content = answer
+            return httpx.Response(
+                status,
+                headers=headers,
+                content=content,
+                request=request,
+                extensions={ERROR_EXTENSION: exc},
+            )
         if isinstance(outcome, Streaming):
             stream = DecryptingStream._over(outcome.stream, request)
             return httpx.Response(200, headers=STREAM_HEADERS, stream=stream, request=request)
