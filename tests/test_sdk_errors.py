@@ -123,3 +123,22 @@ def test_local_errors_relay_catch_all_and_v2_refusals_still_raise() -> None:
     # under v2 a non-200 is the relay's unauthenticated word (tests/test_v2_threats.py)
     assert error_answer(RelayError("forged", code=ErrorCode.RELAY_ERROR, status=400)) is None
     assert error_answer(RelayError("r", code=ErrorCode.REPLAY, status=409)) is None
+
+
+def test_v1_client_against_a_v2_only_instance_is_told_so() -> None:
+    """Not "key exchange required, try another instance": the relay passes the instance's
+    426 ``v1_disabled`` on, and the SDK shows it."""
+    with serve_chain(1, api_keys=(KEY,), instance_kw={"v2_only": True}) as chain:
+        transport = tx_httpx2.E2EETransport(
+            api_key=KEY, api_base=chain.relay, models_base=chain.relay, prefer_v2=False
+        )
+        sdk = openai.OpenAI(
+            base_url=chain.relay + "/v1",
+            api_key=KEY,
+            http_client=httpx2.Client(transport=transport),
+            max_retries=0,
+        )
+        with sdk, pytest.raises(openai.APIStatusError) as info:
+            ask(sdk)
+    assert info.value.status_code == 426
+    assert "v1_disabled" in info.value.response.text
