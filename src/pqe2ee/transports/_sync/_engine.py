@@ -227,6 +227,9 @@ def _read_bounded(response: PortResponse, limit: int) -> bytes:
 
 # -- the decrypted stream --------------------------------------------------------------------------
 
+#: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
+DRAIN_LIMIT: Final = 64 * 1024
+
 
 class PlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
@@ -295,13 +298,33 @@ class PlainStream:
                     yield batch
                 if self._deferred is not None:
                     raise self._deferred
-                for chunk in self._body():
-                    batch = decoder.feed(chunk)
-                    if batch:
-                        yield batch
-                batch = decoder.eof()
-                if batch:
-                    yield batch
+                # The batch ending in Done is held until the relay's last bytes are read (at
+                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
+                # finished response behind, and its connection goes back to the pool.
+                # A fault after Done still comes after the answer Done vouched for.
+                held: list[InnerEvent | Done] = []
+                drained = 0
+                try:
+                    for chunk in self._body():
+                        if held:
+                            held += decoder.feed(chunk)
+                            drained += len(chunk)
+                            if drained > DRAIN_LIMIT:
+                                break
+                            continue
+                        batch = decoder.feed(chunk)
+                        if batch and isinstance(batch[-1], Done):
+                            held = batch
+                        elif batch:
+                            yield batch
+                    else:
+                        held += decoder.eof()
+                except PQE2EEError:
+                    if held:
+                        yield held
+                    raise
+                if held:
+                    yield held
             except self._timeout:
                 raise
             except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
