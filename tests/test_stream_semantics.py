@@ -10,6 +10,7 @@ on the httpx2 transports (v1 and v2, sync and async) and through ``pqe2ee proxy`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,3 +122,75 @@ def test_proxy_streams_reuse_its_relay_connection(stack: Stack) -> None:
             )
             assert streamed_text(stream) == f"Echo: p{i}"
     assert len(stack.ports.seen) == 3 and len(set(stack.ports.seen)) == 1, stack.ports.seen
+
+
+# -- usage as the OpenAI API gives it ------------------------------------------------------------
+
+
+def stream_chunks(stack: Stack, prefer_v2: bool, options: dict[str, Any] | None) -> list[Any]:
+    transport = tx_httpx2.E2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    body: dict[str, Any] = {"model": "dev-echo", "messages": user("a b c"), "stream": True}
+    if options is not None:
+        body["stream_options"] = options
+    with httpx2.Client(transport=transport) as http:
+        r = http.post(stack.relay + "/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    lines = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_usage_as_the_caller_asked(stack: Stack, prefer_v2: bool) -> None:
+    # The instance (like the Chutes runtime) forces usage into the engine's stream; the
+    # caller sees exactly what it asked for.
+    none = stream_chunks(stack, prefer_v2, None)
+    assert all(c.get("usage") is None for c in none) and all(c["choices"] for c in none)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in none) == "Echo: a b c"
+
+    final = stream_chunks(stack, prefer_v2, {"include_usage": True})
+    with_usage = [c for c in final if c.get("usage") is not None]
+    assert with_usage == [final[-1]] and final[-1]["choices"] == []
+    assert final[-1]["usage"]["completion_tokens"] == 4
+
+    every = stream_chunks(stack, prefer_v2, {"include_usage": True, "continuous_usage_stats": True})
+    assert all(c.get("usage") is not None for c in every)  # asked for: passed unchanged
+
+
+def test_usage_filter_rewrites_only_what_it_must() -> None:
+    from pqe2ee.protocol._events import Done, InnerEvent
+    from pqe2ee.protocol.sse import SSEParser
+    from pqe2ee.transports._usage import UsageFilter
+
+    raw = (
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"total_tokens":3}}\n\n'
+        b'data: {"choices":[{"delta":{"content":"y"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"total_tokens":4}}\n\n'
+    )
+    events: list[Any] = [InnerEvent(e) for e in SSEParser(max_event=1 << 16).feed(raw)]
+    batch = [*events, Done(raw=b"data: [DONE]\n\n")]
+    assert UsageFilter.for_request(b'{"stream": false}') is None
+    assert (
+        UsageFilter.for_request(
+            b'{"stream": true, "stream_options": {"include_usage": true,'
+            b' "continuous_usage_stats": true}}'
+        )
+        is None
+    )
+    none = UsageFilter.for_request(b'{"stream": true}')
+    assert none is not None
+    out = none.apply(batch)
+    assert [e.raw for e in out] == [
+        b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n',
+        events[1].raw,  # untouched: byte for byte
+        b"data: [DONE]\n\n",
+    ]
+    final = UsageFilter.for_request(b'{"stream": true, "stream_options": {"include_usage": true}}')
+    assert final is not None
+    assert [e.raw for e in final.apply(batch)][1:] == [
+        events[1].raw,
+        events[2].raw,
+        b"data: [DONE]\n\n",
+    ]

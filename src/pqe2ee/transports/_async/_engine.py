@@ -101,6 +101,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import AsyncLock, AsyncShieldCancellation, async_sleep
+from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
     "AsyncEngine",
@@ -263,6 +264,8 @@ class AsyncPlainStream:
         self._lost = lost_errors
         self._timeout = timeout_errors
         self._chunks: AsyncIterator[bytes] | None = None
+        #: Removes the usage the caller did not ask for (set by the engine for a stream).
+        self.usage_filter: UsageFilter | None = None
         self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
@@ -274,6 +277,10 @@ class AsyncPlainStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
+                if not batch:
+                    continue
             out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
             if out:
                 yield out
@@ -281,6 +288,8 @@ class AsyncPlainStream:
     async def aiter_events(self) -> AsyncIterator[InnerEvent | Done]:
         """The inner events one by one, ending after the authenticated ``Done``."""
         async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
             for event in batch:
                 yield event
 
@@ -457,6 +466,8 @@ class AsyncEngine:
             else:
                 outcome = await self._invoke_v1(port, lease, path, body, auth)
             if not isinstance(outcome, RelayAnswer):
+                if isinstance(outcome, Streaming):
+                    outcome.stream.usage_filter = UsageFilter.for_request(body)
                 return outcome
             error = outcome.error
             with self._guard:

@@ -102,6 +102,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
+from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
     "Engine",
@@ -264,6 +265,8 @@ class PlainStream:
         self._lost = lost_errors
         self._timeout = timeout_errors
         self._chunks: Iterator[bytes] | None = None
+        #: Removes the usage the caller did not ask for (set by the engine for a stream).
+        self.usage_filter: UsageFilter | None = None
         self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
@@ -275,6 +278,10 @@ class PlainStream:
 
     def __iter__(self) -> Iterator[bytes]:
         for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
+                if not batch:
+                    continue
             out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
             if out:
                 yield out
@@ -282,6 +289,8 @@ class PlainStream:
     def iter_events(self) -> Iterator[InnerEvent | Done]:
         """The inner events one by one, ending after the authenticated ``Done``."""
         for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
             yield from batch
 
     def _body(self) -> Iterator[bytes]:
@@ -457,6 +466,8 @@ class Engine:
             else:
                 outcome = self._invoke_v1(port, lease, path, body, auth)
             if not isinstance(outcome, RelayAnswer):
+                if isinstance(outcome, Streaming):
+                    outcome.stream.usage_filter = UsageFilter.for_request(body)
                 return outcome
             error = outcome.error
             with self._guard:
