@@ -11,6 +11,7 @@ requests through it and maps errors onto httpx2's types.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from typing import Unpack
 
@@ -41,7 +42,12 @@ from pqe2ee.transports._httpx2_common import (
     map_inner_exceptions,
     passthrough_response,
 )
-from pqe2ee.transports.options import ClientOptions, ClientOptionsArgs
+from pqe2ee.transports.options import (
+    ClientOptions,
+    ClientOptionsArgs,
+    bind_origin,
+    uses_default_bases,
+)
 
 __all__ = ["AsyncDecryptingStream", "AsyncE2EETransport"]
 
@@ -229,11 +235,16 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
         self._engine = self._start(AsyncEngine, ClientOptions.of(options, **kwargs))
         self._inner = inner if inner is not None else httpx2.AsyncHTTPTransport()
         self._control: dict[str, object] = {"timeout": self.settings.timeout_extension}
+        # Neither base given: the first request's own URL names the relay (see bind_origin).
+        self._unbound = uses_default_bases(self.options)
+        self._bound: str | None = None
+        self._bind_lock = threading.Lock()
 
     # -- httpx2 transport API -------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self._check_open("transport")
+        self._bind(request)
         e2e_paths = self.settings.e2e_paths
         if request.method == "POST" and request.url.path in e2e_paths:
             body = await request.aread()
@@ -241,6 +252,23 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
             if model is not None:
                 return await self._encrypted(request, model, body)
         return await self._plaintext(request)
+
+    def _bind(self, request: httpx2.Request) -> None:
+        """Without ``api_base`` / ``models_base``, the SDK's own base URL is the relay: the
+        first request to a host other than Chutes' rebinds both there (before anything is
+        sent); a later request to yet another host is refused."""
+        url = request.url
+        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
+        if not self._unbound and self._bound is None:
+            return  # bases given: the request's host is not looked at
+        with self._bind_lock:
+            options, self._bound = bind_origin(
+                self.options, origin, unbound=self._unbound, bound=self._bound
+            )
+            self._unbound = False
+            if options is not self.options:
+                self._close_keys()
+                self._engine = self._start(AsyncEngine, options)
 
     async def aclose(self) -> None:
         if self._closed:
