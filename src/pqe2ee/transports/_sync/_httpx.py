@@ -216,7 +216,9 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
 
     Configuration: ``options`` (a :class:`~pqe2ee.transports.options.ClientOptions`) and/or
     its fields as keyword arguments (``api_key=``, ``strict=``, ...; a keyword replaces that
-    field of ``options``). ``api_key`` authenticates discovery and invocation; ``None`` takes
+    field of ``options``). Without ``api_base`` and ``models_base`` the SDK's own base URL is
+    the relay: the first request's origin becomes both (Chutes' ``llm.chutes.ai`` /
+    ``api.chutes.ai`` keep their pair), and a request for another origin is then refused. ``api_key`` authenticates discovery and invocation; ``None`` takes
     each request's own ``Authorization: Bearer`` token. ``inner`` is the transport used to
     reach the relay (default ``httpx.HTTPTransport()``); it is closed with this one, as
     are the key pools' filler threads.
