@@ -10,6 +10,7 @@ CLIs themselves: tests/test_real_clis.py.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -256,6 +257,20 @@ def test_head_root_and_websocket_probe(stack: Stack) -> None:
     assert httpx2.head(stack.proxy + "/", timeout=10).status_code == 200
     r = httpx2.get(stack.proxy + "/v1/responses", timeout=10)
     assert r.status_code == 426 and r.json()["error"]["code"] == "websocket_not_supported"
+
+
+def test_websocket_upgrade_is_refused_at_once(stack: Stack) -> None:
+    # What Codex sends first: an upgrade of GET /v1/responses. One 426, so it falls back to
+    # HTTP streaming at once (405 made it retry five times, ~7 s).
+    host, port = stack.proxy.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = sock.recv(65536).split(b"\r\n", 1)[0]
+    assert head == b"HTTP/1.1 426 Upgrade Required"
 
 
 # -- the dev-engine's scripted tool loop -------------------------------------------------------
