@@ -253,6 +253,44 @@ def test_model_map_serves_claude_ids_and_echoes_them(stack: Stack) -> None:
         )
 
 
+def test_thinking_blocks_round_trip(stack: Stack) -> None:
+    # Claude Code sends the thinking blocks it got (empty signature) back in the history.
+    client = anthropic.Anthropic(base_url=stack.proxy, api_key=KEY, max_retries=0)
+    first = client.messages.create(
+        model="dev-reason",
+        max_tokens=200,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[{"role": "user", "content": "plan it"}],
+    )
+    assert [b.type for b in first.content] == ["thinking", "text"]
+    history: list[Any] = [
+        {"role": "user", "content": "plan it"},
+        {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+        {"role": "user", "content": "go on"},
+    ]
+    second = client.messages.create(
+        model="dev-reason",
+        max_tokens=200,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=history,
+    )
+    assert second.content[-1].type == "text" and second.content[-1].text == "Echo: go on"
+
+
+def test_reasoning_items_round_trip(stack: Stack) -> None:
+    # Codex sends the reasoning items it got back in its next input (store=false).
+    oai = openai.OpenAI(base_url=stack.proxy + "/v1", api_key=KEY, max_retries=0)
+    first = oai.responses.create(model="dev-reason", input="think", store=False)
+    assert [o.type for o in first.output] == ["reasoning", "message"]
+    again = [o.model_dump(exclude_none=True) for o in first.output]
+    second = oai.responses.create(
+        model="dev-reason",
+        input=[{"role": "user", "content": "think"}, *again, {"role": "user", "content": "more"}],
+        store=False,
+    )
+    assert second.output_text == "Echo: more"
+
+
 def test_head_root_and_websocket_probe(stack: Stack) -> None:
     assert httpx2.head(stack.proxy + "/", timeout=10).status_code == 200
     r = httpx2.get(stack.proxy + "/v1/responses", timeout=10)
