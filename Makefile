@@ -7,7 +7,7 @@ REFVENV := .venv-ref
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench setup redis liboqs liboqs-auto clean
+.PHONY: demo test lint typecheck pytest bench setup redis liboqs liboqs-auto clis clean
 
 # liboqs (the fastest ML-KEM backend) is on no package registry here. setup (so test, demo and
 # bench) builds it from LIBOQS_SRC into .liboqs/ unless the backend already loads (a system
@@ -42,7 +42,12 @@ liboqs:
 liboqs-auto: $(VENV)/.stamp
 	PYTHON=$(PY) scripts/build_liboqs.sh --if-missing '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
 
-setup: $(VENV)/.stamp $(REFVENV)/.stamp redis liboqs-auto
+# The agent CLIs (Claude Code, Codex) tests/test_real_clis.py drives: pinned, from npm, into
+# .clis/ (git-ignored); skipped (and those tests with them) only when npm is missing.
+clis:
+	scripts/install_clis.sh .clis
+
+setup: $(VENV)/.stamp $(REFVENV)/.stamp redis liboqs-auto clis
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
@@ -67,4 +72,4 @@ bench: setup
 		$(OQS_ENV) $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(REFVENV) $(LIBOQS_PREFIX) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(REFVENV) $(LIBOQS_PREFIX) .clis .mypy_cache .ruff_cache .pytest_cache

@@ -128,6 +128,7 @@ def serve_chain(
     make_instance: Callable[[Any], Any] | None = None,
     wrap_instance: Callable[[Any], Any] | None = None,
     wrap_relay: Callable[[Any], Any] | None = None,
+    engine_kw: Mapping[str, Any] | None = None,
     **relay_kw: Any,
 ) -> Iterator[Chain]:
     """dev-engine, ``n_instances`` real instances in front of it, one real relay in front of
@@ -139,6 +140,7 @@ def serve_chain(
     * ``instance_models[i]``: instance i gets its own dev-engine serving only those models.
     * ``make_instance(config)`` builds an instance app (default ``instance.create_app``);
       ``wrap_instance`` / ``wrap_relay`` wrap the apps before they are served.
+    * ``engine_kw``: :func:`pqe2ee.testing.dev_engine.create_app` keywords of the shared engine.
     """
     from pqe2ee.server import instance, relay
     from pqe2ee.testing import dev_engine
@@ -150,7 +152,7 @@ def serve_chain(
         assert len(per_instance) == n_instances
     make = make_instance or instance.create_app
     with contextlib.ExitStack() as exits:
-        engine_app = dev_engine.create_app()
+        engine_app = dev_engine.create_app(**(engine_kw or {}))
         engine = exits.enter_context(run_app(engine_app))
         apps: list[Any] = []
         for i, kw in enumerate(per_instance):

@@ -60,16 +60,16 @@ def test_option_conventions(command: str, option: click.Option) -> None:
 def test_environment_variable_reaches_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    def serve(host: str, port: int, *, log_level: str) -> None:
-        seen.update(host=host, port=port, log_level=log_level)
+    def serve(host: str, port: int, *, log_level: str, max_model_len: int) -> None:
+        seen.update(host=host, port=port, log_level=log_level, max_model_len=max_model_len)
 
     import pqe2ee.testing.dev_engine
 
     monkeypatch.setattr(pqe2ee.testing.dev_engine, "serve", serve)
-    env = {"PQE2EE_PORT": "9123", "PQE2EE_LOG_LEVEL": "debug"}
+    env = {"PQE2EE_PORT": "9123", "PQE2EE_LOG_LEVEL": "debug", "PQE2EE_MAX_MODEL_LEN": "99"}
     result = CliRunner().invoke(cli, ["dev-engine"], env=env)
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 9123, "log_level": "debug"}
+    assert seen == {"host": "127.0.0.1", "port": 9123, "log_level": "debug", "max_model_len": 99}
 
 
 def test_refused_configuration_exits_2_with_the_command_name() -> None:

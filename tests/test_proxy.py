@@ -374,11 +374,10 @@ def test_responses_reasoning(oai: openai.OpenAI) -> None:
     assert resp.output_text == "Echo: think it over"
 
 
-def test_responses_unsupported_tool_is_400(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        oai.responses.create(model="dev-echo", input="x", tools=[{"type": "web_search"}])
-    body: Any = info.value.body
-    assert body["type"] == "invalid_request_error"
+def test_responses_hosted_tool_is_dropped_by_default(oai: openai.OpenAI) -> None:
+    # (--hosted-tools refuse: tests/test_proxy_clients.py)
+    reply = oai.responses.create(model="dev-echo", input="x", tools=[{"type": "web_search"}])
+    assert reply.output_text == "Echo: x"
 
 
 # --------------------------------------------------------------------------------------------

@@ -427,7 +427,7 @@ def test_server_tools_are_unsupported() -> None:
         ({"model": "m", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
         (base_req(max_tokens=0), "max_tokens"),
         ({"model": "m", "max_tokens": 5}, "messages"),
-        (base_req(messages=[{"role": "system", "content": "x"}]), "messages[0].role"),
+        (base_req(messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
         (base_req(messages=[{"role": "user", "content": 1}]), "messages[0].content"),
         (
             base_req(

@@ -55,6 +55,14 @@ def transport(flavour: str, stack: FaultyStack, *, is_async: bool = False, **kw:
     return cls(api_key=KEY, api_base=stack.relay, models_base=stack.relay, **kw)
 
 
+def relay_error(info: pytest.ExceptionInfo[openai.APIStatusError]) -> Any:
+    """The pqe2ee RelayError an SDK status error stands for (the transport answered it)."""
+    err = info.value.response.extensions["pqe2ee_error"]
+    assert isinstance(err, pqe2ee.RelayError)
+    assert info.value.code == err.code.value  # the body's error.code
+    return err
+
+
 def sync_client(flavour: str, stack: FaultyStack, **kw: Any) -> openai.OpenAI:
     lib = FLAVOURS[flavour][0]
     return openai.OpenAI(
@@ -132,10 +140,10 @@ def test_chat_stream_sync(stack: FaultyStack, flavour: str) -> None:
         )
     assert stream_text(chunks) == "Echo: one two three"
     sdk_usage = [c.usage for c in chunks if c.usage is not None]
-    # The plaintext usage events went to on_usage only: the SDK saw each usage the engine
-    # put in its chunks once (continuous stats: one per chunk), and the final usage-only
-    # chunk exactly once.
-    assert len(usage) == len(sdk_usage) >= 1
+    # The plaintext usage events went to on_usage only; the SDK saw what it asked for, as
+    # the OpenAI API gives it: include_usage alone = the final usage-only chunk exactly once
+    # (the instance streamed continuous stats: those are removed, tests/test_stream_semantics).
+    assert len(sdk_usage) == 1 and len(usage) >= 1
     assert [c for c in chunks if not c.choices and c.usage is not None].__len__() == 1
     assert usage[-1]["completion_tokens"] == sdk_usage[-1].completion_tokens == 4
     assert usage[-1]["prompt_tokens"] == sdk_usage[-1].prompt_tokens
@@ -325,9 +333,10 @@ def test_model_not_found_after_one_refresh(stack: FaultyStack) -> None:
         for text in ("a", "b", "c"):
             client.chat.completions.create(model="dev-echo", messages=messages(text))
         assert stack.faults.model_listings == 1  # cached (TTL)
-        with pytest.raises(pqe2ee.RelayError) as err:
+        with pytest.raises(openai.NotFoundError) as info:
             client.chat.completions.create(model="no-such-model", messages=messages("x"))
-    assert err.value.code is ErrorCode.MODEL_NOT_FOUND
+    err = relay_error(info)
+    assert err.code is ErrorCode.MODEL_NOT_FOUND
     assert stack.faults.model_listings == 2  # exactly one forced refresh
     assert stack.faults.invokes == 3
 
@@ -379,33 +388,38 @@ def test_retryable_relay_answers_are_retried(
 def test_retries_exhausted_carries_the_last_error(stack: FaultyStack) -> None:
     with sync_client("httpx2", stack, max_attempts=3) as client:
         stack.faults.inject(Fault.NONCE_403, times=3)
-        with pytest.raises(tx_httpx2.RetriesExhausted) as err:
+        with pytest.raises(openai.InternalServerError) as info:
             client.chat.completions.create(model="dev-echo", messages=messages("x"))
-    assert err.value.code is ErrorCode.RETRIES_EXHAUSTED
-    assert err.value.last_error.code is ErrorCode.NONCE_REJECTED
-    assert err.value.__cause__ is err.value.last_error
-    assert err.value.attempts == 3
+    assert info.value.status_code == 503
+    err = relay_error(info)
+    assert isinstance(err, tx_httpx2.RetriesExhausted)
+    assert err.code is ErrorCode.RETRIES_EXHAUSTED
+    assert err.last_error.code is ErrorCode.NONCE_REJECTED
+    assert err.__cause__ is err.last_error
+    assert err.attempts == 3
     assert stack.faults.invokes == 3
 
 
 def test_every_instance_busy_exhausts_early(stack: FaultyStack) -> None:
     with sync_client("httpx2", stack) as client:
         stack.faults.inject(Fault.BUSY_429, times=4)
-        with pytest.raises(pqe2ee.RelayError) as err:
+        with pytest.raises(openai.RateLimitError) as info:  # every instance busy
             client.chat.completions.create(model="dev-echo", messages=messages("x"))
-    assert err.value.code is ErrorCode.RETRIES_EXHAUSTED
-    assert isinstance(err.value, tx_httpx2.RetriesExhausted)
-    assert err.value.last_error.code is ErrorCode.INSTANCE_BUSY
+    err = relay_error(info)
+    assert err.code is ErrorCode.RETRIES_EXHAUSTED
+    assert isinstance(err, tx_httpx2.RetriesExhausted)
+    assert err.last_error.code is ErrorCode.INSTANCE_BUSY
     assert stack.faults.invokes == 2  # both instances cooling: no third invoke
 
 
 def test_path_forbidden_is_not_retried(stack: FaultyStack) -> None:
     with sync_client("httpx2", stack) as client:
         stack.faults.inject(Fault.PATH_403)
-        with pytest.raises(pqe2ee.RelayError) as err:
+        with pytest.raises(openai.PermissionDeniedError) as info:
             client.chat.completions.create(model="dev-echo", messages=messages("x"))
-    assert err.value.code is ErrorCode.PATH_FORBIDDEN
-    assert err.value.status == 403
+    err = relay_error(info)
+    assert err.code is ErrorCode.PATH_FORBIDDEN
+    assert err.status == 403
     assert stack.faults.invokes == 1
 
 
@@ -693,9 +707,9 @@ def test_client_discovery_limit_refuses_a_wait_past_the_timeout(stack: FaultySta
     with sync_client("httpx2", stack, limits=limits, timeout=1.0) as client:
         client.chat.completions.create(model="dev-echo", messages=messages("first"))
         stack.faults.inject(Fault.NONCE_403)  # empties the pool: the retry needs a discovery
-        with pytest.raises(pqe2ee.RelayError) as err:
+        with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model="dev-echo", messages=messages("second"))
-    assert err.value.code is ErrorCode.DISCOVERY_RATE_LIMITED
+    assert relay_error(info).code is ErrorCode.DISCOVERY_RATE_LIMITED
     assert stack.faults.discoveries == 1
 
 

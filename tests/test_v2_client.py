@@ -352,7 +352,10 @@ def settings(**kw: Any) -> Settings:
 def body(text: str = "hello there", *, stream: bool = False) -> bytes:
     obj: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
     if stream:
+        # All the usage the fake engine streams is asked for, so the stream passes byte for
+        # byte (the usage a caller did not ask for is removed: tests/test_stream_semantics.py).
         obj["stream"] = True
+        obj["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return json.dumps(obj).encode()
 
 

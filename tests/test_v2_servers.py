@@ -384,10 +384,10 @@ def test_v2_only_refuses_v1_and_serves_v2() -> None:
         assert direct.status_code == 426
         assert direct.json()["code"] == "v1_disabled"
         assert "v2" in direct.json()["detail"]
-        # through the relay: its 426 mapping, which v1 clients treat as "try another instance"
+        # through the relay: said as it is (not "key exchange, try another instance")
         via = c.post("/e2e/invoke", content=v1.blob, headers={**v1.headers})
-        assert via.status_code == 502
-        assert via.json() == {"detail": "Instance requires key exchange, try a different instance"}
+        assert via.status_code == 426 and via.headers["upgrade"] == "pqe2ee-v2"
+        assert via.json()["code"] == "v1_disabled" and "v2" in via.json()["detail"]
         assert s.stats()["requests"] == before
         sv2 = seal_v2(v2_key(inst), inst.instance_id, inst.nonces[1], ECHO, chat_body("new"))
         r = _post(c, sv2)

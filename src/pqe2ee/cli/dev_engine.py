@@ -12,8 +12,15 @@ __all__ = ["dev_engine_cmd"]
 @click.command("dev-engine")
 @opt.host_option
 @opt.port_option(8001)
+@opt.count_option(
+    "--max-model-len",
+    32768,
+    "MAX_MODEL_LEN",
+    "Context (in words) a prompt plus max_tokens must fit (agent CLIs such as Claude Code "
+    "ask for 32000 output tokens: give them 1000000).",
+)
 @opt.log_level_option
-def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
+def dev_engine_cmd(host: str, port: int, max_model_len: int, log_level: str) -> None:
     """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 
     It echoes prompts, emits tool calls and reasoning_content, and streams with vLLM's SSE
@@ -21,4 +28,4 @@ def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
     """
     from pqe2ee.testing.dev_engine import serve
 
-    serve(host, port, log_level=log_level)
+    serve(host, port, log_level=log_level, max_model_len=max_model_len)

@@ -16,18 +16,25 @@ __all__ = ["proxy_cmd"]
 @opt.host_option
 @opt.port_option(8787)
 @opt.env_option(
+    "--upstream",
+    env="UPSTREAM",
+    metavar="URL",
+    help="One base URL for everything (your own relay): model calls, discovery and the "
+    "model list. Without it: Chutes (api.chutes.ai, llm.chutes.ai).",
+)
+@opt.env_option(
     "--api-base",
     env="API_BASE",
-    default="https://api.chutes.ai",
     metavar="URL",
-    help="Relay (control plane) for discovery and encrypted invocations.",
+    help="Relay (control plane) for discovery and encrypted invocations "
+    "[default: --upstream, else https://api.chutes.ai].",
 )
 @opt.env_option(
     "--models-base",
     env="MODELS_BASE",
-    default="https://llm.chutes.ai",
     metavar="URL",
-    help="Where the model list is read (plaintext GET /v1/models).",
+    help="Where the model list is read (plaintext GET /v1/models) "
+    "[default: --upstream, else --api-base, else https://llm.chutes.ai].",
 )
 @opt.env_option(
     "--api-key",
@@ -103,6 +110,23 @@ __all__ = ["proxy_cmd"]
     help="Keep fetched Intel collateral here and reuse it (offline) until its nextUpdate.",
 )
 @opt.pure_python_option
+@opt.env_option(
+    "--hosted-tools",
+    env="HOSTED_TOOLS",
+    default="drop",
+    type=click.Choice(["drop", "refuse"]),
+    help="Responses hosted tools the engine cannot run (web_search, ...): left out of the "
+    "call with a logged warning, or refused with a 400.",
+)
+@opt.env_option(
+    "--model-map",
+    "model_map",
+    env="MODEL_MAP",
+    multiple=True,
+    metavar="PATTERN=MODEL",
+    help="Send calls for models matching PATTERN (shell-style, e.g. 'claude-*') as MODEL; "
+    "first match wins; repeatable (env: space-separated).",
+)
 @opt.log_level_option
 def proxy_cmd(
     api_key: str | None,
@@ -115,6 +139,10 @@ def proxy_cmd(
     attest_pcs_url: str,
     attest_cache_dir: Path | None,
     pure_python: bool,
+    upstream: str | None,
+    api_base: str | None,
+    models_base: str | None,
+    model_map: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
@@ -164,12 +192,25 @@ def proxy_cmd(
     \b
     Example:
       PQE2EE_API_KEY=cpk_... pqe2ee proxy
-      OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
-      ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
+      ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude --model MODEL
+      codex exec -c model_provider=pqe2ee -c model=MODEL \\
+        -c 'model_providers.pqe2ee={name="pqe2ee",base_url="http://127.0.0.1:8787/v1",wire_api="responses",env_key="PQE2EE_API_KEY"}' ...
     """
     from pqe2ee.attest.capture import attest_options
     from pqe2ee.proxy.app import ProxyConfig, serve
 
+    pairs: list[tuple[str, str]] = []
+    for entry in model_map:
+        pattern, sep, target = entry.partition("=")
+        if not sep or not pattern.strip() or not target.strip():
+            raise click.BadParameter(f"{entry!r}: expected PATTERN=MODEL", param_hint="--model-map")
+        pairs.append((pattern.strip(), target.strip()))
+    api_base = api_base or upstream
+    models_base = models_base or upstream or api_base
+    if api_base:
+        options["api_base"] = api_base
+    if models_base:
+        options["models_base"] = models_base
     with opt.exit_on_error("proxy"):
         attestation = attest_options(
             attest,
@@ -180,6 +221,7 @@ def proxy_cmd(
         )
         config = ProxyConfig(
             attest=attestation,
+            model_map=tuple(pairs),
             api_key=api_key or None,
             min_version=int(min_version),
             prefer_v2=not no_prefer_v2,

@@ -23,11 +23,14 @@ SLOW_CHUNK_DELAY = 0.2
 SLOW_WORDS = 50
 TRIGGER_ERROR_500 = "__error_500__"
 TRIGGER_SLOW = "__slow__"
+TRIGGER_TOOL = "__tool__"
 
 _WORD_RE = re.compile(r"\s*\S+")
 _WEATHER_RE = re.compile(r"\bweather\b", re.IGNORECASE)
 _PLACE_RE = re.compile(r"\b(?:in|for|at)\s+([A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*)")
 _CAPITAL_RE = re.compile(r"\b[A-Z][\w'-]*")
+# ``__tool__ NAME {json arguments}`` on one line of a user message: a scripted tool call.
+_SCRIPTED_RE = re.compile(r"__tool__[ \t]+([\w.:-]+)[ \t]+(\{[^\n]*\})")
 
 _JSON = msgspec.json.Encoder()
 
@@ -257,15 +260,15 @@ def _common_options(body: dict[str, Any]) -> tuple[bool, bool, bool, list[str]]:
     return stream, include_usage, continuous, [s for s in stops if s]
 
 
-def _check_context(prompt_tokens: int, max_tokens: int | None) -> int:
+def _check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
     wanted = prompt_tokens + (max_tokens or 0)
-    if prompt_tokens >= MAX_MODEL_LEN or wanted > MAX_MODEL_LEN:
+    if prompt_tokens >= max_model_len or wanted > max_model_len:
         raise bad_request(
-            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {wanted} tokens ({prompt_tokens} in the messages, {max_tokens or 0} "
             "in the completion). Please reduce the length of the messages or completion."
         )
-    return max_tokens if max_tokens is not None else MAX_MODEL_LEN - prompt_tokens
+    return max_tokens if max_tokens is not None else max_model_len - prompt_tokens
 
 
 def _slow_text(text: str) -> str:
@@ -304,7 +307,48 @@ def _new_plan(
     )
 
 
-def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: bytes) -> Plan:
+def _function_name(tool: object) -> str | None:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _scripted(
+    messages: list[Any], tools: list[Any], raw: bytes
+) -> tuple[str, tuple[str, str, str, bool] | None] | None:
+    """The scripted tool loop: ``(content, tool call)`` when a user message holds
+    ``__tool__ NAME {json}`` and NAME is one of ``tools``; else None.
+
+    The first turn calls the tool with exactly those arguments; once a ``tool`` message follows
+    the triggering user message, the answer is ``"Tool said: " + <the last tool result>`` (so
+    a client that adds its own user text after the result still gets the tool's answer).
+    """
+    for i in range(len(messages) - 1, -1, -1):
+        msg = messages[i]
+        if msg.get("role") != "user":
+            continue
+        text, _ = _content_text(msg.get("content"), f"messages[{i}]")
+        m = _SCRIPTED_RE.search(text)
+        if m is None:
+            continue
+        name, arguments = m.group(1), m.group(2)
+        if name not in {_function_name(t) for t in tools}:
+            return None
+        results = [r for r in messages[i + 1 :] if r.get("role") == "tool"]
+        if results:
+            said, _ = _content_text(results[-1].get("content"), "tool result")
+            return "Tool said: " + said, None
+        return "", ("call_" + hex_id(b"tool-call", raw, n=24), name, arguments, False)
+    return None
+
+
+def plan_chat(
+    body: dict[str, Any],
+    models: Sequence[str],
+    delay: float,
+    raw: bytes,
+    max_model_len: int = MAX_MODEL_LEN,
+) -> Plan:
     model = _check_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -334,7 +378,7 @@ def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: by
             last_user_text = text
     last = messages[-1]
     _check_model_known(model, models)
-    limit = _check_context(prompt_tokens, max_tokens)
+    limit = _check_context(prompt_tokens, max_tokens, max_model_len)
 
     slow = _triggered(last_user_text)
 
@@ -346,7 +390,11 @@ def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: by
     )
 
     tool: tuple[str, str, str, bool] | None = None
-    if last.get("role") == "tool":
+    scripted = _scripted(messages, tools or [], raw)
+    if scripted is not None:
+        content, tool = scripted
+        source = last_user_text
+    elif last.get("role") == "tool":
         source, _ = _content_text(last.get("content"), f"messages[{len(messages) - 1}]")
         content = "Tool said: " + source
     else:
@@ -393,7 +441,13 @@ def plan_chat(body: dict[str, Any], models: Sequence[str], delay: float, raw: by
     return plan
 
 
-def plan_completion(body: dict[str, Any], models: Sequence[str], delay: float, raw: bytes) -> Plan:
+def plan_completion(
+    body: dict[str, Any],
+    models: Sequence[str],
+    delay: float,
+    raw: bytes,
+    max_model_len: int = MAX_MODEL_LEN,
+) -> Plan:
     model = _check_model(body)
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("Field 'prompt' is required")
@@ -413,7 +467,7 @@ def plan_completion(body: dict[str, Any], models: Sequence[str], delay: float, r
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     prompt_tokens = _count_words(prompt)
     _check_model_known(model, models)
-    limit = _check_context(prompt_tokens, max_tokens)
+    limit = _check_context(prompt_tokens, max_tokens, max_model_len)
     slow = _triggered(prompt)
     plan = _new_plan(
         model, "cmpl-" + hex_id(b"completion", raw), prompt_tokens, options, delay, slow=slow

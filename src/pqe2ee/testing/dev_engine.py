@@ -24,6 +24,11 @@ derived mechanically from the request, on vLLM's wire shapes (vLLM 0.10-era fiel
   the reply is one call to the first (or the named) tool, id ``call_<hex>``, arguments a JSON
   string such as ``{"city": "Paris"}`` with the value taken from the message. The finish
   reason is ``"tool_calls"``, or ``"stop"`` for a named ``tool_choice`` (as vLLM does).
+* Scripted tool loop (for real agent CLIs, whose prompts bury the user's words): a user
+  message holding a line ``__tool__ NAME {json arguments}`` with NAME among the request's
+  function tools is answered with one call to NAME with exactly those arguments (finish reason
+  ``"tool_calls"``); once a ``tool`` message follows that user message, the answer is
+  ``"Tool said: " + <the last tool result>``, whatever the client added after it.
 * Reasoning: model ``dev-reason``, ``"reasoning": true`` or a ``reasoning_effort`` other
   than ``"none"`` add ``reasoning_content`` (``"Thinking about: ..."``), streamed as
   ``reasoning_content`` deltas before the content deltas.
@@ -170,13 +175,23 @@ def _api(handler: Endpoint) -> Endpoint:
     return wrapped
 
 
-def create_app(*, models: list[str] | None = None, delay: float = 0.0) -> Starlette:
-    """Build the dev engine's Starlette app (a deterministic test stand-in, not a model)."""
+def create_app(
+    *,
+    models: list[str] | None = None,
+    delay: float = 0.0,
+    max_model_len: int = MAX_MODEL_LEN,
+) -> Starlette:
+    """Build the dev engine's Starlette app (a deterministic test stand-in, not a model).
+
+    ``max_model_len`` is the context (in words) a request's prompt plus ``max_tokens`` must fit.
+    """
     model_ids: list[str] = list(DEFAULT_MODELS) if models is None else list(models)
     if not model_ids:
         raise ValueError("the dev engine needs at least one model id")
     if delay < 0:
         raise ValueError("delay must be >= 0")
+    if max_model_len < 1:
+        raise ValueError("max_model_len must be >= 1")
     started = int(time.time())
     stats: dict[str, int] = {
         "requests": 0,
@@ -195,7 +210,7 @@ def create_app(*, models: list[str] | None = None, delay: float = 0.0) -> Starle
                 "owned_by": OWNED_BY,
                 "root": mid,
                 "parent": None,
-                "max_model_len": MAX_MODEL_LEN,
+                "max_model_len": max_model_len,
                 "permission": [
                     {
                         "id": "modelperm-" + hex_id(b"perm", mid.encode()),
@@ -219,13 +234,13 @@ def create_app(*, models: list[str] | None = None, delay: float = 0.0) -> Starle
 
     async def generate(
         request: Request,
-        planner: Callable[[dict[str, Any], Sequence[str], float, bytes], Plan],
+        planner: Callable[[dict[str, Any], Sequence[str], float, bytes, int], Plan],
         render: Callable[[Plan, int], dict[str, Any]],
         events: Callable[[Plan, int], AsyncIterator[bytes]],
     ) -> Response:
         stats["requests"] += 1
         body, canonical = await _read_json(request)
-        plan = planner(body, model_ids, delay, canonical)
+        plan = planner(body, model_ids, delay, canonical, max_model_len)
         created = int(time.time())
         if plan.stream:
             return _TrackedStream(events(plan, created), stats)
@@ -270,11 +285,11 @@ def create_app(*, models: list[str] | None = None, delay: float = 0.0) -> Starle
 def serve(host: str, port: int, **kw: Any) -> None:
     """Run the dev engine (a test stand-in, not a model) with uvicorn until interrupted.
 
-    ``models`` and ``delay`` go to :func:`create_app`; any other keyword goes to
+    ``models``, ``delay`` and ``max_model_len`` go to :func:`create_app`; any other keyword goes to
     ``uvicorn.run`` (e.g. ``log_level``).
     """
     import uvicorn
 
-    app_kw: dict[str, Any] = {k: kw.pop(k) for k in ("models", "delay") if k in kw}
+    app_kw: dict[str, Any] = {k: kw.pop(k) for k in ("models", "delay", "max_model_len") if k in kw}
     kw.setdefault("log_level", "info")
     uvicorn.run(create_app(**app_kw), host=host, port=port, **kw)

@@ -230,3 +230,36 @@ class ClientOptions:
         from pqe2ee.transports._common import Settings
 
         return Settings.from_options(self)
+
+
+#: Chutes' hosts: a request to one of them keeps the default pair (models on llm.chutes.ai,
+#: the relay on api.chutes.ai).
+CHUTES_HOSTS: Final = frozenset({"llm.chutes.ai", "api.chutes.ai"})
+
+
+def uses_default_bases(options: ClientOptions) -> bool:
+    """Whether ``options`` name no relay of their own (both bases are Chutes' defaults)."""
+    return options.api_base == DEFAULT_API_BASE and options.models_base == DEFAULT_MODELS_BASE
+
+
+def bind_origin(
+    options: ClientOptions, origin: str, *, unbound: bool, bound: str | None
+) -> tuple[ClientOptions, str | None]:
+    """``(options, bound origin)`` for a request to ``origin`` (``scheme://host[:port]``).
+
+    ``unbound`` (the first request of a transport made without bases): a non-Chutes origin
+    becomes both ``api_base`` and ``models_base`` - one base URL, the SDK's own - and is
+    remembered; a Chutes origin keeps the default pair. A transport bound that way refuses a
+    request for another origin (``invalid_argument``): a call meant for one relay never goes
+    to another. Bases given explicitly always stand (the request's host is not looked at).
+    """
+    if unbound:
+        if (urlsplit(origin).hostname or "") in CHUTES_HOSTS:
+            return options, None
+        return ClientOptions.of(options, api_base=origin, models_base=origin), origin
+    if bound is not None and origin != bound:
+        raise _invalid(
+            f"this transport sends to {bound} (the first request's base URL); the request is "
+            f"for {origin}: use one transport per relay, or pass api_base/models_base"
+        )
+    return options, bound

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,7 +50,19 @@ class ProxyConfig:
     ``attest`` (``auto`` / ``require`` / ``off`` or an :class:`~pqe2ee.attest.gate.AttestOptions`)
     is the TEE attestation of every per-key transport, which share one gate (verdicts, pins):
     a chute that serves evidence is verified before its first prompt and fails closed.
+    ``hosted_tools`` is what a Responses call's hosted tools (``web_search``, ...: the engine
+    runs none) get: ``"drop"`` (left out, logged once per type) or ``"refuse"`` (a 400).
+    ``model_map`` is ``(pattern, model)`` pairs (shell-style ``*``/``?``, first match wins):
+    a call whose model matches is sent as that model (clients' built-in ids such as
+    ``claude-*`` reach a served model); the reply still names the model the caller asked for.
     """
+
+    def map_model(self, model: str) -> str:
+        """The model a call for ``model`` is sent as (see ``model_map``)."""
+        for pattern, target in self.model_map:
+            if fnmatch.fnmatchcase(model, pattern):
+                return target
+        return model
 
     api_base: str = DEFAULT_API_BASE
     models_base: str = DEFAULT_MODELS_BASE
@@ -71,6 +84,8 @@ class ProxyConfig:
     min_version: int = 1
     prefer_v2: bool = True
     attest: AttestOptions | str = "auto"
+    hosted_tools: str = "drop"
+    model_map: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:
         for name in ("api_base", "models_base"):
@@ -109,3 +124,11 @@ class ProxyConfig:
                 f"set {', '.join(sorted(clash))} on ProxyConfig, not in transport_options"
             )
         object.__setattr__(self, "transport_options", dict(self.transport_options))
+        if self.hosted_tools not in ("drop", "refuse"):
+            raise LocalProtocolError("hosted_tools must be 'drop' or 'refuse'")
+        pairs = tuple(tuple(p) for p in self.model_map)
+        if any(len(p) != 2 or not all(isinstance(x, str) and x for x in p) for p in pairs):
+            raise LocalProtocolError(
+                "model_map must be (pattern, model) pairs of non-empty strings"
+            )
+        object.__setattr__(self, "model_map", pairs)

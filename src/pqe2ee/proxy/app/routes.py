@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx2
@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from pqe2ee.errors import PQE2EEError
 from pqe2ee.proxy.app._plumbing import (
@@ -67,8 +68,10 @@ from pqe2ee.proxy.translate.anthropic import (
 from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
+from pqe2ee.proxy.translate.tool_names import HostedPolicy, prepare_responses
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.transports._answers import ERROR_EXTENSION
 from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
@@ -90,6 +93,54 @@ class Translation:
 
 
 RESPONSES = Translation("responses", responses_to_chat, chat_to_response, ResponsesStreamTranslator)
+
+
+class _NamespacedTranslator:
+    """A Responses stream translator whose events get their tools' namespaces back."""
+
+    def __init__(self, inner: ResponsesStreamTranslator, restore: Any) -> None:
+        self._inner = inner
+        self._restore = restore
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    def feed(self, chunk: dict[str, Any]) -> list[Any]:
+        return [self._restore(e) for e in self._inner.feed(chunk)]
+
+    def finish(self) -> list[Any]:
+        return [self._restore(e) for e in self._inner.finish()]
+
+    def error(self, status: int, type: str, message: str) -> list[Any]:
+        return [self._restore(e) for e in self._inner.error(status, type, message)]
+
+
+def responses_translation(hosted: HostedPolicy) -> Translation:
+    """:data:`RESPONSES` with namespaced tools flattened (and restored on the way back) and
+    hosted tools dropped - logged once per type - or refused (see
+    :mod:`pqe2ee.proxy.translate.tool_names`)."""
+    warned: set[str] = set()
+
+    def to_chat(req: dict[str, Any]) -> dict[str, Any]:
+        prepared = prepare_responses(req, hosted)
+        for kind in sorted(set(prepared.dropped) - warned):
+            warned.add(kind)
+            log.warning("hosted tool %r dropped: the engine cannot run it (--hosted-tools)", kind)
+        return responses_to_chat(prepared.req)
+
+    def from_chat(reply: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+        prepared = prepare_responses(req, hosted)
+        return prepared.names.restore_response(chat_to_response(reply, prepared.req))
+
+    def translator(req: dict[str, Any]) -> Translator:
+        prepared = prepare_responses(req, hosted)
+        inner = ResponsesStreamTranslator(prepared.req)
+        return _NamespacedTranslator(inner, prepared.names.restore_event)
+
+    return Translation("responses", to_chat, from_chat, translator)
+
+
 MESSAGES = Translation("messages", messages_to_chat, chat_to_message, MessagesStreamTranslator)
 
 
@@ -152,11 +203,19 @@ class _Proxy:
     @staticmethod
     async def _send(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
         try:
-            return await client.send(request, stream=True)
+            resp = await client.send(request, stream=True)
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
             log.info("upstream call failed: %s", fail.code)
             raise fail from None
+        # A relay failure the transport answered as an HTTP error: in the caller's dialect.
+        relay_error = resp.extensions.get(ERROR_EXTENSION)
+        if isinstance(relay_error, PQE2EEError):
+            await resp.aclose()
+            fail = fail_of(relay_error)
+            log.info("upstream call failed: %s", fail.code)
+            raise fail from None
+        return resp
 
     @staticmethod
     def _post(entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:
@@ -189,6 +248,9 @@ class _Proxy:
         raw = await read_body(request, self.config.max_body)
         obj = parse_object(raw)
         _require_model(obj)
+        mapped = self.config.map_model(obj["model"])
+        if mapped != obj["model"]:
+            raw = ENCODER.encode({**obj, "model": mapped})
         stream = obj.get("stream") is True
         entry = await self.pool.acquire(key)
         handed_over = False
@@ -224,6 +286,7 @@ class _Proxy:
         except TranslationError as exc:
             raise Failure.of_translation(exc) from None
         _require_model(chat)
+        chat["model"] = self.config.map_model(chat["model"])
         stream = chat.get("stream") is True
         body = ENCODER.encode(chat)
         entry = await self.pool.acquire(key)
@@ -281,12 +344,41 @@ class _Proxy:
         ctype = resp.headers.get("content-type", JSON_TYPE)
         return Response(body, status_code=resp.status_code, media_type=ctype)
 
+    async def root(self, request: Request) -> Response:
+        """``HEAD /``: clients (Claude Code) probe the base URL before their first call."""
+        return Response(status_code=200)
+
+    async def responses_upgrade(self, request: Request) -> Response:
+        """``GET /v1/responses`` (a WebSocket upgrade, when the server takes it as HTTP): 426,
+        so clients such as Codex fall back to HTTP streaming at once instead of retrying."""
+        return _answer(
+            Failure(
+                426,
+                "invalid_request_error",
+                "WebSocket responses are not served; use POST /v1/responses",
+                code="websocket_not_supported",
+            ),
+            dialect_of(request.url.path),
+        )
+
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self.metrics.keys.set(len(self.pool))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _refuse_websocket(websocket: WebSocket) -> None:
+    """A WebSocket upgrade of ``/v1/responses`` is denied with a plain HTTP 426 where the
+    server supports denial responses (else closed before accept, a 403), so the client falls
+    back to HTTP at once."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(
+            json_response({"error": {"message": "use POST /v1/responses"}}, 426)
+        )
+    else:
+        await websocket.close()
 
 
 def _guard(handler: Endpoint) -> Endpoint:
@@ -324,6 +416,7 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
     )
     plain = httpx2.AsyncClient(base_url=config.models_base, timeout=client_timeout(config))
     proxy = _Proxy(config, pool, plain, metrics)
+    hosted = cast(HostedPolicy, config.hosted_tools)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -359,7 +452,14 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
         routes=[
             Route(CHAT_PATH, _guard(proxy.passthrough), methods=["POST"]),
             Route(COMPLETIONS_PATH, _guard(proxy.passthrough), methods=["POST"]),
-            Route("/v1/responses", _guard(proxy.translated(RESPONSES)), methods=["POST"]),
+            Route(
+                "/v1/responses",
+                _guard(proxy.translated(responses_translation(hosted))),
+                methods=["POST"],
+            ),
+            Route("/v1/responses", proxy.responses_upgrade, methods=["GET"]),
+            WebSocketRoute("/v1/responses", _refuse_websocket),
+            Route("/", proxy.root, methods=["HEAD"]),
             Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
             Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
             Route("/v1/models", _guard(proxy.models), methods=["GET"]),

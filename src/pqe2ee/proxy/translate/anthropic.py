@@ -13,6 +13,12 @@ The streamed side is :class:`~pqe2ee.proxy.translate.streams.MessagesStreamTrans
 Where the APIs do not map 1:1:
 
 * ``system`` text blocks are joined with a blank line into one leading system message.
+* ``role: "system"`` messages inside ``messages`` (Claude Code sends them: beta
+  ``mid-conversation-*``) are folded the way open-model chat templates accept: before any turn
+  they join the system prompt; later, their text is wrapped in ``<system-reminder>`` tags and
+  appended to the user turn they follow (after a user turn or its tool results) or, after an
+  assistant turn, to the next user turn (after its tool results, so tool messages stay right
+  after the tool calls) - many templates refuse a system message anywhere but first.
 * A user turn's ``tool_result`` blocks become ``tool`` messages placed *before* the rest of that
   turn (Chat Completions needs tool messages right after the assistant's tool calls). Tool
   results are text-only in Chat Completions: their text blocks are joined with newlines, images
@@ -108,7 +114,7 @@ class _OutputConfig(msgspec.Struct):
 
 
 class _Message(msgspec.Struct):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[Any]
 
 
@@ -324,6 +330,19 @@ def _assistant_turn(out: ChatMessagesBuilder, content: str | list[Any], where: s
         out.tool_call(call.id, call.name, json_text(call.input))
 
 
+def _reminder(text: str) -> str:
+    if text.lstrip().startswith("<system-reminder>"):
+        return text
+    return f"<system-reminder>\n{text}\n</system-reminder>"
+
+
+def _flush_reminders(out: ChatMessagesBuilder, pending: list[str]) -> None:
+    """Mid-conversation system texts join the user turn they follow (or precede)."""
+    if pending:
+        out.user("\n".join(pending))
+        pending.clear()
+
+
 def _system_text(system: str | list[Any] | None) -> str:
     if system is None or isinstance(system, str):
         return system or ""
@@ -403,13 +422,24 @@ def messages_to_chat(req: dict[str, Any]) -> dict[str, Any]:
     system = _system_text(parsed.system)
     if system:
         out.system(system)
+    pending: list[str] = []  # mid-conversation system texts waiting for a user turn
     for i, raw in enumerate(parsed.messages or ()):
         where = f"messages[{i}]"
         msg = convert(raw, _Message, where=where)
-        if msg.role == "user":
+        if msg.role == "system":
+            text = _system_text(msg.content)
+            if not out.messages:
+                out.system(text)  # before any turn: part of the system prompt
+            elif text:
+                pending.append(_reminder(text))
+                if out.messages[-1]["role"] != "assistant":
+                    _flush_reminders(out, pending)
+        elif msg.role == "user":
             _user_turn(out, msg.content, f"{where}.content")
+            _flush_reminders(out, pending)
         else:
             _assistant_turn(out, msg.content, f"{where}.content")
+    _flush_reminders(out, pending)
     tools = _tools(parsed)
     choice, parallel = _tool_choice(parsed)
     effort = _reasoning_effort(parsed)

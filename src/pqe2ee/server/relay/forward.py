@@ -26,11 +26,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from pqe2ee.errors import ErrorCode
 from pqe2ee.server._asgi import (
     BodyTooLarge,
     StreamedResponse,
     StreamOutcome,
     iter_body,
+    json_response,
     read_bounded,
     watch_disconnect,
 )
@@ -45,6 +47,12 @@ log = logging.getLogger("pqe2ee.relay")
 
 _MAX_ERROR_BODY: Final = 64 * 1024
 _V2_HINT: Final = b'"e2e_v2:'  # an instance's v2 refusal: {"detail":"e2e_v2:<code>"}
+# A v2-only instance's refusal of a v1 blob: 426 {"detail": ..., "code": "v1_disabled"}.
+_V1_DISABLED: Final = b'"v1_disabled"'
+_V1_DISABLED_DETAIL: Final = (
+    "E2E v1 is disabled on this instance: seal the request with wire profile v2 "
+    "(the e2e_v2 key in discovery)"
+)
 
 
 class ForwardedResponse(StreamedResponse):
@@ -183,6 +191,13 @@ class Forwarder:
         if status == 429:
             return detail(429, "Instance is at maximum capacity, try again later")
         if status == 426:
+            if text is not None and media == "application/json" and _V1_DISABLED in text:
+                # A pqe2ee v2-only instance: said as it is (spec/v2.md §8.2), not "try another".
+                return json_response(
+                    {"detail": _V1_DISABLED_DETAIL, "code": ErrorCode.V1_DISABLED.value},
+                    426,
+                    {"upgrade": "pqe2ee-v2"},
+                )
             return detail(502, "Instance requires key exchange, try a different instance")
         if text is not None and media == "application/json":
             if status == 400:

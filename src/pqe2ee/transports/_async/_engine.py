@@ -102,6 +102,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import AsyncLock, AsyncShieldCancellation, async_sleep
+from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
     "AsyncEngine",
@@ -227,6 +228,9 @@ async def _read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
 
 # -- the decrypted stream --------------------------------------------------------------------------
 
+#: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
+DRAIN_LIMIT: Final = 64 * 1024
+
 
 class AsyncPlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
@@ -261,6 +265,8 @@ class AsyncPlainStream:
         self._lost = lost_errors
         self._timeout = timeout_errors
         self._chunks: AsyncIterator[bytes] | None = None
+        #: Removes the usage the caller did not ask for (set by the engine for a stream).
+        self.usage_filter: UsageFilter | None = None
         self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
@@ -272,6 +278,10 @@ class AsyncPlainStream:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
+                if not batch:
+                    continue
             out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
             if out:
                 yield out
@@ -279,6 +289,8 @@ class AsyncPlainStream:
     async def aiter_events(self) -> AsyncIterator[InnerEvent | Done]:
         """The inner events one by one, ending after the authenticated ``Done``."""
         async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
             for event in batch:
                 yield event
 
@@ -296,13 +308,33 @@ class AsyncPlainStream:
                     yield batch
                 if self._deferred is not None:
                     raise self._deferred
-                async for chunk in self._body():
-                    batch = decoder.feed(chunk)
-                    if batch:
-                        yield batch
-                batch = decoder.eof()
-                if batch:
-                    yield batch
+                # The batch ending in Done is held until the relay's last bytes are read (at
+                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
+                # finished response behind, and its connection goes back to the pool.
+                # A fault after Done still comes after the answer Done vouched for.
+                held: list[InnerEvent | Done] = []
+                drained = 0
+                try:
+                    async for chunk in self._body():
+                        if held:
+                            held += decoder.feed(chunk)
+                            drained += len(chunk)
+                            if drained > DRAIN_LIMIT:
+                                break
+                            continue
+                        batch = decoder.feed(chunk)
+                        if batch and isinstance(batch[-1], Done):
+                            held = batch
+                        elif batch:
+                            yield batch
+                    else:
+                        held += decoder.eof()
+                except PQE2EEError:
+                    if held:
+                        yield held
+                    raise
+                if held:
+                    yield held
             except self._timeout:
                 raise
             except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
@@ -444,6 +476,8 @@ class AsyncEngine:
             else:
                 outcome = await self._invoke_v1(port, lease, path, body, auth)
             if not isinstance(outcome, RelayAnswer):
+                if isinstance(outcome, Streaming):
+                    outcome.stream.usage_filter = UsageFilter.for_request(body)
                 return outcome
             error = outcome.error
             with self._guard:

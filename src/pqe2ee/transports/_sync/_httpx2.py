@@ -12,14 +12,16 @@ requests through it and maps errors onto httpx2's types.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Unpack
 
 import httpx2
 
 from pqe2ee.backends.base import KEMPrivateKey
-from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.errors import ErrorCode, PQE2EEError, RelayError
 from pqe2ee.protocol.client import e2e_model
+from pqe2ee.transports._answers import ERROR_EXTENSION, error_answer
 from pqe2ee.transports._common import (
     STREAM_HEADERS,
     EngineFacade,
@@ -41,7 +43,12 @@ from pqe2ee.transports._sync._engine import (
     Streaming,
     plaintext_refused,
 )
-from pqe2ee.transports.options import ClientOptions, ClientOptionsArgs
+from pqe2ee.transports.options import (
+    ClientOptions,
+    ClientOptionsArgs,
+    bind_origin,
+    uses_default_bases,
+)
 
 __all__ = ["DecryptingStream", "E2EETransport"]
 
@@ -177,12 +184,18 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
       only), never into the stream; failures mid-stream raise ``E2EEStreamError``;
     * other relay answers: nonce rejected, instance gone (410), busy (429) or needing key
       exchange (502) are retried on a fresh nonce / another instance, up to ``max_attempts``
-      in all (then ``RetriesExhausted``, code ``retries_exhausted``); a refused path (403)
-      raises ``RelayError`` (``path_forbidden``); any other status is handed over unchanged.
+      in all (then a 503 answer, code ``retries_exhausted``); a refused path is a 403 answer
+      (``path_forbidden``); any other status is handed over unchanged.
 
-    Errors before any byte reaches the caller are typed pqe2ee errors (``model_not_found``,
-    ``no_instances``, ``discovery_rate_limited``, ``discovery_failed``, ...); connection
-    problems with the relay are httpx2's own exceptions. Discovery keeps to ``limits`` (10 per
+    Relay and discovery failures before any byte reaches the caller (``model_not_found``,
+    ``no_instances``, ``discovery_rate_limited``, ``discovery_failed``, a refused path,
+    exhausted retries: a :class:`~pqe2ee.errors.RelayError`) are answered as HTTP errors the
+    SDKs map onto their own classes - 401/403 as the relay said, 404 unknown model, 429 rate
+    limited or busy, 503 no instance / retries exhausted, 502 otherwise - with a JSON body
+    ``{"error": {"message", "type", "code": <pqe2ee code>}}``, an ``x-pqe2ee-error`` header,
+    and the error itself in ``response.extensions["pqe2ee_error"]`` (an SDK error's
+    ``.response``); other errors (local refusals, downgrade refusals, bad crypto) raise typed pqe2ee
+    errors, and connection problems with the relay are httpx2's own exceptions. Discovery keeps to ``limits`` (10 per
     minute by default), waiting for a slot at most ``timeout`` seconds, which also bounds each
     discovery call. Every request seals its answer to a fresh one-use key (ML-KEM-768 for v1,
     X-Wing for v2).
@@ -203,7 +216,9 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
 
     Configuration: ``options`` (a :class:`~pqe2ee.transports.options.ClientOptions`) and/or
     its fields as keyword arguments (``api_key=``, ``strict=``, ...; a keyword replaces that
-    field of ``options``). ``api_key`` authenticates discovery and invocation; ``None`` takes
+    field of ``options``). Without ``api_base`` and ``models_base`` the SDK's own base URL is
+    the relay: the first request's origin becomes both (Chutes' ``llm.chutes.ai`` /
+    ``api.chutes.ai`` keep their pair), and a request for another origin is then refused. ``api_key`` authenticates discovery and invocation; ``None`` takes
     each request's own ``Authorization: Bearer`` token. ``inner`` is the transport used to
     reach the relay (default ``httpx2.HTTPTransport()``); it is closed with this one, as
     are the key pools' filler threads.
@@ -221,11 +236,16 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
         self._engine = self._start(Engine, ClientOptions.of(options, **kwargs))
         self._inner = inner if inner is not None else httpx2.HTTPTransport()
         self._control: dict[str, object] = {"timeout": self.settings.timeout_extension}
+        # Neither base given: the first request's own URL names the relay (see bind_origin).
+        self._unbound = uses_default_bases(self.options)
+        self._bound: str | None = None
+        self._bind_lock = threading.Lock()
 
     # -- httpx2 transport API -------------------------------------------------------------------
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         self._check_open("transport")
+        self._bind(request)
         e2e_paths = self.settings.e2e_paths
         if request.method == "POST" and request.url.path in e2e_paths:
             body = request.read()
@@ -233,6 +253,23 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
             if model is not None:
                 return self._encrypted(request, model, body)
         return self._plaintext(request)
+
+    def _bind(self, request: httpx2.Request) -> None:
+        """Without ``api_base`` / ``models_base``, the SDK's own base URL is the relay: the
+        first request to a host other than Chutes' rebinds both there (before anything is
+        sent); a later request to yet another host is refused."""
+        url = request.url
+        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
+        if not self._unbound and self._bound is None:
+            return  # bases given: the request's host is not looked at
+        with self._bind_lock:
+            options, self._bound = bind_origin(
+                self.options, origin, unbound=self._unbound, bound=self._bound
+            )
+            self._unbound = False
+            if options is not self.options:
+                self._close_keys()
+                self._engine = self._start(Engine, options)
 
     def close(self) -> None:
         if self._closed:
@@ -264,9 +301,23 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     def _encrypted(self, request: httpx2.Request, model: str, body: bytes) -> httpx2.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _Port(self._inner, request.extensions, self._control)
-        outcome = self._engine.invoke(
-            port, path=request.url.path, body=body, model=model, auth=auth
-        )
+        try:
+            outcome = self._engine.invoke(
+                port, path=request.url.path, body=body, model=model, auth=auth
+            )
+        except RelayError as exc:
+            # An HTTP answer the SDKs map onto their own error classes (see _answers).
+            answer = error_answer(exc)
+            if answer is None:
+                raise
+            status, headers, content = answer
+            return httpx2.Response(
+                status,
+                headers=headers,
+                content=content,
+                request=request,
+                extensions={ERROR_EXTENSION: exc},
+            )
         if isinstance(outcome, Streaming):
             stream = DecryptingStream._over(outcome.stream, request)
             return httpx2.Response(200, headers=STREAM_HEADERS, stream=stream, request=request)

@@ -1,0 +1,196 @@
+"""Streams as the OpenAI API gives them (issue 12): streamed calls reuse their connection.
+
+The SDK stops reading at the inner ``data: [DONE]``; the relay's last bytes (v1: the outer
+usage and ``[DONE]``; v2: anything after END) used to arrive after that, so the response was
+closed unfinished and every streamed call opened a new TCP connection. The transport now reads
+the relay's answer to its end before handing over the final events. Counted here at the relay:
+the client port of every ``/e2e/invoke`` (one port = one connection), through the openai SDK
+on the httpx2 transports (v1 and v2, sync and async) and through ``pqe2ee proxy``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from pqe2ee.proxy.app import ProxyConfig, create_app
+from pqe2ee.transports import httpx2 as tx_httpx2
+from servers import run_app, serve_chain
+
+KEY = "pk-stream-semantics-9f8e7d"
+
+
+@dataclass
+class Ports:
+    """The client port of each ``/e2e/invoke`` the relay received."""
+
+    seen: list[int] = field(default_factory=list)
+
+    def wrap(self, app: Any) -> Any:
+        async def counted(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] == "/e2e/invoke":
+                self.seen.append(scope["client"][1])
+            await app(scope, receive, send)
+
+        return counted
+
+
+@dataclass
+class Stack:
+    relay: str
+    proxy: str
+    ports: Ports
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    ports = Ports()
+    with serve_chain(
+        1, api_keys=(KEY,), rate_limit=10_000, nonces_per_instance=100, wrap_relay=ports.wrap
+    ) as chain:
+        config = ProxyConfig(api_base=chain.relay, models_base=chain.relay)
+        proxy = chain.exits.enter_context(run_app(create_app(config)))
+        yield Stack(chain.relay, proxy, ports)
+
+
+def user(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+def streamed_text(stream: Any) -> str:
+    return "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_streamed_calls_reuse_one_connection(stack: Stack, prefer_v2: bool) -> None:
+    transport = tx_httpx2.E2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    sdk = openai.OpenAI(
+        base_url=stack.relay + "/v1",
+        api_key=KEY,
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+    stack.ports.seen.clear()
+    with sdk:
+        for i in range(4):
+            stream = sdk.chat.completions.create(
+                model="dev-echo", messages=user(f"call {i}"), stream=True
+            )
+            assert streamed_text(stream) == f"Echo: call {i}"
+        reply = sdk.chat.completions.create(model="dev-echo", messages=user("plain"))
+        assert reply.choices[0].message.content == "Echo: plain"
+    assert len(stack.ports.seen) == 5
+    assert len(set(stack.ports.seen)) == 1, stack.ports.seen
+
+
+@pytest.mark.anyio
+async def test_async_streamed_calls_reuse_one_connection(stack: Stack) -> None:
+    transport = tx_httpx2.AsyncE2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay
+    )
+    stack.ports.seen.clear()
+    async with openai.AsyncOpenAI(
+        base_url=stack.relay + "/v1",
+        api_key=KEY,
+        http_client=httpx2.AsyncClient(transport=transport),
+        max_retries=0,
+    ) as sdk:
+        for i in range(3):
+            stream = await sdk.chat.completions.create(
+                model="dev-echo", messages=user(f"a{i}"), stream=True
+            )
+            text = "".join([(c.choices[0].delta.content or "") async for c in stream if c.choices])
+            assert text == f"Echo: a{i}"
+    assert len(stack.ports.seen) == 3 and len(set(stack.ports.seen)) == 1, stack.ports.seen
+
+
+def test_proxy_streams_reuse_its_relay_connection(stack: Stack) -> None:
+    sdk = openai.OpenAI(base_url=stack.proxy + "/v1", api_key=KEY, max_retries=0)
+    stack.ports.seen.clear()
+    with sdk:
+        for i in range(3):
+            stream = sdk.chat.completions.create(
+                model="dev-echo", messages=user(f"p{i}"), stream=True
+            )
+            assert streamed_text(stream) == f"Echo: p{i}"
+    assert len(stack.ports.seen) == 3 and len(set(stack.ports.seen)) == 1, stack.ports.seen
+
+
+# -- usage as the OpenAI API gives it ------------------------------------------------------------
+
+
+def stream_chunks(stack: Stack, prefer_v2: bool, options: dict[str, Any] | None) -> list[Any]:
+    transport = tx_httpx2.E2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    body: dict[str, Any] = {"model": "dev-echo", "messages": user("a b c"), "stream": True}
+    if options is not None:
+        body["stream_options"] = options
+    with httpx2.Client(transport=transport) as http:
+        r = http.post(stack.relay + "/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    lines = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_usage_as_the_caller_asked(stack: Stack, prefer_v2: bool) -> None:
+    # The instance (like the Chutes runtime) forces usage into the engine's stream; the
+    # caller sees exactly what it asked for.
+    none = stream_chunks(stack, prefer_v2, None)
+    assert all(c.get("usage") is None for c in none) and all(c["choices"] for c in none)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in none) == "Echo: a b c"
+
+    final = stream_chunks(stack, prefer_v2, {"include_usage": True})
+    with_usage = [c for c in final if c.get("usage") is not None]
+    assert with_usage == [final[-1]] and final[-1]["choices"] == []
+    assert final[-1]["usage"]["completion_tokens"] == 4
+
+    every = stream_chunks(stack, prefer_v2, {"include_usage": True, "continuous_usage_stats": True})
+    assert all(c.get("usage") is not None for c in every)  # asked for: passed unchanged
+
+
+def test_usage_filter_rewrites_only_what_it_must() -> None:
+    from pqe2ee.protocol._events import Done, InnerEvent
+    from pqe2ee.protocol.sse import SSEParser
+    from pqe2ee.transports._usage import UsageFilter
+
+    raw = (
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"total_tokens":3}}\n\n'
+        b'data: {"choices":[{"delta":{"content":"y"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"total_tokens":4}}\n\n'
+    )
+    events: list[Any] = [InnerEvent(e) for e in SSEParser(max_event=1 << 16).feed(raw)]
+    batch = [*events, Done(raw=b"data: [DONE]\n\n")]
+    assert UsageFilter.for_request(b'{"stream": false}') is None
+    assert (
+        UsageFilter.for_request(
+            b'{"stream": true, "stream_options": {"include_usage": true,'
+            b' "continuous_usage_stats": true}}'
+        )
+        is None
+    )
+    none = UsageFilter.for_request(b'{"stream": true}')
+    assert none is not None
+    out = none.apply(batch)
+    assert [e.raw for e in out] == [
+        b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n',
+        events[1].raw,  # untouched: byte for byte
+        b"data: [DONE]\n\n",
+    ]
+    final = UsageFilter.for_request(b'{"stream": true, "stream_options": {"include_usage": true}}')
+    assert final is not None
+    assert [e.raw for e in final.apply(batch)][1:] == [
+        events[1].raw,
+        events[2].raw,
+        b"data: [DONE]\n\n",
+    ]
