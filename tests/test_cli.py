@@ -17,9 +17,10 @@ from pqe2ee import cli as cli_package
 from pqe2ee.cli import cli, main
 
 COMMANDS = ["backends", "dev-engine", "instance", "proxy", "relay"]
-# Options that deliberately read no PQE2EE_<NAME> variable: keys come from PQE2EE_API_KEYS (a
-# list) in the relay, and --no-auth must be typed.
-NO_ENV = {("relay", "api_keys"), ("relay", "no_auth")}
+# Options that deliberately read no environment variable: --no-auth must be typed.
+NO_ENV = {("relay", "no_auth")}
+# Settings meant to be shared by every command: PQE2EE_<NAME> after the command's own name.
+SHARED = {"log_level", "backend"}
 
 
 def _options() -> list[tuple[str, click.Option]]:
@@ -27,7 +28,7 @@ def _options() -> list[tuple[str, click.Option]]:
         (name, param)
         for name, command in sorted(cli.commands.items())
         for param in command.params
-        if isinstance(param, click.Option) and param.name != "help"
+        if isinstance(param, click.Option) and param.name not in ("help", "config")
     ]
 
 
@@ -41,38 +42,59 @@ def test_every_command_is_registered_and_listed_in_the_group_help() -> None:
 
 @pytest.mark.parametrize(("command", "option"), _options(), ids=lambda v: getattr(v, "name", v))
 def test_option_conventions(command: str, option: click.Option) -> None:
+    """Each option reads PQE2EE_<COMMAND>_<FLAG> (plural for lists; the doctor reads the
+    proxy's), shows it in --help, and shows its default."""
     if (command, option.name) in NO_ENV:
         assert option.envvar is None
         return
+    scope = "proxy" if command == "doctor" else command
+    prefix = "PQE2EE_" + scope.upper().replace("-", "_") + "_"
     flag = option.opts[0].lstrip("-").replace("-", "_").upper()
-    assert option.envvar == f"PQE2EE_{flag}" or option.envvar in {
-        "PQE2EE_ALLOW_PATHS",
-        "PQE2EE_INSTANCES",
-        "PQE2EE_REDIS_URL",
-        "PQE2EE_REPLAY_REDIS_URL",
-    }
+    own = [prefix + flag, prefix + flag + "S"]
+    if option.name in SHARED:
+        assert option.envvar in ([own[0], "PQE2EE_" + flag],)
+    elif option.name == "redis_url":
+        assert option.envvar == prefix + "REDIS"
+    else:
+        assert option.envvar in own
+    assert option.show_envvar
     if not option.is_flag and isinstance(option.default, (int, float, str)):
         assert option.show_default, option.name
+    help_text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+    envvar = option.envvar[0] if isinstance(option.envvar, list) else option.envvar
+    assert f"env var: {envvar}" in help_text
 
 
-def test_environment_variable_reaches_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
+def test_environment_variables_are_per_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PQE2EE_DEV_ENGINE_PORT moves the dev-engine only; the shared PQE2EE_LOG_LEVEL reaches
+    it; the old shared PQE2EE_PORT still works, with a deprecation line."""
+    seen: list[dict[str, Any]] = []
 
     def serve(host: str, port: int, *, log_level: str) -> None:
-        seen.update(host=host, port=port, log_level=log_level)
+        seen.append({"host": host, "port": port, "log_level": log_level})
 
     import pqe2ee.testing.dev_engine
 
     monkeypatch.setattr(pqe2ee.testing.dev_engine, "serve", serve)
-    env = {"PQE2EE_PORT": "9123", "PQE2EE_LOG_LEVEL": "debug"}
-    result = CliRunner().invoke(cli, ["dev-engine"], env=env)
+    runner = CliRunner()
+    env = {"PQE2EE_DEV_ENGINE_PORT": "0", "PQE2EE_LOG_LEVEL": "debug", "PQE2EE_PROXY_PORT": "1"}
+    result = runner.invoke(cli, ["dev-engine"], env=env)
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 9123, "log_level": "debug"}
+    assert seen.pop() == {"host": "127.0.0.1", "port": 0, "log_level": "debug"}
+    env = {"PQE2EE_DEV_ENGINE_LOG_LEVEL": "warning", "PQE2EE_LOG_LEVEL": "debug"}
+    result = runner.invoke(cli, ["dev-engine", "--port", "0"], env=env)
+    assert seen.pop()["log_level"] == "warning"
+    result = runner.invoke(cli, ["dev-engine"], env={"PQE2EE_PORT": "0"})
+    assert result.exit_code == 0, result.output
+    assert seen.pop()["port"] == 0
+    assert "pqe2ee dev-engine: PQE2EE_PORT is deprecated, use PQE2EE_DEV_ENGINE_PORT" in (
+        result.stderr
+    )
 
 
 def test_refused_configuration_exits_2_with_the_command_name() -> None:
     runner = CliRunner()
-    result = runner.invoke(cli, ["relay"], env={"PQE2EE_API_KEYS": "k"})
+    result = runner.invoke(cli, ["relay"], env={"PQE2EE_RELAY_API_KEY": "k"})
     assert result.exit_code == 2
     assert "pqe2ee relay: give at least one --instance URL" in result.output
     result = runner.invoke(cli, ["proxy", "--api-base", "ftp://nowhere"])

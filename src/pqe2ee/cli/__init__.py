@@ -36,13 +36,17 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if click is not None:
+    from pqe2ee.cli._options import OneLineErrors
     from pqe2ee.cli.backends import backends_cmd
     from pqe2ee.cli.dev_engine import dev_engine_cmd
     from pqe2ee.cli.instance import instance_cmd
     from pqe2ee.cli.proxy import proxy_cmd
     from pqe2ee.cli.relay import relay_cmd
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.group(
+        cls=OneLineErrors,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    )
     @click.version_option(package_name="pqe2ee")
     def cli() -> None:
         """Post-quantum end-to-end encrypted inference (Chutes E2EE v1 wire format).

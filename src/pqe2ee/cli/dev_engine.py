@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import click
-
 from pqe2ee.cli import _options as opt
 
 __all__ = ["dev_engine_cmd"]
 
 
-@click.command("dev-engine")
+@opt.command("dev-engine")
 @opt.host_option
 @opt.port_option(8001)
 @opt.log_level_option
@@ -19,6 +17,9 @@ def dev_engine_cmd(host: str, port: int, log_level: str) -> None:
     It echoes prompts, emits tool calls and reasoning_content, and streams with vLLM's SSE
     shape, so the demo and the tests run without a GPU.
     """
+    from pqe2ee.cli._preflight import check_port
     from pqe2ee.testing.dev_engine import serve
 
-    serve(host, port, log_level=log_level)
+    with opt.exit_on_error("dev-engine", log_level):
+        check_port("dev-engine", host, port)
+        serve(host, port, log_level=log_level)

@@ -13,11 +13,12 @@ __all__ = ["instance_cmd"]
 _KEY_PATH = click.Path(dir_okay=True, path_type=str)
 
 
-@click.command("instance")
+@opt.command("instance")
 @opt.env_option(
     "--upstream",
     env="UPSTREAM",
     required=True,
+    type=opt.URL,
     help="Base URL of the OpenAI-compatible engine, without /v1 (http://127.0.0.1:8000).",
 )
 @opt.host_option
@@ -107,7 +108,8 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
 @opt.env_option(
     "--redis",
     "redis_url",
-    env="REPLAY_REDIS_URL",
+    env="REDIS",
+    legacy=("PQE2EE_REPLAY_REDIS_URL",),
     metavar="URL",
     help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
     "noeviction) so several processes serving one key share it. Default: in memory.",
@@ -132,8 +134,11 @@ def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -
 
     A bad key file, backend or option stops it with exit code 2.
     """
+    from pqe2ee.cli._preflight import check_port, check_redis
     from pqe2ee.server.instance import DEFAULT_ALLOW_PATHS, InstanceConfig, serve
 
-    with opt.exit_on_error("instance"):
+    with opt.exit_on_error("instance", log_level):
         config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
+        check_port("instance", config.host, config.port)
+        check_redis("instance", "--redis", config.redis_url)
         serve(config, log_level=log_level)

@@ -11,7 +11,7 @@ from pqe2ee.cli import _options as opt
 __all__ = ["proxy_cmd"]
 
 
-@click.command("proxy")
+@opt.command("proxy")
 @opt.host_option
 @opt.port_option(8787)
 @opt.env_option(
@@ -19,6 +19,7 @@ __all__ = ["proxy_cmd"]
     env="API_BASE",
     default="https://api.chutes.ai",
     metavar="URL",
+    type=opt.URL,
     help="Relay (control plane) for discovery and encrypted invocations.",
 )
 @opt.env_option(
@@ -26,6 +27,7 @@ __all__ = ["proxy_cmd"]
     env="MODELS_BASE",
     default="https://llm.chutes.ai",
     metavar="URL",
+    type=opt.URL,
     help="Where the model list is read (plaintext GET /v1/models).",
 )
 @opt.env_option(
@@ -103,22 +105,24 @@ def proxy_cmd(
     a completion.
 
     The API key is the caller's own (Authorization: Bearer KEY or x-api-key: KEY) when it
-    sends one, else --api-key / PQE2EE_API_KEY; without either a call gets a 401. Logs hold
+    sends one, else --api-key / PQE2EE_PROXY_API_KEY; without either a call gets a 401. Logs hold
     method, path, status, sizes and durations only.
 
     \b
     Example:
-      PQE2EE_API_KEY=cpk_... pqe2ee proxy
+      PQE2EE_PROXY_API_KEY=cpk_... pqe2ee proxy
       OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
       ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
     """
+    from pqe2ee.cli._preflight import check_port
     from pqe2ee.proxy.app import ProxyConfig, serve
 
-    with opt.exit_on_error("proxy"):
+    with opt.exit_on_error("proxy", log_level):
         config = ProxyConfig(
             api_key=api_key or None,
             min_version=int(min_version),
             prefer_v2=not no_prefer_v2,
             **options,
         )
+        check_port("proxy", config.host, config.port)
         serve(config, log_level=log_level)

@@ -1,0 +1,83 @@
+"""Start-up checks that run before a server binds: each mistake is one line naming the option
+and the value, and exit code 2 (:func:`pqe2ee.cli._options.fail`).
+
+* :func:`check_port` - the address can be listened on (a busy port, an unknown host);
+* :func:`check_redis` - a Redis URL has a Redis scheme and the server answers PING.
+
+Both only look: the server itself binds and connects afterwards as before. A password in a
+Redis URL is never printed (:func:`redact`).
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+
+from pqe2ee.cli._options import fail
+
+__all__ = ["check_port", "check_redis", "redact", "redis_problem"]
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_port(command: str, host: str, port: int) -> None:
+    """Fail unless ``host:port`` can be bound now (port 0: any free port, not checked)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        fail(command, f"--host {host}: cannot resolve it ({exc.strerror})")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As uvicorn binds: SO_REUSEADDR, so a socket in TIME_WAIT is not a conflict.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            fail(command, f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def redis_problem(url: str, *, timeout: float = 2.0) -> str | None:
+    """Why ``url`` is no usable Redis (a bad URL, no redis-py, no answer to PING), or None."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES:
+        return "not a Redis URL (expected redis://host:6379/0, rediss:// or unix://)"
+    try:
+        import redis
+    except ImportError:
+        return "needs redis-py: pip install 'pqe2ee[redis]'"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except ValueError as exc:
+        return f"not a usable Redis URL ({exc})"
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        # The type and errno-style reason only: redis-py's text can repeat the URL.
+        reason = str(exc).split(". ")[0] if isinstance(exc, redis.ConnectionError) else ""
+        if "@" in reason or "://" in reason:
+            reason = ""
+        return f"no answer from Redis ({type(exc).__name__}{': ' + reason if reason else ''})"
+    finally:
+        client.close()
+    return None
+
+
+def check_redis(command: str, flag: str, url: str | None) -> None:
+    """Fail unless ``url`` (when given) is a Redis server that answers."""
+    if url is None:
+        return
+    problem = redis_problem(url)
+    if problem is not None:
+        fail(command, f"{flag} {redact(url)}: {problem}")
