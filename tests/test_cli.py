@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pqe2ee import cli as cli_package
 from pqe2ee.cli import cli, main
 
-COMMANDS = ["backends", "dev-engine", "instance", "proxy", "relay"]
+COMMANDS = ["backends", "dev-engine", "doctor", "instance", "proxy", "relay"]
 # Options that deliberately read no environment variable: --no-auth must be typed.
 NO_ENV = {("relay", "no_auth")}
 # Settings meant to be shared by every command: PQE2EE_<NAME> after the command's own name.
@@ -47,7 +47,7 @@ def test_option_conventions(command: str, option: click.Option) -> None:
     if (command, option.name) in NO_ENV:
         assert option.envvar is None
         return
-    scope = "proxy" if command == "doctor" else command
+    scope = getattr(option, "scope", None) or command
     prefix = "PQE2EE_" + scope.upper().replace("-", "_") + "_"
     flag = option.opts[0].lstrip("-").replace("-", "_").upper()
     own = [prefix + flag, prefix + flag + "S"]

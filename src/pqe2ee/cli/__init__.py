@@ -1,7 +1,7 @@
 """The ``pqe2ee`` command line: proxy, instance, relay, dev-engine, backends.
 
 One module per command (:mod:`~pqe2ee.cli.proxy`, :mod:`~pqe2ee.cli.instance`,
-:mod:`~pqe2ee.cli.relay`, :mod:`~pqe2ee.cli.dev_engine`, :mod:`~pqe2ee.cli.backends`); the
+:mod:`~pqe2ee.cli.relay`, :mod:`~pqe2ee.cli.dev_engine`, :mod:`~pqe2ee.cli.backends`, :mod:`~pqe2ee.cli.doctor`); the
 options and the exit path they share live in :mod:`pqe2ee.cli._options`. Each command imports
 the server or proxy it starts only when it runs, so ``pqe2ee --help`` stays fast.
 
@@ -39,6 +39,7 @@ if click is not None:
     from pqe2ee.cli._options import OneLineErrors
     from pqe2ee.cli.backends import backends_cmd
     from pqe2ee.cli.dev_engine import dev_engine_cmd
+    from pqe2ee.cli.doctor import doctor_cmd
     from pqe2ee.cli.instance import instance_cmd
     from pqe2ee.cli.proxy import proxy_cmd
     from pqe2ee.cli.relay import relay_cmd
@@ -57,7 +58,8 @@ if click is not None:
         relay       control plane: discovery, nonces, forwarding bytes it cannot read
         dev-engine  a deterministic stand-in engine for demos and tests (not a model)
         backends    list the crypto backends that work on this machine
+        doctor      check this machine, the relay and the API key before running the proxy
         """
 
-    for _command in (backends_cmd, dev_engine_cmd, instance_cmd, relay_cmd, proxy_cmd):
+    for _command in (backends_cmd, dev_engine_cmd, doctor_cmd, instance_cmd, relay_cmd, proxy_cmd):
         cli.add_command(_command)
