@@ -139,3 +139,17 @@ def test_backends_lists_every_backend_with_what_works_and_why_not() -> None:
         else:  # the reason enum's words, then the message
             assert f"unavailable: {why.reason.value}: {why.message}" in line
     assert lines[-1].startswith("auto KEM: ") and "auto X-Wing: " in lines[-1]
+
+
+def test_readme_configuration_table_matches_the_commands() -> None:
+    """README.md holds exactly the table scripts/gen_cli_table.py makes from the commands."""
+    from pathlib import Path
+
+    from pqe2ee.cli._table import BEGIN, END, markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    assert readme[start:end] == markdown(cli), "run: python scripts/gen_cli_table.py"
+    for name, command in cli.commands.items():
+        if any(isinstance(p, click.Option) and p.name != "help" for p in command.params):
+            assert f"`pqe2ee {name}`" in readme[start:end]
