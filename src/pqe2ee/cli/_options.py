@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import urllib.parse
@@ -42,6 +43,7 @@ __all__ = [
     "log_level_option",
     "max_body_option",
     "port_option",
+    "quiet_client_logs",
     "read_timeout_option",
     "seconds_option",
     "split_list",
@@ -264,6 +266,13 @@ class OneLineErrors(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def quiet_client_logs(log_level: str) -> None:
+    """Below debug, httpx2's line per outgoing request (each health probe of an instance, each
+    engine call) is dropped: the servers log what matters themselves, once."""
+    if log_level != "debug":
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def split_list(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -139,6 +139,10 @@ def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -
 
     with opt.exit_on_error("instance", log_level):
         config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
-        check_port("instance", config.host, config.port)
         check_redis("instance", "--redis", config.redis_url)
-        serve(config, log_level=log_level)
+        opt.quiet_client_logs(log_level)
+
+        def before_bind() -> None:  # after the key files: their mistakes are named first
+            check_port("instance", config.host, config.port)
+
+        serve(config, log_level=log_level, before_bind=before_bind)

@@ -133,5 +133,6 @@ def relay_cmd(
             host,
             port,
         )
+    opt.quiet_client_logs(log_level)
     with opt.exit_on_error("relay", log_level):
         serve(config, log_level=log_level)

@@ -69,6 +69,8 @@ from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._ready import answer as ready_answer
+from pqe2ee.server._ready import probe
 from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
@@ -284,6 +286,10 @@ class _Proxy:
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
+    async def ready(self, request: Request) -> Response:
+        """Ready when the relay answers HTTP at all (any status: Chutes' root is a 404)."""
+        return ready_answer({"relay": await probe(self.plain, self.config.api_base + "/")})
+
     async def metrics_endpoint(self, request: Request) -> Response:
         self.metrics.keys.set(len(self.pool))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -364,6 +370,7 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
             Route("/v1/models", _guard(proxy.models), methods=["GET"]),
             Route("/health", proxy.health, methods=["GET"]),
+            Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[Middleware(MetricsMiddleware, observe=AccessLog(metrics))],

@@ -27,6 +27,7 @@ from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD
 from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, declared_length, json_response
 from pqe2ee.server._client import backend_client
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._ready import answer as ready_answer
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
     NonceStore,
@@ -152,6 +153,13 @@ class _Relay:
                 "instances": {"available": up, "configured": total},
             }
         )
+
+    async def ready(self, request: Request) -> Response:
+        """Ready when at least one instance is available; every instance listed with why not."""
+        checks = {inst.url: None if inst.up else inst.reason for inst in self.registry.instances}
+        if self.registry.available:
+            checks = {url: reason for url, reason in checks.items() if reason is None}
+        return ready_answer(checks)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -298,6 +306,7 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
             Route("/e2e/instances/{chute_id}", relay.instances, methods=["GET"]),
             Route("/e2e/invoke", relay.invoke, methods=["POST"]),
             Route("/health", relay.health, methods=["GET"]),
+            Route("/ready", relay.ready, methods=["GET"]),
             Route("/metrics", relay.metrics_endpoint, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
