@@ -20,7 +20,7 @@ COMMANDS = ["backends", "dev-engine", "doctor", "instance", "proxy", "relay"]
 # Options that deliberately read no environment variable: --no-auth must be typed.
 NO_ENV = {("relay", "no_auth")}
 # Settings meant to be shared by every command: PQE2EE_<NAME> after the command's own name.
-SHARED = {"log_level", "backend"}
+SHARED = {"log_level", "log_format", "backend"}
 
 
 def _options() -> list[tuple[str, click.Option]]:

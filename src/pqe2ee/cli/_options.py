@@ -40,6 +40,7 @@ __all__ = [
     "exit_on_error",
     "fail",
     "host_option",
+    "log_format_option",
     "log_level_option",
     "max_body_option",
     "port_option",
@@ -200,6 +201,15 @@ log_level_option = env_option(
     default="info",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="Least severe log line written; debug also shows tracebacks of start-up failures.",
+)
+log_format_option = env_option(
+    "--log-format",
+    env="LOG_FORMAT",
+    shared=True,
+    default="text",
+    type=click.Choice(["text", "json"]),
+    help="text: one line per event; json: one JSON object per line (time, level, logger, "
+    "message). uvicorn's lines included.",
 )
 backend_option = env_option(
     "--backend",

@@ -115,7 +115,10 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     "noeviction) so several processes serving one key share it. Default: in memory.",
 )
 @opt.log_level_option
-def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -> None:
+@opt.log_format_option
+def instance_cmd(
+    allow_paths: tuple[str, ...], log_level: str, log_format: str, **options: Any
+) -> None:
     """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
 
     Runs next to the engine, ideally inside a TEE. It holds an ML-KEM-768 key (v1) and an
@@ -134,12 +137,14 @@ def instance_cmd(allow_paths: tuple[str, ...], log_level: str, **options: Any) -
 
     A bad key file, backend or option stops it with exit code 2.
     """
+    from pqe2ee.cli._logging import configure as configure_logging
     from pqe2ee.cli._preflight import check_port, check_redis
     from pqe2ee.server.instance import DEFAULT_ALLOW_PATHS, InstanceConfig, serve
 
     with opt.exit_on_error("instance", log_level):
         config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
         check_redis("instance", "--redis", config.redis_url)
+        configure_logging(log_level, log_format)
         opt.quiet_client_logs(log_level)
 
         def before_bind() -> None:  # after the key files: their mistakes are named first

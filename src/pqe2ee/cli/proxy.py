@@ -67,8 +67,14 @@ __all__ = ["proxy_cmd"]
     help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
 )
 @opt.log_level_option
+@opt.log_format_option
 def proxy_cmd(
-    api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any
+    api_key: str | None,
+    min_version: str,
+    no_prefer_v2: bool,
+    log_level: str,
+    log_format: str,
+    **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
 
@@ -114,6 +120,7 @@ def proxy_cmd(
       OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
       ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
     """
+    from pqe2ee.cli._logging import configure as configure_logging
     from pqe2ee.cli._preflight import check_port
     from pqe2ee.proxy.app import ProxyConfig, serve
 
@@ -125,4 +132,5 @@ def proxy_cmd(
             **options,
         )
         check_port("proxy", config.host, config.port)
+        configure_logging(log_level, log_format)
         serve(config, log_level=log_level)

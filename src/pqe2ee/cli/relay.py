@@ -76,6 +76,7 @@ __all__ = ["relay_cmd"]
     "instance runs in an attested TEE.",
 )
 @opt.log_level_option
+@opt.log_format_option
 def relay_cmd(
     instances: tuple[str, ...],
     api_keys: tuple[str, ...],
@@ -83,6 +84,7 @@ def relay_cmd(
     host: str,
     port: int,
     log_level: str,
+    log_format: str,
     **options: Any,
 ) -> None:
     """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
@@ -115,6 +117,7 @@ def relay_cmd(
             "no API keys configured. Pass --api-key KEY (or set PQE2EE_RELAY_API_KEY=key1,key2), "
             "or pass --no-auth explicitly to run an open relay.",
         )
+    from pqe2ee.cli._logging import configure as configure_logging
     from pqe2ee.cli._preflight import check_port, check_redis
 
     with opt.exit_on_error("relay", log_level):
@@ -123,10 +126,7 @@ def relay_cmd(
         )
         check_port("relay", host, port)
         check_redis("relay", "--redis", config.redis_url)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    configure_logging(log_level, log_format)
     if no_auth:
         logging.getLogger("pqe2ee.relay").warning(
             "running WITHOUT authentication (--no-auth): anyone who reaches %s:%d can use it",

@@ -88,7 +88,9 @@ class AccessLog:
         m.duration.labels(route).observe(elapsed)
         m.bytes_in.labels(route).inc(ex.bytes_in)
         m.bytes_out.labels(route).inc(ex.bytes_out)
-        log.info(
+        failed = ex.status is None or ex.status >= 500 or not ex.complete
+        log.log(
+            logging.WARNING if failed else logging.INFO,
             "%s %s %s in=%dB out=%dB first=%.1fms total=%.1fms%s",
             ex.method,
             ex.path if route != "other" else "(other path)",
