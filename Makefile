@@ -1,4 +1,4 @@
-# make demo  - set up everything and run the end-to-end demo
+# make demo  - install what the demo uses (no reference venv, no Redis, no root) and run it
 # make test  - set up everything and run ruff, mypy --strict and the test suite
 # make liboqs SRC=path/to/liboqs-0.16.0.tar.xz - build liboqs into .liboqs/ for the [liboqs] backend
 PYTHON ?= python3
@@ -25,6 +25,13 @@ $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[all,dev]'
+	touch $@
+
+# The demo's own needs: the servers, the proxy, the httpx transports and the two SDKs it runs.
+# A no-op when the full .venv is already there.
+$(VENV)/.demo-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[server,proxy,httpx]' 'openai>=2' 'anthropic>=0.40'
 	touch $@
 
 # The published reference client lives in its own venv: it needs pqcrypto<1 and openai<3.
@@ -57,7 +64,7 @@ pytest: setup
 
 test: setup lint typecheck pytest
 
-demo: setup
+demo: $(VENV)/.demo-stamp
 	$(OQS_ENV) $(PY) examples/demo.py
 
 bench: setup
