@@ -153,3 +153,29 @@ def test_readme_configuration_table_matches_the_commands() -> None:
     for name, command in cli.commands.items():
         if any(isinstance(p, click.Option) and p.name != "help" for p in command.params):
             assert f"`pqe2ee {name}`" in readme[start:end]
+
+
+@pytest.mark.parametrize("unit", ["pqe2ee-instance.service", "pqe2ee-relay.service"])
+def test_systemd_examples_use_only_real_flags_and_variables(unit: str) -> None:
+    """examples/systemd/*.service: the ExecStart line parses with the command's own options,
+    and every PQE2EE_ variable it sets is one the command reads."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "examples" / "systemd" / unit).read_text()
+    joined = text.replace("\\\n", " ")
+    exec_line = next(line for line in joined.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_line.split("=", 1)[1])
+    assert argv[0].endswith("/pqe2ee")
+    command = cli.commands[argv[1]]
+    ctx = command.make_context(argv[1], argv[2:], resilient_parsing=False)
+    assert ctx.params  # parsed: every flag exists and every value converts
+    known = {
+        name
+        for param in command.params
+        if isinstance(param, click.Option) and param.envvar
+        for name in ([param.envvar] if isinstance(param.envvar, str) else param.envvar)
+    }
+    for word in joined.split():
+        if word.startswith("Environment=PQE2EE_"):
+            assert word.split("=")[1] in known, word

@@ -48,6 +48,7 @@ __all__ = [
     "read_timeout_option",
     "seconds_option",
     "split_list",
+    "tls_options",
     "url_problem",
 ]
 
@@ -288,6 +289,24 @@ def quiet_client_logs(log_level: str) -> None:
 def split_list(values: tuple[str, ...]) -> tuple[str, ...]:
     """Repeated values, each possibly a comma- or space-separated list (from the environment)."""
     return tuple(v for item in values for v in item.replace(",", " ").split() if v)
+
+
+def tls_options(f: F) -> F:
+    """``--tls-cert`` / ``--tls-key``: serve HTTPS with this PEM certificate (chain) and key."""
+    f = env_option(
+        "--tls-key",
+        env="TLS_KEY",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="PEM private key for --tls-cert (keep it 0600).",
+    )(f)
+    return env_option(
+        "--tls-cert",
+        env="TLS_CERT",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="Serve HTTPS with this PEM certificate (chain). Default: plain HTTP.",
+    )(f)
 
 
 def fail(command: str, message: str) -> NoReturn:

@@ -2,7 +2,8 @@
 and the value, and exit code 2 (:func:`pqe2ee.cli._options.fail`).
 
 * :func:`check_port` - the address can be listened on (a busy port, an unknown host);
-* :func:`check_redis` - a Redis URL has a Redis scheme and the server answers PING.
+* :func:`check_redis` - a Redis URL has a Redis scheme and the server answers PING;
+* :func:`check_tls`, :func:`check_ca` - certificate, key and CA files load.
 
 Both only look: the server itself binds and connects afterwards as before. A password in a
 Redis URL is never printed (:func:`redact`).
@@ -11,11 +12,12 @@ Redis URL is never printed (:func:`redact`).
 from __future__ import annotations
 
 import socket
+import ssl
 import urllib.parse
 
 from pqe2ee.cli._options import fail
 
-__all__ = ["check_port", "check_redis", "redact", "redis_problem"]
+__all__ = ["check_ca", "check_port", "check_redis", "check_tls", "redact", "redis_problem"]
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -36,6 +38,36 @@ def check_port(command: str, host: str, port: int) -> None:
             sock.bind(address)
         except OSError as exc:
             fail(command, f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})")
+
+
+def check_tls(command: str, cert: str | None, key: str | None) -> dict[str, str]:
+    """uvicorn's ``ssl_certfile``/``ssl_keyfile`` for ``--tls-cert``/``--tls-key``, after
+    loading them once: both or neither, readable, a key that matches the certificate."""
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        fail(command, "--tls-cert and --tls-key go together (give both, or neither)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        fail(
+            command, f"--tls-cert {cert} / --tls-key {key}: not a matching PEM pair ({exc.reason})"
+        )
+    except OSError as exc:
+        fail(command, f"--tls-cert {cert} / --tls-key {key}: {exc.strerror or exc}")
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
+
+
+def check_ca(command: str, flag: str, path: str | None) -> None:
+    """Fail unless ``path`` (when given) is a PEM bundle of at least one certificate."""
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        fail(command, f"{flag} {path}: no PEM certificate in it ({exc.reason})")
+    except OSError as exc:
+        fail(command, f"{flag} {path}: {exc.strerror or exc}")
 
 
 def redact(url: str) -> str:

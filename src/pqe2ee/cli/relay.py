@@ -75,6 +75,15 @@ __all__ = ["relay_cmd"]
     help="Mark models confidential_compute: true in /v1/models. Set it only when every "
     "instance runs in an attested TEE.",
 )
+@opt.tls_options
+@opt.env_option(
+    "--instance-ca",
+    env="INSTANCE_CA",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="CA bundle for https:// instances instead of the system's; an instance's own "
+    "self-signed certificate here pins it.",
+)
 @opt.log_level_option
 @opt.log_format_option
 def relay_cmd(
@@ -85,6 +94,8 @@ def relay_cmd(
     port: int,
     log_level: str,
     log_format: str,
+    tls_cert: str | None,
+    tls_key: str | None,
     **options: Any,
 ) -> None:
     """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
@@ -118,7 +129,7 @@ def relay_cmd(
             "or pass --no-auth explicitly to run an open relay.",
         )
     from pqe2ee.cli._logging import configure as configure_logging
-    from pqe2ee.cli._preflight import check_port, check_redis
+    from pqe2ee.cli._preflight import check_ca, check_port, check_redis, check_tls
 
     with opt.exit_on_error("relay", log_level):
         config = RelayConfig(
@@ -126,6 +137,8 @@ def relay_cmd(
         )
         check_port("relay", host, port)
         check_redis("relay", "--redis", config.redis_url)
+        check_ca("relay", "--instance-ca", config.instance_ca)
+        tls = check_tls("relay", tls_cert, tls_key)
     configure_logging(log_level, log_format)
     if no_auth:
         logging.getLogger("pqe2ee.relay").warning(
@@ -135,4 +148,4 @@ def relay_cmd(
         )
     opt.quiet_client_logs(log_level)
     with opt.exit_on_error("relay", log_level):
-        serve(config, log_level=log_level)
+        serve(config, log_level=log_level, **tls)

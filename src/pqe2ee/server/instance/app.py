@@ -345,6 +345,7 @@ def serve(
     *,
     log_level: str = "info",
     before_bind: Callable[[], None] | None = None,
+    **uvicorn_kw: Any,
 ) -> None:
     """Run the instance with uvicorn until interrupted (key errors raise before binding;
     ``before_bind`` runs once the keys are loaded, before the port is bound)."""
@@ -365,4 +366,5 @@ def serve(
         log_level=log_level,
         access_log=False,
         server_header=False,
+        **uvicorn_kw,
     )

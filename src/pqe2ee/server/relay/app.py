@@ -111,6 +111,7 @@ class _Relay:
             write=cfg.write_timeout,
             max_connections=cfg.max_connections,
             max_keepalive=min(cfg.max_connections, 256),
+            ca_file=cfg.instance_ca,
         )
         async with client:
             self.prober.client = self.forwarder.client = client
@@ -317,8 +318,9 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
     return app
 
 
-def serve(config: RelayConfig, *, log_level: str = "info") -> None:
-    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted."""
+def serve(config: RelayConfig, *, log_level: str = "info", **uvicorn_kw: Any) -> None:
+    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted
+    (``uvicorn_kw``: more ``uvicorn.run`` settings, e.g. ``ssl_certfile``/``ssl_keyfile``)."""
     import uvicorn
 
     uvicorn.run(
@@ -329,4 +331,5 @@ def serve(config: RelayConfig, *, log_level: str = "info") -> None:
         lifespan="on",
         proxy_headers=False,
         server_header=False,
+        **uvicorn_kw,
     )
