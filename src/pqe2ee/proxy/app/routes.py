@@ -51,6 +51,7 @@ from pqe2ee.proxy.app.pool import (
     client_timeout,
     upstream_options,
 )
+from pqe2ee.proxy.app.status import status_page
 from pqe2ee.proxy.app.streaming import (
     OpenStreams,
     PassthroughBody,
@@ -151,13 +152,13 @@ class _Proxy:
             )
         return key
 
-    @staticmethod
-    async def _send(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
+    async def _send(self, client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
         try:
             return await client.send(request, stream=True)
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
-            log.info("upstream call failed: %s", fail.code)
+            self.metrics.failed(fail.code or "unknown")
+            log.warning("upstream call failed: %s", fail.code)
             raise fail from None
 
     @staticmethod
@@ -369,6 +370,9 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
             Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
             Route("/v1/models", _guard(proxy.models), methods=["GET"]),
+            Route(
+                "/", status_page(config, options.negotiator, pool.fingerprints, metrics.failure_log)
+            ),
             Route("/health", proxy.health, methods=["GET"]),
             Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
