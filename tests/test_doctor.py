@@ -39,6 +39,8 @@ def dead_url() -> str:
 
 def doctor(relay: str, *args: str, models: str | None = None, key: str | None = KEY_A) -> Any:
     argv = ["doctor", "--skip-backends", "--json", "--api-base", relay, "--timeout", "5"]
+    if "--port" not in args:
+        argv += ["--port", "0"]
     argv += ["--models-base", models or relay, *args]
     if key is not None:
         argv += ["--api-key", key]
@@ -130,3 +132,30 @@ def test_a_bad_url_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["doctor", "--api-base", "api.chutes.ai"])
     assert result.exit_code == 2
     assert "'api.chutes.ai' is not an http:// or https:// URL" in result.stderr
+
+
+def test_the_proxy_port_busy_free_or_already_a_proxy(relay: str) -> None:
+    from pqe2ee.proxy.app import ProxyConfig, create_app
+    from servers import run_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = str(sock.getsockname()[1])
+        code, _, lines = doctor(relay, "--port", busy)
+    assert code == 2
+    assert lines["proxy port"] == (
+        "FAIL",
+        f"--port {busy}: cannot listen on 127.0.0.1:{busy} (Address already in use): "
+        "another program holds it",
+    )
+    code, _, lines = doctor(relay, "--port", busy)  # released
+    assert code == 0 and lines["proxy port"][0] == "PASS"
+    with run_app(create_app(ProxyConfig(api_base=relay, models_base=relay))) as url:
+        port = url.rsplit(":", 1)[1]
+        code, _, lines = doctor(relay, "--port", port)
+    assert code == 0
+    assert lines["proxy port"] == (
+        "INFO",
+        f"a pqe2ee server already answers on 127.0.0.1:{port} (ready)",
+    )

@@ -296,6 +296,7 @@ def tls_options(f: F) -> F:
     f = env_option(
         "--tls-key",
         env="TLS_KEY",
+        legacy=(),
         type=click.Path(dir_okay=False),
         metavar="FILE",
         help="PEM private key for --tls-cert (keep it 0600).",
@@ -303,6 +304,7 @@ def tls_options(f: F) -> F:
     return env_option(
         "--tls-cert",
         env="TLS_CERT",
+        legacy=(),
         type=click.Path(dir_okay=False),
         metavar="FILE",
         help="Serve HTTPS with this PEM certificate (chain). Default: plain HTTP.",

@@ -17,19 +17,28 @@ import urllib.parse
 
 from pqe2ee.cli._options import fail
 
-__all__ = ["check_ca", "check_port", "check_redis", "check_tls", "redact", "redis_problem"]
+__all__ = [
+    "check_ca",
+    "check_port",
+    "check_redis",
+    "check_tls",
+    "port_problem",
+    "redact",
+    "redis_problem",
+]
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-def check_port(command: str, host: str, port: int) -> None:
-    """Fail unless ``host:port`` can be bound now (port 0: any free port, not checked)."""
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (``--host``/``--port`` named), or None.
+    Port 0 (any free port) is not checked."""
     if port == 0:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        fail(command, f"--host {host}: cannot resolve it ({exc.strerror})")
+        return f"--host {host}: cannot resolve it ({exc.strerror})"
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         # As uvicorn binds: SO_REUSEADDR, so a socket in TIME_WAIT is not a conflict.
@@ -37,7 +46,15 @@ def check_port(command: str, host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            fail(command, f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})")
+            return f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})"
+    return None
+
+
+def check_port(command: str, host: str, port: int) -> None:
+    """Fail unless ``host:port`` can be bound now."""
+    problem = port_problem(host, port)
+    if problem is not None:
+        fail(command, problem)
 
 
 def check_tls(command: str, cert: str | None, key: str | None) -> dict[str, str]:

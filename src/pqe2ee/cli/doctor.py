@@ -314,6 +314,36 @@ def _upstreams(
     return checks
 
 
+def _listen(host: str, port: int) -> list[Check]:
+    """Can ``pqe2ee proxy`` listen where it is configured to - or is one there already?"""
+    import httpx2
+
+    from pqe2ee.cli._preflight import port_problem
+
+    if port == 0:
+        return []
+    problem = port_problem(host, port)
+    if problem is None:
+        return [Check("proxy port", Status.PASS, f"{host}:{port} is free for pqe2ee proxy")]
+    if "--port" not in problem:
+        return [Check("proxy port", Status.FAIL, problem)]
+    try:
+        answer = httpx2.get(f"http://{host}:{port}/ready", timeout=2, trust_env=False)
+        running = answer.status_code in (200, 503) and "checks" in answer.json()
+    except (httpx2.HTTPError, ValueError):
+        running = False
+    if running:
+        state = "ready" if answer.status_code == 200 else "not ready"
+        return [
+            Check(
+                "proxy port",
+                Status.INFO,
+                f"a pqe2ee server already answers on {host}:{port} ({state})",
+            )
+        ]
+    return [Check("proxy port", Status.FAIL, f"{problem}: another program holds it")]
+
+
 def _redis(url: str | None) -> list[Check]:
     if url is None:
         return []
@@ -338,6 +368,8 @@ def run_checks(
     redis_url: str | None = None,
     timeout: float = 10.0,
     backends: bool = True,
+    host: str | None = None,
+    port: int | None = None,
 ) -> list[Check]:
     """Every check, in the order printed."""
     api_base, models_base = api_base.rstrip("/"), models_base.rstrip("/")
@@ -346,6 +378,8 @@ def run_checks(
         steps.append(_backends)
     steps.append(lambda: _upstreams(api_base, models_base, api_key, model, timeout))
     steps.append(lambda: _redis(redis_url))
+    if host is not None and port is not None:
+        steps.append(lambda: _listen(host, port))
     return [check for step in steps for check in step()]
 
 
@@ -378,6 +412,7 @@ def run_checks(
 @opt.env_option(
     "--model",
     env="MODEL",
+    legacy=(),
     metavar="NAME",
     help="Model (or chute id) to discover. Default: the first one listed.",
 )
@@ -385,16 +420,45 @@ def run_checks(
     "--redis",
     "redis_url",
     env="REDIS",
+    legacy=(),
     metavar="URL",
     help="Also check this Redis (the relay's or instance's --redis).",
 )
-@opt.seconds_option("--timeout", 10.0, "TIMEOUT", "Seconds allowed per network check.")
 @opt.env_option(
-    "--json", "as_json", env="JSON", is_flag=True, help="One JSON document instead of lines."
+    "--timeout",
+    env="TIMEOUT",
+    legacy=(),
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds allowed per network check.",
+)
+@opt.env_option(
+    "--host",
+    env="HOST",
+    scope="proxy",
+    default="127.0.0.1",
+    help="Where the proxy will listen (checked: free, or a proxy already there).",
+)
+@opt.env_option(
+    "--port",
+    env="PORT",
+    scope="proxy",
+    default=8787,
+    type=click.IntRange(0, 65535),
+    help="The proxy's port.",
+)
+@opt.env_option(
+    "--json",
+    "as_json",
+    env="JSON",
+    legacy=(),
+    is_flag=True,
+    help="One JSON document instead of lines.",
 )
 @opt.env_option(
     "--skip-backends",
     env="SKIP_BACKENDS",
+    legacy=(),
     is_flag=True,
     help="Do not load and time the crypto backends.",
 )

@@ -79,6 +79,7 @@ __all__ = ["relay_cmd"]
 @opt.env_option(
     "--instance-ca",
     env="INSTANCE_CA",
+    legacy=(),
     type=click.Path(dir_okay=False),
     metavar="FILE",
     help="CA bundle for https:// instances instead of the system's; an instance's own "
