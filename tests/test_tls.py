@@ -5,8 +5,6 @@ files are one line and exit 2; ``pqe2ee doctor`` names an untrusted certificate.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
@@ -18,50 +16,24 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import pqe2ee
 from pqe2ee.server import relay
 from pqe2ee.testing import dev_engine
 from relay_support import KEY_A
 from servers import run_app
+from test_transport_anyio import _self_signed
 
 PQE2EE = [sys.executable, "-m", "pqe2ee.cli"]
 
 
 def self_signed(directory: Path, name: str = "server") -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pqe2ee test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return str(cert_path), str(key_path)
+    """A throwaway certificate for 127.0.0.1 in its own folder (cert file, key file)."""
+    folder = directory / name
+    folder.mkdir()
+    cert, key = _self_signed(folder)
+    key.chmod(0o600)
+    return str(cert), str(key)
 
 
 def free_port() -> int:

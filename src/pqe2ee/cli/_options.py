@@ -39,6 +39,7 @@ __all__ = [
     "env_option",
     "exit_on_error",
     "fail",
+    "file_option",
     "host_option",
     "log_format_option",
     "log_level_option",
@@ -49,6 +50,7 @@ __all__ = [
     "seconds_option",
     "split_list",
     "tls_options",
+    "upstream_options",
     "url_problem",
 ]
 
@@ -291,24 +293,44 @@ def split_list(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v for item in values for v in item.replace(",", " ").split() if v)
 
 
+def file_option(flag: str, env: str, help: str) -> Callable[[F], F]:
+    """A path to an existing-or-not file (checked by the command), new in this release."""
+    return env_option(
+        flag, env=env, legacy=(), type=click.Path(dir_okay=False), metavar="FILE", help=help
+    )
+
+
 def tls_options(f: F) -> F:
     """``--tls-cert`` / ``--tls-key``: serve HTTPS with this PEM certificate (chain) and key."""
-    f = env_option(
-        "--tls-key",
-        env="TLS_KEY",
-        legacy=(),
-        type=click.Path(dir_okay=False),
-        metavar="FILE",
-        help="PEM private key for --tls-cert (keep it 0600).",
-    )(f)
-    return env_option(
+    f = file_option("--tls-key", "TLS_KEY", "PEM private key for --tls-cert (keep it 0600).")(f)
+    return file_option(
         "--tls-cert",
-        env="TLS_CERT",
-        legacy=(),
-        type=click.Path(dir_okay=False),
-        metavar="FILE",
-        help="Serve HTTPS with this PEM certificate (chain). Default: plain HTTP.",
+        "TLS_CERT",
+        "Serve HTTPS with this PEM certificate (chain). Default: plain HTTP.",
     )(f)
+
+
+def upstream_options(scope: str | None, what: str) -> Callable[[F], F]:
+    """The proxy's ``--api-base``, ``--models-base`` and ``--api-key`` (``scope="proxy"``:
+    another command reading the proxy's variables); ``what`` ends the key's help."""
+
+    def decorate(f: F) -> F:
+        f = env_option("--api-key", env="API_KEY", scope=scope, metavar="KEY", help=f"Key {what}.")(
+            f
+        )
+        urls = (
+            ("--models-base", "MODELS_BASE", "https://llm.chutes.ai",
+             "Where the model list is read (plaintext GET /v1/models)."),
+            ("--api-base", "API_BASE", "https://api.chutes.ai",
+             "Relay (control plane) for discovery and encrypted invocations."),
+        )  # fmt: skip
+        for flag, env, default, help in urls:
+            f = env_option(
+                flag, env=env, scope=scope, default=default, metavar="URL", type=URL, help=help
+            )(f)
+        return f
+
+    return decorate
 
 
 def fail(command: str, message: str) -> NoReturn:

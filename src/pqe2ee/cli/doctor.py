@@ -383,47 +383,14 @@ def run_checks(
     return [check for step in steps for check in step()]
 
 
+_MODEL_HELP = "Model (or chute id) to discover. Default: the first one listed."
+_REDIS_HELP = "Also check this Redis (the relay's or instance's --redis)."
+
+
 @opt.command("doctor")
-@opt.env_option(
-    "--api-base",
-    env="API_BASE",
-    scope="proxy",
-    default="https://api.chutes.ai",
-    type=opt.URL,
-    metavar="URL",
-    help="The relay the proxy uses.",
-)
-@opt.env_option(
-    "--models-base",
-    env="MODELS_BASE",
-    scope="proxy",
-    default="https://llm.chutes.ai",
-    type=opt.URL,
-    metavar="URL",
-    help="Where the proxy reads the model list.",
-)
-@opt.env_option(
-    "--api-key",
-    env="API_KEY",
-    scope="proxy",
-    metavar="KEY",
-    help="The key to test (prefer the env variable).",
-)
-@opt.env_option(
-    "--model",
-    env="MODEL",
-    legacy=(),
-    metavar="NAME",
-    help="Model (or chute id) to discover. Default: the first one listed.",
-)
-@opt.env_option(
-    "--redis",
-    "redis_url",
-    env="REDIS",
-    legacy=(),
-    metavar="URL",
-    help="Also check this Redis (the relay's or instance's --redis).",
-)
+@opt.upstream_options("proxy", "to test (prefer the env variable)")
+@opt.env_option("--model", env="MODEL", legacy=(), metavar="NAME", help=_MODEL_HELP)
+@opt.env_option("--redis", "redis_url", env="REDIS", legacy=(), metavar="URL", help=_REDIS_HELP)
 @opt.env_option(
     "--timeout",
     env="TIMEOUT",

@@ -14,28 +14,10 @@ __all__ = ["proxy_cmd"]
 @opt.command("proxy")
 @opt.host_option
 @opt.port_option(8787)
-@opt.env_option(
-    "--api-base",
-    env="API_BASE",
-    default="https://api.chutes.ai",
-    metavar="URL",
-    type=opt.URL,
-    help="Relay (control plane) for discovery and encrypted invocations.",
-)
-@opt.env_option(
-    "--models-base",
-    env="MODELS_BASE",
-    default="https://llm.chutes.ai",
-    metavar="URL",
-    type=opt.URL,
-    help="Where the model list is read (plaintext GET /v1/models).",
-)
-@opt.env_option(
-    "--api-key",
-    env="API_KEY",
-    metavar="KEY",
-    help="Key for callers that send none of their own (prefer the env variable: it keeps "
-    "the key out of the process list).",
+@opt.upstream_options(
+    None,
+    "for callers that send none of their own (prefer the env variable: it keeps the key "
+    "out of the process list)",
 )
 @opt.backend_option
 @opt.max_body_option(32 * 1024 * 1024, "request body")

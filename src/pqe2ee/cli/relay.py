@@ -76,13 +76,10 @@ __all__ = ["relay_cmd"]
     "instance runs in an attested TEE.",
 )
 @opt.tls_options
-@opt.env_option(
+@opt.file_option(
     "--instance-ca",
-    env="INSTANCE_CA",
-    legacy=(),
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="CA bundle for https:// instances instead of the system's; an instance's own "
+    "INSTANCE_CA",
+    "CA bundle for https:// instances instead of the system's; an instance's own "
     "self-signed certificate here pins it.",
 )
 @opt.log_level_option
