@@ -55,7 +55,7 @@ def test_everything_ready_on_a_healthy_stack(stack: Any) -> None:
     with run_app(create_app(config)) as proxy:
         assert get(proxy + "/ready") == (
             200,
-            {"status": "ready", "checks": {"relay": {"ok": True}}},
+            {"status": "ready", "checks": {"relay": {"ok": True}, "models": {"ok": True}}},
         )
 
 
@@ -78,6 +78,24 @@ def test_proxy_with_a_dead_relay_is_not_ready() -> None:
         status, doc = get(proxy + "/ready")
     assert status == 503
     assert doc["checks"]["relay"] == {"ok": False, "reason": "unreachable (ConnectError)"}
+    assert doc["checks"]["models"] == {"ok": False, "reason": "unreachable (ConnectError)"}
+
+
+def test_proxy_with_a_models_host_that_errs_is_not_ready(stack: Any) -> None:
+    """The relay is up but the model list answers 500: model names cannot be resolved."""
+
+    async def models(request: Request) -> Response:
+        return Response("no", status_code=500)
+
+    with run_app(Starlette(routes=[Route("/v1/models", models)])) as models_url:
+        config = ProxyConfig(api_base=stack.relay, models_base=models_url)
+        with run_app(create_app(config)) as proxy:
+            status, doc = get(proxy + "/ready")
+    assert status == 503
+    assert doc["checks"] == {
+        "relay": {"ok": True},
+        "models": {"ok": False, "reason": "answered 500"},
+    }
 
 
 def test_relay_without_instances_is_not_ready_and_says_why() -> None:

@@ -288,8 +288,15 @@ class _Proxy:
         return json_response({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """Ready when the relay answers HTTP at all (any status: Chutes' root is a 404)."""
-        return ready_answer({"relay": await probe(self.plain, self.config.api_base + "/")})
+        """Ready when the relay answers HTTP at all (any status: Chutes' root is a 404) and the
+        model list answers 200 (model names are resolved to chutes through it)."""
+        models = self.config.models_base + "/v1/models"
+        return ready_answer(
+            {
+                "relay": await probe(self.plain, self.config.api_base + "/"),
+                "models": await probe(self.plain, models, ok={200}),
+            }
+        )
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self.metrics.keys.set(len(self.pool))
