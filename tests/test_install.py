@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx2
+import pytest
 
 from pqe2ee.cli import cli
 
@@ -48,13 +49,22 @@ def test_dockerfile_installs_only_through_the_script_and_sets_real_variables() -
     assert ("CMD", '["proxy"]') in _instructions()
 
 
-def test_install_script_in_a_fresh_venv_gives_a_working_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("extras", "command"),
+    [("proxy,server,redis", ["dev-engine"]), ("proxy", ["proxy", "--api-key", "k"])],
+    ids=["as-the-dockerfile", "as-the-readme"],
+)
+def test_install_script_in_a_fresh_venv_gives_a_working_command(
+    tmp_path: Path, extras: str, command: list[str]
+) -> None:
+    """The Dockerfile's install, and the README's `pip install '.[proxy]'`: each gives a
+    command that starts its server."""
     prefix = tmp_path / "opt-pqe2ee"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PQE2EE_", "PYTHON"))}
     env["PYTHON"] = getattr(sys, "_base_executable", sys.executable)
     env["PIP_FLAGS"] = ""
     done = subprocess.run(
-        ["sh", str(ROOT / "scripts" / "install.sh"), str(prefix), "proxy,server,redis"],
+        ["sh", str(ROOT / "scripts" / "install.sh"), str(prefix), extras],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -62,7 +72,7 @@ def test_install_script_in_a_fresh_venv_gives_a_working_command(tmp_path: Path) 
     binary = prefix / "bin" / "pqe2ee"
     # what the image runs: the fresh install imports nothing from this checkout
     where = subprocess.run(
-        [str(prefix / "bin" / "python"), "-c", "import pqe2ee, redis; print(pqe2ee.__file__)"],
+        [str(prefix / "bin" / "python"), "-c", "import pqe2ee; print(pqe2ee.__file__)"],
         env=env, capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path,
     ).stdout  # fmt: skip
     assert str(prefix) in where
@@ -70,13 +80,13 @@ def test_install_script_in_a_fresh_venv_gives_a_working_command(tmp_path: Path) 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [str(binary), "dev-engine", "--port", str(port), "--log-format", "json"],
+        [str(binary), *command, "--port", str(port), "--log-format", "json"],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while True:
-            assert proc.poll() is None, "the installed dev-engine exited"
+            assert proc.poll() is None, f"the installed {command[0]} exited"
             try:
                 if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
