@@ -1,4 +1,4 @@
-# make demo  - set up everything and run the end-to-end demo
+# make demo  - install what the demo uses (no reference venv, no Redis, no root) and run it
 # make test  - set up everything and run ruff, mypy --strict and the test suite
 # make liboqs SRC=path/to/liboqs-0.16.0.tar.xz - build liboqs into .liboqs/ for the [liboqs] backend
 PYTHON ?= python3
@@ -7,7 +7,7 @@ REFVENV := .venv-ref
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench setup redis liboqs liboqs-auto clis clean
+.PHONY: demo test lint typecheck pytest bench setup redis chromium liboqs liboqs-auto clis clean
 
 # liboqs (the fastest ML-KEM backend) is on no package registry here. setup (so test, demo and
 # bench) builds it from LIBOQS_SRC into .liboqs/ unless the backend already loads (a system
@@ -27,6 +27,13 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[all,dev]'
 	touch $@
 
+# The demo's own needs: the servers, the proxy, the httpx transports and the two SDKs it runs.
+# A no-op when the full .venv is already there.
+$(VENV)/.demo-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[server,proxy,httpx]' 'openai>=2' 'anthropic>=0.40'
+	touch $@
+
 # The published reference client lives in its own venv: it needs pqcrypto<1 and openai<3.
 $(REFVENV)/.stamp:
 	test -x $(REFVENV)/bin/python || $(PYTHON) -m venv $(REFVENV)
@@ -35,6 +42,10 @@ $(REFVENV)/.stamp:
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+# The proxy's status page is tested in a real headless browser (tests/test_proxy_status.py).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 liboqs:
 	scripts/build_liboqs.sh '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
@@ -47,7 +58,7 @@ liboqs-auto: $(VENV)/.stamp
 clis:
 	scripts/install_clis.sh .clis
 
-setup: $(VENV)/.stamp $(REFVENV)/.stamp redis liboqs-auto clis
+setup: $(VENV)/.stamp $(REFVENV)/.stamp redis chromium liboqs-auto clis
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts
@@ -62,7 +73,7 @@ pytest: setup
 
 test: setup lint typecheck pytest
 
-demo: setup
+demo: $(VENV)/.demo-stamp
 	$(OQS_ENV) $(PY) examples/demo.py
 
 # Every benchmark, one after the other (about 8 minutes on 2 cores); each prints its tables.

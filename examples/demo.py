@@ -3,7 +3,10 @@
 Starts three real servers on loopback with the ``pqe2ee`` command line — a dev engine (a
 deterministic stand-in for vLLM), an instance in front of it, and a relay in front of the
 instance — then runs the unchanged openai SDK through ``pqe2ee.E2EETransport``, non-stream and
-stream, and shows what crossed the relay: sizes and the first bytes of ciphertext.
+stream, and shows what crossed the relay: sizes and the first bytes of ciphertext. Then
+``pqe2ee proxy`` answers the unchanged Anthropic SDK, and a stream whose ciphertext is changed on
+the way is refused. It ends with next steps. It needs the ``[server,proxy,httpx]`` extras and
+the openai and anthropic SDKs (``make demo`` installs exactly those), no root and no Redis.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx2
 import openai
 
@@ -196,6 +200,110 @@ def ask(relay: str, *, prefer_v2: bool, stream: bool) -> None:
         print(f"  plaintext usage events the relay could read (billing only): {len(usage_seen)}")
 
 
+class Tamper(httpx2.BaseTransport):
+    """Sits where the relay is and changes one character of the sealed stream on its way back."""
+
+    def __init__(self, inner: httpx2.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = self.inner.handle_request(request)
+        if request.url.path != "/e2e/invoke":
+            return response
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Flipped(response),
+            extensions=response.extensions,
+        )
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _Flipped(httpx2.SyncByteStream):
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response, self.done = response, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.response.stream:  # type: ignore[union-attr]
+            if not self.done and len(chunk) > 80:
+                data = bytearray(chunk)
+                i = len(data) // 2
+                while not chr(data[i]).isalnum():
+                    i += 1
+                data[i] = ord("A") if data[i] != ord("A") else ord("B")  # still valid base64
+                chunk, self.done = bytes(data), True
+            yield chunk
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def tampered(relay: str) -> None:
+    """A streamed answer whose ciphertext was changed on the way: an error, never text."""
+    transport = pqe2ee.E2EETransport(
+        api_key=API_KEY, api_base=relay, models_base=relay, inner=Tamper(httpx2.HTTPTransport())
+    )
+    client = openai.OpenAI(
+        api_key=API_KEY, base_url=f"{relay}/v1", http_client=httpx2.Client(transport=transport)
+    )
+    got = ""
+    try:
+        chunks = client.chat.completions.create(
+            model="dev-echo",
+            messages=[{"role": "user", "content": "a long enough question to stream"}],
+            stream=True,
+        )
+        for c in chunks:
+            got += (c.choices[0].delta.content or "") if c.choices else ""
+        print(f"  NOT REFUSED: {got!r}")  # never printed: the test of this demo checks it
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__
+        code = getattr(cause, "code", None)
+        print(f"  refused     {type(cause).__name__} (code {getattr(code, 'value', code)}),")
+        print(f"              after {len(got)} characters of authenticated text")
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def proxy(relay: str) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "PQE2EE_LOG_LEVEL": "warning", "PQE2EE_PROXY_API_KEY": API_KEY}
+    args = ["proxy", "--port", str(port), "--api-base", relay, "--models-base", relay]
+    proc = subprocess.Popen([*PQE2EE, *args, "--min-version", "2"], env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready", proc, "proxy")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def ask_anthropic(base: str) -> None:
+    """The unchanged Anthropic SDK, pointed at pqe2ee proxy as Claude Code would be."""
+    client = anthropic.Anthropic(api_key=API_KEY, base_url=base)
+    reply = client.messages.create(
+        model="dev-echo",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Hello from the Anthropic SDK"}],
+    )
+    text = "".join(getattr(block, "text", "") for block in reply.content)
+    print(f"  answer      {text!r}  (stop_reason {reply.stop_reason})")
+    client.close()
+
+
+NEXT_STEPS = """
+Next steps
+  pqe2ee doctor --api-key cpk_...            check this machine, the relay and your key
+  PQE2EE_PROXY_API_KEY=cpk_... pqe2ee proxy  then ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
+                                             or OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
+  README.md "Run the whole stack locally"    the four processes of this demo, by hand
+  pqe2ee <command> --help                    every option, its environment variable and default
+"""
+
+
 def main() -> None:
     print(
         f"pqe2ee {pqe2ee.__version__}: ML-KEM-768 KEM backend {get_kem().name!r}, AEAD {get_aead().name!r}\n"
@@ -207,9 +315,15 @@ def main() -> None:
         ask(relay, prefer_v2=False, stream=True)
         print("\n3) profile v2 (X-Wing hybrid KEM, bound headers, numbered records), streamed")
         ask(relay, prefer_v2=True, stream=True)
+        print("\n4) pqe2ee proxy (--min-version 2) answering the unchanged Anthropic SDK")
+        with proxy(relay) as base:
+            ask_anthropic(base)
+        print("\n5) one character of the sealed stream changed between relay and client")
+        tampered(relay)
 
-    print("\n4) the core alone, per crypto backend (no network)")
+    print("\n6) the core alone, per crypto backend (no network)")
     demo_core.main(show_exchange=False)
+    print(NEXT_STEPS)
 
 
 if __name__ == "__main__":

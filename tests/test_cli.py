@@ -18,10 +18,20 @@ from click.testing import CliRunner
 from pqe2ee import cli as cli_package
 from pqe2ee.cli import cli, main
 
-COMMANDS = ["attest", "backends", "conformance", "dev-engine", "instance", "proxy", "relay"]
-# Options that deliberately read no PQE2EE_<NAME> variable: keys come from PQE2EE_API_KEYS (a
-# list) in the relay, and --no-auth must be typed.
-NO_ENV = {("relay", "api_keys"), ("relay", "no_auth")}
+COMMANDS = [
+    "attest",
+    "backends",
+    "conformance",
+    "dev-engine",
+    "doctor",
+    "instance",
+    "proxy",
+    "relay",
+]
+# Options that deliberately read no environment variable: --no-auth must be typed.
+NO_ENV = {("relay", "no_auth")}
+# Settings meant to be shared by every command: PQE2EE_<NAME> after the command's own name.
+SHARED = {"log_level", "log_format", "backend"}
 
 
 def _options() -> list[tuple[str, click.Option]]:
@@ -29,7 +39,7 @@ def _options() -> list[tuple[str, click.Option]]:
         (name, param)
         for name, command in sorted(cli.commands.items())
         for param in command.params
-        if isinstance(param, click.Option) and param.name != "help"
+        if isinstance(param, click.Option) and param.name not in ("help", "config")
     ]
 
 
@@ -43,38 +53,69 @@ def test_every_command_is_registered_and_listed_in_the_group_help() -> None:
 
 @pytest.mark.parametrize(("command", "option"), _options(), ids=lambda v: getattr(v, "name", v))
 def test_option_conventions(command: str, option: click.Option) -> None:
+    """Each option reads PQE2EE_<COMMAND>_<FLAG> (plural for lists; the doctor reads the
+    proxy's), shows it in --help, and shows its default."""
     if (command, option.name) in NO_ENV:
         assert option.envvar is None
         return
+    scope = getattr(option, "scope", None) or command
+    prefix = "PQE2EE_" + scope.upper().replace("-", "_") + "_"
     flag = option.opts[0].lstrip("-").replace("-", "_").upper()
-    assert option.envvar == f"PQE2EE_{flag}" or option.envvar in {
-        "PQE2EE_ALLOW_PATHS",
-        "PQE2EE_INSTANCES",
-        "PQE2EE_REDIS_URL",
-        "PQE2EE_REPLAY_REDIS_URL",
-    }
+    own = [prefix + flag, prefix + flag + "S"]
+    if option.name in SHARED:
+        assert option.envvar in ([own[0], "PQE2EE_" + flag],)
+    elif option.name == "redis_url":
+        assert option.envvar == prefix + "REDIS"
+    else:
+        assert option.envvar in own
+    assert option.show_envvar
     if not option.is_flag and isinstance(option.default, (int, float, str)):
         assert option.show_default, option.name
+    help_text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+    envvar = option.envvar[0] if isinstance(option.envvar, list) else option.envvar
+    assert f"env var: {envvar}" in help_text
 
 
-def test_environment_variable_reaches_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
+def test_environment_variables_are_per_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PQE2EE_DEV_ENGINE_PORT moves the dev-engine only; the shared PQE2EE_LOG_LEVEL reaches
+    it; the old shared PQE2EE_PORT still works, with a deprecation line."""
+    seen: list[dict[str, Any]] = []
 
     def serve(host: str, port: int, *, log_level: str, max_model_len: int) -> None:
-        seen.update(host=host, port=port, log_level=log_level, max_model_len=max_model_len)
+        seen.append(
+            {"host": host, "port": port, "log_level": log_level, "max_model_len": max_model_len}
+        )
 
     import pqe2ee.testing.dev_engine
 
     monkeypatch.setattr(pqe2ee.testing.dev_engine, "serve", serve)
-    env = {"PQE2EE_PORT": "9123", "PQE2EE_LOG_LEVEL": "debug", "PQE2EE_MAX_MODEL_LEN": "99"}
-    result = CliRunner().invoke(cli, ["dev-engine"], env=env)
+    runner = CliRunner()
+    env = {"PQE2EE_DEV_ENGINE_PORT": "0", "PQE2EE_LOG_LEVEL": "debug", "PQE2EE_PROXY_PORT": "1"}
+    result = runner.invoke(cli, ["dev-engine"], env=env)
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 9123, "log_level": "debug", "max_model_len": 99}
+    assert seen.pop() == {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "debug",
+        "max_model_len": 32768,
+    }
+    result = runner.invoke(cli, ["dev-engine"], env={"PQE2EE_DEV_ENGINE_MAX_MODEL_LEN": "99"})
+    assert result.exit_code == 0, result.output
+    assert seen.pop()["max_model_len"] == 99
+    env = {"PQE2EE_DEV_ENGINE_LOG_LEVEL": "warning", "PQE2EE_LOG_LEVEL": "debug"}
+    result = runner.invoke(cli, ["dev-engine", "--port", "0"], env=env)
+    assert seen.pop()["log_level"] == "warning"
+    result = runner.invoke(cli, ["dev-engine"], env={"PQE2EE_PORT": "0"})
+    assert result.exit_code == 0, result.output
+    assert seen.pop()["port"] == 0
+    assert "pqe2ee dev-engine: PQE2EE_PORT is deprecated, use PQE2EE_DEV_ENGINE_PORT" in (
+        result.stderr
+    )
 
 
 def test_refused_configuration_exits_2_with_the_command_name() -> None:
     runner = CliRunner()
-    result = runner.invoke(cli, ["relay"], env={"PQE2EE_API_KEYS": "k"})
+    result = runner.invoke(cli, ["relay"], env={"PQE2EE_RELAY_API_KEY": "k"})
     assert result.exit_code == 2
     assert "pqe2ee relay: give at least one --instance URL" in result.output
     result = runner.invoke(cli, ["proxy", "--api-base", "ftp://nowhere"])
@@ -145,3 +186,43 @@ def test_backends_names_the_library_and_version_each_backend_loaded() -> None:
             assert re.fullmatch(r"\d+\.\d+\.\d+.*", liboqs_version())
             path = Path(liboqs_path())  # a bare soname when the system loader found it
             assert path.is_file() or not path.is_absolute()
+
+
+def test_readme_configuration_table_matches_the_commands() -> None:
+    """README.md holds exactly the table scripts/gen_cli_table.py makes from the commands."""
+    from pathlib import Path
+
+    from pqe2ee.cli._table import BEGIN, END, markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    assert readme[start:end] == markdown(cli), "run: python scripts/gen_cli_table.py"
+    for name, command in cli.commands.items():
+        if any(isinstance(p, click.Option) and p.name != "help" for p in command.params):
+            assert f"`pqe2ee {name}`" in readme[start:end]
+
+
+@pytest.mark.parametrize("unit", ["pqe2ee-instance.service", "pqe2ee-relay.service"])
+def test_systemd_examples_use_only_real_flags_and_variables(unit: str) -> None:
+    """examples/systemd/*.service: the ExecStart line parses with the command's own options,
+    and every PQE2EE_ variable it sets is one the command reads."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "examples" / "systemd" / unit).read_text()
+    joined = text.replace("\\\n", " ")
+    exec_line = next(line for line in joined.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_line.split("=", 1)[1])
+    assert argv[0].endswith("/pqe2ee")
+    command = cli.commands[argv[1]]
+    ctx = command.make_context(argv[1], argv[2:], resilient_parsing=False)
+    assert ctx.params  # parsed: every flag exists and every value converts
+    known = {
+        name
+        for param in command.params
+        if isinstance(param, click.Option) and param.envvar
+        for name in ([param.envvar] if isinstance(param.envvar, str) else param.envvar)
+    }
+    for word in joined.split():
+        if word.startswith("Environment=PQE2EE_"):
+            assert word.split("=")[1] in known, word

@@ -687,7 +687,7 @@ def test_cli_refuses_bad_key_files(tmp_path: Path, kind: str) -> None:
 def test_cli_rejects_bad_options() -> None:
     result = CliRunner().invoke(cli, ["instance", "--upstream", "ftp://x"])
     assert result.exit_code == 2
-    assert "upstream must be an http:// or https:// URL" in result.stderr
+    assert "'ftp://x' is not an http:// or https:// URL" in result.stderr
     result = CliRunner().invoke(cli, ["instance", "--upstream", "http://x", "--backend", "nope"])
     assert result.exit_code == 2
     assert "unknown backend 'nope'" in result.stderr

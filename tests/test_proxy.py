@@ -1210,7 +1210,7 @@ def test_cli_help_explains_what_is_encrypted() -> None:
         "--api-base",
         "--models-base",
         "--api-key",
-        "PQE2EE_API_KEY",
+        "PQE2EE_PROXY_API_KEY",
         "plaintext",
         "/v1/models",
         "relay",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import click
-
 from pqe2ee.cli import _options as opt
 
 __all__ = ["dev_engine_cmd"]
 
 
-@click.command("dev-engine")
+@opt.command("dev-engine")
 @opt.host_option
 @opt.port_option(8001)
 @opt.count_option(
@@ -20,12 +18,20 @@ __all__ = ["dev_engine_cmd"]
     "ask for 32000 output tokens: give them 1000000).",
 )
 @opt.log_level_option
-def dev_engine_cmd(host: str, port: int, max_model_len: int, log_level: str) -> None:
+@opt.log_format_option
+def dev_engine_cmd(
+    host: str, port: int, max_model_len: int, log_level: str, log_format: str
+) -> None:
     """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 
     It echoes prompts, emits tool calls and reasoning_content, and streams with vLLM's SSE
     shape, so the demo and the tests run without a GPU.
     """
+    from pqe2ee.cli._logging import configure as configure_logging
+    from pqe2ee.cli._preflight import check_port
     from pqe2ee.testing.dev_engine import serve
 
-    serve(host, port, log_level=log_level, max_model_len=max_model_len)
+    with opt.exit_on_error("dev-engine", log_level):
+        check_port("dev-engine", host, port)
+        configure_logging(log_level, log_format)
+        serve(host, port, log_level=log_level, max_model_len=max_model_len)

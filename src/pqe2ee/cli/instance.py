@@ -13,11 +13,12 @@ __all__ = ["instance_cmd"]
 _KEY_PATH = click.Path(dir_okay=True, path_type=str)
 
 
-@click.command("instance")
+@opt.command("instance")
 @opt.env_option(
     "--upstream",
     env="UPSTREAM",
     required=True,
+    type=opt.URL,
     help="Base URL of the OpenAI-compatible engine, without /v1 (http://127.0.0.1:8000).",
 )
 @opt.host_option
@@ -107,7 +108,8 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
 @opt.env_option(
     "--redis",
     "redis_url",
-    env="REPLAY_REDIS_URL",
+    env="REDIS",
+    legacy=("PQE2EE_REPLAY_REDIS_URL",),
     metavar="URL",
     help="Keep the v2 replay cache in Redis (redis://host:6379/0; use maxmemory-policy "
     "noeviction) so several processes serving one key share it. Default: in memory.",
@@ -127,9 +129,17 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     help="The configfs-tsm report directory (with --tee tdx).",
 )
 @opt.pure_python_option
+@opt.tls_options
 @opt.log_level_option
+@opt.log_format_option
 def instance_cmd(
-    allow_paths: tuple[str, ...], log_level: str, pure_python: bool, **options: Any
+    allow_paths: tuple[str, ...],
+    log_level: str,
+    log_format: str,
+    pure_python: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    **options: Any,
 ) -> None:
     """Decrypting front of an OpenAI-compatible engine (vLLM, llama.cpp, Ollama).
 
@@ -149,8 +159,24 @@ def instance_cmd(
 
     A bad key file, backend or option stops it with exit code 2.
     """
+    from pqe2ee.cli._logging import configure as configure_logging
+    from pqe2ee.cli._preflight import check_port, check_redis, check_tls
     from pqe2ee.server.instance import DEFAULT_ALLOW_PATHS, InstanceConfig, serve
 
-    with opt.exit_on_error("instance"):
+    with opt.exit_on_error("instance", log_level):
         config = InstanceConfig(allow_paths=allow_paths or DEFAULT_ALLOW_PATHS, **options)
-        serve(config, log_level=log_level, pure_python=pure_python)
+        check_redis("instance", "--redis", config.redis_url)
+        tls = check_tls("instance", tls_cert, tls_key)
+        configure_logging(log_level, log_format)
+        opt.quiet_client_logs(log_level)
+
+        def before_bind() -> None:  # after the key files: their mistakes are named first
+            check_port("instance", config.host, config.port)
+
+        serve(
+            config,
+            log_level=log_level,
+            pure_python=pure_python,
+            before_bind=before_bind,
+            **tls,
+        )

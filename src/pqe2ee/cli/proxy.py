@@ -12,13 +12,14 @@ from pqe2ee.cli import _options as opt
 __all__ = ["proxy_cmd"]
 
 
-@click.command("proxy")
+@opt.command("proxy")
 @opt.host_option
 @opt.port_option(8787)
 @opt.env_option(
     "--upstream",
     env="UPSTREAM",
     metavar="URL",
+    type=opt.URL,
     help="One base URL for everything (your own relay): model calls, discovery and the "
     "model list. Without it: Chutes (api.chutes.ai, llm.chutes.ai).",
 )
@@ -26,6 +27,7 @@ __all__ = ["proxy_cmd"]
     "--api-base",
     env="API_BASE",
     metavar="URL",
+    type=opt.URL,
     help="Relay (control plane) for discovery and encrypted invocations "
     "[default: --upstream, else https://api.chutes.ai].",
 )
@@ -33,6 +35,7 @@ __all__ = ["proxy_cmd"]
     "--models-base",
     env="MODELS_BASE",
     metavar="URL",
+    type=opt.URL,
     help="Where the model list is read (plaintext GET /v1/models) "
     "[default: --upstream, else --api-base, else https://llm.chutes.ai].",
 )
@@ -128,6 +131,7 @@ __all__ = ["proxy_cmd"]
     "first match wins; repeatable (env: space-separated).",
 )
 @opt.log_level_option
+@opt.log_format_option
 def proxy_cmd(
     api_key: str | None,
     min_version: str,
@@ -143,6 +147,7 @@ def proxy_cmd(
     api_base: str | None,
     models_base: str | None,
     model_map: tuple[str, ...],
+    log_format: str,
     **options: Any,
 ) -> None:
     """Local OpenAI / Responses / Anthropic endpoint that end-to-end encrypts every call.
@@ -186,17 +191,19 @@ def proxy_cmd(
     a completion.
 
     The API key is the caller's own (Authorization: Bearer KEY or x-api-key: KEY) when it
-    sends one, else --api-key / PQE2EE_API_KEY; without either a call gets a 401. Logs hold
+    sends one, else --api-key / PQE2EE_PROXY_API_KEY; without either a call gets a 401. Logs hold
     method, path, status, sizes and durations only.
 
     \b
     Example:
-      PQE2EE_API_KEY=cpk_... pqe2ee proxy
+      PQE2EE_PROXY_API_KEY=cpk_... pqe2ee proxy
       ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude --model MODEL
       codex exec -c model_provider=pqe2ee -c model=MODEL \\
-        -c 'model_providers.pqe2ee={name="pqe2ee",base_url="http://127.0.0.1:8787/v1",wire_api="responses",env_key="PQE2EE_API_KEY"}' ...
+        -c 'model_providers.pqe2ee={name="pqe2ee",base_url="http://127.0.0.1:8787/v1",wire_api="responses",env_key="CHUTES_API_KEY"}' ...
     """
     from pqe2ee.attest.capture import attest_options
+    from pqe2ee.cli._logging import configure as configure_logging
+    from pqe2ee.cli._preflight import check_port
     from pqe2ee.proxy.app import ProxyConfig, serve
 
     pairs: list[tuple[str, str]] = []
@@ -211,7 +218,7 @@ def proxy_cmd(
         options["api_base"] = api_base
     if models_base:
         options["models_base"] = models_base
-    with opt.exit_on_error("proxy"):
+    with opt.exit_on_error("proxy", log_level):
         attestation = attest_options(
             attest,
             policy=attest_policy,
@@ -227,4 +234,6 @@ def proxy_cmd(
             prefer_v2=not no_prefer_v2,
             **options,
         )
+        check_port("proxy", config.host, config.port)
+        configure_logging(log_level, log_format)
         serve(config, log_level=log_level, pure_python=pure_python)

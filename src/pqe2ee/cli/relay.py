@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import click
@@ -13,7 +12,7 @@ from pqe2ee.cli import _options as opt
 __all__ = ["relay_cmd"]
 
 
-@click.command("relay")
+@opt.command("relay")
 @opt.env_option(
     "--instance",
     "instances",
@@ -22,13 +21,15 @@ __all__ = ["relay_cmd"]
     metavar="URL",
     help="Base URL of a `pqe2ee instance` (repeatable; env: comma- or space-separated).",
 )
-@click.option(
+@opt.env_option(
     "--api-key",
     "api_keys",
+    env="API_KEY",
+    legacy=("PQE2EE_API_KEYS",),
     multiple=True,
     metavar="KEY",
-    help="API key clients must send as 'Authorization: Bearer KEY' (repeatable). Also read "
-    "from PQE2EE_API_KEYS (comma-separated), which keeps keys out of the process list.",
+    help="API key clients must send as 'Authorization: Bearer KEY' (repeatable; env: comma- "
+    "or space-separated, which keeps keys out of the process list).",
 )
 @click.option(
     "--no-auth",
@@ -39,7 +40,8 @@ __all__ = ["relay_cmd"]
 @opt.env_option(
     "--redis",
     "redis_url",
-    env="REDIS_URL",
+    env="REDIS",
+    legacy=("PQE2EE_REDIS_URL",),
     metavar="URL",
     help="Keep nonces and rate limits in Redis (redis://host:6379/0) so several relays "
     "share them. Default: in memory, one process.",
@@ -74,7 +76,15 @@ __all__ = ["relay_cmd"]
     "instance runs in an attested TEE.",
 )
 @opt.pure_python_option
+@opt.tls_options
+@opt.file_option(
+    "--instance-ca",
+    "INSTANCE_CA",
+    "CA bundle for https:// instances instead of the system's; an instance's own "
+    "self-signed certificate here pins it.",
+)
 @opt.log_level_option
+@opt.log_format_option
 def relay_cmd(
     instances: tuple[str, ...],
     api_keys: tuple[str, ...],
@@ -83,6 +93,9 @@ def relay_cmd(
     port: int,
     log_level: str,
     pure_python: bool,
+    log_format: str,
+    tls_cert: str | None,
+    tls_key: str | None,
     **options: Any,
 ) -> None:
     """Control plane: discovery, single-use nonces, forwarding bytes it cannot read.
@@ -95,35 +108,44 @@ def relay_cmd(
 
     \b
     Example:
-      PQE2EE_API_KEYS=key1,key2 pqe2ee relay \\
+      PQE2EE_RELAY_API_KEY=key1,key2 pqe2ee relay \\
           --instance http://10.0.0.5:8002 --instance http://10.0.0.6:8002
 
     It refuses to start without an API key unless --no-auth is given.
     """
-    from pqe2ee.server.relay import RelayConfig, api_keys_from_env, serve
+    from pqe2ee.server.relay import RelayConfig, serve
 
-    urls = tuple(u for item in instances for u in item.replace(",", " ").split() if u)
-    keys = tuple(dict.fromkeys((*api_keys, *api_keys_from_env(os.environ))))
+    urls = opt.split_list(instances)
+    keys = tuple(dict.fromkeys(opt.split_list(api_keys)))
     if not urls:
         opt.fail("relay", "give at least one --instance URL")
+    for url in urls:
+        if (problem := opt.url_problem(url)) is not None:
+            opt.fail("relay", f"--instance {url!r} {problem}")
     if not keys and not no_auth:
         opt.fail(
             "relay",
-            "no API keys configured. Pass --api-key KEY (or set PQE2EE_API_KEYS=key1,key2), "
+            "no API keys configured. Pass --api-key KEY (or set PQE2EE_RELAY_API_KEY=key1,key2), "
             "or pass --no-auth explicitly to run an open relay.",
         )
-    with opt.exit_on_error("relay"):
+    from pqe2ee.cli._logging import configure as configure_logging
+    from pqe2ee.cli._preflight import check_ca, check_port, check_redis, check_tls
+
+    with opt.exit_on_error("relay", log_level):
         config = RelayConfig(
             instances=urls, api_keys=keys, no_auth=no_auth, host=host, port=port, **options
         )
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        check_port("relay", host, port)
+        check_redis("relay", "--redis", config.redis_url)
+        check_ca("relay", "--instance-ca", config.instance_ca)
+        tls = check_tls("relay", tls_cert, tls_key)
+    configure_logging(log_level, log_format)
     if no_auth:
         logging.getLogger("pqe2ee.relay").warning(
             "running WITHOUT authentication (--no-auth): anyone who reaches %s:%d can use it",
             host,
             port,
         )
-    serve(config, log_level=log_level, pure_python=pure_python)
+    opt.quiet_client_logs(log_level)
+    with opt.exit_on_error("relay", log_level):
+        serve(config, log_level=log_level, pure_python=pure_python, **tls)

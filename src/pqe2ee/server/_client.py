@@ -8,6 +8,7 @@ is about to close is never reused (that race shows up as a stray 502 under load)
 
 from __future__ import annotations
 
+import ssl
 from typing import Final
 
 import httpx2
@@ -24,9 +25,13 @@ def backend_client(
     write: float,
     max_connections: int,
     max_keepalive: int,
+    ca_file: str | None = None,
 ) -> httpx2.AsyncClient:
-    """An ``httpx2.AsyncClient``; the pool wait is bounded by ``connect`` too."""
+    """An ``httpx2.AsyncClient``; the pool wait is bounded by ``connect`` too. ``ca_file``
+    replaces the system trust store for https peers (a private CA, or one self-signed
+    certificate: then only that certificate is accepted)."""
     return httpx2.AsyncClient(
+        verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
         timeout=httpx2.Timeout(connect=connect, read=read, write=write, pool=connect),
         limits=httpx2.Limits(
             max_connections=max_connections,

@@ -14,6 +14,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pqe2ee.proxy.app.status import FailureLog
 from pqe2ee.server._metrics import Exchange
 
 __all__ = ["CHAT_PATH", "COMPLETIONS_PATH", "ROUTES", "AccessLog", "Metrics"]
@@ -65,8 +66,17 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.failures_by_code = Counter(
+            p + "failures", "Upstream failures by stable error code", ["code"], registry=r
+        )
+        self.failure_log = FailureLog()
         self.open_streams = Gauge(p + "open_streams", "Streams being relayed now", registry=r)
         self.keys = Gauge(p + "pooled_keys", "API keys with a live upstream transport", registry=r)
+
+    def failed(self, code: str) -> None:
+        """An upstream call or stream failed with ``code`` (a stable error code)."""
+        self.failures_by_code.labels(code).inc()
+        self.failure_log.add(code)
 
 
 class AccessLog:
@@ -88,7 +98,9 @@ class AccessLog:
         m.duration.labels(route).observe(elapsed)
         m.bytes_in.labels(route).inc(ex.bytes_in)
         m.bytes_out.labels(route).inc(ex.bytes_out)
-        log.info(
+        failed = ex.status is None or ex.status >= 500 or not ex.complete
+        log.log(
+            logging.WARNING if failed else logging.INFO,
             "%s %s %s in=%dB out=%dB first=%.1fms total=%.1fms%s",
             ex.method,
             ex.path if route != "other" else "(other path)",

@@ -64,6 +64,10 @@ class ClientPool:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def fingerprints(self) -> list[str]:
+        """The pooled keys as the first 16 hex digits of their SHA-256 (for the status page)."""
+        return sorted(ident.hex()[:16] for ident in self._entries)
+
     @staticmethod
     def _ident(key: str) -> bytes:
         return hashlib.sha256(key.encode()).digest()

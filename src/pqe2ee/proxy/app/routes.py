@@ -52,6 +52,7 @@ from pqe2ee.proxy.app.pool import (
     client_timeout,
     upstream_options,
 )
+from pqe2ee.proxy.app.status import status_page
 from pqe2ee.proxy.app.streaming import (
     OpenStreams,
     PassthroughBody,
@@ -71,6 +72,8 @@ from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesSt
 from pqe2ee.proxy.translate.tool_names import HostedPolicy, prepare_responses
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._ready import answer as ready_answer
+from pqe2ee.server._ready import probe
 from pqe2ee.transports._answers import ERROR_EXTENSION
 from pqe2ee.transports.options import ClientOptions
 
@@ -200,13 +203,13 @@ class _Proxy:
             )
         return key
 
-    @staticmethod
-    async def _send(client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
+    async def _send(self, client: httpx2.AsyncClient, request: httpx2.Request) -> httpx2.Response:
         try:
             resp = await client.send(request, stream=True)
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
-            log.info("upstream call failed: %s", fail.code)
+            self.metrics.failed(fail.code or "unknown")
+            log.warning("upstream call failed: %s", fail.code)
             raise fail from None
         # A relay failure the transport answered as an HTTP error: in the caller's dialect.
         relay_error = resp.extensions.get(ERROR_EXTENSION)
@@ -364,6 +367,17 @@ class _Proxy:
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
+    async def ready(self, request: Request) -> Response:
+        """Ready when the relay answers HTTP at all (any status: Chutes' root is a 404) and the
+        model list answers 200 (model names are resolved to chutes through it)."""
+        models = self.config.models_base + "/v1/models"
+        return ready_answer(
+            {
+                "relay": await probe(self.plain, self.config.api_base + "/"),
+                "models": await probe(self.plain, models, ok={200}),
+            }
+        )
+
     async def metrics_endpoint(self, request: Request) -> Response:
         self.metrics.keys.set(len(self.pool))
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -463,7 +477,11 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
             Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
             Route("/v1/models", _guard(proxy.models), methods=["GET"]),
+            Route(
+                "/", status_page(config, options.negotiator, pool.fingerprints, metrics.failure_log)
+            ),
             Route("/health", proxy.health, methods=["GET"]),
+            Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[Middleware(MetricsMiddleware, observe=AccessLog(metrics))],

@@ -203,6 +203,7 @@ class PassthroughBody:
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
             self._metrics.stream_faults.labels(self._route).inc()
+            self._metrics.failed(fail.code or "unknown")
             log.warning("%s stream broke: %s", self._route, fail.code)
             yield self.abort(fail)
 
@@ -242,6 +243,7 @@ class TranslatedBody:
         except (Failure, PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = exc if isinstance(exc, Failure) else fail_of(exc)
             self._metrics.stream_faults.labels(self._route).inc()
+            self._metrics.failed(fail.code or "unknown")
             log.warning("%s stream broke: %s", self._route, fail.code)
             yield self.abort(fail)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,10 +36,14 @@ from pqe2ee.server._asgi import (
     json_response,
     read_body,
 )
+from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._ready import answer as ready_answer
+from pqe2ee.server._ready import probe
 from pqe2ee.server.instance.config import InstanceConfig, MiB
 from pqe2ee.server.instance.evidence import EvidenceService, QuoteProvider
 from pqe2ee.server.instance.exchange import Concurrency, Reject, RequestLog, logger
 from pqe2ee.server.instance.keys import Keys
+from pqe2ee.server.instance.metrics import InstanceMetrics
 from pqe2ee.server.instance.upstream import Engine, EngineStream, safe_url
 from pqe2ee.server.instance.v1 import V1Handler
 from pqe2ee.server.instance.v2 import V2Handler
@@ -196,6 +200,14 @@ class Instance:
         RequestLog("GET", "/health").emit(200, level=logging.DEBUG)
         return json_response({"status": "ok"})
 
+    async def ready(self, request: Request) -> Response:
+        """Ready when the engine answers ``GET /v1/models`` with 200."""
+        engine = self.engine
+        reason = await probe(
+            engine.client(), engine.config.upstream + "/v1/models", headers=engine.auth, ok={200}
+        )
+        return ready_answer({"engine": reason})
+
     async def info(self, request: Request) -> Response:
         log = RequestLog("GET", "/e2e/info")
         models = await self.engine.refresh_models()
@@ -307,6 +319,7 @@ def create_app(
     :class:`Instance`.
     """
     instance = Instance(config, private_key=private_key, v2_key=v2_key, replay_cache=replay_cache)
+    metrics = InstanceMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -322,8 +335,10 @@ def create_app(
 
     routes = [
         Route("/health", instance.health, methods=["GET"]),
+        Route("/ready", instance.ready, methods=["GET"]),
         Route("/e2e/info", instance.info, methods=["GET"]),
         Route("/e2e/invoke", instance.invoke, methods=["POST"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     if quote_provider is None and config.tee == "tdx":
         quote_provider = TsmQuoteProvider(Path(config.tsm_path))
@@ -331,18 +346,30 @@ def create_app(
         service = EvidenceService(instance, quote_provider)
         routes.append(Route("/evidence", service.evidence, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(MetricsMiddleware, observe=metrics.observe)
     app.state.instance = instance
     return app
 
 
-def serve(config: InstanceConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
-    """Run the instance with uvicorn until interrupted (key errors raise before binding), on
-    uvloop + httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`)."""
+def serve(
+    config: InstanceConfig,
+    *,
+    log_level: str = "info",
+    pure_python: bool = False,
+    before_bind: Callable[[], None] | None = None,
+    **uvicorn_kw: Any,
+) -> None:
+    """Run the instance with uvicorn until interrupted (key errors raise before binding;
+    ``before_bind`` runs once the keys are loaded, before the port is bound), on uvloop +
+    httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`); ``uvicorn_kw``: more
+    ``uvicorn.run`` settings (e.g. ``ssl_certfile``/``ssl_keyfile``)."""
     import uvicorn
 
     from pqe2ee.server._stack import uvicorn_stack
 
     app = create_app(config)
+    if before_bind is not None:
+        before_bind()
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -356,4 +383,5 @@ def serve(config: InstanceConfig, *, log_level: str = "info", pure_python: bool 
         access_log=False,
         server_header=False,
         **uvicorn_stack(pure_python),
+        **uvicorn_kw,
     )

@@ -128,6 +128,9 @@ class RequestLog:
     proto: str = "-"
 
     def emit(self, status: int, code: str | None = None, level: int = logging.INFO) -> None:
+        """The request's line; a failure (our 5xx, or the engine's) is raised to WARNING."""
+        if level == logging.INFO and (status >= 500 or (self.upstream_status or 0) >= 500):
+            level = logging.WARNING
         if not logger.isEnabledFor(level):
             return
         ms = (time.perf_counter() - self.started) * 1000.0

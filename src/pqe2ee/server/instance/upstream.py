@@ -100,6 +100,11 @@ class Engine:
     # -- models -------------------------------------------------------------------------------
 
     @property
+    def auth(self) -> dict[str, str]:
+        """The headers that authenticate to the engine (its bearer token, if any)."""
+        return dict(self._auth)
+
+    @property
     def models(self) -> list[str]:
         return list(self._models)
 

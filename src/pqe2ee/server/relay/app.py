@@ -28,6 +28,7 @@ from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD
 from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, declared_length, json_response
 from pqe2ee.server._client import backend_client
 from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._ready import answer as ready_answer
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
     NonceStore,
@@ -112,6 +113,7 @@ class _Relay:
             write=cfg.write_timeout,
             max_connections=cfg.max_connections,
             max_keepalive=min(cfg.max_connections, 256),
+            ca_file=cfg.instance_ca,
         )
         async with client:
             self.prober.client = self.forwarder.client = client
@@ -154,6 +156,13 @@ class _Relay:
                 "instances": {"available": up, "configured": total},
             }
         )
+
+    async def ready(self, request: Request) -> Response:
+        """Ready when at least one instance is available; every instance listed with why not."""
+        checks = {inst.url: None if inst.up else inst.reason for inst in self.registry.instances}
+        if self.registry.available:
+            checks = {url: reason for url, reason in checks.items() if reason is None}
+        return ready_answer(checks)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -301,6 +310,7 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
             Route("/chutes/{chute_id}/evidence", partial(chute_evidence, relay), methods=["GET"]),
             Route("/e2e/invoke", relay.invoke, methods=["POST"]),
             Route("/health", relay.health, methods=["GET"]),
+            Route("/ready", relay.ready, methods=["GET"]),
             Route("/metrics", relay.metrics_endpoint, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
@@ -311,9 +321,12 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
     return app
 
 
-def serve(config: RelayConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
-    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted, on
-    uvloop + httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`)."""
+def serve(
+    config: RelayConfig, *, log_level: str = "info", pure_python: bool = False, **uvicorn_kw: Any
+) -> None:
+    """Run the relay with uvicorn on ``config.host:config.port`` until interrupted, on uvloop +
+    httptools unless ``pure_python`` (:mod:`pqe2ee.server._stack`); ``uvicorn_kw``: more
+    ``uvicorn.run`` settings (e.g. ``ssl_certfile``/``ssl_keyfile``)."""
     import uvicorn
 
     from pqe2ee.server._stack import uvicorn_stack
@@ -327,4 +340,5 @@ def serve(config: RelayConfig, *, log_level: str = "info", pure_python: bool = F
         proxy_headers=False,
         server_header=False,
         **uvicorn_stack(pure_python),
+        **uvicorn_kw,
     )

@@ -77,6 +77,7 @@ class RelayConfig:
     tee: bool = False
     max_connections: int = 1000  # to all instances together
     max_memory_nonces: int = 1_000_000
+    instance_ca: str | None = None  # CA bundle (or pinned self-signed cert) for https instances
 
     def __post_init__(self) -> None:
         urls = (self.instances,) if isinstance(self.instances, str) else self.instances

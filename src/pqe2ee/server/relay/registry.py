@@ -89,6 +89,10 @@ def parse_info(doc: bytes, now: float) -> tuple[Info, str | None]:
     return info, dropped
 
 
+#: The longest wait between two probes of an instance that keeps failing (seconds).
+MAX_RETRY_INTERVAL: Final = 60.0
+
+
 @dataclass(slots=True, eq=False)
 class InstanceState:
     url: str
@@ -99,6 +103,7 @@ class InstanceState:
     up: bool = False
     next_probe: float = 0.0  # monotonic
     reason: str = "not probed yet"
+    failures: int = 0  # probes failed in a row: the retry interval doubles with each
 
 
 class Registry:
@@ -178,15 +183,20 @@ class Prober:
             )
         inst.up = True
         inst.reason = ""
+        inst.failures = 0
         inst.next_probe = time.monotonic() + cfg.refresh_interval
         self._instances_up.set(self.registry.available)
 
     def mark_down(self, inst: InstanceState, reason: str, retry_in: float) -> None:
+        """One warning when an instance goes down (or its reason changes); the retry interval
+        doubles with each failure in a row, up to :data:`MAX_RETRY_INTERVAL`."""
         if inst.up or inst.reason != reason:
             log.warning("instance %s is unavailable: %s", inst.url, reason)
         inst.up = False
         inst.reason = reason
-        inst.next_probe = time.monotonic() + retry_in
+        inst.failures += 1
+        backoff = min(retry_in * 2 ** min(inst.failures - 1, 16), MAX_RETRY_INTERVAL)
+        inst.next_probe = time.monotonic() + max(retry_in, backoff)
         self._instances_up.set(self.registry.available)
 
     async def _probe_all(self, instances: Sequence[InstanceState]) -> None:
