@@ -114,7 +114,7 @@ def test_config_file_fills_options_below_env_and_flags(
     import pqe2ee.server.relay as relay_mod
 
     seen: list[Any] = []
-    monkeypatch.setattr(relay_mod, "serve", lambda config, log_level: seen.append(config))
+    monkeypatch.setattr(relay_mod, "serve", lambda config, log_level, **_: seen.append(config))
     path = tmp_path / "pqe2ee.toml"
     port = free_port()
     path.write_text(

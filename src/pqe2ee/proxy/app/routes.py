@@ -216,7 +216,8 @@ class _Proxy:
         if isinstance(relay_error, PQE2EEError):
             await resp.aclose()
             fail = fail_of(relay_error)
-            log.info("upstream call failed: %s", fail.code)
+            self.metrics.failed(fail.code or "unknown")
+            log.warning("upstream call failed: %s", fail.code)
             raise fail from None
         return resp
 
