@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
+import re
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -21,11 +23,21 @@ __all__ = [
     "extract_usage",
     "gunzip_bounded",
     "gzip_compress",
+    "json_decode",
     "json_decode_object",
     "stream_flag",
 ]
 
 _json_decoder = msgspec.json.Decoder()
+
+#: The deepest JSON nesting any party decodes (arrays and objects). Deeper input is refused as
+#: not-JSON at every entry point, before msgspec (whose own limit raises RecursionError) sees it.
+MAX_JSON_DEPTH: Final = 128
+# A JSON string (escapes included), and every byte that is not a bracket.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+# +1 for an opening bracket, -1 for a closing one (after the brackets are kept alone).
+_STEP: Final = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
 # What zlib writes for level 0: magic, CM=8, FLG=0, MTIME=0, XFL=4, OS=3 (RFC 1952).
@@ -99,14 +111,48 @@ def gunzip_bounded(data: bytes, *, limit: int, what: str) -> bytes:
     return b"".join(out)
 
 
+def json_too_deep(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``data`` nests arrays/objects deeper than ``limit`` (strings ignored).
+
+    Cheap: a count of the opening brackets settles almost every document; only one with more
+    than ``limit`` of them is scanned (strings dropped by a regex, the rest in C iterators).
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def json_decode(
+    data: bytes | str, *, type: Any = Any, decoder: msgspec.json.Decoder[Any] | None = None
+) -> Any:
+    """``msgspec.json.decode`` with the nesting bound: every JSON input in pqe2ee goes through
+    here. Too deep, bad UTF-8 (which msgspec raises as UnicodeDecodeError) and msgspec's own
+    RecursionError all raise :class:`msgspec.DecodeError`, so each caller's existing handler
+    maps them to its typed error. ``type`` or ``decoder`` as for msgspec (``validation`` still
+    raises :class:`msgspec.ValidationError`)."""
+    if json_too_deep(data):
+        raise msgspec.DecodeError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        if decoder is not None:
+            return decoder.decode(data)
+        if type is Any:
+            return _json_decoder.decode(data)
+        return msgspec.json.decode(data, type=type)
+    except UnicodeDecodeError:
+        raise msgspec.DecodeError("JSON holds invalid UTF-8") from None
+    except RecursionError:
+        raise msgspec.DecodeError("JSON nested too deeply") from None
+
+
 def json_decode_object(
     data: bytes, *, what: str, code: ErrorCode = ErrorCode.MALFORMED_PAYLOAD
 ) -> dict[str, Any]:
     """Decode JSON that must be an object."""
     try:
-        obj = _json_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
+        obj = json_decode(data)
+    except msgspec.DecodeError:
         raise error_class(code)(f"{what} is not valid JSON", code=code) from None
     if not isinstance(obj, dict):
         raise error_class(code)(f"{what} must be a JSON object", code=code)
@@ -126,8 +172,8 @@ def extract_usage(line: bytes) -> Any | None:
     if not line.startswith(b"data: ") or b'"usage"' not in line:
         return None
     try:
-        obj = msgspec.json.decode(line[6:])
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
+        obj = json_decode(line[6:])
+    except msgspec.DecodeError:
         return None
     if isinstance(obj, dict):
         usage = obj.get("usage")

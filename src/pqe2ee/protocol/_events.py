@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from pqe2ee.errors import PQE2EEError
+from pqe2ee.errors import ErrorCode, PQE2EEError, StreamError
 from pqe2ee.protocol.sse import SSEEvent
 
 __all__ = [
@@ -122,12 +122,24 @@ class EventQueue(Generic[E]):
         return True
 
     def _guard(self, fn: Callable[[], None]) -> None:
-        """Run ``fn``; a pqe2ee error fails the decryptor for good."""
+        """Run ``fn``; a pqe2ee error fails the decryptor for good. Any other exception (a
+        hostile input reaching a bug) fails it too, as a :class:`StreamError`: the stream can
+        never go on to report itself complete after a fault."""
         try:
             fn()
         except PQE2EEError as exc:
             self._failed(exc)
             raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
+
+    def _unexpected(self, exc: Exception) -> StreamError:
+        """Fail the decryptor on a non-pqe2ee exception; the typed error to raise instead."""
+        err = StreamError(
+            f"stream decoder failed ({type(exc).__name__})", code=ErrorCode.MALFORMED_EVENT
+        )
+        self._failed(err)
+        return err
 
     def _failed(self, exc: PQE2EEError) -> None:
         self._error = exc

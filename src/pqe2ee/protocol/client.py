@@ -35,6 +35,7 @@ from typing import Any, Final
 import msgspec
 
 from pqe2ee.errors import ErrorCode, RelayError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import (
     Lease,
@@ -112,7 +113,7 @@ def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -
     if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
         return None
     try:
-        obj = msgspec.json.decode(body)
+        obj = json_decode(body)
     except msgspec.DecodeError:
         return None
     return request_model(obj) if isinstance(obj, dict) else None

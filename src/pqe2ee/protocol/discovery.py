@@ -22,7 +22,7 @@ import msgspec
 
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, MalformedError
-from pqe2ee.protocol._codec import b64decode
+from pqe2ee.protocol._codec import b64decode, json_decode
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, to_monotonic
 
 __all__ = [
@@ -65,7 +65,7 @@ class _ModelList(msgspec.Struct):
 def parse_models(doc: bytes) -> dict[str, str]:
     """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
     try:
-        listing = msgspec.json.decode(doc, type=_ModelList)
+        listing = json_decode(doc, type=_ModelList)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
             "model listing is not a valid /v1/models document", code=ErrorCode.MALFORMED_DISCOVERY
@@ -144,7 +144,7 @@ def parse_discovery(doc: bytes, now: Monotonic, wall: UnixTime | None = None) ->
     in ``skipped``), not fatal.
     """
     try:
-        d = msgspec.json.decode(doc, type=_Discovery)
+        d = json_decode(doc, type=_Discovery)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
             "discovery response is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY

@@ -37,7 +37,7 @@ from pqe2ee.backends.base import (
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, PQE2EEError, StreamError
-from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage, json_decode
 from pqe2ee.protocol._events import Done, EndOfStream, EventQueue, InnerEvent, inner_event
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
 from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
@@ -281,8 +281,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
 
     @property
     def complete(self) -> bool:
-        """True once the authenticated inner ``[DONE]`` has been seen."""
-        return self._done_seen
+        """True once the authenticated inner ``[DONE]`` has been seen (and no fault since)."""
+        return self._done_seen and self._error is None
 
     def receive_data(self, data: bytes) -> None:
         if self._error is not None:
@@ -307,6 +307,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         except PQE2EEError as exc:
             self._failed(exc)
             raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
 
     def receive_eof(self) -> None:
         if not self._mark_eof():
@@ -415,8 +417,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
 
     def _outer_event(self, payload: bytes) -> None:
         try:
-            obj = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
+            obj = json_decode(payload)
+        except msgspec.DecodeError:
             raise self._fail(ErrorCode.MALFORMED_EVENT, "outer event is not valid JSON") from None
         if not isinstance(obj, dict) or len(obj) != 1:
             raise self._fail(

@@ -29,7 +29,7 @@ from pqe2ee.errors import (
     RelayError,
     StreamError,
 )
-from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage, json_decode
 from pqe2ee.protocol._events import EndOfStream, EventQueue
 from pqe2ee.protocol.sse import LineSplitter
 from pqe2ee.protocol.v2.records import (
@@ -279,8 +279,8 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
 
     def _outer_event(self, payload: bytes) -> None:
         try:
-            obj = msgspec.json.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+            obj = json_decode(payload)
+        except msgspec.DecodeError:
             raise StreamError(
                 "outer event is not valid JSON", code=ErrorCode.MALFORMED_EVENT
             ) from None

@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
@@ -457,7 +458,7 @@ def tool_input(arguments: str) -> dict[str, Any]:
     if not arguments.strip():
         return {}
     try:
-        value = msgspec.json.decode(arguments)
+        value = json_decode(arguments)
     except msgspec.DecodeError:
         return {"_raw": arguments}
     if isinstance(value, dict):

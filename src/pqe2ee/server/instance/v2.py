@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteProtocolError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.v2 import (
     OpenedRequestV2,
     ResponseSealer,
@@ -64,8 +65,8 @@ def engine_outcome(status: int, body: bytes) -> tuple[dict[str, Any] | None, Ups
     "type", "message"}``, else ``upstream_error``; the whole body is in DATA either way.
     """
     try:
-        doc = msgspec.json.decode(body) if body[:1] == b"{" else None
-    except (msgspec.DecodeError, UnicodeDecodeError):
+        doc = json_decode(body) if body[:1] == b"{" else None
+    except msgspec.DecodeError:
         doc = None
     if 200 <= status < 300:
         usage = doc.get("usage") if isinstance(doc, dict) else None
