@@ -7,7 +7,7 @@ REFVENV := .venv-ref
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench setup redis liboqs liboqs-auto clean
+.PHONY: demo test lint typecheck pytest bench setup redis chromium liboqs liboqs-auto clean
 
 # liboqs (the fastest ML-KEM backend) is on no package registry here. setup (so test, demo and
 # bench) builds it from LIBOQS_SRC into .liboqs/ unless the backend already loads (a system
@@ -36,13 +36,17 @@ $(REFVENV)/.stamp:
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
+# A real headless browser for the proxy's web-page tests (tests/test_proxy_browser.py).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 liboqs:
 	scripts/build_liboqs.sh '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
 
 liboqs-auto: $(VENV)/.stamp
 	PYTHON=$(PY) scripts/build_liboqs.sh --if-missing '$(LIBOQS_SRC)' '$(LIBOQS_PREFIX)'
 
-setup: $(VENV)/.stamp $(REFVENV)/.stamp redis liboqs-auto
+setup: $(VENV)/.stamp $(REFVENV)/.stamp redis chromium liboqs-auto
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts

@@ -48,6 +48,8 @@ def test_option_conventions(command: str, option: click.Option) -> None:
     assert option.envvar == f"PQE2EE_{flag}" or option.envvar in {
         "PQE2EE_ALLOW_PATHS",
         "PQE2EE_INSTANCES",
+        "PQE2EE_PROXY_ALLOW_HOSTS",  # lists, named for the proxy (issue 16)
+        "PQE2EE_PROXY_ALLOW_ORIGINS",
         "PQE2EE_REDIS_URL",
         "PQE2EE_REPLAY_REDIS_URL",
     }

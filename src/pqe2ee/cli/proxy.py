@@ -64,6 +64,24 @@ __all__ = ["proxy_cmd"]
     default=False,
     help="Speak v1 only, even to chutes that offer v2 (no pinning). Not with --min-version 2.",
 )
+@opt.env_option(
+    "--allow-host",
+    "allow_hosts",
+    env="PROXY_ALLOW_HOSTS",
+    multiple=True,
+    metavar="HOST",
+    help="Also answer requests whose Host is HOST (repeatable; env: space-separated). By "
+    "default only loopback names and the --host address: a DNS-rebinding web page is refused.",
+)
+@opt.env_option(
+    "--allow-origin",
+    "allow_origins",
+    env="PROXY_ALLOW_ORIGINS",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages of ORIGIN (scheme://host[:port]) call the proxy, with CORS answers "
+    "(repeatable; env: space-separated). By default every request from a web page is refused.",
+)
 @opt.log_level_option
 def proxy_cmd(
     api_key: str | None, min_version: str, no_prefer_v2: bool, log_level: str, **options: Any

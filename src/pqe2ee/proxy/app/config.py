@@ -65,6 +65,8 @@ class ProxyConfig:
     transport_options: Mapping[str, Any] = field(default_factory=dict)
     min_version: int = 1
     prefer_v2: bool = True
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("api_base", "models_base"):
@@ -97,3 +99,12 @@ class ProxyConfig:
                 f"set {', '.join(sorted(clash))} on ProxyConfig, not in transport_options"
             )
         object.__setattr__(self, "transport_options", dict(self.transport_options))
+        # Who may call (proxy/app/browser_guard.py): Host names beyond loopback and the listen
+        # address ("*": any), web origins let in (with CORS answers).
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
+        object.__setattr__(self, "allow_origins", tuple(self.allow_origins))
+        for origin in self.allow_origins:
+            if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise LocalProtocolError(
+                    f"allow_origins: {origin!r} is not an origin (scheme://host[:port])"
+                )
