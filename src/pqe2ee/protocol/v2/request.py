@@ -220,7 +220,7 @@ def _body_object(body: bytes | Mapping[str, Any]) -> tuple[bytes, dict[str, Any]
     obj = dict(body)
     try:
         return msgspec.json.encode(obj), obj
-    except (TypeError, msgspec.EncodeError):
+    except (TypeError, msgspec.EncodeError, RecursionError):  # (RecursionError: too deep)
         raise LocalProtocolError(
             "request body is not JSON-serialisable", code=ErrorCode.INVALID_BODY
         ) from None

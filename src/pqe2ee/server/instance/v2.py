@@ -32,6 +32,7 @@ from pqe2ee.protocol.v2 import (
     seal_response_v2,
 )
 from pqe2ee.server.instance.exchange import (
+    OPEN_THREAD_THRESHOLD,
     SSE_HEADERS,
     EngineFailure,
     Reject,
@@ -154,6 +155,7 @@ class V2Handler:
                 lambda: self._open_sync(blob, path, stream, nonce),
                 len(blob),
                 always=keys.v2_threaded,
+                threshold=OPEN_THREAD_THRESHOLD,
             )
         except ReplayCacheError:  # a PQE2EEError too (StoreUnavailable): caught first
             raise Reject.error(
