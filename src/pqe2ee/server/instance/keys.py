@@ -111,7 +111,9 @@ class Keys:
         if private_key is not None:
             self.key_source = "given"
         elif config.key_file is not None:
-            private_key, created = load_or_create_key(config.key_file, seed_kem(config.backend))
+            private_key, created = load_or_create_key(
+                config.key_file, seed_kem(config.backend), allow_symlink=config.allow_key_symlink
+            )
             self.key_source = "created" if created else "loaded"
         else:
             private_key = self.kem.generate()
@@ -140,7 +142,9 @@ class Keys:
         if key is not None:
             self.v2_key_source = "given"
         elif cfg.v2_key_file is not None:
-            key, created = load_or_create_xwing_key(cfg.v2_key_file, self.xwing)
+            key, created = load_or_create_xwing_key(
+                cfg.v2_key_file, self.xwing, allow_symlink=cfg.allow_key_symlink
+            )
             self.v2_key_source = "created" if created else "loaded"
         else:
             key = self.xwing.generate()
