@@ -180,6 +180,22 @@ class MemoryNonceStore(NonceStore):
         return None
 
 
+def _waiting_pool(aioredis: Any, on_wait: Callable[[float], None] | None) -> Any:
+    """redis-py's blocking pool, reporting each hand-out that waited (> 1 ms) to ``on_wait``."""
+
+    class WaitingPool(aioredis.BlockingConnectionPool):  # type: ignore[misc]
+        async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await super().get_connection()
+            finally:
+                waited = time.monotonic() - started
+                if on_wait is not None and waited > 0.001:
+                    on_wait(waited)
+
+    return WaitingPool
+
+
 class RedisNonceStore(NonceStore):
     """Nonces and rate-limit counters in Redis, shared by every relay that uses the same URL.
 
@@ -191,17 +207,33 @@ class RedisNonceStore(NonceStore):
     """
 
     def __init__(
-        self, url: str, *, prefix: str = "pqe2ee:", client: Any | None = None, timeout: float = 5.0
+        self,
+        url: str,
+        *,
+        prefix: str = "pqe2ee:",
+        client: Any | None = None,
+        timeout: float = 5.0,
+        max_connections: int = 64,
+        pool_timeout: float | None = None,
+        on_pool_wait: Callable[[float], None] | None = None,
     ) -> None:
+        """``max_connections`` Redis connections at most; a command beyond them waits for one
+        (at most ``pool_timeout``, default ``timeout``: then ``NonceStoreError``, "pool
+        exhausted") instead of failing at once as redis-py's default pool does past 100.
+        ``on_pool_wait(seconds)`` hears every connection hand-out that had to wait."""
         aioredis = import_redis("redis.asyncio", "RedisNonceStore")
         self._prefix = prefix
-        self._redis: Any = (
-            client
-            if client is not None
-            else aioredis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
+        if client is None:
+            pool = _waiting_pool(aioredis, on_pool_wait).from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout if pool_timeout is None else pool_timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                decode_responses=False,
             )
-        )
+            client = aioredis.Redis.from_pool(pool)
+        self._redis: Any = client
 
     def _nkey(self, nonce: str) -> str:
         return f"{self._prefix}n:{nonce}"
