@@ -222,14 +222,20 @@ def test_redis_store_layout(redis_url: str) -> None:
         client.close()
 
 
-def test_redis_down_fails_closed(tmp_path: Path) -> None:
-    with redis_server(tmp_path) as url, contextlib.ExitStack() as stack:
+@contextlib.contextmanager
+def relay_on_redis(url: str) -> Iterator[str]:
+    """dev-engine -> one instance -> a relay keeping its nonces in the Redis at ``url``."""
+    with contextlib.ExitStack() as stack:
         engine = stack.enter_context(run_app(dev_engine.create_app()))
         inst = stack.enter_context(
             run_app(instance.create_app(instance.InstanceConfig(upstream=engine)))
         )
         cfg = relay.RelayConfig(instances=(inst,), api_keys=(KEY_A,), redis_url=url)
-        relay_url = stack.enter_context(run_app(relay.create_app(cfg)))
+        yield stack.enter_context(run_app(relay.create_app(cfg)))
+
+
+def test_redis_down_fails_closed(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url, relay_on_redis(url) as relay_url:
         with httpx2.Client(base_url=relay_url, timeout=20) as c:
             info = discover(c, ECHO)[0][0]
             import redis

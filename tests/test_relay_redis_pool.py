@@ -5,7 +5,6 @@ metered, and every 503 is logged with its reason."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from pathlib import Path
 
@@ -13,12 +12,9 @@ import anyio
 import httpx2
 import pytest
 
-from pqe2ee.server import instance, relay
 from pqe2ee.server.noncestore import NonceStoreError, RedisNonceStore
-from pqe2ee.testing import dev_engine
-from relay_support import KEY_A, auth, discover
-from servers import run_app
-from test_relay_redis import ECHO, redis_server
+from relay_support import auth, discover
+from test_relay_redis import ECHO, redis_server, relay_on_redis
 
 pytestmark = pytest.mark.redis
 
@@ -55,13 +51,7 @@ def test_2000_concurrent_store_calls_with_redis_healthy_all_succeed(tmp_path: Pa
 def test_every_503_is_logged_with_its_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with redis_server(tmp_path) as url, contextlib.ExitStack() as stack:
-        engine = stack.enter_context(run_app(dev_engine.create_app()))
-        inst = stack.enter_context(
-            run_app(instance.create_app(instance.InstanceConfig(upstream=engine)))
-        )
-        cfg = relay.RelayConfig(instances=(inst,), api_keys=(KEY_A,), redis_url=url)
-        relay_url = stack.enter_context(run_app(relay.create_app(cfg)))
+    with redis_server(tmp_path) as url, relay_on_redis(url) as relay_url:
         with httpx2.Client(base_url=relay_url, timeout=20) as c:
             discover(c, ECHO)
             import redis

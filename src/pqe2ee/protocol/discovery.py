@@ -16,7 +16,7 @@ import collections
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -62,14 +62,22 @@ class _ModelList(msgspec.Struct):
     data: list[_ModelRow]
 
 
+T = TypeVar("T")
+
+
+def _decode(doc: bytes, type: type[T], message: str) -> T:
+    """``doc`` as ``type``; anything else (bad JSON, too deep, wrong shape) is a
+    ``malformed_discovery`` MalformedError with ``message``."""
+    try:
+        value: T = json_decode(doc, type=type)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise MalformedError(message, code=ErrorCode.MALFORMED_DISCOVERY) from None
+    return value
+
+
 def parse_models(doc: bytes) -> dict[str, str]:
     """``{id: chute_id}`` for every row that has both as strings; other rows are skipped."""
-    try:
-        listing = json_decode(doc, type=_ModelList)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        raise MalformedError(
-            "model listing is not a valid /v1/models document", code=ErrorCode.MALFORMED_DISCOVERY
-        ) from None
+    listing = _decode(doc, _ModelList, "model listing is not a valid /v1/models document")
     return {
         row.id: row.chute_id
         for row in listing.data
@@ -143,12 +151,7 @@ def parse_discovery(doc: bytes, now: Monotonic, wall: UnixTime | None = None) ->
     ``nonce_expires_at``. Instance rows with a bad key or no usable nonces are skipped (counted
     in ``skipped``), not fatal.
     """
-    try:
-        d = json_decode(doc, type=_Discovery)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        raise MalformedError(
-            "discovery response is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
-        ) from None
+    d = _decode(doc, _Discovery, "discovery response is not a valid document")
     expires_in = (
         DEFAULT_EXPIRES_IN if d.nonce_expires_in is None else max(0.0, float(d.nonce_expires_in))
     )
