@@ -216,7 +216,8 @@ def test_redis_store_layout(redis_url: str) -> None:
         assert keys == [b"t-layout:n:n3"]
         assert 70 <= client.ttl(keys[0]) <= 75
         value = client.get(keys[0])
-        assert value == f"{api_key_id('some-secret-key')}|chute|inst".encode()
+        run_id = client.info("server")["run_id"].encode()  # the generation tag (issue 16)
+        assert value == f"{api_key_id('some-secret-key')}|chute|inst|".encode() + run_id
         assert b"some-secret-key" not in value
     finally:
         client.close()

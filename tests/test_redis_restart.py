@@ -1,0 +1,123 @@
+"""Issue 16 item 3, on a real redis-server restarted in place: spent relay nonces do not come
+back to life when Redis restarts from a snapshot (its default persistence), nor does anything
+issued before a restart without one; the store carries on with nonces issued after it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import pytest
+
+from pqe2ee.server.noncestore import NonceStoreError, RedisNonceStore
+from test_relay_redis import _free_port
+
+pytestmark = pytest.mark.redis
+
+REDIS = shutil.which("redis-server")
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def redis_at(port: int, data_dir: Path) -> Iterator[str]:
+    """A redis-server on ``port`` keeping its snapshot (dump.rdb, written only by SAVE) in
+    ``data_dir``; it loads one found there at start. Stopped with SHUTDOWN NOSAVE."""
+    if REDIS is None:
+        pytest.skip(
+            "redis-server not found (`make test` installs it: apt-get install redis-server)"
+        )
+    import redis
+
+    args = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)]
+    args += ["--save", "", "--appendonly", "no", "--loglevel", "warning"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.RedisError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        yield url
+    finally:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            client.shutdown(nosave=True)
+        client.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def snapshot(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.save()
+        return int(client.dbsize())
+    finally:
+        client.close()
+
+
+async def retrying(fn: Callable[[], Awaitable[T]]) -> T:
+    """``fn()``, retried while the store's pooled connections notice the restart."""
+    for _ in range(5):
+        try:
+            return await fn()
+        except NonceStoreError:
+            await anyio.sleep(0.05)
+    return await fn()
+
+
+N = 45
+
+
+@pytest.mark.parametrize("with_snapshot", [True, False])
+def test_spent_nonces_stay_spent_across_a_restart(tmp_path: Path, with_snapshot: bool) -> None:
+    port = _free_port()
+    nonces = [f"nonce-{i}" for i in range(N)]
+
+    async def before(url: str) -> None:
+        store = RedisNonceStore(url)
+        await store.issue("key", "chute", "inst", nonces, 300)
+        if with_snapshot:
+            assert snapshot(url) == N  # all 45 unspent in the snapshot
+        for n in nonces:
+            assert await store.consume(n, "key", "chute", "inst")
+        await store.aclose()
+
+    async def after(url: str) -> tuple[int, int, bool]:
+        import redis.asyncio as aioredis
+
+        raw = aioredis.Redis.from_url(url)
+        back = int(await raw.dbsize())  # what Redis restored
+        await raw.aclose()
+        store = RedisNonceStore(url)
+        accepted = 0
+        for n in nonces:
+            accepted += await retrying(lambda n=n: store.consume(n, "key", "chute", "inst"))
+        await store.issue("key", "chute", "inst", ["fresh"], 300)
+        fresh = await store.consume("fresh", "key", "chute", "inst")
+        await store.aclose()
+        return back, accepted, fresh
+
+    with redis_at(port, tmp_path) as url:
+        anyio.run(before, url, backend="asyncio")
+    with redis_at(port, tmp_path) as url:
+        back, accepted, fresh = anyio.run(after, url, backend="asyncio")
+    assert back == (N if with_snapshot else 0)  # the snapshot did bring the spent nonces back
+    assert accepted == 0  # before the fix: 45 of 45 accepted a second time
+    assert fresh
