@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from pqe2ee.protocol._codec import json_decode
+from pqe2ee._json import json_decode
 from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
