@@ -121,3 +121,38 @@ def test_spent_nonces_stay_spent_across_a_restart(tmp_path: Path, with_snapshot:
     assert back == (N if with_snapshot else 0)  # the snapshot did bring the spent nonces back
     assert accepted == 0  # before the fix: 45 of 45 accepted a second time
     assert fresh
+
+
+# -- issue 16 item 2: the instance's v2 replay cache ------------------------------------------
+
+W = 120_000  # the ±W window, ms
+
+
+@pytest.mark.parametrize("with_snapshot", [True, False])
+def test_replayed_v2_request_is_refused_after_redis_loses_its_state(
+    tmp_path: Path, with_snapshot: bool
+) -> None:
+    from pqe2ee.protocol.v2.replay import Admission
+    from pqe2ee.server.replaycache import RedisReplayCache, ReplayCacheError
+
+    port = _free_port()
+    now = 1_800_000_000_000
+    with redis_at(port, tmp_path) as url:
+        cache = RedisReplayCache(url)
+        cache.check(fresh_keys=True)  # a new key: open at once
+        if with_snapshot:
+            snapshot(url)  # the marker is in it, the id admitted below is not
+        assert cache.admit(b"request-1", now + W, now) is Admission.FRESH
+        assert cache.admit(b"request-1", now + W, now + 1) is Admission.REPLAY
+        cache.close()
+    with redis_at(port, tmp_path) as url:
+        cache = RedisReplayCache(url)
+        cache.check()  # a loaded key: the cache stays as the marker says
+        # inside its window the replay must not get in (before the fix: FRESH, then 200)
+        with pytest.raises(ReplayCacheError):
+            cache.admit(b"request-1", now + W, now + 5_000)
+        # a request created after the loss was seen + W passes again; its replay does not
+        later = now + 5_000 + W + 1
+        assert cache.admit(b"request-2", later + W, later) is Admission.FRESH
+        assert cache.admit(b"request-2", later + W, later + 1) is Admission.REPLAY
+        cache.close()

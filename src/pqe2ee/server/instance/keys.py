@@ -180,9 +180,12 @@ class Keys:
 
     async def check_cache(self) -> None:
         """Start-up: a Redis replay cache must answer (``RuntimeError`` otherwise)."""
-        if self.owned_cache is not None:
+        cache = self.owned_cache
+        if cache is not None:
             try:
-                await anyio.to_thread.run_sync(self.owned_cache.check)
+                # A key made here cannot have had requests admitted before: no closed window.
+                fresh = self.v2_key_source in ("ephemeral", "created", "given")
+                await anyio.to_thread.run_sync(lambda: cache.check(fresh_keys=fresh))
             except ReplayCacheError as exc:
                 raise RuntimeError(f"v2 replay cache unavailable: {exc.message}") from None
 
