@@ -696,7 +696,7 @@ def seal_response_v2(
     content_type: str | None = "application/json",
     usage: dict[str, Any] | None = None,
     error: UpstreamError | None = None,
-    compress: bool = True,
+    compress: bool = False,
     compresslevel: int = 1,
     max_record: int = MAX_PAYLOAD,
 ) -> bytes:

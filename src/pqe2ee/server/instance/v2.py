@@ -182,7 +182,9 @@ class V2Handler:
         )
         if h.stream:
             return await self._stream(request, upstream_request, sealer, slot, log)
-        return await self._unary(request, upstream_request, sealer, log)
+        # Compress the answer only when the client compressed its request (issue 16: gzip next
+        # to caller-influenced text is a length oracle; the client's choice stands for both).
+        return await self._unary(request, upstream_request, sealer, log, opened.compressed)
 
     async def _unary(
         self,
@@ -190,6 +192,7 @@ class V2Handler:
         upstream_request: httpx2.Request,
         sealer: ResponseSealer,
         log: RequestLog,
+        compress: bool = False,
     ) -> Response:
         failed: UpstreamError | None = None
         try:
@@ -206,7 +209,13 @@ class V2Handler:
         def seal() -> bytes:
             usage, error = (None, failed) if failed is not None else engine_outcome(status, body)
             return seal_response_v2(
-                sealer, status=status, body=body, content_type=ctype, usage=usage, error=error
+                sealer,
+                status=status,
+                body=body,
+                content_type=ctype,
+                usage=usage,
+                error=error,
+                compress=compress,
             )
 
         blob = await self._sealed(seal, len(body))
