@@ -258,6 +258,11 @@ class ClientLimits:
     low_watermark: int = 3
 
 
+#: Back-off after a discovery answered 5xx: first wait, and the most it doubles to (seconds).
+DISCOVERY_BACKOFF_MIN: Final = 0.25
+DISCOVERY_BACKOFF_MAX: Final = 4.0
+
+
 class ClientState:
     """Model map, nonce pools and the discovery rate limiter for one client.
 
@@ -270,6 +275,8 @@ class ClientState:
         self._models = ModelMap(self.limits.model_ttl)
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
+        self._backoff = 0.0  # after discoveries the relay could not answer (5xx)
+        self._backoff_until = 0.0
         self._models_generation = 0
         self._negotiated: dict[str, Negotiated] = {}
 
@@ -366,8 +373,18 @@ class ClientState:
         return self._pool(chute_id).available(now)
 
     def discovery_wait(self, now: Monotonic) -> float:
-        """Seconds to wait before the next discovery is allowed (0 = now)."""
-        return self._limiter.wait_time(now)
+        """Seconds to wait before the next discovery is allowed (0 = now): the rate budget,
+        or the back-off after a 5xx."""
+        return max(self._limiter.wait_time(now), self._backoff_until - now, 0.0)
+
+    def discovery_failed(self, recorded_at: Monotonic, now: Monotonic) -> None:
+        """A discovery (recorded at ``recorded_at``) the relay could not answer (5xx): it
+        brought no nonces, so it is taken off the rate budget, and the next one waits a short
+        back-off (0.25 s, doubling to 4 s) until a discovery succeeds. A relay blip of a few
+        seconds then costs a few seconds, not the budget's minute."""
+        self._limiter.refund(recorded_at)
+        self._backoff = min(DISCOVERY_BACKOFF_MAX, self._backoff * 2 or DISCOVERY_BACKOFF_MIN)
+        self._backoff_until = now + self._backoff
 
     def record_discovery(self, now: Monotonic) -> None:
         self._limiter.record(now)
@@ -376,7 +393,7 @@ class ClientState:
         """If a discovery is allowed now, record it and return 0; else return the seconds to
         wait (nothing recorded). One call: many callers racing for the last slot (under the
         caller's lock) cannot both take it."""
-        wait = self._limiter.wait_time(now)
+        wait = self.discovery_wait(now)
         if wait <= 0.0:
             self._limiter.record(now)
             return 0.0
@@ -388,6 +405,7 @@ class ClientState:
         number of usable instances."""
         result = parse_discovery(doc, now, wall)
         self._pool(chute_id).load(result, now)
+        self._backoff = self._backoff_until = 0.0
         return len(result.instances)
 
     def report(self, lease: Lease, error: RelayError, now: Monotonic) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -348,6 +349,11 @@ class RateLimiter:
     def record(self, now: float) -> None:
         self._trim(now)
         self._times.append(now)
+
+    def refund(self, at: float) -> None:
+        """Forget the event recorded at ``at`` (one that turned out not to count)."""
+        with contextlib.suppress(ValueError):
+            self._times.remove(at)
 
     def wait_time(self, now: float) -> float:
         """Seconds until one more event is allowed (0 when allowed now)."""
