@@ -339,7 +339,8 @@ class ClientState:
             return None  # nothing to decide on that could be used: discover first
         generation = pool.generation
         rows = pool.instances()
-        decision = negotiator.decide(chute_id, rows, wall)
+        # The model names that lead here: the pin follows them if the relay renames the chute.
+        decision = negotiator.decide(chute_id, rows, wall, models=self._models.names_of(chute_id))
         offers = {c.instance.instance_id: c.offer for c in decision.candidates if c.offer}
         skew = negotiator.policy.clock_skew_s
         valid_until = min((o.not_after + skew for o in offers.values()), default=float("inf"))

@@ -103,6 +103,10 @@ class ModelMap:
     def stale(self, now: float) -> bool:
         return self._loaded_at is None or now - self._loaded_at >= self.ttl
 
+    def names_of(self, chute_id: str) -> list[str]:
+        """The model names that map to ``chute_id`` in the last listing."""
+        return [m for m, c in self._map.items() if c == chute_id]
+
     def resolve(self, model: str, now: float) -> str | None:
         """The chute_id for ``model``: itself when it is a UUID, else the cached mapping (even if
         stale; callers refresh on a miss or when :meth:`stale`)."""
