@@ -4,11 +4,7 @@ issued before a restart without one; the store carries on with nonces issued aft
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import subprocess
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,49 +12,11 @@ import anyio
 import pytest
 
 from pqe2ee.server.noncestore import NonceStoreError, RedisNonceStore
-from test_relay_redis import _free_port
+from test_relay_redis import _free_port, redis_server
 
 pytestmark = pytest.mark.redis
 
-REDIS = shutil.which("redis-server")
 T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def redis_at(port: int, data_dir: Path) -> Iterator[str]:
-    """A redis-server on ``port`` keeping its snapshot (dump.rdb, written only by SAVE) in
-    ``data_dir``; it loads one found there at start. Stopped with SHUTDOWN NOSAVE."""
-    if REDIS is None:
-        pytest.skip(
-            "redis-server not found (`make test` installs it: apt-get install redis-server)"
-        )
-    import redis
-
-    args = [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir)]
-    args += ["--save", "", "--appendonly", "no", "--loglevel", "warning"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.02)
-        yield url
-    finally:
-        with contextlib.suppress(redis.exceptions.RedisError):
-            client.shutdown(nosave=True)
-        client.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def snapshot(url: str) -> int:
@@ -114,9 +72,9 @@ def test_spent_nonces_stay_spent_across_a_restart(tmp_path: Path, with_snapshot:
         await store.aclose()
         return back, accepted, fresh
 
-    with redis_at(port, tmp_path) as url:
+    with redis_server(tmp_path, port) as url:
         anyio.run(before, url, backend="asyncio")
-    with redis_at(port, tmp_path) as url:
+    with redis_server(tmp_path, port) as url:
         back, accepted, fresh = anyio.run(after, url, backend="asyncio")
     assert back == (N if with_snapshot else 0)  # the snapshot did bring the spent nonces back
     assert accepted == 0  # before the fix: 45 of 45 accepted a second time
@@ -137,7 +95,7 @@ def test_replayed_v2_request_is_refused_after_redis_loses_its_state(
 
     port = _free_port()
     now = 1_800_000_000_000
-    with redis_at(port, tmp_path) as url:
+    with redis_server(tmp_path, port) as url:
         cache = RedisReplayCache(url)
         cache.check(fresh_keys=True)  # a new key: open at once
         if with_snapshot:
@@ -145,7 +103,7 @@ def test_replayed_v2_request_is_refused_after_redis_loses_its_state(
         assert cache.admit(b"request-1", now + W, now) is Admission.FRESH
         assert cache.admit(b"request-1", now + W, now + 1) is Admission.REPLAY
         cache.close()
-    with redis_at(port, tmp_path) as url:
+    with redis_server(tmp_path, port) as url:
         cache = RedisReplayCache(url)
         cache.check()  # a loaded key: the cache stays as the marker says
         # inside its window the replay must not get in (before the fix: FRESH, then 200)

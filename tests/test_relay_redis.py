@@ -46,15 +46,19 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
+    """A redis-server without persistence settings of its own (``--save ""``: it writes a
+    snapshot only on SAVE, into ``tmp``, and loads one found there) on ``port`` (default: a
+    free one)."""
     if REDIS is None:
         pytest.skip(
             "redis-server binary not found (`make test` installs it: apt-get install redis-server)"
         )
     import redis
 
+    fixed = port
     for _attempt in range(3):
-        port = _free_port()
+        port = fixed or _free_port()
         proc = subprocess.Popen(
             [
                 REDIS,

@@ -152,36 +152,25 @@ class Negotiator:
         self._anchors: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def _anchor_pinned(self, anchor: str, now: UnixTime) -> bool:
-        until = self._anchors.get(anchor)
-        if until is None or until <= now:
-            self._anchors.pop(anchor, None)
-            return False
-        return True
+        return _live(self._anchors, anchor, now)
 
     def _pin_anchor(self, anchor: str, now: UnixTime) -> None:
+        self._add(self._anchors, anchor, now)
+
+    def _add(self, table: collections.OrderedDict[str, float], key: str, now: UnixTime) -> None:
+        """Pin ``key`` in ``table`` until ``now + pin_ttl_s`` (bounded: oldest out first)."""
         if self.policy.pin_ttl_s <= 0:
             return
-        self._anchors[anchor] = now + self.policy.pin_ttl_s
-        self._anchors.move_to_end(anchor)
-        while len(self._anchors) > self.policy.max_pins:
-            self._anchors.popitem(last=False)
+        table[key] = now + self.policy.pin_ttl_s
+        table.move_to_end(key)
+        while len(table) > self.policy.max_pins:
+            table.popitem(last=False)
 
     def pinned(self, chute_id: str, now: UnixTime) -> bool:
-        until = self._pins.get(chute_id)
-        if until is None:
-            return False
-        if until <= now:
-            del self._pins[chute_id]
-            return False
-        return True
+        return _live(self._pins, chute_id, now)
 
     def pin(self, chute_id: str, now: UnixTime) -> None:
-        if self.policy.pin_ttl_s <= 0:
-            return
-        self._pins[chute_id] = now + self.policy.pin_ttl_s
-        self._pins.move_to_end(chute_id)
-        while len(self._pins) > self.policy.max_pins:
-            self._pins.popitem(last=False)
+        self._add(self._pins, chute_id, now)
 
     def unpin(self, chute_id: str) -> None:
         self._pins.pop(chute_id, None)
@@ -234,6 +223,17 @@ class Negotiator:
                 code=ErrorCode.DOWNGRADE_SUSPECTED,
             )
         return Decision(1, tuple(Candidate(i, None) for i in rows), True, invalid)
+
+
+def _live(table: collections.OrderedDict[str, float], key: str, now: UnixTime) -> bool:
+    """Whether ``key`` is pinned in ``table`` at ``now`` (an expired pin is dropped)."""
+    until = table.get(key)
+    if until is None:
+        return False
+    if until <= now:
+        del table[key]
+        return False
+    return True
 
 
 def _key_anchor(instance: InstanceInfo) -> str:
