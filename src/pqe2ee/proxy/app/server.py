@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.routes import create_app
 from pqe2ee.proxy.app.streaming import OpenStreams
+from pqe2ee.server._http import http_protocol
 
 __all__ = ["ProxyServer", "serve", "server_config"]
 
@@ -48,6 +49,7 @@ class ProxyServer(uvicorn.Server):
 def server_config(app: Starlette, config: ProxyConfig, **kw: Any) -> uvicorn.Config:
     """The uvicorn settings the proxy runs with (access lines are the proxy's own)."""
     kw.setdefault("access_log", False)
+    kw.setdefault("http", http_protocol())  # uvicorn's, plus a header read timeout
     kw.setdefault("timeout_graceful_shutdown", int(config.shutdown_grace) + 5)
     return uvicorn.Config(app, host=config.host, port=config.port, **kw)
 

@@ -34,6 +34,7 @@ from pqe2ee.server._asgi import (
     json_response,
     read_body,
 )
+from pqe2ee.server._http import http_protocol
 from pqe2ee.server.instance.config import InstanceConfig, MiB
 from pqe2ee.server.instance.exchange import Concurrency, Reject, RequestLog, logger
 from pqe2ee.server.instance.keys import Keys
@@ -365,4 +366,5 @@ def serve(config: InstanceConfig, *, log_level: str = "info") -> None:
         log_level=log_level,
         access_log=False,
         server_header=False,
+        http=http_protocol(),  # uvicorn's, plus a header read timeout
     )

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD
 from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, declared_length, json_response
 from pqe2ee.server._client import backend_client
+from pqe2ee.server._http import http_protocol
 from pqe2ee.server._metrics import MetricsMiddleware
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
@@ -330,4 +331,5 @@ def serve(config: RelayConfig, *, log_level: str = "info") -> None:
         lifespan="on",
         proxy_headers=False,
         server_header=False,
+        http=http_protocol(),  # uvicorn's, plus a header read timeout
     )
