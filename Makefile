@@ -7,7 +7,7 @@ REFVENV := .venv-ref
 PY := $(VENV)/bin/python
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench setup redis chromium liboqs liboqs-auto clis clean
+.PHONY: demo test lint typecheck pytest bench fuzz setup redis chromium liboqs liboqs-auto clis clean
 
 # liboqs (the fastest ML-KEM backend) is on no package registry here. setup (so test, demo and
 # bench) builds it from LIBOQS_SRC into .liboqs/ unless the backend already loads (a system
@@ -43,7 +43,8 @@ $(REFVENV)/.stamp:
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
-# The proxy's status page is tested in a real headless browser (tests/test_proxy_status.py).
+# A real headless browser for the proxy's status page and web-page tests
+# (tests/test_proxy_status.py, tests/test_proxy_browser.py).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
@@ -61,8 +62,8 @@ clis:
 setup: $(VENV)/.stamp $(REFVENV)/.stamp redis chromium liboqs-auto clis
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check src tests benchmarks examples scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks examples scripts
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts fuzz
+	$(VENV)/bin/ruff format --check src tests benchmarks examples scripts fuzz
 
 typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy --strict src
@@ -81,6 +82,18 @@ BENCHES := core overhead client instance server proxy v2
 bench: setup
 	for b in $(BENCHES); do echo "== benchmarks/bench_$$b.py"; \
 		$(OQS_ENV) $(PY) benchmarks/bench_$$b.py || exit 1; done
+
+# Every fuzz target (fuzz/targets.py) under atheris for FUZZ_SECONDS each, from its saved corpus
+# (fuzz/corpus/<target>/, grown in place). `make test` runs a short smoke (tests/test_fuzz_smoke.py).
+FUZZ_SECONDS ?= 60
+fuzz: $(VENV)/.stamp
+	@for t in $$(PYTHONPATH=src $(PY) fuzz/run.py --list); do \
+		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+		log=$${TMPDIR:-/tmp}/pqe2ee-fuzz-$$t.log; \
+		PYTHONPATH=src $(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			>$$log 2>&1 || { tail -n 40 $$log; exit 1; }; \
+		grep -E 'DONE|stat::number_of_executed_units' $$log; \
+	done
 
 clean:
 	rm -rf $(VENV) $(REFVENV) $(LIBOQS_PREFIX) .clis .mypy_cache .ruff_cache .pytest_cache

@@ -48,6 +48,7 @@ def run_app(
     *,
     startup_timeout: float = 10.0,
     shutdown_timeout: float = 5.0,
+    port: int = 0,
     **config: Any,
 ) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 in a background thread; yield its base URL.
@@ -61,7 +62,7 @@ def run_app(
     # Accepted connections inherit this; without it, asyncio leaves Nagle on for a socket it
     # did not create and every small non-streaming response waits ~40 ms for a delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))  # 0: one the kernel picks
     sock.listen(128)
     sock.setblocking(False)
     port = sock.getsockname()[1]

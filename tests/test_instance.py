@@ -636,11 +636,13 @@ def test_key_file_format_errors(tmp_path: Path) -> None:
         load_or_create_key(tmp_path / "missing-dir" / "k")
 
 
-def test_key_file_symlink_to_private_file_is_followed(tmp_path: Path) -> None:
+def test_key_file_symlink_to_private_file_is_followed_only_when_allowed(tmp_path: Path) -> None:
     key, _ = load_or_create_key(tmp_path / "real.key")
     link = tmp_path / "link.key"
     link.symlink_to(tmp_path / "real.key")
-    again, created = load_or_create_key(link)
+    with pytest.raises(KeyFileError, match="is a symbolic link"):
+        load_or_create_key(link)  # issue 16: refused unless a flag says so
+    again, created = load_or_create_key(link, allow_symlink=True)
     assert not created and again.public_key == key.public_key
 
 

@@ -67,7 +67,7 @@ BANNED_MODULES = frozenset(
     }
 )
 #: pqe2ee packages protocol/ may import (the rest - transports, server, proxy, cli - sit above).
-ALLOWED_PQE2EE = ("pqe2ee.protocol", "pqe2ee.errors", "pqe2ee.backends")
+ALLOWED_PQE2EE = ("pqe2ee.protocol", "pqe2ee.errors", "pqe2ee.backends", "pqe2ee._json")
 #: Calls that read a clock or randomness, whatever they were imported as (``x.time()``,
 #: ``monotonic()``, ``backend.urandom(12)``, ...).
 CLOCK_AND_RANDOM_CALLS = frozenset(
@@ -142,6 +142,12 @@ def test_the_walk_covers_all_of_protocol() -> None:
 )
 def test_protocol_module_is_pure(path: Path) -> None:
     assert violations(path.read_text(), path.relative_to(PROTOCOL).as_posix()) == []
+
+
+def test_the_shared_json_decoder_is_pure() -> None:
+    """pqe2ee/_json.py (protocol/ imports it) obeys the same rules."""
+    path = PROTOCOL.parent / "_json.py"
+    assert violations(path.read_text(), "_json.py") == []
 
 
 @pytest.mark.parametrize(

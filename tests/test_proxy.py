@@ -172,6 +172,9 @@ def http(stack: Stack) -> Iterator[httpx2.Client]:
         yield client
 
 
+JSON_CT = {"content-type": "application/json"}  # the proxy refuses other bodies (issue 16)
+
+
 def user(text: str) -> list[Any]:
     return [{"role": "user", "content": text}]
 
@@ -520,7 +523,9 @@ def assert_anthropic_error(body: Any, type_: str) -> dict[str, Any]:
 @pytest.mark.parametrize("path", OPENAI_PATHS)
 def test_malformed_json_openai_shape(http: httpx2.Client, path: str) -> None:
     r = http.post(
-        path, content=b'{"model": "dev-echo", ', headers={"authorization": f"Bearer {KEY}"}
+        path,
+        content=b'{"model": "dev-echo", ',
+        headers={"authorization": f"Bearer {KEY}", **JSON_CT},
     )
     assert r.status_code == 400
     assert_openai_error(r.json(), "invalid_request_error")
@@ -528,13 +533,13 @@ def test_malformed_json_openai_shape(http: httpx2.Client, path: str) -> None:
 
 @pytest.mark.parametrize("path", ANTHROPIC_PATHS)
 def test_malformed_json_anthropic_shape(http: httpx2.Client, path: str) -> None:
-    r = http.post(path, content=b"[1, 2", headers={"x-api-key": KEY})
+    r = http.post(path, content=b"[1, 2", headers={"x-api-key": KEY, **JSON_CT})
     assert r.status_code == 400
     assert_anthropic_error(r.json(), "invalid_request_error")
 
 
 def test_non_object_json_is_400(http: httpx2.Client) -> None:
-    r = http.post("/v1/chat/completions", content=b"[]", headers={"x-api-key": KEY})
+    r = http.post("/v1/chat/completions", content=b"[]", headers={"x-api-key": KEY, **JSON_CT})
     assert r.status_code == 400
     assert_openai_error(r.json(), "invalid_request_error")
 
@@ -625,7 +630,10 @@ def test_oversize_without_content_length_is_413(stack: Stack) -> None:
         yield b'"}]}'
 
     r = httpx2.post(
-        stack.proxy_small + "/v1/messages", content=chunks(), headers={"x-api-key": KEY}, timeout=30
+        stack.proxy_small + "/v1/messages",
+        content=chunks(),
+        headers={"x-api-key": KEY, **JSON_CT},
+        timeout=30,
     )
     assert r.status_code == 413
     assert_anthropic_error(r.json(), "invalid_request_error")

@@ -430,9 +430,9 @@ def test_tampered_and_truncated_blobs_are_400_and_relay_keeps_serving(
     for sealed, blob in bad_blobs:
         resp = client.post("/e2e/invoke", content=blob, headers=sealed.headers)
         assert resp.status_code == 400
-        detail = resp.json()["detail"]
-        assert isinstance(detail, str)
-        assert json.loads(detail)["detail"] == "E2E decryption failed"
+        detail = resp.json()["detail"]  # the instance's JSON, nested once (issue 16)
+        assert isinstance(detail, dict)
+        assert detail["detail"] == "E2E decryption failed"
     s3 = seal(inst, inst.nonces[3], ECHO, chat_body("x"))
     empty = client.post("/e2e/invoke", content=b"", headers=s3.headers)
     assert empty.status_code == 400 and empty.json() == {"detail": "Empty request body"}
@@ -449,7 +449,7 @@ def test_stream_header_mismatch_is_400(client: httpx2.Client) -> None:
     headers = {**sealed.headers, "X-E2E-Stream": "false"}
     resp = client.post("/e2e/invoke", content=sealed.blob, headers=headers)
     assert resp.status_code == 400
-    assert "stream" in json.loads(resp.json()["detail"])["detail"]
+    assert "stream" in resp.json()["detail"]["detail"]
 
 
 def test_sealed_engine_error_passes_through(client: httpx2.Client) -> None:
@@ -699,7 +699,7 @@ def scripted_call(
         ("403", 403, "Instance returned status 403"),
         ("429", 429, "Instance is at maximum capacity, try again later"),
         ("426", 502, "Instance requires key exchange, try a different instance"),
-        ("400json", 400, '{"detail":"E2E decryption failed"}'),
+        ("400json", 400, {"detail": "E2E decryption failed"}),  # nested once (issue 16)
         ("400text", 400, "Instance returned status 400"),
         ("400huge", 400, "Instance returned status 400"),  # never a truncated quote
         ("404", 404, "Instance returned status 404"),
@@ -708,7 +708,7 @@ def scripted_call(
     ],
 )
 def test_status_mapping(
-    scripted: tuple[str, dict[str, Any]], case: str, status: int, detail: str
+    scripted: tuple[str, dict[str, Any]], case: str, status: int, detail: Any
 ) -> None:
     resp = scripted_call(scripted[0], case)
     assert resp.status_code == status

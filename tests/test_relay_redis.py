@@ -46,15 +46,19 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
+    """A redis-server without persistence settings of its own (``--save ""``: it writes a
+    snapshot only on SAVE, into ``tmp``, and loads one found there) on ``port`` (default: a
+    free one)."""
     if REDIS is None:
         pytest.skip(
             "redis-server binary not found (`make test` installs it: apt-get install redis-server)"
         )
     import redis
 
+    fixed = port
     for _attempt in range(3):
-        port = _free_port()
+        port = fixed or _free_port()
         proc = subprocess.Popen(
             [
                 REDIS,
@@ -216,20 +220,27 @@ def test_redis_store_layout(redis_url: str) -> None:
         assert keys == [b"t-layout:n:n3"]
         assert 70 <= client.ttl(keys[0]) <= 75
         value = client.get(keys[0])
-        assert value == f"{api_key_id('some-secret-key')}|chute|inst".encode()
+        run_id = client.info("server")["run_id"].encode()  # the generation tag (issue 16)
+        assert value == f"{api_key_id('some-secret-key')}|chute|inst|".encode() + run_id
         assert b"some-secret-key" not in value
     finally:
         client.close()
 
 
-def test_redis_down_fails_closed(tmp_path: Path) -> None:
-    with redis_server(tmp_path) as url, contextlib.ExitStack() as stack:
+@contextlib.contextmanager
+def relay_on_redis(url: str) -> Iterator[str]:
+    """dev-engine -> one instance -> a relay keeping its nonces in the Redis at ``url``."""
+    with contextlib.ExitStack() as stack:
         engine = stack.enter_context(run_app(dev_engine.create_app()))
         inst = stack.enter_context(
             run_app(instance.create_app(instance.InstanceConfig(upstream=engine)))
         )
         cfg = relay.RelayConfig(instances=(inst,), api_keys=(KEY_A,), redis_url=url)
-        relay_url = stack.enter_context(run_app(relay.create_app(cfg)))
+        yield stack.enter_context(run_app(relay.create_app(cfg)))
+
+
+def test_redis_down_fails_closed(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url, relay_on_redis(url) as relay_url:
         with httpx2.Client(base_url=relay_url, timeout=20) as c:
             info = discover(c, ECHO)[0][0]
             import redis

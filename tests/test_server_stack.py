@@ -21,12 +21,14 @@ from pqe2ee.cli import cli
 from pqe2ee.proxy.app import ProxyConfig, create_app
 from pqe2ee.proxy.app.server import server_config
 from pqe2ee.server import relay
-from pqe2ee.server._stack import MAX_HEAD, PURE_PYTHON, bounded_httptools, uvicorn_stack
+from pqe2ee.server._http import HeaderTimeoutH11, HeaderTimeoutHttpTools
+from pqe2ee.server._stack import MAX_HEAD, bounded_httptools, uvicorn_stack
 from pqe2ee.testing import dev_engine
 from relay_support import KEY_A, chat_body, discover, seal, serve_stack
 from servers import run_app
 
 FAST = uvicorn_stack()  # uvloop + bounded httptools
+PURE_PYTHON = {"loop": "asyncio", "http": HeaderTimeoutH11}
 LIMIT = 64 * 1024
 ECHO = relay.chute_id_for("dev-echo")
 
@@ -37,7 +39,8 @@ def test_the_extras_stack_is_the_default() -> None:
     # the test environment installs the extras
     assert FAST == {"loop": "uvloop", "http": bounded_httptools()}
     assert issubclass(bounded_httptools(), HttpToolsProtocol)
-    assert uvicorn_stack(pure_python=True) == PURE_PYTHON == {"loop": "asyncio", "http": "h11"}
+    assert issubclass(bounded_httptools(), HeaderTimeoutHttpTools)  # and the header timeout
+    assert uvicorn_stack(pure_python=True) == PURE_PYTHON
 
 
 @pytest.mark.parametrize("command", ["instance", "relay", "proxy"])
@@ -157,7 +160,9 @@ def test_proxy_body_limit_on_httptools(fast_stack: relay_support.Stack) -> None:
             yield from (b"z" * 8192 for _ in range(2 * LIMIT // 8192))
             yield b'"}]}'
 
-        r = c.post("/v1/messages", content=chunked(), headers=head)
+        r = c.post(
+            "/v1/messages", content=chunked(), headers={**head, "content-type": "application/json"}
+        )
         assert r.status_code == 413
         assert r.json()["error"]["type"] == "invalid_request_error"
         small = {"model": "dev-echo", "messages": [{"role": "user", "content": "y" * 1000}]}

@@ -1169,18 +1169,19 @@ def test_offer_valid_and_skew() -> None:
     assert code(lambda: parse_v2_offer(offer(pk=bad_key), 2000.0)) is ErrorCode.MALFORMED_DISCOVERY
 
 
-def inst_info(iid: str, v2: bool) -> InstanceInfo:
-    return InstanceInfo(iid, bytes(1184), ("n",), offer() if v2 else {})
+def inst_info(iid: str, v2: bool, key: bytes = bytes(1184)) -> InstanceInfo:
+    return InstanceInfo(iid, key, ("n",), offer() if v2 else {})
 
 
 def test_negotiator_pins_bounded_and_expiring() -> None:
     neg = Negotiator(E2EPolicy(pin_ttl_s=100, max_pins=2))
-    for chute in ("a", "b", "c"):
-        assert neg.decide(chute, [inst_info("i", True)], 1000.0).version == 2
+    for i, chute in enumerate(("a", "b", "c")):
+        key = bytes([i]) * 1184  # each chute its own instance key (keys are pinned too)
+        assert neg.decide(chute, [inst_info("i", True, key)], 1000.0).version == 2
     assert set(neg.pins()) == {"b", "c"}  # "a" was pinned least recently
-    assert neg.decide("a", [inst_info("i", False)], 1001.0).downgraded
+    assert neg.decide("a", [inst_info("i", False, bytes([0]) * 1184)], 1001.0).downgraded
     assert (
-        code(lambda: neg.decide("b", [inst_info("i", False)], 1001.0))
+        code(lambda: neg.decide("b", [inst_info("i", False, bytes([1]) * 1184)], 1001.0))
         is ErrorCode.DOWNGRADE_SUSPECTED
     )
     assert neg.decide("b", [inst_info("i", False)], 1100.0).version == 1  # pin expired
@@ -1225,3 +1226,19 @@ def test_receipt_and_evidence() -> None:
         ).digest()
     )
     assert e != evidence_report_data(b"nonce", b"v2", b"v1")
+
+
+def test_pin_survives_a_renamed_chute() -> None:
+    """Issue 16 item 10: the pin holds on what the relay cannot rename - the model name the
+    user asked for and the v1 keys of instances seen offering v2 - not only the chute id."""
+    neg = Negotiator(E2EPolicy(pin_ttl_s=100))
+    k1, k2 = bytes([1]) * 1184, bytes([2]) * 1184
+    assert neg.decide("chute-a", [inst_info("i", True, k1)], 1000.0, models=["m"]).version == 2
+    # the same model, now under another chute id, with other instances and no v2
+    err = code(lambda: neg.decide("chute-b", [inst_info("j", False, k2)], 1001.0, models=["m"]))
+    assert err is ErrorCode.DOWNGRADE_SUSPECTED
+    # the same instance (its v1 key), under another chute id and model name, without v2
+    err = code(lambda: neg.decide("chute-c", [inst_info("i", False, k1)], 1001.0, models=["x"]))
+    assert err is ErrorCode.DOWNGRADE_SUSPECTED
+    # something never seen with v2 is spoken to in v1 (downgraded, logged)
+    assert neg.decide("chute-d", [inst_info("k", False, k2)], 1001.0, models=["y"]).downgraded

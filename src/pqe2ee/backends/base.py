@@ -270,6 +270,9 @@ class HeldKey(Generic[K]):
         raise NotImplementedError
 
     def wipe(self) -> None:
+        """Drop the library's key object: later use raises ``invalid_key``. This is NOT a
+        zeroisation: pyca, pycryptodome and pqcrypto keep secrets in memory Python cannot
+        overwrite (freed, not cleared, when collected); only liboqs cleanses its buffer."""
         self._key = None
 
 

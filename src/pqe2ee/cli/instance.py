@@ -28,7 +28,8 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     env="KEY_FILE",
     type=_KEY_PATH,
     help="Keep the ML-KEM-768 key here (created with mode 0600 if missing; refused if "
-    "group/world-accessible). Without it a fresh key is made at every start.",
+    "group/world-accessible, owned by another user, a symlink, or in a directory others "
+    "may write). Without it a fresh key is made at every start.",
 )
 @opt.env_option(
     "--allow-path",
@@ -89,6 +90,14 @@ _KEY_PATH = click.Path(dir_okay=True, path_type=str)
     type=_KEY_PATH,
     help="Keep the v2 X-Wing key here (its own file; same 0600 rules as --key-file). Such "
     "a key is not rotated. Without it a fresh key is made at start and rotated.",
+)
+@opt.env_option(
+    "--allow-key-symlink",
+    env="ALLOW_KEY_SYMLINK",
+    is_flag=True,
+    default=False,
+    help="Follow a symbolic link at --key-file / --v2-key-file (Kubernetes secret mounts); "
+    "refused by default. The link's target must still be private and owned by this user.",
 )
 @opt.seconds_option(
     "--v2-key-lifetime",

@@ -130,6 +130,24 @@ __all__ = ["proxy_cmd"]
     help="Send calls for models matching PATTERN (shell-style, e.g. 'claude-*') as MODEL; "
     "first match wins; repeatable (env: space-separated).",
 )
+@opt.env_option(
+    "--allow-host",
+    "allow_hosts",
+    env="ALLOW_HOSTS",
+    multiple=True,
+    metavar="HOST",
+    help="Also answer requests whose Host is HOST (repeatable; env: space-separated). By "
+    "default only loopback names and the --host address: a DNS-rebinding web page is refused.",
+)
+@opt.env_option(
+    "--allow-origin",
+    "allow_origins",
+    env="ALLOW_ORIGINS",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages of ORIGIN (scheme://host[:port]) call the proxy, with CORS answers "
+    "(repeatable; env: space-separated). By default every request from a web page is refused.",
+)
 @opt.log_level_option
 @opt.log_format_option
 def proxy_cmd(

@@ -13,19 +13,24 @@ from typing import Any
 
 import msgspec
 
+from pqe2ee._json import MAX_JSON_DEPTH, json_decode, json_too_deep
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError, error_class
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "b64decode",
     "b64encode",
     "extract_usage",
     "gunzip_bounded",
     "gzip_compress",
+    "json_decode",
     "json_decode_object",
+    "json_too_deep",
     "stream_flag",
 ]
 
 _json_decoder = msgspec.json.Decoder()
+
 
 GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
 # What zlib writes for level 0: magic, CM=8, FLG=0, MTIME=0, XFL=4, OS=3 (RFC 1952).
@@ -104,9 +109,8 @@ def json_decode_object(
 ) -> dict[str, Any]:
     """Decode JSON that must be an object."""
     try:
-        obj = _json_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8 inside a string.
+        obj = json_decode(data)
+    except msgspec.DecodeError:
         raise error_class(code)(f"{what} is not valid JSON", code=code) from None
     if not isinstance(obj, dict):
         raise error_class(code)(f"{what} must be a JSON object", code=code)
@@ -129,9 +133,10 @@ def extract_usage(line: bytes) -> Any | None:
     try:
         if not body.isascii():
             body.decode()  # msgspec checks UTF-8 only in the strings it keeps
-        # Builds only ``usage`` (the rest is checked, not built): ~3.5x faster than a full decode
-        return _usage_decoder.decode(body).usage
-    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError: not an object
+        # Builds only ``usage`` (the rest is checked, not built): ~3.5x faster than a full
+        # decode; json_decode bounds the nesting first.
+        return json_decode(body, decoder=_usage_decoder).usage
+    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError (a DecodeError) too
         return None
 
 

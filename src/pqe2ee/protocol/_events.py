@@ -19,6 +19,7 @@ from typing import Any, Final, Generic, TypeVar
 import msgspec
 
 from pqe2ee.errors import ErrorCode, PQE2EEError, StreamError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.sse import SSEEvent
 
 __all__ = [
@@ -111,8 +112,8 @@ def outer_event(line: bytes) -> tuple[str, Any] | None:
     if payload == b"[DONE]":
         return None
     try:
-        obj = msgspec.json.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: bad UTF-8 in a string
+        obj = json_decode(payload)  # nesting bounded; bad UTF-8 is a DecodeError too
+    except msgspec.DecodeError:
         raise StreamError("outer event is not valid JSON", code=ErrorCode.MALFORMED_EVENT) from None
     if not isinstance(obj, dict) or len(obj) != 1:
         raise StreamError(
@@ -159,12 +160,24 @@ class EventQueue(Generic[E]):
         return True
 
     def _guard(self, fn: Callable[[], None]) -> None:
-        """Run ``fn``; a pqe2ee error fails the decryptor for good."""
+        """Run ``fn``; a pqe2ee error fails the decryptor for good. Any other exception (a
+        hostile input reaching a bug) fails it too, as a :class:`StreamError`: the stream can
+        never go on to report itself complete after a fault."""
         try:
             fn()
         except PQE2EEError as exc:
             self._failed(exc)
             raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
+
+    def _unexpected(self, exc: Exception) -> StreamError:
+        """Fail the decryptor on a non-pqe2ee exception; the typed error to raise instead."""
+        err = StreamError(
+            f"stream decoder failed ({type(exc).__name__})", code=ErrorCode.MALFORMED_EVENT
+        )
+        self._failed(err)
+        return err
 
     def _failed(self, exc: PQE2EEError) -> None:
         self._error = exc

@@ -35,6 +35,7 @@ from typing import Any, Final
 import msgspec
 
 from pqe2ee.errors import ErrorCode, RelayError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import (
     Lease,
@@ -112,7 +113,7 @@ def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -
     if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
         return None
     try:
-        obj = msgspec.json.decode(body)
+        obj = json_decode(body)
     except msgspec.DecodeError:
         return None
     return request_model(obj) if isinstance(obj, dict) else None
@@ -257,6 +258,11 @@ class ClientLimits:
     low_watermark: int = 3
 
 
+#: Back-off after a discovery answered 5xx: first wait, and the most it doubles to (seconds).
+DISCOVERY_BACKOFF_MIN: Final = 0.25
+DISCOVERY_BACKOFF_MAX: Final = 4.0
+
+
 class ClientState:
     """Model map, nonce pools and the discovery rate limiter for one client.
 
@@ -269,6 +275,8 @@ class ClientState:
         self._models = ModelMap(self.limits.model_ttl)
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
+        self._backoff = 0.0  # after discoveries the relay could not answer (5xx)
+        self._backoff_until = 0.0
         self._models_generation = 0
         self._negotiated: dict[str, Negotiated] = {}
 
@@ -331,7 +339,8 @@ class ClientState:
             return None  # nothing to decide on that could be used: discover first
         generation = pool.generation
         rows = pool.instances()
-        decision = negotiator.decide(chute_id, rows, wall)
+        # The model names that lead here: the pin follows them if the relay renames the chute.
+        decision = negotiator.decide(chute_id, rows, wall, models=self._models.names_of(chute_id))
         offers = {c.instance.instance_id: c.offer for c in decision.candidates if c.offer}
         skew = negotiator.policy.clock_skew_s
         valid_until = min((o.not_after + skew for o in offers.values()), default=float("inf"))
@@ -365,8 +374,18 @@ class ClientState:
         return self._pool(chute_id).available(now)
 
     def discovery_wait(self, now: Monotonic) -> float:
-        """Seconds to wait before the next discovery is allowed (0 = now)."""
-        return self._limiter.wait_time(now)
+        """Seconds to wait before the next discovery is allowed (0 = now): the rate budget,
+        or the back-off after a 5xx."""
+        return max(self._limiter.wait_time(now), self._backoff_until - now, 0.0)
+
+    def discovery_failed(self, recorded_at: Monotonic, now: Monotonic) -> None:
+        """A discovery (recorded at ``recorded_at``) the relay could not answer (5xx): it
+        brought no nonces, so it is taken off the rate budget, and the next one waits a short
+        back-off (0.25 s, doubling to 4 s) until a discovery succeeds. A relay blip of a few
+        seconds then costs a few seconds, not the budget's minute."""
+        self._limiter.refund(recorded_at)
+        self._backoff = min(DISCOVERY_BACKOFF_MAX, self._backoff * 2 or DISCOVERY_BACKOFF_MIN)
+        self._backoff_until = now + self._backoff
 
     def record_discovery(self, now: Monotonic) -> None:
         self._limiter.record(now)
@@ -375,7 +394,7 @@ class ClientState:
         """If a discovery is allowed now, record it and return 0; else return the seconds to
         wait (nothing recorded). One call: many callers racing for the last slot (under the
         caller's lock) cannot both take it."""
-        wait = self._limiter.wait_time(now)
+        wait = self.discovery_wait(now)
         if wait <= 0.0:
             self._limiter.record(now)
             return 0.0
@@ -387,6 +406,7 @@ class ClientState:
         number of usable instances."""
         result = parse_discovery(doc, now, wall)
         self._pool(chute_id).load(result, now)
+        self._backoff = self._backoff_until = 0.0
         return len(result.instances)
 
     def report(self, lease: Lease, error: RelayError, now: Monotonic) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import msgspec
 
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, MalformedError
-from pqe2ee.protocol._codec import b64decode
+from pqe2ee.protocol._codec import b64decode, json_decode
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, to_monotonic
 
 __all__ = [
@@ -68,7 +69,8 @@ _Doc = TypeVar("_Doc", bound=msgspec.Struct)
 def _decode(doc: bytes, shape: type[_Doc], what: str) -> _Doc:
     """``doc`` as ``shape``; ``malformed_discovery`` naming ``what`` when it is not one."""
     try:
-        return msgspec.json.decode(doc, type=shape)
+        decoded: _Doc = json_decode(doc, type=shape)
+        return decoded
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         raise MalformedError(
             f"{what} is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY
@@ -101,6 +103,10 @@ class ModelMap:
 
     def stale(self, now: float) -> bool:
         return self._loaded_at is None or now - self._loaded_at >= self.ttl
+
+    def names_of(self, chute_id: str) -> list[str]:
+        """The model names that map to ``chute_id`` in the last listing."""
+        return [m for m, c in self._map.items() if c == chute_id]
 
     def resolve(self, model: str, now: float) -> str | None:
         """The chute_id for ``model``: itself when it is a UUID, else the cached mapping (even if
@@ -348,6 +354,11 @@ class RateLimiter:
     def record(self, now: float) -> None:
         self._trim(now)
         self._times.append(now)
+
+    def refund(self, at: float) -> None:
+        """Forget the event recorded at ``at`` (one that turned out not to count)."""
+        with contextlib.suppress(ValueError):
+            self._times.remove(at)
 
     def wait_time(self, now: float) -> float:
         """Seconds until one more event is allowed (0 when allowed now)."""

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -40,6 +41,7 @@ __all__ = [
     "ClientGone",
     "DisconnectWatch",
     "InvalidContentLength",
+    "SlowUpload",
     "StreamOutcome",
     "StreamedResponse",
     "declared_length",
@@ -105,14 +107,40 @@ async def read_bounded(chunks: AsyncIterable[bytes], limit: int) -> bytes:
     return bytes(buf)
 
 
+#: The longest silence mid-upload, and the lowest average rate (bytes/s) an upload may keep up
+#: once ``BODY_RATE_GRACE`` seconds have passed: a 1 byte/s sender cannot hold a connection and
+#: a request slot open (issue 16). Read at call time (tests shorten them).
+BODY_IDLE_TIMEOUT: float = 30.0
+BODY_MIN_RATE: int = 1024
+BODY_RATE_GRACE: float = 10.0
+
+
+class SlowUpload(ClientDisconnect):
+    """The upload stalled (``BODY_IDLE_TIMEOUT``) or crawled (below ``BODY_MIN_RATE``): treated
+    like a client that hung up (each app's answer to that, e.g. 400 ``connection_lost``)."""
+
+
 async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body's non-empty chunks as they arrive; :class:`BodyTooLarge` as soon as the
-    total passes ``limit`` (call :func:`declared_length` first to refuse an announced size)."""
+    total passes ``limit`` (call :func:`declared_length` first to refuse an announced size);
+    :class:`SlowUpload` when the sender stalls or crawls."""
     total = 0
-    async for chunk in request.stream():
+    started = time.monotonic()
+    chunks = request.stream().__aiter__()
+    while True:
+        with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+        if idle.cancelled_caught:
+            raise SlowUpload()
         total += len(chunk)
         if total > limit:
             raise BodyTooLarge(limit, received=total)
+        elapsed = time.monotonic() - started
+        if elapsed > BODY_RATE_GRACE and total < BODY_MIN_RATE * elapsed:
+            raise SlowUpload()
         if chunk:
             yield chunk
 

@@ -7,6 +7,9 @@ by default: on these machines they cut the server CPU per encrypted request by a
 extensions out when chasing a bug; so does a missing extension (uvloop has no Windows build),
 without an error.
 
+Every stack also closes a connection that sends no complete request head within
+``_http.HEADER_TIMEOUT`` seconds (:mod:`pqe2ee.server._http`).
+
 Limits: bodies are bounded by the app (:mod:`pqe2ee.server._asgi`) whatever the parser. The
 request head is not: uvicorn's h11 stack refuses an oversized head, but its httptools stack
 buffers any amount (an 8 MB header is accepted). :class:`BoundedHttpTools` closes that gap:
@@ -21,7 +24,7 @@ import importlib.util
 from functools import cache
 from typing import Final, TypedDict
 
-__all__ = ["MAX_HEAD", "PURE_PYTHON", "UvicornStack", "bounded_httptools", "uvicorn_stack"]
+__all__ = ["MAX_HEAD", "UvicornStack", "bounded_httptools", "uvicorn_stack"]
 
 #: Bytes of request line + headers the httptools stack buffers before refusing the request.
 MAX_HEAD: Final = 64 * 1024
@@ -34,8 +37,11 @@ class UvicornStack(TypedDict):
     http: str | type[asyncio.Protocol]
 
 
-#: The pure-Python stack.
-PURE_PYTHON: Final = UvicornStack(loop="asyncio", http="h11")
+def _pure_python() -> UvicornStack:
+    """asyncio + uvicorn's h11 protocol with the header read timeout (:mod:`._http`)."""
+    from pqe2ee.server._http import HeaderTimeoutH11
+
+    return UvicornStack(loop="asyncio", http=HeaderTimeoutH11)
 
 
 def _installed(module: str) -> bool:
@@ -45,20 +51,24 @@ def _installed(module: str) -> bool:
 def uvicorn_stack(pure_python: bool = False) -> UvicornStack:
     """uvicorn's ``loop`` and ``http`` settings: uvloop and (bounded) httptools where
     installed, unless ``pure_python``."""
-    if pure_python:
-        return PURE_PYTHON.copy()
-    return UvicornStack(
-        loop="uvloop" if _installed("uvloop") else "asyncio",
-        http=bounded_httptools() if _installed("httptools") else "h11",
-    )
+    if pure_python or not _installed("httptools"):
+        stack = _pure_python()
+    else:
+        stack = UvicornStack(loop="asyncio", http=bounded_httptools())
+    if not pure_python and _installed("uvloop"):
+        stack["loop"] = "uvloop"
+    return stack
 
 
 @cache
 def bounded_httptools() -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with the request head bounded by :data:`MAX_HEAD`."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    """uvicorn's httptools protocol with the header read timeout (:mod:`._http`) and the
+    request head bounded by :data:`MAX_HEAD`."""
+    from pqe2ee.server._http import HeaderTimeoutHttpTools
 
-    class BoundedHttpTools(HttpToolsProtocol):
+    assert HeaderTimeoutHttpTools is not None  # httptools is installed (checked by the caller)
+
+    class BoundedHttpTools(HeaderTimeoutHttpTools):  # type: ignore[misc, valid-type]
         # Bytes fed while the current request's head is incomplete. A chunk that completes a
         # head is not counted (it may carry body bytes); pipelined bytes of an earlier request
         # in the same chunk as a new head may be, which only makes the bound stricter.

@@ -12,10 +12,14 @@ v1 and v2 keys can never be mixed up)::
 The seed is all a backend needs to rebuild the key pair (``KEM.from_seed`` /
 ``XWing.from_seed``). Rules, the same for both formats:
 
-* loading refuses a path that is not a regular file (directory, FIFO, device) and a file whose
+* loading refuses a path that is not a regular file (directory, FIFO, device), a file whose
   mode lets the group or others read or write it (``mode & 0o077``), like ``ssh`` does with private
-  keys. Symlinks are followed (Kubernetes mounts secrets through them); the *target* is checked,
-  on the opened descriptor, so a swap between check and read cannot slip a different file in;
+  keys, a file not owned by the running user, and a file whose directory the group or others may
+  write (they could swap the file; read/search bits on the directory are allowed, the file
+  itself is private). The checks are made on the opened descriptor, so a swap between check and
+  read cannot slip a different file in;
+* a symbolic link is refused (``O_NOFOLLOW``) unless ``allow_symlink`` (``--allow-key-symlink``:
+  Kubernetes mounts secrets through links); then the target's directory is checked too;
 * creating writes a temporary file in the same directory with ``O_CREAT | O_EXCL`` and mode 0600,
   fsyncs it, then hard-links it to the final name (``link`` never overwrites: if another process
   created the key first, its key wins and is loaded). A crash can leave a stray
@@ -114,17 +118,60 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def read_seed(path: str | os.PathLike[str], fmt: KeyFormat = MLKEM768_FORMAT) -> bytes:
+def _check_directory(name: str, directory: str) -> None:
+    """Refuse a key whose directory the group or others may write (sticky or not)."""
+    try:
+        st = os.stat(directory or ".")
+    except FileNotFoundError:
+        return  # nothing to load there; creating in it fails with its own message
+    except OSError as exc:
+        raise KeyFileError(
+            f"cannot check the directory of key file {name}: {_os_reason(exc)}"
+        ) from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise KeyFileError(
+            f"key file {name}: its directory {directory or '.'} is writable by group or others "
+            f"(mode {mode:04o}); refusing it. Fix with: chmod go-w {directory or '.'}"
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        raise KeyFileError(
+            f"key file {name}: its directory {directory or '.'} is owned by uid {st.st_uid}, "
+            "neither this user nor root; refusing it"
+        )
+
+
+def _check_directories(name: str, allow_symlink: bool) -> None:
+    _check_directory(name, os.path.dirname(name))
+    if allow_symlink:
+        real = os.path.realpath(name)
+        if os.path.dirname(real) != os.path.dirname(os.path.abspath(name)):
+            _check_directory(name, os.path.dirname(real))
+
+
+def read_seed(
+    path: str | os.PathLike[str],
+    fmt: KeyFormat = MLKEM768_FORMAT,
+    *,
+    allow_symlink: bool = False,
+) -> bytes:
     """Read and check a seed file. Raises FileNotFoundError when it does not exist."""
     name = os.fspath(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not allow_symlink:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         # O_NONBLOCK: opening a FIFO must not hang; the fstat below refuses it anyway.
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(name, flags)
     except FileNotFoundError:
         raise
     except IsADirectoryError:
         raise KeyFileError(f"key file {name} is not a regular file") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(name):
+            raise KeyFileError(
+                f"key file {name} is a symbolic link; refusing it (--allow-key-symlink follows it)"
+            ) from None
         raise KeyFileError(f"cannot read key file {name}: {_os_reason(exc)}") from None
     try:
         st = os.fstat(fd)
@@ -136,6 +183,12 @@ def read_seed(path: str | os.PathLike[str], fmt: KeyFormat = MLKEM768_FORMAT) ->
                 f"key file {name} is accessible by group or others (mode {mode:04o}); "
                 f"refusing to use it. Fix with: chmod 600 {name}"
             )
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"key file {name} is owned by uid {st.st_uid}, not by this user "
+                f"(uid {os.geteuid()}); refusing it"
+            )
+        _check_directories(name, allow_symlink)
         chunks: list[bytes] = []
         total = 0
         while total <= _MAX_FILE:
@@ -227,38 +280,44 @@ def seed_kem(backend: str) -> KEM:
 
 
 def _load_or_create(
-    path: str | os.PathLike[str], fmt: KeyFormat, from_seed: Callable[[bytes], K]
+    path: str | os.PathLike[str],
+    fmt: KeyFormat,
+    from_seed: Callable[[bytes], K],
+    allow_symlink: bool,
 ) -> tuple[K, bool]:
     try:
-        return from_seed(read_seed(path, fmt)), False
+        return from_seed(read_seed(path, fmt, allow_symlink=allow_symlink)), False
     except FileNotFoundError:
         pass
+    name = os.fspath(path)
+    _check_directories(name, allow_symlink)  # never create a key where others can swap it
     seed = os.urandom(fmt.seed_len)
     try:
         write_seed(path, seed, fmt)
     except FileExistsError:
         # Someone created it between our read and our link: use theirs.
-        return from_seed(read_seed(path, fmt)), False
+        return from_seed(read_seed(path, fmt, allow_symlink=allow_symlink)), False
     return from_seed(seed), True
 
 
 def load_or_create_key(
-    path: str | os.PathLike[str], kem: KEM | None = None
+    path: str | os.PathLike[str], kem: KEM | None = None, *, allow_symlink: bool = False
 ) -> tuple[KEMPrivateKey, bool]:
     """Load the key at ``path``, or create a fresh one there. Returns ``(key, created)``.
 
-    ``kem`` must support ``from_seed`` (default: :func:`seed_kem` ("auto")).
+    ``kem`` must support ``from_seed`` (default: :func:`seed_kem` ("auto")). ``allow_symlink``
+    follows a symbolic link at ``path`` (refused by default).
     """
     kem = kem if kem is not None else seed_kem("auto")
-    return _load_or_create(path, MLKEM768_FORMAT, kem.from_seed)
+    return _load_or_create(path, MLKEM768_FORMAT, kem.from_seed, allow_symlink)
 
 
 def load_or_create_xwing_key(
-    path: str | os.PathLike[str], xwing: XWing
+    path: str | os.PathLike[str], xwing: XWing, *, allow_symlink: bool = False
 ) -> tuple[XWingPrivateKey, bool]:
     """The v2 (X-Wing) key at ``path``, or a fresh one created there: ``(key, created)``.
 
     Same rules as :func:`load_or_create_key`; the file has its own first line, so a v1 key file
     given here (or the other way round) is refused instead of reused across protocols.
     """
-    return _load_or_create(path, XWING_FORMAT, xwing.from_seed)
+    return _load_or_create(path, XWING_FORMAT, xwing.from_seed, allow_symlink)

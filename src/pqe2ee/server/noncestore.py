@@ -180,28 +180,85 @@ class MemoryNonceStore(NonceStore):
         return None
 
 
+# Each nonce is stored tagged with the run_id of the redis-server process that holds it (a new
+# random id at every start): a nonce read back under another run_id - restored from a snapshot
+# or AOF after a restart, possibly after it was spent - is refused (and deleted). A restart
+# thus voids every outstanding nonce; clients rediscover. Both run in Redis, atomically.
+_RUN_ID_LUA: Final = "local id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')\n"
+_ISSUE_LUA: Final = (
+    _RUN_ID_LUA
+    + "for _, k in ipairs(KEYS) do redis.call('SET', k, ARGV[1] .. '|' .. id, 'EX', ARGV[2]) end\n"
+    + "return #KEYS\n"
+)
+_TAKE_LUA: Final = (
+    "local v = redis.call('GETDEL', KEYS[1])\n"
+    + "if not v then return false end\n"
+    + _RUN_ID_LUA
+    + "local tail = '|' .. id\n"
+    + "if #v <= #tail or string.sub(v, -#tail) ~= tail then return false end\n"
+    + "return string.sub(v, 1, #v - #tail)\n"
+)
+
+
+def _waiting_pool(aioredis: Any, on_wait: Callable[[float], None] | None) -> Any:
+    """redis-py's blocking pool, reporting each hand-out that waited (> 1 ms) to ``on_wait``."""
+
+    class WaitingPool(aioredis.BlockingConnectionPool):  # type: ignore[misc]
+        async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return await super().get_connection()
+            finally:
+                waited = time.monotonic() - started
+                if on_wait is not None and waited > 0.001:
+                    on_wait(waited)
+
+    return WaitingPool
+
+
 class RedisNonceStore(NonceStore):
     """Nonces and rate-limit counters in Redis, shared by every relay that uses the same URL.
 
-    * nonce: ``SET {prefix}n:{nonce} "keyid|chute|instance" EX ttl``; consumed with ``GETDEL``
-      (atomic: of many concurrent attempts on any number of relays exactly one gets the value);
+    * nonce: ``SET {prefix}n:{nonce} "keyid|chute|instance|<run_id>" EX ttl``; consumed with
+      ``GETDEL`` (atomic: of many concurrent attempts on any number of relays exactly one gets
+      the value), both in Lua scripts. ``run_id`` is the Redis server's (new at every start): a
+      nonce that comes back from a snapshot after a restart - spent or not - is refused, so
+      Redis's default RDB persistence (or AOF) cannot bring spent nonces back to life;
     * rate limit: ``INCR`` + ``EXPIRE NX`` in one MULTI/EXEC pipeline (fixed window).
 
     Any Redis failure raises :class:`NonceStoreError` (the relay answers 503, never "accepted").
     """
 
     def __init__(
-        self, url: str, *, prefix: str = "pqe2ee:", client: Any | None = None, timeout: float = 5.0
+        self,
+        url: str,
+        *,
+        prefix: str = "pqe2ee:",
+        client: Any | None = None,
+        timeout: float = 5.0,
+        max_connections: int = 64,
+        pool_timeout: float | None = None,
+        on_pool_wait: Callable[[float], None] | None = None,
     ) -> None:
+        """``max_connections`` Redis connections at most; a command beyond them waits for one
+        (at most ``pool_timeout``, default ``timeout``: then ``NonceStoreError``, "pool
+        exhausted") instead of failing at once as redis-py's default pool does past 100.
+        ``on_pool_wait(seconds)`` hears every connection hand-out that had to wait."""
         aioredis = import_redis("redis.asyncio", "RedisNonceStore")
         self._prefix = prefix
-        self._redis: Any = (
-            client
-            if client is not None
-            else aioredis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=False
+        if client is None:
+            pool = _waiting_pool(aioredis, on_pool_wait).from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout if pool_timeout is None else pool_timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                decode_responses=False,
             )
-        )
+            client = aioredis.Redis.from_pool(pool)
+        self._redis: Any = client
+        self._issue_script = client.register_script(_ISSUE_LUA)
+        self._take_script = client.register_script(_TAKE_LUA)
 
     def _nkey(self, nonce: str) -> str:
         return f"{self._prefix}n:{nonce}"
@@ -212,17 +269,11 @@ class RedisNonceStore(NonceStore):
 
     async def _put(self, binding: bytes, nonces: Sequence[str], ttl: float) -> None:
         ex = max(1, int(ttl + 0.999))
-
-        async def run() -> Any:
-            pipe = self._redis.pipeline(transaction=False)
-            for nonce in nonces:
-                pipe.set(self._nkey(nonce), binding, ex=ex)
-            return await pipe.execute()
-
-        await self._call(run)
+        keys = [self._nkey(nonce) for nonce in nonces]
+        await self._call(lambda: self._issue_script(keys=keys, args=[binding, ex]))
 
     async def _take(self, nonce: str) -> bytes | None:
-        stored = await self._call(lambda: self._redis.getdel(self._nkey(nonce)))
+        stored = await self._call(lambda: self._take_script(keys=[self._nkey(nonce)]))
         return None if stored is None else bytes(stored)
 
     async def hit(self, key: str, window: float, limit: int) -> bool:

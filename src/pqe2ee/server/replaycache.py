@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError, StoreUnavailable
 from pqe2ee.protocol.v2.replay import Admission, ReplayCache
+from pqe2ee.protocol.v2.request import DEFAULT_WINDOW_MS
 from pqe2ee.server._redis import import_redis, redis_failures
 
 __all__ = [
@@ -49,6 +50,38 @@ class ReplayCacheError(StoreUnavailable):
     default_code = ErrorCode.REPLAY_CACHE_UNAVAILABLE
 
 
+# The generation marker ``<prefix>generation`` = "<run_id>|<floor_ms>": the redis-server process
+# (run_id, new at every start) whose data the ids are, and a floor under which requests are
+# refused. Missing (data lost, a first start with a loaded key) or of another run (a restart,
+# from a snapshot or not): the ids admitted before may be gone, so the floor becomes now +
+# ``lost_span_ms`` (2W): a request is refused while ``expires_at <= floor`` (created up to W
+# after the loss was seen - one window for clients with synchronised clocks), then all resumes.
+_RUN_ID_LUA: Final = "local id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')\n"
+_ADMIT_LUA: Final = (
+    _RUN_ID_LUA
+    + "local floor = nil\n"
+    + "local m = redis.call('GET', KEYS[2])\n"
+    + "if m then\n"
+    + "  local mid, f = string.match(m, '^(%w+)|(%d+)$')\n"
+    + "  if mid == id then floor = tonumber(f) end\n"
+    + "end\n"
+    + "if not floor then\n"
+    + "  floor = tonumber(ARGV[2]) + tonumber(ARGV[4])\n"
+    + "  redis.call('SET', KEYS[2], id .. '|' .. string.format('%d', floor))\n"
+    + "end\n"
+    + "if tonumber(ARGV[3]) <= floor then return 2 end\n"
+    + "if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end\n"
+    + "return 0\n"
+)
+_START_LUA: Final = (
+    _RUN_ID_LUA
+    + "local m = redis.call('GET', KEYS[1])\n"
+    + "if m and string.match(m, '^(%w+)|') == id then return 0 end\n"
+    + "redis.call('SET', KEYS[1], id .. '|0')\n"
+    + "return 1\n"
+)
+
+
 class RedisReplayCache:
     """A :class:`~pqe2ee.protocol.v2.replay.ReplayCache` in Redis, shared by every process that
     uses the same URL and prefix. Thread-safe (redis-py's connection pool)."""
@@ -60,6 +93,7 @@ class RedisReplayCache:
         prefix: str = DEFAULT_PREFIX,
         timeout: float = 2.0,
         client: Any | None = None,
+        lost_span_ms: int = 2 * DEFAULT_WINDOW_MS,
     ) -> None:
         redis = import_redis("redis", "RedisReplayCache")
         if not prefix:
@@ -76,6 +110,11 @@ class RedisReplayCache:
             )
         )
 
+        self._marker = prefix + "generation"
+        self.lost_span_ms = lost_span_ms
+        self._admit_script = self._redis.register_script(_ADMIT_LUA)
+        self._start_script = self._redis.register_script(_START_LUA)
+
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         with redis_failures(ReplayCacheError):
             return fn(*args, **kwargs)
@@ -87,13 +126,26 @@ class RedisReplayCache:
         if ttl_ms <= 0:
             return Admission.TOO_OLD
         key = self.prefix + bytes(request_id).hex()
-        stored = self._call(self._redis.set, key, b"1", nx=True, px=ttl_ms)
-        return Admission.FRESH if stored else Admission.REPLAY
+        args = [ttl_ms, int(now_ms), int(expires_at_ms), self.lost_span_ms]
+        verdict = self._call(self._admit_script, keys=[key, self._marker], args=args)
+        if verdict == 2:
+            logger.warning("replay cache: Redis lost its state (restart or flush); refusing v2 "
+                           "requests that may predate it")  # fmt: skip
+            raise ReplayCacheError(
+                "replay cache: Redis lost its state; refusing requests that may predate it"
+            )
+        return Admission.FRESH if verdict == 1 else Admission.REPLAY
 
-    def check(self) -> None:
+    def check(self, *, fresh_keys: bool = False) -> None:
         """Raise :class:`ReplayCacheError` unless Redis answers; warn when its eviction policy
-        could drop live ids (anything but ``noeviction``; not readable on some managed Redis)."""
+        could drop live ids (anything but ``noeviction``; not readable on some managed Redis).
+
+        ``fresh_keys``: every v2 key of this process is new (nothing sealed to it can have been
+        admitted before): a missing generation marker is then written open at once instead of
+        closing the cache for a window at the first request."""
         self._call(self._redis.ping)
+        if fresh_keys:
+            self._call(self._start_script, keys=[self._marker])
         try:
             policy = self._redis.config_get("maxmemory-policy").get(b"maxmemory-policy")
         except Exception:  # CONFIG may be disabled: nothing to check then

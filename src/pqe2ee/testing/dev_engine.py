@@ -64,6 +64,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.server._asgi import json_response
 from pqe2ee.testing._dev_replies import (
     DONE,
@@ -146,7 +147,7 @@ class _TrackedStream(StreamingResponse):
 async def _read_json(request: Request) -> tuple[dict[str, Any], bytes]:
     raw = await request.body()
     try:
-        body = msgspec.json.decode(raw)
+        body = json_decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(f"Invalid JSON in request body: {exc}") from None
     if not isinstance(body, dict):

@@ -51,6 +51,7 @@ from pqe2ee.errors import (
     MalformedError,
     RemoteError,
 )
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol._events import Done
 from pqe2ee.protocol.client import request_model
 from pqe2ee.transports._async._engine import (
@@ -310,7 +311,7 @@ class _Port:
 def _engine_error(status: int, body: bytes) -> RemoteError:
     """An engine error sealed by the instance (its status and decrypted body)."""
     try:
-        detail: Any = msgspec.json.decode(body)
+        detail: Any = json_decode(body)
     except msgspec.DecodeError:
         detail = body[:1000].decode("utf-8", "replace")
     label = ""
@@ -330,7 +331,7 @@ def _engine_error(status: int, body: bytes) -> RemoteError:
 
 def _decode_object(data: bytes | str, what: str) -> dict[str, Any]:
     try:
-        obj = msgspec.json.decode(data)
+        obj = json_decode(data)
     except msgspec.DecodeError:
         obj = None
     if not isinstance(obj, dict):

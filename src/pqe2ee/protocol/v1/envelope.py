@@ -152,7 +152,7 @@ def _body_json(
     obj = dict(body)
     try:
         encoded = msgspec.json.encode({**obj, RESPONSE_PK_FIELD: response_pk_b64.decode("ascii")})
-    except (TypeError, msgspec.EncodeError):
+    except (TypeError, msgspec.EncodeError, RecursionError):  # (RecursionError: too deep)
         raise LocalProtocolError(
             "request body is not JSON-serialisable", code=ErrorCode.INVALID_BODY
         ) from None

@@ -298,8 +298,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
 
     @property
     def complete(self) -> bool:
-        """True once the authenticated inner ``[DONE]`` has been seen."""
-        return self._done_seen
+        """True once the authenticated inner ``[DONE]`` has been seen (and no fault since)."""
+        return self._done_seen and self._error is None
 
     def receive_data(self, data: bytes) -> None:
         if self._error is not None:
@@ -324,6 +324,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         except PQE2EEError as exc:
             self._failed(exc)
             raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
 
     def receive_eof(self) -> None:
         if not self._mark_eof():

@@ -147,23 +147,30 @@ class Negotiator:
     def __init__(self, policy: E2EPolicy | None = None) -> None:
         self.policy = policy or E2EPolicy()
         self._pins: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # What the relay cannot rename (issue 16): the model names the user asked for and the
+        # v1 keys of instances seen offering v2 ("model:<name>", "key:<sha256 prefix>").
+        self._anchors: collections.OrderedDict[str, float] = collections.OrderedDict()
 
-    def pinned(self, chute_id: str, now: UnixTime) -> bool:
-        until = self._pins.get(chute_id)
-        if until is None:
-            return False
-        if until <= now:
-            del self._pins[chute_id]
-            return False
-        return True
+    def _anchor_pinned(self, anchor: str, now: UnixTime) -> bool:
+        return _live(self._anchors, anchor, now)
 
-    def pin(self, chute_id: str, now: UnixTime) -> None:
+    def _pin_anchor(self, anchor: str, now: UnixTime) -> None:
+        self._add(self._anchors, anchor, now)
+
+    def _add(self, table: collections.OrderedDict[str, float], key: str, now: UnixTime) -> None:
+        """Pin ``key`` in ``table`` until ``now + pin_ttl_s`` (bounded: oldest out first)."""
         if self.policy.pin_ttl_s <= 0:
             return
-        self._pins[chute_id] = now + self.policy.pin_ttl_s
-        self._pins.move_to_end(chute_id)
-        while len(self._pins) > self.policy.max_pins:
-            self._pins.popitem(last=False)
+        table[key] = now + self.policy.pin_ttl_s
+        table.move_to_end(key)
+        while len(table) > self.policy.max_pins:
+            table.popitem(last=False)
+
+    def pinned(self, chute_id: str, now: UnixTime) -> bool:
+        return _live(self._pins, chute_id, now)
+
+    def pin(self, chute_id: str, now: UnixTime) -> None:
+        self._add(self._pins, chute_id, now)
 
     def unpin(self, chute_id: str) -> None:
         self._pins.pop(chute_id, None)
@@ -172,11 +179,21 @@ class Negotiator:
         """A copy of the pins (chute_id -> until), e.g. to persist them."""
         return dict(self._pins)
 
-    def decide(self, chute_id: str, instances: Iterable[InstanceInfo], now: UnixTime) -> Decision:
+    def decide(
+        self,
+        chute_id: str,
+        instances: Iterable[InstanceInfo],
+        now: UnixTime,
+        *,
+        models: Iterable[str] = (),
+    ) -> Decision:
         """Raises RemoteProtocolError ``downgrade_refused`` (strict, no v2 instance) or
-        ``downgrade_suspected`` (pinned chute, no v2 instance)."""
+        ``downgrade_suspected`` (no v2 instance, and v2 was seen before for this chute, for
+        one of ``models`` - the names the caller asked for that lead here - or for one of these
+        instances' v1 keys: renaming the chute does not lift the pin)."""
         policy = self.policy
         rows = list(instances)
+        anchors = [f"model:{m}" for m in models] + [_key_anchor(i) for i in rows]
         if not policy.prefer_v2:
             return Decision(1, tuple(Candidate(i, None) for i in rows), False, 0)
         v2: list[Candidate] = []
@@ -191,18 +208,36 @@ class Negotiator:
                 v2.append(Candidate(inst, offer))
         if v2:
             self.pin(chute_id, now)
+            for anchor in [f"model:{m}" for m in models] + [_key_anchor(c.instance) for c in v2]:
+                self._pin_anchor(anchor, now)
             return Decision(2, tuple(v2), False, invalid)
         if policy.min_version >= 2:
             raise RemoteProtocolError(
                 f"no instance of chute {chute_id} offers v2 and the policy requires it",
                 code=ErrorCode.DOWNGRADE_REFUSED,
             )
-        if self.pinned(chute_id, now):
+        if self.pinned(chute_id, now) or any(self._anchor_pinned(a, now) for a in anchors):
             raise RemoteProtocolError(
-                f"chute {chute_id} offered v2 before and no longer does: possible downgrade",
+                f"chute {chute_id} (or its model or instances) offered v2 before and no longer "
+                "does: possible downgrade",
                 code=ErrorCode.DOWNGRADE_SUSPECTED,
             )
         return Decision(1, tuple(Candidate(i, None) for i in rows), True, invalid)
+
+
+def _live(table: collections.OrderedDict[str, float], key: str, now: UnixTime) -> bool:
+    """Whether ``key`` is pinned in ``table`` at ``now`` (an expired pin is dropped)."""
+    until = table.get(key)
+    if until is None:
+        return False
+    if until <= now:
+        del table[key]
+        return False
+    return True
+
+
+def _key_anchor(instance: InstanceInfo) -> str:
+    return "key:" + hashlib.sha256(instance.public_key).hexdigest()[:32]
 
 
 def evidence_report_data(nonce: bytes, pk_v1: bytes, pk_v2: bytes) -> bytes:

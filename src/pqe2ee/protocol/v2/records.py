@@ -44,7 +44,7 @@ from pqe2ee.errors import (
     RemoteError,
     StreamError,
 )
-from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress
+from pqe2ee.protocol._codec import gunzip_bounded, gzip_compress, json_decode
 from pqe2ee.protocol.kdf import hkdf_expand, hkdf_extract
 from pqe2ee.protocol.v2.padding import bucket, padme
 from pqe2ee.protocol.v2.request import DEFAULT_MAX_BODY, OpenedRequestV2, ResponseSecrets
@@ -657,8 +657,8 @@ class RecordDecryptor:
     @staticmethod
     def _decode(decoder: Any, payload: bytes, what: str) -> Any:
         try:
-            return decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            return json_decode(payload, decoder=decoder)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             raise MalformedError(
                 f"{what} payload is malformed", code=ErrorCode.MALFORMED_PAYLOAD
             ) from None
@@ -696,7 +696,7 @@ def seal_response_v2(
     content_type: str | None = "application/json",
     usage: dict[str, Any] | None = None,
     error: UpstreamError | None = None,
-    compress: bool = True,
+    compress: bool = False,
     compresslevel: int = 1,
     max_record: int = MAX_PAYLOAD,
 ) -> bytes:

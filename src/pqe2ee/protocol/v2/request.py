@@ -217,7 +217,7 @@ def _body_object(body: bytes | Mapping[str, Any]) -> tuple[bytes, dict[str, Any]
     obj = dict(body)
     try:
         return msgspec.json.encode(obj), obj
-    except (TypeError, msgspec.EncodeError):
+    except (TypeError, msgspec.EncodeError, RecursionError):  # (RecursionError: too deep)
         raise LocalProtocolError(
             "request body is not JSON-serialisable", code=ErrorCode.INVALID_BODY
         ) from None
@@ -235,10 +235,10 @@ def seal_request_v2(
     xwing: XWing,
     aead: AEAD,
     random_bytes: RandomBytes = system_random,
-    compress: bool = True,
+    compress: bool = False,
     compresslevel: int = 1,
     pad: BodyPadding = "padme",
-    response_padding: int = 0,
+    response_padding: int = 256,
     response_key: XWingPrivateKey | None = None,
     eseed: bytes | None = None,
 ) -> SealedRequestV2:
@@ -246,8 +246,10 @@ def seal_request_v2(
 
     ``body`` (JSON bytes, kept byte for byte, or a mapping) must be an object with a non-empty
     string ``model``; ``stream`` is its truthiness, as in v1. ``path`` is the request path (a
-    query is dropped). ``response_padding`` (0, 128, 256) asks the instance to pad response
-    records. Randomness: ``request_id`` and the response key seed come from ``random_bytes``;
+    query is dropped). ``response_padding`` (0, 128, 256; default 256) asks the instance to pad
+    response records (single responses: Padmé; streams: that bucket). ``compress`` (default
+    off: gzip next to caller-influenced text is a length oracle) also asks for a compressed
+    single response. Randomness: ``request_id`` and the response key seed come from ``random_bytes``;
     ``response_key`` and ``eseed`` override them (test vectors).
     """
     if len(instance_public_key) != XWING_PK_LEN:  # the backend checks the rest when encapsulating

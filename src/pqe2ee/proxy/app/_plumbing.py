@@ -23,6 +23,7 @@ import msgspec
 from starlette.requests import Request
 
 from pqe2ee.errors import ErrorCode
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.proxy.app.failures import Failure
 from pqe2ee.server import _asgi
 from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, read_bounded
@@ -60,7 +61,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def decode_json(raw: bytes, refusal: Failure) -> Any:
     """``raw`` decoded as JSON; ``refusal`` is raised if it is not JSON."""
     try:
-        return msgspec.json.decode(raw)
+        return json_decode(raw)
     except msgspec.DecodeError:
         raise refusal from None
 

@@ -86,6 +86,8 @@ class ProxyConfig:
     attest: AttestOptions | str = "auto"
     hosted_tools: str = "drop"
     model_map: Sequence[tuple[str, str]] = ()
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("api_base", "models_base"):
@@ -132,3 +134,12 @@ class ProxyConfig:
                 "model_map must be (pattern, model) pairs of non-empty strings"
             )
         object.__setattr__(self, "model_map", pairs)
+        # Who may call (proxy/app/browser_guard.py): Host names beyond loopback and the listen
+        # address ("*": any), web origins let in (with CORS answers).
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
+        object.__setattr__(self, "allow_origins", tuple(self.allow_origins))
+        for origin in self.allow_origins:
+            if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise LocalProtocolError(
+                    f"allow_origins: {origin!r} is not an origin (scheme://host[:port])"
+                )

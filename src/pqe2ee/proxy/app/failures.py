@@ -25,6 +25,7 @@ from pqe2ee.errors import (
     RelayError,
     RemoteError,
 )
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.proxy.translate.chat import parse_chat_reply
 from pqe2ee.proxy.translate.errors import (
     TranslationError,
@@ -161,7 +162,7 @@ def fail_of_upstream_body(status: int, body: bytes) -> Failure:
     kind = kind_of(status)
     message = f"upstream answered {status}"
     try:
-        obj = msgspec.json.decode(body)
+        obj = json_decode(body)
     except msgspec.DecodeError:
         obj = None
     if isinstance(obj, dict):

@@ -35,6 +35,7 @@ from pqe2ee.proxy.app._plumbing import (
     read_body,
     read_upstream,
 )
+from pqe2ee.proxy.app.browser_guard import BrowserGuard, browser_policy
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.failures import (
     Dialect,
@@ -485,7 +486,10 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
-        middleware=[Middleware(MetricsMiddleware, observe=AccessLog(metrics))],
+        middleware=[
+            Middleware(MetricsMiddleware, observe=AccessLog(metrics)),
+            Middleware(BrowserGuard, policy=browser_policy(config)),
+        ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )

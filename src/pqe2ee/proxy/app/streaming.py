@@ -25,6 +25,7 @@ import msgspec
 from starlette.types import Send
 
 from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.sse import SSEParser
 from pqe2ee.proxy.app._plumbing import ENCODER
 from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
@@ -293,7 +294,7 @@ class TranslatedBody:
 def chunk_object(data: str) -> dict[str, Any]:
     """One upstream chunk's data as a JSON object (a 502 :class:`Failure` otherwise)."""
     try:
-        obj = msgspec.json.decode(data)
+        obj = json_decode(data)
     except msgspec.DecodeError:
         raise Failure(
             502,

@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from pqe2ee._json import json_decode
 from pqe2ee.proxy.translate.chat import (
     ChatMessagesBuilder,
     ChatUsage,
@@ -487,7 +488,7 @@ def tool_input(arguments: str) -> dict[str, Any]:
     if not arguments.strip():
         return {}
     try:
-        value = msgspec.json.decode(arguments)
+        value = json_decode(arguments)
     except msgspec.DecodeError:
         return {"_raw": arguments}
     if isinstance(value, dict):

@@ -52,6 +52,8 @@ __all__ = ["V2_PREFIX", "Instance", "create_app", "serve"]
 
 V2_PREFIX: Final = MAGIC + bytes((VERSION,))  # a blob starting with these 5 bytes is v2 (§8.2)
 _LINGER_MAX: Final = 64 * MiB  # see Instance._read_body
+_LINGER_SECONDS: Final = 10.0  # the longest a chunked oversize upload is drained for
+_CHUNKED_LINGER_MAX: Final = 16 * MiB  # ... and drained for at most this many more bytes
 
 
 class Instance:
@@ -275,8 +277,10 @@ class Instance:
         Over the limit: 413. When the declared Content-Length is over the limit but modest
         (up to ``_LINGER_MAX``), the server discards the rest of the upload without storing it
         so the sender reliably reads the 413 (closing with unread data makes the kernel send a
-        reset that can destroy the response). Otherwise - a larger declared size, or a chunked
-        body that crosses the limit - reading stops at once and the connection is closed.
+        reset that can destroy the response). A chunked body that crosses the limit is drained
+        the same way while it stays within ``_CHUNKED_LINGER_MAX`` bytes and ``_LINGER_SECONDS`` (so a
+        relay in front reads the 413, not a reset it would report as 502); past either, or for
+        a larger declared size, reading stops at once and the connection is closed.
         """
         limit = self.config.max_body
         try:
@@ -287,7 +291,10 @@ class Instance:
             ) from None
         except BodyTooLarge as exc:
             log.bytes_in = exc.received
-            close = exc.declared is None or exc.declared > _LINGER_MAX
+            if exc.declared is None:
+                close = not await _drain(request, _CHUNKED_LINGER_MAX)
+            else:
+                close = exc.declared > _LINGER_MAX
             raise Reject.error(
                 413, f"Request body exceeds {limit} bytes", ErrorCode.OVERSIZE.value, close=close
             ) from None
@@ -297,6 +304,23 @@ class Instance:
             ) from None
         log.bytes_in = len(blob)
         return blob
+
+
+async def _drain(request: Request, budget: int) -> bool:
+    """Discard the rest of a refused upload: True once it ended within ``budget`` more bytes
+    and ``_LINGER_SECONDS``, False when it did not (the connection is then closed)."""
+    seen = 0
+    with anyio.move_on_after(_LINGER_SECONDS):
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                return False
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+            if seen > budget:
+                return False
+    return False
 
 
 def create_app(

@@ -77,6 +77,7 @@ class InstanceConfig:
     v2: bool = True
     v2_only: bool = False
     v2_key_file: str | os.PathLike[str] | None = None
+    allow_key_symlink: bool = False  # key files: follow a symbolic link (server/keyfile.py)
     v2_key_lifetime: float = V2_KEY_LIFETIME
     chute_id: str | None = None
     redis_url: str | None = field(default=None, repr=False)

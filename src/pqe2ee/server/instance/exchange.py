@@ -42,6 +42,9 @@ __all__ = [
 logger = logging.getLogger("pqe2ee.instance")
 
 THREAD_THRESHOLD: Final = 256 * 1024  # open/seal bigger bodies off the event loop
+# A sealed request is gzip inside: ~1 KiB can inflate to ~1 MiB (deflate tops out near 1032:1),
+# a 71 KB bomb to the whole max_plaintext. Any bigger one is opened off the event loop.
+OPEN_THREAD_THRESHOLD: Final = 1024
 SSE_HEADERS: Final = (
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -104,10 +107,12 @@ def unreachable(detail: str) -> EngineFailure:
     return EngineFailure(502, detail, ErrorCode.UPSTREAM_ERROR.value)
 
 
-async def off_loop_if_big(fn: Callable[[], T], size: int, *, always: bool = False) -> T:
-    """``fn()``, in a worker thread when it works on more than ``THREAD_THRESHOLD`` bytes (or
-    ``always``, when it may block)."""
-    if always or size > THREAD_THRESHOLD:
+async def off_loop_if_big(
+    fn: Callable[[], T], size: int, *, always: bool = False, threshold: int = THREAD_THRESHOLD
+) -> T:
+    """``fn()``, in a worker thread when it works on more than ``threshold`` bytes (or
+    ``always``, when it may block). Opening a request passes ``OPEN_THREAD_THRESHOLD``."""
+    if always or size > threshold:
         return await anyio.to_thread.run_sync(fn)
     return fn()
 

@@ -111,7 +111,9 @@ class Keys:
         if private_key is not None:
             self.key_source = "given"
         elif config.key_file is not None:
-            private_key, created = load_or_create_key(config.key_file, seed_kem(config.backend))
+            private_key, created = load_or_create_key(
+                config.key_file, seed_kem(config.backend), allow_symlink=config.allow_key_symlink
+            )
             self.key_source = "created" if created else "loaded"
         else:
             private_key = self.kem.generate()
@@ -140,7 +142,9 @@ class Keys:
         if key is not None:
             self.v2_key_source = "given"
         elif cfg.v2_key_file is not None:
-            key, created = load_or_create_xwing_key(cfg.v2_key_file, self.xwing)
+            key, created = load_or_create_xwing_key(
+                cfg.v2_key_file, self.xwing, allow_symlink=cfg.allow_key_symlink
+            )
             self.v2_key_source = "created" if created else "loaded"
         else:
             key = self.xwing.generate()
@@ -176,9 +180,12 @@ class Keys:
 
     async def check_cache(self) -> None:
         """Start-up: a Redis replay cache must answer (``RuntimeError`` otherwise)."""
-        if self.owned_cache is not None:
+        cache = self.owned_cache
+        if cache is not None:
             try:
-                await anyio.to_thread.run_sync(self.owned_cache.check)
+                # A key made here cannot have had requests admitted before: no closed window.
+                fresh = self.v2_key_source in ("ephemeral", "created", "given")
+                await anyio.to_thread.run_sync(lambda: cache.check(fresh_keys=fresh))
             except ReplayCacheError as exc:
                 raise RuntimeError(f"v2 replay cache unavailable: {exc.message}") from None
 

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Send
 
 from pqe2ee.errors import ErrorCode
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.server._asgi import (
     BodyTooLarge,
     StreamedResponse,
@@ -141,7 +142,7 @@ class Engine:
         except (httpx2.HTTPError, BodyTooLarge):
             return None
         try:
-            listing = msgspec.json.decode(doc)
+            listing = json_decode(doc)
         except msgspec.DecodeError:
             return None
         rows = listing.get("data") if isinstance(listing, dict) else None

@@ -26,6 +26,7 @@ from pqe2ee.protocol import (
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server.instance.config import InstanceConfig
 from pqe2ee.server.instance.exchange import (
+    OPEN_THREAD_THRESHOLD,
     EngineFailure,
     Reject,
     RequestLog,
@@ -126,7 +127,9 @@ class V1Handler:
 
     async def _open(self, blob: bytes) -> OpenedRequest:
         try:
-            return await off_loop_if_big(lambda: self._open_sync(blob), len(blob))
+            return await off_loop_if_big(
+                lambda: self._open_sync(blob), len(blob), threshold=OPEN_THREAD_THRESHOLD
+            )
         except PQE2EEError as exc:
             # Never echo anything of the body; the code says which rule failed.
             raise Reject.error(400, "E2E decryption failed", exc.code.value) from None

@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from pqe2ee.errors import ErrorCode, PQE2EEError, RemoteProtocolError
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.v2 import (
     OpenedRequestV2,
     ResponseSealer,
@@ -31,6 +32,7 @@ from pqe2ee.protocol.v2 import (
     seal_response_v2,
 )
 from pqe2ee.server.instance.exchange import (
+    OPEN_THREAD_THRESHOLD,
     SSE_HEADERS,
     EngineFailure,
     Reject,
@@ -64,8 +66,8 @@ def engine_outcome(status: int, body: bytes) -> tuple[dict[str, Any] | None, Ups
     "type", "message"}``, else ``upstream_error``; the whole body is in DATA either way.
     """
     try:
-        doc = msgspec.json.decode(body) if body[:1] == b"{" else None
-    except (msgspec.DecodeError, UnicodeDecodeError):
+        doc = json_decode(body) if body[:1] == b"{" else None
+    except msgspec.DecodeError:
         doc = None
     if 200 <= status < 300:
         usage = doc.get("usage") if isinstance(doc, dict) else None
@@ -153,6 +155,7 @@ class V2Handler:
                 lambda: self._open_sync(blob, path, stream, nonce),
                 len(blob),
                 always=keys.v2_threaded,
+                threshold=OPEN_THREAD_THRESHOLD,
             )
         except ReplayCacheError:  # a PQE2EEError too (StoreUnavailable): caught first
             raise Reject.error(
@@ -179,7 +182,9 @@ class V2Handler:
         )
         if h.stream:
             return await self._stream(request, upstream_request, sealer, slot, log)
-        return await self._unary(request, upstream_request, sealer, log)
+        # Compress the answer only when the client compressed its request (issue 16: gzip next
+        # to caller-influenced text is a length oracle; the client's choice stands for both).
+        return await self._unary(request, upstream_request, sealer, log, opened.compressed)
 
     async def _unary(
         self,
@@ -187,6 +192,7 @@ class V2Handler:
         upstream_request: httpx2.Request,
         sealer: ResponseSealer,
         log: RequestLog,
+        compress: bool = False,
     ) -> Response:
         failed: UpstreamError | None = None
         try:
@@ -203,7 +209,13 @@ class V2Handler:
         def seal() -> bytes:
             usage, error = (None, failed) if failed is not None else engine_outcome(status, body)
             return seal_response_v2(
-                sealer, status=status, body=body, content_type=ctype, usage=usage, error=error
+                sealer,
+                status=status,
+                body=body,
+                content_type=ctype,
+                usage=usage,
+                error=error,
+                compress=compress,
             )
 
         blob = await self._sealed(seal, len(body))

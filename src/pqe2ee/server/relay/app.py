@@ -60,6 +60,13 @@ _MAX_NONCE_LEN: Final = 256
 
 
 class _Relay:
+    def store_down(self, exc: NonceStoreError) -> Response:
+        """The 503 of a nonce-store failure, counted and logged with its reason (never a key,
+        nonce or URL: the reason names the failure's type only)."""
+        self.metrics.store_unavailable.inc()
+        log.warning("answering 503: nonce store unavailable (%s)", exc.message)
+        return store_down()
+
     def __init__(self, config: RelayConfig, store: NonceStore, owns_store: bool) -> None:
         self.config = config
         self.store = store
@@ -176,8 +183,8 @@ class _Relay:
             allowed = await self.store.hit(
                 self.rate_key(request, key_id), cfg.rate_window, cfg.rate_limit
             )
-        except NonceStoreError:
-            return store_down()
+        except NonceStoreError as exc:
+            return self.store_down(exc)
         if not allowed:
             self.metrics.rate_limited.inc()
             return detail(
@@ -202,8 +209,8 @@ class _Relay:
                 await self.store.issue(
                     key_id, chute_id, inst.instance_id, nonces, cfg.nonce_store_ttl
                 )
-            except NonceStoreError:
-                return store_down()
+            except NonceStoreError as exc:
+                return self.store_down(exc)
             self.metrics.nonces_issued.inc(len(nonces))
             row: dict[str, Any] = {
                 "instance_id": inst.instance_id,
@@ -256,8 +263,8 @@ class _Relay:
         if 0 < len(nonce) <= _MAX_NONCE_LEN:
             try:
                 accepted = await self.store.consume(nonce, key_id, chute_id, instance_id)
-            except NonceStoreError:
-                return store_down()
+            except NonceStoreError as exc:
+                return self.store_down(exc)
         if not accepted:
             self.metrics.nonces_rejected.inc()
             return detail(403, "Invalid, expired, or already-used nonce")
@@ -298,7 +305,10 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
     if nonce_store is not None:
         store = nonce_store
     elif config.redis_url:
-        store = RedisNonceStore(config.redis_url)
+        store = RedisNonceStore(
+            config.redis_url,
+            on_pool_wait=lambda waited: relay.metrics.store_pool_wait.observe(waited),
+        )
     else:
         store = MemoryNonceStore(max_entries=config.max_memory_nonces)
     relay = _Relay(config, store, owns)

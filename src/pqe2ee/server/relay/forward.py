@@ -9,7 +9,8 @@ without a clean end (the client's decryptor reports truncation), never made to l
 Answers: a 200, or any *sealed* answer (``application/octet-stream``, any status), passes through
 unchanged, so the client can open the engine's message. An instance's plaintext error becomes
 the real relay's wording; its v2 hint (``{"detail":"e2e_v2:<code>"}``) keeps its text on 409
-(replay) and 413 as on 400, nested in ``detail`` the way the real relay nests a 400. An error
+(replay) and 413 as on 400, nested in ``detail`` as a JSON object (the real relay nests a 400's
+JSON as a string, ``{"detail":"{\\"detail\\":...}"}``: clients that read either find the text). An error
 body over ``_MAX_ERROR_BODY`` (or broken off) is not quoted at all: never a truncated quote.
 """
 
@@ -18,15 +19,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import httpx2
+import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from pqe2ee.errors import ErrorCode
+from pqe2ee.protocol._codec import json_decode
 from pqe2ee.server._asgi import (
     BodyTooLarge,
     StreamedResponse,
@@ -101,6 +104,16 @@ async def _error_text(resp: httpx2.Response) -> bytes | None:
         return None
     finally:
         await resp.aclose()
+
+
+def _instance_detail(text: bytes) -> Any:
+    """An instance's JSON error as the relay's ``detail``: the object itself (nested once, not
+    re-encoded into a string as Chutes' relay does), or the text when it is not an object."""
+    try:
+        obj = json_decode(text)
+    except msgspec.DecodeError:
+        obj = None
+    return obj if isinstance(obj, dict) else text.decode("utf-8", "replace")
 
 
 class Forwarder:
@@ -201,7 +214,7 @@ class Forwarder:
             return detail(502, "Instance requires key exchange, try a different instance")
         if text is not None and media == "application/json":
             if status == 400:
-                return detail(400, text.decode("utf-8", "replace"))
+                return detail(400, _instance_detail(text))
             if status in (409, 413) and _V2_HINT in text:
-                return detail(status, text.decode("utf-8", "replace"))
+                return detail(status, _instance_detail(text))
         return detail(status, f"Instance returned status {status}")

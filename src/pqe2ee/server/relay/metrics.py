@@ -61,6 +61,15 @@ class RelayMetrics:
         self.open_streams = Gauge(p + "open_responses", "Responses being relayed now", registry=r)
         self.instances_up = Gauge(p + "instances_available", "Instances available", registry=r)
         self.instances_total = Gauge(p + "instances_configured", "Instances configured", registry=r)
+        self.store_pool_wait = Histogram(
+            p + "store_pool_wait_seconds",
+            "Waits for a free nonce-store (Redis) connection (hand-outs that waited > 1 ms)",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5),
+        )
+        self.store_unavailable = Counter(
+            p + "store_unavailable", "Requests answered 503: the nonce store failed", registry=r
+        )
 
     def observe(self, exchange: Exchange) -> None:
         """One request done (a response never started counts as 500)."""

@@ -25,7 +25,7 @@ from prometheus_client import Gauge
 
 from pqe2ee.backends.base import MLKEM768_PK_LEN
 from pqe2ee.errors import ErrorCode, MalformedError
-from pqe2ee.protocol._codec import b64decode
+from pqe2ee.protocol._codec import b64decode, json_decode
 from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD, parse_v2_offer
 from pqe2ee.server._asgi import BodyTooLarge, read_bounded
 from pqe2ee.server.relay.config import MIB, RelayConfig, chute_id_for
@@ -55,7 +55,7 @@ def parse_info(doc: bytes, now: float) -> tuple[Info, str | None]:
     needs a valid v1 key in each row (the instance never opens anything with it).
     """
     try:
-        info = msgspec.json.decode(doc, type=Info)
+        info = json_decode(doc, type=Info)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise MalformedError(
             "/e2e/info is not a valid document", code=ErrorCode.MALFORMED_DISCOVERY

@@ -735,7 +735,7 @@ class AsyncEngine:
                     return
             forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
             try:
-                await self._discover_now(port, chute, auth)
+                await self._discover_now(port, chute, auth, now)
             except forgiven as exc:
                 log.debug("discovery prefetch failed: %s", type(exc).__name__)
         finally:
@@ -759,14 +759,19 @@ class AsyncEngine:
                     code=ErrorCode.DISCOVERY_RATE_LIMITED,
                 )
             await async_sleep(wait)
-        await self._discover_now(port, chute, auth)
+        await self._discover_now(port, chute, auth, now)
 
-    async def _discover_now(self, port: AsyncPort, chute: str, auth: str | None) -> None:
+    async def _discover_now(
+        self, port: AsyncPort, chute: str, auth: str | None, recorded_at: Monotonic
+    ) -> None:
         sent_at = self.now()
         status, headers, data = await self._get(
             port, self.settings.api_base + discovery_path(chute), auth
         )
         if status != 200:
+            if status >= 500:  # no nonces came: off the rate budget, and back off briefly
+                with self._guard:
+                    self.state.discovery_failed(recorded_at, self.now())
             raise classify_discovery_error(status, data)
         self._note_date(headers)
         # nonce_expires_at is the server's Unix time: place it on the monotonic pool clock by

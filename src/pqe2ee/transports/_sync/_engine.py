@@ -727,7 +727,7 @@ class Engine:
                     return
             forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
             try:
-                self._discover_now(port, chute, auth)
+                self._discover_now(port, chute, auth, now)
             except forgiven as exc:
                 log.debug("discovery prefetch failed: %s", type(exc).__name__)
         finally:
@@ -749,14 +749,19 @@ class Engine:
                     code=ErrorCode.DISCOVERY_RATE_LIMITED,
                 )
             sleep(wait)
-        self._discover_now(port, chute, auth)
+        self._discover_now(port, chute, auth, now)
 
-    def _discover_now(self, port: Port, chute: str, auth: str | None) -> None:
+    def _discover_now(
+        self, port: Port, chute: str, auth: str | None, recorded_at: Monotonic
+    ) -> None:
         sent_at = self.now()
         status, headers, data = self._get(
             port, self.settings.api_base + discovery_path(chute), auth
         )
         if status != 200:
+            if status >= 500:  # no nonces came: off the rate budget, and back off briefly
+                with self._guard:
+                    self.state.discovery_failed(recorded_at, self.now())
             raise classify_discovery_error(status, data)
         self._note_date(headers)
         # nonce_expires_at is the server's Unix time: place it on the monotonic pool clock by
