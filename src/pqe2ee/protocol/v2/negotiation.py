@@ -147,6 +147,8 @@ class Negotiator:
     def __init__(self, policy: E2EPolicy | None = None) -> None:
         self.policy = policy or E2EPolicy()
         self._pins: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # chute_id -> (version decided, when): the last decision per chute (bounded like pins)
+        self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
 
     def pinned(self, chute_id: str, now: UnixTime) -> bool:
         until = self._pins.get(chute_id)
@@ -172,9 +174,25 @@ class Negotiator:
         """A copy of the pins (chute_id -> until), e.g. to persist them."""
         return dict(self._pins)
 
+    def seen(self) -> dict[str, tuple[int, float]]:
+        """The chutes decided for, newest last: chute_id -> (version, Unix time of the last
+        decision). A status page's list; bounded by ``max_pins``."""
+        return dict(self._seen)
+
+    def _saw(self, chute_id: str, version: int, now: UnixTime) -> None:
+        self._seen[chute_id] = (version, float(now))
+        self._seen.move_to_end(chute_id)
+        while len(self._seen) > self.policy.max_pins:
+            self._seen.popitem(last=False)
+
     def decide(self, chute_id: str, instances: Iterable[InstanceInfo], now: UnixTime) -> Decision:
         """Raises RemoteProtocolError ``downgrade_refused`` (strict, no v2 instance) or
         ``downgrade_suspected`` (pinned chute, no v2 instance)."""
+        decision = self._decide(chute_id, instances, now)
+        self._saw(chute_id, decision.version, now)
+        return decision
+
+    def _decide(self, chute_id: str, instances: Iterable[InstanceInfo], now: UnixTime) -> Decision:
         policy = self.policy
         rows = list(instances)
         if not policy.prefer_v2:
