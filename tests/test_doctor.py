@@ -4,7 +4,6 @@ worst line (0 pass, 1 warn, 2 fail)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -35,25 +34,10 @@ def v1_relay() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tee_relay() -> Iterator[str]:
     """A relay over one instance whose quotes the test-only signer makes (GET /evidence)."""
-    from attest_signer import TestQuoteSigner
-    from pqe2ee.server import instance
-    from pqe2ee.server import relay as relay_server
-    from pqe2ee.testing import dev_engine
-    from servers import run_app
+    from attest_stack import serve_tee_stack
 
-    signer = TestQuoteSigner()
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        tee = instance.create_app(
-            instance.InstanceConfig(upstream=engine), quote_provider=signer.quote
-        )
-        config = relay_server.RelayConfig(
-            instances=(es.enter_context(run_app(tee)),),
-            api_keys=(KEY_A,),
-            startup_wait=5.0,
-            rate_limit=1000,
-        )
-        yield es.enter_context(run_app(relay_server.create_app(config)))
+    with serve_tee_stack(api_keys=(KEY_A,), rate_limit=1000) as st:
+        yield st.relay
 
 
 def without_dcap_qvl(monkeypatch: pytest.MonkeyPatch) -> None:

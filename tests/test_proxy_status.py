@@ -9,7 +9,6 @@ root rejected with reason codes."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -25,12 +24,9 @@ import httpx2
 import pytest
 
 from attest_signer import TestQuoteSigner
-from pqe2ee.attest import GpuMode, Policy
-from pqe2ee.attest.gate import AttestMode, AttestOptions
+from attest_stack import serve_tee_stack, signer_options
 from pqe2ee.attest.tdx import parse_quote
 from pqe2ee.proxy.app import ProxyConfig, create_app
-from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
 from relay_support import KEY_A, serve_stack
 from servers import run_app
 
@@ -116,42 +112,16 @@ class Attested:
 def attested() -> Iterator[Attested]:
     """dev-engine -> two instances (one genuine TD, one debug TD; quotes by the test signer)
     -> relay, all on loopback."""
-    signer = TestQuoteSigner()
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        good = instance.create_app(
-            instance.InstanceConfig(upstream=engine), quote_provider=signer.quote
-        )
-        debug = instance.create_app(
-            instance.InstanceConfig(upstream=engine),
-            quote_provider=lambda rd: signer.quote(rd, debug=True),
-        )
-        good_url = es.enter_context(run_app(good))
-        debug_url = es.enter_context(run_app(debug))
-        config = relay.RelayConfig(
-            instances=(good_url, debug_url), api_keys=(KEY_A,), startup_wait=5.0,
-            rate_limit=10_000, nonces_per_instance=50,
-        )  # fmt: skip
-        relay_url = es.enter_context(run_app(relay.create_app(config)))
-        yield Attested(
-            signer, relay_url, good_url,
-            good.state.instance.instance_id, debug.state.instance.instance_id,
-        )  # fmt: skip
+    with serve_tee_stack(
+        (False, True), api_keys=(KEY_A,), rate_limit=10_000, nonces_per_instance=50
+    ) as st:
+        yield Attested(st.signer, st.relay, st.urls[0], st.ids[0], st.ids[1])
 
 
 def _attested_proxy(at: Attested, **kw: Any) -> ProxyConfig:
-    options: dict[str, Any] = {
-        "mode": AttestMode.REQUIRE,
-        "policy": Policy(gpu=GpuMode.OFF),  # our instances have no GPUs
-        "collateral": at.signer.collateral,
-        "pcs_url": None,
-        "wall_clock": lambda: at.signer.now,
-        "test_intel_root_der": at.signer.root_der,
-        **kw,
-    }
     return ProxyConfig(
         api_base=at.relay, models_base=at.relay, api_key=KEY_A, prefer_v2=False,
-        attest=AttestOptions(**options),
+        attest=signer_options(at.signer, **kw),
     )  # fmt: skip
 
 
