@@ -92,6 +92,19 @@ def test_status_page_in_chromium_after_a_few_calls(proxy: dict[str, Any]) -> Non
     assert PROMPT not in text and "Echo:" not in text
 
 
+def test_status_page_with_attestation_off(proxy: dict[str, Any]) -> None:
+    config = ProxyConfig(
+        api_base=proxy["relay"], models_base=proxy["relay"], api_key=KEY_A, attest="off"
+    )
+    body = {"model": "dev-echo", "messages": [{"role": "user", "content": PROMPT}]}
+    with run_app(create_app(config)) as url:
+        assert httpx2.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+        text = browser_text(url + "/")
+    assert "attestation (--attest) off: nothing is verified" in text
+    assert re.search(r" v2 \S+ \S+ UTC \S+ \S+ UTC off \(--attest off\)", text), text
+    assert "No instance verified yet." in text and PROMPT not in text
+
+
 def test_status_page_headers_forbid_scripts(proxy: dict[str, Any]) -> None:
     resp = httpx2.get(proxy["url"] + "/", timeout=10)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
