@@ -8,7 +8,6 @@ TD is never sent a prompt, a v2 key is bound (spec/v2.md §8.3) so v2 requests a
 from __future__ import annotations
 
 import base64
-import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ import httpx2
 import pytest
 
 from attest_signer import TestQuoteSigner
+from attest_stack import serve_tee_stack, signer_options
 from pqe2ee.attest import GpuMode, Policy, nonce_binding, parse_evidence, verify_instance
-from pqe2ee.attest.gate import AttestMode, AttestOptions
+from pqe2ee.attest.gate import AttestOptions
 from pqe2ee.errors import AttestationError, ErrorCode
-from pqe2ee.server import instance, relay
-from pqe2ee.testing import dev_engine
+from pqe2ee.server import relay
 from pqe2ee.transports.httpx2 import E2EETransport
 from relay_support import InvokeCounter
 from servers import run_app
@@ -41,44 +40,20 @@ class Stack:
     good_id: str
 
     def options(self, **kw: Any) -> AttestOptions:
-        args: dict[str, Any] = {
-            "mode": AttestMode.REQUIRE,
-            "policy": Policy(gpu=GpuMode.OFF),  # our instances have no GPUs
-            "collateral": self.signer.collateral,
-            "pcs_url": None,
-            "wall_clock": lambda: self.signer.now,
-            "test_intel_root_der": self.signer.root_der,
-        }
-        args.update(kw)
-        return AttestOptions(**args)
+        return signer_options(self.signer, **kw)
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    signer = TestQuoteSigner()
-    with contextlib.ExitStack() as es:
-        engine = es.enter_context(run_app(dev_engine.create_app()))
-        good_app = instance.create_app(
-            instance.InstanceConfig(upstream=engine), quote_provider=signer.quote
-        )
-        good = InvokeCounter(good_app)
-        debug = InvokeCounter(
-            instance.create_app(
-                instance.InstanceConfig(upstream=engine),
-                quote_provider=lambda rd: signer.quote(rd, debug=True),
-            )
-        )
-        good_url = es.enter_context(run_app(good))
-        debug_url = es.enter_context(run_app(debug))
-        config = relay.RelayConfig(
-            instances=(good_url, debug_url),
-            api_keys=(KEY,),
-            startup_wait=5.0,
-            rate_limit=10_000,
-            nonces_per_instance=50,
-        )
-        relay_url = es.enter_context(run_app(relay.create_app(config)))
-        yield Stack(signer, relay_url, good, debug, good_url, good_app.state.instance.instance_id)
+    with serve_tee_stack(
+        (False, True),
+        api_keys=(KEY,),
+        wrap=InvokeCounter,
+        rate_limit=10_000,
+        nonces_per_instance=50,
+    ) as st:
+        good, debug = st.apps
+        yield Stack(st.signer, st.relay, good, debug, st.urls[0], st.ids[0])
 
 
 def _verify(stack: Stack, instance_id: str, k1: str, entry: Any, nonce: str, **kw: Any) -> Any:

@@ -31,6 +31,20 @@ def v1_relay() -> Iterator[str]:
         yield st.relay
 
 
+@pytest.fixture(scope="module")
+def tee_relay() -> Iterator[str]:
+    """A relay over one instance whose quotes the test-only signer makes (GET /evidence)."""
+    from attest_stack import serve_tee_stack
+
+    with serve_tee_stack(api_keys=(KEY_A,), rate_limit=1000) as st:
+        yield st.relay
+
+
+def without_dcap_qvl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without the [attest] extra: ``import dcap_qvl`` raises ImportError."""
+    monkeypatch.setitem(sys.modules, "dcap_qvl", None)
+
+
 def dead_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,9 +70,52 @@ def test_a_healthy_stack_passes(relay: str) -> None:
     assert lines["relay key"] == ("PASS", f"{relay} accepted the API key")
     assert lines["discovery"][0] == "PASS" and "1 instances" in lines["discovery"][1]
     assert lines["v2"] == ("PASS", "1 of 1 instances offer profile v2")
-    assert lines["attestation"][0] == "INFO" and "does not verify" in lines["attestation"][1]
+    assert lines["attestation"][0] == "PASS" and "dcap-qvl" in lines["attestation"][1]
+    assert lines["evidence"] == (
+        "INFO",
+        "'dev-echo': the relay serves no TEE evidence (404): its instances are not attested "
+        "(the proxy's --attest auto sends to them with a warning; require refuses)",
+    )
     assert lines["models"][0] == "PASS"
     assert KEY_A not in json.dumps(lines)
+
+
+def test_a_relay_serving_evidence_passes(tee_relay: str) -> None:
+    code, worst, lines = doctor(tee_relay)
+    assert (code, worst) == (0, "PASS"), lines
+    assert lines["evidence"] == (
+        "PASS",
+        "'dev-echo': evidence for 1 of 1 discovered instances; not verified here "
+        "(the proxy verifies each instance before sending)",
+    )
+
+
+def test_attestation_unavailable_without_dcap_qvl(
+    relay: str, tee_relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_dcap_qvl(monkeypatch)
+    code, worst, lines = doctor(relay)
+    assert (code, worst) == (1, "WARN"), lines
+    status, detail = lines["attestation"]
+    assert status == "WARN" and "pip install 'pqe2ee[attest]'" in detail
+    assert lines["evidence"][0] == "INFO"  # that chute serves none: nothing to verify
+    # a chute that serves evidence cannot be called at all without it: a failure
+    code, worst, lines = doctor(tee_relay)
+    assert (code, worst) == (2, "FAIL"), lines
+    status, detail = lines["evidence"]
+    assert status == "FAIL" and detail.endswith(
+        "but dcap-qvl is missing: calls fail with attest_unavailable"
+    )
+
+
+def test_attestation_without_a_key_is_only_the_local_check(
+    relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, lines = doctor(relay, key=None)
+    assert lines["attestation"][0] == "PASS" and "evidence" not in lines
+    without_dcap_qvl(monkeypatch)
+    _, _, lines = doctor(relay, key=None)
+    assert lines["attestation"][0] == "WARN" and "evidence" not in lines
 
 
 def test_a_wrong_key_is_named(relay: str) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "AttestMode",
     "AttestOptions",
     "AttestationGate",
+    "ChuteAttestation",
 ]
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
@@ -92,6 +93,24 @@ class _Evidence:
     fetched_at: float
 
 
+@dataclass(frozen=True)
+class ChuteAttestation:
+    """What the gate knows about one chute (for a status page; no key, no evidence bytes).
+
+    ``state``: ``trusted`` (an instance's newest verdict is trusted), ``rejected`` (verdicts,
+    none trusted), ``unattested`` (the chute served no evidence: ``why``) or ``not yet``.
+    ``verdicts``: the newest verdict per instance with the time it may be reused until;
+    ``pending``: instances named in the evidence fetched but not verified yet.
+    """
+
+    chute: str
+    state: str
+    verdicts: tuple[tuple[Verdict, float], ...] = ()
+    pending: tuple[str, ...] = ()
+    why: str | None = None
+    pinned: bool = False
+
+
 class AttestationGate:
     """Cached verdicts and evidence per chute; the pinned chutes; the chutes warned about."""
 
@@ -103,7 +122,7 @@ class AttestationGate:
         self._evidence: dict[str, _Evidence] = {}
         self.pinned: set[str] = set()
         self.loaded: set[Path] = set()  # cache directories already read
-        self._warned: set[str] = set()
+        self._warned: dict[str, str] = {}  # chutes that served no evidence: why
 
     @property
     def policy(self) -> Policy:
@@ -171,8 +190,35 @@ class AttestationGate:
         first = chute not in self._warned
         if len(self._warned) >= _MAX_ENTRIES:
             self._warned.clear()
-        self._warned.add(chute)
+        self._warned[chute] = why
         return first
+
+    def summary(self) -> dict[str, ChuteAttestation]:
+        """Every chute the gate has seen, by chute id (call under :attr:`lock`)."""
+        newest: dict[str, dict[str, tuple[Verdict, float]]] = {}
+        for (chute, instance, _), (verdict, until) in self._verdicts.items():
+            got = newest.setdefault(chute, {}).get(instance)
+            if got is None or verdict.verified_at >= got[0].verified_at:
+                newest[chute][instance] = (verdict, until)
+        out: dict[str, ChuteAttestation] = {}
+        for chute in {*newest, *self._evidence, *self._warned, *self.pinned}:
+            verdicts = tuple(sorted(newest.get(chute, {}).values(), key=lambda v: v[0].instance_id))
+            ev = self._evidence.get(chute)
+            named = set(ev.bundle.entries) | set(ev.bundle.failed) if ev else set()
+            pending = tuple(sorted(named - set(newest.get(chute, {}))))
+            if any(v.trusted for v, _ in verdicts):
+                state = "trusted"
+            elif verdicts:
+                state = "rejected"
+            elif chute in self._warned:
+                state = "unattested"
+            else:
+                state = "not yet"
+            why = self._warned.get(chute) if state == "unattested" else None
+            out[chute] = ChuteAttestation(
+                chute, state, verdicts, pending, why, chute in self.pinned
+            )
+        return out
 
     def add_collateral(self, extra: Collateral) -> None:
         self.collateral = self.collateral.merged(extra)

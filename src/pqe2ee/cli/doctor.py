@@ -6,15 +6,17 @@ It reads the proxy's settings (``--api-base``, ``--models-base``, ``--api-key``:
 * Python and package versions (core and extras);
 * each crypto backend: loads or why not, and one ML-KEM-768 round trip's speed;
 * the models host: reachable, TLS verified, a model list that parses;
+* attestation available or not: the ``[attest]`` extra (dcap-qvl) importable;
 * the relay: reachable, TLS verified, the API key accepted by discovery, instances and nonces
-  handed out, profile v2 offered or not, attestation evidence present or not (pqe2ee does not
-  verify attestation: it says so);
+  handed out, profile v2 offered or not, and whether it serves TEE evidence for the chute
+  (``GET /chutes/{chute}/evidence``, one fresh nonce; the evidence is not verified here, the
+  proxy verifies every instance before sending it a prompt);
 * Redis, when ``--redis`` is given: a Redis URL that answers PING.
 
 Each check is one PASS / WARN / FAIL line (INFO for facts), naming the piece and the reason;
 ``--json`` prints the same as one document. The exit code is the worst result: 0 for PASS,
 1 for WARN, 2 for FAIL. Discovery spends one of the key's discoveries (10 a minute on Chutes)
-and one batch of nonces; nothing is encrypted or sent to a model. Keys never appear in the
+and one batch of nonces, and one evidence request; nothing is encrypted or sent to a model. Keys never appear in the
 output (only whether one was given).
 """
 
@@ -302,16 +304,94 @@ def _upstreams(
                 + ("" if offers else " (v1 only: use --min-version 1, the proxy's default)"),
             )
         )
-        evidence = any("attest" in key for i in found.instances for key in i.extra)
-        checks.append(
+        ids = [i.instance_id for i in found.instances]
+        checks.append(_evidence(api_base, chute, model, api_key, ids, timeout))
+    return checks
+
+
+def _attest_available() -> list[Check]:
+    """Can this machine verify TDX evidence at all (the ``[attest]`` extra: dcap-qvl)?"""
+    from pqe2ee.attest.tdx import load_qvl
+    from pqe2ee.errors import AttestationError
+
+    try:
+        load_qvl()
+    except AttestationError:
+        return [
             Check(
                 "attestation",
-                Status.INFO,
-                ("evidence offered in discovery" if evidence else "no evidence in discovery")
-                + "; this pqe2ee does not verify attestation",
+                Status.WARN,
+                "unavailable: dcap-qvl is not importable (pip install 'pqe2ee[attest]'); "
+                "a chute that serves evidence is refused (attest_unavailable) unless the proxy "
+                "runs with --attest off",
             )
+        ]
+    try:
+        version = importlib.metadata.version("dcap-qvl")
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata
+        version = "(version unknown)"
+    return [Check("attestation", Status.PASS, f"available: dcap-qvl {version}")]
+
+
+def _evidence(
+    api_base: str, chute: str, model: str | None, api_key: str, ids: list[str], timeout: float
+) -> Check:
+    """Does the relay serve TEE evidence for ``chute`` (one request, a fresh nonce)? Only the
+    answer's shape and which discovered instances it covers are checked here."""
+    import httpx2
+
+    from pqe2ee.attest.tdx import load_qvl
+    from pqe2ee.attest.verify import new_nonce, parse_evidence
+    from pqe2ee.errors import AttestationError
+
+    url = f"{api_base}/chutes/{chute}/evidence"
+    with httpx2.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        answer, problem = _get(
+            client,
+            url,
+            params={"nonce": new_nonce()},
+            headers={"Authorization": f"Bearer {api_key}"},
         )
-    return checks
+    if answer is None:
+        return Check("evidence", Status.WARN, problem)
+    status = answer.status_code
+    unattested = (
+        f"{model!r}: the relay serves no TEE evidence ({{why}}): its instances are not "
+        "attested (the proxy's --attest auto sends to them with a warning; require refuses)"
+    )
+    if status == 404:
+        return Check("evidence", Status.INFO, unattested.format(why="404"))
+    if status in (401, 403):
+        return Check("evidence", Status.FAIL, f"{url} refused the API key ({status})")
+    if status != 200:
+        return Check("evidence", Status.WARN, f"{url} answered {status}")
+    try:
+        bundle = parse_evidence(answer.content)
+    except AttestationError as exc:
+        return Check(
+            "evidence",
+            Status.FAIL,
+            f"{url}: {exc.message} (the proxy refuses this chute: {exc.code.value})",
+        )
+    if not bundle.entries and not bundle.failed:
+        return Check("evidence", Status.INFO, unattested.format(why="an empty list"))
+    covered = sum(i in bundle.entries and i not in bundle.failed for i in ids)
+    detail = (
+        f"{model!r}: evidence for {covered} of {len(ids)} discovered instances"
+        + (f", {len(bundle.failed)} failed" if bundle.failed else "")
+        + "; not verified here (the proxy verifies each instance before sending)"
+    )
+    try:
+        load_qvl()
+    except AttestationError:
+        return Check(
+            "evidence",
+            Status.FAIL,
+            detail + "; but dcap-qvl is missing: calls fail with attest_unavailable",
+        )
+    if covered < len(ids):
+        return Check("evidence", Status.WARN, detail + "; instances without evidence get no prompt")
+    return Check("evidence", Status.PASS, detail)
 
 
 def _listen(host: str, port: int) -> list[Check]:
@@ -376,6 +456,7 @@ def run_checks(
     steps: list[Callable[[], list[Check]]] = [_versions]
     if backends:
         steps.append(_backends)
+    steps.append(_attest_available)
     steps.append(lambda: _upstreams(api_base, models_base, api_key, model, timeout))
     steps.append(lambda: _redis(redis_url))
     if host is not None and port is not None:
@@ -430,8 +511,9 @@ _REDIS_HELP = "Also check this Redis (the relay's or instance's --redis)."
     help="Do not load and time the crypto backends.",
 )
 def doctor_cmd(as_json: bool, skip_backends: bool, **options: Any) -> None:
-    """Check Python, packages, crypto backends, the relay and models hosts (reachable, TLS,
-    key accepted, discovery, v2 offered, attestation), and Redis when given.
+    """Check Python, packages, crypto backends, attestation (dcap-qvl), the relay and models
+    hosts (reachable, TLS, key accepted, discovery, v2 offered, TEE evidence served), and Redis
+    when given.
 
     One PASS / WARN / FAIL line per check (INFO: facts); exit code 0 (all pass), 1 (a
     warning) or 2 (a failure). Spends one discovery of the key's budget.

@@ -150,6 +150,8 @@ class Negotiator:
         # What the relay cannot rename (issue 16): the model names the user asked for and the
         # v1 keys of instances seen offering v2 ("model:<name>", "key:<sha256 prefix>").
         self._anchors: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # chute_id -> (version decided, when): the last decision per chute (bounded like pins)
+        self._seen: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
 
     def _anchor_pinned(self, anchor: str, now: UnixTime) -> bool:
         return _live(self._anchors, anchor, now)
@@ -179,6 +181,17 @@ class Negotiator:
         """A copy of the pins (chute_id -> until), e.g. to persist them."""
         return dict(self._pins)
 
+    def seen(self) -> dict[str, tuple[int, float]]:
+        """The chutes decided for, newest last: chute_id -> (version, Unix time of the last
+        decision). A status page's list; bounded by ``max_pins``."""
+        return dict(self._seen)
+
+    def _saw(self, chute_id: str, version: int, now: UnixTime) -> None:
+        self._seen[chute_id] = (version, float(now))
+        self._seen.move_to_end(chute_id)
+        while len(self._seen) > self.policy.max_pins:
+            self._seen.popitem(last=False)
+
     def decide(
         self,
         chute_id: str,
@@ -191,6 +204,18 @@ class Negotiator:
         ``downgrade_suspected`` (no v2 instance, and v2 was seen before for this chute, for
         one of ``models`` - the names the caller asked for that lead here - or for one of these
         instances' v1 keys: renaming the chute does not lift the pin)."""
+        decision = self._decide(chute_id, instances, now, models=models)
+        self._saw(chute_id, decision.version, now)
+        return decision
+
+    def _decide(
+        self,
+        chute_id: str,
+        instances: Iterable[InstanceInfo],
+        now: UnixTime,
+        *,
+        models: Iterable[str] = (),
+    ) -> Decision:
         policy = self.policy
         rows = list(instances)
         anchors = [f"model:{m}" for m in models] + [_key_anchor(i) for i in rows]

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from pqe2ee.attest.gate import AttestationGate, AttestOptions
 from pqe2ee.errors import PQE2EEError
 from pqe2ee.proxy.app._plumbing import (
     ENCODER,
@@ -417,6 +418,12 @@ def _guard(handler: Endpoint) -> Endpoint:
     return wrapped
 
 
+def _gate(options: ClientOptions) -> AttestationGate | None:
+    """The attestation gate every per-key transport shares (one ``AttestOptions``)."""
+    attest = options.attest
+    return attest.gate if isinstance(attest, AttestOptions) else None
+
+
 def create_app(config: ProxyConfig | None = None) -> Starlette:
     """Build the proxy's Starlette app (its endpoints: see :mod:`pqe2ee.proxy.app`)."""
     config = config or ProxyConfig()
@@ -464,6 +471,9 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
         fail = Failure(exc.status_code, kind, message)
         return _answer(fail, dialect_of(request.url.path))
 
+    status = status_page(
+        config, options.negotiator, pool.fingerprints, metrics.failure_log, _gate(options)
+    )
     app = Starlette(
         routes=[
             Route(CHAT_PATH, _guard(proxy.passthrough), methods=["POST"]),
@@ -479,9 +489,7 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
             Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
             Route("/v1/models", _guard(proxy.models), methods=["GET"]),
-            Route(
-                "/", status_page(config, options.negotiator, pool.fingerprints, metrics.failure_log)
-            ),
+            Route("/", status),
             Route("/health", proxy.health, methods=["GET"]),
             Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),

@@ -1,9 +1,12 @@
 """The proxy's status page, ``GET /``: server-rendered HTML, no script, no build step.
 
-What it shows: the upstream hosts and the wire-profile policy; the chutes pinned to profile v2
-(until when) and their attestation state - which this version does not verify, and says so;
-the API keys with a live transport, as SHA-256 fingerprints; failures by stable error code,
-in the last hour and since start. What it never shows: a prompt, a completion, a key, a model
+What it shows: the upstream hosts, the wire-profile policy and the attestation mode; every
+chute the proxy has negotiated with (profile v1 or v2, v2 pin) or attested, with its
+attestation state from the proxy's one shared gate (trusted / rejected / unattested / not
+yet); per attested instance the verdict, TCB status, measurements (MRTD, RTMR0-3 as short
+hex), GPUs checked / ok, when verified and the reason codes; the API keys with a live
+transport, as SHA-256 fingerprints; failures by stable error code, in the last hour and since
+start. What it never shows: a prompt, a completion, a key, a model
 name from a request. Every value is HTML-escaped; the page forbids scripts and outside
 resources (Content-Security-Policy).
 """
@@ -20,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 import pqe2ee
+from pqe2ee.attest.gate import AttestationGate, AttestMode, ChuteAttestation
+from pqe2ee.attest.policy import Verdict
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.proxy.app.config import ProxyConfig
 
@@ -63,11 +68,70 @@ def _table(head: Iterable[str], rows: list[list[str]], empty: str) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _short(hex_value: str) -> str:
+    return hex_value[:12] + "…" if len(hex_value) > 12 else hex_value
+
+
+def _measurements(verdict: Verdict) -> str:
+    m = verdict.measurements
+    if m is None:
+        return "-"
+    shown = " ".join(f"{k.upper()} {_short(v)}" for k, v in m.as_dict().items())
+    return shown + ("" if verdict.measurements_pinned else " (not pinned by the policy)")
+
+
+def _instance_rows(state: ChuteAttestation) -> list[list[str]]:
+    rows = []
+    for verdict, until in state.verdicts:
+        codes = [r.value for r in verdict.reasons] + list(verdict.notes)
+        rows.append([
+            state.chute, verdict.instance_id,
+            "trusted" if verdict.trusted else "rejected",
+            verdict.tcb_status or "-", _measurements(verdict),
+            f"{verdict.gpus_ok} of {verdict.gpus_checked}",
+            _utc(verdict.verified_at), _utc(until), ", ".join(codes) or "-",
+        ])  # fmt: skip
+    for instance in state.pending:
+        rows.append([state.chute, instance, "not yet", "-", "-", "-", "-", "-", "-"])
+    return rows
+
+
+def _chute_rows(
+    negotiator: Negotiator | None,
+    attest: dict[str, ChuteAttestation],
+    mode: AttestMode | None,
+) -> list[list[str]]:
+    seen = negotiator.seen() if negotiator is not None else {}
+    pins = negotiator.pins() if negotiator is not None else {}
+    rows = []
+    for chute in sorted({*seen, *pins, *attest}):
+        version, last = seen.get(chute, (None, None))
+        profile = "-" if version is None else f"v{version}"
+        pinned = _utc(pins[chute]) if chute in pins else "-"
+        state = attest.get(chute)
+        if mode is AttestMode.OFF:
+            verdict = "off (--attest off)"
+        elif state is None:
+            verdict = "not yet"
+        else:
+            trusted = sum(v.trusted for v, _ in state.verdicts)
+            verdict = state.state
+            if state.verdicts:
+                verdict += f" ({trusted} of {len(state.verdicts)} instances verified trusted)"
+            if state.why:
+                verdict += f": {state.why}"
+            if state.pinned and state.state != "trusted":
+                verdict += " (verified before: pinned to attestation)"
+        rows.append([chute, profile, "-" if last is None else _utc(last), pinned, verdict])
+    return rows
+
+
 def render(
     config: ProxyConfig,
     negotiator: Negotiator | None,
     fingerprints: list[str],
     failures: FailureLog,
+    gate: AttestationGate | None = None,
 ) -> str:
     policy = (
         "v2 required (--min-version 2): v1 is never sent"
@@ -76,11 +140,21 @@ def render(
         if config.prefer_v2
         else "v1 only (--no-prefer-v2)"
     )
-    pins = negotiator.pins() if negotiator is not None else {}
-    chutes = [
-        [chute, "v2 (pinned)", _utc(until), "not verified (no attestation verifier here)"]
-        for chute, until in sorted(pins.items())
-    ]
+    attest: dict[str, ChuteAttestation] = {}
+    mode = None
+    if gate is not None:
+        mode = gate.options.mode
+        with gate.lock:
+            attest = gate.summary()
+    chutes = _chute_rows(negotiator, attest, mode)
+    instances = [row for c in sorted(attest) for row in _instance_rows(attest[c])]
+    attest_mode = {
+        None: "none",
+        AttestMode.AUTO: "auto: chutes serving evidence are verified before any prompt; "
+        "others are sent to unattested (one warning each)",
+        AttestMode.REQUIRE: "require: only verified instances are sent a prompt",
+        AttestMode.OFF: "off: nothing is verified",
+    }[mode]
     recent = failures.recent()
     errors = [
         [code, str(recent.get(code, 0)), str(total)]
@@ -92,12 +166,18 @@ def render(
             ["what", "value"],
             [["relay (encrypted calls)", config.api_base],
              ["model list (plaintext)", config.models_base],
-             ["wire profile", policy]],
+             ["wire profile", policy],
+             ["attestation (--attest)", attest_mode]],
             "",
         )),
-        ("Chutes seen with profile v2", _table(
-            ["chute", "profile", "pinned until", "attestation"], chutes,
-            "No chute pinned to v2 yet (pins appear after the first call to a chute offering v2).",
+        ("Chutes seen", _table(
+            ["chute", "profile", "last negotiated", "v2 pinned until", "attestation"], chutes,
+            "No chute seen yet (chutes appear after the first call).",
+        )),
+        ("Attestation per instance", _table(
+            ["chute", "instance", "verdict", "TCB status", "measurements", "GPUs ok",
+             "verified", "reused until", "reasons and notes"], instances,
+            "No instance verified yet.",
         )),
         (f"API keys in use: {len(keys)}", _table(
             ["SHA-256 fingerprint (first 16 hex digits)"], keys, "No key has a live transport.",
@@ -127,11 +207,13 @@ def status_page(
     negotiator: Negotiator | None,
     fingerprints: Callable[[], list[str]],
     failures: FailureLog,
+    gate: AttestationGate | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """The ``GET /`` endpoint over the proxy's live state."""
+    """The ``GET /`` endpoint over the proxy's live state (``gate``: the attestation gate
+    every per-key transport shares)."""
 
     async def endpoint(request: Request) -> Response:
-        page = render(config, negotiator, fingerprints(), failures)
+        page = render(config, negotiator, fingerprints(), failures, gate)
         return HTMLResponse(
             page,
             headers={"content-security-policy": _CSP, "cache-control": "no-store",
