@@ -1198,16 +1198,17 @@ def test_negotiator_pins_bounded_and_expiring() -> None:
 
 def test_negotiator_remembers_the_chutes_seen() -> None:
     """``seen()`` (the proxy's status page): the last decision's version and time per chute,
-    bounded like the pins; a refused decision is not a chute spoken to."""
+    bounded like the pins; a refused decision is not a chute spoken to. (Distinct instances:
+    an instance key seen offering v2 pins every chute it serves.)"""
     neg = Negotiator(E2EPolicy(max_pins=2))
     assert neg.decide("a", [inst_info("i", True)], 1000.0).version == 2
-    assert neg.decide("b", [inst_info("i", False)], 1001.0).version == 1
+    assert neg.decide("b", [inst_info("j", False, b"\x01" * 1184)], 1001.0).version == 1
     assert neg.seen() == {"a": (2, 1000.0), "b": (1, 1001.0)}
     assert code(lambda: neg.decide("a", [inst_info("i", False)], 1002.0)) is (
         ErrorCode.DOWNGRADE_SUSPECTED
     )
     assert neg.seen()["a"] == (2, 1000.0)
-    neg.decide("c", [inst_info("i", False)], 1003.0)
+    neg.decide("c", [inst_info("k", False, b"\x02" * 1184)], 1003.0)
     assert list(neg.seen()) == ["b", "c"]  # "a" was seen least recently
     v1_only = Negotiator(E2EPolicy(prefer_v2=False))
     v1_only.decide("a", [inst_info("i", True)], 1000.0)
