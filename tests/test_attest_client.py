@@ -17,7 +17,7 @@ from attest_replay import CHUTE, MODEL, Replay
 from attest_support import ATTESTATION, EXTRA, capture, full_collateral
 from pqe2ee.attest import Policy
 from pqe2ee.attest.capture import Capture
-from pqe2ee.attest.gate import AttestMode, AttestOptions
+from pqe2ee.attest.gate import AttestMode, AttestOptions, confidential_chutes
 from pqe2ee.errors import AttestationError, ErrorCode
 from pqe2ee.transports.httpx2 import AsyncE2EETransport, E2EETransport
 from servers import run_app
@@ -138,6 +138,61 @@ def test_auto_sends_unattested_with_one_warning(
     assert len(rp.invokes) == 3
     warnings = [r for r in caplog.records if "NOT attested" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_chute_listed_as_confidential_that_hides_its_evidence_is_a_downgrade(
+    replay: tuple[Replay, str],
+) -> None:
+    # The listing says TEE, the evidence endpoint says 404: never a quiet unattested send.
+    rp, base = replay
+    rp.confidential = True
+    rp.serve_evidence = False
+    with pytest.raises(AttestationError) as err:
+        _post(base, "auto")
+    assert err.value.code is ErrorCode.ATTEST_DOWNGRADE
+    assert "confidential compute" in err.value.message
+    assert rp.invokes == []
+
+
+def test_a_listing_that_later_drops_the_flag_still_needs_evidence(
+    replay: tuple[Replay, str],
+) -> None:
+    # Listed once, then a later listing (a new client of the same options, so a fresh model
+    # map) hides the flag: the chute stays expected to attest (sticky per options/gate).
+    rp, base = replay
+    cap = capture(NAME)
+    rp.confidential, rp.serve_evidence = True, False
+    options = _options(cap, base, extra=True)
+    with pytest.raises(AttestationError):
+        _post(base, options)
+    rp.confidential = None
+    with pytest.raises(AttestationError) as err:
+        _post(base, options)
+    assert err.value.code is ErrorCode.ATTEST_DOWNGRADE
+    assert "confidential compute" in err.value.message
+    assert rp.invokes == [] and len([p for _, p, _ in rp.seen if p == "/v1/models"]) == 2
+
+
+def test_confidential_chutes_reads_the_listing_flag() -> None:
+    doc = (
+        b'{"data": [{"id": "a", "chute_id": "AA-1", "confidential_compute": true},'
+        b' {"id": "b", "chute_id": "bb-2", "confidential_compute": false},'
+        b' {"id": "c", "chute_id": "cc-3", "confidential_compute": "true"},'
+        b' {"id": "d", "confidential_compute": true}, 7]}'
+    )
+    assert confidential_chutes(doc) == {"aa-1"}
+    assert confidential_chutes(b"not json") == frozenset()
+    assert confidential_chutes(b'{"data": {}}') == frozenset()
+
+
+def test_a_chute_listed_as_not_confidential_is_sent_unattested(
+    replay: tuple[Replay, str],
+) -> None:
+    rp, base = replay
+    rp.confidential = False
+    rp.serve_evidence = False
+    assert _post(base, "auto") == [500]
+    assert len(rp.invokes) == 1
 
 
 def test_off_asks_for_no_evidence(replay: tuple[Replay, str]) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pqe2ee.attest.capture import load_collateral_dir, save_answer
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer, collateral_urls
-from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions
+from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions, confidential_chutes
 from pqe2ee.attest.policy import Verdict
 from pqe2ee.attest.tdx import parse_quote
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence, verify_instance
@@ -116,6 +116,13 @@ class Attestor:
                     raise
                 break
         raise _failed(chute, rejected)
+
+    def note_listing(self, doc: bytes) -> None:
+        """A model listing was loaded: its confidential-compute chutes must serve evidence."""
+        listed = confidential_chutes(doc)
+        if listed:
+            with self._guard:
+                self.gate.note_listing(listed)
 
     def no_instances(self, chute: str, exc: RelayError) -> None:
         """The pool has no instance left: when that is because they failed attestation, say so
