@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from pqe2ee.attest.collateral import Collateral
+from pqe2ee.attest.nras import NRAS_JWKS_URL, NRAS_URL
 from pqe2ee.attest.policy import Policy, Verdict
 from pqe2ee.attest.verify import EvidenceBundle, new_nonce
 from pqe2ee.errors import AttestationError, ErrorCode
@@ -75,6 +78,12 @@ class AttestOptions:
     test_intel_root_der: bytes | None = field(default=None, repr=False)
     #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
     nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
+    #: GPU mode ``nras`` (policy ``gpu="nras"``): where the GPU evidence is POSTed with H, and
+    #: NVIDIA's JWKS whose keys must have signed the answer (cached ``nras_jwks_ttl`` seconds;
+    #: fetched again once when a token names a key not in it).
+    nras_url: str = NRAS_URL
+    nras_jwks_url: str = NRAS_JWKS_URL
+    nras_jwks_ttl: float = 3600.0
 
     #: The verdicts, evidence and pins of every client made with these options (shared, like
     #: a Negotiator: the proxy's per-key transports share one gate).
@@ -127,6 +136,10 @@ class AttestationGate:
         self._evidence: dict[str, _Evidence] = {}
         self.pinned: set[str] = set()
         self.listed: set[str] = set()  # listed as confidential compute, ever (sticky)
+        self.nras_keys: dict[
+            str, ec.EllipticCurvePublicKey
+        ] = {}  # NVIDIA's JWKS keys by kid (GPU mode nras)
+        self.nras_keys_at: float | None = None  # when they were fetched (wall clock)
         self.loaded: set[Path] = set()  # cache directories already read
         self._warned: set[str] = set()
 
