@@ -232,20 +232,32 @@ def test_collateral_fetched_from_a_pcs(replay: tuple[Replay, str]) -> None:
     assert {h["x-instance-id"] for h in rp.invokes} <= {GOOD, OTHER} and rp.invokes
 
 
-def test_async_transport_fails_closed(replay: tuple[Replay, str]) -> None:
+@pytest.mark.anyio
+async def test_async_transport_fails_closed(replay: tuple[Replay, str]) -> None:
+    # anyio code (the async engine, its worker-thread verification): asyncio and trio.
     rp, base = replay
     cap = capture(NAME)
     options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
-
-    async def go() -> None:
-        transport = AsyncE2EETransport(api_key=KEY, api_base=base, models_base=base, attest=options)
-        async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+    transport = AsyncE2EETransport(api_key=KEY, api_base=base, models_base=base, attest=options)
+    async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+        with pytest.raises(AttestationError) as err:
             await client.post("/v1/chat/completions", json=BODY)
-
-    with pytest.raises(AttestationError) as err:
-        asyncio.run(go())
     assert err.value.code is ErrorCode.ATTEST_FAILED
     assert rp.invokes == []
+
+
+@pytest.mark.anyio
+async def test_async_transport_sends_only_to_verified_instances(replay: tuple[Replay, str]) -> None:
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=False)  # OTHER's FMSPC has no collateral: rejected
+    transport = AsyncE2EETransport(
+        api_key=KEY, api_base=base, models_base=base, attest=options, max_attempts=1
+    )
+    async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+        for _ in range(4):
+            assert (await client.post("/v1/chat/completions", json=BODY)).status_code == 500
+    assert {h["x-instance-id"] for h in rp.invokes} == {GOOD}
 
 
 def test_attest_option_validation() -> None:
@@ -270,33 +282,37 @@ def test_the_next_request_after_every_instance_failed_is_attest_failed_too(
     assert len(rp.evidence_nonces) == 1  # the rejections are cached per (chute, instance, key)
 
 
-@pytest.mark.parametrize("flavour", ["aiohttp", "anyio"])
-def test_other_transports_fail_closed_too(replay: tuple[Replay, str], flavour: str) -> None:
+def test_aiohttp_fails_closed_too(replay: tuple[Replay, str]) -> None:
+    # aiohttp is asyncio-only: this one runs on asyncio alone.
+    from pqe2ee.transports.aiohttp import E2EEClientSession
+
     rp, base = replay
     cap = capture(NAME)
     options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
 
     async def go() -> None:
-        if flavour == "aiohttp":
-            from pqe2ee.transports.aiohttp import E2EEClientSession
-
-            session = E2EEClientSession(
-                api_key=KEY, api_base=base, models_base=base, attest=options
-            )
-            try:
-                await session.post("/v1/chat/completions", json=BODY)
-            finally:
-                await session.close()
-        else:
-            from pqe2ee.transports.anyio import E2EEClient
-
-            async with E2EEClient(
-                api_key=KEY, api_base=base, models_base=base, attest=options
-            ) as c:
-                await c.chat(**BODY)
+        session = E2EEClientSession(api_key=KEY, api_base=base, models_base=base, attest=options)
+        try:
+            await session.post("/v1/chat/completions", json=BODY)
+        finally:
+            await session.close()
 
     with pytest.raises(AttestationError) as err:
         asyncio.run(go())
+    assert err.value.code is ErrorCode.ATTEST_FAILED
+    assert rp.invokes == []
+
+
+@pytest.mark.anyio
+async def test_anyio_client_fails_closed_too(replay: tuple[Replay, str]) -> None:
+    from pqe2ee.transports.anyio import E2EEClient
+
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
+    async with E2EEClient(api_key=KEY, api_base=base, models_base=base, attest=options) as c:
+        with pytest.raises(AttestationError) as err:
+            await c.chat(**BODY)
     assert err.value.code is ErrorCode.ATTEST_FAILED
     assert rp.invokes == []
 

@@ -23,7 +23,7 @@ from pqe2ee.attest.policy import GpuMode
 from pqe2ee.attest.verify import nonce_binding, verify_evidence
 from pqe2ee.errors import AttestationError
 from pqe2ee.errors import ErrorCode as E
-from pqe2ee.transports.httpx2 import E2EETransport
+from pqe2ee.transports.httpx2 import AsyncE2EETransport, E2EETransport
 from servers import run_app
 
 NAME = "glm-5-tee-2026-06-29"
@@ -218,3 +218,23 @@ def test_a_rotated_nras_key_refetches_the_jwks_once(
     assert _post(base, options) == [500]
     assert nras.jwks_fetches == 2
     assert len(rp.invokes) == 2
+
+
+@pytest.mark.anyio
+async def test_nras_on_the_async_transport(stack: tuple[Replay, str, StandInNras, str]) -> None:
+    # The async engine's NRAS round trip and JWKS fetch, on asyncio and trio.
+    rp, base, nras, nras_base = stack
+    transport = AsyncE2EETransport(
+        api_key=KEY, api_base=base, models_base=base, attest=_options(nras_base), max_attempts=1
+    )
+    async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+        assert (await client.post("/v1/chat/completions", json=BODY)).status_code == 500
+        nras.mode = "other-key"  # later instances are never verified by a foreign signer
+        for _ in range(3):
+            try:
+                await client.post("/v1/chat/completions", json=BODY)
+            except AttestationError as exc:
+                assert exc.code is E.ATTEST_FAILED
+    first = rp.invokes[0]["x-instance-id"]
+    assert {h["x-instance-id"] for h in rp.invokes} == {first}
+    assert nras.jwks_fetches == 1
