@@ -238,3 +238,26 @@ async def test_nras_on_the_async_transport(stack: tuple[Replay, str, StandInNras
     first = rp.invokes[0]["x-instance-id"]
     assert {h["x-instance-id"] for h in rp.invokes} == {first}
     assert nras.jwks_fetches == 1
+
+
+def test_proxy_flags_reach_the_attestation_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import pqe2ee.cli._preflight as preflight
+    import pqe2ee.proxy.app as proxy_app
+    from pqe2ee.cli import cli
+
+    seen: list[AttestOptions] = []
+    monkeypatch.setattr(proxy_app, "serve", lambda config, **kw: seen.append(config.attest))
+    monkeypatch.setattr(preflight, "check_port", lambda *a: None)
+    args = ["proxy", "--api-key", KEY, "--attest-gpu", "nras", "--attest-nras-url",
+            "http://127.0.0.1:1/v3/attest/gpu", "--attest-nras-jwks-url", "http://127.0.0.1:1/j"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert options.policy.gpu is GpuMode.NRAS
+    assert options.nras_url == "http://127.0.0.1:1/v3/attest/gpu"
+    assert options.nras_jwks_url == "http://127.0.0.1:1/j"
+    monkeypatch.setenv("PQE2EE_PROXY_ATTEST_GPU", "bogus")
+    refused = CliRunner().invoke(cli, ["proxy", "--api-key", KEY])
+    assert refused.exit_code != 0 and "--attest-gpu" in refused.output
