@@ -81,8 +81,8 @@ __all__ = ["proxy_cmd"]
     default="auto",
     type=click.Choice(["auto", "require", "off"]),
     help="TEE attestation of instance keys before a prompt is sealed: auto verifies every "
-    "chute that serves evidence (fail closed; once verified, always), require refuses any "
-    "chute it cannot verify, off skips it.",
+    "chute that serves evidence or is listed as confidential compute (fail closed; once "
+    "verified or listed, always), require refuses any chute it cannot verify, off skips it.",
 )
 @opt.env_option(
     "--attest-policy",
