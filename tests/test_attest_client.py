@@ -140,13 +140,17 @@ def test_auto_sends_unattested_with_one_warning(
     assert len(warnings) == 1
 
 
-def test_a_chute_listed_as_confidential_that_hides_its_evidence_is_a_downgrade(
-    replay: tuple[Replay, str],
+@pytest.mark.parametrize("listed", [True, False, None])
+def test_the_listing_flag_decides_for_a_chute_without_evidence(
+    replay: tuple[Replay, str], listed: bool | None
 ) -> None:
-    # The listing says TEE, the evidence endpoint says 404: never a quiet unattested send.
+    # Listed as TEE but the evidence endpoint says 404: never a quiet unattested send. Listed
+    # as not confidential (or not at all): sent unattested (auto).
     rp, base = replay
-    rp.confidential = True
-    rp.serve_evidence = False
+    rp.confidential, rp.serve_evidence = listed, False
+    if not listed:
+        assert _post(base, "auto") == [500] and len(rp.invokes) == 1
+        return
     with pytest.raises(AttestationError) as err:
         _post(base, "auto")
     assert err.value.code is ErrorCode.ATTEST_DOWNGRADE
@@ -183,16 +187,6 @@ def test_confidential_chutes_reads_the_listing_flag() -> None:
     assert confidential_chutes(doc) == {"aa-1"}
     assert confidential_chutes(b"not json") == frozenset()
     assert confidential_chutes(b'{"data": {}}') == frozenset()
-
-
-def test_a_chute_listed_as_not_confidential_is_sent_unattested(
-    replay: tuple[Replay, str],
-) -> None:
-    rp, base = replay
-    rp.confidential = False
-    rp.serve_evidence = False
-    assert _post(base, "auto") == [500]
-    assert len(rp.invokes) == 1
 
 
 def test_off_asks_for_no_evidence(replay: tuple[Replay, str]) -> None:
