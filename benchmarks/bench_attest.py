@@ -19,6 +19,12 @@ first request is the evidence round trip plus verification of the leased instanc
 request (the pool leases the capture's other instance) verifies it from the evidence already
 fetched (no round trip); later requests reuse the verdicts.
 Rounds alternate the two clients; medians are printed with their same-run ratio.
+
+Part 3 (GPU mode ``nras``): the pure token check of an NRAS answer for 8 GPUs (NVIDIA's real
+captured answer and JWKS: 9 ES384 signatures; and the tests' stand-in answer, all passing), and
+the first request of a client with ``gpu="verify"`` against ``gpu="nras"`` (the stand-in NRAS
+on loopback: one POST and one JWKS fetch more, 9 token signatures instead of 8 SPDM ones and
+their chains).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import httpx2  # noqa: E402
 
+from attest_nras import StandInNras, gpu_claims, jwk, nras_answer  # noqa: E402
 from attest_replay import MODEL, Replay  # noqa: E402
 from attest_support import ATTESTATION, CAPTURES, EXTRA, capture, full_collateral  # noqa: E402
 from pqe2ee.attest import GpuMode, Policy, verify_instance  # noqa: E402
@@ -144,6 +151,59 @@ def part2(rounds: int, calls: int) -> None:
         )
 
 
+def part3(rounds: int) -> None:
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from pqe2ee.attest.nras import check_nras, parse_jwks
+
+    name = "glm-5-tee-2026-06-29"
+    folder = ATTESTATION / "chutes" / name
+    cap = capture(name)
+    now = cap.captured_at.timestamp()
+    real = (folder / "nvidia-nras-answer.body").read_bytes()
+    real_keys = parse_jwks((folder / "nvidia-nras-jwks.body").read_bytes())
+    key = ec.generate_private_key(ec.SECP384R1())
+    keys = parse_jwks(json.dumps({"keys": [jwk(key)]}).encode())
+    h = bytes(range(32))
+    ok = json.dumps(
+        nras_answer(key, h.hex(), [gpu_claims(h.hex(), now, True) for _ in range(8)], now)
+    ).encode()
+    times: dict[str, list[float]] = {"real": [], "ok": []}
+    for _ in range(rounds):
+        t = time.perf_counter()
+        check_nras(real, real_keys, bytes.fromhex(cap.nonce_hex), 8, now)
+        times["real"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        assert all(c.ok for c in check_nras(ok, keys, h, 8, now))
+        times["ok"].append(time.perf_counter() - t)
+    print()
+    print("GPU mode nras: token checks for 8 GPUs (median ms)")
+    print(f"  NVIDIA's captured answer (9 tokens)  {_ms(times['real'])}")
+    print(f"  stand-in answer, all passing         {_ms(times['ok'])}")
+
+    rp = Replay(folder, extra=[EXTRA / "tcb-info-b0c06f000000-2026-06-29.meta.json"])
+    nras = StandInNras(clock=now)
+    first: dict[str, list[float]] = {"verify": [], "nras": []}
+    with run_app(rp.app()) as base, run_app(nras.app()) as nras_base:
+        for _ in range(rounds):
+            for mode in ("verify", "nras"):
+                options = AttestOptions(
+                    policy=Policy(gpu=GpuMode(mode)),
+                    collateral=full_collateral(cap),
+                    pcs_url=None,
+                    wall_clock=lambda: now,
+                    nonce_factory=lambda: cap.nonce_hex,
+                    nras_url=nras_base + "/v3/attest/gpu",
+                    nras_jwks_url=nras_base + "/.well-known/jwks.json",
+                )
+                first[mode].append(_client_round(base, options, 1)[0])
+    v, n = statistics.median(first["verify"]), statistics.median(first["nras"])
+    print(f"  first request, gpu=verify            {v * 1000:8.2f}")
+    print(f"  first request, gpu=nras (loopback)   {n * 1000:8.2f}   ratio {n / v:5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", "15")))
@@ -151,6 +211,7 @@ def main() -> None:
     args = ap.parse_args()
     part1(args.rounds)
     part2(args.rounds, args.calls)
+    part3(args.rounds)
 
 
 if __name__ == "__main__":

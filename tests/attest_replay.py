@@ -27,6 +27,7 @@ class Replay:
     capture: Path
     extra: list[Path] = field(default_factory=list)
     serve_evidence: bool = True
+    confidential: bool | None = None  # the listing row's confidential_compute (absent: None)
     discovery_edit: Any = None  # callable(list of instances) -> list, to swap keys
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
@@ -63,7 +64,10 @@ class Replay:
 
         async def models(request: Request) -> Response:
             await record(request)
-            return JSONResponse({"data": [{"id": MODEL, "chute_id": CHUTE}]})
+            row: dict[str, object] = {"id": MODEL, "chute_id": CHUTE}
+            if self.confidential is not None:
+                row["confidential_compute"] = self.confidential
+            return JSONResponse({"data": [row]})
 
         async def discovery(request: Request) -> Response:
             await record(request)

@@ -17,7 +17,7 @@ from attest_replay import CHUTE, MODEL, Replay
 from attest_support import ATTESTATION, EXTRA, capture, full_collateral
 from pqe2ee.attest import Policy
 from pqe2ee.attest.capture import Capture
-from pqe2ee.attest.gate import AttestMode, AttestOptions
+from pqe2ee.attest.gate import AttestMode, AttestOptions, confidential_chutes
 from pqe2ee.errors import AttestationError, ErrorCode
 from pqe2ee.transports.httpx2 import AsyncE2EETransport, E2EETransport
 from servers import run_app
@@ -140,6 +140,55 @@ def test_auto_sends_unattested_with_one_warning(
     assert len(warnings) == 1
 
 
+@pytest.mark.parametrize("listed", [True, False, None])
+def test_the_listing_flag_decides_for_a_chute_without_evidence(
+    replay: tuple[Replay, str], listed: bool | None
+) -> None:
+    # Listed as TEE but the evidence endpoint says 404: never a quiet unattested send. Listed
+    # as not confidential (or not at all): sent unattested (auto).
+    rp, base = replay
+    rp.confidential, rp.serve_evidence = listed, False
+    if not listed:
+        assert _post(base, "auto") == [500] and len(rp.invokes) == 1
+        return
+    with pytest.raises(AttestationError) as err:
+        _post(base, "auto")
+    assert err.value.code is ErrorCode.ATTEST_DOWNGRADE
+    assert "confidential compute" in err.value.message
+    assert rp.invokes == []
+
+
+def test_a_listing_that_later_drops_the_flag_still_needs_evidence(
+    replay: tuple[Replay, str],
+) -> None:
+    # Listed once, then a later listing (a new client of the same options, so a fresh model
+    # map) hides the flag: the chute stays expected to attest (sticky per options/gate).
+    rp, base = replay
+    cap = capture(NAME)
+    rp.confidential, rp.serve_evidence = True, False
+    options = _options(cap, base, extra=True)
+    with pytest.raises(AttestationError):
+        _post(base, options)
+    rp.confidential = None
+    with pytest.raises(AttestationError) as err:
+        _post(base, options)
+    assert err.value.code is ErrorCode.ATTEST_DOWNGRADE
+    assert "confidential compute" in err.value.message
+    assert rp.invokes == [] and len([p for _, p, _ in rp.seen if p == "/v1/models"]) == 2
+
+
+def test_confidential_chutes_reads_the_listing_flag() -> None:
+    doc = (
+        b'{"data": [{"id": "a", "chute_id": "AA-1", "confidential_compute": true},'
+        b' {"id": "b", "chute_id": "bb-2", "confidential_compute": false},'
+        b' {"id": "c", "chute_id": "cc-3", "confidential_compute": "true"},'
+        b' {"id": "d", "confidential_compute": true}, 7]}'
+    )
+    assert confidential_chutes(doc) == {"aa-1"}
+    assert confidential_chutes(b"not json") == frozenset()
+    assert confidential_chutes(b'{"data": {}}') == frozenset()
+
+
 def test_off_asks_for_no_evidence(replay: tuple[Replay, str]) -> None:
     rp, base = replay
     assert _post(base, "off") == [500]
@@ -177,20 +226,32 @@ def test_collateral_fetched_from_a_pcs(replay: tuple[Replay, str]) -> None:
     assert {h["x-instance-id"] for h in rp.invokes} <= {GOOD, OTHER} and rp.invokes
 
 
-def test_async_transport_fails_closed(replay: tuple[Replay, str]) -> None:
+@pytest.mark.anyio
+async def test_async_transport_fails_closed(replay: tuple[Replay, str]) -> None:
+    # anyio code (the async engine, its worker-thread verification): asyncio and trio.
     rp, base = replay
     cap = capture(NAME)
     options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
-
-    async def go() -> None:
-        transport = AsyncE2EETransport(api_key=KEY, api_base=base, models_base=base, attest=options)
-        async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+    transport = AsyncE2EETransport(api_key=KEY, api_base=base, models_base=base, attest=options)
+    async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+        with pytest.raises(AttestationError) as err:
             await client.post("/v1/chat/completions", json=BODY)
-
-    with pytest.raises(AttestationError) as err:
-        asyncio.run(go())
     assert err.value.code is ErrorCode.ATTEST_FAILED
     assert rp.invokes == []
+
+
+@pytest.mark.anyio
+async def test_async_transport_sends_only_to_verified_instances(replay: tuple[Replay, str]) -> None:
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=False)  # OTHER's FMSPC has no collateral: rejected
+    transport = AsyncE2EETransport(
+        api_key=KEY, api_base=base, models_base=base, attest=options, max_attempts=1
+    )
+    async with httpx2.AsyncClient(transport=transport, base_url=base, timeout=30) as client:
+        for _ in range(4):
+            assert (await client.post("/v1/chat/completions", json=BODY)).status_code == 500
+    assert {h["x-instance-id"] for h in rp.invokes} == {GOOD}
 
 
 def test_attest_option_validation() -> None:
@@ -215,33 +276,37 @@ def test_the_next_request_after_every_instance_failed_is_attest_failed_too(
     assert len(rp.evidence_nonces) == 1  # the rejections are cached per (chute, instance, key)
 
 
-@pytest.mark.parametrize("flavour", ["aiohttp", "anyio"])
-def test_other_transports_fail_closed_too(replay: tuple[Replay, str], flavour: str) -> None:
+def test_aiohttp_fails_closed_too(replay: tuple[Replay, str]) -> None:
+    # aiohttp is asyncio-only: this one runs on asyncio alone.
+    from pqe2ee.transports.aiohttp import E2EEClientSession
+
     rp, base = replay
     cap = capture(NAME)
     options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
 
     async def go() -> None:
-        if flavour == "aiohttp":
-            from pqe2ee.transports.aiohttp import E2EEClientSession
-
-            session = E2EEClientSession(
-                api_key=KEY, api_base=base, models_base=base, attest=options
-            )
-            try:
-                await session.post("/v1/chat/completions", json=BODY)
-            finally:
-                await session.close()
-        else:
-            from pqe2ee.transports.anyio import E2EEClient
-
-            async with E2EEClient(
-                api_key=KEY, api_base=base, models_base=base, attest=options
-            ) as c:
-                await c.chat(**BODY)
+        session = E2EEClientSession(api_key=KEY, api_base=base, models_base=base, attest=options)
+        try:
+            await session.post("/v1/chat/completions", json=BODY)
+        finally:
+            await session.close()
 
     with pytest.raises(AttestationError) as err:
         asyncio.run(go())
+    assert err.value.code is ErrorCode.ATTEST_FAILED
+    assert rp.invokes == []
+
+
+@pytest.mark.anyio
+async def test_anyio_client_fails_closed_too(replay: tuple[Replay, str]) -> None:
+    from pqe2ee.transports.anyio import E2EEClient
+
+    rp, base = replay
+    cap = capture(NAME)
+    options = _options(cap, base, extra=True, nonce_factory=lambda: "cd" * 32)
+    async with E2EEClient(api_key=KEY, api_base=base, models_base=base, attest=options) as c:
+        with pytest.raises(AttestationError) as err:
+            await c.chat(**BODY)
     assert err.value.code is ErrorCode.ATTEST_FAILED
     assert rp.invokes == []
 

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 ATTEST = Path(__file__).resolve().parent.parent / "src" / "pqe2ee" / "attest"
-PURE = ["collateral.py", "gate.py", "gpu.py", "policy.py", "tdx.py", "verify.py", "__init__.py"]
+PURE = [
+    "collateral.py",
+    "gate.py",
+    "gpu.py",
+    "nras.py",
+    "policy.py",
+    "tdx.py",
+    "verify.py",
+    "__init__.py",
+]
 IO_MODULES = ["capture.py", "tsm.py"]
 BANNED = frozenset(
     {

@@ -169,6 +169,8 @@ class ErrorCode(enum.StrEnum):
     ATTEST_GPU_SIGNATURE = "attest_gpu_signature"
     ATTEST_GPU_NONCE = "attest_gpu_nonce"
     ATTEST_GPU_UNSUPPORTED = "attest_gpu_unsupported"
+    ATTEST_GPU_NRAS = "attest_gpu_nras"
+    ATTEST_GPU_NRAS_TOKEN = "attest_gpu_nras_token"
 
 
 _OWNERS: dict[ErrorCode, type[PQE2EEError]] = {}
@@ -405,6 +407,8 @@ class AttestationError(
         ErrorCode.ATTEST_GPU_SIGNATURE,
         ErrorCode.ATTEST_GPU_NONCE,
         ErrorCode.ATTEST_GPU_UNSUPPORTED,
+        ErrorCode.ATTEST_GPU_NRAS,
+        ErrorCode.ATTEST_GPU_NRAS_TOKEN,
     ),
 ):
     """TEE evidence did not prove that the instance key belongs to a genuine, up-to-date,

@@ -9,6 +9,7 @@ directory of such answers (``--collateral-dir``) can be merged in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer
 from pqe2ee.attest.gate import INTEL_PCS_URL, AttestMode, AttestOptions
-from pqe2ee.attest.policy import Policy
+from pqe2ee.attest.nras import NRAS_JWKS_URL, NRAS_URL
+from pqe2ee.attest.policy import GpuMode, Policy
 from pqe2ee.attest.verify import EvidenceBundle, parse_evidence
 from pqe2ee.errors import AttestationError, ErrorCode
 
@@ -150,8 +152,12 @@ def attest_options(
     collateral_dirs: tuple[Path, ...] = (),
     pcs_url: str | None = INTEL_PCS_URL,
     cache_dir: Path | None = None,
+    gpu: str | None = None,
+    nras_url: str = NRAS_URL,
+    nras_jwks_url: str = NRAS_JWKS_URL,
 ) -> AttestOptions:
-    """:class:`AttestOptions` from command-line style values (files read here)."""
+    """:class:`AttestOptions` from command-line style values (files read here). ``gpu``
+    (``verify``/``nras``/``off``) overrides the policy file's GPU mode."""
     try:
         chosen = AttestMode(mode)
     except ValueError:
@@ -161,12 +167,22 @@ def attest_options(
     collateral = Collateral()
     for directory in collateral_dirs:
         collateral = collateral.merged(load_collateral_dir(directory))
+    chosen_policy = load_policy(policy) if policy is not None else Policy()
+    if gpu is not None:
+        try:
+            chosen_policy = dataclasses.replace(chosen_policy, gpu=GpuMode(gpu))
+        except ValueError:
+            raise AttestationError(
+                f"GPU mode {gpu!r} is not verify, nras or off", code=ErrorCode.ATTEST_UNAVAILABLE
+            ) from None
     return AttestOptions(
         mode=chosen,
-        policy=load_policy(policy) if policy is not None else Policy(),
+        policy=chosen_policy,
         collateral=collateral,
         pcs_url=pcs_url.rstrip("/") if pcs_url else None,
         cache_dir=cache_dir,
+        nras_url=nras_url,
+        nras_jwks_url=nras_jwks_url,
     )
 
 

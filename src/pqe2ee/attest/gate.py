@@ -4,7 +4,9 @@ The transports do the fetching (:mod:`pqe2ee.transports._async._attest`); this m
 Verification happens once per (chute, instance, key) and its verdict is reused until the
 policy's ``max_age`` or the collateral's earliest ``nextUpdate``, whichever comes first. A chute
 once verified is pinned: if it later comes back without evidence, that is ``attest_downgrade``,
-never a quiet unattested send. Not thread-safe by itself: callers hold :attr:`AttestationGate.lock`
+never a quiet unattested send. So is a chute the model listing ever called confidential compute
+(``confidential_compute: true`` in ``/v1/models``, :func:`confidential_chutes`): it is expected to
+serve evidence from its first request on, and stays expected when a later listing drops the flag. Not thread-safe by itself: callers hold :attr:`AttestationGate.lock`
 around each call (never across I/O).
 """
 
@@ -12,13 +14,17 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from pqe2ee.attest.collateral import Collateral
+from pqe2ee.attest.nras import NRAS_JWKS_URL, NRAS_URL
 from pqe2ee.attest.policy import Policy, Verdict
 from pqe2ee.attest.verify import EvidenceBundle, new_nonce
 from pqe2ee.errors import AttestationError, ErrorCode
@@ -30,6 +36,7 @@ __all__ = [
     "AttestOptions",
     "AttestationGate",
     "ChuteAttestation",
+    "confidential_chutes",
 ]
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
@@ -72,6 +79,12 @@ class AttestOptions:
     test_intel_root_der: bytes | None = field(default=None, repr=False)
     #: A fresh evidence nonce per fetch (a test hook: a replayed capture needs its own nonce).
     nonce_factory: Callable[[], str] = field(default=new_nonce, compare=False)
+    #: GPU mode ``nras`` (policy ``gpu="nras"``): where the GPU evidence is POSTed with H, and
+    #: NVIDIA's JWKS whose keys must have signed the answer (cached ``nras_jwks_ttl`` seconds;
+    #: fetched again once when a token names a key not in it).
+    nras_url: str = NRAS_URL
+    nras_jwks_url: str = NRAS_JWKS_URL
+    nras_jwks_ttl: float = 3600.0
 
     #: The verdicts, evidence and pins of every client made with these options (shared, like
     #: a Negotiator: the proxy's per-key transports share one gate).
@@ -80,6 +93,26 @@ class AttestOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", AttestMode(self.mode))
         object.__setattr__(self, "gate", AttestationGate(self))
+
+
+def confidential_chutes(doc: bytes) -> frozenset[str]:
+    """The chute ids a ``/v1/models`` listing marks ``confidential_compute: true`` (the field
+    Chutes sets on TEE chutes); rows of another shape are skipped, and a listing that is not
+    JSON lists none (the model resolver reports that)."""
+    try:
+        listing = json.loads(doc)
+    except (ValueError, UnicodeDecodeError):
+        return frozenset()
+    rows = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(rows, list):
+        return frozenset()
+    return frozenset(
+        row["chute_id"].lower()
+        for row in rows
+        if isinstance(row, dict)
+        and row.get("confidential_compute") is True
+        and isinstance(row.get("chute_id"), str)
+    )
 
 
 def key_id(e2e_pubkey: str) -> str:
@@ -121,6 +154,11 @@ class AttestationGate:
         self._verdicts: dict[tuple[str, str, str], tuple[Verdict, float]] = {}
         self._evidence: dict[str, _Evidence] = {}
         self.pinned: set[str] = set()
+        self.listed: set[str] = set()  # listed as confidential compute, ever (sticky)
+        self.nras_keys: dict[
+            str, ec.EllipticCurvePublicKey
+        ] = {}  # NVIDIA's JWKS keys by kid (GPU mode nras)
+        self.nras_keys_at: float | None = None  # when they were fetched (wall clock)
         self.loaded: set[Path] = set()  # cache directories already read
         self._warned: dict[str, str] = {}  # chutes that served no evidence: why
 
@@ -174,12 +212,26 @@ class AttestationGate:
             self._evidence.clear()
         self._evidence[chute] = _Evidence(nonce_hex, bundle, now)
 
+    def note_listing(self, confidential: Iterable[str]) -> None:
+        """Chutes a model listing called confidential compute: from now on they must serve
+        evidence (never forgotten, so a listing that later hides the flag changes nothing)."""
+        for chute in confidential:
+            if len(self.listed) >= _MAX_ENTRIES:
+                break  # a hostile listing cannot grow memory without bound
+            self.listed.add(chute.lower())
+
     def unattested(self, chute: str, why: str) -> bool:
-        """The chute served no evidence (``why``). Raises in ``require`` mode and for a pinned
-        chute (``attest_downgrade``); else returns True the first time (warn once)."""
+        """The chute served no evidence (``why``). Raises in ``require`` mode, and
+        ``attest_downgrade`` for a pinned chute or one listed as confidential compute; else
+        returns True the first time (warn once)."""
         if chute in self.pinned:
             raise AttestationError(
                 f"chute {chute} was verified before but now {why}",
+                code=ErrorCode.ATTEST_DOWNGRADE,
+            )
+        if chute.lower() in self.listed:
+            raise AttestationError(
+                f"chute {chute} is listed as confidential compute but {why}",
                 code=ErrorCode.ATTEST_DOWNGRADE,
             )
         if self.options.mode is AttestMode.REQUIRE:

@@ -21,7 +21,8 @@ _MEASUREMENT_FIELDS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
 
 class GpuMode(enum.StrEnum):
     """How GPU evidence is checked: ``verify`` (offline SPDM signature, chain pinned to the
-    NVIDIA Device Identity CA, requester nonce), ``nras`` (online; not built yet), ``off``."""
+    NVIDIA Device Identity CA, requester nonce), ``nras`` (online: NVIDIA's NRAS is sent the
+    evidence with H and its ES384 tokens are checked against NVIDIA's JWKS; opt-in), ``off``."""
 
     VERIFY = "verify"
     NRAS = "nras"

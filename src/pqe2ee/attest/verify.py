@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pqe2ee.attest.collateral import Collateral
 from pqe2ee.attest.gpu import nvidia_root, verify_gpu
+from pqe2ee.attest.nras import NrasResult, check_nras
 from pqe2ee.attest.policy import Check, GpuMode, Policy, Verdict
 from pqe2ee.attest.tdx import check_quote, load_qvl, parse_quote
 from pqe2ee.errors import AttestationError, ErrorCode
@@ -114,10 +115,12 @@ def verify_instance(
     gpu_root: x509.Certificate | None = None,
     intel_root_der: bytes | None = None,
     e2e_v2_pk: str | None = None,
+    nras: NrasResult | None = None,
 ) -> Verdict:
     """Every check for one discovered instance; never raises for bad evidence (the verdict
     says what failed). ``e2e_v2_pk``: the row's v2 key (base64) when it offers v2, which the
-    quote must then bind too. ``intel_root_der`` / ``gpu_root`` replace the pinned roots only
+    quote must then bind too. ``nras``: NRAS's answer for this entry's GPUs sent with H (GPU
+    mode ``nras``; without it that mode fails ``attest_gpu_unsupported``). ``intel_root_der`` / ``gpu_root`` replace the pinned roots only
     in tests with the test signer."""
     qvl = qvl or load_qvl()
     if entry is None:
@@ -166,11 +169,20 @@ def verify_instance(
                 gpus_checked += 1
                 gpus_ok += check.ok
     elif policy.gpu is GpuMode.NRAS:
-        checks.append(
-            Check(
-                "gpus", False, ErrorCode.ATTEST_GPU_UNSUPPORTED, "NRAS is not built; use gpu=verify"
+        gpu_entries = entry.get("gpu_evidence") or []
+        if not isinstance(gpu_entries, list) or not gpu_entries:
+            checks.append(Check("gpus", False, ErrorCode.ATTEST_GPU_MISSING, "no GPU evidence"))
+        elif nras is None or (nras.answer is None and nras.error is None):
+            checks.append(
+                Check("gpus", False, ErrorCode.ATTEST_GPU_UNSUPPORTED, "no NRAS answer at hand")
             )
-        )
+        elif nras.answer is None:
+            checks.append(Check("nras", False, nras.code, str(nras.error)))
+        else:
+            found = check_nras(nras.answer, nras.keys, h, min(len(gpu_entries), 64), now)
+            checks.extend(found)
+            per_gpu = [c for c in found if c.name.startswith("gpu")]
+            gpus_checked, gpus_ok = len(per_gpu), sum(c.ok for c in per_gpu)
     else:
         notes.append("gpus_not_checked")
     if policy.measurements is None:

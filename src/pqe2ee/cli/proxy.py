@@ -81,8 +81,8 @@ __all__ = ["proxy_cmd"]
     default="auto",
     type=click.Choice(["auto", "require", "off"]),
     help="TEE attestation of instance keys before a prompt is sealed: auto verifies every "
-    "chute that serves evidence (fail closed; once verified, always), require refuses any "
-    "chute it cannot verify, off skips it.",
+    "chute that serves evidence or is listed as confidential compute (fail closed; once "
+    "verified or listed, always), require refuses any chute it cannot verify, off skips it.",
 )
 @opt.env_option(
     "--attest-policy",
@@ -111,6 +111,28 @@ __all__ = ["proxy_cmd"]
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Keep fetched Intel collateral here and reuse it (offline) until its nextUpdate.",
+)
+@opt.env_option(
+    "--attest-gpu",
+    env="ATTEST_GPU",
+    type=click.Choice(["verify", "nras", "off"]),
+    default=None,
+    help="GPU evidence check (overrides the policy file): verify (offline SPDM, default), "
+    "nras (online: NVIDIA's NRAS, tokens checked against its JWKS), off.",
+)
+@opt.env_option(
+    "--attest-nras-url",
+    env="ATTEST_NRAS_URL",
+    default="https://nras.attestation.nvidia.com/v3/attest/gpu",
+    metavar="URL",
+    help="NRAS GPU attestation endpoint (--attest-gpu nras).",
+)
+@opt.env_option(
+    "--attest-nras-jwks-url",
+    env="ATTEST_NRAS_JWKS_URL",
+    default="https://nras.attestation.nvidia.com/.well-known/jwks.json",
+    metavar="URL",
+    help="JWKS whose keys must sign NRAS's tokens (cached an hour).",
 )
 @opt.pure_python_option
 @opt.env_option(
@@ -160,6 +182,9 @@ def proxy_cmd(
     attest_collateral_dir: tuple[Path, ...],
     attest_pcs_url: str,
     attest_cache_dir: Path | None,
+    attest_gpu: str | None,
+    attest_nras_url: str,
+    attest_nras_jwks_url: str,
     pure_python: bool,
     upstream: str | None,
     api_base: str | None,
@@ -197,7 +222,8 @@ def proxy_cmd(
     serves TEE evidence, the instance's key is checked against an Intel TDX quote (dcap-qvl,
     extra [attest]) and its GPUs' SPDM evidence, for a fresh nonce; an instance that fails
     never gets a prompt, and with none left the call fails with attest_failed. Chutes without
-    evidence are used unattested (one warning) unless verified before (attest_downgrade).
+    evidence are used unattested (one warning) unless verified before or listed as
+    confidential compute in /v1/models (attest_downgrade).
 
     What goes in plaintext: the model listing (GET /v1/models), which carries no user
     data. Between this proxy and your tools traffic is plain HTTP: keep --host on
@@ -243,6 +269,9 @@ def proxy_cmd(
             collateral_dirs=attest_collateral_dir,
             pcs_url=attest_pcs_url or None,
             cache_dir=attest_cache_dir,
+            gpu=attest_gpu,
+            nras_url=attest_nras_url,
+            nras_jwks_url=attest_nras_jwks_url,
         )
         config = ProxyConfig(
             attest=attestation,

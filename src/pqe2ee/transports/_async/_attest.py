@@ -21,12 +21,15 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from pqe2ee.attest.capture import load_collateral_dir, save_answer
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer, collateral_urls
-from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions
-from pqe2ee.attest.policy import Verdict
+from pqe2ee.attest.gate import AttestationGate, AttestMode, AttestOptions, confidential_chutes
+from pqe2ee.attest.nras import NrasResult, nras_request, parse_jwks, token_kids
+from pqe2ee.attest.policy import GpuMode, Verdict
 from pqe2ee.attest.tdx import parse_quote
-from pqe2ee.attest.verify import EvidenceBundle, parse_evidence, verify_instance
+from pqe2ee.attest.verify import EvidenceBundle, nonce_binding, parse_evidence, verify_instance
 from pqe2ee.errors import AttestationError, ErrorCode, MalformedError, PQE2EEError, RelayError
 from pqe2ee.protocol.client import Negotiated
 from pqe2ee.protocol.discovery import Lease
@@ -42,6 +45,7 @@ __all__ = ["AsyncAttestor"]
 log = logging.getLogger("pqe2ee.attest")
 
 _MAX_ROUNDS = 64
+_JWKS_REFETCH = 60.0  # an unknown kid refetches NVIDIA's JWKS at most this often (seconds)
 
 
 class _AsyncLeaser(Protocol):
@@ -116,6 +120,13 @@ class AsyncAttestor:
                 break
         raise _failed(chute, rejected)
 
+    def note_listing(self, doc: bytes) -> None:
+        """A model listing was loaded: its confidential-compute chutes must serve evidence."""
+        listed = confidential_chutes(doc)
+        if listed:
+            with self._guard:
+                self.gate.note_listing(listed)
+
     def no_instances(self, chute: str, exc: RelayError) -> None:
         """The pool has no instance left: when that is because they failed attestation, say so
         (``attest_failed``) instead of ``no_instances``."""
@@ -154,6 +165,10 @@ class AsyncAttestor:
         expires = None
         if entry is not None:
             expires = await self._ensure_collateral(port, entry.get("quote"), now)
+        nras = None
+        if entry is not None and gate.policy.gpu is GpuMode.NRAS:
+            h = nonce_binding(nonce_hex, pubkey, v2_pk)  # the GPUs' requester nonce
+            nras = await self._nras(port, entry.get("gpu_evidence"), h)
         collateral, policy = gate.collateral, gate.policy
         verdict = await async_offload(
             functools.partial(
@@ -167,6 +182,7 @@ class AsyncAttestor:
                 now,
                 e2e_v2_pk=v2_pk,
                 intel_root_der=self.options.test_intel_root_der,
+                nras=nras,
             )
         )
         with self._guard:
@@ -197,6 +213,57 @@ class AsyncAttestor:
                 log.warning("chute %s %s: its instances are NOT attested", chute, why)
             return None
         return bundle
+
+    async def _nras(self, port: AsyncPort, gpu_evidence: object, h: bytes) -> NrasResult | None:
+        """NRAS's answer for these GPUs sent with ``h``, and the JWKS keys to check it with;
+        ``None`` when there is no GPU evidence (the verdict says ``attest_gpu_missing``)."""
+        if not isinstance(gpu_evidence, list) or not gpu_evidence:
+            return None
+        try:
+            body = nras_request(gpu_evidence, h)
+        except AttestationError as exc:
+            return NrasResult(error=exc.message, code=exc.code)
+        headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
+        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+        try:
+            response = await port.send("POST", self.options.nras_url, headers, body, control=True)
+            status = response.status
+            answer = await _read(response, MAX_DOC * 4 if status == 200 else MAX_ERROR_BODY)
+        except forgiven as exc:
+            return NrasResult(error=f"NRAS unreachable ({type(exc).__name__})")
+        if status != 200:
+            return NrasResult(error=f"NRAS answered {status}")
+        try:
+            keys = await self._nras_keys(port, token_kids(answer))
+        except forgiven as exc:
+            why = exc.message if isinstance(exc, AttestationError) else type(exc).__name__
+            return NrasResult(error=f"NVIDIA JWKS unusable ({why})")
+        return NrasResult(answer=answer, keys=keys)
+
+    async def _nras_keys(
+        self, port: AsyncPort, kids: frozenset[str]
+    ) -> dict[str, ec.EllipticCurvePublicKey]:
+        """NVIDIA's JWKS keys, cached ``nras_jwks_ttl`` seconds; fetched again (at most every
+        minute) when the answer names a key the cache lacks (NVIDIA rotates them daily)."""
+        gate, now = self.gate, self.options.wall_clock()
+        with self._guard:
+            keys, fetched_at = dict(gate.nras_keys), gate.nras_keys_at
+        fresh = fetched_at is not None and now - fetched_at < self.options.nras_jwks_ttl
+        lacking = not kids <= keys.keys()
+        recent = fetched_at is not None and now - fetched_at < _JWKS_REFETCH
+        if keys and fresh and not (lacking and not recent):
+            return keys
+        response = await port.send(
+            "GET", self.options.nras_jwks_url, [("Accept", "application/json")], b"", control=True
+        )
+        status = response.status
+        body = await _read(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        if status != 200:
+            raise AttestationError(f"answered {status}", code=ErrorCode.ATTEST_UNAVAILABLE)
+        keys = parse_jwks(body)
+        with self._guard:
+            gate.nras_keys, gate.nras_keys_at = keys, now
+        return keys
 
     async def _ensure_collateral(
         self, port: AsyncPort, quote_b64: object, now: float

@@ -646,6 +646,8 @@ class AsyncEngine:
             )
         with self._guard:
             self.state.update_models(data, self.now())
+        if self.attestor is not None:  # chutes listed as confidential compute must attest
+            self.attestor.note_listing(data)
 
     # -- leases and discovery -------------------------------------------------------------------
 

@@ -638,6 +638,8 @@ class Engine:
             )
         with self._guard:
             self.state.update_models(data, self.now())
+        if self.attestor is not None:  # chutes listed as confidential compute must attest
+            self.attestor.note_listing(data)
 
     # -- leases and discovery -------------------------------------------------------------------
 
