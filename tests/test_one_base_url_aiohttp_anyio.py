@@ -12,7 +12,7 @@ Real relay, instance and dev-engine on loopback; the relay logs the paths it is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,34 +23,16 @@ from pqe2ee.transports._answers import ERROR_HEADER
 from pqe2ee.transports.aiohttp import E2EEClientSession
 from pqe2ee.transports.anyio import E2EEClient
 from pqe2ee.transports.options import DEFAULT_API_BASE, DEFAULT_MODELS_BASE
-from servers import serve_chain
+from test_one_base_url import KEY, relay  # the relay, logging the paths it is asked for
 
-KEY = "pk-one-base-aiohttp-7c8d9e"
 CHAT = "/v1/chat/completions"
 pytestmark = pytest.mark.anyio
+__all__ = ["relay"]  # a fixture, shared
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiohttp runs on asyncio only
-
-
-@pytest.fixture(scope="module")
-def relay() -> Iterator[tuple[str, list[str]]]:
-    seen: list[str] = []
-
-    def wrap(app: Any) -> Any:
-        async def logged(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "http":
-                seen.append(scope["path"])
-            await app(scope, receive, send)
-
-        return logged
-
-    with serve_chain(
-        1, api_keys=(KEY,), rate_limit=10_000, nonces_per_instance=100, wrap_relay=wrap
-    ) as chain:
-        yield chain.relay, seen
 
 
 def body(text: str, model: str = "dev-echo") -> dict[str, Any]:

@@ -199,3 +199,49 @@ def test_a_malformed_reasoning_item_is_a_400() -> None:
     with pytest.raises(TranslationError) as info:
         responses_to_chat({"model": "m", "input": [{"type": "reasoning", "summary": "x"}]})
     assert "input[0].summary" in str(info.value)
+
+
+# -- the dev-engine's side ---------------------------------------------------------------------
+
+
+def test_dev_engine_reasoning_field_and_recall() -> None:
+    import httpx2
+
+    from pqe2ee.testing import dev_engine
+
+    with pytest.raises(ValueError, match="reasoning_field"):
+        dev_engine.create_app(reasoning_field="thoughts")
+    with run_app(dev_engine.create_app(reasoning_field="reasoning")) as url:
+
+        def ask(messages: list[Any], **kw: Any) -> httpx2.Response:
+            body = {"model": "dev-reason", "messages": messages, **kw}
+            return httpx2.post(url + "/v1/chat/completions", json=body, timeout=10)
+
+        reply = ask([{"role": "user", "content": "hmm"}]).json()
+        message = reply["choices"][0]["message"]
+        assert message["reasoning"] == "Thinking about: hmm" and "reasoning_content" not in message
+        streamed = ask([{"role": "user", "content": "hmm"}], stream=True).text
+        assert '"reasoning":"Thinking' in streamed and "reasoning_content" not in streamed
+        history = [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b", "reasoning_content": "old name"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d", "reasoning": "new name"},
+            {"role": "user", "content": "__recall__"},
+        ]
+        recalled = ask(history).json()
+        assert recalled["choices"][0]["message"]["content"] == "Recalled: old name | new name"
+        assert recalled["usage"]["prompt_tokens"] == 9  # 5 message words + 4 reasoning words
+        bad = ask([{"role": "assistant", "content": "x", "reasoning": 1}, history[-1]])
+        assert bad.status_code == 400 and "messages[0].reasoning" in bad.json()["message"]
+
+
+def test_dev_engine_cli_takes_the_reasoning_field() -> None:
+    from click.testing import CliRunner
+
+    from pqe2ee.cli import cli
+
+    result = CliRunner().invoke(cli, ["dev-engine", "--help"])
+    assert result.exit_code == 0 and "--reasoning-field" in result.output
+    result = CliRunner().invoke(cli, ["dev-engine", "--reasoning-field", "thoughts"])
+    assert result.exit_code == 2 and "thoughts" in result.output
