@@ -19,11 +19,11 @@ __all__ = ["dev_engine_cmd"]
     "Context (in words) a prompt plus max_tokens must fit (agent CLIs such as Claude Code "
     "ask for 32000 output tokens: give them 1000000).",
 )
-@click.option(
+@opt.env_option(
     "--reasoning-field",
+    env="REASONING_FIELD",
     type=click.Choice(["reasoning_content", "reasoning"]),
     default="reasoning_content",
-    show_default=True,
     help="Name of the reasoning field in replies: vLLM 0.10's, or vLLM >= 0.11's.",
 )
 @opt.log_level_option
