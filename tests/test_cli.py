@@ -81,7 +81,9 @@ def test_environment_variables_are_per_command(monkeypatch: pytest.MonkeyPatch) 
     it; the old shared PQE2EE_PORT still works, with a deprecation line."""
     seen: list[dict[str, Any]] = []
 
-    def serve(host: str, port: int, *, log_level: str, max_model_len: int) -> None:
+    def serve(
+        host: str, port: int, *, log_level: str, max_model_len: int, reasoning_field: str
+    ) -> None:
         seen.append(
             {"host": host, "port": port, "log_level": log_level, "max_model_len": max_model_len}
         )

@@ -226,6 +226,8 @@ def test_tool_use_and_tool_result_round() -> None:
         {
             "role": "assistant",
             "content": "Checking.",
+            "reasoning": "plan",  # the thinking block's text, for vLLM >= 0.11
+            "reasoning_content": "plan",  # ... and for vLLM 0.10 / chat templates
             "tool_calls": [
                 {
                     "id": "toolu_1",

@@ -224,9 +224,10 @@ async def test_strict_refuses_plaintext(stack: FaultyStack) -> None:
 
 async def test_bearer_token_from_the_request(stack: FaultyStack) -> None:
     async with E2EEClientSession(api_base=stack.relay, models_base=stack.relay) as session:
-        with pytest.raises(pqe2ee.RelayError) as err:
-            await session.post(CHAT, json=chat_body("no key"))
-        assert err.value.code is ErrorCode.DISCOVERY_FAILED and err.value.status == 401
+        resp = await session.post(CHAT, json=chat_body("no key"))  # answered, SDK-style
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "discovery_failed"
+        assert isinstance(resp.error, pqe2ee.RelayError)
+        assert resp.error.code is ErrorCode.DISCOVERY_FAILED and resp.error.status == 401
         resp = await session.post(
             CHAT, json=chat_body("key"), headers={"Authorization": f"Bearer {KEY}"}
         )
@@ -256,20 +257,23 @@ async def test_retries_exhausted(stack: FaultyStack) -> None:
         api_key=KEY, api_base=stack.relay, models_base=stack.relay, max_attempts=3
     ) as session:
         stack.faults.inject(Fault.NONCE_403, times=3)
-        with pytest.raises(RetriesExhausted) as err:
-            await session.post(CHAT, json=chat_body("x"))
-    assert err.value.code is ErrorCode.RETRIES_EXHAUSTED
-    assert err.value.last_error.code is ErrorCode.NONCE_REJECTED
-    assert err.value.attempts == 3 == stack.faults.invokes
+        resp = await session.post(CHAT, json=chat_body("x"))
+        assert resp.status == 503  # answered as the httpx transports do
+        assert (await resp.json())["error"]["code"] == "retries_exhausted"
+    err = resp.error
+    assert isinstance(err, RetriesExhausted) and err.code is ErrorCode.RETRIES_EXHAUSTED
+    assert err.last_error.code is ErrorCode.NONCE_REJECTED
+    assert err.attempts == 3 == stack.faults.invokes
 
 
 async def test_path_forbidden_is_not_retried(
     session: E2EEClientSession, stack: FaultyStack
 ) -> None:
     stack.faults.inject(Fault.PATH_403)
-    with pytest.raises(pqe2ee.RelayError) as err:
-        await session.post(CHAT, json=chat_body("x"))
-    assert err.value.code is ErrorCode.PATH_FORBIDDEN and err.value.status == 403
+    resp = await session.post(CHAT, json=chat_body("x"))
+    assert resp.status == 403 and resp.headers["x-pqe2ee-error"] == "path_forbidden"
+    assert isinstance(resp.error, pqe2ee.RelayError)
+    assert resp.error.code is ErrorCode.PATH_FORBIDDEN and resp.error.status == 403
     assert stack.faults.invokes == 1
 
 

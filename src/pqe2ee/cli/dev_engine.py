@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import click
+
 from pqe2ee.cli import _options as opt
 
 __all__ = ["dev_engine_cmd"]
@@ -17,10 +19,22 @@ __all__ = ["dev_engine_cmd"]
     "Context (in words) a prompt plus max_tokens must fit (agent CLIs such as Claude Code "
     "ask for 32000 output tokens: give them 1000000).",
 )
+@opt.env_option(
+    "--reasoning-field",
+    env="REASONING_FIELD",
+    type=click.Choice(["reasoning_content", "reasoning"]),
+    default="reasoning_content",
+    help="Name of the reasoning field in replies: vLLM 0.10's, or vLLM >= 0.11's.",
+)
 @opt.log_level_option
 @opt.log_format_option
 def dev_engine_cmd(
-    host: str, port: int, max_model_len: int, log_level: str, log_format: str
+    host: str,
+    port: int,
+    max_model_len: int,
+    reasoning_field: str,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """A small deterministic OpenAI-compatible engine (a test stand-in, never a model).
 
@@ -34,4 +48,10 @@ def dev_engine_cmd(
     with opt.exit_on_error("dev-engine", log_level):
         check_port("dev-engine", host, port)
         configure_logging(log_level, log_format)
-        serve(host, port, log_level=log_level, max_model_len=max_model_len)
+        serve(
+            host,
+            port,
+            log_level=log_level,
+            max_model_len=max_model_len,
+            reasoning_field=reasoning_field,
+        )

@@ -153,6 +153,7 @@ class Plan:
     stop_reason: str | None = None
     tool_call_id: str | None = None
     tool_name: str | None = None
+    reasoning_field: str = "reasoning_content"  # vLLM 0.10; newer vLLM names it "reasoning"
 
     @property
     def completion_tokens(self) -> int:
@@ -342,6 +343,23 @@ def _scripted(
     return None
 
 
+_RECALL_RE = re.compile(r"(?m)^__recall__\s*$")
+
+
+def _history_reasoning(msg: dict[str, Any], i: int) -> str:
+    """Reasoning carried on an assistant history message (``reasoning`` wins, as in vLLM >= 0.11;
+    vLLM 0.10 read ``reasoning_content``)."""
+    for key in ("reasoning", "reasoning_content"):
+        value = msg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise bad_request(f"messages[{i}].{key} must be a string")
+        if value:
+            return value
+    return ""
+
+
 def plan_chat(
     body: dict[str, Any],
     models: Sequence[str],
@@ -369,6 +387,7 @@ def plan_chat(
 
     prompt_tokens = 0
     last_user_text = ""
+    recalled: list[str] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a string 'role'")
@@ -376,6 +395,11 @@ def plan_chat(
         prompt_tokens += _count_words(text) + others
         if msg["role"] == "user":
             last_user_text = text
+        elif msg["role"] == "assistant":
+            thought = _history_reasoning(msg, i)
+            if thought:
+                recalled.append(thought)
+                prompt_tokens += _count_words(thought)
     last = messages[-1]
     _check_model_known(model, models)
     limit = _check_context(prompt_tokens, max_tokens, max_model_len)
@@ -397,6 +421,9 @@ def plan_chat(
     elif last.get("role") == "tool":
         source, _ = _content_text(last.get("content"), f"messages[{len(messages) - 1}]")
         content = "Tool said: " + source
+    elif _RECALL_RE.search(last_user_text):
+        source = last_user_text
+        content = "Recalled: " + (" | ".join(recalled) if recalled else "nothing")
     else:
         source = last_user_text
         content = _slow_text(source) if slow else "Echo: " + source
@@ -524,7 +551,7 @@ def chat_body(plan: Plan, created: int) -> dict[str, Any]:
         "audio": None,
         "function_call": None,
         "tool_calls": tool_calls,
-        "reasoning_content": reasoning,
+        plan.reasoning_field: reasoning,
     }
     return {
         **_head(plan, created, "chat.completion"),
@@ -588,7 +615,7 @@ async def chat_events(plan: Plan, created: int) -> AsyncIterator[bytes]:
             await anyio.sleep(plan.chunk_delay)
         delta: dict[str, Any]
         if piece.kind == "reasoning":
-            delta = {"reasoning_content": piece.text}
+            delta = {plan.reasoning_field: piece.text}
         elif piece.kind == "content":
             delta = {"content": piece.text}
         elif piece.kind == "tool_name":

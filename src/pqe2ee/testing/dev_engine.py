@@ -31,7 +31,12 @@ derived mechanically from the request, on vLLM's wire shapes (vLLM 0.10-era fiel
   ``"Tool said: " + <the last tool result>``, whatever the client added after it.
 * Reasoning: model ``dev-reason``, ``"reasoning": true`` or a ``reasoning_effort`` other
   than ``"none"`` add ``reasoning_content`` (``"Thinking about: ..."``), streamed as
-  ``reasoning_content`` deltas before the content deltas.
+  ``reasoning_content`` deltas before the content deltas. ``create_app(reasoning_field=
+  "reasoning")`` (``--reasoning-field reasoning``) names the field as vLLM >= 0.11 does.
+* Reasoning in the history: an assistant message's ``reasoning`` (or ``reasoning_content``)
+  counts as prompt words; a last user message holding a line ``__recall__`` is answered
+  ``"Recalled: "`` + those texts joined with ``" | "`` (``"nothing"`` if none), so a test can
+  see which earlier reasoning reached the engine.
 * Streaming follows vLLM: ``data: <compact JSON>\\n\\n`` events, a first chunk with
   ``delta: {"role": "assistant", "content": ""}``, one chunk per word, a final chunk with
   ``finish_reason`` (and ``stop_reason``), then, with ``stream_options.include_usage``, a
@@ -87,6 +92,7 @@ __all__ = [
     "DESCRIPTION",
     "MAX_MODEL_LEN",
     "OWNED_BY",
+    "REASONING_FIELDS",
     "SLOW_CHUNK_DELAY",
     "create_app",
     "serve",
@@ -97,6 +103,8 @@ DESCRIPTION = (
     "echoes requests back on vLLM's wire shapes) for demos and tests of the encrypted servers."
 )
 DEFAULT_MODELS: tuple[str, ...] = ("dev-echo", "dev-tools", "dev-reason")
+REASONING_FIELDS: tuple[str, ...] = ("reasoning_content", "reasoning")
+_APP_KEYS = ("models", "delay", "max_model_len", "reasoning_field")
 OWNED_BY = "pqe2ee-dev"
 
 
@@ -181,11 +189,16 @@ def create_app(
     models: list[str] | None = None,
     delay: float = 0.0,
     max_model_len: int = MAX_MODEL_LEN,
+    reasoning_field: str = "reasoning_content",
 ) -> Starlette:
     """Build the dev engine's Starlette app (a deterministic test stand-in, not a model).
 
     ``max_model_len`` is the context (in words) a request's prompt plus ``max_tokens`` must fit.
+    ``reasoning_field`` names the reply's reasoning: ``reasoning_content`` (vLLM 0.10) or
+    ``reasoning`` (vLLM >= 0.11).
     """
+    if reasoning_field not in REASONING_FIELDS:
+        raise ValueError(f"reasoning_field must be one of {', '.join(REASONING_FIELDS)}")
     model_ids: list[str] = list(DEFAULT_MODELS) if models is None else list(models)
     if not model_ids:
         raise ValueError("the dev engine needs at least one model id")
@@ -242,6 +255,7 @@ def create_app(
         stats["requests"] += 1
         body, canonical = await _read_json(request)
         plan = planner(body, model_ids, delay, canonical, max_model_len)
+        plan.reasoning_field = reasoning_field
         created = int(time.time())
         if plan.stream:
             return _TrackedStream(events(plan, created), stats)
@@ -286,11 +300,11 @@ def create_app(
 def serve(host: str, port: int, **kw: Any) -> None:
     """Run the dev engine (a test stand-in, not a model) with uvicorn until interrupted.
 
-    ``models``, ``delay`` and ``max_model_len`` go to :func:`create_app`; any other keyword goes to
+    ``models``, ``delay``, ``max_model_len`` and ``reasoning_field`` go to :func:`create_app`; any other keyword goes to
     ``uvicorn.run`` (e.g. ``log_level``).
     """
     import uvicorn
 
-    app_kw: dict[str, Any] = {k: kw.pop(k) for k in ("models", "delay", "max_model_len") if k in kw}
+    app_kw: dict[str, Any] = {k: kw.pop(k) for k in _APP_KEYS if k in kw}
     kw.setdefault("log_level", "info")
     uvicorn.run(create_app(**app_kw), host=host, port=port, **kw)

@@ -55,6 +55,7 @@ from pqe2ee.errors import (
     StreamError,
 )
 from pqe2ee.protocol.client import e2e_model
+from pqe2ee.transports._answers import error_answer
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
     AsyncPlainStream,
@@ -84,6 +85,9 @@ from pqe2ee.transports.options import (
     ClientLimits,
     ClientOptions,
     ClientOptionsArgs,
+    bind_origin,
+    uses_default_bases,
+    with_base_url,
 )
 
 __all__ = [
@@ -333,6 +337,10 @@ class E2EEResponse(AsyncResource):
     instance keeps the engine's status) or, for a stream, its SSE (``text/event-stream``); a
     relay answer that is neither (e.g. 401) is handed over as it was. A plaintext request's
     answer is the server's, streamed.
+
+    ``error`` is the :class:`~pqe2ee.errors.RelayError` an answer stands for when the session
+    answered a relay or discovery failure itself (see :class:`E2EEClientSession`), else None;
+    :meth:`raise_for_status` chains it.
     """
 
     def __init__(
@@ -345,8 +353,10 @@ class E2EEResponse(AsyncResource):
         source: AsyncIterator[bytes],
         encrypted: bool,
         resource: object = None,
+        error: PQE2EEError | None = None,
     ) -> None:
         self.method = method
+        self.error = error
         self.url = url
         self.status = status
         self.headers = headers
@@ -377,7 +387,7 @@ class E2EEResponse(AsyncResource):
         if not self.ok:
             raise aiohttp.ClientResponseError(
                 self.request_info, (), status=self.status, message="", headers=self.headers
-            )
+            ) from self.error
 
     async def read(self) -> bytes:
         """The whole body (kept, so later calls return it again); closes the response."""
@@ -482,14 +492,26 @@ class E2EEClientSession(EngineFacade):
     ``model`` is sealed to an instance of the model's chute and sent to
     ``{api_base}/e2e/invoke``; everything else goes in plaintext to ``models_base`` (same path
     and query), or is refused with ``strict=True`` (``LocalProtocolError``, code
-    ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL
-    whose host is never contacted: only its path and query are used.
+    ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL;
+    only its path and query are sent, to the bases.
+
+    One base URL: ``base_url=`` (``"http://127.0.0.1:8000/v1"``, as given to an SDK) names the
+    relay for both bases; without it and without ``api_base`` / ``models_base``, the first full
+    URL requested names it (its origin becomes both bases; Chutes' ``llm.chutes.ai`` /
+    ``api.chutes.ai`` keep their pair, as does a first request by path), and a full URL for
+    another origin is then refused (``invalid_argument``). Bases given explicitly always stand.
 
     Retryable relay answers (nonce refused, instance gone / busy / needing key exchange) are
-    retried on a fresh lease up to ``max_attempts`` in all; errors before an answer are typed
-    pqe2ee errors (``RelayError`` with codes such as ``model_not_found``, ``path_forbidden``,
-    ``retries_exhausted``); connection problems are aiohttp's own exceptions; a broken stream
-    raises :class:`E2EEStreamError`. Plaintext usage events of a stream go to ``on_usage``.
+    retried on a fresh lease up to ``max_attempts`` in all. Relay and discovery failures before
+    any byte of the answer are answered as the httpx transports answer them (see
+    :mod:`pqe2ee.transports._answers`): 401/403 as the relay said, 404 ``model_not_found``, 429
+    rate limited or busy, 503 no instance / retries exhausted, with a JSON body
+    ``{"error": {"message", "type", "code": <pqe2ee code>}}``, an ``x-pqe2ee-error`` header and
+    the :class:`~pqe2ee.errors.RelayError` itself in :attr:`E2EEResponse.error` (chained by
+    ``raise_for_status()``). Other errors (the relay's catch-all ``relay_error``, v2 refusals,
+    local refusals, downgrade refusals, bad crypto) raise typed pqe2ee errors; connection
+    problems are aiohttp's own exceptions; a broken stream raises :class:`E2EEStreamError`.
+    Plaintext usage events of a stream go to ``on_usage``.
 
     ``session`` is the :class:`aiohttp.ClientSession` used for all I/O (it is *not* closed by
     :meth:`close`); without one, a session is made on first use with ``connect``/``sock_read``
@@ -509,9 +531,14 @@ class E2EEClientSession(EngineFacade):
         *,
         options: ClientOptions | None = None,
         session: aiohttp.ClientSession | None = None,
+        base_url: str | None = None,
         **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
-        self._engine = self._start(AsyncEngine, ClientOptions.of(options, **kwargs))
+        opts = with_base_url(ClientOptions.of(options, **kwargs), base_url)
+        self._engine = self._start(AsyncEngine, opts)
+        # Neither base given: the first full URL names the relay (see bind_origin).
+        self._unbound = base_url is None and uses_default_bases(opts)
+        self._bound: str | None = None
         self._session = session
         self._owns_session = session is None
         self._control = aiohttp.ClientTimeout(total=self.settings.timeout)
@@ -576,6 +603,7 @@ class E2EEClientSession(EngineFacade):
             raise LocalProtocolError("pass json or data, not both", code=ErrorCode.INVALID_ARGUMENT)
         method = method.upper()
         target = URL(url) if isinstance(url, str) else url
+        self._bind(target)
         path = target.raw_path or "/"
         user_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         if json is not None:
@@ -592,6 +620,22 @@ class E2EEClientSession(EngineFacade):
         if self.settings.strict:
             raise plaintext_refused(method, target.path)
         return await self._plaintext(method, path, target, body, user_headers, client_timeout)
+
+    def _bind(self, target: URL) -> None:
+        """Without bases, the first full URL's origin becomes both (nothing has been sent yet:
+        no await since the check); a later full URL for another origin is refused."""
+        if not self._unbound and self._bound is None:
+            return  # bases given (or a Chutes / by-path first request): hosts not looked at
+        if not target.is_absolute():
+            self._unbound = False  # by path: the default pair, as for a Chutes origin
+            return
+        options, self._bound = bind_origin(
+            self.options, str(target.origin()), unbound=self._unbound, bound=self._bound
+        )
+        self._unbound = False
+        if options is not self.options:
+            self._close_keys()
+            self._engine = self._start(AsyncEngine, options)
 
     async def _plaintext(
         self,
@@ -630,9 +674,24 @@ class E2EEClientSession(EngineFacade):
     ) -> E2EEResponse:
         auth = self.settings.api_key or bearer_token(headers.get("Authorization"))
         port = _Port(self._http(), client_timeout, self._control)
-        outcome = await self._engine.invoke(
-            port, path=target.path, body=body, model=model, auth=auth
-        )
+        try:
+            outcome = await self._engine.invoke(
+                port, path=target.path, body=body, model=model, auth=auth
+            )
+        except RelayError as exc:
+            answer = error_answer(exc)  # the answer SDK-style clients expect (see _answers)
+            if answer is None:
+                raise
+            status, pairs, content = answer
+            return E2EEResponse(
+                method=method,
+                url=target,
+                status=status,
+                headers=_headers(pairs),
+                source=_once(content),
+                encrypted=True,
+                error=exc,
+            )
         if isinstance(outcome, Streaming):
             plain = outcome.stream
             return E2EEResponse(

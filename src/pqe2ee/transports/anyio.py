@@ -76,6 +76,7 @@ from pqe2ee.transports.options import (
     ClientLimits,
     ClientOptions,
     ClientOptionsArgs,
+    with_base_url,
 )
 
 __all__ = [
@@ -423,6 +424,11 @@ class E2EEClient(EngineFacade, AsyncResource):
     Configuration: ``options`` (a :class:`~pqe2ee.transports.options.ClientOptions`) and/or
     its fields as keyword arguments; the client is always ``strict`` (``strict=False`` is
     refused). ``ssl_context`` verifies ``https`` relays (default: the system's trust store).
+    One base URL: ``base_url=`` (``"http://127.0.0.1:8000/v1"``, as given to an SDK) names the
+    relay for both ``api_base`` and ``models_base`` (a trailing ``/v1`` is dropped; Chutes'
+    hosts keep their default pair; together with either base it is refused). Relay failures
+    stay exceptions here (``RelayError``, ``status`` and ``code`` set): this client hands back
+    decoded objects, not HTTP answers.
 
     Protocol version: ``min_version``, ``prefer_v2`` and ``negotiator`` as for
     :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport` (default: v2 where the chute offers
@@ -440,9 +446,10 @@ class E2EEClient(EngineFacade, AsyncResource):
         read_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        base_url: str | None = None,
         **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
-        opts = ClientOptions.of(options, **kwargs)
+        opts = with_base_url(ClientOptions.of(options, **kwargs), base_url)
         if kwargs.get("strict") is False:
             raise LocalProtocolError(
                 "the anyio client is always strict", code=ErrorCode.INVALID_ARGUMENT

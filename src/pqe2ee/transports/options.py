@@ -263,3 +263,20 @@ def bind_origin(
             f"for {origin}: use one transport per relay, or pass api_base/models_base"
         )
     return options, bound
+
+
+def with_base_url(options: ClientOptions, base_url: str | None) -> ClientOptions:
+    """``options`` with one SDK-style ``base_url`` (``http://127.0.0.1:8000/v1``) as both
+    ``api_base`` and ``models_base``: the URL less a trailing ``/v1`` (a path prefix before it
+    stays). Chutes' hosts keep their default pair. Giving ``base_url`` together with
+    ``api_base`` / ``models_base`` is refused (``invalid_argument``): one would silently lose.
+    """
+    if base_url is None:
+        return options
+    base = _base_url(base_url, "base_url")
+    if not uses_default_bases(options):
+        raise _invalid("pass base_url, or api_base/models_base, not both")
+    if (urlsplit(base).hostname or "") in CHUTES_HOSTS:
+        return options
+    base = base.removesuffix("/v1")
+    return ClientOptions.of(options, api_base=base, models_base=base)

@@ -25,8 +25,13 @@ Where the APIs do not map 1:1:
   are forwarded in a user message right after the tool messages, and ``is_error: true`` prefixes
   the text with ``"[tool error] "``.
 * Consecutive turns of the same role are merged (the Anthropic API does the same).
-* ``thinking`` / ``redacted_thinking`` blocks in the input are dropped (their signatures mean
-  nothing to another model). A trailing assistant turn (prefill) is sent as an ordinary
+* ``thinking`` blocks of an assistant turn are carried to the engine: their text rides on that
+  turn's assistant message as ``reasoning`` and ``reasoning_content`` (the names vLLM and the
+  chat templates read; several blocks are joined with newlines, so their position between
+  interleaved tool calls is not kept). Signatures are not checked or forwarded (they mean nothing
+  to another model). ``redacted_thinking`` (encrypted by Anthropic), thinking in user turns and a
+  turn holding only thinking are dropped. Whether the engine's chat template shows earlier
+  reasoning to the model is the template's choice (many keep only the current turn's). A trailing assistant turn (prefill) is sent as an ordinary
   assistant message; the upstream may or may not continue it.
 * Only custom tools (``name``/``description``/``input_schema``) exist in Chat Completions; server
   tools (``web_search_…``, ``bash_…``, ``text_editor_…``, …) are a 400 (``unsupported_tool``).
@@ -142,6 +147,10 @@ class MessagesRequest(msgspec.Struct):
 
 class _TextBlock(msgspec.Struct):
     text: str
+
+
+class _ThinkingBlock(msgspec.Struct):
+    thinking: str
 
 
 class _Source(msgspec.Struct):
@@ -313,6 +322,7 @@ def _user_turn(out: ChatMessagesBuilder, content: str | list[Any], where: str) -
 def _assistant_turn(out: ChatMessagesBuilder, content: str | list[Any], where: str) -> None:
     texts: list[str] = []
     calls: list[_ToolUseBlock] = []
+    thoughts: list[str] = []
     for j, raw in enumerate(_blocks(content, where)):
         bw = f"{where}[{j}]"
         kind = raw.get("type")
@@ -320,12 +330,16 @@ def _assistant_turn(out: ChatMessagesBuilder, content: str | list[Any], where: s
             texts.append(convert(raw, _TextBlock, where=bw).text)
         elif kind == "tool_use":
             calls.append(convert(raw, _ToolUseBlock, where=bw))
-        elif kind in ("thinking", "redacted_thinking"):
+        elif kind == "thinking":
+            thoughts.append(convert(raw, _ThinkingBlock, where=bw).thinking)
+        elif kind == "redacted_thinking":
             continue
         else:
             raise _unsupported_block(kind, bw)
     if not any(texts) and not calls:
         return  # e.g. a turn holding only thinking blocks
+    for thought in thoughts:
+        out.reasoning(thought)
     out.assistant("\n".join(t for t in texts if t))
     for call in calls:
         out.tool_call(call.id, call.name, json_text(call.input))

@@ -473,13 +473,37 @@ class ChatMessagesBuilder:
       chat templates insist on alternating roles), as are consecutive assistant turns;
     * tool calls join the preceding assistant turn (or open one);
     * tool messages stay contiguous after it; images returned by tools (tool messages are
-      text-only in Chat Completions) follow them in one user message.
+      text-only in Chat Completions) follow them in one user message;
+    * reasoning from the client's history rides on the assistant message it precedes, as both
+      ``reasoning`` (read by vLLM >= 0.11) and ``reasoning_content`` (vLLM 0.10, and what chat
+      templates such as Qwen3's and DeepSeek's read); reasoning that no assistant message follows
+      is dropped.
     """
 
     def __init__(self) -> None:
         self.system_prefix: list[str] = []
         self.messages: list[dict[str, Any]] = []
         self._tool_images: list[dict[str, Any]] = []
+        self._reasoning: list[str] = []
+
+    def reasoning(self, text: str) -> None:
+        """Reasoning the model produced before the next assistant message (or tool call)."""
+        if text:
+            self._reasoning.append(text)
+
+    def _open_assistant(self, content: str | None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        self.messages.append(msg)
+        self._attach_reasoning(msg)
+        return msg
+
+    def _attach_reasoning(self, msg: dict[str, Any]) -> None:
+        if not self._reasoning:
+            return
+        before = msg.get("reasoning_content")
+        text = "\n".join(([before] if before else []) + self._reasoning)
+        msg["reasoning"] = msg["reasoning_content"] = text
+        self._reasoning = []
 
     def _flush_tool_images(self) -> None:
         if self._tool_images:
@@ -501,6 +525,7 @@ class ChatMessagesBuilder:
 
     def user(self, content: str | list[dict[str, Any]]) -> None:
         self._flush_tool_images()
+        self._reasoning = []  # reasoning with no answer after it belongs to no message
         last = self._last("user")
         if last is None:
             self.messages.append({"role": "user", "content": content})
@@ -515,8 +540,10 @@ class ChatMessagesBuilder:
         self._flush_tool_images()
         last = self._last("assistant")
         if last is None:
-            self.messages.append({"role": "assistant", "content": text})
-        elif text:
+            self._open_assistant(text)
+            return
+        self._attach_reasoning(last)
+        if text:
             before = last["content"]
             last["content"] = f"{before}\n{text}" if before else text
 
@@ -529,8 +556,9 @@ class ChatMessagesBuilder:
         }
         last = self._last("assistant")
         if last is None:
-            self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            self._open_assistant(None)["tool_calls"] = [call]
             return
+        self._attach_reasoning(last)
         last.setdefault("tool_calls", []).append(call)
         if last["content"] == "":
             last["content"] = None

@@ -29,7 +29,11 @@ Where the APIs do not map 1:1:
 * Text-only content is sent as a string (parts joined with ``"\\n"``); content with images is
   sent as parts. Images in a ``function_call_output`` (tool messages are text-only in Chat
   Completions) are forwarded in a ``user`` message right after the tool messages.
-* ``reasoning`` input items are dropped; ``reasoning.effort`` is normalised to the efforts open
+* ``reasoning`` input items are carried to the engine: their ``content`` (``reasoning_text``),
+  or else their ``summary`` texts, ride on the assistant message that follows (its text or its
+  tool calls) as ``reasoning`` and ``reasoning_content``. ``encrypted_content`` cannot be carried
+  (no open engine reads it) and is ignored; reasoning that no assistant output follows is
+  dropped. ``reasoning.effort`` is normalised to the efforts open
   model servers accept: ``minimal`` → ``low``, ``xhigh``/``max`` → ``high``.
 * Upstream ``reasoning_content`` (or vLLM's newer ``reasoning``) becomes a ``reasoning`` output
   item with a ``reasoning_text`` content part (raw reasoning, not a summary; ``summary`` is ``[]``).
@@ -365,6 +369,20 @@ def _tool_output(output: str | list[Any], where: str) -> tuple[str, list[dict[st
     return text, images
 
 
+class _ReasoningItem(msgspec.Struct):
+    """A ``reasoning`` input item (ids and ``encrypted_content`` are not needed)."""
+
+    summary: list[_TextPart] = []
+    content: list[_TextPart] | None = None
+
+
+def _reasoning_input(raw: Mapping[str, Any], where: str) -> str:
+    """The text of a ``reasoning`` input item: its raw content, else its summary."""
+    item = convert(raw, _ReasoningItem, where=where)
+    parts = item.content if item.content else item.summary
+    return "\n".join(p.text for p in parts if p.text)
+
+
 def _input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     out = ChatMessagesBuilder()
     if req.instructions:
@@ -396,7 +414,7 @@ def _input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             text, images = _tool_output(result.output, f"{where}.output")
             out.tool_result(result.call_id, text, images)
         elif kind == "reasoning":
-            continue
+            out.reasoning(_reasoning_input(raw, where))
         elif kind == "item_reference":
             raise invalid_request(
                 f"{where}: item_reference needs stored items; this proxy is stateless",
