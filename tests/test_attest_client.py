@@ -17,7 +17,7 @@ from attest_replay import CHUTE, MODEL, Replay
 from attest_support import ATTESTATION, EXTRA, capture, full_collateral
 from pqe2ee.attest import Policy
 from pqe2ee.attest.capture import Capture
-from pqe2ee.attest.gate import AttestMode, AttestOptions
+from pqe2ee.attest.gate import UNATTESTED_RECHECK, AttestMode, AttestOptions
 from pqe2ee.errors import AttestationError, ErrorCode
 from pqe2ee.transports.httpx2 import AsyncE2EETransport, E2EETransport
 from servers import run_app
@@ -138,6 +138,25 @@ def test_auto_sends_unattested_with_one_warning(
     assert len(rp.invokes) == 3
     warnings = [r for r in caplog.records if "NOT attested" in r.getMessage()]
     assert len(warnings) == 1
+    # "no evidence" is remembered for a while: one evidence round trip, not one per request.
+    assert len([p for m, p, _ in rp.seen if p.endswith("/evidence")]) == 1
+
+
+def test_auto_asks_again_for_evidence_after_the_recheck_interval(
+    replay: tuple[Replay, str],
+) -> None:
+    rp, base = replay
+    rp.serve_evidence = False
+    clock = [1_000_000.0]
+    options = AttestOptions(mode=AttestMode.AUTO, wall_clock=lambda: clock[0])
+    transport = E2EETransport(
+        api_key=KEY, api_base=base, models_base=base, attest=options, max_attempts=1
+    )
+    with httpx2.Client(transport=transport, base_url=base, timeout=30) as client:
+        for step in (0.0, UNATTESTED_RECHECK - 1, 2.0):
+            clock[0] += step
+            assert client.post("/v1/chat/completions", json=BODY).status_code == 500
+    assert len([p for m, p, _ in rp.seen if p.endswith("/evidence")]) == 2
 
 
 def test_off_asks_for_no_evidence(replay: tuple[Replay, str]) -> None:

@@ -34,6 +34,9 @@ __all__ = [
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 _MAX_ENTRIES = 10_000
+#: Seconds an ``auto``-mode client trusts "this chute serves no evidence" before asking again
+#: (capped by the policy's ``max_age``): without it every request paid an evidence round trip.
+UNATTESTED_RECHECK = 60.0
 
 
 class AttestMode(enum.StrEnum):
@@ -104,6 +107,7 @@ class AttestationGate:
         self.pinned: set[str] = set()
         self.loaded: set[Path] = set()  # cache directories already read
         self._warned: set[str] = set()
+        self._unattested: dict[str, float] = {}  # chute -> until when "no evidence" holds
 
     @property
     def policy(self) -> Policy:
@@ -155,9 +159,16 @@ class AttestationGate:
             self._evidence.clear()
         self._evidence[chute] = _Evidence(nonce_hex, bundle, now)
 
-    def unattested(self, chute: str, why: str) -> bool:
+    def known_unattested(self, chute: str, now: float) -> bool:
+        """The chute served no evidence less than :data:`UNATTESTED_RECHECK` seconds ago (and is
+        not pinned since): ``auto`` mode sends to it without asking again."""
+        until = self._unattested.get(chute)
+        return until is not None and now < until and chute not in self.pinned
+
+    def unattested(self, chute: str, why: str, now: float | None = None) -> bool:
         """The chute served no evidence (``why``). Raises in ``require`` mode and for a pinned
-        chute (``attest_downgrade``); else returns True the first time (warn once)."""
+        chute (``attest_downgrade``); else remembers that (from ``now``, see
+        :meth:`known_unattested`) and returns True the first time (warn once)."""
         if chute in self.pinned:
             raise AttestationError(
                 f"chute {chute} was verified before but now {why}",
@@ -172,6 +183,10 @@ class AttestationGate:
         if len(self._warned) >= _MAX_ENTRIES:
             self._warned.clear()
         self._warned.add(chute)
+        if now is not None:
+            if len(self._unattested) >= _MAX_ENTRIES:
+                self._unattested.clear()
+            self._unattested[chute] = now + min(UNATTESTED_RECHECK, self.policy.max_age)
         return first
 
     def add_collateral(self, extra: Collateral) -> None:

@@ -137,11 +137,14 @@ class AsyncAttestor:
         with self._guard:
             verdict = gate.verdict(chute, lease.instance_id, keys, now)
             cached = gate.evidence(chute, lease.instance_id, now)
+            unattested = verdict is None and cached is None and gate.known_unattested(chute, now)
         if verdict is not None:
             return verdict
+        if unattested:  # auto mode: it served no evidence a moment ago (warned then)
+            return None
         if cached is None:
             nonce_hex = self.options.nonce_factory()
-            bundle = await self._fetch_evidence(port, chute, nonce_hex, auth)
+            bundle = await self._fetch_evidence(port, chute, nonce_hex, auth, now)
             if bundle is None:
                 return None
             with self._guard:
@@ -174,7 +177,7 @@ class AsyncAttestor:
         return verdict
 
     async def _fetch_evidence(
-        self, port: AsyncPort, chute: str, nonce_hex: str, auth: str | None
+        self, port: AsyncPort, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -192,7 +195,7 @@ class AsyncAttestor:
                 why = "served an empty evidence list"
         if why is not None:
             with self._guard:
-                first = self.gate.unattested(chute, why)
+                first = self.gate.unattested(chute, why, now)
             if first:
                 log.warning("chute %s %s: its instances are NOT attested", chute, why)
             return None

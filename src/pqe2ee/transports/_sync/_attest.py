@@ -136,11 +136,14 @@ class Attestor:
         with self._guard:
             verdict = gate.verdict(chute, lease.instance_id, keys, now)
             cached = gate.evidence(chute, lease.instance_id, now)
+            unattested = verdict is None and cached is None and gate.known_unattested(chute, now)
         if verdict is not None:
             return verdict
+        if unattested:  # auto mode: it served no evidence a moment ago (warned then)
+            return None
         if cached is None:
             nonce_hex = self.options.nonce_factory()
-            bundle = self._fetch_evidence(port, chute, nonce_hex, auth)
+            bundle = self._fetch_evidence(port, chute, nonce_hex, auth, now)
             if bundle is None:
                 return None
             with self._guard:
@@ -173,7 +176,7 @@ class Attestor:
         return verdict
 
     def _fetch_evidence(
-        self, port: Port, chute: str, nonce_hex: str, auth: str | None
+        self, port: Port, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -191,7 +194,7 @@ class Attestor:
                 why = "served an empty evidence list"
         if why is not None:
             with self._guard:
-                first = self.gate.unattested(chute, why)
+                first = self.gate.unattested(chute, why, now)
             if first:
                 log.warning("chute %s %s: its instances are NOT attested", chute, why)
             return None
