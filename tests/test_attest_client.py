@@ -336,3 +336,21 @@ def test_attest_fetch_captures_a_layout_that_verifies(
     result = CliRunner().invoke(cli, ["attest", "verify", "--capture", str(out2), "--at", at])
     assert result.exit_code == 0 and "2 trusted, 0 rejected" in result.output, result.output
     assert rp.invokes == []
+
+
+def test_no_evidence_is_not_remembered_over_a_standing_rejection() -> None:
+    # The shortcut for a chute without evidence skips the verdict lookup: it must never hide
+    # a rejection that still holds (that instance stays refused), and new evidence or a new
+    # verdict ends it at once.
+    from pqe2ee.attest.policy import Verdict
+
+    gate = AttestOptions(mode=AttestMode.AUTO).gate
+    gate.unattested("c1", "answered 404", 1000.0)
+    assert gate.known_unattested("c1", 1000.0 + UNATTESTED_RECHECK - 1)
+    assert not gate.known_unattested("c1", 1000.0 + UNATTESTED_RECHECK)
+    rejected = Verdict("i1", False, (ErrorCode.ATTEST_NONCE_BINDING,), (), verified_at=1000.0)
+    gate.record("c1", "key", rejected, None)
+    assert not gate.known_unattested("c1", 1001.0)  # a verdict ends the shortcut
+    gate.unattested("c1", "answered 404", 1002.0)
+    assert not gate.known_unattested("c1", 1003.0)  # the rejection still holds: look it up
+    assert gate.verdict("c1", "i1", "key", 1003.0) is rejected

@@ -129,6 +129,7 @@ class AttestationGate:
         if len(self._verdicts) >= _MAX_ENTRIES:
             self._verdicts.clear()
         self._verdicts[(chute, verdict.instance_id, key_id(e2e_pubkey))] = (verdict, until)
+        self._unattested.pop(chute, None)
         if verdict.trusted:
             self.pinned.add(chute)
 
@@ -158,10 +159,12 @@ class AttestationGate:
         if len(self._evidence) >= _MAX_ENTRIES:
             self._evidence.clear()
         self._evidence[chute] = _Evidence(nonce_hex, bundle, now)
+        self._unattested.pop(chute, None)
 
     def known_unattested(self, chute: str, now: float) -> bool:
         """The chute served no evidence less than :data:`UNATTESTED_RECHECK` seconds ago (and is
-        not pinned since): ``auto`` mode sends to it without asking again."""
+        not pinned since): ``auto`` mode sends to it without asking again. Never true while a
+        verdict on one of its instances may still hold (so no such verdict needs looking up)."""
         until = self._unattested.get(chute)
         return until is not None and now < until and chute not in self.pinned
 
@@ -183,7 +186,7 @@ class AttestationGate:
         if len(self._warned) >= _MAX_ENTRIES:
             self._warned.clear()
         self._warned.add(chute)
-        if now is not None:
+        if now is not None and not self.rejected(chute, now):
             if len(self._unattested) >= _MAX_ENTRIES:
                 self._unattested.clear()
             self._unattested[chute] = now + min(UNATTESTED_RECHECK, self.policy.max_age)

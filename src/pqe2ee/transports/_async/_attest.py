@@ -130,18 +130,18 @@ class AsyncAttestor:
         self, port: AsyncPort, chute: str, lease: Lease, auth: str | None
     ) -> Verdict | None:
         gate = self.gate
-        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         now = self.options.wall_clock()
+        with self._guard:
+            if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
+                return None
+        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         v2_pk = _v2_key(lease, now)
         keys = pubkey if v2_pk is None else f"{pubkey},{v2_pk}"
         with self._guard:
             verdict = gate.verdict(chute, lease.instance_id, keys, now)
             cached = gate.evidence(chute, lease.instance_id, now)
-            unattested = verdict is None and cached is None and gate.known_unattested(chute, now)
         if verdict is not None:
             return verdict
-        if unattested:  # auto mode: it served no evidence a moment ago (warned then)
-            return None
         if cached is None:
             nonce_hex = self.options.nonce_factory()
             bundle = await self._fetch_evidence(port, chute, nonce_hex, auth, now)
