@@ -17,7 +17,12 @@ from attest_replay import CHUTE, MODEL, Replay
 from attest_support import ATTESTATION, EXTRA, capture, full_collateral
 from pqe2ee.attest import Policy
 from pqe2ee.attest.capture import Capture
-from pqe2ee.attest.gate import AttestMode, AttestOptions, confidential_chutes
+from pqe2ee.attest.gate import (
+    UNATTESTED_RECHECK,
+    AttestMode,
+    AttestOptions,
+    confidential_chutes,
+)
 from pqe2ee.errors import AttestationError, ErrorCode
 from pqe2ee.transports.httpx2 import AsyncE2EETransport, E2EETransport
 from servers import run_app
@@ -138,6 +143,25 @@ def test_auto_sends_unattested_with_one_warning(
     assert len(rp.invokes) == 3
     warnings = [r for r in caplog.records if "NOT attested" in r.getMessage()]
     assert len(warnings) == 1
+    # "no evidence" is remembered for a while: one evidence round trip, not one per request.
+    assert len([p for m, p, _ in rp.seen if p.endswith("/evidence")]) == 1
+
+
+def test_auto_asks_again_for_evidence_after_the_recheck_interval(
+    replay: tuple[Replay, str],
+) -> None:
+    rp, base = replay
+    rp.serve_evidence = False
+    clock = [1_000_000.0]
+    options = AttestOptions(mode=AttestMode.AUTO, wall_clock=lambda: clock[0])
+    transport = E2EETransport(
+        api_key=KEY, api_base=base, models_base=base, attest=options, max_attempts=1
+    )
+    with httpx2.Client(transport=transport, base_url=base, timeout=30) as client:
+        for step in (0.0, UNATTESTED_RECHECK - 1, 2.0):
+            clock[0] += step
+            assert client.post("/v1/chat/completions", json=BODY).status_code == 500
+    assert len([p for m, p, _ in rp.seen if p.endswith("/evidence")]) == 2
 
 
 @pytest.mark.parametrize("listed", [True, False, None])
@@ -382,3 +406,21 @@ def test_attest_fetch_captures_a_layout_that_verifies(
     result = CliRunner().invoke(cli, ["attest", "verify", "--capture", str(out2), "--at", at])
     assert result.exit_code == 0 and "2 trusted, 0 rejected" in result.output, result.output
     assert rp.invokes == []
+
+
+def test_no_evidence_is_not_remembered_over_a_standing_rejection() -> None:
+    # The shortcut for a chute without evidence skips the verdict lookup: it must never hide
+    # a rejection that still holds (that instance stays refused), and new evidence or a new
+    # verdict ends it at once.
+    from pqe2ee.attest.policy import Verdict
+
+    gate = AttestOptions(mode=AttestMode.AUTO).gate
+    gate.unattested("c1", "answered 404", 1000.0)
+    assert gate.known_unattested("c1", 1000.0 + UNATTESTED_RECHECK - 1)
+    assert not gate.known_unattested("c1", 1000.0 + UNATTESTED_RECHECK)
+    rejected = Verdict("i1", False, (ErrorCode.ATTEST_NONCE_BINDING,), (), verified_at=1000.0)
+    gate.record("c1", "key", rejected, None)
+    assert not gate.known_unattested("c1", 1001.0)  # a verdict ends the shortcut
+    gate.unattested("c1", "answered 404", 1002.0)
+    assert not gate.known_unattested("c1", 1003.0)  # the rejection still holds: look it up
+    assert gate.verdict("c1", "i1", "key", 1003.0) is rejected

@@ -806,14 +806,20 @@ def test_liboqs_adapter_with_a_stand_in_library(
         key.decapsulate(ct)
 
 
-def test_pyca_keeps_parsed_public_keys_but_never_a_refused_one() -> None:
-    from pqe2ee.backends import pyca
+@pytest.mark.parametrize(
+    ("backend", "cached"), [("pyca", "_public_key"), ("pycryptodome", "_parsed_public_key")]
+)
+def test_parsed_public_keys_are_kept_but_never_a_refused_one(backend: str, cached: str) -> None:
+    import importlib
 
-    kem = get_kem("pyca")
+    if unavailable_reason(backend) is not None:
+        pytest.skip(f"{backend} is not installed")
+    parse = getattr(importlib.import_module(f"pqe2ee.backends.{backend}"), cached)
+    kem = get_kem(backend)
     key = kem.generate()
-    before = pyca._public_key.cache_info().hits
+    before = parse.cache_info().hits
     results = [kem.encapsulate(key.public_key) for _ in range(3)]
-    assert pyca._public_key.cache_info().hits - before >= 2  # parsed once, then kept
+    assert parse.cache_info().hits - before >= 2  # parsed once, then kept
     assert len({ct for ct, _ in results}) == 3  # still a fresh encapsulation each time
     assert all(key.decapsulate(ct) == ss for ct, ss in results)
     unreduced = b"\xff\x0f" + key.public_key[2:]

@@ -1169,6 +1169,26 @@ def test_offer_valid_and_skew() -> None:
     assert code(lambda: parse_v2_offer(offer(pk=bad_key), 2000.0)) is ErrorCode.MALFORMED_DISCOVERY
 
 
+def test_offer_keys_are_checked_once_but_expiry_every_time() -> None:
+    from pqe2ee.protocol.v2 import negotiation
+
+    checked = negotiation._checked_key.cache_info
+    first = parse_v2_offer(offer(), 2000.0)
+    hits = checked().hits
+    again = parse_v2_offer(offer(), 2000.0)
+    assert checked().hits == hits + 1 and again == first  # the key's check was kept
+    expired = offer(not_after=1000)
+    assert code(lambda: parse_v2_offer(expired, 2000.0)) is ErrorCode.MALFORMED_DISCOVERY
+    bad_key = __import__("base64").b64encode(b"\xff\xff" + instance_key().public_key[2:]).decode()
+    for _ in range(2):  # a refused key is refused again, never kept
+        assert code(lambda: parse_v2_offer(offer(pk=bad_key), 2000.0)) is (
+            ErrorCode.MALFORMED_DISCOVERY
+        )
+    misses = checked().misses
+    code(lambda: parse_v2_offer(offer(pk=bad_key), 2000.0))
+    assert checked().misses == misses + 1
+
+
 def inst_info(iid: str, v2: bool, key: bytes = bytes(1184)) -> InstanceInfo:
     return InstanceInfo(iid, key, ("n",), offer() if v2 else {})
 

@@ -42,6 +42,9 @@ __all__ = [
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 _MAX_ENTRIES = 10_000
+#: Seconds an ``auto``-mode client trusts "this chute serves no evidence" before asking again
+#: (capped by the policy's ``max_age``): without it every request paid an evidence round trip.
+UNATTESTED_RECHECK = 60.0
 
 
 class AttestMode(enum.StrEnum):
@@ -161,6 +164,7 @@ class AttestationGate:
         self.nras_keys_at: float | None = None  # when they were fetched (wall clock)
         self.loaded: set[Path] = set()  # cache directories already read
         self._warned: dict[str, str] = {}  # chutes that served no evidence: why
+        self._unattested: dict[str, float] = {}  # chute -> until when "no evidence" holds
 
     @property
     def policy(self) -> Policy:
@@ -182,6 +186,7 @@ class AttestationGate:
         if len(self._verdicts) >= _MAX_ENTRIES:
             self._verdicts.clear()
         self._verdicts[(chute, verdict.instance_id, key_id(e2e_pubkey))] = (verdict, until)
+        self._unattested.pop(chute, None)
         if verdict.trusted:
             self.pinned.add(chute)
 
@@ -211,6 +216,7 @@ class AttestationGate:
         if len(self._evidence) >= _MAX_ENTRIES:
             self._evidence.clear()
         self._evidence[chute] = _Evidence(nonce_hex, bundle, now)
+        self._unattested.pop(chute, None)
 
     def note_listing(self, confidential: Iterable[str]) -> None:
         """Chutes a model listing called confidential compute: from now on they must serve
@@ -220,10 +226,23 @@ class AttestationGate:
                 break  # a hostile listing cannot grow memory without bound
             self.listed.add(chute.lower())
 
-    def unattested(self, chute: str, why: str) -> bool:
+    def known_unattested(self, chute: str, now: float) -> bool:
+        """The chute served no evidence less than :data:`UNATTESTED_RECHECK` seconds ago (and is
+        not pinned since): ``auto`` mode sends to it without asking again. Never true while a
+        verdict on one of its instances may still hold (so no such verdict needs looking up)."""
+        until = self._unattested.get(chute)
+        return (
+            until is not None
+            and now < until
+            and chute not in self.pinned
+            and chute.lower() not in self.listed
+        )
+
+    def unattested(self, chute: str, why: str, now: float | None = None) -> bool:
         """The chute served no evidence (``why``). Raises in ``require`` mode, and
         ``attest_downgrade`` for a pinned chute or one listed as confidential compute; else
-        returns True the first time (warn once)."""
+        remembers that (from ``now``, see :meth:`known_unattested`) and returns True the first
+        time (warn once)."""
         if chute in self.pinned:
             raise AttestationError(
                 f"chute {chute} was verified before but now {why}",
@@ -243,6 +262,10 @@ class AttestationGate:
         if len(self._warned) >= _MAX_ENTRIES:
             self._warned.clear()
         self._warned[chute] = why
+        if now is not None and not self.rejected(chute, now):
+            if len(self._unattested) >= _MAX_ENTRIES:
+                self._unattested.clear()
+            self._unattested[chute] = now + min(UNATTESTED_RECHECK, self.policy.max_age)
         return first
 
     def summary(self) -> dict[str, ChuteAttestation]:

@@ -116,9 +116,17 @@ def _construct(what: str, **key: bytes) -> Any:
 
 def _public_key(public_key: bytes) -> Any:
     try:
-        return _MLKEM.construct(param_set=_PARAMS, ek=bytes(public_key))
+        return _parsed_public_key(bytes(public_key))
     except ValueError:
         raise refused_public_key(public_key, "pycryptodome") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_public_key(public_key: bytes) -> Any:
+    """A parsed encapsulation key, kept (64 at most, as the pyca adapter does): a client
+    encapsulates to the same few instance keys request after request; each encapsulation
+    makes its own buffers, so a parsed key is safe to share. A refused key is not kept."""
+    return _MLKEM.construct(param_set=_PARAMS, ek=public_key)
 
 
 class PycryptodomeKEM(KEM):

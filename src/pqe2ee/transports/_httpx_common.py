@@ -7,8 +7,7 @@ mapping at the inner-transport boundary, and response builders.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
 from typing import Literal
 
 import anyio
@@ -86,35 +85,50 @@ def as_stream_error(error: PQE2EEError, request: httpx.Request | None) -> E2EESt
     return exc
 
 
-@contextlib.contextmanager
-def map_inner_exceptions(phase: Literal["connect", "read"]) -> Iterator[None]:
+class map_inner_exceptions:  # (lower case: used like the function it was)
     """Translate what an inner transport may raise besides httpx's own exceptions.
 
     httpx errors and pqe2ee errors pass unchanged; ``TimeoutError`` becomes a connect/read
     timeout, ``OSError`` and anyio stream breakage a ``ConnectError``/``ReadError``, always
-    chained (``from exc``).
+    chained (``from exc``). A plain context manager class (no generator frame per use: it is
+    on every request's path).
     """
-    try:
-        yield
-    except (httpx.HTTPError, PQE2EEError):
-        raise
-    except TimeoutError as exc:
-        timeout = httpx.ConnectTimeout if phase == "connect" else httpx.ReadTimeout
-        raise timeout(f"relay {phase} timed out") from exc
-    except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-        network = httpx.ConnectError if phase == "connect" else httpx.ReadError
-        raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
+
+    __slots__ = ("_phase",)
+
+    def __init__(self, phase: Literal["connect", "read"]) -> None:
+        self._phase = phase
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, (httpx.HTTPError, PQE2EEError)):
+            return
+        phase = self._phase
+        if isinstance(exc, TimeoutError):
+            timeout = httpx.ConnectTimeout if phase == "connect" else httpx.ReadTimeout
+            raise timeout(f"relay {phase} timed out") from exc
+        if isinstance(exc, (OSError, anyio.BrokenResourceError, anyio.EndOfStream)):
+            network = httpx.ConnectError if phase == "connect" else httpx.ReadError
+            raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
 
 
 def json_response(
     status: int, body: bytes, request: httpx.Request, content_type: str = "application/json"
 ) -> httpx.Response:
     """A decrypted answer, bytes exactly as the engine produced them (JSON for v1; v2 gives
-    the engine's authenticated content type)."""
+    the engine's authenticated content type): the bytes are the response's stream as they
+    are, with the headers ``content=`` would have added, and no content encoding step."""
     return httpx.Response(
         status,
-        headers=[("content-type", content_type)],
-        content=body,
+        headers=[("content-type", content_type), ("content-length", str(len(body)))],
+        stream=httpx.ByteStream(body),
         request=request,
     )
 

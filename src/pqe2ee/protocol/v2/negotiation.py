@@ -20,6 +20,7 @@ Policy (:class:`E2EPolicy`):
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,19 +90,33 @@ def parse_v2_offer(
     pk_b64 = field.get("pk")
     if not isinstance(pk_b64, str):
         raise bad("pk must be a string")
-    pk = b64decode(pk_b64, what="e2e_v2.pk", code=ErrorCode.MALFORMED_DISCOVERY)
-    if len(pk) != XWING_PK_LEN:
-        raise bad(f"pk must be {XWING_PK_LEN} bytes, got {len(pk)}")
-    try:
-        check_xwing_public_key(pk)
-    except LocalProtocolError:
-        raise bad("pk failed the ML-KEM modulus check") from None
+    pk, digest = _checked_key(pk_b64)
     not_after = _int(field.get("not_after"))
     if not_after is None:
         raise bad("not_after must be an integer")
     if not_after + clock_skew_s <= now:
         raise bad("key has expired (not_after is in the past)")
-    return V2Offer(pk, pk_hash(pk), not_after)
+    return V2Offer(pk, digest, not_after)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_key(pk_b64: str) -> tuple[bytes, bytes]:
+    """An offer's key decoded and checked, with its hash; kept per base64 text (256 at most):
+    the same instance keys come back in every discovery and attestation lookup, and the
+    modulus check costs tens of microseconds. A refused key raises and is not kept."""
+    pk = b64decode(pk_b64, what="e2e_v2.pk", code=ErrorCode.MALFORMED_DISCOVERY)
+    if len(pk) != XWING_PK_LEN:
+        raise MalformedError(
+            f"e2e_v2: pk must be {XWING_PK_LEN} bytes, got {len(pk)}",
+            code=ErrorCode.MALFORMED_DISCOVERY,
+        )
+    try:
+        check_xwing_public_key(pk)
+    except LocalProtocolError:
+        raise MalformedError(
+            "e2e_v2: pk failed the ML-KEM modulus check", code=ErrorCode.MALFORMED_DISCOVERY
+        ) from None
+    return pk, pk_hash(pk)
 
 
 @dataclass(frozen=True, slots=True)

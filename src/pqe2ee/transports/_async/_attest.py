@@ -141,8 +141,11 @@ class AsyncAttestor:
         self, port: AsyncPort, chute: str, lease: Lease, auth: str | None
     ) -> Verdict | None:
         gate = self.gate
-        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         now = self.options.wall_clock()
+        with self._guard:
+            if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
+                return None
+        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         v2_pk = _v2_key(lease, now)
         keys = pubkey if v2_pk is None else f"{pubkey},{v2_pk}"
         with self._guard:
@@ -152,7 +155,7 @@ class AsyncAttestor:
             return verdict
         if cached is None:
             nonce_hex = self.options.nonce_factory()
-            bundle = await self._fetch_evidence(port, chute, nonce_hex, auth)
+            bundle = await self._fetch_evidence(port, chute, nonce_hex, auth, now)
             if bundle is None:
                 return None
             with self._guard:
@@ -190,7 +193,7 @@ class AsyncAttestor:
         return verdict
 
     async def _fetch_evidence(
-        self, port: AsyncPort, chute: str, nonce_hex: str, auth: str | None
+        self, port: AsyncPort, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -208,7 +211,7 @@ class AsyncAttestor:
                 why = "served an empty evidence list"
         if why is not None:
             with self._guard:
-                first = self.gate.unattested(chute, why)
+                first = self.gate.unattested(chute, why, now)
             if first:
                 log.warning("chute %s %s: its instances are NOT attested", chute, why)
             return None

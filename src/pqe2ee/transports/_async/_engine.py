@@ -419,6 +419,7 @@ class AsyncEngine:
         self._guard = _lock_for(self.negotiator)
         self._chute_locks: dict[str, AsyncLock] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._decided: dict[str, Negotiated] = {}  # the decision last looked at, per chute
         self._models_lock = AsyncLock()
         attest = settings.options.attestation
         self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
@@ -667,20 +668,17 @@ class AsyncEngine:
     async def _lease(
         self, port: AsyncPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        now = self.now()
-        found = self._try_lease(chute, now)
+        found, refresh = self._try_lease(chute, self.now())
         if found is not None:
-            with self._guard:
-                refresh = self.state.needs_discovery(chute, now)
             if refresh:
                 await self._prefetch(port, chute, auth)
             return found
         async with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
-            found = self._try_lease(chute, self.now())
+            found, _ = self._try_lease(chute, self.now())
             if found is None:
                 await self._discover(port, chute, auth, deadline)
-                found = self._try_lease(chute, self.now())
+                found, _ = self._try_lease(chute, self.now())
         if found is None:
             raise RelayError(
                 "no usable instance (all gone, busy or out of nonces)",
@@ -688,31 +686,48 @@ class AsyncEngine:
             )
         return found
 
-    def _try_lease(self, chute: str, now: Monotonic) -> tuple[Lease, Negotiated] | None:
+    def _try_lease(
+        self, chute: str, now: Monotonic
+    ) -> tuple[tuple[Lease, Negotiated] | None, bool]:
         """A lease of an instance the version decision allows (the decision may raise
-        ``downgrade_refused`` / ``downgrade_suspected``: no nonce is taken then)."""
+        ``downgrade_refused`` / ``downgrade_suspected``: no nonce is taken then), and whether
+        the pool wants a prefetch: one trip through the lock. The warnings a decision calls for
+        are looked at once per decision (the state caches it until the next discovery)."""
+        fresh: list[str] = []
         with self._guard:
             found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
-        if found is not None:
-            self._warn(chute, found[1])
-        return found
+            if found is None:
+                return None, False
+            refresh = self.state.needs_discovery(chute, now)
+            negotiated = found[1]
+            if self._decided.get(chute) is not negotiated:
+                if len(self._decided) >= 10_000:
+                    self._decided.clear()
+                self._decided[chute] = negotiated
+                fresh = self._fresh_warnings(chute, negotiated)
+        if fresh:
+            self._warn(chute, negotiated, fresh)
+        return found, refresh
 
-    def _warn(self, chute: str, negotiated: Negotiated) -> None:
-        """Log, once per chute, that it is spoken to in v1 although v2 is preferred, or that
-        some of its instances published an invalid v2 offer."""
+    def _fresh_warnings(self, chute: str, negotiated: Negotiated) -> list[str]:
+        """What to warn about for this decision that was not yet said for the chute (under
+        the guard)."""
         decision = negotiated.decision
         kinds = []
         if decision.downgraded:
             kinds.append("v1")
         if decision.invalid_offers:
             kinds.append("invalid")
-        if not kinds:
-            return
-        with self._guard:
-            fresh = [k for k in kinds if (chute, k) not in self._warned]
-            if len(self._warned) >= 10_000:
-                self._warned.clear()
-            self._warned.update((chute, k) for k in fresh)
+        fresh = [k for k in kinds if (chute, k) not in self._warned]
+        if len(self._warned) >= 10_000:
+            self._warned.clear()
+        self._warned.update((chute, k) for k in fresh)
+        return fresh
+
+    def _warn(self, chute: str, negotiated: Negotiated, fresh: list[str]) -> None:
+        """Log, once per chute, that it is spoken to in v1 although v2 is preferred, or that
+        some of its instances published an invalid v2 offer."""
+        decision = negotiated.decision
         if "invalid" in fresh:
             log.warning(
                 "chute %s: %d instance(s) published an invalid e2e_v2 offer (ignored)",

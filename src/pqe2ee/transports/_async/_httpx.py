@@ -55,6 +55,8 @@ __all__ = ["AsyncDecryptingStream", "AsyncE2EETransport"]
 _NETWORK_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError,)
 _LOST_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError,)
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx.TimeoutException,)
+#: Parsed URLs kept per transport (invoke, model listing, discovery per chute, evidence).
+_MAX_URLS = 256
 
 
 class _AsyncPortResponse(ResponseHead):
@@ -77,9 +79,14 @@ class _AsyncPortResponse(ResponseHead):
 
 class _AsyncPort:
     """The engine's way out through an inner httpx transport. Invokes carry the caller's
-    request extensions (timeouts); the engine's own calls carry the transport's timeout."""
+    request extensions (timeouts); the engine's own calls carry the transport's timeout.
 
-    __slots__ = ("_control", "_extensions", "_inner")
+    ``urls`` caches each URL the engine sends to, parsed, with its ``Host`` header (the invoke
+    URL is the same for every request): a request is then built from the body's bytes as
+    its stream, with the headers ``content=`` would have added (``Host`` first,
+    ``Content-Length`` last), without parsing the URL or encoding the content again."""
+
+    __slots__ = ("_control", "_extensions", "_inner", "_urls")
 
     network_errors = _NETWORK_ERRORS
     lost_errors = _LOST_ERRORS
@@ -90,21 +97,40 @@ class _AsyncPort:
         inner: httpx.AsyncBaseTransport,
         extensions: dict[str, object],
         control: dict[str, object],
+        urls: dict[str, tuple[httpx.URL, str]],
     ) -> None:
         self._inner = inner
         self._extensions = extensions
         self._control = control
+        self._urls = urls
 
     async def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> _AsyncPortResponse:
-        request = httpx.Request(
-            method,
-            url,
-            headers=headers,
-            content=body or None,
-            extensions=self._control if control else self._extensions,
-        )
+        extensions = self._control if control else self._extensions
+        known = self._urls.get(url)
+        if known is None:
+            request = httpx.Request(
+                method, url, headers=headers, content=body or None, extensions=extensions
+            )
+            host = request.headers.get("host")
+            if host is not None and "?" not in url:  # (an evidence URL's nonce: once only)
+                if len(self._urls) >= _MAX_URLS:
+                    self._urls.clear()
+                self._urls[url] = (request.url, host)
+        else:
+            parsed, host = known
+            fields = [("Host", host), *headers]
+            if body or method == "POST":
+                fields.append(("Content-Length", str(len(body))))
+            request = httpx.Request(
+                method,
+                parsed,
+                headers=fields,
+                stream=httpx.ByteStream(body),
+                extensions=extensions,
+            )
+            request.read()  # (as content= does: ``request.content`` is there for the inner)
         with map_inner_exceptions("connect"):
             response = await self._inner.handle_async_request(request)
         return _AsyncPortResponse(response)
@@ -242,6 +268,7 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
         self._unbound = uses_default_bases(self.options)
         self._bound: str | None = None
         self._bind_lock = threading.Lock()
+        self._urls: dict[str, tuple[httpx.URL, str]] = {}
 
     # -- httpx transport API -------------------------------------------------------------------
 
@@ -302,7 +329,7 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
 
     async def _encrypted(self, request: httpx.Request, model: str, body: bytes) -> httpx.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
-        port = _AsyncPort(self._inner, request.extensions, self._control)
+        port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
         try:
             outcome = await self._engine.invoke(
                 port, path=request.url.path, body=body, model=model, auth=auth

@@ -140,8 +140,11 @@ class Attestor:
 
     def _verdict(self, port: Port, chute: str, lease: Lease, auth: str | None) -> Verdict | None:
         gate = self.gate
-        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         now = self.options.wall_clock()
+        with self._guard:
+            if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
+                return None
+        pubkey = base64.b64encode(lease.public_key).decode("ascii")
         v2_pk = _v2_key(lease, now)
         keys = pubkey if v2_pk is None else f"{pubkey},{v2_pk}"
         with self._guard:
@@ -151,7 +154,7 @@ class Attestor:
             return verdict
         if cached is None:
             nonce_hex = self.options.nonce_factory()
-            bundle = self._fetch_evidence(port, chute, nonce_hex, auth)
+            bundle = self._fetch_evidence(port, chute, nonce_hex, auth, now)
             if bundle is None:
                 return None
             with self._guard:
@@ -189,7 +192,7 @@ class Attestor:
         return verdict
 
     def _fetch_evidence(
-        self, port: Port, chute: str, nonce_hex: str, auth: str | None
+        self, port: Port, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -207,7 +210,7 @@ class Attestor:
                 why = "served an empty evidence list"
         if why is not None:
             with self._guard:
-                first = self.gate.unattested(chute, why)
+                first = self.gate.unattested(chute, why, now)
             if first:
                 log.warning("chute %s %s: its instances are NOT attested", chute, why)
             return None

@@ -55,6 +55,8 @@ __all__ = ["DecryptingStream", "E2EETransport"]
 _NETWORK_ERRORS: tuple[type[BaseException], ...] = (httpx2.HTTPError,)
 _LOST_ERRORS: tuple[type[BaseException], ...] = (httpx2.TransportError,)
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx2.TimeoutException,)
+#: Parsed URLs kept per transport (invoke, model listing, discovery per chute, evidence).
+_MAX_URLS = 256
 
 
 class _PortResponse(ResponseHead):
@@ -76,9 +78,14 @@ class _PortResponse(ResponseHead):
 
 class _Port:
     """The engine's way out through an inner httpx2 transport. Invokes carry the caller's
-    request extensions (timeouts); the engine's own calls carry the transport's timeout."""
+    request extensions (timeouts); the engine's own calls carry the transport's timeout.
 
-    __slots__ = ("_control", "_extensions", "_inner")
+    ``urls`` caches each URL the engine sends to, parsed, with its ``Host`` header (the invoke
+    URL is the same for every request): a request is then built from the body's bytes as
+    its stream, with the headers ``content=`` would have added (``Host`` first,
+    ``Content-Length`` last), without parsing the URL or encoding the content again."""
+
+    __slots__ = ("_control", "_extensions", "_inner", "_urls")
 
     network_errors = _NETWORK_ERRORS
     lost_errors = _LOST_ERRORS
@@ -89,21 +96,40 @@ class _Port:
         inner: httpx2.BaseTransport,
         extensions: dict[str, object],
         control: dict[str, object],
+        urls: dict[str, tuple[httpx2.URL, str]],
     ) -> None:
         self._inner = inner
         self._extensions = extensions
         self._control = control
+        self._urls = urls
 
     def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> _PortResponse:
-        request = httpx2.Request(
-            method,
-            url,
-            headers=headers,
-            content=body or None,
-            extensions=self._control if control else self._extensions,
-        )
+        extensions = self._control if control else self._extensions
+        known = self._urls.get(url)
+        if known is None:
+            request = httpx2.Request(
+                method, url, headers=headers, content=body or None, extensions=extensions
+            )
+            host = request.headers.get("host")
+            if host is not None and "?" not in url:  # (an evidence URL's nonce: once only)
+                if len(self._urls) >= _MAX_URLS:
+                    self._urls.clear()
+                self._urls[url] = (request.url, host)
+        else:
+            parsed, host = known
+            fields = [("Host", host), *headers]
+            if body or method == "POST":
+                fields.append(("Content-Length", str(len(body))))
+            request = httpx2.Request(
+                method,
+                parsed,
+                headers=fields,
+                stream=httpx2.ByteStream(body),
+                extensions=extensions,
+            )
+            request.read()  # (as content= does: ``request.content`` is there for the inner)
         with map_inner_exceptions("connect"):
             response = self._inner.handle_request(request)
         return _PortResponse(response)
@@ -240,6 +266,7 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
         self._unbound = uses_default_bases(self.options)
         self._bound: str | None = None
         self._bind_lock = threading.Lock()
+        self._urls: dict[str, tuple[httpx2.URL, str]] = {}
 
     # -- httpx2 transport API -------------------------------------------------------------------
 
@@ -300,7 +327,7 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
 
     def _encrypted(self, request: httpx2.Request, model: str, body: bytes) -> httpx2.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
-        port = _Port(self._inner, request.extensions, self._control)
+        port = _Port(self._inner, request.extensions, self._control, self._urls)
         try:
             outcome = self._engine.invoke(
                 port, path=request.url.path, body=body, model=model, auth=auth
