@@ -50,6 +50,7 @@ from pqe2ee.protocol.v2 import (
     seal_request_v2,
     seal_response_v2,
 )
+from pqe2ee.protocol.v2.header import MAX_HEADER_LEN, MAX_LP1, MAX_PATH_LEN
 from pqe2ee.protocol.v2.records import DATA, END, HEAD, USAGE, encode_inner, encrypt_record
 from pqe2ee.protocol.v2.request import EXPORT_CONTEXT, build_plaintext, pk_hash
 from pqe2ee.protocol.v2.stream import record_event, usage_copy_event
@@ -588,6 +589,84 @@ class Generator:
             lines,
             sealer,
         )
+
+    # -- spec clarifications that decide accepted inputs (issue 13) ----------------------------
+
+    def longest_header(self) -> bytes:
+        """The longest valid H: every variable field at its bound (spec/v2.md §3: 2706 bytes)."""
+        h = ContextHeader(
+            stream=True,
+            pk_hash=pk_hash(self.instance_key.public_key),
+            ts_ms=TS,
+            request_id=DeterministicRandom("longest header")(16),
+            chute_id=CHUTE,
+            instance_id=INSTANCE,
+            relay_nonce="n" * MAX_LP1,
+            path="/" + "p" * (MAX_PATH_LEN - 1),
+            model="m" * MAX_LP1,
+            response_padding=256,
+        )
+        hb = h.encode()
+        assert len(hb) == MAX_HEADER_LEN == 2706, len(hb)
+        return hb
+
+    def header_clarifications(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(edges that must be accepted, negatives) for the §3 bound ``hdr_len <= 2706``."""
+        hb = self.longest_header()
+        over = hb[:5] + (len(hb) + 1).to_bytes(2, "big") + hb[7:] + b"\x00"
+        edges = [{"name": "longest valid H (2706 bytes)", "h": _hex(hb), "code": None}]
+        negatives = [
+            {
+                "name": "hdr_len 2707 (the longest valid H plus one byte)",
+                "h": _hex(over),
+                "code": ErrorCode.BAD_HEADER.value,
+            }
+        ]
+        return edges, negatives
+
+    @staticmethod
+    def base64_clarifications(
+        idx: int, lines: list[bytes], data: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Stream wires for spec/v2.md §1 base64: non-zero unused bits in the last quantum are
+        ignored (an edge that must be accepted, same data); a record whose ``=`` padding is
+        stripped is rejected (``malformed_event``)."""
+        prefix, suffix = b'data: {"e2e_v2":"', b'"}\n\n'
+        i = next(
+            n
+            for n, ln in enumerate(lines)
+            if n > 0 and ln.startswith(prefix) and ln.endswith(b"=" + suffix)
+        )
+        b64 = lines[i][len(prefix) : -len(suffix)]
+        body = b64.rstrip(b"=")
+        unused = 4 if len(b64) - len(body) == 2 else 2  # bits of the last char no byte uses
+        alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        last = alphabet.index(body[-1:])
+        assert last & ((1 << unused) - 1) == 0  # senders write them as zero
+        odd = body[:-1] + alphabet[last | 1 : (last | 1) + 1] + b64[len(body) :]
+        assert base64.b64decode(odd) == base64.b64decode(b64) and odd != b64
+
+        def wire(line: bytes) -> str:
+            return b"".join([*lines[:i], prefix + line + suffix, *lines[i + 1 :]]).decode()
+
+        edges = [
+            {
+                "name": f"record {i - 1} base64 with a non-zero unused bit (RFC 4648 §3.5)",
+                "request": idx,
+                "wire": wire(odd),
+                "data": data,
+                "code": None,
+            }
+        ]
+        negatives = [
+            {
+                "name": f"record {i - 1} base64 without its '=' padding",
+                "request": idx,
+                "wire": wire(body),
+                "code": ErrorCode.MALFORMED_EVENT.value,
+            }
+        ]
+        return edges, negatives
 
     # -- negatives --------------------------------------------------------------------------------
 
@@ -1255,6 +1334,8 @@ class Generator:
         )
         responses += [s1, s2, s4, s_err]
         header_pos, header_neg = self.header()
+        header_edge, header_more = self.header_clarifications()
+        stream_edge, stream_more = self.base64_clarifications(r1, lines1, s1["data"])
         # a v1 runtime given a v2 blob: its key is ML-KEM-768 (64-byte seed)
         v1_seed = hashlib.sha512(b"pqe2ee-v2-vector-v1-runtime").digest()
         return {
@@ -1279,10 +1360,13 @@ class Generator:
             "hpke_source": "hpkewg/hpke-pq test-vectors.json @ 74dafaa, suite (0x647A, 0x0001, 0x0003)",
             "kem_negative": self.kem_negative(),
             "header": header_pos,
-            "header_negative": header_neg,
+            "header_negative": header_neg + header_more,
+            "header_edge": header_edge,
             "request": self.requests,
             "response": responses,
-            "stream_negative": self.stream_negatives(r1, lines1, sealer1, other_same, lines4),
+            "stream_negative": self.stream_negatives(r1, lines1, sealer1, other_same, lines4)
+            + stream_more,
+            "stream_edge": stream_edge,
             "single_negative": self.single_negatives(
                 r0, bytes.fromhex(responses[0]["body"]), "single-ok"
             ),

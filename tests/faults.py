@@ -45,7 +45,8 @@ from typing import Any
 
 import msgspec
 
-from pqe2ee.protocol import LineSplitter, StreamEncoder, StreamSealer, extract_usage
+from pqe2ee.conformance.rechunk import RechunkingEncoder
+from pqe2ee.protocol import StreamSealer
 from servers import serve_chain
 
 __all__ = [
@@ -336,48 +337,6 @@ class _Reframer:
         if self._fault is Fault.BAD_BASE64:
             return _RECORD_PREFIX + b"!!" + b64[2:] + b'"}\n\n'
         return ev
-
-
-class RechunkingEncoder(StreamEncoder):
-    """A :class:`StreamEncoder` whose records ignore line boundaries.
-
-    Record sizes cycle through :attr:`SIZES`, so one record may hold part of a line, a line
-    and a half, or several events; plaintext usage events still come before the record that
-    completes a line carrying ``usage``.
-    """
-
-    __slots__ = ("_buf", "_seal", "_splitter", "_turn")
-
-    SIZES: Sequence[int] = (1, 7, 300, 2, 1024, 13, 64)
-    streams = 0  # how many streams were encoded this way (so a test can check it was used)
-
-    def __init__(self, sealer: StreamSealer, **kwargs: Any) -> None:
-        super().__init__(sealer, **kwargs)
-        type(self).streams += 1
-        self._seal = sealer
-        self._splitter = LineSplitter(16 * 1024 * 1024)
-        self._buf = b""
-        self._turn = 0
-
-    def feed(self, chunk: bytes) -> bytes:
-        out: list[bytes] = []
-        for line in self._splitter.feed(chunk):
-            usage = extract_usage(line)
-            if usage is not None:
-                out.append(self._seal.usage_event(usage))
-        self._buf += chunk
-        while True:
-            size = self.SIZES[self._turn % len(self.SIZES)]
-            if len(self._buf) < size:
-                break
-            self._turn += 1
-            out.append(self._seal.seal_record(self._buf[:size]))
-            self._buf = self._buf[size:]
-        return b"".join(out)
-
-    def finish(self) -> bytes:
-        tail, self._buf = self._buf, b""
-        return self._seal.seal_record(tail) if tail else b""
 
 
 @dataclass

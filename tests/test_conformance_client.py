@@ -28,11 +28,13 @@ def _statuses(cmd: list[str], **kw: object) -> tuple[dict[str, Status], int]:
 
 def test_our_client_passes_both_profiles() -> None:
     statuses, code = _statuses(OURS)
-    # v1 records carry no sequence number, so reordering is checkable in v2 only
-    assert {k for k, s in statuses.items() if s is not Status.PASS} == {"v1.stream.reordered"}
-    assert statuses["v1.stream.reordered"] is Status.SKIP
+    # v1 records carry no sequence number, so reordering is checkable in v2 only; a v1-only
+    # relay never offers v2, so there is no pin to break
+    skipped = {"v1.stream.reordered", "v1.downgrade.pinned"}
+    assert {k for k, s in statuses.items() if s is not Status.PASS} == skipped
+    assert all(statuses[k] is Status.SKIP for k in skipped)
     assert code == EXIT_OK
-    assert len(statuses) == 32
+    assert len(statuses) == 42
 
 
 def test_broken_client_swallowing_errors_is_caught() -> None:
@@ -47,6 +49,8 @@ def test_broken_client_swallowing_errors_is_caught() -> None:
         "v2.single.tampered",
         "v2.discovery.rate_limited",
         "v2.discovery.expired_nonces",
+        "v2.discovery.expires_at_soon",
+        "v2.downgrade.pinned",
     }
     assert code == EXIT_FAIL
 
@@ -59,6 +63,36 @@ def test_broken_client_without_retries_is_caught() -> None:
         "v1.retry.busy_429": Status.FAIL,
         "v1.retry.key_502": Status.FAIL,
     }
+
+
+BROKEN = [sys.executable, str(ROOT / "tests" / "broken_client_kinds.py")]
+
+
+def test_client_assuming_one_event_per_record_is_caught() -> None:
+    only = ["v1.stream.inner", "v2.stream.inner", "v1.stream", "v2.stream"]
+    statuses, _ = _statuses([*BROKEN, "record-is-event"], only=only)
+    assert statuses["v1.stream"] is Status.PASS and statuses["v2.stream"] is Status.PASS
+    for case in ("stream.inner_split", "stream.inner_merged"):
+        for profile in ("v1", "v2"):
+            assert statuses[f"{profile}.{case}"] is Status.FAIL, (profile, case)
+
+
+@pytest.mark.parametrize(
+    ("kind", "caught", "passed"),
+    [
+        ("ignore-expires-at", "discovery.expires_at_soon", "discovery.expires_at_past"),
+        ("trust-expires-at", "discovery.expires_at_past", "discovery.expires_at_soon"),
+    ],
+)
+def test_clients_with_wrong_expiry_clocks_are_caught(kind: str, caught: str, passed: str) -> None:
+    statuses, code = _statuses([*BROKEN, kind], profile="v2", only=["v2.discovery.expires"])
+    assert statuses == {f"v2.{caught}": Status.FAIL, f"v2.{passed}": Status.PASS}
+    assert code == EXIT_FAIL
+
+
+def test_client_forgetting_pins_is_caught() -> None:
+    statuses, _ = _statuses([*BROKEN, "forget-pins"], profile="v2", only=["v2.downgrade"])
+    assert statuses == {"v2.downgrade.pinned": Status.FAIL}
 
 
 def test_declared_capabilities_skip_what_the_adapter_does_not_do(tmp_path: Path) -> None:
@@ -105,8 +139,12 @@ def test_published_client_weaknesses_are_named_fails(tmp_path: Path) -> None:
         "v1.retry.gone_410",
         "v1.retry.busy_429",
         "v1.retry.key_502",
+        "v1.stream.inner_split",  # decodes each record alone: a split line is a JSONDecodeError
+        "v1.discovery.expires_at_soon",  # ignores nonce_expires_at
     }
-    for case in ("v1.single", "v1.stream", "v1.stream.split", "v1.stream.tampered"):
+    assert statuses["v1.downgrade.pinned"] == "SKIP"  # declares no multi_call
+    for case in ("v1.single", "v1.stream", "v1.stream.split", "v1.stream.tampered",
+                 "v1.stream.inner_merged", "v1.discovery.expires_at_past"):  # fmt: skip
         assert statuses[case] == "PASS", case
     assert doc["capabilities"]["profiles_spoken"] == ["v1"]
     assert doc["capabilities"]["declared"] == {"profiles": ["v1"], "streaming": True}

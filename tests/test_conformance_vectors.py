@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pqe2ee.conformance.model import EXIT_OK, EXIT_UNSUPPORTED, Status
+from pqe2ee.conformance.model import EXIT_MALFORMED, EXIT_OK, EXIT_UNSUPPORTED, Status
 from pqe2ee.conformance.runner import run_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,10 @@ def test_our_sealer_opener_passes_every_vector() -> None:
     assert sum(
         i.startswith(("v2.open_request.negative.", "v2.open_request.edge.")) for i in ids
     ) == len(v2["instance_negative"])
+    # the spec clarifications' vectors: the longest valid H, non-canonical base64 bits
+    assert sum(i.startswith("v2.parse_header.edge.") for i in ids) == len(v2["header_edge"]) == 1
+    assert sum(i.startswith("v2.open_stream.edge.") for i in ids) == len(v2["stream_edge"]) == 1
+    assert "v2.parse_header.negative.hdr_len 2707 (the longest valid H plus one byte)" in ids
     ops = {".".join(i.split(".")[:2]) for i in ids}
     assert ops >= {"v1.seal_request", "v1.seal_response", "v1.seal_stream", "v2.seal_request"}
     assert "v2.seal_single" in ops
@@ -78,3 +82,37 @@ def test_an_opener_without_v2_is_unsupported_under_v2() -> None:
     report = run_vectors([*BROKEN, "v1-only"], vectors=VECTORS, profile="v2", only=["v2.open_s"])
     assert {r.status for r in report.results} == {Status.SKIP}
     assert report.exit_code == EXIT_UNSUPPORTED
+
+
+def test_base64_clarification_vectors_catch_strict_and_lenient_decoders() -> None:
+    only = [
+        "v2.open_stream.edge.",
+        "v2.open_stream.negative.record 1 base64",
+        "v2.open_stream.stream-ok",
+    ]
+    strict = _statuses("strict-base64", only=only)
+    lenient = _statuses("unpadded-base64", only=only)
+    edge = next(k for k in strict if ".edge." in k)
+    unpadded = next(k for k in strict if "without its '=' padding" in k)
+    assert strict[edge] is Status.FAIL and strict[unpadded] is Status.PASS
+    assert lenient[edge] is Status.PASS and lenient[unpadded] is Status.FAIL
+    assert strict["v2.open_stream.stream-ok"] is lenient["v2.open_stream.stream-ok"] is Status.PASS
+
+
+def test_unparseable_answers_exit_30() -> None:
+    for batch in (False, True):
+        kw: dict[str, object] = {
+            "only": ["v1.open_response", "v2.parse_header.stream"],
+            "batch": batch,
+        }
+        report = run_vectors([*BROKEN, "garbage"], vectors=VECTORS, **kw)  # type: ignore[arg-type]
+        assert report.results and all(r.status is Status.FAIL for r in report.results)
+        assert all(r.malformed and "malformed answer" in r.detail for r in report.results)
+        assert report.exit_code == EXIT_MALFORMED
+    done = subprocess.run(
+        [sys.executable, "-m", "pqe2ee.cli", "conformance", "vectors", "--json", "--vectors",
+         str(VECTORS), "--only", "v1.open_response.0", "--", *BROKEN, "garbage"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == EXIT_MALFORMED, done.stderr[-1000:]
+    assert json.loads(done.stdout)["results"][0]["malformed"] is True

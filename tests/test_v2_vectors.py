@@ -50,6 +50,7 @@ from pqe2ee.protocol.v2 import (
     setup_base_s,
     usage_matches,
 )
+from pqe2ee.protocol.v2.header import MAX_HEADER_LEN
 from pqe2ee.protocol.v2.request import EXPORT_CONTEXT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,6 +213,14 @@ def test_header(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", V["header_negative"], ids=ids("header_negative"))
 def test_header_negative(case: dict[str, Any]) -> None:
     assert code_of(lambda: parse_header(h(case["h"]))) == case["code"]
+
+
+@pytest.mark.parametrize("case", V["header_edge"], ids=ids("header_edge"))
+def test_header_edge(case: dict[str, Any]) -> None:
+    # the longest valid H sits exactly on the §3 bound (hdr_len 2706) and parses
+    hb = h(case["h"])
+    assert len(hb) == int.from_bytes(hb[5:7], "big") == MAX_HEADER_LEN == 2706
+    assert parse_header(hb).encode() == hb
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -453,6 +462,19 @@ def test_response_rederived(derand: XWing, resp: dict[str, Any]) -> None:
             )
         )
         assert b"".join(out) == resp["wire"].encode()
+
+
+@pytest.mark.parametrize("case", V["stream_edge"], ids=ids("stream_edge"))
+def test_stream_edge(xw: XWing, case: dict[str, Any]) -> None:
+    # non-zero unused base64 bits are ignored (§1): same DATA as the canonical stream
+    dec = StreamDecryptorV2(secrets(xw, V["request"][case["request"]]), aead=AEAD)
+    dec.receive_data(case["wire"].encode())
+    dec.receive_eof()
+    evs = dec.events()
+    assert isinstance(evs[-1], EndOfStream) and evs[-1].complete
+    assert b"".join(e.data for e in evs if isinstance(e, Data)) == case["data"].encode()
+    canonical = next(r["wire"] for r in V["response"] if r["name"] == "stream-ok")
+    assert case["wire"] != canonical and case["request"] == 1
 
 
 @pytest.mark.parametrize("case", V["stream_negative"], ids=ids("stream_negative"))

@@ -5,7 +5,8 @@ It implements the adapter contract of docs/conformance.md: take ``--base-url``, 
 :class:`pqe2ee.transports.httpx2.E2EETransport` (the base URL serves discovery, invokes and the
 model listing), print the assistant's text on stdout and exit 0; on any failure print
 ``error: <code>: <message>`` on stderr and exit 1. ``--min-version 2`` / ``--no-v2`` set the
-client's profile policy, ``--max-attempts`` its retry budget.
+client's profile policy, ``--max-attempts`` its retry budget, ``--calls N`` makes N calls in a
+row with one client (one answer line each; the contract's multi-call extension).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 __all__ = ["CAPABILITIES", "main"]
 
 #: What ``--capabilities`` declares (docs/conformance.md).
-CAPABILITIES = {"profiles": ["v1", "v2"], "streaming": True}
+CAPABILITIES = {"profiles": ["v1", "v2"], "streaming": True, "multi_call": True}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-version", type=int, choices=(1, 2), default=1)
     p.add_argument("--no-v2", action="store_true")
     p.add_argument("--max-attempts", type=int, default=4, help="1 turns retries off")
+    p.add_argument("--calls", type=int, default=1, help="calls in a row, one client")
     return p
 
 
-def _chat(args: argparse.Namespace) -> str:
+def _chat(args: argparse.Namespace) -> None:
+    """Make ``--calls`` calls with one client (its pins and nonce pool kept between them),
+    printing each answer on its own line as soon as it is complete."""
     import httpx2
 
     from pqe2ee.transports.httpx2 import E2EETransport
@@ -47,22 +52,28 @@ def _chat(args: argparse.Namespace) -> str:
         max_attempts=args.max_attempts,
         strict=True,
     )
-    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
     with httpx2.Client(transport=transport, base_url=args.base_url, timeout=30) as client:
-        if not args.stream:
-            r = client.post("/v1/chat/completions", json=body)
-            if r.status_code != 200:
-                raise RuntimeError(f"status {r.status_code}")
-            return str(r.json()["choices"][0]["message"]["content"])
-        parts: list[str] = []
-        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"status {r.status_code}")
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    for choice in json.loads(line[6:]).get("choices", []):
-                        parts.append((choice.get("delta") or {}).get("content") or "")
-        return "".join(parts)
+        for _ in range(max(1, args.calls)):
+            sys.stdout.write(_call(client, args) + "\n")
+            sys.stdout.flush()
+
+
+def _call(client: Any, args: argparse.Namespace) -> str:
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+    if not args.stream:
+        r = client.post("/v1/chat/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"status {r.status_code}")
+        return str(r.json()["choices"][0]["message"]["content"])
+    parts: list[str] = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"status {r.status_code}")
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:]).get("choices", []):
+                    parts.append((choice.get("delta") or {}).get("content") or "")
+    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = _parser().parse_args(argv)
     try:
-        text = _chat(args)
+        _chat(args)
     except PQE2EEError as exc:
         sys.stderr.write(f"error: {exc.code.value}: {exc.message}\n")
         return 1
@@ -82,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         code = cause.code.value if isinstance(cause, PQE2EEError) else type(exc).__name__
         sys.stderr.write(f"error: {code}: {exc}\n")
         return 1
-    sys.stdout.write(text + "\n")
     return 0
 
 

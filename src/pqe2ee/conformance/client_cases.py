@@ -43,6 +43,7 @@ class ClientCase:
     succeed: bool  # the client must print the answer (True) or fail (False)
     check: ServerCheck | None = None
     v2_only: bool = False  # the requirement exists only in v2 (v1 cannot detect it)
+    calls: int = 1  # adapter calls in one run, one client (``--calls N``, docs/conformance.md)
 
 
 def _headers(seen: list[SeenInvoke], stream: bool) -> None:
@@ -70,6 +71,12 @@ def _no_invoke(seen: list[SeenInvoke]) -> None:
     check(not seen, f"the client sent {len(seen)} invoke(s) with nonces already expired")
 
 
+def _pin_held(seen: list[SeenInvoke]) -> None:
+    check(seen and seen[0].v2, "the first call did not go out as v2")
+    v1 = sum(not inv.v2 for inv in seen)
+    check(not v1, f"{v1} v1 invoke(s) to the pinned chute: the downgrade was accepted")
+
+
 def _single(seen: list[SeenInvoke]) -> None:
     _headers(seen, False)
 
@@ -94,6 +101,11 @@ CLIENT_CASES: tuple[ClientCase, ...] = (
     ClientCase("retry.busy_429", "SPEC §11", "429: retry on another instance", Mode.BUSY_429, False, True, _retried(True)),
     ClientCase("retry.key_502", "SPEC §11", "502 key exchange: retry on another instance", Mode.KEY_502, False, True, _retried(True)),
     ClientCase("discovery.expired_nonces", "SPEC §10.2", "nonces that expire at once are never sent (safety margin); no hang", Mode.EXPIRED_NONCES, False, False, _no_invoke),
+    ClientCase("stream.inner_split", "SPEC §9.1; v2 §5.3", "records that split inner lines (made by the instance) are reassembled", Mode.INNER_SPLIT, True, True, _streamed),
+    ClientCase("stream.inner_merged", "SPEC §9.1; v2 §5.3", "one record holding many inner lines is parsed line by line", Mode.INNER_MERGED, True, True, _streamed),
+    ClientCase("discovery.expires_at_past", "SPEC §10.2", "a nonce_expires_at already past (clock skew) is ignored: the nonces are used", Mode.EXPIRES_AT_PAST, False, True, _single),
+    ClientCase("discovery.expires_at_soon", "SPEC §10.2", "a nonce_expires_at inside the safety margin shortens expiry: no nonce is sent", Mode.EXPIRES_AT_SOON, False, False, _no_invoke),
+    ClientCase("downgrade.pinned", "v2 §8.2", "two calls: v2 offered, then hidden: the second is refused (downgrade_suspected), never v1", Mode.PIN_DOWNGRADE, False, False, _pin_held, v2_only=True, calls=2),
     ClientCase("discovery.rate_limited", "SPEC §10.2, §11", "a 429 from discovery is an error, not a hang", Mode.DISCOVERY_429, False, False),
 )  # fmt: skip
 
@@ -110,9 +122,12 @@ def judge(case: ClientCase, out: Outcome, seen: list[SeenInvoke], spoke_v2: bool
         raise CaseSkipped("the client spoke v1, which cannot detect this")
     if case.succeed:
         check(out.exit_code == 0, f"exit {out.exit_code}: {reason}")
-        check(printed == EXPECTED, f"printed {printed[:80]!r}, want {EXPECTED!r}")
+        want = "\n".join([EXPECTED] * case.calls)
+        check(printed == want, f"printed {printed[:80]!r}, want {want[:80]!r}")
     else:
         check(out.exit_code != 0, f"exit 0 with {printed[:80]!r}: the fault went unnoticed")
+        before = printed.splitlines()[: case.calls - 1]
+        check(before == [EXPECTED] * (case.calls - 1), "an earlier call of the run failed too")
     if case.check is not None:
         case.check(seen)
     return reason if not case.succeed else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import enum
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +56,26 @@ class Mode(enum.Enum):
     KEY_502 = "key_502"
     DISCOVERY_429 = "discovery_429"  # every discovery rate-limited
     EXPIRED_NONCES = "expired_nonces"  # discovery says nonce_expires_in 0 (expires_at kept)
+    # clocks (SPEC §10.2): the relay's clock is the runner's machine clock, as the client's is
+    EXPIRES_AT_PAST = "expires_at_past"  # nonce_expires_at an hour ago (skew): must be ignored
+    EXPIRES_AT_SOON = "expires_at_soon"  # nonce_expires_at in 2 s (< margin), expires_in 60
+    # records that split or merge inner lines (made at the instance: conformance/rechunk.py)
+    INNER_SPLIT = "inner_split"
+    INNER_MERGED = "inner_merged"
+    # v2 downgrade of a pinned chute (spec/v2.md §8.2): one row with one nonce, so a second
+    # call rediscovers; every discovery after the first invoke hides e2e_v2
+    PIN_DOWNGRADE = "pin_downgrade"
 
 
+_DISCOVERY_MODES = (
+    Mode.DUPLICATE_NONCES,
+    Mode.BAD_OFFER,
+    Mode.HIDE_V2,
+    Mode.EXPIRED_NONCES,
+    Mode.EXPIRES_AT_PAST,
+    Mode.EXPIRES_AT_SOON,
+    Mode.PIN_DOWNGRADE,
+)
 _ANSWERS: dict[Mode, tuple[int, str]] = {
     Mode.SPENT_NONCE: (403, "Invalid, expired, or already-used nonce"),
     Mode.GONE_410: (410, "Instance is no longer active"),
@@ -109,7 +128,7 @@ class HostileRelay:
                 await _send_all(send, 429, b'{"detail":"Rate limit exceeded"}', "application/json")
                 return
             status, headers, body = await _capture(self.app, scope, receive)
-            if self.hide_v2:
+            if self.hide_v2 or (mode is Mode.PIN_DOWNGRADE and self.seen.invokes):
                 body = _rewrite_discovery(body, Mode.HIDE_V2)
             await _send_all(send, status, _rewrite_discovery(body, mode), _ctype(headers))
             return
@@ -183,14 +202,22 @@ def _flip(raw: bytes, offset: int) -> bytes:
 
 
 def _rewrite_discovery(body: bytes, mode: Mode) -> bytes:
-    if mode not in (Mode.DUPLICATE_NONCES, Mode.BAD_OFFER, Mode.HIDE_V2, Mode.EXPIRED_NONCES):
+    if mode not in _DISCOVERY_MODES:
         return body
     try:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return body
-    if mode is Mode.EXPIRED_NONCES and isinstance(doc, dict):
-        doc["nonce_expires_in"] = 0
+    if isinstance(doc, dict):
+        if mode is Mode.EXPIRED_NONCES:
+            doc["nonce_expires_in"] = 0
+        elif mode is Mode.EXPIRES_AT_PAST:
+            doc["nonce_expires_in"], doc["nonce_expires_at"] = 60, int(time.time()) - 3600
+        elif mode is Mode.EXPIRES_AT_SOON:
+            doc["nonce_expires_in"], doc["nonce_expires_at"] = 60, int(time.time()) + 2
+        elif mode is Mode.PIN_DOWNGRADE and isinstance(doc.get("instances"), list):
+            rows = [r for r in doc["instances"] if isinstance(r, dict) and r.get("nonces")]
+            doc["instances"] = [{**rows[0], "nonces": rows[0]["nonces"][:1]}] if rows else []
     for row in doc.get("instances", []) if isinstance(doc, dict) else []:
         if not isinstance(row, dict):
             continue

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pqe2ee.conformance.hostile import HostileRelay
+from pqe2ee.conformance.rechunk import RechunkingEngine
 
 __all__ = ["OwnStack", "own_stack", "serve_in_thread"]
 
@@ -60,6 +61,7 @@ class OwnStack:
     hostile: HostileRelay
     api_key: str
     model: str
+    engine: RechunkingEngine  # the dev-engine, re-chunked on demand (v2 DATA records)
 
 
 @contextlib.contextmanager
@@ -71,7 +73,8 @@ def own_stack(
     from pqe2ee.testing import dev_engine
 
     with contextlib.ExitStack() as stack:
-        engine = stack.enter_context(serve_in_thread(dev_engine.create_app()))
+        rechunking = RechunkingEngine(dev_engine.create_app())
+        engine = stack.enter_context(serve_in_thread(rechunking))
         urls = [
             stack.enter_context(
                 serve_in_thread(
@@ -85,4 +88,4 @@ def own_stack(
         )
         hostile = HostileRelay(relay.create_app(config))
         url = stack.enter_context(serve_in_thread(hostile))
-        yield OwnStack(url, hostile, api_key, "dev-echo")
+        yield OwnStack(url, hostile, api_key, "dev-echo", rechunking)

@@ -11,7 +11,9 @@ Markdown and maps to one exit code in the tinfoil-conformance style:
 0     every case that ran passed (skips allowed)
 10    at least one FAIL: the target rejected or broke a requirement
 20    nothing ran: every case was skipped (the target supports none of the asked profiles)
-30    the target answered something the runner could not parse at all (malformed)
+30    the target answered something the runner could not parse at all (malformed: the
+      adapter breaks the contract itself, so it comes before 10; the report still lists
+      every FAIL)
 1     runner error (unreachable target, bad command line, adapter that cannot be started)
 ====  =====================================================================================
 """
@@ -34,6 +36,7 @@ __all__ = [
     "EXIT_UNSUPPORTED",
     "Case",
     "CaseFailed",
+    "CaseMalformed",
     "CaseSkipped",
     "Report",
     "Result",
@@ -60,6 +63,11 @@ class Status(enum.Enum):
 
 class CaseFailed(Exception):
     """Raised by a check: the target breaks the case's requirement (``detail`` says how)."""
+
+
+class CaseMalformed(CaseFailed):
+    """Raised by a check: the target's answer could not be parsed at all (a FAIL that also
+    makes the report's exit code 30)."""
 
 
 class CaseSkipped(Exception):
@@ -92,6 +100,7 @@ class Result:
     status: Status
     detail: str = ""
     seconds: float = 0.0
+    malformed: bool = False  # a FAIL because the answer could not be parsed at all
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +111,7 @@ class Result:
             "status": self.status.value,
             "detail": self.detail,
             "seconds": round(self.seconds, 3),
+            "malformed": self.malformed,
         }
 
 
@@ -125,10 +135,10 @@ class Report:
         c = self.counts()
         if self.error is not None or c["ERROR"]:
             return EXIT_ERROR
+        if self.malformed or any(r.malformed for r in self.results):
+            return EXIT_MALFORMED
         if c["FAIL"]:
             return EXIT_FAIL
-        if self.malformed:
-            return EXIT_MALFORMED
         if not c["PASS"]:
             return EXIT_UNSUPPORTED
         return EXIT_OK
@@ -202,9 +212,12 @@ def run_cases(
         if case.profile != "any" and case.profile not in profiles:
             continue
         start = time.monotonic()
+        malformed = False
         try:
             note = case.run(target)
             status, detail = Status.PASS, note or ""
+        except CaseMalformed as exc:
+            status, detail, malformed = Status.FAIL, f"malformed answer: {exc}", True
         except CaseFailed as exc:
             status, detail = Status.FAIL, str(exc)
         except CaseSkipped as exc:
@@ -219,6 +232,7 @@ def run_cases(
             status,
             detail,
             time.monotonic() - start,
+            malformed,
         )
         results.append(result)
         if on_result is not None:

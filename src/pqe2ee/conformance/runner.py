@@ -15,6 +15,7 @@ from pqe2ee.conformance.hostile import Mode
 from pqe2ee.conformance.loopback import OwnStack, own_stack
 from pqe2ee.conformance.model import Case, CaseSkipped, Report, Result, run_cases
 from pqe2ee.conformance.probe import ServerProbe
+from pqe2ee.conformance.rechunk import MergingEncoder, SplittingEncoder, instance_encoder
 from pqe2ee.conformance.server_cases import SERVER_CASES, server_capabilities
 
 __all__ = ["profiles_of", "run_client", "run_server", "run_vectors"]
@@ -76,22 +77,30 @@ def declared_capabilities(cmd: Sequence[str], timeout: float = 30.0) -> dict[str
     return doc if isinstance(doc, dict) else None
 
 
-def _undeclared(declared: dict[str, object] | None, profile: str, stream: bool) -> str | None:
+def _undeclared(declared: dict[str, object] | None, profile: str, case: ClientCase) -> str | None:
     if declared is None:
         return None
     profiles = declared.get("profiles")
     if isinstance(profiles, list) and profile not in profiles:
         return f"the adapter does not declare profile {profile}"
-    if stream and declared.get("streaming") is False:
+    if case.stream and declared.get("streaming") is False:
         return "the adapter declares no streaming"
+    if case.calls > 1 and declared.get("multi_call") is not True:
+        return "the adapter does not declare multi_call (--calls N)"
     return None
 
 
+# records that split / merge inner lines: v1 via the instance's encoder, v2 via engine chunks
+_ENCODERS = {Mode.INNER_SPLIT: SplittingEncoder, Mode.INNER_MERGED: MergingEncoder}
+_ENGINE_MODES = {Mode.INNER_SPLIT: "split", Mode.INNER_MERGED: "merge"}
+
+
 def _run_adapter(
-    cmd: Sequence[str], st: OwnStack, case_id: str, stream: bool, timeout: float
+    cmd: Sequence[str], st: OwnStack, case_id: str, case: ClientCase, timeout: float
 ) -> Outcome:
     args = [*cmd, "--base-url", st.relay, "--api-key", st.api_key, "--model", st.model]
-    args += ["--prompt", PROMPT] + (["--stream"] if stream else [])
+    args += ["--prompt", PROMPT] + (["--stream"] if case.stream else [])
+    args += ["--calls", str(case.calls)] if case.calls > 1 else []
     env = {**os.environ, "PQE2EE_CONFORMANCE_CASE": case_id}
     try:
         done = subprocess.run(
@@ -115,11 +124,16 @@ def _client_case(
     case_id = f"{profile}.{case.id}"
 
     def run(_: None) -> str:
-        why = _undeclared(declared, profile, case.stream)
+        why = _undeclared(declared, profile, case)
         if why is not None:
             raise CaseSkipped(why)
         st.hostile.set_mode(case.mode, hide_v2=profile == "v1")
-        out = _run_adapter(cmd, st, case_id, case.stream, timeout)
+        st.engine.mode = _ENGINE_MODES.get(case.mode)
+        try:
+            with instance_encoder(_ENCODERS.get(case.mode)):
+                out = _run_adapter(cmd, st, case_id, case, timeout * case.calls)
+        finally:
+            st.engine.mode = None
         seen = list(st.hostile.seen.invokes)
         spoke_v2 = bool(seen) and seen[0].v2
         spoken.update("v2" if inv.v2 else "v1" for inv in seen)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pqe2ee.backends import get_aead, get_kem
-from pqe2ee.conformance.model import Case, CaseFailed, CaseSkipped, check
+from pqe2ee.conformance.model import Case, CaseFailed, CaseMalformed, CaseSkipped, check
 from pqe2ee.errors import PQE2EEError
 from pqe2ee.protocol import Done, InnerEvent, StreamDecryptor, open_request, open_response
 
@@ -79,7 +79,6 @@ def per_case_caller(cmd: Sequence[str], timeout: float) -> Caller:
 def batch_caller(cmd: Sequence[str], cases: Sequence[VectorCase], timeout: float) -> Caller:
     """``CMD... --batch``: every request as one JSON line on stdin, one answer line
     ``{"exit": N, "output": {...}}`` per request on stdout, in order (started on first use)."""
-    answers: dict[str, tuple[int, Any]] = {}
 
     def run_all() -> None:
         lines = "".join(json.dumps(vc.request) + "\n" for vc in cases)
@@ -94,14 +93,24 @@ def batch_caller(cmd: Sequence[str], cases: Sequence[VectorCase], timeout: float
         for vc, line in zip(cases, done.stdout.splitlines(), strict=False):
             doc = _parse(line)
             code = doc.get("exit") if isinstance(doc, dict) else None
-            answers[vc.id] = (code if isinstance(code, int) else 1, doc.get("output", {}))
+            if isinstance(code, int) and not isinstance(code, bool):
+                answers[vc.id] = (code, doc.get("output", {}))
+            else:
+                answers[vc.id] = None
+        ran.append(True)
+
+    answers: dict[str, tuple[int, Any] | None] = {}
+    ran: list[bool] = []
 
     def call(vc: VectorCase) -> tuple[int, Any]:
-        if not answers:
+        if not ran:
             run_all()
         if vc.id not in answers:
-            raise CaseFailed("no answer line for this case in --batch mode")
-        return answers[vc.id]
+            raise CaseMalformed("no answer line for this case in --batch mode")
+        answer = answers[vc.id]
+        if answer is None:
+            raise CaseMalformed('the --batch answer line is not {"exit": N, "output": {...}}')
+        return answer
 
     return call
 
@@ -173,6 +182,8 @@ def make_case(vc: VectorCase, call: Caller, seed: bytes | None) -> Case[None]:
             got = out.get("error") if isinstance(out, dict) else None
             return "" if got in (None, vc.code) else f"rejected as {got}; pqe2ee says {vc.code}"
         check(code == ACCEPT, f"exit {code} for a valid vector: {str(out)[:100]}")
+        if isinstance(out, dict) and "_unparsed" in out:
+            raise CaseMalformed(f"exit 0, but stdout is not JSON: {out['_unparsed']!r}")
         check(isinstance(out, dict), "the output is not a JSON object")
         if vc.verify is not None:
             assert seed is not None
@@ -246,6 +257,9 @@ def _v2(doc: dict[str, Any]) -> Iterator[Found]:
     for v in reqs:
         yield VectorCase(f"v2.parse_header.{v['name']}", "v2 §3", "a valid H",
                          {"op": "v2.parse_header", "h": v["h"]}, {}), None  # fmt: skip
+    for v in doc.get("header_edge", []):  # e.g. the longest valid H
+        yield VectorCase(f"v2.parse_header.edge.{v['name']}", "v2 §3", v["name"],
+                         {"op": "v2.parse_header", "h": v["h"]}, {}), None  # fmt: skip
     for v in doc["header_negative"]:
         yield VectorCase(f"v2.parse_header.negative.{v['name']}", "v2 §3", v["name"],
                          {"op": "v2.parse_header", "h": v["h"]}, None, v["code"]), None  # fmt: skip
@@ -295,6 +309,10 @@ def _v2(doc: dict[str, Any]) -> Iterator[Found]:
         )
         yield VectorCase(f"v2.open_{kind}.{v['name']}", "v2 §5.2-5.5", v["name"], req,
                          want), None  # fmt: skip
+    for v in doc.get("stream_edge", []):  # e.g. non-zero unused base64 bits are ignored
+        req = {"op": "v2.open_stream", **secrets(v["request"]), "wire": v["wire"]}
+        yield VectorCase(f"v2.open_stream.edge.{v['name']}", "v2 §1, §5.3", v["name"], req,
+                         {"data": v["data"]}), None  # fmt: skip
     for kind, member, key in (("single", "body", "single_negative"),
                               ("stream", "wire", "stream_negative")):  # fmt: skip
         for v in doc[key]:
