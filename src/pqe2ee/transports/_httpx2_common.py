@@ -15,6 +15,7 @@ import httpx2
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     LimitExceeded,
     MalformedError,
@@ -72,6 +73,12 @@ class E2EEStreamRelayError(E2EEStreamError, RelayError):
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """httpx2's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded, httpx2.ReadTimeout):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream outlived
+    the client's total ``deadline``); also an ``httpx2.ReadTimeout``, so SDKs report a timeout
+    (openai: ``APITimeoutError``)."""
 
 
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):

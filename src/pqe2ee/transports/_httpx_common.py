@@ -16,6 +16,7 @@ import httpx
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     LimitExceeded,
     MalformedError,
@@ -73,6 +74,12 @@ class E2EEStreamRelayError(E2EEStreamError, RelayError):
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """httpx's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded, httpx.ReadTimeout):
+    """httpx's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream outlived
+    the client's total ``deadline``); also an ``httpx.ReadTimeout``, so SDKs report a timeout
+    (openai: ``APITimeoutError``)."""
 
 
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):

@@ -43,6 +43,7 @@ from yarl import URL
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     ErrorCode,
     LimitExceeded,
@@ -98,6 +99,7 @@ __all__ = [
     "E2EEContent",
     "E2EEResponse",
     "E2EEStreamConnectionLost",
+    "E2EEStreamDeadlineExceeded",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",
@@ -153,6 +155,11 @@ class E2EEStreamRelayError(E2EEStreamError, RelayError):
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """aiohttp's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream
+    outlived the client's total ``deadline``)."""
 
 
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):

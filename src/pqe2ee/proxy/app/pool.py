@@ -160,6 +160,7 @@ def upstream_options(config: ProxyConfig) -> ClientOptions:
             "models_base": config.models_base,
             "backend": config.backend,
             "strict": True,
+            "deadline": config.deadline,
             "negotiator": negotiator,
             "attest": config.attest,  # one AttestOptions, so one gate for every key
         },
