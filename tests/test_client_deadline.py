@@ -216,3 +216,41 @@ def test_proxy_deadline(stack: FaultyStack) -> None:
             assert not raw.rstrip().endswith(b"data: [DONE]")
     finally:
         stack.faults.trickle_interval = 2.0
+
+
+# -- keep-alive: idle connections are dropped before a 5 s server keep-alive -----------------
+
+
+async def _peer_port_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers every request with the client's port: one port, one connection."""
+    if scope["type"] != "http":
+        return
+    body = str(scope["client"][1]).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+IDLE = 2.5  # past the transports' 2 s, short of uvicorn's (and httpx's own) 5 s
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiohttp runs on asyncio only
+async def test_default_pools_do_not_reuse_a_connection_idle_past_2s(anyio_backend: str) -> None:
+    """bench_redis_streams.py found ~1 in 250 streams failing with ReadError when the
+    client's pool kept idle connections 5 s, as long as uvicorn's keep-alive: the relay closed
+    a connection as the next request went out on it. The transports' default pools now drop
+    them after 2 s (a 5 s pool would reuse this connection)."""
+    import anyio
+
+    with run_app(_peer_port_app, timeout_keep_alive=30) as url:
+        transport = pqe2ee.AsyncE2EETransport(api_key=KEY, api_base=url, models_base=url)
+        async with httpx2.AsyncClient(transport=transport) as http:
+            first = (await http.get(url + "/v1/models")).text
+            assert (await http.get(url + "/v1/models")).text == first  # reused while fresh
+            await anyio.sleep(IDLE)
+            assert (await http.get(url + "/v1/models")).text != first
+        async with e2ee_aiohttp.E2EEClientSession(api_key=KEY, api_base=url, models_base=url) as s:
+            first = await (await s.get(url + "/v1/models")).text()
+            assert await (await s.get(url + "/v1/models")).text() == first
+            await anyio.sleep(IDLE)
+            assert await (await s.get(url + "/v1/models")).text() != first

@@ -26,7 +26,7 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
-from pqe2ee.transports._common import RawHeaders, end_to_end_headers
+from pqe2ee.transports._common import KEEPALIVE_EXPIRY, RawHeaders, end_to_end_headers
 from pqe2ee.transports._stream_errors import StreamErrorBase
 
 
@@ -84,6 +84,14 @@ class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded, http
 
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
     """httpx's stream error for a :class:`~pqe2ee.errors.RemoteError` (the far side gave up)."""
+
+
+def default_limits() -> httpx.Limits:
+    """The pool of the default inner transport: httpx's defaults, but idle connections are
+    dropped after :data:`~pqe2ee.transports._common.KEEPALIVE_EXPIRY` seconds."""
+    return httpx.Limits(
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+    )
 
 
 def as_stream_error(error: PQE2EEError, request: httpx.Request | None) -> E2EEStreamError:

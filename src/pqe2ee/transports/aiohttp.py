@@ -64,6 +64,7 @@ from pqe2ee.transports._async._engine import (
     plaintext_refused,
 )
 from pqe2ee.transports._common import (
+    KEEPALIVE_EXPIRY,
     STREAM_HEADERS,
     EngineFacade,
     RawHeaders,
@@ -565,7 +566,8 @@ class E2EEClientSession(EngineFacade):
         if self._session is None:
             t = self.settings.timeout
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+                connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY),
             )
         return self._session
 

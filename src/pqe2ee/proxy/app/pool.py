@@ -22,6 +22,7 @@ import httpx2
 
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.failures import Failure
+from pqe2ee.transports._common import KEEPALIVE_EXPIRY
 from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["ClientPool", "PoolEntry", "client_factory", "client_timeout", "upstream_options"]
@@ -179,6 +180,7 @@ def client_factory(
     limits = httpx2.Limits(
         max_connections=config.max_connections,
         max_keepalive_connections=min(config.max_connections, 64),
+        keepalive_expiry=KEEPALIVE_EXPIRY,  # below the relay's keep-alive (see the constant)
     )
 
     def make(key: str) -> httpx2.AsyncClient:
