@@ -20,7 +20,7 @@ left into anyio's clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import TracebackType
+from typing import Any
 
 import anyio
 
@@ -96,14 +96,9 @@ class _CancelAtDeadline:
         self._scope = anyio.move_on_after(self._deadline.remaining())
         self._scope.__enter__()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         assert self._scope is not None
         # The scope swallows only its own cancellation, which becomes DeadlineExceeded.
-        self._scope.__exit__(exc_type, exc, tb)
+        self._scope.__exit__(*exc_info)
         if self._scope.cancelled_caught:
             raise self._deadline.error() from None

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pqe2ee.errors import LimitExceeded
-from pqe2ee.transports._common import RawHeaders
+from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._primitives import AsyncShieldCancellation
 
@@ -86,13 +86,7 @@ class AsyncBoundedPort:
         self.timeout_errors = port.timeout_errors
 
     async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> AsyncBoundedResponse:
         with self._deadline.scope():
             response = await self._port.send(method, url, headers, body, control=control)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pqe2ee.errors import LimitExceeded
-from pqe2ee.transports._common import RawHeaders
+from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._primitives import ShieldCancellation
 
@@ -87,13 +87,7 @@ class BoundedPort:
         self.timeout_errors = port.timeout_errors
 
     def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> BoundedResponse:
         with self._deadline.scope():
             response = self._port.send(method, url, headers, body, control=control)
