@@ -38,14 +38,16 @@ KEY = "pk-bench-redis-streams-0123456789"
 FIRST_ERRORS: list[str] = []
 
 
-def _serve(conn: Connection, redis_url: str, instances: int, nonces: int, v2: bool) -> None:
+def _serve(
+    conn: Connection, redis_url: str, instances: int, nonces: int, v2: bool, concurrency: int
+) -> None:
     """Child process: the whole server chain on loopback, until the parent says stop."""
     from servers import serve_chain
 
     with serve_chain(
         instances,
         api_keys=(KEY,),
-        instance_kw={"v2": v2},
+        instance_kw={"v2": v2, "max_concurrency": concurrency},
         redis_url=redis_url,
         rate_limit=100_000,
         nonces_per_instance=nonces,
@@ -72,6 +74,8 @@ async def one_stream(http: httpx2.AsyncClient, i: int, wave: int) -> tuple[str, 
         async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
+                if len(FIRST_ERRORS) < 3:
+                    FIRST_ERRORS.append(f"{resp.status_code} {resp.text[:200]}")
                 return f"http_{resp.status_code}", time.perf_counter() - started
             text: list[str] = []
             done = False
@@ -138,7 +142,8 @@ async def drive(relay: str, pid: int, args: argparse.Namespace) -> None:
     )
     print(
         f"{args.streams} concurrent streams x {args.waves} waves; {args.instances} instance(s), "
-        f"{args.nonces} nonces per instance per discovery, profile v{args.profile}; "
+        f"{args.nonces} nonces per instance per discovery, instance max_concurrency "
+        f"{args.concurrency}, profile v{args.profile}; "
         f"client discovery limit {args.discoveries}/min, keep-alive expiry "
         f"{limits.keepalive_expiry:g} s, {args.pause:g} s between waves"
     )
@@ -181,6 +186,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=2)
     ap.add_argument("--nonces", type=int, default=100, help="nonces per instance per discovery")
     ap.add_argument("--discoveries", type=int, default=100, help="client discoveries per minute")
+    ap.add_argument(
+        "--concurrency", type=int, default=64, help="each instance's max_concurrency (429 past it)"
+    )
     ap.add_argument("--pause", type=float, default=0.0, help="seconds between waves")
     ap.add_argument(
         "--keepalive",
@@ -197,7 +205,8 @@ def main() -> None:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(
-            target=_serve, args=(child, url, args.instances, args.nonces, args.profile == 2)
+            target=_serve,
+            args=(child, url, args.instances, args.nonces, args.profile == 2, args.concurrency),
         )
         proc.start()
         try:

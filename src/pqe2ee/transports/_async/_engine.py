@@ -428,8 +428,7 @@ class AsyncEngine:
     async def invoke(
         self, port: AsyncPort, *, path: str, body: bytes, model: str, auth: str | None
     ) -> Outcome:
-        """Send ``body`` (a JSON object naming ``model``) for ``path`` end-to-end encrypted,
-        all of it (a streamed answer too) within the options' ``deadline`` (_bounded)."""
+        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded)."""
         deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
         with deadline.scope():
             bounded = AsyncBoundedPort(port, deadline)
@@ -671,6 +670,11 @@ class AsyncEngine:
         async with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
             found = self._try_lease(chute, self.now())
+            with self._guard:  # only busy instances left: wait for them (discovery cannot help)
+                wait = self.state.busy_wait(chute, self.now())
+            if found is None and 0 < wait <= deadline - self.now():
+                await async_sleep(wait)
+                found = self._try_lease(chute, self.now())
             if found is None:
                 await self._discover(port, chute, auth, deadline)
                 found = self._try_lease(chute, self.now())
