@@ -9,6 +9,7 @@ As httpcore does it: plain token substitutions, nothing clever. Sources (edit th
 * ``src/pqe2ee/transports/_httpx2_common.py``  -> ``_httpx_common.py``
 * ``src/pqe2ee/transports/httpx2.py``          -> ``httpx.py``
 * ``src/pqe2ee/transports/_async/_attest.py``  -> ``_sync/_attest.py`` (attestation step)
+* ``src/pqe2ee/transports/_async/_bounded.py`` -> ``_sync/_bounded.py`` (the total deadline)
 
 "sync" substitutions turn async code into blocking code: generic rules (``Async[A-Z]...`` ->
 ``...``, ``async def`` -> ``def``, ``await`` dropped, ``__aenter__`` -> ``__enter__``,
@@ -71,6 +72,7 @@ TARGETS: list[tuple[Path, Path, tuple[list[tuple[str, str]], ...]]] = [
     (PUBLIC, PKG / "httpx.py", (HTTPX,)),
     (ENGINE, PKG / "_sync" / "_engine.py", (SYNC,)),
     (PKG / "_async" / "_attest.py", PKG / "_sync" / "_attest.py", (SYNC,)),
+    (PKG / "_async" / "_bounded.py", PKG / "_sync" / "_bounded.py", (SYNC,)),
 ]
 
 

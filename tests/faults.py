@@ -20,6 +20,8 @@ else passes through untouched. What each fault does:
 ``TAMPER_BLOB``    a non-stream 200 blob gets one bit flipped inside its ciphertext
 ``REMOTE_ERROR``   after ``at`` events an ``e2e_error`` event is sent and the stream ends (as an
                    instance does when its engine breaks off)
+``TRICKLE``        the answer's headers go at once, its body one byte every ``trickle_interval``
+                   seconds (a relay that keeps a stream open without ever finishing it)
 =================  ===============================================================================
 
 Records that split and coalesce lines cannot be made here (the relay cannot re-seal): the
@@ -72,6 +74,7 @@ class Fault(enum.Enum):
     BAD_BASE64 = "bad_base64"
     TAMPER_BLOB = "tamper_blob"
     REMOTE_ERROR = "remote_error"
+    TRICKLE = "trickle"
 
 
 _ANSWERED_HERE = {
@@ -107,6 +110,7 @@ class FaultyRelay:
     injected: list[Fault] = field(default_factory=list)
     instance_ids: list[str] = field(default_factory=list)  # X-Instance-Id of every invoke
     max_parallel_discoveries: int = 0
+    trickle_interval: float = 2.0
     _plans: deque[_Plan] = field(default_factory=deque)
     _in_flight: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -172,6 +176,8 @@ class FaultyRelay:
             await self.app(scope, receive, send)
         elif plan.fault is Fault.TAMPER_BLOB:
             await self.app(scope, receive, _BlobTamperer(send))
+        elif plan.fault is Fault.TRICKLE:
+            await self.app(scope, receive, _Trickler(send, self.trickle_interval))
         else:
             reframer = _Reframer(send, plan.fault, plan.at)
             try:
@@ -259,6 +265,34 @@ class _BlobTamperer:
             return
         body = _flip(bytes(self._buf), 1088 + 12 + 5)  # inside the ciphertext, past kem ct+nonce
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Trickler:
+    """Sends the response start at once and the body one byte per ``interval`` seconds."""
+
+    def __init__(self, send: Any, interval: float) -> None:
+        self._send = send
+        self._interval = interval
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        import anyio
+
+        body, more = message.get("body", b""), message.get("more_body", False)
+        for i in range(len(body)):
+            last = i == len(body) - 1
+            await self._send(
+                {
+                    "type": "http.response.body",
+                    "body": body[i : i + 1],
+                    "more_body": more or not last,
+                }
+            )
+            await anyio.sleep(self._interval)
+        if not body:
+            await self._send(message)
 
 
 class _Reframer:

@@ -21,6 +21,8 @@ Tree (the codes each class owns; a class without codes of its own carries its pa
     │       └── ConnectionLost    the connection broke before the answer was complete
     │                             connection_lost
     ├── LimitExceeded             input went past a configured bound: oversize
+    │   └── DeadlineExceeded      a request outlived the client's total deadline
+    │                             deadline_exceeded
     ├── BackendError              a crypto backend is missing or refused an operation (``reason``:
     │                             an UnavailableReason) backend_unavailable, unsupported_operation
     ├── RemoteError               the far side reported an error: remote_error, upstream_error
@@ -64,6 +66,7 @@ __all__ = [
     "AttestationError",
     "BackendError",
     "ConnectionLost",
+    "DeadlineExceeded",
     "DecryptError",
     "ErrorCode",
     "LimitExceeded",
@@ -106,6 +109,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_UTF8 = "invalid_utf8"
     # limits
     OVERSIZE = "oversize"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     # backends
     BACKEND_UNAVAILABLE = "backend_unavailable"
     UNSUPPORTED_OPERATION = "unsupported_operation"
@@ -323,6 +327,11 @@ class ConnectionLost(StreamError, codes=(ErrorCode.CONNECTION_LOST,)):
 
 class LimitExceeded(PQE2EEError, codes=(ErrorCode.OVERSIZE,)):
     """Input exceeded a configured size or count bound."""
+
+
+class DeadlineExceeded(LimitExceeded, codes=(ErrorCode.DEADLINE_EXCEEDED,)):
+    """A client request (discovery, invoke and the whole answer, a streamed body included)
+    took longer than the client's total ``deadline`` (a :class:`LimitExceeded`: a time bound)."""
 
 
 class UnavailableReason(enum.StrEnum):

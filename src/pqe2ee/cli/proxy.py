@@ -58,6 +58,13 @@ __all__ = ["proxy_cmd"]
     "--key-idle-ttl", 300.0, "KEY_IDLE_TTL", "Seconds before an unused key's transport is closed."
 )
 @opt.read_timeout_option(900.0, "Longest silence (seconds) tolerated from upstream mid-response.")
+@opt.seconds_option(
+    "--deadline",
+    1800.0,
+    "DEADLINE",
+    "Longest time (seconds) one model call may take in all, a streamed reply included; past "
+    "it the call ends with a 504 / the dialect's error event (deadline_exceeded).",
+)
 @opt.env_option(
     "--min-version",
     env="MIN_VERSION",

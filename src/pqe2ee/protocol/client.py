@@ -370,6 +370,11 @@ class ClientState:
         """True when the pool is empty, low, or close to expiry (prefetch)."""
         return self._pool(chute_id).needs_refresh(now)
 
+    def busy_wait(self, chute_id: str, now: Monotonic) -> float:
+        """Seconds until a busy instance of ``chute_id`` can be leased again (0: no point
+        waiting); see :meth:`NoncePool.busy_wait`."""
+        return self._pool(chute_id).busy_wait(now)
+
     def available(self, chute_id: str, now: Monotonic) -> int:
         return self._pool(chute_id).available(now)
 

@@ -308,6 +308,18 @@ class NoncePool:
             self.chute_id, info.instance_id, info.public_key, entry.nonces.popleft(), info.extra
         )
 
+    def busy_wait(self, now: float) -> float:
+        """Seconds until an instance that is only cooling down (busy, key exchange) and keeps
+        nonces valid by then can be leased; 0 when one is usable now or none will be. A
+        discovery would not help: a cool-down outlives it."""
+        if self._usable(now):
+            return 0.0
+        last = self._expires_at - self.safety_margin
+        ends = [
+            e.cool_until for e in self._entries.values() if e.nonces and now < e.cool_until < last
+        ]
+        return min(ends) - now if ends else 0.0
+
     def needs_refresh(self, now: float) -> bool:
         if now >= self._expires_at - self.prefetch_margin:
             return True

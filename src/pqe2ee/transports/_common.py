@@ -24,6 +24,7 @@ from pqe2ee.transports.options import ClientOptions, OnUsage
 
 __all__ = [
     "HOP_HEADERS",
+    "KEEPALIVE_EXPIRY",
     "STREAM_HEADERS",
     "EngineFacade",
     "OnUsage",
@@ -46,6 +47,12 @@ MAX_BLOB: Final = DEFAULT_MAX_PLAINTEXT + BLOB_OVERHEAD + 1024 * 1024
 MAX_ERROR_BODY: Final = 1024 * 1024
 #: Largest discovery document or model listing read.
 MAX_DOC: Final = 16 * 1024 * 1024
+#: Seconds an idle connection to the relay is kept for reuse by the transports' own pools:
+#: below uvicorn's (and many servers') 5 s keep-alive. With httpx's default of 5 s both ends
+#: give up on an idle connection at the same moment, and under load a few requests are sent
+#: on a connection the relay is closing (``ReadError`` before any answer;
+#: benchmarks/bench_redis_streams.py: 6 of 1,500 streams).
+KEEPALIVE_EXPIRY: Final = 2.0
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 #: A request's headers as the engine hands them to a port.

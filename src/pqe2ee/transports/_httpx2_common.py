@@ -14,6 +14,7 @@ import httpx2
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     LimitExceeded,
     MalformedError,
@@ -23,7 +24,7 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
-from pqe2ee.transports._common import RawHeaders, end_to_end_headers
+from pqe2ee.transports._common import KEEPALIVE_EXPIRY, RawHeaders, end_to_end_headers
 from pqe2ee.transports._stream_errors import StreamErrorBase
 
 
@@ -73,8 +74,22 @@ class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """httpx2's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
 
 
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded, httpx2.ReadTimeout):
+    """httpx2's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream outlived
+    the client's total ``deadline``); also an ``httpx2.ReadTimeout``, so SDKs report a timeout
+    (openai: ``APITimeoutError``)."""
+
+
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
     """httpx2's stream error for a :class:`~pqe2ee.errors.RemoteError` (the far side gave up)."""
+
+
+def default_limits() -> httpx2.Limits:
+    """The pool of the default inner transport: httpx2's defaults, but idle connections are
+    dropped after :data:`~pqe2ee.transports._common.KEEPALIVE_EXPIRY` seconds."""
+    return httpx2.Limits(
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+    )
 
 
 def as_stream_error(error: PQE2EEError, request: httpx2.Request | None) -> E2EEStreamError:

@@ -15,6 +15,7 @@ import httpx
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     LimitExceeded,
     MalformedError,
@@ -24,7 +25,7 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
-from pqe2ee.transports._common import RawHeaders, end_to_end_headers
+from pqe2ee.transports._common import KEEPALIVE_EXPIRY, RawHeaders, end_to_end_headers
 from pqe2ee.transports._stream_errors import StreamErrorBase
 
 
@@ -74,8 +75,22 @@ class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """httpx's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
 
 
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded, httpx.ReadTimeout):
+    """httpx's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream outlived
+    the client's total ``deadline``); also an ``httpx.ReadTimeout``, so SDKs report a timeout
+    (openai: ``APITimeoutError``)."""
+
+
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
     """httpx's stream error for a :class:`~pqe2ee.errors.RemoteError` (the far side gave up)."""
+
+
+def default_limits() -> httpx.Limits:
+    """The pool of the default inner transport: httpx's defaults, but idle connections are
+    dropped after :data:`~pqe2ee.transports._common.KEEPALIVE_EXPIRY` seconds."""
+    return httpx.Limits(
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+    )
 
 
 def as_stream_error(error: PQE2EEError, request: httpx.Request | None) -> E2EEStreamError:

@@ -43,6 +43,7 @@ from yarl import URL
 
 from pqe2ee.errors import (
     ConnectionLost,
+    DeadlineExceeded,
     DecryptError,
     ErrorCode,
     LimitExceeded,
@@ -64,6 +65,7 @@ from pqe2ee.transports._async._engine import (
     plaintext_refused,
 )
 from pqe2ee.transports._common import (
+    KEEPALIVE_EXPIRY,
     STREAM_HEADERS,
     EngineFacade,
     RawHeaders,
@@ -102,6 +104,7 @@ __all__ = [
     "E2EEContent",
     "E2EEResponse",
     "E2EEStreamConnectionLost",
+    "E2EEStreamDeadlineExceeded",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",
@@ -157,6 +160,11 @@ class E2EEStreamRelayError(E2EEStreamError, RelayError):
 
 class E2EEStreamLimitExceeded(E2EEStreamError, LimitExceeded):
     """aiohttp's stream error for a :class:`~pqe2ee.errors.LimitExceeded`."""
+
+
+class E2EEStreamDeadlineExceeded(E2EEStreamLimitExceeded, DeadlineExceeded):
+    """aiohttp's stream error for a :class:`~pqe2ee.errors.DeadlineExceeded` (the stream
+    outlived the client's total ``deadline``)."""
 
 
 class E2EEStreamRemoteError(E2EEStreamError, RemoteError):
@@ -585,7 +593,8 @@ class E2EEClientSession(EngineFacade):
         if self._session is None:
             t = self.settings.timeout
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+                connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_EXPIRY),
             )
         return self._session
 

@@ -29,6 +29,7 @@ from pqe2ee.transports._async._httpx import AsyncDecryptingStream, AsyncE2EETran
 from pqe2ee.transports._common import RetriesExhausted
 from pqe2ee.transports._httpx_common import (
     E2EEStreamConnectionLost,
+    E2EEStreamDeadlineExceeded,
     E2EEStreamDecryptError,
     E2EEStreamError,
     E2EEStreamIntegrityError,
@@ -41,6 +42,7 @@ from pqe2ee.transports._httpx_common import (
 from pqe2ee.transports._sync._httpx import DecryptingStream, E2EETransport
 from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
+    DEFAULT_DEADLINE,
     DEFAULT_E2E_PATHS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
@@ -51,6 +53,7 @@ from pqe2ee.transports.options import (
 
 __all__ = [
     "DEFAULT_API_BASE",
+    "DEFAULT_DEADLINE",
     "DEFAULT_E2E_PATHS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MODELS_BASE",
@@ -61,6 +64,7 @@ __all__ = [
     "ClientOptions",
     "DecryptingStream",
     "E2EEStreamConnectionLost",
+    "E2EEStreamDeadlineExceeded",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",

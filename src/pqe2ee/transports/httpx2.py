@@ -28,6 +28,7 @@ from pqe2ee.transports._async._httpx2 import AsyncDecryptingStream, AsyncE2EETra
 from pqe2ee.transports._common import RetriesExhausted
 from pqe2ee.transports._httpx2_common import (
     E2EEStreamConnectionLost,
+    E2EEStreamDeadlineExceeded,
     E2EEStreamDecryptError,
     E2EEStreamError,
     E2EEStreamIntegrityError,
@@ -40,6 +41,7 @@ from pqe2ee.transports._httpx2_common import (
 from pqe2ee.transports._sync._httpx2 import DecryptingStream, E2EETransport
 from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
+    DEFAULT_DEADLINE,
     DEFAULT_E2E_PATHS,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MODELS_BASE,
@@ -50,6 +52,7 @@ from pqe2ee.transports.options import (
 
 __all__ = [
     "DEFAULT_API_BASE",
+    "DEFAULT_DEADLINE",
     "DEFAULT_E2E_PATHS",
     "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MODELS_BASE",
@@ -60,6 +63,7 @@ __all__ = [
     "ClientOptions",
     "DecryptingStream",
     "E2EEStreamConnectionLost",
+    "E2EEStreamDeadlineExceeded",
     "E2EEStreamDecryptError",
     "E2EEStreamError",
     "E2EEStreamIntegrityError",

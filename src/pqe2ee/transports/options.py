@@ -21,6 +21,7 @@ a value can be made, compared and shared without touching a crypto library.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_API_BASE",
+    "DEFAULT_DEADLINE",
     "DEFAULT_E2E_PATHS",
     "DEFAULT_KEY_POOL_SIZE",
     "DEFAULT_MAX_ATTEMPTS",
@@ -53,6 +55,8 @@ __all__ = [
 DEFAULT_API_BASE: Final = "https://api.chutes.ai"
 DEFAULT_MODELS_BASE: Final = "https://llm.chutes.ai"
 DEFAULT_TIMEOUT: Final = 30.0
+#: The total time one E2EE request may take, its streamed answer included (seconds).
+DEFAULT_DEADLINE: Final = 600.0
 DEFAULT_MAX_ATTEMPTS: Final = 4
 
 #: Receives the plaintext (unauthenticated) usage object of a stream.
@@ -70,6 +74,7 @@ class ClientOptionsArgs(TypedDict, total=False):
     strict: bool
     max_attempts: int
     timeout: float
+    deadline: float
     on_usage: OnUsage | None
     limits: ClientLimits | None
     key_pool_size: int
@@ -139,6 +144,13 @@ class ClientOptions:
     * ``max_attempts``: tries in all for retryable relay answers (>= 1).
     * ``timeout`` (seconds, > 0) bounds the transport's own calls (model listing, discovery)
       and the wait for a discovery slot.
+    * ``deadline`` (seconds, > 0, finite; default 600) bounds one encrypted request in total:
+      model lookup, discovery, retries, the invoke and the whole answer, a streamed body
+      included. Past it the request fails with
+      :class:`~pqe2ee.errors.DeadlineExceeded` (``deadline_exceeded``; mid-stream, as the
+      library's stream error), whatever pace the relay keeps. Async transports cancel the wait
+      at the deadline; the blocking ones check it around every network step, so a single read
+      may overrun it by at most the library's read timeout.
     * ``on_usage`` receives the plaintext usage events of streams (display only).
     * ``limits``: the discovery rate limits (default :class:`ClientLimits`).
     * ``key_pool_size``: one-use response keys kept ready (>= 0).
@@ -162,6 +174,7 @@ class ClientOptions:
     strict: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float = DEFAULT_TIMEOUT
+    deadline: float = DEFAULT_DEADLINE
     on_usage: OnUsage | None = None
     limits: ClientLimits | None = None
     key_pool_size: int = DEFAULT_KEY_POOL_SIZE
@@ -189,6 +202,8 @@ class ClientOptions:
             raise _invalid("max_attempts must be >= 1")
         if not self.timeout > 0:
             raise _invalid("timeout must be > 0")
+        if not isinstance(self.deadline, int | float) or not 0 < self.deadline < math.inf:
+            raise _invalid("deadline must be a finite number of seconds > 0")
         if not isinstance(self.key_pool_size, int) or self.key_pool_size < 0:
             raise _invalid("key_pool_size must be >= 0")
         normal = {
@@ -196,6 +211,7 @@ class ClientOptions:
             "models_base": _base_url(self.models_base, "models_base"),
             "e2e_paths": _paths(self.e2e_paths),
             "timeout": float(self.timeout),
+            "deadline": float(self.deadline),
             "limits": self.limits or ClientLimits(),
             "policy": _policy(self.min_version, self.prefer_v2, self.negotiator),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -35,7 +36,8 @@ class ProxyConfig:
     least recently used first out; one unused for ``key_idle_ttl`` is closed; each holds at
     most ``max_connections`` connections to the relay (calls beyond wait for one, at most
     ``connect_timeout``). ``read_timeout`` is the longest silence accepted from upstream
-    mid-response. On shutdown, open streams get ``shutdown_grace`` seconds to finish, then end
+    mid-response; ``deadline`` bounds one model call in all (discovery, invoke and the whole
+    reply, streamed or not; ``ClientOptions.deadline`` of every per-key transport). On shutdown, open streams get ``shutdown_grace`` seconds to finish, then end
     with their dialect's error event. ``transport_options`` are passed to :class:`pqe2ee.AsyncE2EETransport` as
     keywords (``max_attempts``, ``limits``, ``on_usage``, ...); the proxy always sets
     ``strict=True`` (a model call that cannot be encrypted is refused, never sent in plaintext).
@@ -79,6 +81,7 @@ class ProxyConfig:
     connect_timeout: float = 30.0
     read_timeout: float = 900.0
     write_timeout: float = 60.0
+    deadline: float = 1800.0
     shutdown_grace: float = 5.0
     transport_options: Mapping[str, Any] = field(default_factory=dict)
     min_version: int = 1
@@ -104,6 +107,8 @@ class ProxyConfig:
         for name in ("key_idle_ttl", "connect_timeout", "read_timeout", "write_timeout"):
             if not float(getattr(self, name)) > 0:
                 raise LocalProtocolError(f"{name} must be positive")
+        if not 0 < float(self.deadline) < math.inf:
+            raise LocalProtocolError("deadline must be a finite number of seconds > 0")
         if not float(self.shutdown_grace) >= 0:
             raise LocalProtocolError("shutdown_grace must be >= 0")
         if not 0 <= self.port <= 65535:

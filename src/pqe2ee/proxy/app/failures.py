@@ -131,6 +131,8 @@ def _fail_of_pqe2ee(exc: PQE2EEError) -> Failure:
     elif isinstance(exc, RelayError) and exc.status in (401, 402, 403) and exc.code in _AUTH:
         status = exc.status  # the relay refused the key (discovery or model listing)
         kind = kind_of(status)
+    elif exc.code is ErrorCode.DEADLINE_EXCEEDED:
+        status, kind = 504, "timeout_error"  # the call outlived --deadline
     elif exc.code in _UNAVAILABLE:
         status, kind = 503, "server_error"
     elif isinstance(exc, LocalProtocolError):

@@ -22,6 +22,7 @@ import httpx2
 
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.failures import Failure
+from pqe2ee.transports._common import KEEPALIVE_EXPIRY
 from pqe2ee.transports.options import ClientOptions
 
 __all__ = ["ClientPool", "PoolEntry", "client_factory", "client_timeout", "upstream_options"]
@@ -160,6 +161,7 @@ def upstream_options(config: ProxyConfig) -> ClientOptions:
             "models_base": config.models_base,
             "backend": config.backend,
             "strict": True,
+            "deadline": config.deadline,
             "negotiator": negotiator,
             "attest": config.attest,  # one AttestOptions, so one gate for every key
         },
@@ -178,6 +180,7 @@ def client_factory(
     limits = httpx2.Limits(
         max_connections=config.max_connections,
         max_keepalive_connections=min(config.max_connections, 64),
+        keepalive_expiry=KEEPALIVE_EXPIRY,  # below the relay's keep-alive (see the constant)
     )
 
     def make(key: str) -> httpx2.AsyncClient:

@@ -348,6 +348,6 @@ def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
 
 
 async def _read(response: AsyncPortResponse, limit: int) -> bytes:
-    from pqe2ee.transports._async._engine import _read_bounded  # (the engine imports us)
+    from pqe2ee.transports._async._bounded import read_bounded
 
-    return await _read_bounded(response, limit)
+    return await read_bounded(response, limit)

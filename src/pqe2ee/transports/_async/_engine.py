@@ -62,7 +62,6 @@ from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
     ConnectionLost,
     ErrorCode,
-    LimitExceeded,
     LocalProtocolError,
     PQE2EEError,
     RelayError,
@@ -91,6 +90,8 @@ from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._async._attest import AsyncAttestor
+from pqe2ee.transports._async._bounded import AsyncBoundedPort
+from pqe2ee.transports._async._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._common import (
     MAX_BLOB,
     MAX_DOC,
@@ -100,6 +101,7 @@ from pqe2ee.transports._common import (
     Settings,
     header_value,
 )
+from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import AsyncLock, AsyncShieldCancellation, async_sleep
 from pqe2ee.transports._usage import UsageFilter
@@ -208,22 +210,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
         f"strict mode: refusing to send {method} {path} in plaintext",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
-
-
-async def _read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes; always closes."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise LimitExceeded(f"relay answer is larger than {limit} bytes")
-            chunks.append(chunk)
-    finally:
-        with AsyncShieldCancellation():
-            await response.aclose()
-    return b"".join(chunks)
 
 
 # -- the decrypted stream --------------------------------------------------------------------------
@@ -443,7 +429,15 @@ class AsyncEngine:
     async def invoke(
         self, port: AsyncPort, *, path: str, body: bytes, model: str, auth: str | None
     ) -> Outcome:
-        """Send ``body`` (a JSON object naming ``model``) for ``path`` end-to-end encrypted."""
+        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded)."""
+        deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
+        with deadline.scope():
+            bounded = AsyncBoundedPort(port, deadline)
+            return await self._invoke(bounded, path=path, body=body, model=model, auth=auth)
+
+    async def _invoke(
+        self, port: AsyncPort, *, path: str, body: bytes, model: str, auth: str | None
+    ) -> Outcome:
         s = self.settings
         deadline = self.now() + s.timeout
         chute = await self._resolve_chute(port, model, auth)
@@ -676,6 +670,11 @@ class AsyncEngine:
         async with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
             found, _ = self._try_lease(chute, self.now())
+            with self._guard:  # only busy instances left: wait for them (discovery cannot help)
+                wait = self.state.busy_wait(chute, self.now())
+            if found is None and 0 < wait <= deadline - self.now():
+                await async_sleep(wait)
+                found, _ = self._try_lease(chute, self.now())
             if found is None:
                 await self._discover(port, chute, auth, deadline)
                 found, _ = self._try_lease(chute, self.now())

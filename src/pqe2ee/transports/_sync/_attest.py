@@ -343,6 +343,6 @@ def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
 
 
 def _read(response: PortResponse, limit: int) -> bytes:
-    from pqe2ee.transports._sync._engine import _read_bounded  # (the engine imports us)
+    from pqe2ee.transports._sync._bounded import read_bounded
 
-    return _read_bounded(response, limit)
+    return read_bounded(response, limit)

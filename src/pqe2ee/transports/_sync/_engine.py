@@ -63,7 +63,6 @@ from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
     ConnectionLost,
     ErrorCode,
-    LimitExceeded,
     LocalProtocolError,
     PQE2EEError,
     RelayError,
@@ -100,9 +99,12 @@ from pqe2ee.transports._common import (
     Settings,
     header_value,
 )
+from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
 from pqe2ee.transports._sync._attest import Attestor
+from pqe2ee.transports._sync._bounded import BoundedPort
+from pqe2ee.transports._sync._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
@@ -209,22 +211,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
         f"strict mode: refusing to send {method} {path} in plaintext",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
-
-
-def _read_bounded(response: PortResponse, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes; always closes."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        for chunk in response.iter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise LimitExceeded(f"relay answer is larger than {limit} bytes")
-            chunks.append(chunk)
-    finally:
-        with ShieldCancellation():
-            response.close()
-    return b"".join(chunks)
 
 
 # -- the decrypted stream --------------------------------------------------------------------------
@@ -443,7 +429,15 @@ class Engine:
     def invoke(
         self, port: Port, *, path: str, body: bytes, model: str, auth: str | None
     ) -> Outcome:
-        """Send ``body`` (a JSON object naming ``model``) for ``path`` end-to-end encrypted."""
+        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded)."""
+        deadline = Deadline(self.settings.options.deadline, self.clock)
+        with deadline.scope():
+            bounded = BoundedPort(port, deadline)
+            return self._invoke(bounded, path=path, body=body, model=model, auth=auth)
+
+    def _invoke(
+        self, port: Port, *, path: str, body: bytes, model: str, auth: str | None
+    ) -> Outcome:
         s = self.settings
         deadline = self.now() + s.timeout
         chute = self._resolve_chute(port, model, auth)
@@ -668,6 +662,11 @@ class Engine:
         with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
             found, _ = self._try_lease(chute, self.now())
+            with self._guard:  # only busy instances left: wait for them (discovery cannot help)
+                wait = self.state.busy_wait(chute, self.now())
+            if found is None and 0 < wait <= deadline - self.now():
+                sleep(wait)
+                found, _ = self._try_lease(chute, self.now())
             if found is None:
                 self._discover(port, chute, auth, deadline)
                 found, _ = self._try_lease(chute, self.now())

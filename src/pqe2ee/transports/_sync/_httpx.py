@@ -32,6 +32,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._httpx_common import (
     as_stream_error,
+    default_limits,
     json_response,
     map_inner_exceptions,
     passthrough_response,
@@ -246,7 +247,8 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
     the relay: the first request's origin becomes both (Chutes' ``llm.chutes.ai`` /
     ``api.chutes.ai`` keep their pair), and a request for another origin is then refused. ``api_key`` authenticates discovery and invocation; ``None`` takes
     each request's own ``Authorization: Bearer`` token. ``inner`` is the transport used to
-    reach the relay (default ``httpx.HTTPTransport()``); it is closed with this one, as
+    reach the relay (default ``httpx.HTTPTransport()`` with httpx's pool limits, idle
+    connections kept 2 s instead of 5: below a 5 s server keep-alive); it is closed with this one, as
     are the key pools' filler threads.
     """
 
@@ -260,7 +262,9 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
         **kwargs: Unpack[ClientOptionsArgs],
     ) -> None:
         self._engine = self._start(Engine, ClientOptions.of(options, **kwargs))
-        self._inner = inner if inner is not None else httpx.HTTPTransport()
+        if inner is None:
+            inner = httpx.HTTPTransport(limits=default_limits())
+        self._inner = inner
         self._control: dict[str, object] = {"timeout": self.settings.timeout_extension}
         # Neither base given: the first request's own URL names the relay (see bind_origin).
         self._unbound = uses_default_bases(self.options)

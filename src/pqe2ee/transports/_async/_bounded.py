@@ -1,0 +1,93 @@
+"""A port (and its responses) held to a request's total deadline.
+
+The engine wraps the transport's port in :class:`AsyncBoundedPort` for each request: every
+send and every read of a body, the streamed answer's included, then runs inside the
+deadline's scope (:mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
+keep a request open past ``ClientOptions.deadline``. Past it, the step raises
+:class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
+library's stream error, like any other stream failure.
+
+Also :func:`read_bounded`, a whole body bounded in size. Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from pqe2ee.errors import LimitExceeded
+from pqe2ee.transports._common import RawHeaders, RequestHeaders
+from pqe2ee.transports._deadline import AsyncDeadline
+from pqe2ee.transports._primitives import AsyncShieldCancellation
+
+if TYPE_CHECKING:
+    from pqe2ee.transports._async._engine import AsyncPort, AsyncPortResponse
+
+__all__ = ["AsyncBoundedPort", "AsyncBoundedResponse", "read_bounded"]
+
+
+async def read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes; always closes."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            total += len(chunk)
+            if total > limit:
+                raise LimitExceeded(f"relay answer is larger than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        with AsyncShieldCancellation():
+            await response.aclose()
+    return b"".join(chunks)
+
+
+class AsyncBoundedResponse:
+    """A port response whose body reads end at the deadline."""
+
+    __slots__ = ("_deadline", "_response")
+
+    def __init__(self, response: AsyncPortResponse, deadline: AsyncDeadline) -> None:
+        self._response = response
+        self._deadline = deadline
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> RawHeaders:
+        return self._response.headers
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        chunks = self._response.aiter_bytes()
+        while True:
+            with self._deadline.scope():
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class AsyncBoundedPort:
+    """``port`` with each send (and each body read of what it returns) held to ``deadline``."""
+
+    __slots__ = ("_deadline", "_port", "lost_errors", "network_errors", "timeout_errors")
+
+    def __init__(self, port: AsyncPort, deadline: AsyncDeadline) -> None:
+        self._port = port
+        self._deadline = deadline
+        self.network_errors = port.network_errors
+        self.lost_errors = port.lost_errors
+        self.timeout_errors = port.timeout_errors
+
+    async def send(
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
+    ) -> AsyncBoundedResponse:
+        with self._deadline.scope():
+            response = await self._port.send(method, url, headers, body, control=control)
+        return AsyncBoundedResponse(response, self._deadline)

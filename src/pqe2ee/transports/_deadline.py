@@ -1,0 +1,104 @@
+"""The total deadline of one client request, in an async and a blocking flavour (twins, as in
+:mod:`pqe2ee.transports._primitives`: ``scripts/unasync.py`` turns ``AsyncDeadline`` into
+``Deadline``).
+
+A deadline starts when a request starts and covers all of it: model lookup, discovery,
+retries, the invoke, and every read of the answer, a streamed body included, until that body is
+closed. Each network step runs inside :meth:`scope`:
+
+* async: an anyio cancel scope that ends at the deadline; the wait is cancelled there and
+  :class:`~pqe2ee.errors.DeadlineExceeded` raised in its place (works under asyncio and trio);
+* blocking: threads cannot be interrupted, so the deadline is checked when each step starts; a
+  step already running ends by the HTTP library's own (per-read) timeout, and the next one
+  raises. A relay trickling a byte every few seconds is cut off a few seconds after the
+  deadline.
+
+Times are on the engine's monotonic ``clock`` (a test hook); the async scope converts the time
+left into anyio's clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from pqe2ee.errors import DeadlineExceeded, ErrorCode
+
+__all__ = ["AsyncDeadline", "Deadline"]
+
+
+class Deadline:
+    """A blocking request's deadline: ``seconds`` from now on ``clock``."""
+
+    __slots__ = ("_clock", "end", "seconds")
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self.end = clock() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left (negative once past)."""
+        return self.end - self._clock()
+
+    def error(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the request took longer than its {self.seconds:g}s deadline",
+            code=ErrorCode.DEADLINE_EXCEEDED,
+        )
+
+    def check(self) -> None:
+        """Raise :class:`~pqe2ee.errors.DeadlineExceeded` once the deadline has passed."""
+        if self.remaining() <= 0:
+            raise self.error()
+
+    def scope(self) -> _CheckScope:
+        """A ``with`` block for one network step (checked when it starts)."""
+        return _CheckScope(self)
+
+
+class _CheckScope:
+    __slots__ = ("_deadline",)
+
+    def __init__(self, deadline: Deadline) -> None:
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._deadline.check()
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+class AsyncDeadline(Deadline):
+    """An async request's deadline: :meth:`scope` cancels the step at the deadline."""
+
+    __slots__ = ()
+
+    def scope(self) -> _CancelAtDeadline:  # type: ignore[override]
+        return _CancelAtDeadline(self)
+
+
+class _CancelAtDeadline:
+    """An anyio cancel scope ending at the deadline whose timeout raises DeadlineExceeded
+    (a sync context manager, so the same ``with`` serves both flavours of the engine)."""
+
+    __slots__ = ("_deadline", "_scope")
+
+    def __init__(self, deadline: Deadline) -> None:
+        self._deadline = deadline
+        self._scope: anyio.CancelScope | None = None
+
+    def __enter__(self) -> None:
+        self._deadline.check()
+        self._scope = anyio.move_on_after(self._deadline.remaining())
+        self._scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert self._scope is not None
+        # The scope swallows only its own cancellation, which becomes DeadlineExceeded.
+        self._scope.__exit__(*exc_info)
+        if self._scope.cancelled_caught:
+            raise self._deadline.error() from None
