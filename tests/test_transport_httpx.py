@@ -400,7 +400,9 @@ def test_retries_exhausted_carries_the_last_error(stack: FaultyStack) -> None:
     assert stack.faults.invokes == 3
 
 
-def test_every_instance_busy_exhausts_early(stack: FaultyStack) -> None:
+def test_every_instance_busy_waits_out_the_cool_down_then_exhausts(stack: FaultyStack) -> None:
+    """Both instances answer 429: the client waits out their cool-down (discovery cannot help,
+    issue 16 follow-up) instead of failing at once, and gives up after max_attempts."""
     with sync_client("httpx2", stack) as client:
         stack.faults.inject(Fault.BUSY_429, times=4)
         with pytest.raises(openai.RateLimitError) as info:  # every instance busy
@@ -409,7 +411,8 @@ def test_every_instance_busy_exhausts_early(stack: FaultyStack) -> None:
     assert err.code is ErrorCode.RETRIES_EXHAUSTED
     assert isinstance(err, tx_httpx2.RetriesExhausted)
     assert err.last_error.code is ErrorCode.INSTANCE_BUSY
-    assert stack.faults.invokes == 2  # both instances cooling: no third invoke
+    assert stack.faults.invokes == 4  # every attempt used, the later ones after the cool-down
+    assert stack.faults.discoveries == 1  # waiting, not rediscovering
 
 
 def test_path_forbidden_is_not_retried(stack: FaultyStack) -> None:
