@@ -298,7 +298,7 @@ NEXT_STEPS = """
 Next steps
   pqe2ee doctor --api-key cpk_...            check this machine, the relay and your key
   PQE2EE_PROXY_API_KEY=cpk_... pqe2ee proxy  then ANTHROPIC_BASE_URL=http://127.0.0.1:8787 claude
-                                             or OPENAI_BASE_URL=http://127.0.0.1:8787/v1 codex
+                                             or Codex with a model provider (README "Real clients")
   README.md "Run the whole stack locally"    the four processes of this demo, by hand
   pqe2ee <command> --help                    every option, its environment variable and default
 """
