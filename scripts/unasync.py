@@ -10,6 +10,8 @@ As httpcore does it: plain token substitutions, nothing clever. Sources (edit th
 * ``src/pqe2ee/transports/httpx2.py``          -> ``httpx.py``
 * ``src/pqe2ee/transports/_async/_attest.py``  -> ``_sync/_attest.py`` (attestation step)
 * ``src/pqe2ee/transports/_async/_bounded.py`` -> ``_sync/_bounded.py`` (the total deadline)
+* ``src/pqe2ee/transports/_async/_stream.py``  -> ``_sync/_stream.py`` (the port, the decrypted
+  stream)
 
 "sync" substitutions turn async code into blocking code: generic rules (``Async[A-Z]...`` ->
 ``...``, ``async def`` -> ``def``, ``await`` dropped, ``__aenter__`` -> ``__enter__``,
@@ -73,6 +75,7 @@ TARGETS: list[tuple[Path, Path, tuple[list[tuple[str, str]], ...]]] = [
     (ENGINE, PKG / "_sync" / "_engine.py", (SYNC,)),
     (PKG / "_async" / "_attest.py", PKG / "_sync" / "_attest.py", (SYNC,)),
     (PKG / "_async" / "_bounded.py", PKG / "_sync" / "_bounded.py", (SYNC,)),
+    (PKG / "_async" / "_stream.py", PKG / "_sync" / "_stream.py", (SYNC,)),
 ]
 
 

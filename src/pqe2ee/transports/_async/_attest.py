@@ -38,7 +38,7 @@ from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 from pqe2ee.transports._offload import async_offload
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._engine import AsyncPort, AsyncPortResponse
+    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
 
 __all__ = ["AsyncAttestor"]
 

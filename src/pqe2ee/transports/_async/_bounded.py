@@ -21,7 +21,7 @@ from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._engine import AsyncPort, AsyncPortResponse
+    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
 
 __all__ = ["AsyncBoundedPort", "AsyncBoundedResponse", "read_bounded"]
 

@@ -39,7 +39,7 @@ from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 from pqe2ee.transports._offload import offload
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._sync._engine import Port, PortResponse
+    from pqe2ee.transports._sync._stream import Port, PortResponse
 
 __all__ = ["Attestor"]
 

@@ -22,7 +22,7 @@ from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._primitives import ShieldCancellation
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._sync._engine import Port, PortResponse
+    from pqe2ee.transports._sync._stream import Port, PortResponse
 
 __all__ = ["BoundedPort", "BoundedResponse", "read_bounded"]
 

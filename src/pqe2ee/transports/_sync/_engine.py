@@ -55,19 +55,17 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
-    ConnectionLost,
     ErrorCode,
     LocalProtocolError,
     PQE2EEError,
     RelayError,
 )
-from pqe2ee.protocol._events import Done, InnerEvent
 from pqe2ee.protocol.client import (
     INVOKE_PATH,
     MODELS_PATH,
@@ -85,10 +83,9 @@ from pqe2ee.protocol.client import (
 )
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
-from pqe2ee.protocol.response import Opened, ResponseDecoder, open_answer
+from pqe2ee.protocol.response import Opened, open_answer
 from pqe2ee.protocol.v1.envelope import seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
-from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._common import (
     MAX_BLOB,
@@ -101,10 +98,11 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
-from pqe2ee.transports._primitives import Lock, ShieldCancellation, sleep
+from pqe2ee.transports._primitives import Lock, sleep
 from pqe2ee.transports._sync._attest import Attestor
 from pqe2ee.transports._sync._bounded import BoundedPort
 from pqe2ee.transports._sync._bounded import read_bounded as _read_bounded
+from pqe2ee.transports._sync._stream import PlainStream, Port, PortResponse
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
@@ -137,51 +135,6 @@ def _lock_for(negotiator: Negotiator) -> threading.Lock:
         return lock
 
 
-# -- the port --------------------------------------------------------------------------------------
-
-
-class PortResponse(Protocol):
-    """One answer from the network: status line and headers read, body not yet."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def headers(self) -> RawHeaders: ...
-
-    def iter_bytes(self) -> Iterator[bytes]:
-        """The (content-decoded) body, lazily; may be iterated once."""
-        ...
-
-    def close(self) -> None:
-        """Release the connection; idempotent."""
-        ...
-
-
-class Port(Protocol):
-    """How the engine reaches the relay. ``control`` is True for the engine's own calls (model
-    listing, discovery: bounded by the transport's ``timeout``) and False for the invoke (the
-    caller's own timeouts, if the library has any)."""
-
-    #: What :meth:`send` and reading a body may raise when the exchange fails (network,
-    #: timeouts, the library's own errors): a failed prefetch or model refresh is forgiven.
-    network_errors: tuple[type[BaseException], ...]
-    #: Raised mid-stream when the connection broke: they become ``connection_lost``.
-    lost_errors: tuple[type[BaseException], ...]
-    #: Raised mid-stream on a timeout: they pass unchanged (a timeout is not a broken stream).
-    timeout_errors: tuple[type[BaseException], ...]
-
-    def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        *,
-        control: bool,
-    ) -> PortResponse: ...
-
-
 # -- outcomes --------------------------------------------------------------------------------------
 
 
@@ -211,162 +164,6 @@ def plaintext_refused(method: str, path: str) -> LocalProtocolError:
         f"strict mode: refusing to send {method} {path} in plaintext",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
-
-
-# -- the decrypted stream --------------------------------------------------------------------------
-
-#: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
-DRAIN_LIMIT: Final = 64 * 1024
-
-
-class PlainStream:
-    """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
-
-    Iterate it for the engine's own SSE bytes (events reassembled from records, nothing
-    re-serialised), or :meth:`iter_events` for the inner events themselves (the last one is
-    the authenticated :class:`~pqe2ee.protocol.Done`). Plaintext usage events go to
-    ``on_usage`` and never into the stream (v2: once, at the authenticated END, after the
-    cross-check). Any failure - a bad record, a reported remote error, a connection lost, EOF
-    before the inner ``[DONE]`` (v2: before the authenticated END) - raises a typed pqe2ee
-    error (a timeout raises the port's own timeout error). One iteration only; closing (also
-    done when iteration ends, however it ends) wipes the response key and releases the
-    connection.
-
-    ``key`` opens the answer: a v1 response key (:class:`KEMPrivateKey`) or the
-    :class:`~pqe2ee.protocol.v2.ResponseSecrets` of a v2 request.
-    """
-
-    def __init__(
-        self,
-        upstream: PortResponse,
-        key: KEMPrivateKey | ResponseSecrets,
-        settings: Settings,
-        *,
-        lost_errors: tuple[type[BaseException], ...] = (),
-        timeout_errors: tuple[type[BaseException], ...] = (),
-    ) -> None:
-        self._upstream = upstream
-        self._decoder = ResponseDecoder(
-            key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
-        )
-        self._lost = lost_errors
-        self._timeout = timeout_errors
-        self._chunks: Iterator[bytes] | None = None
-        #: Removes the usage the caller did not ask for (set by the engine for a stream).
-        self.usage_filter: UsageFilter | None = None
-        self._pending: list[InnerEvent | Done] = []
-        self._deferred: PQE2EEError | None = None
-        self._closed = False
-
-    @property
-    def version(self) -> int:
-        """The wire profile of this stream (1 or 2)."""
-        return self._decoder.version
-
-    def __iter__(self) -> Iterator[bytes]:
-        for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
-                if not batch:
-                    continue
-            out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
-            if out:
-                yield out
-
-    def iter_events(self) -> Iterator[InnerEvent | Done]:
-        """The inner events one by one, ending after the authenticated ``Done``."""
-        for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
-            yield from batch
-
-    def _body(self) -> Iterator[bytes]:
-        if self._chunks is None:
-            self._chunks = self._upstream.iter_bytes()
-        return self._chunks
-
-    def _batches(self) -> Iterator[list[InnerEvent | Done]]:
-        decoder = self._decoder
-        try:
-            try:
-                if self._pending:  # read on the way to a v2 HEAD
-                    batch, self._pending = self._pending, []
-                    yield batch
-                if self._deferred is not None:
-                    raise self._deferred
-                # The batch ending in Done is held until the relay's last bytes are read (at
-                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
-                # finished response behind, and its connection goes back to the pool.
-                # A fault after Done still comes after the answer Done vouched for.
-                held: list[InnerEvent | Done] = []
-                drained = 0
-                try:
-                    for chunk in self._body():
-                        if held:
-                            held += decoder.feed(chunk)
-                            drained += len(chunk)
-                            if drained > DRAIN_LIMIT:
-                                break
-                            continue
-                        batch = decoder.feed(chunk)
-                        if batch and isinstance(batch[-1], Done):
-                            held = batch
-                        elif batch:
-                            yield batch
-                    else:
-                        held += decoder.eof()
-                except PQE2EEError:
-                    if held:
-                        yield held
-                    raise
-                if held:
-                    yield held
-            except self._timeout:
-                raise
-            except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
-                raise ConnectionLost(
-                    "the connection to the relay broke mid-stream",
-                    code=ErrorCode.CONNECTION_LOST,
-                ) from exc
-        finally:
-            self.close()
-
-    def _head(self) -> Head | None:
-        """v2: read until the authenticated HEAD (the events read on the way are kept for the
-        iteration). An integrity failure on the way is kept for the iteration too (``None``
-        when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
-        library's transport error. Network errors pass unchanged: nothing was handed over."""
-        decoder = self._decoder
-        try:
-            for chunk in self._body():
-                self._pending += decoder.feed(chunk)
-                if decoder.head is not None:
-                    return decoder.head
-            decoder.eof()  # raises stream_truncated: no HEAD
-        except PQE2EEError as exc:
-            self._pending += decoder.events()
-            self._deferred = exc
-        return decoder.head
-
-    def _rest(self) -> Opened:
-        """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
-        decoder = self._decoder
-        try:
-            for chunk in self._body():
-                decoder.feed(chunk)
-            decoder.eof()
-            assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer
-            return decoder.answer
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._decoder.wipe()
-        with ShieldCancellation():
-            self._upstream.close()
 
 
 # -- the engine ------------------------------------------------------------------------------------

@@ -1,0 +1,228 @@
+"""The network port the engine talks through, and the decrypted stream read through it.
+
+Written once, as async code; ``scripts/unasync.py`` generates the blocking twin
+(``_sync/_stream.py``). A transport hands the engine an :class:`AsyncPort` (send one request,
+get an :class:`AsyncPortResponse`: status, raw headers, a lazy body, close); a 200 stream comes
+back as an :class:`AsyncPlainStream`, which feeds the relay's bytes to the sans-IO
+:class:`~pqe2ee.protocol.response.ResponseDecoder` and hands over the engine's own SSE bytes or
+events. The request orchestration around it is :mod:`._engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Final, Protocol
+
+from pqe2ee.backends.base import KEMPrivateKey
+from pqe2ee.errors import ConnectionLost, ErrorCode, PQE2EEError
+from pqe2ee.protocol._events import Done, InnerEvent
+from pqe2ee.protocol.response import Opened, ResponseDecoder
+from pqe2ee.protocol.v2.records import Head
+from pqe2ee.protocol.v2.request import ResponseSecrets
+from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
+from pqe2ee.transports._primitives import AsyncShieldCancellation
+from pqe2ee.transports._usage import UsageFilter
+
+__all__ = ["DRAIN_LIMIT", "AsyncPlainStream", "AsyncPort", "AsyncPortResponse"]
+
+
+# -- the port --------------------------------------------------------------------------------------
+
+
+class AsyncPortResponse(Protocol):
+    """One answer from the network: status line and headers read, body not yet."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> RawHeaders: ...
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The (content-decoded) body, lazily; may be iterated once."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection; idempotent."""
+        ...
+
+
+class AsyncPort(Protocol):
+    """How the engine reaches the relay. ``control`` is True for the engine's own calls (model
+    listing, discovery: bounded by the transport's ``timeout``) and False for the invoke (the
+    caller's own timeouts, if the library has any)."""
+
+    #: What :meth:`send` and reading a body may raise when the exchange fails (network,
+    #: timeouts, the library's own errors): a failed prefetch or model refresh is forgiven.
+    network_errors: tuple[type[BaseException], ...]
+    #: Raised mid-stream when the connection broke: they become ``connection_lost``.
+    lost_errors: tuple[type[BaseException], ...]
+    #: Raised mid-stream on a timeout: they pass unchanged (a timeout is not a broken stream).
+    timeout_errors: tuple[type[BaseException], ...]
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        control: bool,
+    ) -> AsyncPortResponse: ...
+
+
+# -- the decrypted stream --------------------------------------------------------------------------
+
+#: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
+DRAIN_LIMIT: Final = 64 * 1024
+
+
+class AsyncPlainStream:
+    """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
+
+    Iterate it for the engine's own SSE bytes (events reassembled from records, nothing
+    re-serialised), or :meth:`aiter_events` for the inner events themselves (the last one is
+    the authenticated :class:`~pqe2ee.protocol.Done`). Plaintext usage events go to
+    ``on_usage`` and never into the stream (v2: once, at the authenticated END, after the
+    cross-check). Any failure - a bad record, a reported remote error, a connection lost, EOF
+    before the inner ``[DONE]`` (v2: before the authenticated END) - raises a typed pqe2ee
+    error (a timeout raises the port's own timeout error). One iteration only; closing (also
+    done when iteration ends, however it ends) wipes the response key and releases the
+    connection.
+
+    ``key`` opens the answer: a v1 response key (:class:`KEMPrivateKey`) or the
+    :class:`~pqe2ee.protocol.v2.ResponseSecrets` of a v2 request.
+    """
+
+    def __init__(
+        self,
+        upstream: AsyncPortResponse,
+        key: KEMPrivateKey | ResponseSecrets,
+        settings: Settings,
+        *,
+        lost_errors: tuple[type[BaseException], ...] = (),
+        timeout_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self._upstream = upstream
+        self._decoder = ResponseDecoder(
+            key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
+        )
+        self._lost = lost_errors
+        self._timeout = timeout_errors
+        self._chunks: AsyncIterator[bytes] | None = None
+        #: Removes the usage the caller did not ask for (set by the engine for a stream).
+        self.usage_filter: UsageFilter | None = None
+        self._pending: list[InnerEvent | Done] = []
+        self._deferred: PQE2EEError | None = None
+        self._closed = False
+
+    @property
+    def version(self) -> int:
+        """The wire profile of this stream (1 or 2)."""
+        return self._decoder.version
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
+                if not batch:
+                    continue
+            out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
+            if out:
+                yield out
+
+    async def aiter_events(self) -> AsyncIterator[InnerEvent | Done]:
+        """The inner events one by one, ending after the authenticated ``Done``."""
+        async for batch in self._batches():
+            if self.usage_filter is not None:
+                batch = self.usage_filter.apply(batch)
+            for event in batch:
+                yield event
+
+    def _body(self) -> AsyncIterator[bytes]:
+        if self._chunks is None:
+            self._chunks = self._upstream.aiter_bytes()
+        return self._chunks
+
+    async def _batches(self) -> AsyncIterator[list[InnerEvent | Done]]:
+        decoder = self._decoder
+        try:
+            try:
+                if self._pending:  # read on the way to a v2 HEAD
+                    batch, self._pending = self._pending, []
+                    yield batch
+                if self._deferred is not None:
+                    raise self._deferred
+                # The batch ending in Done is held until the relay's last bytes are read (at
+                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
+                # finished response behind, and its connection goes back to the pool.
+                # A fault after Done still comes after the answer Done vouched for.
+                held: list[InnerEvent | Done] = []
+                drained = 0
+                try:
+                    async for chunk in self._body():
+                        if held:
+                            held += decoder.feed(chunk)
+                            drained += len(chunk)
+                            if drained > DRAIN_LIMIT:
+                                break
+                            continue
+                        batch = decoder.feed(chunk)
+                        if batch and isinstance(batch[-1], Done):
+                            held = batch
+                        elif batch:
+                            yield batch
+                    else:
+                        held += decoder.eof()
+                except PQE2EEError:
+                    if held:
+                        yield held
+                    raise
+                if held:
+                    yield held
+            except self._timeout:
+                raise
+            except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
+                raise ConnectionLost(
+                    "the connection to the relay broke mid-stream",
+                    code=ErrorCode.CONNECTION_LOST,
+                ) from exc
+        finally:
+            await self.aclose()
+
+    async def _head(self) -> Head | None:
+        """v2: read until the authenticated HEAD (the events read on the way are kept for the
+        iteration). An integrity failure on the way is kept for the iteration too (``None``
+        when it came before HEAD): as in v1, a 200 stream fails while it is read, as the HTTP
+        library's transport error. Network errors pass unchanged: nothing was handed over."""
+        decoder = self._decoder
+        try:
+            async for chunk in self._body():
+                self._pending += decoder.feed(chunk)
+                if decoder.head is not None:
+                    return decoder.head
+            decoder.eof()  # raises stream_truncated: no HEAD
+        except PQE2EEError as exc:
+            self._pending += decoder.events()
+            self._deferred = exc
+        return decoder.head
+
+    async def _rest(self) -> Opened:
+        """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
+        decoder = self._decoder
+        try:
+            async for chunk in self._body():
+                decoder.feed(chunk)
+            decoder.eof()
+            assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer
+            return decoder.answer
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._decoder.wipe()
+        with AsyncShieldCancellation():
+            await self._upstream.aclose()
