@@ -69,20 +69,15 @@ def bounded_httptools() -> type[asyncio.Protocol]:
     assert HeaderTimeoutHttpTools is not None  # httptools is installed (checked by the caller)
 
     class BoundedHttpTools(HeaderTimeoutHttpTools):  # type: ignore[misc, valid-type]
-        # Bytes fed while the current request's head is incomplete. A chunk that completes a
-        # head is not counted (it may carry body bytes); pipelined bytes of an earlier request
-        # in the same chunk as a new head may be, which only makes the bound stricter.
+        # Bytes fed while the current request's head is incomplete (``_in_head``, kept by the
+        # header-timeout base). A chunk that completes a head is not counted (it may carry body
+        # bytes); pipelined bytes of an earlier request in the same chunk as a new head may be,
+        # which only makes the bound stricter.
         _head_bytes = 0
-        _in_head = True
 
         def on_message_begin(self) -> None:
-            self._in_head = True
             self._head_bytes = 0
             super().on_message_begin()
-
-        def on_headers_complete(self) -> None:
-            self._in_head = False
-            super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
