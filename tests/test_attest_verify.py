@@ -435,3 +435,27 @@ def test_verdict_json_shape() -> None:
     assert doc["verdict"] == "trusted" and doc["gpus"] == {"checked": 8, "ok": 8}
     assert set(doc["measurements"]) == {"mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"}
     json.dumps(doc)
+
+
+def test_hostile_nesting_is_a_typed_error_not_a_recursion_error() -> None:
+    """Evidence, model listings, NRAS answers and Intel collateral come from the network: JSON
+    nested past the project's bound is refused with each place's typed answer (before the
+    shared depth-bounded decoder, stdlib json raised RecursionError here)."""
+    from pqe2ee.attest.collateral import raw_members
+    from pqe2ee.attest.gate import confidential_chutes
+    from pqe2ee.attest.nras import parse_jwks, token_kids
+    from pqe2ee.attest.verify import parse_evidence
+    from pqe2ee.errors import AttestationError, ErrorCode
+
+    deep = b'{"evidence": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(AttestationError) as info:
+        parse_evidence(deep)
+    assert info.value.code is ErrorCode.ATTEST_EVIDENCE_MALFORMED
+    assert confidential_chutes(deep) == frozenset()
+    assert token_kids(deep) == frozenset()
+    with pytest.raises(AttestationError) as info:
+        parse_jwks(deep)
+    assert info.value.code is ErrorCode.ATTEST_UNAVAILABLE
+    with pytest.raises(AttestationError) as info:
+        raw_members(b'{"tcbInfo": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert info.value.code is ErrorCode.ATTEST_COLLATERAL_MISSING

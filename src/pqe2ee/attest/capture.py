@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pqe2ee._json import json_decode
 from pqe2ee.attest.collateral import Collateral, collateral_from_answer
 from pqe2ee.attest.gate import INTEL_PCS_URL, AttestMode, AttestOptions
 from pqe2ee.attest.nras import NRAS_JWKS_URL, NRAS_URL
@@ -51,7 +52,7 @@ def _read(path: Path) -> bytes:
 
 def _answer(meta_path: Path) -> Collateral:
     try:
-        meta = json.loads(_read(meta_path))
+        meta = json_decode(_read(meta_path))
         url, headers = meta["url"], meta.get("headers", {})
         if not isinstance(url, str) or not isinstance(headers, dict):
             raise TypeError
@@ -100,7 +101,7 @@ class Capture:
 def load_capture(directory: Path) -> Capture:
     """Read a capture directory; typed errors for missing or malformed parts."""
     try:
-        manifest = json.loads(_read(directory / "manifest.json"))
+        manifest = json_decode(_read(directory / "manifest.json"))
         nonce_hex = manifest["nonce_hex"]
         captured_at = datetime.fromisoformat(manifest["captured_at"].replace("Z", "+00:00"))
         if captured_at.tzinfo is None or not isinstance(nonce_hex, str):
@@ -111,7 +112,7 @@ def load_capture(directory: Path) -> Capture:
             "manifest.json lacks nonce_hex / captured_at", code=ErrorCode.ATTEST_EVIDENCE_MALFORMED
         ) from None
     try:
-        discovery = json.loads(_read(directory / "discovery.body"))
+        discovery = json_decode(_read(directory / "discovery.body"))
         instances = {i["instance_id"]: i["e2e_pubkey"] for i in discovery["instances"]}
         v2_keys = {
             i["instance_id"]: i["e2e_v2"]["pk"]
@@ -133,7 +134,7 @@ def load_capture(directory: Path) -> Capture:
 def load_policy(path: Path) -> Policy:
     """A :class:`Policy` from a JSON file; ``attest_unavailable`` when it cannot be used."""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json_decode(path.read_bytes())
     except (OSError, ValueError):
         raise AttestationError(
             f"policy {path.name} is not a readable JSON file", code=ErrorCode.ATTEST_UNAVAILABLE

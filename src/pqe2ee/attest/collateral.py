@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
+from pqe2ee._json import MAX_JSON_DEPTH, json_too_deep
 from pqe2ee.errors import AttestationError, ErrorCode
 
 __all__ = [
@@ -50,6 +51,8 @@ def raw_members(body: bytes) -> dict[str, tuple[str, object]]:
     """The top-level members of a JSON object: name -> (exact source text, decoded value)."""
     if len(body) > _MAX_COLLATERAL:
         raise _bad(f"collateral document of {len(body)} bytes")
+    if json_too_deep(body):  # raw_decode below has no depth bound of its own
+        raise _bad(f"collateral document nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = body.decode("utf-8")
         decoder = json.JSONDecoder()

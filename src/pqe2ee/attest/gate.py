@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pqe2ee._json import json_decode
 from pqe2ee.attest.collateral import Collateral
 from pqe2ee.attest.nras import NRAS_JWKS_URL, NRAS_URL
 from pqe2ee.attest.policy import Policy, Verdict
@@ -103,7 +103,7 @@ def confidential_chutes(doc: bytes) -> frozenset[str]:
     Chutes sets on TEE chutes); rows of another shape are skipped, and a listing that is not
     JSON lists none (the model resolver reports that)."""
     try:
-        listing = json.loads(doc)
+        listing = json_decode(doc)
     except (ValueError, UnicodeDecodeError):
         return frozenset()
     rows = listing.get("data") if isinstance(listing, dict) else None

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from pqe2ee._json import json_decode
 from pqe2ee.attest.policy import Check
 from pqe2ee.errors import AttestationError, ErrorCode
 
@@ -105,7 +106,7 @@ def parse_jwks(body: bytes) -> dict[str, ec.EllipticCurvePublicKey]:
     """The P-384 EC keys of a JWKS document, by ``kid`` (other keys are skipped);
     ``attest_unavailable`` when it is not a JWKS with at least one such key."""
     try:
-        doc = json.loads(body)
+        doc = json_decode(body)
         rows = doc["keys"]
         if not isinstance(rows, list):
             raise TypeError
@@ -142,14 +143,14 @@ def token_kids(answer: bytes) -> frozenset[str]:
     """The ``kid`` of every token in an NRAS answer (unverified: only to know whether the
     cached JWKS can check them); empty for an answer of another shape."""
     try:
-        doc = json.loads(answer)
+        doc = json_decode(answer)
         tokens = [doc[0][1], *doc[1].values()]
     except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
         return frozenset()
     kids = set()
     for token in tokens[: _MAX_GPUS + 1]:
         try:
-            header = json.loads(_b64url(str(token).split(".", 1)[0]))
+            header = json_decode(_b64url(str(token).split(".", 1)[0]))
         except (ValueError, binascii.Error, UnicodeDecodeError):
             continue
         if isinstance(header, dict) and isinstance(header.get("kid"), str):
@@ -169,8 +170,8 @@ def _verified_claims(token: object, keys: Keys) -> dict[str, Any]:
     if len(parts) != 3:
         raise _TokenError("not a compact JWS")
     try:
-        header = json.loads(_b64url(parts[0]))
-        claims = json.loads(_b64url(parts[1]))
+        header = json_decode(_b64url(parts[0]))
+        claims = json_decode(_b64url(parts[1]))
         signature = _b64url(parts[2])
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise _TokenError("not base64url JSON") from None
@@ -211,7 +212,7 @@ def check_nras(
     ``nras`` check (the overall token) and one ``gpu<i>`` check per GPU token."""
     token_bad = ErrorCode.ATTEST_GPU_NRAS_TOKEN
     try:
-        doc = json.loads(answer)
+        doc = json_decode(answer)
         overall_token = doc[0][1]
         detached = doc[1]
         if doc[0][0] != "JWT" or not isinstance(detached, dict):

@@ -15,7 +15,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from types import ModuleType
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from pqe2ee._json import json_decode
 from pqe2ee.attest.collateral import Collateral
 from pqe2ee.attest.gpu import nvidia_root, verify_gpu
 from pqe2ee.attest.nras import NrasResult, check_nras
@@ -78,7 +78,7 @@ def parse_evidence(body: bytes) -> EvidenceBundle:
     if len(body) > _MAX_EVIDENCE:
         raise bad(f"{len(body)} bytes")
     try:
-        doc = json.loads(body)
+        doc = json_decode(body)
     except (ValueError, UnicodeDecodeError):
         raise bad("not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("evidence", []), list):

@@ -8,7 +8,6 @@ as an unattested chute.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import httpx2
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pqe2ee._json import json_decode
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server.noncestore import NonceStoreError
 from pqe2ee.server.relay.answers import detail, store_down, unauthorized
@@ -47,7 +47,7 @@ async def _fetch(client: httpx2.AsyncClient, inst: InstanceState, nonce: str) ->
                         return False
                 if r.status_code != 200:
                     return False
-        entry = json.loads(body)
+        entry = json_decode(bytes(body))
     except (httpx2.HTTPError, TimeoutError, ValueError):
         return False
     if not isinstance(entry, dict) or entry.get("instance_id") != inst.instance_id:
