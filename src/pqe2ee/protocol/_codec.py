@@ -29,8 +29,6 @@ __all__ = [
     "stream_flag",
 ]
 
-_json_decoder = msgspec.json.Decoder()
-
 
 GZIP_WBITS = 31  # zlib: 16 + 15 -> gzip container only
 # What zlib writes for level 0: magic, CM=8, FLG=0, MTIME=0, XFL=4, OS=3 (RFC 1952).
