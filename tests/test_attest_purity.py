@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imports_of import imports_of
+
 ATTEST = Path(__file__).resolve().parent.parent / "src" / "pqe2ee" / "attest"
 PURE = [
     "collateral.py",
@@ -50,14 +52,10 @@ BANNED = frozenset(
 
 
 def _violations(source: str) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] in BANNED]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.split(".")[0] in BANNED or node.module == "urllib.request":
-                found.append(node.module)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+    tree = ast.parse(source)
+    found = [i.module for i in imports_of(tree) if i.top in BANNED or i.module == "urllib.request"]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id == "open":
                 found.append("open()")
         elif isinstance(node, ast.Attribute) and node.attr in (

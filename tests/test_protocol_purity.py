@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from imports_of import imports_of
+
 PROTOCOL = Path(__file__).resolve().parent.parent / "src" / "pqe2ee" / "protocol"
 
 #: Top-level modules protocol/ may not import.
@@ -66,6 +68,7 @@ BANNED_MODULES = frozenset(
         "hmac",
     }
 )
+
 #: pqe2ee packages protocol/ may import (the rest - transports, server, proxy, cli - sit above).
 ALLOWED_PQE2EE = ("pqe2ee.protocol", "pqe2ee.errors", "pqe2ee.backends", "pqe2ee._json")
 #: Calls that read a clock or randomness, whatever they were imported as (``x.time()``,
@@ -97,20 +100,15 @@ IO_BUILTINS = frozenset(
 def violations(source: str, name: str) -> list[str]:
     """What in ``source`` breaks the rules (empty: pure)."""
     found: list[str] = []
-    for node in ast.walk(ast.parse(source, name)):
-        modules: list[str] = []
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                found.append(f"{name}:{node.lineno} relative import")
-            modules = [node.module or ""]
-        for module in modules:
-            top = module.split(".")[0]
-            if top in BANNED_MODULES:
-                found.append(f"{name}:{node.lineno} imports {module}")
-            elif top == "pqe2ee" and not module.startswith(ALLOWED_PQE2EE):
-                found.append(f"{name}:{node.lineno} imports {module}")
+    tree = ast.parse(source, name)
+    for imp in imports_of(tree):
+        if imp.level:
+            found.append(f"{name}:{imp.lineno} relative import")
+        if imp.top in BANNED_MODULES or (
+            imp.top == "pqe2ee" and not imp.module.startswith(ALLOWED_PQE2EE)
+        ):
+            found.append(f"{name}:{imp.lineno} imports {imp.module}")
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             func = node.func
             if isinstance(func, ast.Name):

@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 
 import pqe2ee
 import pqe2ee.proxy.translate
+from imports_of import imports_of
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 from pqe2ee.proxy.translate.chat import (
     ChatChunkReader,
@@ -1194,13 +1195,7 @@ PURE_IMPORTS = {
 
 
 def _imports(path: Path) -> list[str]:
-    names: list[str] = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names.append("." * node.level + (node.module or ""))
-    return names
+    return ["." * i.level + i.module for i in imports_of(ast.parse(path.read_text()))]
 
 
 def test_translate_imports_no_io_library() -> None:
