@@ -7,6 +7,8 @@
 * ``anyio_backend``: asyncio AND trio. The code under test is anyio-based (the transports, the
   protocol clients, the shared ASGI plumbing); a file or test whose code is asyncio-only
   (aiohttp, the starlette/uvicorn servers themselves) pins ``"asyncio"`` and says why.
+* Hypothesis runs without its per-example deadline: a wall-clock limit fails on a loaded
+  2-core box, not on a bug (speed is measured in benchmarks/, never in tests).
 * ``faulty_stack`` / ``stack``: dev-engine -> two v1 instances -> real relay ->
   :class:`faults.FaultyRelay`, once per module, with the armed faults cleared around each test
   (the transport tests' stack). Files that need another chain override ``stack`` with a small
@@ -23,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from faults import FaultyStack, serve_faulty_stack
 from transport_support import KEY  # the API key the transport tests' relay accepts
 
 ROOT = Path(__file__).resolve().parent.parent
+
+settings.register_profile("pqe2ee", deadline=None)
+settings.load_profile("pqe2ee")
 
 
 @cache
