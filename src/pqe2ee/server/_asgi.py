@@ -128,12 +128,32 @@ class SlowUpload(ClientDisconnect):
     like a client that hung up (each app's answer to that, e.g. 400 ``connection_lost``)."""
 
 
+class _Upload:
+    """The size and pace rules of one request body, checked as each chunk arrives."""
+
+    __slots__ = ("limit", "started", "total")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.started = time.monotonic()
+        self.total = 0
+
+    def took(self, chunk: bytes) -> None:
+        """Count ``chunk``: :class:`BodyTooLarge` past the limit, :class:`SlowUpload` when the
+        average rate is too low after the grace period."""
+        self.total += len(chunk)
+        if self.total > self.limit:
+            raise BodyTooLarge(self.limit, received=self.total)
+        elapsed = time.monotonic() - self.started
+        if elapsed > BODY_RATE_GRACE and self.total < BODY_MIN_RATE * elapsed:
+            raise SlowUpload()
+
+
 async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body's non-empty chunks as they arrive; :class:`BodyTooLarge` as soon as the
     total passes ``limit`` (call :func:`declared_length` first to refuse an announced size);
     :class:`SlowUpload` when the sender stalls or crawls."""
-    total = 0
-    started = time.monotonic()
+    upload = _Upload(limit)
     chunks = request.stream().__aiter__()
     while True:
         with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
@@ -143,20 +163,27 @@ async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
                 return
         if idle.cancelled_caught:
             raise SlowUpload()
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(limit, received=total)
-        elapsed = time.monotonic() - started
-        if elapsed > BODY_RATE_GRACE and total < BODY_MIN_RATE * elapsed:
-            raise SlowUpload()
+        upload.took(chunk)
         if chunk:
             yield chunk
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, never holding more than ``limit`` bytes of it."""
+    """The whole request body, never holding more than ``limit`` bytes of it (the rules of
+    :func:`iter_body`)."""
     declared_length(request.headers, limit)
-    return await read_bounded(iter_body(request, limit), limit)
+    upload = _Upload(limit)
+    parts: list[bytes] = []
+    # One idle timer for the whole body, pushed back after every chunk: iter_body needs a cancel
+    # scope per chunk (it yields between them), ~10 us each, and starlette's stream gives at
+    # least two (the body, then an empty end).
+    with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
+        async for chunk in request.stream():
+            upload.took(chunk)
+            parts.append(chunk)
+            idle.deadline = anyio.current_time() + BODY_IDLE_TIMEOUT
+        return b"".join(parts)
+    raise SlowUpload()
 
 
 # --------------------------------------------------------------------------------------------
