@@ -269,12 +269,7 @@ class E2EClient:
         return self.pool.popleft()
 
     async def call(self, stream: bool) -> None:
-        from pqe2ee.protocol import (
-            Done,
-            StreamDecryptor,
-            open_response,
-            seal_request,
-        )
+        from pqe2ee.protocol import StreamDecryptor, open_response, seal_request
 
         inst, nonce = await self.lease()
         body = json.dumps(
@@ -299,14 +294,16 @@ class E2EClient:
                 await resp.aread()
                 raise RuntimeError(f"encrypted call failed: {resp.status_code} {resp.text[:200]}")
             if stream:
-                dec = StreamDecryptor(sealed.response_key, aead=self.aead)
-                done = False
+                # As much checking as the plaintext client's "ends with [DONE]", no more: every
+                # record is decrypted and the authenticated inner [DONE] must arrive; the usage
+                # events nobody reads are checked, not built (as the transports do without
+                # on_usage), and the inner events are dropped as they come.
+                dec = StreamDecryptor(sealed.response_key, aead=self.aead, decode_usage=False)
                 async for chunk in resp.aiter_raw():
                     dec.receive_data(chunk)
-                    done = done or any(isinstance(e, Done) for e in dec.events())
+                    dec.events()
                 dec.receive_eof()
-                done = done or any(isinstance(e, Done) for e in dec.events())
-                if not done:
+                if not dec.complete:
                     raise RuntimeError("encrypted stream incomplete")
             else:
                 blob = b"".join([c async for c in resp.aiter_raw()])

@@ -10,11 +10,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx2
+import msgspec
 import pytest
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
+from pqe2ee.protocol import open_response
 from pqe2ee.protocol.v1 import envelope
-from test_instance import AEAD, KEM, Running, hdrs, public_key, running_instance, seal
+from pqe2ee.server.instance.exchange import OPEN_ON_LOOP_MAX
+from test_instance import AEAD, KEM, Running, chat, hdrs, public_key, running_instance, seal
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +69,11 @@ def test_deeply_nested_request_is_a_typed_400(small_inst: Running) -> None:
 def test_bomb_is_inflated_off_the_event_loop(
     small_inst: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: list[str] = []
+    calls: list[tuple[str, int]] = []  # (thread, inflation bound) of every gunzip
     real = envelope.gunzip_bounded
 
     def recording(*args: Any, **kw: Any) -> bytes:
-        threads.append(threading.current_thread().name)
+        calls.append((threading.current_thread().name, kw["limit"]))
         return real(*args, **kw)
 
     monkeypatch.setattr(envelope, "gunzip_bounded", recording)
@@ -81,4 +84,60 @@ def test_bomb_is_inflated_off_the_event_loop(
         )
         assert r.status_code == 400 and r.json()["code"] == "oversize", r.text
         assert http.get(small_inst.url + "/health").status_code == 200
-    assert threads and not any(name.startswith("uvicorn-") for name in threads), threads
+    on_loop = [limit for name, limit in calls if name.startswith("uvicorn-")]
+    off_loop = [limit for name, limit in calls if not name.startswith("uvicorn-")]
+    # The event loop inflates at most OPEN_ON_LOOP_MAX bytes (its bounded first try); the
+    # inflation up to max_plaintext runs in a worker thread.
+    assert all(limit <= OPEN_ON_LOOP_MAX for limit in on_loop), calls
+    assert off_loop == [2 * 1024 * 1024], calls
+
+
+def test_request_inflating_past_the_loop_bound_opens_in_a_thread(
+    small_inst: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A legitimate request whose small blob inflates past OPEN_ON_LOOP_MAX (but within
+    # max_plaintext): the bounded try on the event loop gives up and a worker thread opens it.
+    calls: list[tuple[str, int]] = []
+    real = envelope.gunzip_bounded
+
+    def recording(*args: Any, **kw: Any) -> bytes:
+        calls.append((threading.current_thread().name, kw["limit"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(envelope, "gunzip_bounded", recording)
+    text = "word " * (OPEN_ON_LOOP_MAX // 4)
+    with httpx2.Client(timeout=30) as http:
+        pk = public_key(http, small_inst)
+        sealed = seal(pk, {"model": "dev-echo", "messages": [{"role": "user", "content": text}]})
+        assert len(sealed.blob) < OPEN_ON_LOOP_MAX
+        r = http.post(
+            small_inst.url + "/e2e/invoke", content=sealed.blob, headers=hdrs(stream=False)
+        )
+        assert r.status_code == 200, r.text
+        opened = calls[:]  # the instance's; then the response is opened here
+        answer = msgspec.json.decode(open_response(r.content, sealed.response_key, aead=AEAD))
+    assert answer["choices"][0]["message"]["content"].startswith("Echo: word word")
+    assert [(name.startswith("uvicorn-"), limit) for name, limit in opened] == [
+        (True, OPEN_ON_LOOP_MAX),
+        (False, 2 * 1024 * 1024),
+    ], opened
+
+
+def test_small_request_opens_on_the_event_loop(
+    small_inst: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    real = envelope.gunzip_bounded
+
+    def recording(*args: Any, **kw: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(envelope, "gunzip_bounded", recording)
+    with httpx2.Client(timeout=30) as http:
+        sealed = seal(public_key(http, small_inst), chat("hello"))
+        r = http.post(
+            small_inst.url + "/e2e/invoke", content=sealed.blob, headers=hdrs(stream=False)
+        )
+        assert r.status_code == 200, r.text
+    assert len(threads) == 1 and threads[0].startswith("uvicorn-"), threads

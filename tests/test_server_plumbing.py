@@ -15,14 +15,16 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from pqe2ee.errors import ErrorCode, LimitExceeded
-from pqe2ee.server import relay
+from pqe2ee.server import _asgi, relay
 from pqe2ee.server._asgi import (
     BodyTooLarge,
     DisconnectWatch,
     InvalidContentLength,
+    SlowUpload,
     StreamedResponse,
     StreamOutcome,
     declared_length,
+    iter_body,
     json_response,
     read_body,
     read_bounded,
@@ -86,6 +88,28 @@ async def test_read_body_refuses_instead_of_truncating() -> None:
         await read_body(_request([b"abc"], [("content-length", "7")]), 6)
     with pytest.raises(InvalidContentLength):
         await read_body(_request([b"abc"], [("content-length", "x")]), 6)
+
+
+@pytest.mark.anyio
+async def test_read_body_idle_timeout_restarts_with_every_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_asgi, "BODY_IDLE_TIMEOUT", 0.5)
+
+    def paced(gaps: list[float]) -> Request:
+        async def receive() -> Message:
+            await anyio.sleep(gaps.pop(0))
+            return {"type": "http.request", "body": b"ab", "more_body": bool(gaps)}
+
+        return Request(_scope(), receive)
+
+    # 4 chunks 0.3 s apart: 1.2 s in all, never 0.5 s without a chunk.
+    assert await read_body(paced([0.3, 0.3, 0.3, 0.3]), 100) == b"ab" * 4
+    with pytest.raises(SlowUpload):  # one gap of 0.8 s
+        await read_body(paced([0.1, 0.8, 0.1]), 100)
+    with pytest.raises(SlowUpload):
+        async for _ in iter_body(paced([0.1, 0.8, 0.1]), 100):
+            pass
 
 
 @pytest.mark.anyio

@@ -36,6 +36,7 @@ from pqe2ee.protocol import parse_discovery
 from pqe2ee.protocol._codec import b64encode
 from pqe2ee.protocol.v2 import E2EPolicy, Negotiator, parse_instance_hint, parse_v2_offer
 from pqe2ee.server import instance, relay
+from pqe2ee.server.instance.exchange import OPEN_ON_LOOP_MAX
 from pqe2ee.server.keyfile import (
     XWING_KEY_FILE_HEADER,
     KeyFileError,
@@ -266,6 +267,28 @@ def test_replayed_request_is_refused_and_reaches_the_engine_once(
     assert again.status_code == 409
     assert _hint(again) is ErrorCode.REPLAY
     assert again.json()["detail"] == {"detail": "e2e_v2:replay"}  # nested once (issue 16)
+    assert stack.stats()["requests"] == before + 1
+
+
+def test_request_inflating_past_the_loop_bound_opens_once(
+    stack: Stack, client: httpx2.Client
+) -> None:
+    # The instance's bounded first try on its event loop gives up on this body (it inflates past
+    # OPEN_ON_LOOP_MAX) before the replay cache sees it; the worker-thread retry then opens it,
+    # and the request id is spent exactly once.
+    before = stack.stats()["requests"]
+    inst = _lease(client)
+    text = "word " * (OPEN_ON_LOOP_MAX // 4)
+    s = seal_v2(
+        v2_key(inst), inst.instance_id, inst.nonces[0], ECHO, chat_body(text), compress=True
+    )
+    assert len(s.blob) < OPEN_ON_LOOP_MAX
+    r = _post(client, s)
+    assert r.status_code == 200, r.content[:200]
+    answer = json.loads(open_v2(s, r.content).body)
+    assert answer["choices"][0]["message"]["content"].startswith("Echo: word word")
+    again = _post(client, s, **{"X-E2E-Nonce": inst.nonces[1]})
+    assert again.status_code == 409 and _hint(again) is ErrorCode.REPLAY
     assert stack.stats()["requests"] == before + 1
 
 

@@ -22,10 +22,18 @@ Starlette's :class:`~starlette.requests.ClientDisconnect` passes through the rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Final
 
 import anyio
@@ -120,12 +128,32 @@ class SlowUpload(ClientDisconnect):
     like a client that hung up (each app's answer to that, e.g. 400 ``connection_lost``)."""
 
 
+class _Upload:
+    """The size and pace rules of one request body, checked as each chunk arrives."""
+
+    __slots__ = ("limit", "started", "total")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.started = time.monotonic()
+        self.total = 0
+
+    def took(self, chunk: bytes) -> None:
+        """Count ``chunk``: :class:`BodyTooLarge` past the limit, :class:`SlowUpload` when the
+        average rate is too low after the grace period."""
+        self.total += len(chunk)
+        if self.total > self.limit:
+            raise BodyTooLarge(self.limit, received=self.total)
+        elapsed = time.monotonic() - self.started
+        if elapsed > BODY_RATE_GRACE and self.total < BODY_MIN_RATE * elapsed:
+            raise SlowUpload()
+
+
 async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body's non-empty chunks as they arrive; :class:`BodyTooLarge` as soon as the
     total passes ``limit`` (call :func:`declared_length` first to refuse an announced size);
     :class:`SlowUpload` when the sender stalls or crawls."""
-    total = 0
-    started = time.monotonic()
+    upload = _Upload(limit)
     chunks = request.stream().__aiter__()
     while True:
         with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
@@ -135,20 +163,27 @@ async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
                 return
         if idle.cancelled_caught:
             raise SlowUpload()
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge(limit, received=total)
-        elapsed = time.monotonic() - started
-        if elapsed > BODY_RATE_GRACE and total < BODY_MIN_RATE * elapsed:
-            raise SlowUpload()
+        upload.took(chunk)
         if chunk:
             yield chunk
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, never holding more than ``limit`` bytes of it."""
+    """The whole request body, never holding more than ``limit`` bytes of it (the rules of
+    :func:`iter_body`)."""
     declared_length(request.headers, limit)
-    return await read_bounded(iter_body(request, limit), limit)
+    upload = _Upload(limit)
+    parts: list[bytes] = []
+    # One idle timer for the whole body, pushed back after every chunk: iter_body needs a cancel
+    # scope per chunk (it yields between them), ~10 us each, and starlette's stream gives at
+    # least two (the body, then an empty end).
+    with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
+        async for chunk in request.stream():
+            upload.took(chunk)
+            parts.append(chunk)
+            idle.deadline = anyio.current_time() + BODY_IDLE_TIMEOUT
+        return b"".join(parts)
+    raise SlowUpload()
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,29 +210,59 @@ async def watch_disconnect(
     ``after``: start listening only once it is set - while the request body is still being
     read, ``receive`` belongs to the reader. The block's cancellation does not propagate: the
     code after the ``async with`` checks ``watch.disconnected``. An exception raised in the block
-    propagates as itself (not wrapped in an exception group).
+    (or by ``receive``) propagates as itself (not wrapped in an exception group).
     """
-    error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        watch = DisconnectWatch(tg.cancel_scope)
+    scope = anyio.CancelScope()
+    watch = DisconnectWatch(scope)
+    failed: list[Exception] = []
 
-        async def listen() -> None:
+    async def listen() -> None:
+        try:
             if after is not None:
                 await after.wait()
-            while True:
-                if (await receive())["type"] == "http.disconnect":
-                    watch.disconnected = True
-                    tg.cancel_scope.cancel()
-                    return
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            watch.disconnected = True
+        except Exception as exc:  # receive() broke: end the block, raise it afterwards
+            failed.append(exc)
+        scope.cancel()
 
-        tg.start_soon(listen)
-        try:
-            yield watch
-        except Exception as exc:  # cancellation is a BaseException and stays inside
-            error = exc
-        tg.cancel_scope.cancel()
+    error: Exception | None = None
+    async with _beside(listen):
+        with scope:
+            try:
+                yield watch
+            except Exception as exc:  # cancellation is a BaseException and stays inside
+                error = exc
     if error is not None:
         raise error
+    if failed:
+        raise failed[0]
+
+
+@contextlib.asynccontextmanager
+async def _beside(task: Callable[[], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """Run ``task()`` beside the block (which must not raise ``Exception``) and cancel it when
+    the block ends. On asyncio that is a bare loop task: with an anyio task group the watch
+    cost ~60 us of CPU per use, ~14 us without (uvloop, measured), and a task that only waits
+    on ``receive`` needs none of its bookkeeping. Other backends (trio) get a task group."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio
+        loop = None
+    if loop is not None:
+        running = loop.create_task(task())
+        try:
+            yield
+        finally:
+            running.cancel()
+    else:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(task)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------------------------

@@ -437,8 +437,13 @@ class InstanceV2:
         stream: bool,
         now_ms: int,
         relay_nonce: str | None = None,
+        max_body: int | None = None,
     ) -> OpenedRequestV2:
-        """Run every check and open the request; raises the typed error of the first failure."""
+        """Run every check and open the request; raises the typed error of the first failure.
+
+        ``max_body`` lowers ``self.max_body`` for this call (a server's bounded first try on
+        its event loop). A body over the bound is refused before the replay cache sees the
+        request id, so the same blob may be opened again with a higher bound."""
         parsed = parse_request_blob(blob)
         key = self.check(parsed, path=path, stream=stream, now_ms=now_ms, relay_nonce=relay_nonce)
         h = parsed.header
@@ -450,7 +455,9 @@ class InstanceV2:
             parsed.ciphertext,
             aead=self.aead,
         )
-        body, resp_pk, compressed = parse_plaintext(p, max_body=self.max_body)
+        body, resp_pk, compressed = parse_plaintext(
+            p, max_body=self.max_body if max_body is None else min(max_body, self.max_body)
+        )
         try:
             check_xwing_public_key(resp_pk)
         except LocalProtocolError:

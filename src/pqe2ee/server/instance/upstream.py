@@ -80,6 +80,9 @@ class Engine:
         self.model_chutes: frozenset[str] = frozenset()  # v2: the chutes of those models
         self.models_checked: float | None = None
         self._models_lock = anyio.Lock()
+        # (path, stream) -> what client.build_request would merge in: the URL, the client's
+        # default headers with ours, its timeouts (see request()).
+        self._targets: dict[tuple[str, bool], tuple[httpx2.URL, httpx2.Headers, Any]] = {}
 
     def client(self) -> httpx2.AsyncClient:
         if self._client is None:
@@ -97,6 +100,7 @@ class Engine:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+            self._targets.clear()
 
     # -- models -------------------------------------------------------------------------------
 
@@ -176,19 +180,40 @@ class Engine:
                 merged["continuous_usage_stats"] = True
             body["stream_options"] = merged
             payload = msgspec.json.encode(body)
-            accept = "text/event-stream"
         else:
             payload = raw
-            accept = "application/json"
-        headers = {
-            "content-type": "application/json",
-            "accept": accept,
-            "accept-encoding": "identity",
-            **self._auth,
-        }
-        return self.client().build_request(
-            "POST", self.config.upstream + path, content=payload, headers=headers
+        client = self.client()
+        url, headers, timeout = self._target(client, path, stream)
+        # The request client.build_request would build, without merging the same URL and
+        # headers again for every request (~20 us); the client's cookies still go along.
+        return httpx2.Request(
+            "POST",
+            url,
+            content=payload,
+            headers=headers,
+            cookies=client.cookies,
+            extensions={"timeout": timeout},
         )
+
+    def _target(
+        self, client: httpx2.AsyncClient, path: str, stream: bool
+    ) -> tuple[httpx2.URL, httpx2.Headers, Any]:
+        target = self._targets.get((path, stream))
+        if target is None:
+            headers = httpx2.Headers(client.headers)
+            headers.update(
+                {
+                    "content-type": "application/json",
+                    "accept": "text/event-stream" if stream else "application/json",
+                    "accept-encoding": "identity",
+                    **self._auth,
+                }
+            )
+            url = httpx2.URL(self.config.upstream + path)
+            target = url, headers, client.timeout.as_dict()
+            if path in self.config.allow_paths:  # a bounded set: the only paths served
+                self._targets[(path, stream)] = target
+        return target
 
     async def call(
         self, receive: Receive, upstream_request: httpx2.Request, *, stream: bool

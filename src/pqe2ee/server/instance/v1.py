@@ -26,12 +26,12 @@ from pqe2ee.protocol import (
 from pqe2ee.server._asgi import json_response
 from pqe2ee.server.instance.config import InstanceConfig
 from pqe2ee.server.instance.exchange import (
-    OPEN_THREAD_THRESHOLD,
     EngineFailure,
     Reject,
     RequestLog,
     Slot,
     off_loop_if_big,
+    open_off_loop_if_big,
 )
 from pqe2ee.server.instance.keys import Keys
 from pqe2ee.server.instance.upstream import Buffered, Engine, EngineStream
@@ -115,20 +115,17 @@ class V1Handler:
             return await self._stream(request, path, opened, slot, log)
         return await self._unary(request, path, opened, log)
 
-    def _open_sync(self, blob: bytes) -> OpenedRequest:
+    def _open_sync(self, blob: bytes, max_plaintext: int) -> OpenedRequest:
         opened = open_request(
-            blob,
-            self.keys.private_key,
-            aead=self.keys.aead,
-            max_plaintext=self.config.max_plaintext,
+            blob, self.keys.private_key, aead=self.keys.aead, max_plaintext=max_plaintext
         )
         check_mlkem768_public_key(opened.response_public_key)
         return opened
 
     async def _open(self, blob: bytes) -> OpenedRequest:
         try:
-            return await off_loop_if_big(
-                lambda: self._open_sync(blob), len(blob), threshold=OPEN_THREAD_THRESHOLD
+            return await open_off_loop_if_big(
+                lambda bound: self._open_sync(blob, bound), len(blob), self.config.max_plaintext
             )
         except PQE2EEError as exc:
             # Never echo anything of the body; the code says which rule failed.

@@ -32,7 +32,6 @@ from pqe2ee.protocol.v2 import (
     seal_response_v2,
 )
 from pqe2ee.server.instance.exchange import (
-    OPEN_THREAD_THRESHOLD,
     SSE_HEADERS,
     EngineFailure,
     Reject,
@@ -40,6 +39,7 @@ from pqe2ee.server.instance.exchange import (
     Slot,
     logger,
     off_loop_if_big,
+    open_off_loop_if_big,
     timed_out,
     unreachable,
 )
@@ -125,7 +125,7 @@ class V2Handler:
         self.engine = engine
 
     def _open_sync(
-        self, blob: bytes, path: str, stream: bool, relay_nonce: str | None
+        self, blob: bytes, path: str, stream: bool, relay_nonce: str | None, max_body: int
     ) -> OpenedRequestV2:
         assert self.keys.v2 is not None
         return self.keys.v2.open(
@@ -134,6 +134,7 @@ class V2Handler:
             stream=stream,
             now_ms=int(time.time() * 1000),
             relay_nonce=relay_nonce,
+            max_body=max_body,
         )
 
     async def invoke(
@@ -151,11 +152,11 @@ class V2Handler:
         log.stream = stream
         nonce = headers.get("x-e2e-nonce")
         try:
-            opened = await off_loop_if_big(
-                lambda: self._open_sync(blob, path, stream, nonce),
+            opened = await open_off_loop_if_big(
+                lambda bound: self._open_sync(blob, path, stream, nonce, bound),
                 len(blob),
+                keys.v2.max_body,
                 always=keys.v2_threaded,
-                threshold=OPEN_THREAD_THRESHOLD,
             )
         except ReplayCacheError:  # a PQE2EEError too (StoreUnavailable): caught first
             raise Reject.error(
