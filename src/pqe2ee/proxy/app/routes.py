@@ -68,6 +68,7 @@ from pqe2ee.proxy.translate.anthropic import (
     count_tokens_estimate,
     messages_to_chat,
 )
+from pqe2ee.proxy.translate.chat import ChatReply
 from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
@@ -111,7 +112,7 @@ class _NamespacedTranslator:
     def closed(self) -> bool:
         return self._inner.closed
 
-    def feed(self, chunk: dict[str, Any]) -> list[Any]:
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[Any]:
         return [self._restore(e) for e in self._inner.feed(chunk)]
 
     def finish(self) -> list[Any]:

@@ -33,7 +33,7 @@ from pqe2ee.proxy.app._plumbing import ENCODER
 from pqe2ee.proxy.app.coalesce import Coalescer
 from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
 from pqe2ee.proxy.app.metrics import Metrics
-from pqe2ee.proxy.translate.chat import StreamEvent
+from pqe2ee.proxy.translate.chat import ChatReply, StreamEvent, decode_chat_chunk
 from pqe2ee.server._asgi import ClientGone, DisconnectWatch, StreamedResponse, StreamOutcome
 
 __all__ = [
@@ -72,7 +72,7 @@ class Translator(Protocol):
 
     @property
     def closed(self) -> bool: ...
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]: ...
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[StreamEvent]: ...
     def finish(self) -> list[StreamEvent]: ...
     def error(self, status: int, type: str, message: str) -> list[StreamEvent]: ...
 
@@ -275,7 +275,8 @@ class TranslatedBody:
                         "upstream sent data after [DONE]",
                         code=ErrorCode.DATA_AFTER_DONE.value,
                     )
-                out.extend(translator.feed(chunk_object(event.data)))
+                reply = decode_chat_chunk(event.data)  # else as a dict, for the exact error
+                out.extend(translator.feed(chunk_object(event.data) if reply is None else reply))
                 if translator.closed:
                     break
             if out:
