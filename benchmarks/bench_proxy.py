@@ -399,7 +399,9 @@ def report(rows: list[Row]) -> None:
             parts = [s.cpu_ms(part) for part in ("driver", "hop", "chain")]
             cells = " | ".join(f"{x:.3f}" for x in parts)
             print(f"| {row.dialect} | {row.concurrency} | {role} | {cells} | {sum(parts):.3f} |")
-    single = next(r for r in rows if r.dialect == "chat" and r.concurrency == 1)
+    single = next((r for r in rows if r.dialect == "chat" and r.concurrency == 1), None)
+    if single is None:
+        return
     print()
     for role in [r for r in ("proxy", "baseline") if r in single.variants]:
         first, total = _added(single, role, "first"), _added(single, role, "total")
