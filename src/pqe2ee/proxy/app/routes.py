@@ -68,6 +68,7 @@ from pqe2ee.proxy.translate.anthropic import (
     count_tokens_estimate,
     messages_to_chat,
 )
+from pqe2ee.proxy.translate.chat import ChatReply
 from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
@@ -111,7 +112,7 @@ class _NamespacedTranslator:
     def closed(self) -> bool:
         return self._inner.closed
 
-    def feed(self, chunk: dict[str, Any]) -> list[Any]:
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[Any]:
         return [self._restore(e) for e in self._inner.feed(chunk)]
 
     def finish(self) -> list[Any]:
@@ -192,6 +193,7 @@ class _Proxy:
         self.plain = plain  # the public model listing only; never a model call
         self.metrics = metrics
         self.streams = OpenStreams()
+        self._urls: dict[str, httpx2.URL] = {}  # model-call path -> its URL on the base URL
 
     def _key(self, request: Request) -> str:
         key = _caller_key(request) or self.config.api_key
@@ -223,13 +225,17 @@ class _Proxy:
             raise fail from None
         return resp
 
-    @staticmethod
-    def _post(entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:
+    def _post(self, entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:
         headers = {
             "accept": "text/event-stream" if stream else JSON_TYPE,
             "content-type": JSON_TYPE,
         }
-        return entry.client.build_request("POST", path, content=body, headers=headers)
+        # Every pooled client has the same base URL: each path is merged with it (and parsed)
+        # once, not per call.
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = entry.client.build_request("POST", path).url
+        return entry.client.build_request("POST", url, content=body, headers=headers)
 
     def _stream(
         self, body: StreamBody, upstream: httpx2.Response, entry: PoolEntry, route: str

@@ -9,7 +9,9 @@ it sends comes from a body:
 * :class:`TranslatedBody` — chat chunks parsed with :class:`~pqe2ee.protocol.sse.SSEParser`
   and re-emitted by a dialect's translator.
 
-Either way a stream that breaks ends with the dialect's error event, never a clean end.
+Either way a stream that breaks ends with the dialect's error event, never a clean end. The
+body's chunks reach the client through a :class:`~pqe2ee.proxy.app.coalesce.Coalescer`: what
+was decoded from one upstream read goes out as one body message (one write, one chunked frame).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from pqe2ee.errors import ErrorCode, PQE2EEError
 from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.sse import SSEParser
 from pqe2ee.proxy.app._plumbing import ENCODER
+from pqe2ee.proxy.app.coalesce import Coalescer
 from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
 from pqe2ee.proxy.app.metrics import Metrics
-from pqe2ee.proxy.translate.chat import StreamEvent
+from pqe2ee.proxy.translate.chat import ChatReply, StreamEvent, decode_chat_chunk
 from pqe2ee.server._asgi import ClientGone, DisconnectWatch, StreamedResponse, StreamOutcome
 
 __all__ = [
@@ -69,7 +72,7 @@ class Translator(Protocol):
 
     @property
     def closed(self) -> bool: ...
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]: ...
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[StreamEvent]: ...
     def finish(self) -> list[StreamEvent]: ...
     def error(self, status: int, type: str, message: str) -> list[StreamEvent]: ...
 
@@ -114,7 +117,9 @@ SHUTTING_DOWN: Final = "shutting_down"
 class StreamResponse(StreamedResponse):
     """An SSE answer produced by ``body`` while the upstream response is open.
 
-    The shared :class:`~pqe2ee.server._asgi.StreamedResponse` watches for the client's
+    The body's chunks are sent through a :class:`~pqe2ee.proxy.app.coalesce.Coalescer` (those
+    that are there together as one message; the last one carries the end when it can). The
+    shared :class:`~pqe2ee.server._asgi.StreamedResponse` watches for the client's
     disconnect and cancels the copy at once (even while the upstream is silent); whatever
     happens, the upstream response is then closed - which cancels the call end to end - and
     the API key's transport is released. A shutdown ends the stream with the dialect's error
@@ -140,6 +145,7 @@ class StreamResponse(StreamedResponse):
         self._streams = streams
         self._route = route
         self._scope: anyio.CancelScope | None = None
+        self._coalescer = Coalescer()
 
     def watching(self, watch: DisconnectWatch) -> None:
         self._scope = watch.cancel_scope
@@ -147,11 +153,12 @@ class StreamResponse(StreamedResponse):
         self._streams.add(watch.cancel_scope)
 
     async def write(self, send: Send) -> None:
+        async def sink(data: bytes, more: bool) -> None:
+            await self.send_body(send, data, more=more)
+
         try:
             await self.send_start(send)
-            async for chunk in self._chunks:
-                await self.send_body(send, chunk)
-            await self.send_body(send, b"", more=False)
+            await self._coalescer.run(self._chunks, sink)
         except ClientGone:
             raise
         except Exception as exc:  # a bug: end the answer, no traceback, no clean end
@@ -165,7 +172,9 @@ class StreamResponse(StreamedResponse):
         with contextlib.suppress(ClientGone):
             if not self.started:
                 await self.send_start(send)
-            await self.send_body(send, self._body.abort(fail), more=False)
+            # What the body produced before the cancellation still goes out, then the ending.
+            pending = self._coalescer.pending()
+            await self.send_body(send, pending + self._body.abort(fail), more=False)
 
     async def finish(self, outcome: StreamOutcome) -> None:
         if self._scope is not None:
@@ -266,7 +275,8 @@ class TranslatedBody:
                         "upstream sent data after [DONE]",
                         code=ErrorCode.DATA_AFTER_DONE.value,
                     )
-                out.extend(translator.feed(chunk_object(event.data)))
+                reply = decode_chat_chunk(event.data)  # else as a dict, for the exact error
+                out.extend(translator.feed(chunk_object(event.data) if reply is None else reply))
                 if translator.closed:
                     break
             if out:

@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 
 import msgspec
 
+from pqe2ee._json import json_decode
 from pqe2ee.proxy.translate.errors import TranslationError, upstream_error
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "UsageUpdate",
     "chat_request",
     "content_text",
+    "decode_chat_chunk",
     "first_choice",
     "function_calls",
     "function_tool",
@@ -175,8 +177,11 @@ def parse_chat_reply(obj: object) -> ChatReply:
     """Validate an upstream ``chat.completion`` / ``chat.completion.chunk`` dict.
 
     Raises :class:`TranslationError`: the upstream's own status/type/message when the body
-    reports an error in-band, else a 502 ``server_error`` when the shape is wrong.
+    reports an error in-band, else a 502 ``server_error`` when the shape is wrong. A
+    :class:`ChatReply` from :func:`decode_chat_chunk` is already both and passes as it is.
     """
+    if isinstance(obj, ChatReply):
+        return obj
     if not isinstance(obj, Mapping):
         raise upstream_error("upstream reply is not a JSON object")
     reported = _upstream_reported_error(obj)
@@ -186,6 +191,22 @@ def parse_chat_reply(obj: object) -> ChatReply:
         return msgspec.convert(obj, ChatReply)
     except msgspec.ValidationError as exc:
         raise upstream_error(f"malformed upstream reply: {exc}") from None
+
+
+_CHUNK_DECODER: msgspec.json.Decoder[ChatReply] = msgspec.json.Decoder(ChatReply)
+
+
+def decode_chat_chunk(data: str | bytes) -> ChatReply | None:
+    """An upstream chunk's JSON decoded straight into a :class:`ChatReply` (no dict in
+    between) when it is a well-formed reply that reports no error in-band; ``None`` for
+    anything else - the caller then decodes it as JSON on its own and :func:`parse_chat_reply`
+    answers it exactly as before (the same checks, the same errors, in the same order)."""
+    try:
+        reply = json_decode(data, decoder=_CHUNK_DECODER)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    # What _upstream_reported_error looks at, on the same values.
+    return None if reply.error or reply.object == "error" else reply
 
 
 def content_text(content: object) -> str:

@@ -27,6 +27,7 @@ from pqe2ee.proxy.translate.anthropic import (
 from pqe2ee.proxy.translate.anthropic import usage_object as message_usage
 from pqe2ee.proxy.translate.chat import (
     ChatChunkReader,
+    ChatReply,
     ChunkOp,
     Finish,
     ReasoningDelta,
@@ -78,8 +79,9 @@ class ChunkTranslator(abc.ABC):
         """True once a terminal event (a clean end or a failure) was produced."""
         return self._closed
 
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        """Translate one parsed ``chat.completion.chunk``."""
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[StreamEvent]:
+        """Translate one parsed ``chat.completion.chunk`` (a dict, or a reply from
+        :func:`~.chat.decode_chat_chunk`)."""
         self._check_open()
         out: list[StreamEvent] = []
         try:
@@ -164,10 +166,18 @@ class ChunkTranslator(abc.ABC):
 # ---------------------------------------------------------------------------------------------
 
 
+# Text that grows by deltas is kept as its pieces and joined when the whole is needed: ``+=`` on
+# an attribute copies the whole text each time (quadratic over a long stream).
+
+
 @dataclass(slots=True)
 class _Part:
     kind: Literal["output_text", "refusal"]
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     def to_dict(self) -> dict[str, Any]:
         return text_part(self.text) if self.kind == "output_text" else refusal_part(self.text)
@@ -179,10 +189,14 @@ class _Item:
     id: str
     output_index: int
     status: str = "in_progress"
-    text: str = ""  # reasoning text or function-call arguments
+    pieces: list[str] = field(default_factory=list)  # reasoning text or function-call arguments
     parts: list[_Part] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "reasoning":
@@ -244,8 +258,9 @@ class ResponsesStreamTranslator(ChunkTranslator):
             self._emit("response.in_progress", {"response": self._response("in_progress")}),
         ]
 
-    def feed(self, chunk: dict[str, Any]) -> list[StreamEvent]:
-        """Translate one parsed ``chat.completion.chunk``."""
+    def feed(self, chunk: dict[str, Any] | ChatReply) -> list[StreamEvent]:
+        """Translate one parsed ``chat.completion.chunk`` (a dict, or a reply from
+        :func:`~.chat.decode_chat_chunk`)."""
         # The opening goes first and echoes only the request: it never depends on the chunk.
         out = self.start()
         return out + super().feed(chunk)
@@ -305,10 +320,10 @@ class ResponsesStreamTranslator(ChunkTranslator):
         self._reasoning(text, out)
 
     def _on_text(self, text: str, out: list[StreamEvent]) -> None:
-        self._message(_Part("output_text"), text, out)
+        self._message("output_text", text, out)
 
     def _on_refusal(self, text: str, out: list[StreamEvent]) -> None:
-        self._message(_Part("refusal"), text, out)
+        self._message("refusal", text, out)
 
     def _on_finish(self, op: Finish, out: list[StreamEvent]) -> None:
         status = "incomplete" if incomplete_of(op.reason) is not None else "completed"
@@ -350,7 +365,7 @@ class ResponsesStreamTranslator(ChunkTranslator):
                     {**self._where(item), "content_index": 0, "part": part},
                 )
             )
-        item.text += text
+        item.pieces.append(text)
         out.append(
             self._emit(
                 "response.reasoning_text.delta",
@@ -358,15 +373,18 @@ class ResponsesStreamTranslator(ChunkTranslator):
             )
         )
 
-    def _message(self, part: _Part, text: str, out: list[StreamEvent]) -> None:
+    def _message(
+        self, kind: Literal["output_text", "refusal"], text: str, out: list[StreamEvent]
+    ) -> None:
         item = self._open
         if item is None or item.kind != "message":
             self._close_open(out, "completed")
             item = self._new_item("message")
             self._added(item, out)
-        if not item.parts or item.parts[-1].kind != part.kind:
+        if not item.parts or item.parts[-1].kind != kind:
             if item.parts:
                 self._close_part(item, out)
+            part = _Part(kind)
             item.parts.append(part)
             out.append(
                 self._emit(
@@ -379,7 +397,7 @@ class ResponsesStreamTranslator(ChunkTranslator):
                 )
             )
         current = item.parts[-1]
-        current.text += text
+        current.pieces.append(text)
         where = {**self._where(item), "content_index": len(item.parts) - 1, "delta": text}
         if current.kind == "output_text":
             out.append(self._emit("response.output_text.delta", {**where, "logprobs": []}))
@@ -412,7 +430,7 @@ class ResponsesStreamTranslator(ChunkTranslator):
         item = self._tools.get(op.index)
         if item is None or item is not self._open:
             raise upstream_error("upstream interleaved the arguments of several tool calls")
-        item.text += op.fragment
+        item.pieces.append(op.fragment)
         out.append(
             self._emit(
                 "response.function_call_arguments.delta",
@@ -428,8 +446,9 @@ class ResponsesStreamTranslator(ChunkTranslator):
         item.status = status
         if item.kind == "reasoning":
             where = {**self._where(item), "content_index": 0}
-            part = {"type": "reasoning_text", "text": item.text}
-            out.append(self._emit("response.reasoning_text.done", {**where, "text": item.text}))
+            text = item.text
+            part = {"type": "reasoning_text", "text": text}
+            out.append(self._emit("response.reasoning_text.done", {**where, "text": text}))
             out.append(self._emit("response.content_part.done", {**where, "part": part}))
         elif item.kind == "message":
             if item.parts:

@@ -1,0 +1,113 @@
+"""Relaying a streamed body with as few writes as the data allows.
+
+A decrypted stream reaches the proxy as one chunk per event (the transport hands over each
+chunked-encoding frame of the relay's answer as it decodes it), yet the relay's frames arrive
+many to one socket read. Sent as they come, every event would cost its own ASGI message, socket
+write and chunked frame - and the client its own read - on both sides of the extra hop.
+
+:class:`Coalescer` runs the source in a task of its own and hands the sink whatever the source
+produced while the previous send was under way: the events decoded from one upstream read go
+out as one body message. Nothing is held back to wait for more: the sink runs as soon as the
+source has to wait for the network. The first chunk goes out at once (the first byte is not
+delayed by decoding the rest of its read), and a burst is handed over every :data:`MAX_BATCH`
+bytes (the source waits until the sink's side has taken it, so a slow client holds back about
+two batches at most, as it held back one chunk before).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+import anyio
+
+__all__ = ["MAX_BATCH", "Coalescer", "Sink"]
+
+#: Bytes the source may add before the sink gets them even though the source is not waiting.
+MAX_BATCH: Final = 64 * 1024
+
+#: Where the batches go: ``(data, more)``; ``more=False`` ends the body (data may come with it).
+Sink = Callable[[bytes, bool], Awaitable[None]]
+
+
+class Coalescer:
+    """Copies ``source`` to a sink in batches (see the module). One use: :meth:`run`.
+
+    Whatever the source yielded reaches the sink, also when the source fails: the batch is
+    sent, then the failure is raised (the last batch then goes with ``more=True``: the caller
+    decides how the body ends). :meth:`pending` is what the source produced but the sink has not
+    been given yet - after a cancellation, say - so that a caller can still send it.
+    """
+
+    __slots__ = ("_ended", "_error", "_parts", "_size", "_taken", "_wake")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._wake = anyio.Event()  # set when there is something for the sink
+        self._taken: anyio.Event | None = None  # set when the sink's side took the parts
+        self._ended = False
+        self._error: Exception | None = None
+
+    def pending(self) -> bytes:
+        """The chunks not yet handed to the sink, joined (and no longer pending)."""
+        if self._taken is not None:
+            self._taken.set()
+            self._taken = None
+        parts = self._parts
+        if not parts:
+            return b""
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._parts = []
+        self._size = 0
+        return data
+
+    async def run(self, source: AsyncIterator[bytes], sink: Sink) -> None:
+        """Copy ``source`` to ``sink`` until the source ends (the last call has
+        ``more=False``) or fails (raised after its data was sent). An exception from the sink
+        stops the copy and propagates as itself. Closing the source is the caller's business."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump, source)
+            try:
+                await self._drain(sink)  # returns once the pump has ended
+            except Exception as exc:  # raised as itself below, not in an exception group
+                failure = exc
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _pump(self, source: AsyncIterator[bytes]) -> None:
+        first = True
+        try:
+            async for chunk in source:
+                if not chunk:
+                    continue
+                self._parts.append(chunk)
+                self._size += len(chunk)
+                self._wake.set()
+                if first or self._size >= MAX_BATCH:  # the sink takes these before we go on
+                    first = False
+                    taken = self._taken = anyio.Event()
+                    await taken.wait()
+        except Exception as exc:  # handed to the sink's side, after the data before it
+            self._error = exc
+        finally:
+            self._ended = True
+            self._wake.set()
+
+    async def _drain(self, sink: Sink) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            ended = self._ended
+            data = self.pending()
+            if ended:
+                if self._error is not None:
+                    if data:
+                        await sink(data, True)
+                    raise self._error
+                await sink(data, False)
+                return
+            if data:
+                await sink(data, True)

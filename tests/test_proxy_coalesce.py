@@ -1,0 +1,199 @@
+"""The proxy's streamed answers go out in as few body messages as the data allows, and nothing is
+held back: :class:`~pqe2ee.proxy.app.coalesce.Coalescer` on its own, then the proxy's SSE answer
+(:class:`~pqe2ee.proxy.app.streaming.StreamResponse`) over ASGI, under asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx2
+import pytest
+
+from pqe2ee.proxy.app.coalesce import MAX_BATCH, Coalescer
+from pqe2ee.proxy.app.metrics import Metrics
+from pqe2ee.proxy.app.streaming import OpenStreams, PassthroughBody, StreamResponse
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = [b'data: {"n": %d}\n\n' % i for i in range(6)]
+
+
+class Sink:
+    """Records ``(data, more)`` per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bytes, bool]] = []
+        self.changed = anyio.Event()  # set (and replaced) on every call
+
+    async def __call__(self, data: bytes, more: bool) -> None:
+        self.calls.append((data, more))
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(data for data, _ in self.calls)
+
+
+async def at_once(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    """A source whose chunks are all there: it never waits between them."""
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_chunks_that_are_there_together_go_out_together() -> None:
+    sink = Sink()
+    await Coalescer().run(at_once(EVENTS), sink)
+    # The first at once (the first byte is not delayed), the rest in one message with the end.
+    assert sink.calls == [(EVENTS[0], True), (b"".join(EVENTS[1:]), False)]
+
+
+async def test_nothing_is_held_back_while_the_source_waits() -> None:
+    sink = Sink()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for i, chunk in enumerate(EVENTS):
+            if i:  # the previous chunk must have reached the sink before this one exists
+                with anyio.fail_after(5):
+                    while sink.data != b"".join(EVENTS[:i]):
+                        await sink.changed.wait()
+            yield chunk
+
+    await Coalescer().run(trickle(), sink)
+    assert [data for data, _ in sink.calls] == EVENTS
+    assert [more for _, more in sink.calls] == [True] * 5 + [False]  # the end rides along
+
+
+async def test_an_empty_source_just_ends() -> None:
+    sink = Sink()
+    await Coalescer().run(at_once([]), sink)
+    assert sink.calls == [(b"", False)]
+
+
+async def test_a_failing_source_delivers_what_it_gave_then_raises_its_error() -> None:
+    boom = ValueError("boom")
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield EVENTS[0]
+        yield EVENTS[1]
+        raise boom
+
+    sink = Sink()
+    with pytest.raises(ValueError) as info:
+        await Coalescer().run(failing(), sink)
+    assert info.value is boom  # itself, not wrapped in an exception group
+    assert sink.data == EVENTS[0] + EVENTS[1]
+    assert all(more for _, more in sink.calls)  # the caller decides how the body ends
+
+
+async def test_a_failing_sink_stops_the_copy_and_raises_its_error() -> None:
+    gone = OSError("client gone")
+    pulled = 0
+
+    async def endless() -> AsyncGenerator[bytes, None]:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield b"x"
+            await anyio.lowlevel.checkpoint()
+
+    calls = 0
+
+    async def sink(data: bytes, more: bool) -> None:
+        nonlocal calls
+        calls += 1
+        raise gone
+
+    source = endless()
+    with pytest.raises(OSError) as info:
+        await Coalescer().run(source, sink)
+    assert info.value is gone  # itself, not wrapped in an exception group
+    seen = pulled
+    for _ in range(10):
+        await anyio.lowlevel.checkpoint()
+    assert (calls, pulled) == (1, seen)  # nothing runs on after the failure
+    await source.aclose()  # closing the source is the caller's business
+
+
+async def test_what_the_sink_did_not_take_before_a_cancellation_is_pending() -> None:
+    coalescer = Coalescer()
+    taken = anyio.Event()
+
+    async def stuck(data: bytes, more: bool) -> None:
+        taken.set()
+        await anyio.sleep_forever()
+
+    async def slow() -> AsyncIterator[bytes]:
+        for chunk in EVENTS:
+            yield chunk
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.move_on_after(5) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(coalescer.run, slow(), stuck)
+            await taken.wait()
+            for _ in range(20):  # let the source produce the rest
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    assert coalescer.pending() == b"".join(EVENTS[1:])
+    assert coalescer.pending() == b""  # handed over once
+
+
+async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
+    chunk = b"y" * (MAX_BATCH // 3 + 1)
+    sink = Sink()
+    await Coalescer().run(at_once([chunk] * 12), sink)
+    assert sink.data == chunk * 12
+    assert len(sink.calls) > 2
+    assert max(len(data) for data, _ in sink.calls) <= MAX_BATCH + len(chunk)
+
+
+# --------------------------------------------------------------------------------------------
+# the proxy's SSE answer over ASGI
+
+
+async def _serve(response: StreamResponse) -> list[MutableMapping[str, Any]]:
+    """Run ``response`` as an ASGI app; the messages it sent."""
+    sent: list[MutableMapping[str, Any]] = []
+    done = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    await response(scope, receive, send)
+    done.set()
+    return sent
+
+
+async def test_events_decoded_together_reach_the_client_as_one_body_message() -> None:
+    released: list[bool] = []
+
+    async def release() -> None:
+        released.append(True)
+
+    upstream = httpx2.Response(200, content=at_once(EVENTS))
+    metrics = Metrics()
+    response = StreamResponse(
+        PassthroughBody(upstream, metrics, "chat"),
+        upstream=upstream,
+        release=release,
+        metrics=metrics,
+        streams=OpenStreams(),
+        route="chat",
+    )
+    sent = await _serve(response)
+    assert sent[0]["type"] == "http.response.start"
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    # was one message per event plus an empty end: 7 messages, 7 writes, 7 frames to read
+    assert bodies == [(EVENTS[0], True), (b"".join(EVENTS[1:]), False)]
+    assert released == [True]
+    assert upstream.is_closed
