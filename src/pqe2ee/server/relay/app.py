@@ -284,7 +284,7 @@ class _Relay:
             return gone()
         if length == 0:
             return detail(400, "Empty request body")
-        return await self.forwarder.forward(request, inst, length)
+        return self.forwarder.forward(request, inst, length)
 
 
 def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) -> Starlette:

@@ -1,0 +1,174 @@
+"""Relay CPU, A/B: the relay's own CPU per invocation and per discovery, one or more source
+trees side by side in front of the same instance and dev engine.
+
+Run by hand (not part of the test suite)::
+
+    .venv/bin/python benchmarks/bench_relay.py                       # this tree only
+    .venv/bin/python benchmarks/bench_relay.py --tree old=../old/src --tree new=src
+
+Every relay runs in its own process (uvicorn, as benchmarks/bench_server.py starts it), each
+importing ``pqe2ee`` from its own tree; one instance and one dev engine (this tree) serve them
+all. The client (bench_server's E2EE client: real discovery with 10 nonces per call, requests
+sealed and opened with ``pqe2ee.protocol``) drives the relays in alternating slices, so load
+from elsewhere on the machine hits every tree alike. Reported: relay process CPU (user+sys)
+per request, the median over the rounds and the spread, for
+
+* ``non-stream`` and ``stream`` invocations (discovery included, as clients do it), and
+* ``discovery`` alone (``GET /e2e/instances``: API key, rate limit, 10 nonces issued).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_server as bs
+
+HERE = Path(__file__).resolve()
+
+
+@contextlib.contextmanager
+def start_relay(tree: str, upstream: str) -> Iterator[bs.Proc]:
+    """A relay from source tree ``tree`` (a ``src`` directory), served as bench_server does."""
+    import httpx2
+
+    port = bs._free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+    popen = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE.parent / "bench_server.py"),
+            "--serve",
+            "relay",
+            str(port),
+            upstream,
+        ],
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if popen.poll() is not None:
+                raise RuntimeError(f"relay ({tree}) exited with {popen.returncode}")
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"relay ({tree}) did not start")
+            time.sleep(0.05)
+        yield bs.Proc("relay", url, popen)
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(10)
+
+
+async def discovery_slice(
+    caller: bs.E2EClient, concurrency: int, duration: float, relay: bs.Proc
+) -> tuple[int, float]:
+    """(discoveries, relay CPU seconds) for ``duration`` seconds of discovery calls."""
+    url = f"{caller.relay}/e2e/instances/{caller.chute}"
+    headers = {"authorization": f"Bearer {bs.KEY}"}
+    done = 0
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            resp = await caller.client.get(url, headers=headers)
+            if resp.status_code != 200:
+                raise RuntimeError(f"discovery answered {resp.status_code}")
+            done += 1
+
+    cpu0 = relay.cpu_seconds()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, relay.cpu_seconds() - cpu0
+
+
+async def bench(args: argparse.Namespace, trees: list[tuple[str, str]]) -> None:
+    import httpx2
+
+    print(bs._versions())
+    print(
+        f"relay CPU ms per request; {args.rounds} rounds of {args.duration:g} s slices per tree, "
+        f"alternating; concurrency {args.concurrency}"
+    )
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(bs.start("engine"))
+        inst = stack.enter_context(bs.start("instance", engine.url))
+        relays = {name: stack.enter_context(start_relay(tree, inst.url)) for name, tree in trees}
+        limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+        async with httpx2.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
+            callers = {name: bs.E2EClient(r.url, client) for name, r in relays.items()}
+            results: dict[tuple[str, str], list[float]] = {}
+            names = [name for name, _ in trees]
+            for r in range(args.rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                for name in order:
+                    caller, relay = callers[name], relays[name]
+                    for mode in ("non-stream", "stream"):
+                        cell = await bs.run_cell(
+                            caller,
+                            mode == "stream",
+                            args.concurrency,
+                            args.warmup,
+                            args.duration,
+                            {"relay": relay},
+                        )
+                        if cell.errors:
+                            raise RuntimeError(f"{name} {mode}: {cell.errors} errors")
+                        results.setdefault((name, mode), []).append(cell.cpu_ms("relay"))
+                    n, cpu = await discovery_slice(caller, args.concurrency, args.duration, relay)
+                    results.setdefault((name, "discovery"), []).append(cpu / max(1, n) * 1000)
+                print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print()
+    header = " | ".join(f"{name} ms (min-max)" for name in names)
+    print(f"| relay CPU per request | {header} |" + (" new/old |" if len(names) == 2 else ""))
+    print("|---|" + "---:|" * (len(names) + (1 if len(names) == 2 else 0)))
+    for mode in ("non-stream", "stream", "discovery"):
+        meds = [statistics.median(results[(name, mode)]) for name in names]
+        cells = " | ".join(
+            f"{m:.3f} ({min(results[(n, mode)]):.3f}-{max(results[(n, mode)]):.3f})"
+            for m, n in zip(meds, names, strict=True)
+        )
+        ratio = f" {meds[1] / meds[0]:.2f} |" if len(names) == 2 else ""
+        print(f"| {mode} | {cells} |{ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="a relay from this src directory (repeat; default: this tree)",
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds per slice")
+    parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    trees: list[tuple[str, Any]] = [tuple(t.split("=", 1)) for t in args.tree]  # type: ignore[misc]
+    if not trees:
+        trees = [("this", str(HERE.parents[1] / "src"))]
+    asyncio.run(bench(args, trees))
+
+
+if __name__ == "__main__":
+    main()
