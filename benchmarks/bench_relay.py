@@ -15,6 +15,10 @@ per request, the median over the rounds and the spread, for
 
 * ``non-stream`` and ``stream`` invocations (discovery included, as clients do it), and
 * ``discovery`` alone (``GET /e2e/instances``: API key, rate limit, 10 nonces issued).
+
+``--forwarder`` adds bench_server's plaintext forward proxy (one hop, in front of the dev engine,
+plaintext requests) to the rotation: the relay's target, CPU per request at most the
+forwarder's. ``per event`` is (stream - non-stream) / events per stream.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import statistics
 import subprocess
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server as bs
 
 HERE = Path(__file__).resolve()
+EVENTS = 28  # stream events per answer to bench_server's prompt
 
 
 @contextlib.contextmanager
@@ -112,11 +118,18 @@ async def bench(args: argparse.Namespace, trees: list[tuple[str, str]]) -> None:
         engine = stack.enter_context(bs.start("engine"))
         inst = stack.enter_context(bs.start("instance", engine.url))
         relays = {name: stack.enter_context(start_relay(tree, inst.url)) for name, tree in trees}
+        if args.forwarder:
+            relays["forwarder"] = stack.enter_context(bs.start("proxy", engine.url))
         limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
         async with httpx2.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
-            callers = {name: bs.E2EClient(r.url, client) for name, r in relays.items()}
+            callers: dict[str, bs.E2EClient | bs.PlainClient] = {
+                name: bs.PlainClient(r.url, client)
+                if name == "forwarder"
+                else bs.E2EClient(r.url, client)
+                for name, r in relays.items()
+            }
             results: dict[tuple[str, str], list[float]] = {}
-            names = [name for name, _ in trees]
+            names = list(relays)
             for r in range(args.rounds):
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
@@ -133,20 +146,27 @@ async def bench(args: argparse.Namespace, trees: list[tuple[str, str]]) -> None:
                         if cell.errors:
                             raise RuntimeError(f"{name} {mode}: {cell.errors} errors")
                         results.setdefault((name, mode), []).append(cell.cpu_ms("relay"))
-                    n, cpu = await discovery_slice(caller, args.concurrency, args.duration, relay)
-                    results.setdefault((name, "discovery"), []).append(cpu / max(1, n) * 1000)
+                    if isinstance(caller, bs.E2EClient):
+                        n, cpu = await discovery_slice(
+                            caller, args.concurrency, args.duration, relay
+                        )
+                        results.setdefault((name, "discovery"), []).append(cpu / max(1, n) * 1000)
+                    per_event = results[(name, "stream")][-1] - results[(name, "non-stream")][-1]
+                    results.setdefault((name, "per event"), []).append(per_event / EVENTS)
                 print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
     print()
     header = " | ".join(f"{name} ms (min-max)" for name in names)
-    print(f"| relay CPU per request | {header} |" + (" new/old |" if len(names) == 2 else ""))
-    print("|---|" + "---:|" * (len(names) + (1 if len(names) == 2 else 0)))
-    for mode in ("non-stream", "stream", "discovery"):
-        meds = [statistics.median(results[(name, mode)]) for name in names]
+    pair = len(trees) == 2  # then a column: second tree / first tree
+    title = f" {names[1]}/{names[0]} |" if pair else ""
+    print(f"| CPU ms per request | {header} |{title}")
+    print("|---|" + "---:|" * (len(names) + pair))
+    for mode in ("non-stream", "stream", "per event", "discovery"):
+        runs = [results.get((name, mode), [math.nan]) for name in names]
+        meds = [statistics.median(r) for r in runs]
         cells = " | ".join(
-            f"{m:.3f} ({min(results[(n, mode)]):.3f}-{max(results[(n, mode)]):.3f})"
-            for m, n in zip(meds, names, strict=True)
+            f"{m:.3f} ({min(r):.3f}-{max(r):.3f})" for m, r in zip(meds, runs, strict=True)
         )
-        ratio = f" {meds[1] / meds[0]:.2f} |" if len(names) == 2 else ""
+        ratio = f" {meds[1] / meds[0]:.2f} |" if pair else ""
         print(f"| {mode} | {cells} |{ratio}")
 
 
@@ -163,6 +183,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per slice")
     parser.add_argument("--warmup", type=float, default=0.3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--forwarder", action="store_true", help="measure the plaintext forwarder too"
+    )
     args = parser.parse_args()
     trees: list[tuple[str, Any]] = [tuple(t.split("=", 1)) for t in args.tree]  # type: ignore[misc]
     if not trees:

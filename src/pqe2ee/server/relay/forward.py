@@ -166,7 +166,7 @@ class Invocation(StreamedResponse):
             return detail(502, "Instance connection failed")
         self._resp = resp
         self._upload.done.set()  # the instance answered: whatever is left of the upload is moot
-        fwd.invoke_seconds[self._stream].observe(time.perf_counter() - started)
+        fwd.metrics.invoke_timer(self._stream).observe(time.perf_counter() - started)
         media, passed = _answer_headers(resp)
         if resp.status_code == 200 or media == "application/octet-stream":
             self.status_code = resp.status_code
@@ -254,10 +254,6 @@ class Forwarder:
         self.config = config
         self.metrics = metrics
         self.prober = prober
-        self.invoke_seconds = {
-            flag: metrics.invoke_seconds.labels("true" if flag else "false")
-            for flag in (False, True)
-        }
         self._client: httpx2.AsyncClient | None = None
         # instance URL -> (its /e2e/invoke URL, the headers the client puts first)
         self._targets: dict[str, tuple[httpx2.URL, list[tuple[bytes, bytes]]]] = {}

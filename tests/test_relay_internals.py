@@ -1,9 +1,16 @@
-"""The relay builds each upstream request itself (the instance's URL parsed once, the client's
-default headers computed once): it must be the request ``client.build_request`` would build for
-the same body, header for header and in the same order, with the client's timeouts."""
+"""Relay pieces that replace library calls with cheaper equivalents, checked against them.
+
+* The relay builds each upstream request itself (the instance's URL parsed once, the client's
+  default headers computed once): it must be the request ``client.build_request`` would build
+  for the same body, header for header and in the same order, with the client's timeouts.
+* Discovery draws all of a row's nonces from one CSPRNG read: each must look exactly like
+  ``secrets.token_urlsafe(24)`` (32 URL-safe characters, 24 random bytes)."""
 
 from __future__ import annotations
 
+import base64
+import re
+import secrets
 from collections.abc import AsyncIterator
 
 import anyio
@@ -12,6 +19,7 @@ import pytest
 from starlette.requests import Request
 
 from pqe2ee.server._client import backend_client
+from pqe2ee.server.relay.app import _new_nonces
 from pqe2ee.server.relay.config import RelayConfig
 from pqe2ee.server.relay.forward import Forwarder, Invocation
 from pqe2ee.server.relay.metrics import RelayMetrics
@@ -84,3 +92,16 @@ def test_a_new_client_is_asked_again() -> None:
         assert isinstance(answer, Invocation)
         assert answer.upstream.headers["user-agent"] == agent
         assert answer.upstream.extensions["timeout"]["read"] == 9
+
+
+@pytest.mark.parametrize("count", [1, 2, 10, 1000])
+def test_nonces_look_like_token_urlsafe(count: int) -> None:
+    reference = secrets.token_urlsafe(24)
+    shape = re.compile(r"^[A-Za-z0-9_-]{32}$")
+    assert shape.match(reference)
+    nonces = _new_nonces(count)
+    assert len(nonces) == count
+    for nonce in nonces:
+        assert shape.match(nonce), nonce
+        assert len(base64.urlsafe_b64decode(nonce)) == 24
+    assert len(set(nonces + _new_nonces(count))) == 2 * count
