@@ -29,12 +29,9 @@ import contextlib
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server as bs
@@ -43,45 +40,18 @@ HERE = Path(__file__).resolve()
 EVENTS = 28  # stream events per answer to bench_server's prompt
 
 
-@contextlib.contextmanager
-def start_relay(tree: str, upstream: str) -> Iterator[bs.Proc]:
-    """A relay from source tree ``tree`` (a ``src`` directory), served as bench_server does."""
-    import httpx2
-
-    port = bs._free_port()
-    env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
-    popen = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE.parent / "bench_server.py"),
-            "--serve",
-            "relay",
-            str(port),
-            upstream,
-        ],
-        stdout=subprocess.DEVNULL,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+def start_relay(stack: contextlib.ExitStack, tree: str, upstream: str) -> bs.Proc:
+    """A relay importing ``pqe2ee`` from source tree ``tree`` (a ``src`` directory), started
+    as bench_server starts its servers, and stopped when ``stack`` closes."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(tree).resolve())  # inherited by the server process
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if popen.poll() is not None:
-                raise RuntimeError(f"relay ({tree}) exited with {popen.returncode}")
-            with contextlib.suppress(httpx2.HTTPError):
-                if httpx2.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"relay ({tree}) did not start")
-            time.sleep(0.05)
-        yield bs.Proc("relay", url, popen)
+        return stack.enter_context(bs.start("relay", upstream))
     finally:
-        popen.terminate()
-        try:
-            popen.wait(10)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(10)
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 async def discovery_slice(
@@ -117,7 +87,7 @@ async def bench(args: argparse.Namespace, trees: list[tuple[str, str]]) -> None:
     with contextlib.ExitStack() as stack:
         engine = stack.enter_context(bs.start("engine"))
         inst = stack.enter_context(bs.start("instance", engine.url))
-        relays = {name: stack.enter_context(start_relay(tree, inst.url)) for name, tree in trees}
+        relays = {name: start_relay(stack, tree, inst.url) for name, tree in trees}
         if args.forwarder:
             relays["forwarder"] = stack.enter_context(bs.start("proxy", engine.url))
         limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
@@ -187,7 +157,7 @@ def main() -> None:
         "--forwarder", action="store_true", help="measure the plaintext forwarder too"
     )
     args = parser.parse_args()
-    trees: list[tuple[str, Any]] = [tuple(t.split("=", 1)) for t in args.tree]  # type: ignore[misc]
+    trees = [(name, src) for name, _, src in (t.partition("=") for t in args.tree)]
     if not trees:
         trees = [("this", str(HERE.parents[1] / "src"))]
     asyncio.run(bench(args, trees))
