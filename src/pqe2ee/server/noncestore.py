@@ -149,9 +149,9 @@ class MemoryNonceStore(NonceStore):
             self._purge_all(now)
             if len(self._nonces) + len(nonces) > self.max_entries:
                 raise NonceStoreError(f"nonce store is full ({self.max_entries} live nonces)")
-        expires = now + ttl
+        entry = (binding, now + ttl)
         for nonce in nonces:
-            self._nonces[nonce] = (binding, expires)
+            self._nonces[nonce] = entry
 
     async def _take(self, nonce: str) -> bytes | None:
         entry = self._nonces.pop(nonce, None)  # no await between lookup and removal: atomic

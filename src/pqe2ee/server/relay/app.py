@@ -5,6 +5,7 @@ list, health and metrics; :func:`create_app` and :func:`serve`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -57,6 +58,15 @@ log = logging.getLogger("pqe2ee.relay")
 
 _ANONYMOUS: Final = "anonymous"
 _MAX_NONCE_LEN: Final = 256
+_NONCE_BYTES: Final = 24  # a nonce is 32 URL-safe base64 characters (no padding)
+
+
+def _new_nonces(count: int) -> list[str]:
+    """``count`` nonces, each what ``secrets.token_urlsafe(24)`` gives, from one read of the
+    system CSPRNG (24 bytes encode to 32 characters exactly, so the pieces never mix)."""
+    text = base64.urlsafe_b64encode(secrets.token_bytes(_NONCE_BYTES * count)).decode("ascii")
+    step = _NONCE_BYTES // 3 * 4
+    return [text[i : i + step] for i in range(0, len(text), step)]
 
 
 class _Relay:
@@ -204,7 +214,7 @@ class _Relay:
         rows = []
         for inst in chosen:
             assert inst.instance_id is not None
-            nonces = [secrets.token_urlsafe(24) for _ in range(cfg.nonces_per_instance)]
+            nonces = _new_nonces(cfg.nonces_per_instance)
             try:
                 await self.store.issue(
                     key_id, chute_id, inst.instance_id, nonces, cfg.nonce_store_ttl
@@ -284,7 +294,7 @@ class _Relay:
             return gone()
         if length == 0:
             return detail(400, "Empty request body")
-        return await self.forwarder.forward(request, inst, length)
+        return self.forwarder.forward(request, inst, length)
 
 
 def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) -> Starlette:

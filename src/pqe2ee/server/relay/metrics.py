@@ -70,8 +70,23 @@ class RelayMetrics:
         self.store_unavailable = Counter(
             p + "store_unavailable", "Requests answered 503: the nonce store failed", registry=r
         )
+        # labelled children, kept once made (labels() costs a lock and a lookup per call)
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._invoke_seconds: dict[bool, Histogram] = {}
+
+    def invoke_timer(self, stream: bool) -> Histogram:
+        """``invoke_seconds`` for a stream (or non-stream) invocation."""
+        child = self._invoke_seconds.get(stream)
+        if child is None:
+            child = self.invoke_seconds.labels("true" if stream else "false")
+            self._invoke_seconds[stream] = child
+        return child
 
     def observe(self, exchange: Exchange) -> None:
         """One request done (a response never started counts as 500)."""
         status = exchange.status if exchange.status is not None else 500
-        self.requests.labels(_endpoint(exchange.path), str(status)).inc()
+        key = (_endpoint(exchange.path), status)
+        child = self._requests.get(key)
+        if child is None:  # at most one per endpoint name and status code
+            child = self._requests[key] = self.requests.labels(key[0], str(status))
+        child.inc()
