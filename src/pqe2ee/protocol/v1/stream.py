@@ -39,7 +39,7 @@ from pqe2ee.backends.base import (
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
-from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import a2b_base64_strict, b64decode, b64encode, extract_usage
 from pqe2ee.protocol._events import (
     Done,
     EndOfStream,
@@ -212,7 +212,6 @@ _S, _I = _State, _Input
 # global much less.
 _OPEN, _DONE, _FAILED_REMOTE = _State.OPEN, _State.DONE, _State.FAILED_REMOTE
 _EOF, _USAGE = _Input.EOF, _Input.USAGE
-_a2b_base64 = binascii.a2b_base64
 # (state, input) -> next state. A missing pair is a protocol violation; the error code for it is
 # in _VIOLATIONS (or malformed_event by default). RECORD in OPEN/DONE and EOF in OPEN are refined
 # by the handlers (inner [DONE] moves OPEN -> DONE; EOF in OPEN may be a clean cut after [DONE]).
@@ -495,7 +494,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if state is _FAILED_REMOTE:
                 return
         try:
-            raw = _a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
+            raw = a2b_base64_strict(b64)  # codec.b64decode, inlined
         except (binascii.Error, ValueError):
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
         if len(raw) < _MIN_RECORD:
