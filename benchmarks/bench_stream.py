@@ -27,6 +27,7 @@ the engine's stream (E2EE − plain, paired per round).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import platform
@@ -34,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,13 @@ class InstanceHere(httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         if request.url.path != "/e2e/invoke":
             return self._relay.handle_request(request)
-        blob = request.read()
+        return httpx2.Response(
+            200, headers=[("content-type", "text/event-stream")], stream=Chunks(self.seal(request))
+        )
+
+    def seal(self, request: httpx2.Request) -> list[bytes]:
+        """The outer stream answering ``request`` (read), as the relay would pass it on."""
+        blob = request.content
         started = time.thread_time()
         opened = open_request(blob, self._key, aead=self._aead)
         prompt = str(opened.body["messages"][-1]["content"])
@@ -94,12 +101,36 @@ class InstanceHere(httpx2.BaseTransport):
         out.append(encoder.finish())
         chunks = _rechunk([c for c in out if c], self.chunking)
         self.instance_cpu += time.thread_time() - started
-        return httpx2.Response(
-            200, headers=[("content-type", "text/event-stream")], stream=Chunks(chunks)
-        )
+        return chunks
 
     def close(self) -> None:
         self._relay.close()
+
+
+class AsyncChunks(httpx2.AsyncByteStream):
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+
+class AsyncHere(httpx2.AsyncBaseTransport):
+    """The async flavour (what the proxy runs): ``here`` answers, the rest to the real relay."""
+
+    def __init__(self, here: InstanceHere | PlainHere) -> None:
+        self.here = here
+        self._relay = httpx2.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if isinstance(self.here, InstanceHere) and request.url.path != "/e2e/invoke":
+            return await self._relay.handle_async_request(request)
+        await request.aread()
+        response = self.here.handle_request(request)
+        stream = response.stream
+        assert isinstance(stream, Chunks)
+        return httpx2.Response(200, headers=response.headers, stream=AsyncChunks(stream._chunks))
 
 
 class PlainHere(httpx2.BaseTransport):
@@ -162,6 +193,28 @@ def http_call(client: httpx2.Client, prompt: str) -> int:
     return chunks
 
 
+def async_call(client: httpx2.AsyncClient, prompt: str) -> int:
+    """http_call with an httpx2.AsyncClient, run to completion on asyncio."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": USAGE,
+    }
+
+    async def run() -> int:
+        chunks = 0
+        async with client.stream("POST", "/chat/completions", json=body) as r:
+            async for _ in r.aiter_bytes():
+                chunks += 1
+        return chunks
+
+    return LOOP.run_until_complete(run())
+
+
+LOOP = asyncio.new_event_loop()
+
+
 def _per_call(call: Callable[[], object], n: int) -> float:
     started = time.process_time()
     for _ in range(n):
@@ -174,7 +227,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds")
     ap.add_argument("--streams", type=int, default=4, help="long streams per round")
     ap.add_argument(
-        "--sdk", choices=("openai", "httpx2"), default="openai", help="who reads the stream"
+        "--sdk",
+        choices=("openai", "httpx2", "httpx2-async"),
+        default="openai",
+        help="who reads the stream (httpx2-async: AsyncE2EETransport on asyncio, as the proxy)",
     )
     ap.add_argument("--profile", metavar="FILE", help="cProfile the e2ee long streams into FILE")
     args = ap.parse_args()
@@ -218,6 +274,21 @@ def main() -> None:
             e2ee = es.enter_context(httpx2.Client(transport=transport, base_url=relay_url + "/v1"))
             plain = es.enter_context(
                 httpx2.Client(transport=plain_inner, base_url="http://plain.invalid/v1")
+            )
+        elif args.sdk == "httpx2-async":
+            call = async_call
+            e2ee = httpx2.AsyncClient(
+                transport=pqe2ee.AsyncE2EETransport(
+                    inner=AsyncHere(inner),
+                    api_key=KEY,
+                    api_base=relay_url,
+                    models_base=relay_url,
+                    prefer_v2=False,
+                ),
+                base_url=relay_url + "/v1",
+            )
+            plain = httpx2.AsyncClient(
+                transport=AsyncHere(plain_inner), base_url="http://plain.invalid/v1"
             )
         for _ in range(10):
             call(e2ee, prompts["short"])
