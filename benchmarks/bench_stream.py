@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -46,10 +45,9 @@ import pqe2ee
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.protocol import open_request
 from pqe2ee.protocol.v1.stream import StreamEncoder, StreamSealer
-from pqe2ee.server.keyfile import load_or_create_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_client import KEY, LONG_WORDS, MODEL, SHORT_PROMPT, long_prompt, stack
+from bench_client import KEY, LONG_WORDS, MODEL, SHORT_PROMPT, keyed_stack, long_prompt
 
 USAGE = {"include_usage": True, "continuous_usage_stats": True}
 CHUNKINGS = ("event", "16k")
@@ -240,9 +238,7 @@ def main() -> None:
         f"{httpx2.__version__}; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
     with contextlib.ExitStack() as es:
-        key_file = Path(es.enter_context(tempfile.TemporaryDirectory())) / "instance.key"
-        instance_key, _ = load_or_create_key(key_file)
-        engine_url, relay_url = es.enter_context(stack("--key-file", str(key_file)))
+        engine_url, relay_url, instance_key = es.enter_context(keyed_stack())
         prompts = {"short": SHORT_PROMPT, "long": long_prompt()}
         engine = {p: capture(engine_url, p) for p in prompts.values()}
         inner = InstanceHere(instance_key, engine)
