@@ -51,6 +51,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -158,6 +159,19 @@ def stack(*instance_args: str) -> Iterator[tuple[str, str]]:
             )
         )
         yield engine, relay
+
+
+@contextlib.contextmanager
+def keyed_stack() -> Iterator[tuple[str, str, Any]]:
+    """:func:`stack` with the instance's key in a key file made here (so a benchmark can open
+    what is sealed to it): (engine, relay, the instance's key)."""
+    from pqe2ee.server.keyfile import load_or_create_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "instance.key"
+        key, _ = load_or_create_key(key_file)
+        with stack("--key-file", str(key_file)) as (engine, relay):
+            yield engine, relay, key
 
 
 # --------------------------------------------------------------------------------------------

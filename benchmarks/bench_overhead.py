@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +41,9 @@ import openai
 import pqe2ee
 from pqe2ee.backends import available, get_aead, get_kem
 from pqe2ee.protocol import open_request, seal_response
-from pqe2ee.server.keyfile import load_or_create_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_client import KEY, stack
+from bench_client import KEY, keyed_stack
 
 MESSAGES = [{"role": "user", "content": "Say hello to the benchmark."}]
 ANSWER = (
@@ -166,9 +164,7 @@ def main() -> None:
         f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (other load inflates all)"
     )
     with contextlib.ExitStack() as es:
-        key_file = Path(es.enter_context(tempfile.TemporaryDirectory())) / "instance.key"
-        instance_key, _ = load_or_create_key(key_file)
-        _, relay_url = es.enter_context(stack("--key-file", str(key_file)))
+        _, relay_url, instance_key = es.enter_context(keyed_stack())
         print(
             "\n| backend | plain client | E2EE client | overhead (medians' difference) "
             "| KEM floor (keygen + encaps + decaps) | overhead - floor |"

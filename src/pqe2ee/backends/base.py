@@ -46,6 +46,7 @@ __all__ = [
     "DecapsulationKey",
     "HeldKey",
     "KEMPrivateKey",
+    "TagErrors",
     "check_chacha_key",
     "check_mlkem768_ciphertext",
     "check_mlkem768_coins",
@@ -55,6 +56,7 @@ __all__ = [
     "mlkem768_expanded_public_key",
     "refused_public_key",
     "require_length",
+    "tag_mismatch",
     "unavailable",
     "unsupported",
     "wiped",
@@ -317,6 +319,15 @@ class KEM(abc.ABC):
         raise unsupported(self.name, "import an expanded decapsulation key")
 
 
+#: What :meth:`AEADCipher.opener`'s call raises for a tag that does not verify.
+TagErrors = tuple[type[Exception], ...]
+
+
+def tag_mismatch() -> DecryptError:
+    """The error for a record whose authentication tag does not verify."""
+    return DecryptError("authentication tag did not verify")
+
+
 class AEADCipher(abc.ABC):
     """ChaCha20-Poly1305 bound to one 32-byte key."""
 
@@ -329,6 +340,14 @@ class AEADCipher(abc.ABC):
     @abc.abstractmethod
     def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:
         """Open ``ciphertext || tag``; raise :class:`~pqe2ee.errors.DecryptError` on any failure."""
+
+    def opener(self) -> tuple[Callable[[bytes, bytes, bytes | None], bytes], TagErrors]:
+        """For a per-record hot path that has checked the nonce (12 bytes) and the data (at
+        least a tag) itself: the call that opens ``ciphertext || tag`` and the exceptions it
+        raises for a tag that does not verify (to be raised as
+        :class:`~pqe2ee.errors.DecryptError`). By default :meth:`decrypt`, which raises its
+        own errors."""
+        return self.decrypt, ()
 
 
 class CheckedCipher(AEADCipher):
@@ -361,7 +380,10 @@ class CheckedCipher(AEADCipher):
         try:
             return self._open(nonce, data, aad)
         except self.tag_error:
-            raise DecryptError("authentication tag did not verify") from None
+            raise tag_mismatch() from None
+
+    def opener(self) -> tuple[Callable[[bytes, bytes, bytes | None], bytes], TagErrors]:
+        return self._open, (self.tag_error,)  # the library's own call: no frame of ours
 
 
 class AEAD(abc.ABC):

@@ -33,11 +33,13 @@ from pqe2ee.backends.base import (
     KEM,
     MLKEM768_CT_LEN,
     KEMPrivateKey,
+    TagErrors,
+    tag_mismatch,
 )
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
-from pqe2ee.protocol._codec import b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import a2b_base64_strict, b64decode, b64encode, extract_usage
 from pqe2ee.protocol._events import (
     Done,
     EndOfStream,
@@ -66,6 +68,7 @@ DEFAULT_MAX_RECORDS: Final = 1_000_000
 _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
 _RECORD_START: Final = len(_RECORD_PREFIX)
+_USAGE_PREFIX: Final = b'data: {"usage"'
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
 # SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
@@ -209,7 +212,6 @@ _S, _I = _State, _Input
 # global much less.
 _OPEN, _DONE, _FAILED_REMOTE = _State.OPEN, _State.DONE, _State.FAILED_REMOTE
 _EOF, _USAGE = _Input.EOF, _Input.USAGE
-_a2b_base64 = binascii.a2b_base64
 # (state, input) -> next state. A missing pair is a protocol violation; the error code for it is
 # in _VIOLATIONS (or malformed_event by default). RECORD in OPEN/DONE and EOF in OPEN are refined
 # by the handlers (inner [DONE] moves OPEN -> DONE; EOF in OPEN may be a clean cut after [DONE]).
@@ -237,6 +239,10 @@ _VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
     (_S.DONE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "second e2e_init"),
     (_S.FAILED_REMOTE, _I.INIT): (ErrorCode.DUPLICATE_INIT, "e2e_init after an error"),
 }
+#: The states a usage event leaves as they are (the table's, for the path that skips _on).
+_USAGE_STATES: Final = frozenset(
+    state for (state, inp), nxt in _TRANSITIONS.items() if inp is _I.USAGE and nxt is state
+)
 
 
 class StreamDecryptor(EventQueue[StreamEvent]):
@@ -281,7 +287,9 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._inner_id: str | None = None
         self._held: tuple[str, bytes] | None = None
         self._cipher: Any = None
-        self._decrypt: Callable[[bytes, bytes, None], bytes] | None = None  # the cipher's
+        # The cipher's own open (AEADCipher.opener): nonce and length are checked here.
+        self._decrypt: Callable[[bytes, bytes, None], bytes] | None = None
+        self._tag_errors: TagErrors = ()
         self._seen: set[bytes] = set()  # the record nonces
         self._events: deque[StreamEvent] = deque()
         self._state = _State.AWAIT_INIT
@@ -397,6 +405,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             buf.clear()
         *lines, tail = data.split(b"\n")
         record = self._record
+        quiet = not self._decode_usage
         for line in lines:
             if not line:
                 continue  # blank lines separate outer events and carry nothing
@@ -404,9 +413,9 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                 raise LimitExceeded(f"line longer than {max_line} bytes")
             if (
                 line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0
-            ):  # _line's fast path, inlined
+            ):  # _line's fast paths, inlined
                 record(line[_RECORD_START:-2])
-            else:
+            elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
                 self._line(line)
         if tail:
             if len(tail) > max_line:
@@ -420,20 +429,26 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
             self._record(line[_RECORD_START:-2])
             return
-        if not self._decode_usage and line.startswith(b'data: {"usage"'):
-            # Nobody listens for usage: check the event's shape without building it.
-            payload = line[5:].strip()
-            if payload.isascii():
-                try:
-                    _usage_event_decoder.decode(payload)
-                except msgspec.DecodeError:
-                    pass  # the slow path says what is wrong with it
-                else:
-                    self._on(_USAGE)
-                    return
+        if not self._decode_usage and line.startswith(_USAGE_PREFIX) and self._usage_checked(line):
+            return
         event = outer_event(line)
         if event is not None:
             self._outer_event(*event)
+
+    def _usage_checked(self, line: bytes) -> bool:
+        """Nobody listens for usage: True when ``line`` is a usage event whose shape checks out
+        (a one-key JSON object), checked without building it, in a state that takes one as
+        it is (the transition table's ``USAGE`` loops). False: the slow path decides."""
+        if self._state not in _USAGE_STATES:
+            return False
+        payload = line[5:].strip()
+        if not payload.isascii():
+            return False
+        try:
+            _usage_event_decoder.decode(payload)
+        except msgspec.DecodeError:
+            return False  # the slow path says what is wrong with it
+        return True
 
     def _outer_event(self, key: str, value: Any) -> None:
         if key == "e2e":
@@ -469,7 +484,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         shared_secret = self._key.decapsulate(kem_ct)
         self._key.wipe()
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
-        self._decrypt = self._cipher.decrypt
+        self._decrypt, self._tag_errors = self._cipher.opener()
 
     def _record(self, b64: bytes) -> None:
         """One ``e2e`` record: the hot path of a stream (hence the local names)."""
@@ -479,7 +494,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if state is _FAILED_REMOTE:
                 return
         try:
-            raw = _a2b_base64(b64, strict_mode=True)  # codec.b64decode, inlined
+            raw = a2b_base64_strict(b64)  # codec.b64decode, inlined
         except (binascii.Error, ValueError):
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
         if len(raw) < _MIN_RECORD:
@@ -492,7 +507,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if self.records > self._max_records:
             raise LimitExceeded(f"stream has more than {self._max_records} records")
         assert self._decrypt is not None  # set with the cipher, by the init event
-        plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+        try:
+            plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+        except self._tag_errors:
+            raise tag_mismatch() from None
         seen.add(nonce)
         if state is _DONE:
             if plaintext.strip():

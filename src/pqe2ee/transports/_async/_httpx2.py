@@ -11,6 +11,7 @@ requests through it and maps errors onto httpx2's types.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import AsyncIterator
 from typing import Unpack
@@ -37,6 +38,7 @@ from pqe2ee.transports._common import (
     bearer_token,
 )
 from pqe2ee.transports._httpx2_common import (
+    E2EEStreamError,
     as_stream_error,
     default_limits,
     json_response,
@@ -69,8 +71,12 @@ class _AsyncPortResponse(ResponseHead):
         self._response = response
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        response = self._response
+        # Without a content coding the decoded body is the raw one: read that (one layer and
+        # two decoder calls less per chunk, which a streamed answer pays per event).
+        raw = not response.is_stream_consumed and "content-encoding" not in response.headers
         with map_inner_exceptions("read"):
-            async for chunk in self._response.aiter_bytes():
+            async for chunk in response.aiter_raw() if raw else response.aiter_bytes():
                 yield chunk
 
     async def aclose(self) -> None:
@@ -136,6 +142,15 @@ class _AsyncPort:
         return _AsyncPortResponse(response)
 
 
+def _stream_error(
+    request: httpx2.Request, exc: PQE2EEError
+) -> tuple[E2EEStreamError, BaseException | None]:
+    """``exc`` raised mid-stream, as httpx2's stream error for ``request``, and its cause."""
+    # A lost connection is caused by httpx2's own error; anything else by itself.
+    lost = exc.code is ErrorCode.CONNECTION_LOST and exc.__cause__ is not None
+    return as_stream_error(exc, request), exc.__cause__ if lost else exc
+
+
 class AsyncDecryptingStream(httpx2.AsyncByteStream):
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily and yields
     the engine's own SSE bytes (events reassembled from records, nothing re-serialised).
@@ -152,32 +167,26 @@ class AsyncDecryptingStream(httpx2.AsyncByteStream):
         settings: Settings,
         request: httpx2.Request,
     ) -> None:
-        self._plain = AsyncPlainStream(
+        plain = AsyncPlainStream(
             _AsyncPortResponse(upstream),
             key,
             settings,
             lost_errors=_LOST_ERRORS,
             timeout_errors=_TIMEOUT_ERRORS,
         )
-        self._request = request
+        plain.stream_error = functools.partial(_stream_error, request)
+        self._plain = plain
 
     @classmethod
     def _over(cls, plain: AsyncPlainStream, request: httpx2.Request) -> AsyncDecryptingStream:
         stream = cls.__new__(cls)
+        plain.stream_error = functools.partial(_stream_error, request)
         stream._plain = plain
-        stream._request = request
         return stream
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._plain:
-                yield chunk
-        except PQE2EEError as exc:
-            # A lost connection is caused by httpx2's own error; anything else by itself.
-            lost = exc.code is ErrorCode.CONNECTION_LOST and exc.__cause__ is not None
-            raise as_stream_error(exc, self._request) from (exc.__cause__ if lost else exc)
-        finally:
-            await self.aclose()
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # The decrypting generator itself, raising E2EEStreamError (no layer of our own).
+        return self._plain.__aiter__()
 
     async def aclose(self) -> None:
         await self._plain.aclose()

@@ -10,8 +10,8 @@ events. The request orchestration around it is :mod:`._engine`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Final, Protocol
+from collections.abc import AsyncIterator, Callable, Sized
+from typing import Final, Protocol, TypeVar
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ConnectionLost, ErrorCode, PQE2EEError
@@ -76,6 +76,11 @@ class AsyncPort(Protocol):
 #: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
 DRAIN_LIMIT: Final = 64 * 1024
 
+_Batch = list[InnerEvent | Done]
+#: A pqe2ee error -> (the error to raise instead, its cause).
+StreamErrorHook = Callable[[PQE2EEError], tuple[BaseException, BaseException | None]]
+_Out = TypeVar("_Out", bound=Sized)
+
 
 class AsyncPlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
@@ -112,6 +117,9 @@ class AsyncPlainStream:
         self._chunks: AsyncIterator[bytes] | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
+        #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
+        #: adapter whose library has its own stream error).
+        self.stream_error: StreamErrorHook | None = None
         self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
@@ -121,72 +129,83 @@ class AsyncPlainStream:
         """The wire profile of this stream (1 or 2)."""
         return self._decoder.version
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
-                if not batch:
-                    continue
-            out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
-            if out:
-                yield out
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # The events of each read go out as one chunk (the generator is _batches itself: no
+        # layer per chunk of its own).
+        return self._batches(self._joined)
 
     async def aiter_events(self) -> AsyncIterator[InnerEvent | Done]:
         """The inner events one by one, ending after the authenticated ``Done``."""
-        async for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
+        async for batch in self._batches(self._filtered):
             for event in batch:
                 yield event
+
+    def _filtered(self, batch: _Batch) -> _Batch:
+        return batch if self.usage_filter is None else self.usage_filter.apply(batch)
+
+    def _joined(self, batch: _Batch) -> bytes:
+        if self.usage_filter is not None:
+            batch = self.usage_filter.apply(batch)
+            if not batch:
+                return b""
+        return batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
 
     def _body(self) -> AsyncIterator[bytes]:
         if self._chunks is None:
             self._chunks = self._upstream.aiter_bytes()
         return self._chunks
 
-    async def _batches(self) -> AsyncIterator[list[InnerEvent | Done]]:
+    async def _batches(self, out: Callable[[_Batch], _Out]) -> AsyncIterator[_Out]:
+        """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
         decoder = self._decoder
         try:
             try:
-                if self._pending:  # read on the way to a v2 HEAD
-                    batch, self._pending = self._pending, []
-                    yield batch
-                if self._deferred is not None:
-                    raise self._deferred
-                # The batch ending in Done is held until the relay's last bytes are read (at
-                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
-                # finished response behind, and its connection goes back to the pool.
-                # A fault after Done still comes after the answer Done vouched for.
-                held: list[InnerEvent | Done] = []
-                drained = 0
                 try:
-                    async for chunk in self._body():
-                        if held:
-                            held += decoder.feed(chunk)
-                            drained += len(chunk)
-                            if drained > DRAIN_LIMIT:
-                                break
-                            continue
-                        batch = decoder.feed(chunk)
-                        if batch and isinstance(batch[-1], Done):
-                            held = batch
-                        elif batch:
-                            yield batch
-                    else:
-                        held += decoder.eof()
-                except PQE2EEError:
-                    if held:
-                        yield held
+                    if self._pending:  # read on the way to a v2 HEAD
+                        batch, self._pending = self._pending, []
+                        if made := out(batch):
+                            yield made
+                    if self._deferred is not None:
+                        raise self._deferred
+                    # The batch ending in Done is held until the relay's last bytes are read
+                    # (at most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then
+                    # leaves a finished response behind, and its connection goes back to the
+                    # pool. A fault after Done still comes after the answer Done vouched for.
+                    held: _Batch = []
+                    drained = 0
+                    try:
+                        async for chunk in self._body():
+                            if held:
+                                held += decoder.feed(chunk)
+                                drained += len(chunk)
+                                if drained > DRAIN_LIMIT:
+                                    break
+                                continue
+                            batch = decoder.feed(chunk)
+                            if batch and isinstance(batch[-1], Done):
+                                held = batch
+                            elif batch and (made := out(batch)):
+                                yield made
+                        else:
+                            held += decoder.eof()
+                    except PQE2EEError:
+                        if held and (made := out(held)):
+                            yield made
+                        raise
+                    if held and (made := out(held)):
+                        yield made
+                except self._timeout:
                     raise
-                if held:
-                    yield held
-            except self._timeout:
-                raise
-            except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
-                raise ConnectionLost(
-                    "the connection to the relay broke mid-stream",
-                    code=ErrorCode.CONNECTION_LOST,
-                ) from exc
+                except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
+                    raise ConnectionLost(
+                        "the connection to the relay broke mid-stream",
+                        code=ErrorCode.CONNECTION_LOST,
+                    ) from exc
+            except PQE2EEError as exc:
+                if self.stream_error is None:
+                    raise
+                error, cause = self.stream_error(exc)
+                raise error from cause
         finally:
             await self.aclose()
 

@@ -12,6 +12,7 @@ requests through it and maps errors onto httpx2's types.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Unpack
@@ -31,6 +32,7 @@ from pqe2ee.transports._common import (
     bearer_token,
 )
 from pqe2ee.transports._httpx2_common import (
+    E2EEStreamError,
     as_stream_error,
     default_limits,
     json_response,
@@ -70,8 +72,12 @@ class _PortResponse(ResponseHead):
         self._response = response
 
     def iter_bytes(self) -> Iterator[bytes]:
+        response = self._response
+        # Without a content coding the decoded body is the raw one: read that (one layer and
+        # two decoder calls less per chunk, which a streamed answer pays per event).
+        raw = not response.is_stream_consumed and "content-encoding" not in response.headers
         with map_inner_exceptions("read"):
-            yield from self._response.iter_bytes()
+            yield from response.iter_raw() if raw else response.iter_bytes()
 
     def close(self) -> None:
         self._response.close()
@@ -136,6 +142,15 @@ class _Port:
         return _PortResponse(response)
 
 
+def _stream_error(
+    request: httpx2.Request, exc: PQE2EEError
+) -> tuple[E2EEStreamError, BaseException | None]:
+    """``exc`` raised mid-stream, as httpx2's stream error for ``request``, and its cause."""
+    # A lost connection is caused by httpx2's own error; anything else by itself.
+    lost = exc.code is ErrorCode.CONNECTION_LOST and exc.__cause__ is not None
+    return as_stream_error(exc, request), exc.__cause__ if lost else exc
+
+
 class DecryptingStream(httpx2.SyncByteStream):
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily and yields
     the engine's own SSE bytes (events reassembled from records, nothing re-serialised).
@@ -152,31 +167,26 @@ class DecryptingStream(httpx2.SyncByteStream):
         settings: Settings,
         request: httpx2.Request,
     ) -> None:
-        self._plain = PlainStream(
+        plain = PlainStream(
             _PortResponse(upstream),
             key,
             settings,
             lost_errors=_LOST_ERRORS,
             timeout_errors=_TIMEOUT_ERRORS,
         )
-        self._request = request
+        plain.stream_error = functools.partial(_stream_error, request)
+        self._plain = plain
 
     @classmethod
     def _over(cls, plain: PlainStream, request: httpx2.Request) -> DecryptingStream:
         stream = cls.__new__(cls)
+        plain.stream_error = functools.partial(_stream_error, request)
         stream._plain = plain
-        stream._request = request
         return stream
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._plain
-        except PQE2EEError as exc:
-            # A lost connection is caused by httpx2's own error; anything else by itself.
-            lost = exc.code is ErrorCode.CONNECTION_LOST and exc.__cause__ is not None
-            raise as_stream_error(exc, self._request) from (exc.__cause__ if lost else exc)
-        finally:
-            self.close()
+        # The decrypting generator itself, raising E2EEStreamError (no layer of our own).
+        return self._plain.__iter__()
 
     def close(self) -> None:
         self._plain.close()

@@ -11,8 +11,8 @@ events. The request orchestration around it is :mod:`._engine`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Final, Protocol
+from collections.abc import Callable, Iterator, Sized
+from typing import Final, Protocol, TypeVar
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ConnectionLost, ErrorCode, PQE2EEError
@@ -77,6 +77,11 @@ class Port(Protocol):
 #: Bytes read past the inner ``[DONE]`` (v2: the END) before the last events are handed over.
 DRAIN_LIMIT: Final = 64 * 1024
 
+_Batch = list[InnerEvent | Done]
+#: A pqe2ee error -> (the error to raise instead, its cause).
+StreamErrorHook = Callable[[PQE2EEError], tuple[BaseException, BaseException | None]]
+_Out = TypeVar("_Out", bound=Sized)
+
 
 class PlainStream:
     """The body of a streamed E2EE answer: decrypts the relay's outer stream lazily.
@@ -113,6 +118,9 @@ class PlainStream:
         self._chunks: Iterator[bytes] | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
+        #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
+        #: adapter whose library has its own stream error).
+        self.stream_error: StreamErrorHook | None = None
         self._pending: list[InnerEvent | Done] = []
         self._deferred: PQE2EEError | None = None
         self._closed = False
@@ -123,70 +131,81 @@ class PlainStream:
         return self._decoder.version
 
     def __iter__(self) -> Iterator[bytes]:
-        for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
-                if not batch:
-                    continue
-            out = batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
-            if out:
-                yield out
+        # The events of each read go out as one chunk (the generator is _batches itself: no
+        # layer per chunk of its own).
+        return self._batches(self._joined)
 
     def iter_events(self) -> Iterator[InnerEvent | Done]:
         """The inner events one by one, ending after the authenticated ``Done``."""
-        for batch in self._batches():
-            if self.usage_filter is not None:
-                batch = self.usage_filter.apply(batch)
+        for batch in self._batches(self._filtered):
             yield from batch
+
+    def _filtered(self, batch: _Batch) -> _Batch:
+        return batch if self.usage_filter is None else self.usage_filter.apply(batch)
+
+    def _joined(self, batch: _Batch) -> bytes:
+        if self.usage_filter is not None:
+            batch = self.usage_filter.apply(batch)
+            if not batch:
+                return b""
+        return batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
 
     def _body(self) -> Iterator[bytes]:
         if self._chunks is None:
             self._chunks = self._upstream.iter_bytes()
         return self._chunks
 
-    def _batches(self) -> Iterator[list[InnerEvent | Done]]:
+    def _batches(self, out: Callable[[_Batch], _Out]) -> Iterator[_Out]:
+        """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
         decoder = self._decoder
         try:
             try:
-                if self._pending:  # read on the way to a v2 HEAD
-                    batch, self._pending = self._pending, []
-                    yield batch
-                if self._deferred is not None:
-                    raise self._deferred
-                # The batch ending in Done is held until the relay's last bytes are read (at
-                # most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then leaves a
-                # finished response behind, and its connection goes back to the pool.
-                # A fault after Done still comes after the answer Done vouched for.
-                held: list[InnerEvent | Done] = []
-                drained = 0
                 try:
-                    for chunk in self._body():
-                        if held:
-                            held += decoder.feed(chunk)
-                            drained += len(chunk)
-                            if drained > DRAIN_LIMIT:
-                                break
-                            continue
-                        batch = decoder.feed(chunk)
-                        if batch and isinstance(batch[-1], Done):
-                            held = batch
-                        elif batch:
-                            yield batch
-                    else:
-                        held += decoder.eof()
-                except PQE2EEError:
-                    if held:
-                        yield held
+                    if self._pending:  # read on the way to a v2 HEAD
+                        batch, self._pending = self._pending, []
+                        if made := out(batch):
+                            yield made
+                    if self._deferred is not None:
+                        raise self._deferred
+                    # The batch ending in Done is held until the relay's last bytes are read
+                    # (at most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then
+                    # leaves a finished response behind, and its connection goes back to the
+                    # pool. A fault after Done still comes after the answer Done vouched for.
+                    held: _Batch = []
+                    drained = 0
+                    try:
+                        for chunk in self._body():
+                            if held:
+                                held += decoder.feed(chunk)
+                                drained += len(chunk)
+                                if drained > DRAIN_LIMIT:
+                                    break
+                                continue
+                            batch = decoder.feed(chunk)
+                            if batch and isinstance(batch[-1], Done):
+                                held = batch
+                            elif batch and (made := out(batch)):
+                                yield made
+                        else:
+                            held += decoder.eof()
+                    except PQE2EEError:
+                        if held and (made := out(held)):
+                            yield made
+                        raise
+                    if held and (made := out(held)):
+                        yield made
+                except self._timeout:
                     raise
-                if held:
-                    yield held
-            except self._timeout:
-                raise
-            except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
-                raise ConnectionLost(
-                    "the connection to the relay broke mid-stream",
-                    code=ErrorCode.CONNECTION_LOST,
-                ) from exc
+                except self._lost as exc:  # checked before pqe2ee errors: a port may raise ours
+                    raise ConnectionLost(
+                        "the connection to the relay broke mid-stream",
+                        code=ErrorCode.CONNECTION_LOST,
+                    ) from exc
+            except PQE2EEError as exc:
+                if self.stream_error is None:
+                    raise
+                error, cause = self.stream_error(exc)
+                raise error from cause
         finally:
             self.close()
 
