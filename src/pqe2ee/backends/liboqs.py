@@ -245,7 +245,7 @@ class _BufferKey:
         return ss.raw
 
     def export_secret_key(self) -> bytes:
-        return self._sk.raw
+        return bytes(self._sk.raw)
 
     def free(self) -> None:
         _CLEANSE(self._sk, MLKEM768_EXPANDED_SK_LEN)
