@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
-from typing import Unpack
+from typing import Any, Unpack
 
 import httpx
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ErrorCode, PQE2EEError, RelayError
-from pqe2ee.protocol.client import e2e_model
+from pqe2ee.protocol.client import e2e_request
 from pqe2ee.transports._answers import ERROR_EXTENSION, error_answer
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
@@ -282,9 +282,9 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
         e2e_paths = self.settings.e2e_paths
         if request.method == "POST" and request.url.path in e2e_paths:
             body = await request.aread()
-            model = e2e_model(request.method, request.url.path, body, e2e_paths)
-            if model is not None:
-                return await self._encrypted(request, model, body)
+            found = e2e_request(request.method, request.url.path, body, e2e_paths)
+            if found is not None:
+                return await self._encrypted(request, body, *found)
         return await self._plaintext(request)
 
     def _bind(self, request: httpx.Request) -> None:
@@ -331,12 +331,14 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
 
     # -- encrypted ------------------------------------------------------------------------------
 
-    async def _encrypted(self, request: httpx.Request, model: str, body: bytes) -> httpx.Response:
+    async def _encrypted(
+        self, request: httpx.Request, body: bytes, model: str, decoded: dict[str, Any]
+    ) -> httpx.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
         try:
             outcome = await self._engine.invoke(
-                port, path=request.url.path, body=body, model=model, auth=auth
+                port, path=request.url.path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:
             # An HTTP answer the SDKs map onto their own error classes (see _answers).
