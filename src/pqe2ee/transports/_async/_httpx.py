@@ -36,6 +36,7 @@ from pqe2ee.transports._common import (
     ResponseHead,
     Settings,
     bearer_token,
+    header_value,
 )
 from pqe2ee.transports._httpx_common import (
     as_stream_error,
@@ -61,7 +62,9 @@ _MAX_URLS = 256
 
 
 class _AsyncPortResponse(ResponseHead):
-    """An httpx response as the engine's port response (errors mapped to httpx's)."""
+    """An httpx response as the engine's port response (errors mapped to httpx's). Without
+    a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
+    without httpx's content decoder and re-chunker layers."""
 
     __slots__ = ("_response",)
 
@@ -70,8 +73,10 @@ class _AsyncPortResponse(ResponseHead):
         self._response = response
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        response = self._response
+        coded = header_value(self.headers, b"content-encoding") is not None
         with map_inner_exceptions("read"):
-            async for chunk in self._response.aiter_bytes():
+            async for chunk in response.aiter_bytes() if coded else response.aiter_raw():
                 yield chunk
 
     async def aclose(self) -> None:

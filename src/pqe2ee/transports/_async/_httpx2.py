@@ -35,6 +35,7 @@ from pqe2ee.transports._common import (
     ResponseHead,
     Settings,
     bearer_token,
+    header_value,
 )
 from pqe2ee.transports._httpx2_common import (
     as_stream_error,
@@ -60,7 +61,9 @@ _MAX_URLS = 256
 
 
 class _AsyncPortResponse(ResponseHead):
-    """An httpx2 response as the engine's port response (errors mapped to httpx2's)."""
+    """An httpx2 response as the engine's port response (errors mapped to httpx2's). Without
+    a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
+    without httpx2's content decoder and re-chunker layers."""
 
     __slots__ = ("_response",)
 
@@ -69,8 +72,10 @@ class _AsyncPortResponse(ResponseHead):
         self._response = response
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        response = self._response
+        coded = header_value(self.headers, b"content-encoding") is not None
         with map_inner_exceptions("read"):
-            async for chunk in self._response.aiter_bytes():
+            async for chunk in response.aiter_bytes() if coded else response.aiter_raw():
                 yield chunk
 
     async def aclose(self) -> None:

@@ -29,6 +29,7 @@ from pqe2ee.transports._common import (
     ResponseHead,
     Settings,
     bearer_token,
+    header_value,
 )
 from pqe2ee.transports._httpx_common import (
     as_stream_error,
@@ -61,7 +62,9 @@ _MAX_URLS = 256
 
 
 class _PortResponse(ResponseHead):
-    """An httpx response as the engine's port response (errors mapped to httpx's)."""
+    """An httpx response as the engine's port response (errors mapped to httpx's). Without
+    a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
+    without httpx's content decoder and re-chunker layers."""
 
     __slots__ = ("_response",)
 
@@ -70,8 +73,10 @@ class _PortResponse(ResponseHead):
         self._response = response
 
     def iter_bytes(self) -> Iterator[bytes]:
+        response = self._response
+        coded = header_value(self.headers, b"content-encoding") is not None
         with map_inner_exceptions("read"):
-            yield from self._response.iter_bytes()
+            yield from response.iter_bytes() if coded else response.iter_raw()
 
     def close(self) -> None:
         self._response.close()
