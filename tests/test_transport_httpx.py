@@ -868,12 +868,14 @@ def test_a_decrypted_answer_is_left_as_content_leaves_a_response(lib: str) -> No
     assert sorted(ours.headers.items()) == sorted(ref.headers.items())
 
 
-class _GzippingInner(httpx2.BaseTransport):
-    """The way to the relay through something that gzips the invoke answers in transit
-    (``Content-Encoding: gzip``), as an HTTP middlebox may."""
+class _RewrappingInner(httpx2.BaseTransport):
+    """The way to the relay through something that reads each invoke answer and hands it over
+    read (``content=``), gzipped in transit (``Content-Encoding: gzip``, as an HTTP middlebox
+    may) when ``gzip``."""
 
-    def __init__(self) -> None:
+    def __init__(self, gzip: bool) -> None:
         self._inner = httpx2.HTTPTransport()
+        self._gzip = gzip
         self.coded = 0
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -886,17 +888,20 @@ class _GzippingInner(httpx2.BaseTransport):
         self.coded += 1
         hop = (b"content-length", b"transfer-encoding")
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in hop]
-        headers.append((b"Content-Encoding", b"gzip"))
-        return httpx2.Response(response.status_code, headers=headers, content=gzip.compress(body))
+        if self._gzip:
+            headers.append((b"Content-Encoding", b"gzip"))
+            body = gzip.compress(body)
+        return httpx2.Response(response.status_code, headers=headers, content=body)
 
     def close(self) -> None:
         self._inner.close()
 
 
-def test_a_content_coded_relay_answer_is_decoded_before_opening(stack: FaultyStack) -> None:
-    """Relay answers are read raw unless they carry a Content-Encoding: a coded one (single
-    and streamed) is decoded first, as before."""
-    inner = _GzippingInner()
+@pytest.mark.parametrize("gzip", [True, False])
+def test_a_coded_or_already_read_relay_answer_is_opened(stack: FaultyStack, gzip: bool) -> None:
+    """Relay answers are read raw unless they carry a Content-Encoding (a coded one, single
+    or streamed, is decoded first, as before) or an inner transport read them already."""
+    inner = _RewrappingInner(gzip)
     e2ee = transport("httpx2", stack, inner=inner)
     with openai.OpenAI(
         api_key=KEY, base_url=SDK_BASE, http_client=httpx2.Client(transport=e2ee), max_retries=0

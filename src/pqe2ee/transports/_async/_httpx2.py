@@ -63,7 +63,8 @@ _MAX_URLS = 256
 class _AsyncPortResponse(ResponseHead):
     """An httpx2 response as the engine's port response (errors mapped to httpx2's). Without
     a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
-    without httpx2's content decoder and re-chunker layers."""
+    without httpx2's content decoder and re-chunker layers (unless an inner transport handed
+    over a response it read already: its content is kept)."""
 
     __slots__ = ("_response",)
 
@@ -73,9 +74,11 @@ class _AsyncPortResponse(ResponseHead):
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         response = self._response
-        coded = header_value(self.headers, b"content-encoding") is not None
+        raw = not response.is_stream_consumed
+        if raw and header_value(self.headers, b"content-encoding") is not None:
+            raw = False
         with map_inner_exceptions("read"):
-            async for chunk in response.aiter_bytes() if coded else response.aiter_raw():
+            async for chunk in response.aiter_raw() if raw else response.aiter_bytes():
                 yield chunk
 
     async def aclose(self) -> None:

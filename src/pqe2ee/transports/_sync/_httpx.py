@@ -64,7 +64,8 @@ _MAX_URLS = 256
 class _PortResponse(ResponseHead):
     """An httpx response as the engine's port response (errors mapped to httpx's). Without
     a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
-    without httpx's content decoder and re-chunker layers."""
+    without httpx's content decoder and re-chunker layers (unless an inner transport handed
+    over a response it read already: its content is kept)."""
 
     __slots__ = ("_response",)
 
@@ -74,9 +75,11 @@ class _PortResponse(ResponseHead):
 
     def iter_bytes(self) -> Iterator[bytes]:
         response = self._response
-        coded = header_value(self.headers, b"content-encoding") is not None
+        raw = not response.is_stream_consumed
+        if raw and header_value(self.headers, b"content-encoding") is not None:
+            raw = False
         with map_inner_exceptions("read"):
-            yield from response.iter_bytes() if coded else response.iter_raw()
+            yield from response.iter_raw() if raw else response.iter_bytes()
 
     def close(self) -> None:
         self._response.close()
