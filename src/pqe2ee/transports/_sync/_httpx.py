@@ -29,7 +29,6 @@ from pqe2ee.transports._common import (
     ResponseHead,
     Settings,
     bearer_token,
-    header_value,
 )
 from pqe2ee.transports._httpx_common import (
     as_stream_error,
@@ -62,10 +61,7 @@ _MAX_URLS = 256
 
 
 class _PortResponse(ResponseHead):
-    """An httpx response as the engine's port response (errors mapped to httpx's). Without
-    a ``Content-Encoding`` (what relays send) the raw bytes are the body: they are read
-    without httpx's content decoder and re-chunker layers (unless an inner transport handed
-    over a response it read already: its content is kept)."""
+    """An httpx response as the engine's port response (errors mapped to httpx's)."""
 
     __slots__ = ("_response",)
 
@@ -75,9 +71,9 @@ class _PortResponse(ResponseHead):
 
     def iter_bytes(self) -> Iterator[bytes]:
         response = self._response
-        raw = not response.is_stream_consumed
-        if raw and header_value(self.headers, b"content-encoding") is not None:
-            raw = False
+        # Without a content coding the decoded body is the raw one: read that (one layer and
+        # two decoder calls less per chunk, which a streamed answer pays per event).
+        raw = not response.is_stream_consumed and "content-encoding" not in response.headers
         with map_inner_exceptions("read"):
             yield from response.iter_raw() if raw else response.iter_bytes()
 
