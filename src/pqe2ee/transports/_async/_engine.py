@@ -156,6 +156,8 @@ class RelayAnswer:
 
 
 Outcome = Opened | Streaming | RelayAnswer
+#: The caller's body already decoded (``e2e_request``), or None: decoded when sealing.
+_Body = dict[str, Any] | None
 
 
 def plaintext_refused(method: str, path: str) -> LocalProtocolError:
@@ -240,13 +242,7 @@ class AsyncEngine:
             return await self._invoke(bounded, path, body, model, auth, decoded)
 
     async def _invoke(
-        self,
-        port: AsyncPort,
-        path: str,
-        body: bytes,
-        model: str,
-        auth: str | None,
-        decoded: dict[str, Any] | None,
+        self, port: AsyncPort, path: str, body: bytes, model: str, auth: str | None, decoded: _Body
     ) -> Outcome:
         s = self.settings
         deadline = self.now() + s.timeout
