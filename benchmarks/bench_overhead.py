@@ -156,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=100, help="calls per round")
     ap.add_argument("--rounds", type=int, default=15, help="alternating rounds per client")
+    ap.add_argument("--backend", action="append", help="only this KEM backend (repeatable)")
     args = ap.parse_args()
     print(
         f"pqe2ee {pqe2ee.__version__} | Python {platform.python_version()} | openai "
@@ -170,7 +171,7 @@ def main() -> None:
             "| KEM floor (keygen + encaps + decaps) | overhead - floor |"
         )
         print("|---|---:|---:|---:|---:|---:|")
-        for backend in available():
+        for backend in args.backend or available():
             p, e, over, over_median, floor = bench(backend, (relay_url, instance_key), args)
             print(
                 f"| {backend} | {p * 1e6:.0f} | {e * 1e6:.0f} | {over * 1e6:.0f} "

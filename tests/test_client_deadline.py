@@ -254,3 +254,30 @@ async def test_default_pools_do_not_reuse_a_connection_idle_past_2s(anyio_backen
             assert await (await s.get(url + "/v1/models")).text() == first
             await anyio.sleep(IDLE)
             assert await (await s.get(url + "/v1/models")).text() != first
+
+
+@pytest.mark.anyio
+async def test_a_scope_inside_one_of_the_same_deadline_only_checks(anyio_backend: str) -> None:
+    """Inside the request's scope a step's scope opens no second cancel scope (same moment),
+    yet a step overrunning the deadline still ends in DeadlineExceeded, and a scope opened
+    after the request's (a stream read later) cancels by itself again."""
+    import anyio
+
+    from pqe2ee.transports._deadline import AsyncDeadline
+
+    deadline = AsyncDeadline(0.2, time.monotonic)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded), deadline.scope():
+        step = deadline.scope()
+        with step:
+            assert step._scope is None  # nested: a check only
+            await anyio.sleep(5)
+    assert time.monotonic() - started < 2
+    assert deadline._open == 0
+    later = AsyncDeadline(0.2, time.monotonic)
+    step = later.scope()
+    with pytest.raises(DeadlineExceeded), step:
+        assert step._scope is not None  # on its own: a real cancel scope
+        await anyio.sleep(5)
+    with pytest.raises(DeadlineExceeded), later.scope():  # past it: refused at entry
+        pass

@@ -321,3 +321,31 @@ def test_liboqs_encapsulation_uses_one_descriptor_and_its_own_key_check(
     monkeypatch.setattr(adapter._oqs, "KeyEncapsulation", None)  # any use would raise
     ct, ss = kem.encapsulate(public_key)
     assert len(ct) == 1088 and len(ss) == 32
+
+
+def test_liboqs_keys_are_buffers_of_ours_and_wiping_cleanses_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Key generation (random, seeded, imported) and decapsulation make no per-key
+    ``KeyEncapsulation``, agree with another backend, and a wiped key's buffer is zeroed."""
+    kem = _liboqs()
+    from pqe2ee.backends import liboqs as adapter
+    from pqe2ee.errors import LocalProtocolError
+
+    assert adapter._DIRECT_KEYS  # liboqs 0.16 exports keypair, decaps and cleanse
+    monkeypatch.setattr(adapter._oqs, "KeyEncapsulation", None)  # any use would raise
+    other = get_kem("pycryptodome") if unavailable_reason("pycryptodome") is None else kem
+    seed = bytes(range(64))
+    for key in (kem.generate(), kem.from_seed(seed)):
+        ct, ss = other.encapsulate(key.public_key)
+        assert key.decapsulate(ct) == ss
+        expanded = key.expanded_key()
+        assert expanded is not None and len(expanded) == 2400
+        again = kem.from_expanded(expanded)
+        assert again.public_key == key.public_key and again.decapsulate(ct) == ss
+        buffer = key._key._sk
+        key.wipe()
+        assert buffer.raw == bytes(2400) and key.expanded_key() is None
+        with pytest.raises(LocalProtocolError, match="wiped"):
+            key.decapsulate(ct)
+    assert kem.from_seed(seed).public_key == other.from_seed(seed).public_key

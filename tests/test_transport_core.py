@@ -3,6 +3,7 @@ unasync drift check."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pqe2ee.protocol.client import (
     ClientState,
     classify_discovery_error,
     e2e_model,
+    e2e_request,
 )
 from pqe2ee.protocol.response import remote_error
 from pqe2ee.transports._common import bearer_token, make_settings
@@ -190,6 +192,73 @@ def test_key_pool_is_safe_across_threads() -> None:
 )
 def test_e2e_model(method: str, path: str, body: bytes, model: str | None) -> None:
     assert e2e_model(method, path, body, DEFAULT_E2E_PATHS) == model
+    found = e2e_request(method, path, body, DEFAULT_E2E_PATHS)
+    assert (found is None) is (model is None)
+    if found is not None:  # the model and the body decoded, for seal_request's ``decoded``
+        assert found == (model, json.loads(body))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_body_decoded_by_the_caller_seals_to_the_same_bytes(version: int) -> None:
+    """``decoded`` (from e2e_request) only saves the second parse: with the same randomness
+    the sealed request is byte for byte what sealing the bytes alone gives."""
+    from pqe2ee.backends import get_aead
+    from pqe2ee.backends.xwing import get_xwing
+    from pqe2ee.protocol.v1.envelope import seal_request
+    from pqe2ee.protocol.v2.request import seal_request_v2
+
+    body = b' {"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true} '
+    found = e2e_request("POST", "/v1/chat/completions", body, DEFAULT_E2E_PATHS)
+    assert found is not None
+    aead = get_aead()
+
+    def fixed(n: int) -> bytes:
+        return bytes(range(n))
+
+    if version == 1:
+        kem = get_kem("pycryptodome")
+        instance, response_key = kem.from_seed(bytes(64)), kem.from_seed(bytes(range(64)))
+        kem_ct, _ = kem.encapsulate(instance.public_key)
+
+        class FixedKEM:  # the same encapsulation both times (randomness pinned)
+            def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
+                return kem_ct, instance.decapsulate(kem_ct)
+
+        sealed = [
+            seal_request(
+                body,
+                instance.public_key,
+                response_key=response_key,
+                kem=FixedKEM(),  # type: ignore[arg-type]
+                aead=aead,
+                random_bytes=fixed,
+                decoded=decoded,
+            )
+            for decoded in (None, found[1])
+        ]
+        assert sealed[0].blob == sealed[1].blob and sealed[0].stream is sealed[1].stream is True
+        return
+    xwing = get_xwing("pycryptodome")  # (encapsulates with fixed randomness)
+    key = xwing.generate()
+    sealed_v2 = [
+        seal_request_v2(
+            body,
+            key.public_key,
+            chute_id="00000000-0000-4000-8000-000000000001",
+            instance_id="00000000-0000-4000-8000-000000000002",
+            relay_nonce="n",
+            path="/v1/chat/completions",
+            now_ms=1,
+            xwing=xwing,
+            aead=aead,
+            random_bytes=fixed,
+            eseed=bytes(64),
+            response_key=xwing.from_seed(bytes(32)),
+            decoded=decoded,
+        )
+        for decoded in (None, found[1])
+    ]
+    assert sealed_v2[0].blob == sealed_v2[1].blob
 
 
 @pytest.mark.parametrize(

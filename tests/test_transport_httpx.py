@@ -840,3 +840,78 @@ def test_top_level_exports() -> None:
     assert issubclass(tx_httpx.AsyncE2EETransport, httpx.AsyncBaseTransport)
     assert issubclass(tx_httpx.E2EEStreamError, httpx.TransportError)
     assert not issubclass(tx_httpx.E2EEStreamError, httpx2.TransportError)
+
+
+@pytest.mark.parametrize("lib", ["httpx2", "httpx"])
+def test_a_decrypted_answer_is_left_as_content_leaves_a_response(lib: str) -> None:
+    """json_response skips the library's read machinery but leaves the same state as
+    ``Response(content=...)``: read, consumed, closed, same bytes, headers and counters."""
+    import importlib
+
+    http = httpx2 if lib == "httpx2" else httpx
+    common = importlib.import_module(f"pqe2ee.transports._{lib}_common")
+    body = b'{"choices":[{"message":{"content":"hi"}}]}'
+    request = http.Request("POST", "http://relay.test/v1/chat/completions")
+    ours = common.json_response(200, body, request)
+    ref = http.Response(
+        200, headers=[("content-type", "application/json")], content=body, request=request
+    )
+    for response in (ours, ref):
+        assert response.is_closed and response.is_stream_consumed
+        assert response.num_bytes_downloaded == 0  # (as httpx leaves it)
+        assert response.read() == response.content == body
+        assert list(response.iter_bytes()) == [body]
+        assert anyio.run(response.aread) == body
+        assert response.json() == json.loads(body)
+        with pytest.raises(http.StreamConsumed):
+            list(response.iter_raw())
+    assert sorted(ours.headers.items()) == sorted(ref.headers.items())
+
+
+class _RewrappingInner(httpx2.BaseTransport):
+    """The way to the relay through something that reads each invoke answer and hands it over
+    read (``content=``), gzipped in transit (``Content-Encoding: gzip``, as an HTTP middlebox
+    may) when ``gzip``."""
+
+    def __init__(self, gzip: bool) -> None:
+        self._inner = httpx2.HTTPTransport()
+        self._gzip = gzip
+        self.coded = 0
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        import gzip
+
+        response = self._inner.handle_request(request)
+        if request.url.path != "/e2e/invoke":
+            return response
+        body = response.read()
+        self.coded += 1
+        hop = (b"content-length", b"transfer-encoding")
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in hop]
+        if self._gzip:
+            headers.append((b"Content-Encoding", b"gzip"))
+            body = gzip.compress(body)
+        return httpx2.Response(response.status_code, headers=headers, content=body)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize("gzip", [True, False])
+def test_a_coded_or_already_read_relay_answer_is_opened(stack: FaultyStack, gzip: bool) -> None:
+    """Relay answers are read raw unless they carry a Content-Encoding (a coded one, single
+    or streamed, is decoded first, as before) or an inner transport read them already."""
+    inner = _RewrappingInner(gzip)
+    e2ee = transport("httpx2", stack, inner=inner)
+    with openai.OpenAI(
+        api_key=KEY, base_url=SDK_BASE, http_client=httpx2.Client(transport=e2ee), max_retries=0
+    ) as client:
+        reply = client.chat.completions.create(model="dev-echo", messages=messages("coded"))
+        assert reply.choices[0].message.content == "Echo: coded"
+        chunks = list(
+            client.chat.completions.create(
+                model="dev-echo", messages=messages("coded stream"), stream=True
+            )
+        )
+        assert stream_text(chunks) == "Echo: coded stream"
+    assert inner.coded == 2

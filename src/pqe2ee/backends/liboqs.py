@@ -17,10 +17,13 @@ is checked here first; the modulus and hash checks of FIPS 203 are done here too
 liboqs version - except the encapsulation key's modulus check when the loaded liboqs is seen to do
 it itself (probed once at import with a key that fails it; liboqs 0.16's mlkem-native does).
 
-Encapsulation is the client's per-request KEM call, so it skips liboqs-python's per-call
-``KeyEncapsulation`` (an ``OQS_KEM_new``/``OQS_KEM_free`` pair, ~4 us of 18): it calls
-``OQS_KEM_encaps`` on one module-wide ``OQS_KEM`` descriptor, which holds no key and which
-liboqs only reads (safe from any thread).
+Key generation, encapsulation and decapsulation are the client's per-request KEM calls, so they
+skip liboqs-python's per-key ``KeyEncapsulation`` (an ``OQS_KEM_new``/``OQS_KEM_free`` pair and
+a Python object, ~9 us of a 29 us keygen + decaps): they call ``OQS_KEM_keypair(_derand)``,
+``OQS_KEM_encaps`` and ``OQS_KEM_decaps`` on one module-wide ``OQS_KEM`` descriptor, which holds
+no key and which liboqs only reads (safe from any thread); a secret key is a buffer of ours,
+cleansed with ``OQS_MEM_cleanse`` when wiped. A liboqs without those exports is used through
+``KeyEncapsulation`` as before.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 from pqe2ee.backends.base import (
     KEM,
     MLKEM768_CT_LEN,
+    MLKEM768_EXPANDED_SK_LEN,
     MLKEM768_PK_LEN,
     MLKEM768_SEED_LEN,
     MLKEM768_SS_LEN,
@@ -181,7 +185,13 @@ def _native(function: str) -> Any:
 _SEED_KEYGEN = _probe_seed_keygen()
 _ENCAPS_DERAND: Any = _native("OQS_KEM_encaps_derand")
 _ENCAPS: Any = _native("OQS_KEM_encaps")
-#: The descriptor every encapsulation uses (never freed: it holds no key material).
+_KEYPAIR: Any = _native("OQS_KEM_keypair")
+_KEYPAIR_DERAND: Any = _native("OQS_KEM_keypair_derand") if _SEED_KEYGEN else None
+_DECAPS: Any = _native("OQS_KEM_decaps")
+_CLEANSE: Any = _native("OQS_MEM_cleanse")
+#: Keys are buffers of ours used through the shared descriptor (see :class:`_BufferKey`).
+_DIRECT_KEYS = None not in (_KEYPAIR, _DECAPS, _CLEANSE)
+#: The descriptor every direct call uses (never freed: it holds no key material).
 _ENCAPS_KEM: Any = _oqs.KeyEncapsulation(_ALG)
 
 
@@ -200,6 +210,45 @@ def _encaps(public_key: bytes) -> tuple[bytes, bytes] | None:
     if _ENCAPS(_ENCAPS_KEM._kem, ct, ss, public_key) != 0:
         return None
     return ct.raw, ss.raw
+
+
+class _BufferKey:
+    """A secret key in a buffer of ours, used through the shared descriptor: the part of
+    ``oqs.KeyEncapsulation`` a private key needs (``decap_secret``, ``export_secret_key``,
+    ``free``), without a per-key ``OQS_KEM`` or Python wrapper."""
+
+    __slots__ = ("_sk",)
+
+    def __init__(self, secret_key: Any) -> None:
+        self._sk = secret_key  # ctypes char array of MLKEM768_EXPANDED_SK_LEN
+
+    @classmethod
+    def generate(cls, seed: bytes | None) -> tuple[_BufferKey, bytes]:
+        """A new key pair (from ``seed``, ``d || z``, when given) and its public key."""
+        pk = ctypes.create_string_buffer(MLKEM768_PK_LEN)
+        sk = ctypes.create_string_buffer(MLKEM768_EXPANDED_SK_LEN)
+        if seed is None:
+            rv = _KEYPAIR(_ENCAPS_KEM._kem, pk, sk)
+        else:
+            rv = _KEYPAIR_DERAND(_ENCAPS_KEM._kem, pk, sk, seed)
+        if rv != 0:
+            _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
+            raise RuntimeError("liboqs could not generate a key pair")  # (as liboqs-python)
+        return cls(sk), pk.raw
+
+    def decap_secret(self, ciphertext: bytes) -> bytes:
+        ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+        # OQS_STATUS OQS_KEM_decaps(const OQS_KEM *kem, uint8_t *shared_secret,
+        #     const uint8_t *ciphertext, const uint8_t *secret_key)
+        if _DECAPS(_ENCAPS_KEM._kem, ss, ciphertext, self._sk) != 0:
+            raise RuntimeError("liboqs could not decapsulate")  # (as liboqs-python)
+        return ss.raw
+
+    def export_secret_key(self) -> bytes:
+        return bytes(self._sk.raw)
+
+    def free(self) -> None:
+        _CLEANSE(self._sk, MLKEM768_EXPANDED_SK_LEN)
 
 
 def _probe_modulus_check() -> bool:
@@ -225,7 +274,8 @@ def liboqs_path() -> str:
 
 
 class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
-    """The key is an ``oqs.KeyEncapsulation`` holding the secret key (freed by :meth:`wipe`)."""
+    """The key is a :class:`_BufferKey` (or an ``oqs.KeyEncapsulation``) holding the secret
+    key (cleansed by :meth:`wipe`)."""
 
     __slots__ = ("_seed",)
 
@@ -263,6 +313,9 @@ class LiboqsKEM(KEM):
     def generate(self) -> KEMPrivateKey:
         if _SEED_KEYGEN:  # same as KeyGen: random d, z - and the seed stays available
             return self.from_seed(secrets.token_bytes(MLKEM768_SEED_LEN))
+        if _DIRECT_KEYS:
+            held, public_key = _BufferKey.generate(None)
+            return _LiboqsPrivateKey(held, public_key, None)
         kem = _oqs.KeyEncapsulation(_ALG)
         try:
             public_key = bytes(kem.generate_keypair())
@@ -275,16 +328,23 @@ class LiboqsKEM(KEM):
         check_mlkem768_seed(seed)
         if not _SEED_KEYGEN:
             raise unsupported(self.name, "derive a key from a seed")
+        seed = bytes(seed)
+        if _DIRECT_KEYS:
+            held, public_key = _BufferKey.generate(seed)
+            return _LiboqsPrivateKey(held, public_key, seed)
         kem = _oqs.KeyEncapsulation(_ALG)
         try:
-            public_key = bytes(kem.generate_keypair_seed(bytes(seed)))
+            public_key = bytes(kem.generate_keypair_seed(seed))
         except BaseException:
             kem.free()
             raise
-        return _LiboqsPrivateKey(kem, public_key, bytes(seed))
+        return _LiboqsPrivateKey(kem, public_key, seed)
 
     def from_expanded(self, dk: bytes) -> KEMPrivateKey:
         check_mlkem768_expanded_key(dk)
+        if _DIRECT_KEYS:
+            held = _BufferKey(ctypes.create_string_buffer(bytes(dk), MLKEM768_EXPANDED_SK_LEN))
+            return _LiboqsPrivateKey(held, mlkem768_expanded_public_key(dk), None)
         kem = _oqs.KeyEncapsulation(_ALG, secret_key=bytes(dk))
         return _LiboqsPrivateKey(kem, mlkem768_expanded_public_key(dk), None)
 

@@ -62,6 +62,7 @@ __all__ = [
     "classify_v2_hint",
     "discovery_path",
     "e2e_model",
+    "e2e_request",
     "invoke_headers",
     "is_sealed_error",
     "may_be_sealed",
@@ -110,13 +111,25 @@ def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -
     A request is encrypted when it is a ``POST`` to one of ``e2e_paths`` (query ignored) whose
     body is a JSON object with a non-empty string ``model``.
     """
+    found = e2e_request(method, path, body, e2e_paths)
+    return None if found is None else found[0]
+
+
+def e2e_request(
+    method: str, path: str, body: bytes, e2e_paths: Collection[str]
+) -> tuple[str, dict[str, Any]] | None:
+    """:func:`e2e_model` and the decoded body (for ``seal_request``'s ``decoded``: the body
+    is then parsed once per request), else ``None`` (plaintext)."""
     if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
         return None
     try:
         obj = json_decode(body)
     except msgspec.DecodeError:
         return None
-    return request_model(obj) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    model = request_model(obj)
+    return None if model is None else (model, obj)
 
 
 def invoke_headers(

@@ -139,13 +139,20 @@ def json_response(
 ) -> httpx.Response:
     """A decrypted answer, bytes exactly as the engine produced them (JSON for v1; v2 gives
     the engine's authenticated content type): the bytes are the response's stream as they
-    are, with the headers ``content=`` would have added, and no content encoding step."""
-    return httpx.Response(
+    are, with the headers ``content=`` would have added, and no content encoding step.
+
+    The response is left as ``content=`` leaves it - read (``content`` there), its stream
+    consumed and closed - without running httpx's read through its iterator and decoder
+    layers (~12 us) to get there."""
+    response = httpx.Response(
         status,
         headers=[("content-type", content_type), ("content-length", str(len(body)))],
         stream=httpx.ByteStream(body),
         request=request,
     )
+    response._content = body
+    response.is_stream_consumed = response.is_closed = True
+    return response
 
 
 def passthrough_response(

@@ -55,7 +55,7 @@ from pqe2ee.errors import (
     RemoteProtocolError,
     StreamError,
 )
-from pqe2ee.protocol.client import e2e_model
+from pqe2ee.protocol.client import e2e_request
 from pqe2ee.transports._answers import error_answer
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
@@ -623,9 +623,9 @@ class E2EEClientSession(EngineFacade):
         else:
             body = data or b""
         e2e_paths = self.settings.e2e_paths
-        model = e2e_model(method, target.path, body, e2e_paths) if body else None
-        if model is not None:
-            return await self._encrypted(method, target, body, model, user_headers, client_timeout)
+        found = e2e_request(method, target.path, body, e2e_paths) if body else None
+        if found is not None:
+            return await self._encrypted(method, target, body, found, user_headers, client_timeout)
         if self.settings.strict:
             raise plaintext_refused(method, target.path)
         return await self._plaintext(method, path, target, body, user_headers, client_timeout)
@@ -677,15 +677,16 @@ class E2EEClientSession(EngineFacade):
         method: str,
         target: URL,
         body: bytes,
-        model: str,
+        found: tuple[str, dict[str, Any]],
         headers: CIMultiDict[str],
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> E2EEResponse:
         auth = self.settings.api_key or bearer_token(headers.get("Authorization"))
         port = _Port(self._http(), client_timeout, self._control)
+        model, decoded = found
         try:
             outcome = await self._engine.invoke(
-                port, path=target.path, body=body, model=model, auth=auth
+                port, path=target.path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:
             answer = error_answer(exc)  # the answer SDK-style clients expect (see _answers)

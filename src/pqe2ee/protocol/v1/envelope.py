@@ -129,13 +129,20 @@ def _open(blob: bytes, private_key: KEMPrivateKey, info: bytes, aead: AEAD, *, w
 
 
 def _body_json(
-    body: bytes | Mapping[str, Any], response_pk_b64: bytes
+    body: bytes | Mapping[str, Any],
+    response_pk_b64: bytes,
+    decoded: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
-    """The request JSON with ``e2e_response_pk`` appended, and the decoded caller body."""
+    """The request JSON with ``e2e_response_pk`` appended, and the decoded caller body
+    (``decoded``, when the caller decoded the bytes already)."""
     if isinstance(body, (bytes, bytearray, memoryview)):
         raw = bytes(body).strip()
         # invalid_body: the caller's own body, a LocalProtocolError (not a remote one)
-        obj = json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
+        obj = (
+            json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
+            if decoded is None
+            else decoded
+        )
         if RESPONSE_PK_FIELD in obj:
             raise LocalProtocolError(
                 f"request body must not contain {RESPONSE_PK_FIELD!r}", code=ErrorCode.INVALID_BODY
@@ -168,11 +175,14 @@ def seal_request(
     aead: AEAD,
     random_bytes: RandomBytes = system_random,
     compresslevel: int | None = None,
+    decoded: dict[str, Any] | None = None,
 ) -> SealedRequest:
     """Seal a Chat/Completions request body to an instance (client side).
 
     ``response_key`` must be fresh and used for this request only; the reply is sealed to its
     public half. ``body`` may be the caller's JSON bytes (kept byte for byte) or a mapping.
+    ``decoded``: those bytes already decoded by the caller (a JSON object, e.g. from
+    :func:`~pqe2ee.protocol.client.e2e_request`), so they are not parsed a second time.
     ``compresslevel``: a zlib level, or None to store short plaintexts (see STORE_BELOW).
     """
     if len(instance_public_key) != MLKEM768_PK_LEN:
@@ -180,7 +190,7 @@ def seal_request(
             f"instance public key must be {MLKEM768_PK_LEN} bytes, got {len(instance_public_key)}",
             code=ErrorCode.INVALID_KEY,
         )
-    plaintext, obj = _body_json(body, b64encode(response_key.public_key))
+    plaintext, obj = _body_json(body, b64encode(response_key.public_key), decoded)
     model = obj.get("model")
     blob = _seal(
         _gzip(plaintext, compresslevel),

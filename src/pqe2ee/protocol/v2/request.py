@@ -207,9 +207,13 @@ def _canonical_uuid(value: str, what: str) -> str:
     return value.lower()
 
 
-def _body_object(body: bytes | Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def _body_object(
+    body: bytes | Mapping[str, Any], decoded: dict[str, Any] | None
+) -> tuple[bytes, dict[str, Any]]:
     if isinstance(body, (bytes, bytearray, memoryview)):
         raw = bytes(body)
+        if decoded is not None:  # the caller decoded these bytes already
+            return raw, decoded
         # invalid_body: the caller's own body, a LocalProtocolError
         return raw, json_decode_object(raw, what="request body", code=ErrorCode.INVALID_BODY)
     if not isinstance(body, Mapping):
@@ -241,6 +245,7 @@ def seal_request_v2(
     response_padding: int = 256,
     response_key: XWingPrivateKey | None = None,
     eseed: bytes | None = None,
+    decoded: dict[str, Any] | None = None,
 ) -> SealedRequestV2:
     """Seal a JSON request body to an instance's v2 key (client side).
 
@@ -250,11 +255,12 @@ def seal_request_v2(
     response records (single responses: Padmé; streams: that bucket). ``compress`` (default
     off: gzip next to caller-influenced text is a length oracle) also asks for a compressed
     single response. Randomness: ``request_id`` and the response key seed come from ``random_bytes``;
-    ``response_key`` and ``eseed`` override them (test vectors).
+    ``response_key`` and ``eseed`` override them (test vectors). ``decoded``: the body's bytes
+    already decoded by the caller (a JSON object), so they are not parsed a second time.
     """
     if len(instance_public_key) != XWING_PK_LEN:  # the backend checks the rest when encapsulating
         check_xwing_public_key(instance_public_key)
-    raw, obj = _body_object(body)
+    raw, obj = _body_object(body, decoded)
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise LocalProtocolError(

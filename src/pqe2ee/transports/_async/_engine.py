@@ -56,7 +56,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -156,6 +156,8 @@ class RelayAnswer:
 
 
 Outcome = Opened | Streaming | RelayAnswer
+#: The caller's body already decoded (``e2e_request``), or None: decoded when sealing.
+_Body = dict[str, Any] | None
 
 
 def plaintext_refused(method: str, path: str) -> LocalProtocolError:
@@ -223,16 +225,24 @@ class AsyncEngine:
     # -- invoke ---------------------------------------------------------------------------------
 
     async def invoke(
-        self, port: AsyncPort, *, path: str, body: bytes, model: str, auth: str | None
+        self,
+        port: AsyncPort,
+        *,
+        path: str,
+        body: bytes,
+        model: str,
+        auth: str | None,
+        decoded: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded)."""
+        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
+        ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
         with deadline.scope():
             bounded = AsyncBoundedPort(port, deadline)
-            return await self._invoke(bounded, path=path, body=body, model=model, auth=auth)
+            return await self._invoke(bounded, path, body, model, auth, decoded)
 
     async def _invoke(
-        self, port: AsyncPort, *, path: str, body: bytes, model: str, auth: str | None
+        self, port: AsyncPort, path: str, body: bytes, model: str, auth: str | None, decoded: _Body
     ) -> Outcome:
         s = self.settings
         deadline = self.now() + s.timeout
@@ -263,9 +273,9 @@ class AsyncEngine:
                 )
                 lease, negotiated = found
             if negotiated.version == 2:
-                outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth)
+                outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
             else:
-                outcome = await self._invoke_v1(port, lease, path, body, auth)
+                outcome = await self._invoke_v1(port, lease, path, body, auth, decoded)
             if not isinstance(outcome, RelayAnswer):
                 if isinstance(outcome, Streaming):
                     outcome.stream.usage_filter = UsageFilter.for_request(body)
@@ -320,12 +330,20 @@ class AsyncEngine:
         )
 
     async def _invoke_v1(
-        self, port: AsyncPort, lease: Lease, path: str, body: bytes, auth: str | None
+        self,
+        port: AsyncPort,
+        lease: Lease,
+        path: str,
+        body: bytes,
+        auth: str | None,
+        decoded: dict[str, Any] | None,
     ) -> Outcome:
         s = self.settings
         key = self.keys.take()
         try:
-            sealed = seal_request(body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead)
+            sealed = seal_request(
+                body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead, decoded=decoded
+            )
             upstream = await self._post(
                 port, invoke_headers(auth, lease, sealed, path), sealed.blob
             )
@@ -353,6 +371,7 @@ class AsyncEngine:
         path: str,
         body: bytes,
         auth: str | None,
+        decoded: dict[str, Any] | None,
     ) -> Outcome:
         s = self.settings
         assert s.xwing is not None and self.keys_v2 is not None  # a v2 decision needs prefer_v2
@@ -370,6 +389,7 @@ class AsyncEngine:
                 xwing=s.xwing,
                 aead=s.aead,
                 response_key=key,
+                decoded=decoded,
             )
             upstream = await self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:

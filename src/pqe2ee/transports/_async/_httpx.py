@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import AsyncIterator
-from typing import Unpack
+from typing import Any, Unpack
 
 import httpx
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ErrorCode, PQE2EEError, RelayError
-from pqe2ee.protocol.client import e2e_model
+from pqe2ee.protocol.client import e2e_request
 from pqe2ee.transports._answers import ERROR_EXTENSION, error_answer
 from pqe2ee.transports._async._engine import (
     AsyncEngine,
@@ -289,21 +289,23 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
         self._check_open("transport")
         self._bind(request)
         e2e_paths = self.settings.e2e_paths
-        if request.method == "POST" and request.url.path in e2e_paths:
-            body = await request.aread()
-            model = e2e_model(request.method, request.url.path, body, e2e_paths)
-            if model is not None:
-                return await self._encrypted(request, model, body)
+        if request.method == "POST":
+            path = request.url.path  # (decoded on each access: once here)
+            if path in e2e_paths:
+                body = await request.aread()
+                found = e2e_request(request.method, path, body, e2e_paths)
+                if found is not None:
+                    return await self._encrypted(request, path, body, *found)
         return await self._plaintext(request)
 
     def _bind(self, request: httpx.Request) -> None:
         """Without ``api_base`` / ``models_base``, the SDK's own base URL is the relay: the
         first request to a host other than Chutes' rebinds both there (before anything is
         sent); a later request to yet another host is refused."""
-        url = request.url
-        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         if not self._unbound and self._bound is None:
             return  # bases given: the request's host is not looked at
+        url = request.url
+        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         with self._bind_lock:
             options, self._bound = bind_origin(
                 self.options, origin, unbound=self._unbound, bound=self._bound
@@ -340,12 +342,14 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
 
     # -- encrypted ------------------------------------------------------------------------------
 
-    async def _encrypted(self, request: httpx.Request, model: str, body: bytes) -> httpx.Response:
+    async def _encrypted(
+        self, request: httpx.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
+    ) -> httpx.Response:
         auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
         try:
             outcome = await self._engine.invoke(
-                port, path=request.url.path, body=body, model=model, auth=auth
+                port, path=path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:
             # An HTTP answer the SDKs map onto their own error classes (see _answers).

@@ -57,7 +57,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import (
@@ -157,6 +157,8 @@ class RelayAnswer:
 
 
 Outcome = Opened | Streaming | RelayAnswer
+#: The caller's body already decoded (``e2e_request``), or None: decoded when sealing.
+_Body = dict[str, Any] | None
 
 
 def plaintext_refused(method: str, path: str) -> LocalProtocolError:
@@ -224,16 +226,24 @@ class Engine:
     # -- invoke ---------------------------------------------------------------------------------
 
     def invoke(
-        self, port: Port, *, path: str, body: bytes, model: str, auth: str | None
+        self,
+        port: Port,
+        *,
+        path: str,
+        body: bytes,
+        model: str,
+        auth: str | None,
+        decoded: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded)."""
+        """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
+        ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         deadline = Deadline(self.settings.options.deadline, self.clock)
         with deadline.scope():
             bounded = BoundedPort(port, deadline)
-            return self._invoke(bounded, path=path, body=body, model=model, auth=auth)
+            return self._invoke(bounded, path, body, model, auth, decoded)
 
     def _invoke(
-        self, port: Port, *, path: str, body: bytes, model: str, auth: str | None
+        self, port: Port, path: str, body: bytes, model: str, auth: str | None, decoded: _Body
     ) -> Outcome:
         s = self.settings
         deadline = self.now() + s.timeout
@@ -262,9 +272,9 @@ class Engine:
                 found = self.attestor.admit(self, port, chute, (lease, negotiated), auth, deadline)
                 lease, negotiated = found
             if negotiated.version == 2:
-                outcome = self._invoke_v2(port, lease, negotiated, path, body, auth)
+                outcome = self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
             else:
-                outcome = self._invoke_v1(port, lease, path, body, auth)
+                outcome = self._invoke_v1(port, lease, path, body, auth, decoded)
             if not isinstance(outcome, RelayAnswer):
                 if isinstance(outcome, Streaming):
                     outcome.stream.usage_filter = UsageFilter.for_request(body)
@@ -315,12 +325,20 @@ class Engine:
         )
 
     def _invoke_v1(
-        self, port: Port, lease: Lease, path: str, body: bytes, auth: str | None
+        self,
+        port: Port,
+        lease: Lease,
+        path: str,
+        body: bytes,
+        auth: str | None,
+        decoded: dict[str, Any] | None,
     ) -> Outcome:
         s = self.settings
         key = self.keys.take()
         try:
-            sealed = seal_request(body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead)
+            sealed = seal_request(
+                body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead, decoded=decoded
+            )
             upstream = self._post(port, invoke_headers(auth, lease, sealed, path), sealed.blob)
         except BaseException:
             key.wipe()
@@ -346,6 +364,7 @@ class Engine:
         path: str,
         body: bytes,
         auth: str | None,
+        decoded: dict[str, Any] | None,
     ) -> Outcome:
         s = self.settings
         assert s.xwing is not None and self.keys_v2 is not None  # a v2 decision needs prefer_v2
@@ -363,6 +382,7 @@ class Engine:
                 xwing=s.xwing,
                 aead=s.aead,
                 response_key=key,
+                decoded=decoded,
             )
             upstream = self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:
