@@ -996,3 +996,21 @@ def test_response_decoder_builds_usage_only_for_a_listener(kem: KEM, aead: AEAD)
     without = ResponseDecoder(pair.key(), aead=aead, stream=True)
     assert with_listener.feed(outer) + with_listener.eof() == without.feed(outer) + without.eof()
     assert seen == [{"prompt_tokens": 7, "total_tokens": 8, "completion_tokens": 1}]
+
+
+def test_sealer_nonces_from_the_system_source_are_fresh_past_each_batch(
+    kem: KEM, aead: AEAD
+) -> None:
+    """The default source hands out the system CSPRNG's bytes in batches of 32 nonces: across
+    several batches every record gets its own nonce and every record opens."""
+    key = kem.from_seed(SEED)
+    sealer = StreamSealer(key.public_key, kem=kem, aead=aead)
+    inner = [line for i in range(50) for line in (b"data: %d\n" % i, b"\n")]
+    inner += [b"data: [DONE]\n", b"\n"]
+    records = [sealer.seal_record(p) for p in inner]
+    nonces = {base64.b64decode(r[len(b'data: {"e2e":"') : -4])[:12] for r in records}
+    assert len(nonces) == len(records)
+    events = run(
+        StreamDecryptor(kem.from_seed(SEED), aead=aead), sealer.init_event() + b"".join(records)
+    )
+    assert inner_bytes(events) == b"".join(inner)

@@ -246,6 +246,38 @@ async def test_metrics_middleware_sees_every_exchange() -> None:
     assert (failed.status, failed.complete, failed.path) == (None, False, "/fail")
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("direct", [False, True])
+async def test_metrics_middleware_counts_a_streamed_response(direct: bool) -> None:
+    """With ``direct_bodies`` the body messages of a StreamedResponse go beneath the
+    middleware (past the layers inside it, here ``inner``), counted the same way; the start
+    still goes through every layer. A plain response's body always does."""
+    seen: list[Exchange] = []
+    inner: list[str] = []
+    out: list[Message] = []
+    stream = _Chunks([b"ab", b"cde"])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def layer(message: Message) -> None:  # a Starlette routing layer, say
+            inner.append(message["type"])
+            await send(message)
+
+        await stream(scope, receive, layer)
+
+    async def send(message: Message) -> None:
+        out.append(message)
+
+    wrapped = MetricsMiddleware(app, seen.append, direct_bodies=direct)
+    await wrapped(_scope(), _receiver([], then_disconnect=False), send)
+    (ex,) = seen
+    assert (ex.status, ex.bytes_in, ex.bytes_out, ex.complete) == (200, 0, 5, True)
+    assert stream.outcome is StreamOutcome.COMPLETE and stream.bytes_sent == 5
+    assert [m.get("body") for m in out[1:]] == [b"ab", b"cde", b""]
+    assert out[-1]["more_body"] is False
+    body_layers = ["http.response.body"] * 3
+    assert inner == ["http.response.start"] + ([] if direct else body_layers)
+
+
 # -- the relay's Content-Length check ----------------------------------------------------------
 
 

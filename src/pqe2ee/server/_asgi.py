@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
+from pqe2ee.server._metrics import Exchange, exchange_of
 
 __all__ = [
     "BodyTooLarge",
@@ -291,7 +292,10 @@ class StreamedResponse(Response):
     Optional hooks: :meth:`watching` gets the watch before writing starts (register its cancel
     scope to end the stream from outside, e.g. at shutdown); :meth:`cancelled` runs, before
     :meth:`finish`, when that happened and may still write (an error event; ``started`` says
-    whether the response start went out).
+    whether the response start went out). ``bytes_sent`` counts the body bytes sent.
+
+    Under a :class:`~pqe2ee.server._metrics.MetricsMiddleware` with ``direct_bodies``, the body
+    messages after the start go straight beneath it (:meth:`Exchange.send_body`).
     """
 
     def __init__(self, status_code: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
@@ -299,6 +303,8 @@ class StreamedResponse(Response):
         self.background = None
         self.raw_headers = list(headers)
         self.started = False
+        self.bytes_sent = 0
+        self._exchange: Exchange | None = None
 
     async def send_start(self, send: Send) -> None:
         try:
@@ -314,10 +320,15 @@ class StreamedResponse(Response):
         self.started = True
 
     async def send_body(self, send: Send, data: bytes, *, more: bool = True) -> None:
+        exchange = self._exchange
         try:
-            await send({"type": "http.response.body", "body": data, "more_body": more})
+            if exchange is not None and self.started:
+                await exchange.send_body(data, more)
+            else:
+                await send({"type": "http.response.body", "body": data, "more_body": more})
         except OSError:
             raise ClientGone from None
+        self.bytes_sent += len(data)
 
     async def write(self, send: Send) -> None:
         raise NotImplementedError
@@ -333,6 +344,7 @@ class StreamedResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = StreamOutcome.FAILED
+        self._exchange = exchange_of(scope)
         try:
             async with watch_disconnect(receive) as watch:
                 self.watching(watch)

@@ -370,7 +370,8 @@ def create_app(
         service = EvidenceService(instance, quote_provider)
         routes.append(Route("/evidence", service.evidence, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(MetricsMiddleware, observe=metrics.observe)
+    # Nothing inside changes a body: streamed answers skip the per-message send wrappers.
+    app.add_middleware(MetricsMiddleware, observe=metrics.observe, direct_bodies=True)
     app.state.instance = instance
     return app
 

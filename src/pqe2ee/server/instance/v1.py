@@ -55,7 +55,7 @@ class SealedStream(EngineStream[StreamEncoder]):
         await self.send_start(send)
         await self.send_body(send, self._encoder.start())
         try:
-            async for chunk in self._upstream.aiter_bytes():
+            async for chunk in self.engine_chunks():
                 self._log.bytes_in += len(chunk)
                 out = self._encoder.feed(chunk)
                 if out:

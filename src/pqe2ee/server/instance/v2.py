@@ -100,7 +100,7 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
                 self._encoder.start(upstream.status_code, upstream.headers.get("content-type")),
             )
             try:
-                async for chunk in upstream.aiter_bytes():
+                async for chunk in self.engine_chunks():
                     self._log.bytes_in += len(chunk)
                     out = self._encoder.feed(chunk)
                     if out:
