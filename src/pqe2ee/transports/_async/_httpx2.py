@@ -84,6 +84,7 @@ class _AsyncPortResponse(ResponseHead):
         with map_inner_exceptions("read"):
             if (
                 response.is_stream_consumed
+                or response.is_closed  # (httpx2's iterators say what is wrong)
                 or "content-encoding" in response.headers
                 or not isinstance(stream, httpx2.AsyncByteStream)
             ):
