@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from pqe2ee.protocol._events import Done, InnerEvent
-from pqe2ee.protocol.sse import SSEEvent
+from pqe2ee.protocol._events import Done, InnerEvent, inner_event
+from pqe2ee.protocol.sse import _sse_event
 
 __all__ = ["UsageFilter"]
 
@@ -66,7 +66,8 @@ class UsageFilter:
         return out
 
     def _event(self, event: InnerEvent) -> InnerEvent | None:
-        data = event.data
+        inner = event.event
+        data = inner.data
         if '"usage"' not in data:
             return event
         try:
@@ -78,9 +79,8 @@ class UsageFilter:
         if chunk.get("choices") == []:  # the totals chunk
             return event if self.include_usage else None
         del chunk["usage"]
-        text = _ENCODER.encode(chunk).decode()
-        inner = event.event
-        raw = b"data: " + text.encode() + b"\n\n"
+        body = _ENCODER.encode(chunk)
+        raw = b"data: " + body + b"\n\n"
         if inner.event is not None:
             raw = b"event: " + inner.event.encode() + b"\n" + raw
-        return InnerEvent(SSEEvent(data=text, event=inner.event, id=None, raw=raw))
+        return inner_event(_sse_event(body.decode(), inner.event, None, raw))

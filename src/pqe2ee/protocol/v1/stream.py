@@ -39,7 +39,7 @@ from pqe2ee.backends.base import (
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
-from pqe2ee.protocol._codec import a2b_base64_strict, b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import a2b_base64_quoted, b64decode, b64encode, extract_usage
 from pqe2ee.protocol._events import (
     Done,
     EndOfStream,
@@ -67,7 +67,7 @@ DEFAULT_MAX_RECORDS: Final = 1_000_000
 
 _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
-_RECORD_START: Final = len(_RECORD_PREFIX)
+_QUOTE_START: Final = len(_RECORD_PREFIX) - 1  # a record's base64 with its quotes: line[13:-1]
 _USAGE_PREFIX: Final = b'data: {"usage"'
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
@@ -361,7 +361,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             ):
                 # The usual chunk (a relay flushes each event): one compact record event, taken
                 # as _feed would take its one line.
-                self._record(data[_RECORD_START : n - 4])
+                self._record(data[_QUOTE_START : n - 3])
             elif n:
                 self._feed(data)
         except PQE2EEError as exc:
@@ -449,7 +449,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if (
                 line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0
             ):  # _line's fast paths, inlined
-                record(line[_RECORD_START:-2])
+                record(line[_QUOTE_START:-1])
             elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
                 self._line(line)
         if tail:
@@ -462,7 +462,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
         # path, which decodes the string properly.
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
-            self._record(line[_RECORD_START:-2])
+            self._record(line[_QUOTE_START:-1])
             return
         if not self._decode_usage and line.startswith(_USAGE_PREFIX) and self._usage_checked(line):
             return
@@ -489,7 +489,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if key == "e2e":
             if not isinstance(value, str):
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record must be a string")
-            self._record(value.encode("ascii", "replace"))
+            self._record(b'"' + value.encode("ascii", "replace") + b'"')
         elif key == "e2e_init":
             if not isinstance(value, str):
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e_init must be a string")
@@ -521,15 +521,16 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
         self._decrypt, self._tag_errors = self._cipher.opener()
 
-    def _record(self, b64: bytes) -> None:
-        """One ``e2e`` record: the hot path of a stream (hence the local names)."""
+    def _record(self, quoted: bytes) -> None:
+        """One ``e2e`` record, its base64 given with the quotes around it in the JSON line:
+        the hot path of a stream (hence the local names)."""
         state = self._state
         if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
             state = self._on(_Input.RECORD)
             if state is _FAILED_REMOTE:
                 return
         try:
-            raw = a2b_base64_strict(b64)  # codec.b64decode, inlined
+            raw = a2b_base64_quoted(quoted)  # codec.b64decode, inlined
         except (binascii.Error, ValueError):
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
         if len(raw) < _MIN_RECORD:

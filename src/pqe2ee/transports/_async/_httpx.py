@@ -12,6 +12,7 @@ requests through it and maps errors onto httpx's types.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import AsyncIterator
@@ -62,6 +63,13 @@ _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx.TimeoutException,)
 _MAX_URLS = 256
 
 
+def _attach_request(exc: httpx.RequestError, response: httpx.Response) -> None:
+    """What httpx's raw iterator does to an error of the stream: name the response's
+    request, when it has one."""
+    with contextlib.suppress(RuntimeError):  # (no request set)
+        exc.request = response.request
+
+
 class _AsyncPortResponse(ResponseHead):
     """An httpx response as the engine's port response (errors mapped to httpx's)."""
 
@@ -73,12 +81,30 @@ class _AsyncPortResponse(ResponseHead):
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         response = self._response
-        # Without a content coding the decoded body is the raw one: read that (one layer and
-        # two decoder calls less per chunk, which a streamed answer pays per event).
-        raw = not response.is_stream_consumed and "content-encoding" not in response.headers
+        stream = response.stream
         with map_inner_exceptions("read"):
-            async for chunk in response.aiter_raw() if raw else response.aiter_bytes():
-                yield chunk
+            if (
+                response.is_stream_consumed
+                or response.is_closed  # (httpx's iterators say what is wrong)
+                or "content-encoding" in response.headers
+                or not isinstance(stream, httpx.AsyncByteStream)
+            ):
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+                return
+            # Without a content coding the body is the transport's own stream: read it as
+            # ``aiter_raw`` would (closed once read: the connection goes back to the pool),
+            # without its generator, chunker and byte count per chunk, which a streamed answer
+            # pays per event.
+            response.is_stream_consumed = True
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except httpx.RequestError as exc:
+                _attach_request(exc, response)
+                raise
+            finally:
+                await response.aclose()
 
     async def aclose(self) -> None:
         await self._response.aclose()

@@ -12,6 +12,7 @@ requests through it and maps errors onto httpx's types.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Iterator
@@ -62,6 +63,13 @@ _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (httpx.TimeoutException,)
 _MAX_URLS = 256
 
 
+def _attach_request(exc: httpx.RequestError, response: httpx.Response) -> None:
+    """What httpx's raw iterator does to an error of the stream: name the response's
+    request, when it has one."""
+    with contextlib.suppress(RuntimeError):  # (no request set)
+        exc.request = response.request
+
+
 class _PortResponse(ResponseHead):
     """An httpx response as the engine's port response (errors mapped to httpx's)."""
 
@@ -73,11 +81,30 @@ class _PortResponse(ResponseHead):
 
     def iter_bytes(self) -> Iterator[bytes]:
         response = self._response
-        # Without a content coding the decoded body is the raw one: read that (one layer and
-        # two decoder calls less per chunk, which a streamed answer pays per event).
-        raw = not response.is_stream_consumed and "content-encoding" not in response.headers
+        stream = response.stream
         with map_inner_exceptions("read"):
-            yield from response.iter_raw() if raw else response.iter_bytes()
+            if (
+                response.is_stream_consumed
+                or response.is_closed  # (httpx's iterators say what is wrong)
+                or "content-encoding" in response.headers
+                or not isinstance(stream, httpx.SyncByteStream)
+            ):
+                for chunk in response.iter_bytes():
+                    yield chunk
+                return
+            # Without a content coding the body is the transport's own stream: read it as
+            # ``iter_raw`` would (closed once read: the connection goes back to the pool),
+            # without its generator, chunker and byte count per chunk, which a streamed answer
+            # pays per event.
+            response.is_stream_consumed = True
+            try:
+                for chunk in stream:
+                    yield chunk
+            except httpx.RequestError as exc:
+                _attach_request(exc, response)
+                raise
+            finally:
+                response.close()
 
     def close(self) -> None:
         self._response.close()
