@@ -77,7 +77,7 @@ test: setup lint typecheck pytest
 demo: $(VENV)/.demo-stamp
 	$(OQS_ENV) $(PY) examples/demo.py
 
-# Every benchmark, one after the other (about 8 minutes on 2 cores); each prints its tables.
+# Every benchmark, one after the other (about 10 minutes on 2 cores); each prints its tables.
 BENCHES := core overhead client stream instance relay server proxy v2
 bench: setup
 	for b in $(BENCHES); do echo "== benchmarks/bench_$$b.py"; \
