@@ -4,16 +4,22 @@ for the instance, the instances for the relay).
 Environment proxies are ignored (``trust_env=False``: nothing may reroute that traffic), and
 idle connections expire after 2 s - below uvicorn's 5 s keep-alive - so a connection the peer
 is about to close is never reused (that race shows up as a stray 502 under load).
+
+:class:`PostTarget` is the part of ``client.build_request("POST", url, headers=...)`` that does
+not change between requests to one URL, worked out once: a hot path builds its request from it
+(~20 us less each) and still sends what ``build_request`` would.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import httpx2
 
-__all__ = ["backend_client"]
+__all__ = ["PostTarget", "backend_client"]
 
 _KEEPALIVE_EXPIRY: Final = 2.0
 
@@ -41,3 +47,47 @@ def backend_client(
         follow_redirects=False,
         trust_env=False,
     )
+
+
+#: Headers that belong to each request, not to its target.
+_PER_REQUEST: Final = (b"content-length", b"cookie")
+
+
+@dataclass(frozen=True, slots=True)
+class PostTarget:
+    """A URL POSTed to over and over with one client: the parsed URL, the headers
+    ``client.build_request`` sends before a body's own (``Host``, the client's defaults merged
+    with ``headers``), and the client's timeouts. Cookies are taken from the client's jar per
+    request, as ``build_request`` does."""
+
+    url: httpx2.URL
+    headers: tuple[tuple[bytes, bytes], ...]
+    timeout: dict[str, float | None]
+
+    @classmethod
+    def of(
+        cls, client: httpx2.AsyncClient, url: str, headers: Mapping[str, str] | None = None
+    ) -> PostTarget:
+        probe = client.build_request("POST", url, headers=headers, content=b"")
+        kept = tuple((k, v) for k, v in probe.headers.raw if k.lower() not in _PER_REQUEST)
+        return cls(probe.url, kept, client.timeout.as_dict())
+
+    def request(
+        self,
+        client: httpx2.AsyncClient,
+        *,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        content: bytes | None = None,
+        stream: httpx2.AsyncByteStream | None = None,
+    ) -> httpx2.Request:
+        """The request ``client.build_request`` would build with these headers appended and this
+        body (``content`` gets its ``Content-Length``; with ``stream`` the caller sends it)."""
+        return httpx2.Request(
+            "POST",
+            self.url,
+            headers=[*self.headers, *headers],
+            content=content,
+            stream=stream,
+            cookies=client.cookies or None,
+            extensions={"timeout": self.timeout},
+        )

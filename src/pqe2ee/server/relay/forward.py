@@ -38,6 +38,7 @@ from pqe2ee.server._asgi import (
     json_response,
     read_bounded,
 )
+from pqe2ee.server._client import PostTarget
 from pqe2ee.server.relay.answers import detail, gone, too_large
 from pqe2ee.server.relay.config import RelayConfig
 from pqe2ee.server.relay.metrics import RelayMetrics
@@ -255,9 +256,7 @@ class Forwarder:
         self.metrics = metrics
         self.prober = prober
         self._client: httpx2.AsyncClient | None = None
-        # instance URL -> (its /e2e/invoke URL, the headers the client puts first)
-        self._targets: dict[str, tuple[httpx2.URL, list[tuple[bytes, bytes]]]] = {}
-        self._timeout: dict[str, float | None] = {}
+        self._targets: dict[str, PostTarget] = {}  # instance URL -> its /e2e/invoke target
 
     @property
     def client(self) -> httpx2.AsyncClient | None:
@@ -267,19 +266,11 @@ class Forwarder:
     def client(self, client: httpx2.AsyncClient | None) -> None:
         self._client = client
         self._targets.clear()
-        if client is not None:
-            self._timeout = client.timeout.as_dict()
 
-    def _target(
-        self, client: httpx2.AsyncClient, base: str
-    ) -> tuple[httpx2.URL, list[tuple[bytes, bytes]]]:
-        """The instance's invoke URL, parsed once, and the headers ``client.build_request``
-        puts before the caller's (``Host`` and the client's defaults), computed by it once."""
+    def _target(self, client: httpx2.AsyncClient, base: str) -> PostTarget:
         target = self._targets.get(base)
         if target is None:
-            probe = client.build_request("POST", base + "/e2e/invoke", content=b"")
-            first = [(k, v) for k, v in probe.headers.raw if k.lower() != b"content-length"]
-            target = self._targets[base] = (probe.url, first)
+            target = self._targets[base] = PostTarget.of(client, base + "/e2e/invoke")
         return target
 
     def forward(self, request: Request, inst: InstanceState, length: int | None) -> Response:
@@ -288,10 +279,8 @@ class Forwarder:
         assert client is not None and inst.instance_id is not None
         headers = request.headers
         stream = headers.get("x-e2e-stream", "false").strip().lower() == "true"
-        url, first = self._target(client, inst.url)
-        # The headers client.build_request(..., content=<the upload>) would send, in its order.
-        out_headers = [
-            *first,
+        # The headers client.build_request(..., content=<the upload>) would add after its own.
+        own = [
             (b"content-type", b"application/octet-stream"),
             (b"x-e2e-path", headers.get("x-e2e-path", "/").encode("latin-1")),
             (b"x-e2e-stream", b"true" if stream else b"false"),
@@ -302,7 +291,5 @@ class Forwarder:
             else (b"Transfer-Encoding", b"chunked"),
         ]
         upload = _Upload(request, self.config.max_body, self.metrics)
-        upstream = httpx2.Request(
-            "POST", url, headers=out_headers, stream=upload, extensions={"timeout": self._timeout}
-        )
+        upstream = self._target(client, inst.url).request(client, headers=own, stream=upload)
         return Invocation(self, inst, upstream, upload, stream)
