@@ -4,10 +4,13 @@
 
 A deadline starts when a request starts and covers all of it: model lookup, discovery,
 retries, the invoke, and every read of the answer, a streamed body included, until that body is
-closed. Each network step runs inside :meth:`scope`:
+closed. Each network step runs inside :meth:`scope`, each read of a body inside :meth:`reads`:
 
 * async: an anyio cancel scope that ends at the deadline; the wait is cancelled there and
-  :class:`~pqe2ee.errors.DeadlineExceeded` raised in its place (works under asyncio and trio);
+  :class:`~pqe2ee.errors.DeadlineExceeded` raised in its place (works under asyncio and trio).
+  The reads of a body streamed after the request's own scope has closed share one asyncio
+  timer instead (:class:`~pqe2ee.transports._primitives.AsyncReadTimer`; a cancel scope per
+  read under trio);
 * blocking: threads cannot be interrupted, so the deadline is checked when each step starts; a
   step already running ends by the HTTP library's own (per-read) timeout, and the next one
   raises. A relay trickling a byte every few seconds is cut off a few seconds after the
@@ -25,6 +28,7 @@ from typing import Any
 import anyio
 
 from pqe2ee.errors import DeadlineExceeded, ErrorCode
+from pqe2ee.transports._primitives import AsyncReadTimer, read_timer
 
 __all__ = ["AsyncDeadline", "Deadline"]
 
@@ -66,6 +70,14 @@ class Deadline:
     def __exit__(self, *exc_info: object) -> None:
         return None
 
+    def reads(self) -> Deadline:
+        """A ``with`` block for each read of one body (checked when it starts) and
+        :meth:`release` once the body is done: the deadline itself."""
+        return self
+
+    def release(self) -> None:
+        return None
+
 
 class AsyncDeadline(Deadline):
     """An async request's deadline: :meth:`scope` cancels the step at the deadline.
@@ -83,6 +95,9 @@ class AsyncDeadline(Deadline):
 
     def scope(self) -> _CancelAtDeadline:  # type: ignore[override]
         return _CancelAtDeadline(self)
+
+    def reads(self) -> _BodyReads:  # type: ignore[override]
+        return _BodyReads(self)
 
 
 class _CancelAtDeadline:
@@ -113,3 +128,43 @@ class _CancelAtDeadline:
         scope.__exit__(*exc_info)
         if scope.cancelled_caught:
             raise self._deadline.error() from None
+
+
+class _BodyReads:
+    """The reads of one body, each ``with`` block one read: inside a scope of the deadline
+    (a body read before the request returns) a check only; after it (a streamed answer) cut
+    short at the deadline by one timer for the whole body (asyncio), else by a cancel scope
+    per read. :meth:`release` stops the timer."""
+
+    __slots__ = ("_deadline", "_started", "_step", "_timer")
+
+    def __init__(self, deadline: AsyncDeadline) -> None:
+        self._deadline = deadline
+        self._started = False  # the first read outside the request's scope has begun
+        self._timer: AsyncReadTimer | None = None
+        self._step: _CancelAtDeadline | AsyncReadTimer | None = None
+
+    def __enter__(self) -> None:
+        deadline = self._deadline
+        deadline.check()
+        if deadline._open:
+            self._step = None  # the enclosing scope cancels at the same moment
+            return
+        if not self._started:
+            self._started = True
+            timer = read_timer(deadline.error)
+            if timer is not None:
+                self._timer = timer.at(timer.now() + deadline.remaining())
+        step = self._timer if self._timer is not None else _CancelAtDeadline(deadline)
+        step.__enter__()
+        self._step = step
+
+    def __exit__(self, *exc_info: Any) -> None:
+        step = self._step
+        if step is not None:
+            self._step = None
+            step.__exit__(*exc_info)
+
+    def release(self) -> None:
+        if self._timer is not None:
+            self._timer.close()

@@ -1,8 +1,9 @@
 """A port (and its responses) held to a request's total deadline.
 
 The engine wraps the transport's port in :class:`AsyncBoundedPort` for each request: every
-send and every read of a body, the streamed answer's included, then runs inside the
-deadline's scope (:mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
+send then runs inside the deadline's scope, and every read of a body, the streamed answer's
+included, under the body's :meth:`~pqe2ee.transports._deadline.AsyncDeadline.reads` (async:
+one timer per body, see :mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
 keep a request open past ``ClientOptions.deadline``. Past it, the step raises
 :class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
 library's stream error, like any other stream failure.
@@ -45,11 +46,11 @@ async def read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
 class AsyncBoundedResponse:
     """A port response whose body reads end at the deadline."""
 
-    __slots__ = ("_deadline", "_response")
+    __slots__ = ("_reads", "_response")
 
     def __init__(self, response: AsyncPortResponse, deadline: AsyncDeadline) -> None:
         self._response = response
-        self._deadline = deadline
+        self._reads = deadline.reads()
 
     @property
     def status(self) -> int:
@@ -61,15 +62,20 @@ class AsyncBoundedResponse:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         chunks = self._response.aiter_bytes()
-        while True:
-            with self._deadline.scope():
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    return
-            yield chunk
+        reads = self._reads
+        try:
+            while True:
+                with reads:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                yield chunk
+        finally:
+            reads.release()
 
     async def aclose(self) -> None:
+        self._reads.release()
         await self._response.aclose()
 
 

@@ -2,8 +2,9 @@
 """A port (and its responses) held to a request's total deadline.
 
 The engine wraps the transport's port in :class:`BoundedPort` for each request: every
-send and every read of a body, the streamed answer's included, then runs inside the
-deadline's scope (:mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
+send then runs inside the deadline's scope, and every read of a body, the streamed answer's
+included, under the body's :meth:`~pqe2ee.transports._deadline.Deadline.reads` (async:
+one timer per body, see :mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
 keep a request open past ``ClientOptions.deadline``. Past it, the step raises
 :class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
 library's stream error, like any other stream failure.
@@ -46,11 +47,11 @@ def read_bounded(response: PortResponse, limit: int) -> bytes:
 class BoundedResponse:
     """A port response whose body reads end at the deadline."""
 
-    __slots__ = ("_deadline", "_response")
+    __slots__ = ("_reads", "_response")
 
     def __init__(self, response: PortResponse, deadline: Deadline) -> None:
         self._response = response
-        self._deadline = deadline
+        self._reads = deadline.reads()
 
     @property
     def status(self) -> int:
@@ -62,15 +63,20 @@ class BoundedResponse:
 
     def iter_bytes(self) -> Iterator[bytes]:
         chunks = self._response.iter_bytes()
-        while True:
-            with self._deadline.scope():
-                try:
-                    chunk = chunks.__next__()
-                except StopIteration:
-                    return
-            yield chunk
+        reads = self._reads
+        try:
+            while True:
+                with reads:
+                    try:
+                        chunk = chunks.__next__()
+                    except StopIteration:
+                        return
+                yield chunk
+        finally:
+            reads.release()
 
     def close(self) -> None:
+        self._reads.release()
         self._response.close()
 
 
