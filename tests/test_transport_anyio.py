@@ -518,3 +518,40 @@ def test_no_http_library_is_imported() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert proc.stdout.strip() == "[]"
+
+
+async def test_each_body_read_waits_at_most_read_timeout(anyio_backend: str) -> None:
+    """``read_timeout`` bounds every read of a body from its own start (on asyncio one timer
+    serves all the reads of a body): a body trickling faster than it is read whole, however
+    long it lasts; once the relay falls silent, the read ends after ``read_timeout``."""
+    from pqe2ee.transports import anyio as e2ee_anyio
+
+    async def trickle(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            await conn.receive()
+            await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(8):  # 0.8 s in all, far past read_timeout
+                await anyio.sleep(0.1)
+                await conn.send(b"1\r\nx\r\n")
+            await anyio.sleep_forever()
+
+    async def test(url: str) -> None:
+        port = e2ee_anyio._Port(
+            timeout=5.0, read_timeout=0.4, ssl_context=None, max_header_size=64 * 1024
+        )
+        response = await port.send("GET", url + "/", [], b"", control=False)
+        got = b""
+        with pytest.raises(E2EETimeoutError, match=r"within 0\.4s"):
+            async for chunk in response.aiter_bytes():
+                got += chunk
+                silent_since = anyio.current_time()
+        assert got == b"x" * 8
+        assert 0.4 <= anyio.current_time() - silent_since < 3.0
+        timer = response._timer
+        await response.aclose()
+        if anyio_backend == "asyncio":
+            assert timer is not None and timer._handle is None  # one timer, stopped
+        else:
+            assert timer is None  # trio: a cancel scope per read
+
+    await _serving(trickle, test)

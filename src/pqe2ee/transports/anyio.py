@@ -25,7 +25,8 @@ instance is ``RemoteError`` (code ``upstream_error``, the engine's status, its e
 
 Timeouts are values, applied with ``anyio.fail_after`` around each network wait: ``timeout`` for
 connecting, each write and each read of the client's own calls; ``read_timeout`` (default
-``timeout``) for each read while waiting on an invoke's answer or the next bytes of a stream.
+``timeout``) for each read while waiting on an invoke's answer or the next bytes of a stream
+(on asyncio the reads of a body share one timer instead of a cancel scope each, same limit).
 Memory is bounded: response heads by ``max_header_size`` (h11's ``max_incomplete_event_size``),
 bodies read whole by the engine's limits, streams by the decryptor's record and event limits.
 """
@@ -67,7 +68,12 @@ from pqe2ee.transports._common import (
     ResponseHead,
     RetriesExhausted,
 )
-from pqe2ee.transports._primitives import AsyncResource, aclose_shielded
+from pqe2ee.transports._primitives import (
+    AsyncReadTimer,
+    AsyncResource,
+    aclose_shielded,
+    read_timer,
+)
 from pqe2ee.transports.options import (
     DEFAULT_API_BASE,
     DEFAULT_MAX_ATTEMPTS,
@@ -149,7 +155,7 @@ def _receive_error(exc: BaseException, what: str) -> E2EEConnectionError:
 class _Response(ResponseHead):
     """One HTTP/1.1 answer on its own connection: the head is read, the body is pulled."""
 
-    __slots__ = ("_closed", "_conn", "_read_timeout", "_stream")
+    __slots__ = ("_closed", "_conn", "_read_timeout", "_stream", "_timer")
 
     def __init__(
         self,
@@ -163,21 +169,30 @@ class _Response(ResponseHead):
         self._conn = conn
         self._read_timeout = read_timeout
         self._closed = False
+        self._timer: AsyncReadTimer | None = None
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        while True:
-            event = _next_event(self._conn)
-            if event is h11.NEED_DATA:
-                await _receive(self._stream, self._conn, self._read_timeout)
-            elif isinstance(event, h11.Data):
-                if event.data:
-                    yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise E2EEConnectionError(f"unexpected HTTP event {type(event).__name__}")
+        # Each read waits at most read_timeout: on one timer for the whole body (asyncio).
+        timer = self._timer = read_timer(TimeoutError)
+        try:
+            while True:
+                event = _next_event(self._conn)
+                if event is h11.NEED_DATA:
+                    await _receive(self._stream, self._conn, self._read_timeout, timer)
+                elif isinstance(event, h11.Data):
+                    if event.data:
+                        yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return
+                else:
+                    raise E2EEConnectionError(f"unexpected HTTP event {type(event).__name__}")
+        finally:
+            if timer is not None:
+                timer.close()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
         if not self._closed:
             self._closed = True
             await anyio.aclose_forcefully(self._stream)
@@ -190,10 +205,16 @@ def _next_event(conn: h11.Connection) -> Any:
         raise E2EEConnectionError(f"the relay broke HTTP/1.1 framing: {exc}") from exc
 
 
-async def _receive(stream: anyio.abc.ByteStream, conn: h11.Connection, wait: float) -> None:
-    """Feed ``conn`` the next bytes (``b""`` at EOF), waiting at most ``wait`` seconds."""
+async def _receive(
+    stream: anyio.abc.ByteStream,
+    conn: h11.Connection,
+    wait: float,
+    timer: AsyncReadTimer | None = None,
+) -> None:
+    """Feed ``conn`` the next bytes (``b""`` at EOF), waiting at most ``wait`` seconds (on
+    ``timer``, a body's, if given: no cancel scope per read)."""
     try:
-        with anyio.fail_after(wait):
+        with anyio.fail_after(wait) if timer is None else timer.after(wait):
             data = await stream.receive(_RECEIVE_SIZE)
     except anyio.EndOfStream:
         data = b""  # h11's EOF
