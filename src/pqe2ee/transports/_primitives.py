@@ -126,12 +126,13 @@ class AsyncReadTimer:
     the body ends, however) stops the timer. :func:`read_timer` makes one (asyncio only).
     """
 
-    __slots__ = ("_cancelling", "_cut", "_error", "_handle", "_loop", "_task", "_until")
+    __slots__ = ("_cancelling", "_cut", "_error", "_handle", "_loop", "_task", "_until", "_when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, error: Callable[[], BaseException]) -> None:
         self._loop = loop
         self._error = error
         self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0  # when the handle fires (TimerHandle.when() is a Python call)
         self._until = 0.0  # the current read's end, on the loop's clock
         self._task: asyncio.Task[object] | None = None  # the task inside a read, if any
         self._cut: asyncio.Task[object] | None = None  # the task this timer cancelled
@@ -154,10 +155,14 @@ class AsyncReadTimer:
     def __enter__(self) -> None:
         self._task = asyncio.current_task(self._loop)  # given the loop: no syscall
         handle = self._handle
-        if handle is None or handle.when() > self._until:
+        if handle is None or self._when > self._until:
             if handle is not None:
                 handle.cancel()
-            self._handle = self._loop.call_at(self._until, self._fire)
+            self._arm()
+
+    def _arm(self) -> None:
+        self._when = self._until
+        self._handle = self._loop.call_at(self._until, self._fire)
 
     def __exit__(
         self,
@@ -180,7 +185,7 @@ class AsyncReadTimer:
         if task is None:
             return  # between reads: the next one sets the timer again
         if self._loop.time() < self._until:  # the moment moved: wait on
-            self._handle = self._loop.call_at(self._until, self._fire)
+            self._arm()
             return
         self._cancelling = task.cancelling()
         self._cut = task
