@@ -1,5 +1,6 @@
 """Synchronisation twins for the generated transports (as httpcore's ``_synchronization``),
-and the closing helpers of the async-only adapters (aiohttp, anyio).
+the closing helpers of the async-only adapters (aiohttp, anyio), and :class:`AsyncReadTimer`,
+one asyncio timer bounding every read of a body (the deadline, the anyio client's read timeout).
 
 ``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock``, ``AsyncShieldCancellation`` into
 ``ShieldCancellation`` and ``async_sleep`` into ``sleep``: each async name here has a sync
@@ -164,12 +165,7 @@ class AsyncReadTimer:
         self._when = self._until
         self._handle = self._loop.call_at(self._until, self._fire)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._task = None
         task = self._cut
         if task is None:
