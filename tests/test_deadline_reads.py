@@ -279,3 +279,34 @@ async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
         stack.faults.trickle_interval = 2.0
     if anyio_backend == "asyncio":
         assert timers and all(timer._handle is None for timer in timers)
+
+
+@pytest.mark.parametrize("first", ["theirs", "ours"])
+async def test_read_timer_lets_a_cancellation_of_someone_else_through(
+    anyio_backend: str, first: str
+) -> None:
+    """The timer fires in the same loop iteration as another cancellation of the reading
+    task, in either order: the read ends in the plain cancellation (never swallowed into the
+    timer's error), and only the timer's own request is withdrawn."""
+    if anyio_backend != "asyncio":
+        pytest.skip("AsyncReadTimer is asyncio's")
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    timer = AsyncReadTimer(loop, lambda: TimeoutError("cut"))
+
+    def both() -> None:
+        if first == "theirs":
+            task.cancel()
+        assert timer._handle is not None
+        timer._handle.cancel()  # the timer's moment comes now: it fires here, in this order
+        timer.at(loop.time())._fire()
+        if first == "ours":
+            task.cancel()
+
+    loop.call_soon(both)
+    with pytest.raises(asyncio.CancelledError), timer.at(loop.time() + 30):
+        await asyncio.sleep(5)
+    assert task.cancelling() == 1  # theirs, still standing
+    task.uncancel()
+    timer.close()

@@ -137,7 +137,7 @@ class AsyncReadTimer:
         self._until = 0.0  # the current read's end, on the loop's clock
         self._task: asyncio.Task[object] | None = None  # the task inside a read, if any
         self._cut: asyncio.Task[object] | None = None  # the task this timer cancelled
-        self._cancelling = 0  # that task's cancellation requests before ours
+        self._cancelling = 0  # the reading task's cancellation requests when the read began
 
     def now(self) -> float:
         """The loop's clock."""
@@ -154,7 +154,10 @@ class AsyncReadTimer:
         return self
 
     def __enter__(self) -> None:
-        self._task = asyncio.current_task(self._loop)  # given the loop: no syscall
+        task = self._task = asyncio.current_task(self._loop)  # given the loop: no syscall
+        # Counted at the start (as asyncio.timeout does): a cancellation requested before the
+        # timer fires, in the same loop iteration, is not taken for ours.
+        self._cancelling = 0 if task is None else task.cancelling()
         handle = self._handle
         if handle is None or self._when > self._until:
             if handle is not None:
@@ -183,7 +186,6 @@ class AsyncReadTimer:
         if self._loop.time() < self._until:  # the moment moved: wait on
             self._arm()
             return
-        self._cancelling = task.cancelling()
         self._cut = task
         task.cancel()
 
