@@ -1,5 +1,5 @@
 """The proxy's streamed answers go out in as few body messages as the data allows, and nothing is
-held back: :class:`~pqe2ee.proxy.app.coalesce.Coalescer` on its own, then the proxy's SSE answer
+held back: :class:`~pqe2ee.server._coalesce.Coalescer` on its own, then the proxy's SSE answer
 (:class:`~pqe2ee.proxy.app.streaming.StreamResponse`) over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import anyio.lowlevel
 import httpx2
 import pytest
 
-from pqe2ee.proxy.app.coalesce import MAX_BATCH, Coalescer
 from pqe2ee.proxy.app.metrics import Metrics
 from pqe2ee.proxy.app.streaming import OpenStreams, PassthroughBody, StreamResponse
+from pqe2ee.server._coalesce import MAX_BATCH, Coalescer
 
 pytestmark = pytest.mark.anyio
 

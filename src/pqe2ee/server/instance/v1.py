@@ -9,6 +9,8 @@ abrupt close, never with anything that looks like a clean end.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+
 import httpx2
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,7 +25,8 @@ from pqe2ee.protocol import (
     open_request,
     seal_response,
 )
-from pqe2ee.server._asgi import json_response
+from pqe2ee.server._asgi import StreamOutcome, json_response
+from pqe2ee.server._coalesce import Coalescer
 from pqe2ee.server.instance.config import InstanceConfig
 from pqe2ee.server.instance.exchange import (
     EngineFailure,
@@ -49,18 +52,24 @@ def _stream_encoder(sealer: StreamSealer) -> StreamEncoder:
 
 
 class SealedStream(EngineStream[StreamEncoder]):
-    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing buffered."""
+    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing held back: the
+    records of the engine chunks that arrived together go out as one body message (a
+    :class:`~pqe2ee.server._coalesce.Coalescer`; the init event on its own, at once)."""
+
+    def __init__(
+        self, upstream: httpx2.Response, encoder: StreamEncoder, *, slot: Slot, log: RequestLog
+    ) -> None:
+        super().__init__(upstream, encoder, slot=slot, log=log)
+        self._records = self._sealed_records()
 
     async def pump(self, send: Send) -> str | None:
         await self.send_start(send)
-        await self.send_body(send, self._encoder.start())
+
+        async def sink(data: bytes, more: bool) -> None:
+            await self.send_body(send, data, more=more)
+
         try:
-            async for chunk in self.engine_chunks():
-                self._log.bytes_in += len(chunk)
-                out = self._encoder.feed(chunk)
-                if out:
-                    await self.send_body(send, out)
-            tail = self._encoder.finish()
+            await Coalescer().run(self._records, sink)
         except (httpx2.HTTPError, httpx2.StreamError):
             code = ErrorCode.UPSTREAM_ERROR.value
             message = "the engine's stream broke"
@@ -68,12 +77,26 @@ class SealedStream(EngineStream[StreamEncoder]):
             code = ErrorCode.OVERSIZE.value
             message = "the engine sent a line longer than the record limit"
         else:
-            await self.send_body(send, tail, more=False)
             return None
         # No final empty chunk: returning now makes the server drop the connection, so no
         # client can mistake this for a clean end.
         await self.send_body(send, StreamSealer.error_event({"code": code, "message": message}))
         return code
+
+    async def _sealed_records(self) -> AsyncGenerator[bytes, None]:
+        """The outer stream: the init event, the records of each engine chunk, the last."""
+        encoder = self._encoder
+        yield encoder.start()
+        async for chunk in self.engine_chunks():
+            self._log.bytes_in += len(chunk)
+            yield encoder.feed(chunk)
+        yield encoder.finish()
+
+    async def finish(self, outcome: StreamOutcome) -> None:
+        try:
+            await self._records.aclose()  # (left suspended when the client hung up)
+        finally:
+            await super().finish(outcome)
 
 
 class V1Handler:

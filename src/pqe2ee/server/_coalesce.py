@@ -1,9 +1,10 @@
 """Relaying a streamed body with as few writes as the data allows.
 
-A decrypted stream reaches the proxy as one chunk per event (the transport hands over each
-chunked-encoding frame of the relay's answer as it decodes it), yet the relay's frames arrive
-many to one socket read. Sent as they come, every event would cost its own ASGI message, socket
-write and chunked frame - and the client its own read - on both sides of the extra hop.
+A streamed answer reaches a server as one chunk per event (httpx2 hands over each
+chunked-encoding frame of the upstream's answer as it decodes it), yet the frames arrive many to
+one socket read: the proxy's decrypted stream from the relay, the instance's engine stream.
+Sent as they come, every event would cost its own ASGI message, socket write and chunked frame -
+and the next hop its own read - on both sides of the hop.
 
 :class:`Coalescer` runs the source in a task of its own and hands the sink whatever the source
 produced while the previous send was under way: the events decoded from one upstream read go
