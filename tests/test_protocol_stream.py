@@ -856,6 +856,15 @@ def test_line_splitter_basic() -> None:
     assert s.pending == 0
 
 
+def test_line_splitter_breaks_at_newline_only() -> None:
+    # a whole chunk of lines is split at "\n" alone: a lone "\r" stays inside its line
+    s = LineSplitter(max_line=100)
+    assert s.feed(b"a\rb\nc\r\n\n") == [b"a\rb\n", b"c\r\n", b"\n"]
+    assert s.feed(b"x\x0by\x0c\x1c\x85\n") == [b"x\x0by\x0c\x1c\x85\n"]
+    assert s.feed(b"d\ne\n") == [b"d\n", b"e\n"]
+    assert s.pending == 0
+
+
 def test_line_splitter_bounds() -> None:
     s = LineSplitter(max_line=10)
     assert s.feed(b"x" * 9 + b"\n") == [b"x" * 9 + b"\n"]  # 10 bytes with the newline: fits
