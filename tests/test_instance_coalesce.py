@@ -1,7 +1,8 @@
-"""The instance's v1 stream goes out in as few body messages as the engine's data allows: the
-records of engine chunks that arrived together leave as one message (the init event first, on
-its own), the bytes the same as one message per chunk; an engine that breaks off still gets
-what came before, then the error event and no clean end. Over ASGI, under asyncio and trio."""
+"""The instance's streams (v1 and v2) go out in as few body messages as the engine's data
+allows: the records of engine chunks that arrived together leave as one message (the init event
+first, on its own), the stream the same as with one message per chunk; an engine that breaks
+off still gets what came before, then v1's error event and no clean end, or v2's END with the
+failure. Over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ import httpx2
 import pytest
 
 from pqe2ee.backends import get_aead, get_kem
+from pqe2ee.errors import ErrorCode, PQE2EEError
 from pqe2ee.protocol import NEED_DATA, Done, StreamDecryptor, StreamEncoder, StreamSealer, Usage
+from pqe2ee.protocol.response import ResponseDecoder
+from pqe2ee.protocol.v2 import StreamEncoderV2
 from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
 from pqe2ee.server.instance.v1 import SealedStream
+from pqe2ee.server.instance.v2 import SealedStreamV2
+from test_protocol_response import v2_exchange
 
 pytestmark = pytest.mark.anyio
 
@@ -95,4 +101,42 @@ async def test_an_engine_that_breaks_off_gets_what_came_before_then_the_error() 
     decryptor = StreamDecryptor(key, aead=AEAD)
     decryptor.receive_data(b"".join(body for body, _ in bodies[:-1]))
     assert decryptor.records == 6  # the three chunks' records all went out
+    assert engine.is_closed and not slot._held
+
+
+# --------------------------------------------------------------------------------------------
+# v2
+
+
+def _sealed_v2(engine: httpx2.Response) -> tuple[SealedStreamV2, Any, Slot]:
+    ex = v2_exchange(True)
+    slot = Slot(Concurrency(4))
+    stream = SealedStreamV2(
+        engine, StreamEncoderV2(ex.sealer), slot=slot, log=RequestLog("POST", "/e2e/invoke")
+    )
+    return stream, ex, slot
+
+
+async def test_v2_engine_chunks_that_arrived_together_leave_as_one_body_message() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS))
+    stream, ex, slot = _sealed_v2(engine)
+    sent = await _serve(stream)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert [more for _, more in bodies] == [True, False]  # init and HEAD, then the rest
+    dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
+    events = dec.feed(b"".join(body for body, _ in bodies)) + dec.eof()
+    assert b"".join(e.raw for e in events if hasattr(e, "raw")) == b"".join(CHUNKS)
+    assert engine.is_closed and not slot._held
+
+
+async def test_v2_an_engine_that_breaks_off_ends_with_an_authenticated_error() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS[:3], httpx2.ReadError("gone")))
+    stream, ex, slot = _sealed_v2(engine)
+    sent = await _serve(stream)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert bodies[-1][1] is False  # END carries the failure: a clean HTTP end
+    dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
+    with pytest.raises(PQE2EEError) as info:
+        dec.feed(b"".join(body for body, _ in bodies))
+    assert info.value.code is ErrorCode.UPSTREAM_ERROR
     assert engine.is_closed and not slot._held

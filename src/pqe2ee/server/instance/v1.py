@@ -25,8 +25,7 @@ from pqe2ee.protocol import (
     open_request,
     seal_response,
 )
-from pqe2ee.server._asgi import StreamOutcome, json_response
-from pqe2ee.server._coalesce import Coalescer
+from pqe2ee.server._asgi import json_response
 from pqe2ee.server.instance.config import InstanceConfig
 from pqe2ee.server.instance.exchange import (
     EngineFailure,
@@ -52,24 +51,13 @@ def _stream_encoder(sealer: StreamSealer) -> StreamEncoder:
 
 
 class SealedStream(EngineStream[StreamEncoder]):
-    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing held back: the
-    records of the engine chunks that arrived together go out as one body message (a
-    :class:`~pqe2ee.server._coalesce.Coalescer`; the init event on its own, at once)."""
-
-    def __init__(
-        self, upstream: httpx2.Response, encoder: StreamEncoder, *, slot: Slot, log: RequestLog
-    ) -> None:
-        super().__init__(upstream, encoder, slot=slot, log=log)
-        self._records = self._sealed_records()
+    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing held back (the
+    records of engine chunks that arrived together leave as one body message)."""
 
     async def pump(self, send: Send) -> str | None:
         await self.send_start(send)
-
-        async def sink(data: bytes, more: bool) -> None:
-            await self.send_body(send, data, more=more)
-
         try:
-            await Coalescer().run(self._records, sink)
+            await self.send_records(send, self._sealed_records())
         except (httpx2.HTTPError, httpx2.StreamError):
             code = ErrorCode.UPSTREAM_ERROR.value
             message = "the engine's stream broke"
@@ -91,12 +79,6 @@ class SealedStream(EngineStream[StreamEncoder]):
             self._log.bytes_in += len(chunk)
             yield encoder.feed(chunk)
         yield encoder.finish()
-
-    async def finish(self, outcome: StreamOutcome) -> None:
-        try:
-            await self._records.aclose()  # (left suspended when the client hung up)
-        finally:
-            await super().finish(outcome)
 
 
 class V1Handler:
