@@ -6,10 +6,9 @@ failure. Over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx2
 import pytest
 
@@ -22,6 +21,7 @@ from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
 from pqe2ee.server.instance.v1 import SealedStream
 from pqe2ee.server.instance.v2 import SealedStreamV2
 from test_protocol_response import v2_exchange
+from test_proxy_coalesce import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -42,24 +42,6 @@ async def at_once(chunks: list[bytes], error: Exception | None = None) -> AsyncI
         raise error
 
 
-async def _serve(stream: SealedStream) -> list[MutableMapping[str, Any]]:
-    """Run ``stream`` as an ASGI app; the messages it sent."""
-    sent: list[MutableMapping[str, Any]] = []
-    done = anyio.Event()
-
-    async def receive() -> dict[str, Any]:
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
-    await stream(scope, receive, send)
-    done.set()
-    return sent
-
-
 def _sealed(engine: httpx2.Response) -> tuple[SealedStream, Any, Slot]:
     key = KEM.generate()
     slot = Slot(Concurrency(4))
@@ -74,7 +56,7 @@ def _sealed(engine: httpx2.Response) -> tuple[SealedStream, Any, Slot]:
 async def test_engine_chunks_that_arrived_together_leave_as_one_body_message() -> None:
     engine = httpx2.Response(200, content=at_once(CHUNKS))
     stream, key, slot = _sealed(engine)
-    sent = await _serve(stream)
+    sent = await serve(stream)
     assert sent[0]["type"] == "http.response.start"
     bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
     # was one message per engine chunk plus the init and an empty end: 11 messages and writes
@@ -94,7 +76,7 @@ async def test_engine_chunks_that_arrived_together_leave_as_one_body_message() -
 async def test_an_engine_that_breaks_off_gets_what_came_before_then_the_error() -> None:
     engine = httpx2.Response(200, content=at_once(CHUNKS[:3], httpx2.ReadError("gone")))
     stream, key, slot = _sealed(engine)
-    sent = await _serve(stream)
+    sent = await serve(stream)
     bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
     assert all(more for _, more in bodies)  # no clean end
     assert bodies[-1][0].startswith(b'data: {"e2e_error":{"code":"upstream_error"')
@@ -120,7 +102,7 @@ def _sealed_v2(engine: httpx2.Response) -> tuple[SealedStreamV2, Any, Slot]:
 async def test_v2_engine_chunks_that_arrived_together_leave_as_one_body_message() -> None:
     engine = httpx2.Response(200, content=at_once(CHUNKS))
     stream, ex, slot = _sealed_v2(engine)
-    sent = await _serve(stream)
+    sent = await serve(stream)
     bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
     assert [more for _, more in bodies] == [True, False]  # init and HEAD, then the rest
     dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
@@ -132,7 +114,7 @@ async def test_v2_engine_chunks_that_arrived_together_leave_as_one_body_message(
 async def test_v2_an_engine_that_breaks_off_ends_with_an_authenticated_error() -> None:
     engine = httpx2.Response(200, content=at_once(CHUNKS[:3], httpx2.ReadError("gone")))
     stream, ex, slot = _sealed_v2(engine)
-    sent = await _serve(stream)
+    sent = await serve(stream)
     bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
     assert bodies[-1][1] is False  # END carries the failure: a clean HTTP end
     dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
