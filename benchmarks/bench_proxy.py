@@ -119,7 +119,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], limit: float = 30.0) ->
 
 def _floor_app(relay: str) -> Any:
     """The minimal forwarder: the same transport and the same coalescing of what arrives
-    together into one body message as the proxy (:mod:`pqe2ee.proxy.app.coalesce`), nothing
+    together into one body message as the proxy (:mod:`pqe2ee.server._coalesce`), nothing
     else."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -127,7 +127,7 @@ def _floor_app(relay: str) -> Any:
     from starlette.routing import Route
     from starlette.types import Receive, Scope, Send
 
-    from pqe2ee.proxy.app.coalesce import Coalescer
+    from pqe2ee.server._coalesce import Coalescer
 
     state: dict[str, httpx2.AsyncClient] = {}
 

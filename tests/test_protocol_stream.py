@@ -23,6 +23,7 @@ from pqe2ee.errors import (
     DecryptError,
     ErrorCode,
     LimitExceeded,
+    LocalProtocolError,
     PQE2EEError,
     StreamError,
 )
@@ -856,6 +857,15 @@ def test_line_splitter_basic() -> None:
     assert s.pending == 0
 
 
+def test_line_splitter_breaks_at_newline_only() -> None:
+    # a whole chunk of lines is split at "\n" alone: a lone "\r" stays inside its line
+    s = LineSplitter(max_line=100)
+    assert s.feed(b"a\rb\nc\r\n\n") == [b"a\rb\n", b"c\r\n", b"\n"]
+    assert s.feed(b"x\x0by\x0c\x1c\x85\n") == [b"x\x0by\x0c\x1c\x85\n"]
+    assert s.feed(b"d\ne\n") == [b"d\n", b"e\n"]
+    assert s.pending == 0
+
+
 def test_line_splitter_bounds() -> None:
     s = LineSplitter(max_line=10)
     assert s.feed(b"x" * 9 + b"\n") == [b"x" * 9 + b"\n"]  # 10 bytes with the newline: fits
@@ -1014,3 +1024,12 @@ def test_sealer_nonces_from_the_system_source_are_fresh_past_each_batch(
         StreamDecryptor(kem.from_seed(SEED), aead=aead), sealer.init_event() + b"".join(records)
     )
     assert inner_bytes(events) == b"".join(inner)
+
+
+def test_sealer_checks_the_nonces_of_a_source_passed_in(kem: KEM, aead: AEAD) -> None:
+    """Nonces from the default source are 12 bytes by construction and sealed unchecked; a
+    source passed in is still checked per record (a wrong length is the caller's error)."""
+    key = kem.from_seed(SEED)
+    short = StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=lambda n: b"\0" * 11)
+    with pytest.raises(LocalProtocolError, match="nonce must be 12 bytes"):
+        short.seal_record(b"data: x\n")

@@ -1,5 +1,5 @@
 """The proxy's streamed answers go out in as few body messages as the data allows, and nothing is
-held back: :class:`~pqe2ee.proxy.app.coalesce.Coalescer` on its own, then the proxy's SSE answer
+held back: :class:`~pqe2ee.server._coalesce.Coalescer` on its own, then the proxy's SSE answer
 (:class:`~pqe2ee.proxy.app.streaming.StreamResponse`) over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import anyio.lowlevel
 import httpx2
 import pytest
 
-from pqe2ee.proxy.app.coalesce import MAX_BATCH, Coalescer
 from pqe2ee.proxy.app.metrics import Metrics
 from pqe2ee.proxy.app.streaming import OpenStreams, PassthroughBody, StreamResponse
+from pqe2ee.server._asgi import StreamedResponse
+from pqe2ee.server._coalesce import MAX_BATCH, Coalescer
 
 pytestmark = pytest.mark.anyio
 
@@ -156,7 +157,7 @@ async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
 # the proxy's SSE answer over ASGI
 
 
-async def _serve(response: StreamResponse) -> list[MutableMapping[str, Any]]:
+async def serve(response: StreamedResponse) -> list[MutableMapping[str, Any]]:
     """Run ``response`` as an ASGI app; the messages it sent."""
     sent: list[MutableMapping[str, Any]] = []
     done = anyio.Event()
@@ -190,7 +191,7 @@ async def test_events_decoded_together_reach_the_client_as_one_body_message() ->
         streams=OpenStreams(),
         route="chat",
     )
-    sent = await _serve(response)
+    sent = await serve(response)
     assert sent[0]["type"] == "http.response.start"
     bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
     # was one message per event plus an empty end: 7 messages, 7 writes, 7 frames to read

@@ -39,10 +39,10 @@ class LineSplitter:
             buf += data
             data = bytes(buf)
             buf.clear()
-        if data.find(b"\n") == len(data) - 1:  # exactly one whole line: the usual record
-            if len(data) > self._max:
-                raise LimitExceeded(f"line longer than {self._max} bytes")
-            return [data]
+        if data.endswith(b"\n") and len(data) <= self._max and b"\r" not in data:
+            # Whole lines, none over the bound (the usual chunk: an event, a record): without a
+            # "\r", the lines split at "\n" and keep it, the same as the loop below gives.
+            return data.splitlines(keepends=True)
         parts = data.split(b"\n")
         tail = parts.pop()
         if len(data) > self._max and (

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+from binascii import b2a_base64
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,11 +131,13 @@ class _PooledRandom:
 class StreamSealer:
     """Seals records into outer SSE events for one response stream (instance side).
 
-    With the default ``random_bytes`` the nonces are read in batches (:class:`_PooledRandom`);
-    a ``random_bytes`` passed in is called once per record, as before.
+    With the default ``random_bytes`` the nonces are read in batches (:class:`_PooledRandom`)
+    and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes by
+    construction); a ``random_bytes`` passed in is called once per record, as before, and its
+    nonces go through :meth:`AEADCipher.encrypt`, which checks them.
     """
 
-    __slots__ = ("_cipher", "_kem_ct", "_random")
+    __slots__ = ("_encrypt", "_kem_ct", "_random")
 
     def __init__(
         self,
@@ -146,8 +149,13 @@ class StreamSealer:
     ) -> None:
         kem_ct, shared_secret = kem.encapsulate(response_public_key)
         self._kem_ct = kem_ct
-        self._cipher = aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
-        self._random = _PooledRandom() if random_bytes is system_random else random_bytes
+        cipher = aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
+        self._random: RandomBytes
+        self._encrypt: Callable[[bytes, bytes, bytes | None], bytes]
+        if random_bytes is system_random:
+            self._random, self._encrypt = _PooledRandom(), cipher.sealer()
+        else:
+            self._random, self._encrypt = random_bytes, cipher.encrypt
 
     def init_event(self) -> bytes:
         """``data: {"e2e_init":"<b64 kem ct>"}\\n\\n`` - send it first."""
@@ -155,11 +163,21 @@ class StreamSealer:
 
     def seal_record(self, plaintext: bytes) -> bytes:
         """One ``data: {"e2e":"..."}\\n\\n`` event carrying ``plaintext``."""
+        out: list[bytes] = []
+        self.seal_into(out, plaintext)
+        return b"".join(out)
+
+    def seal_into(self, out: list[bytes], plaintext: bytes) -> None:
+        """:meth:`seal_record`'s event appended to ``out`` in parts, for one join per chunk."""
         nonce = self._random(CHACHA_NONCE_LEN)
-        sealed = self._cipher.encrypt(nonce, plaintext, None)
         # 12 bytes are 16 base64 characters with no padding: the nonce's base64 followed by the
         # sealed bytes' is that of nonce || sealed, without copying the record to join them.
-        return b"".join((_RECORD_PREFIX, b64encode(nonce), b64encode(sealed), _EVENT_SUFFIX))
+        out += (
+            _RECORD_PREFIX,
+            b2a_base64(nonce, newline=False),
+            b2a_base64(self._encrypt(nonce, plaintext, None), newline=False),
+            _EVENT_SUFFIX,
+        )
 
     @staticmethod
     def usage_event(usage: Any) -> bytes:
@@ -191,15 +209,15 @@ class StreamEncoder:
         return self._sealer.init_event()
 
     def _records(self, lines: list[bytes]) -> bytes:
-        seal = self._sealer.seal_record
-        if not self._emit_usage:
-            return b"".join([seal(line) for line in lines])
+        seal_into = self._sealer.seal_into
         out: list[bytes] = []
+        emit_usage = self._emit_usage
         for line in lines:
-            usage = extract_usage(line)
-            if usage is not None:
-                out.append(StreamSealer.usage_event(usage))
-            out.append(seal(line))
+            if emit_usage:
+                usage = extract_usage(line)
+                if usage is not None:
+                    out.append(StreamSealer.usage_event(usage))
+            seal_into(out, line)
         return b"".join(out)
 
     def feed(self, chunk: bytes) -> bytes:

@@ -10,7 +10,7 @@ it sends comes from a body:
   and re-emitted by a dialect's translator.
 
 Either way a stream that breaks ends with the dialect's error event, never a clean end. The
-body's chunks reach the client through a :class:`~pqe2ee.proxy.app.coalesce.Coalescer`: what
+body's chunks reach the client through a :class:`~pqe2ee.server._coalesce.Coalescer`: what
 was decoded from one upstream read goes out as one body message (one write, one chunked frame).
 """
 
@@ -30,11 +30,11 @@ from pqe2ee.errors import ErrorCode, PQE2EEError
 from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.sse import SSEParser
 from pqe2ee.proxy.app._plumbing import ENCODER
-from pqe2ee.proxy.app.coalesce import Coalescer
 from pqe2ee.proxy.app.failures import Dialect, Failure, fail_of
 from pqe2ee.proxy.app.metrics import Metrics
 from pqe2ee.proxy.translate.chat import ChatReply, StreamEvent, decode_chat_chunk
 from pqe2ee.server._asgi import ClientGone, DisconnectWatch, StreamedResponse, StreamOutcome
+from pqe2ee.server._coalesce import Coalescer
 
 __all__ = [
     "SSE_HEADERS",
@@ -117,7 +117,7 @@ SHUTTING_DOWN: Final = "shutting_down"
 class StreamResponse(StreamedResponse):
     """An SSE answer produced by ``body`` while the upstream response is open.
 
-    The body's chunks are sent through a :class:`~pqe2ee.proxy.app.coalesce.Coalescer` (those
+    The body's chunks are sent through a :class:`~pqe2ee.server._coalesce.Coalescer` (those
     that are there together as one message; the last one carries the end when it can). The
     shared :class:`~pqe2ee.server._asgi.StreamedResponse` watches for the client's
     disconnect and cancels the copy at once (even while the upstream is silent); whatever

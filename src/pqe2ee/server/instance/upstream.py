@@ -10,7 +10,7 @@ is its business.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -30,6 +30,7 @@ from pqe2ee.server._asgi import (
     watch_disconnect,
 )
 from pqe2ee.server._client import PostTarget, backend_client
+from pqe2ee.server._coalesce import Coalescer
 from pqe2ee.server.instance.config import InstanceConfig, model_chute_id
 from pqe2ee.server.instance.exchange import (
     SSE_HEADERS,
@@ -251,7 +252,8 @@ def safe_url(url: str) -> str:
 class EngineStream(StreamedResponse, Generic[E]):
     """A streamed answer that owns the engine response and the concurrency slot: both are
     released whatever happens (clean end, engine break, client hang-up - which also cancels the
-    engine request). Subclasses write the body in :meth:`pump` with ``encoder``."""
+    engine request). Subclasses write the body in :meth:`pump` with ``encoder``, the outer
+    stream through :meth:`send_records`."""
 
     def __init__(
         self, upstream: httpx2.Response, encoder: E, *, slot: Slot, log: RequestLog
@@ -262,6 +264,7 @@ class EngineStream(StreamedResponse, Generic[E]):
         self._slot = slot
         self._log = log
         self._code: str | None = None
+        self._records: AsyncGenerator[bytes, None] | None = None
 
     def engine_chunks(self) -> AsyncIterator[bytes]:
         """The engine's body as it arrives. The instance asks for ``identity``, so it is
@@ -271,6 +274,19 @@ class EngineStream(StreamedResponse, Generic[E]):
         if "content-encoding" in upstream.headers:
             return upstream.aiter_bytes()
         return upstream.aiter_raw()
+
+    async def send_records(self, send: Send, records: AsyncGenerator[bytes, None]) -> None:
+        """Send the outer stream ``records`` gives (its last part ends the body) with as few
+        body messages as the engine's data allows: the parts of engine chunks that arrived
+        together go out as one (:class:`~pqe2ee.server._coalesce.Coalescer`; the first part
+        on its own, at once; nothing held back). If ``records`` raises, what it gave before
+        is sent (the body not ended) and its exception raised."""
+        self._records = records
+
+        async def sink(data: bytes, more: bool) -> None:
+            await self.send_body(send, data, more=more)
+
+        await Coalescer().run(records, sink)
 
     async def pump(self, send: Send) -> str | None:
         """Stream until the engine ends; returns an error code, or None for a clean end."""
@@ -288,4 +304,8 @@ class EngineStream(StreamedResponse, Generic[E]):
         self._slot.release()
         self._log.bytes_out += self.bytes_sent
         self._log.emit(status, code)
-        await self._upstream.aclose()
+        try:
+            if self._records is not None:
+                await self._records.aclose()  # (left suspended when the client hung up)
+        finally:
+            await self._upstream.aclose()

@@ -9,6 +9,8 @@ abrupt close, never with anything that looks like a clean end.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+
 import httpx2
 from starlette.requests import Request
 from starlette.responses import Response
@@ -49,18 +51,13 @@ def _stream_encoder(sealer: StreamSealer) -> StreamEncoder:
 
 
 class SealedStream(EngineStream[StreamEncoder]):
-    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing buffered."""
+    """Engine SSE in, outer v1 SSE out, one record per engine line, nothing held back (the
+    records of engine chunks that arrived together leave as one body message)."""
 
     async def pump(self, send: Send) -> str | None:
         await self.send_start(send)
-        await self.send_body(send, self._encoder.start())
         try:
-            async for chunk in self.engine_chunks():
-                self._log.bytes_in += len(chunk)
-                out = self._encoder.feed(chunk)
-                if out:
-                    await self.send_body(send, out)
-            tail = self._encoder.finish()
+            await self.send_records(send, self._sealed_records())
         except (httpx2.HTTPError, httpx2.StreamError):
             code = ErrorCode.UPSTREAM_ERROR.value
             message = "the engine's stream broke"
@@ -68,12 +65,20 @@ class SealedStream(EngineStream[StreamEncoder]):
             code = ErrorCode.OVERSIZE.value
             message = "the engine sent a line longer than the record limit"
         else:
-            await self.send_body(send, tail, more=False)
             return None
         # No final empty chunk: returning now makes the server drop the connection, so no
         # client can mistake this for a clean end.
         await self.send_body(send, StreamSealer.error_event({"code": code, "message": message}))
         return code
+
+    async def _sealed_records(self) -> AsyncGenerator[bytes, None]:
+        """The outer stream: the init event, the records of each engine chunk, the last."""
+        encoder = self._encoder
+        yield encoder.start()
+        async for chunk in self.engine_chunks():
+            self._log.bytes_in += len(chunk)
+            yield encoder.feed(chunk)
+        yield encoder.finish()
 
 
 class V1Handler:

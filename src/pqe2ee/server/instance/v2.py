@@ -12,7 +12,7 @@ authenticated records (HEAD ... END).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final
 
 import httpx2
@@ -88,33 +88,35 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
     engine chunk, then the usage copy and END - with ``error`` when the engine broke off or
     timed out, so the client gets an authenticated failure, never a clean-looking end. If a
     record cannot be sealed the response is aborted (no final chunk: the connection drops and
-    the client reports truncation); a record is never skipped."""
+    the client reports truncation); a record is never skipped. The records of engine chunks
+    that arrived together leave as one body message."""
+
+    _error: UpstreamError | None = None
 
     async def pump(self, send: Send) -> str | None:
         await self.send_start(send)
-        upstream = self._upstream
-        error: UpstreamError | None = None
         try:
-            await self.send_body(
-                send,
-                self._encoder.start(upstream.status_code, upstream.headers.get("content-type")),
-            )
-            try:
-                async for chunk in self.engine_chunks():
-                    self._log.bytes_in += len(chunk)
-                    out = self._encoder.feed(chunk)
-                    if out:
-                        await self.send_body(send, out)
-            except httpx2.TimeoutException:
-                error = timed_out().upstream_error()
-            except (httpx2.HTTPError, httpx2.StreamError):
-                error = unreachable("the engine's stream broke").upstream_error()
-            tail = self._encoder.finish(error=error)
+            await self.send_records(send, self._sealed_records())
         except PQE2EEError as exc:
             logger.error("v2 stream aborted: a record could not be sealed (%s)", exc.code.value)
             return exc.code.value
-        await self.send_body(send, tail, more=False)
-        return None if error is None else error.type
+        return None if self._error is None else self._error.type
+
+    async def _sealed_records(self) -> AsyncGenerator[bytes, None]:
+        """The outer stream: init and HEAD, the records of each engine chunk, then END (with
+        the engine's failure, if it broke off or timed out: kept in ``_error``)."""
+        upstream = self._upstream
+        encoder = self._encoder
+        yield encoder.start(upstream.status_code, upstream.headers.get("content-type"))
+        try:
+            async for chunk in self.engine_chunks():
+                self._log.bytes_in += len(chunk)
+                yield encoder.feed(chunk)
+        except httpx2.TimeoutException:
+            self._error = timed_out().upstream_error()
+        except (httpx2.HTTPError, httpx2.StreamError):
+            self._error = unreachable("the engine's stream broke").upstream_error()
+        yield encoder.finish(error=self._error)
 
 
 class V2Handler:

@@ -1,9 +1,10 @@
 """Relaying a streamed body with as few writes as the data allows.
 
-A decrypted stream reaches the proxy as one chunk per event (the transport hands over each
-chunked-encoding frame of the relay's answer as it decodes it), yet the relay's frames arrive
-many to one socket read. Sent as they come, every event would cost its own ASGI message, socket
-write and chunked frame - and the client its own read - on both sides of the extra hop.
+A streamed answer reaches a server as one chunk per event (httpx2 hands over each
+chunked-encoding frame of the upstream's answer as it decodes it), yet the frames arrive many to
+one socket read: the proxy's decrypted stream from the relay, the instance's engine stream.
+Sent as they come, every event would cost its own ASGI message, socket write and chunked frame -
+and the next hop its own read - on both sides of the hop.
 
 :class:`Coalescer` runs the source in a task of its own and hands the sink whatever the source
 produced while the previous send was under way: the events decoded from one upstream read go
@@ -39,12 +40,15 @@ class Coalescer:
     been given yet - after a cancellation, say - so that a caller can still send it.
     """
 
-    __slots__ = ("_ended", "_error", "_parts", "_size", "_taken", "_wake")
+    __slots__ = ("_ended", "_error", "_event", "_parts", "_size", "_taken", "_wake")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._size = 0
         self._wake = anyio.Event()  # set when there is something for the sink
+        # The running backend's own event class: ``anyio.Event()`` looks the backend up on every
+        # call (sniffio, the current task: a getpid system call on Python 3.11), twice a batch.
+        self._event: type[anyio.Event] = type(self._wake)
         self._taken: anyio.Event | None = None  # set when the sink's side took the parts
         self._ended = False
         self._error: Exception | None = None
@@ -88,7 +92,7 @@ class Coalescer:
                 self._wake.set()
                 if first or self._size >= MAX_BATCH:  # the sink takes these before we go on
                     first = False
-                    taken = self._taken = anyio.Event()
+                    taken = self._taken = self._event()
                     await taken.wait()
         except Exception as exc:  # handed to the sink's side, after the data before it
             self._error = exc
@@ -99,7 +103,7 @@ class Coalescer:
     async def _drain(self, sink: Sink) -> None:
         while True:
             await self._wake.wait()
-            self._wake = anyio.Event()
+            self._wake = self._event()
             ended = self._ended
             data = self.pending()
             if ended:

@@ -1,0 +1,124 @@
+"""The instance's streams (v1 and v2) go out in as few body messages as the engine's data
+allows: the records of engine chunks that arrived together leave as one message (the init event
+first, on its own), the stream the same as with one message per chunk; an engine that breaks
+off still gets what came before, then v1's error event and no clean end, or v2's END with the
+failure. Over ASGI, under asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from pqe2ee.backends import get_aead, get_kem
+from pqe2ee.errors import ErrorCode, PQE2EEError
+from pqe2ee.protocol import NEED_DATA, Done, StreamDecryptor, StreamEncoder, StreamSealer, Usage
+from pqe2ee.protocol.response import ResponseDecoder
+from pqe2ee.protocol.v2 import StreamEncoderV2
+from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
+from pqe2ee.server.instance.v1 import SealedStream
+from pqe2ee.server.instance.v2 import SealedStreamV2
+from test_protocol_response import v2_exchange
+from test_proxy_coalesce import serve
+
+pytestmark = pytest.mark.anyio
+
+KEM = get_kem()
+AEAD = get_aead()
+
+CHUNKS = [
+    b'data: {"choices":[{"delta":{"content":"w%d"}}],"usage":{"total_tokens":%d}}\n\n' % (i, i)
+    for i in range(8)
+] + [b"data: [DONE]\n\n"]
+
+
+async def at_once(chunks: list[bytes], error: Exception | None = None) -> AsyncIterator[bytes]:
+    """An engine whose chunks are all there: the stream never waits between them."""
+    for chunk in chunks:
+        yield chunk
+    if error is not None:
+        raise error
+
+
+def _sealed(engine: httpx2.Response) -> tuple[SealedStream, Any, Slot]:
+    key = KEM.generate()
+    slot = Slot(Concurrency(4))
+    encoder = StreamEncoder(StreamSealer(key.public_key, kem=KEM, aead=AEAD))
+    return (
+        SealedStream(engine, encoder, slot=slot, log=RequestLog("POST", "/e2e/invoke")),
+        key,
+        slot,
+    )
+
+
+async def test_engine_chunks_that_arrived_together_leave_as_one_body_message() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS))
+    stream, key, slot = _sealed(engine)
+    sent = await serve(stream)
+    assert sent[0]["type"] == "http.response.start"
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    # was one message per engine chunk plus the init and an empty end: 11 messages and writes
+    assert [more for _, more in bodies] == [True, False]
+    assert bodies[0][0].startswith(b'data: {"e2e_init":"') and bodies[0][0].count(b"\n\n") == 1
+    decryptor = StreamDecryptor(key, aead=AEAD)
+    decryptor.receive_data(b"".join(body for body, _ in bodies))
+    decryptor.receive_eof()
+    events = list(iter(decryptor.next_event, NEED_DATA))
+    assert decryptor.complete
+    assert sum(isinstance(e, Usage) for e in events) == 8  # one per engine chunk with usage
+    assert any(isinstance(e, Done) for e in events)
+    assert decryptor.records == 2 * len(CHUNKS)  # one per engine line, as before
+    assert engine.is_closed and not slot._held
+
+
+async def test_an_engine_that_breaks_off_gets_what_came_before_then_the_error() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS[:3], httpx2.ReadError("gone")))
+    stream, key, slot = _sealed(engine)
+    sent = await serve(stream)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert all(more for _, more in bodies)  # no clean end
+    assert bodies[-1][0].startswith(b'data: {"e2e_error":{"code":"upstream_error"')
+    decryptor = StreamDecryptor(key, aead=AEAD)
+    decryptor.receive_data(b"".join(body for body, _ in bodies[:-1]))
+    assert decryptor.records == 6  # the three chunks' records all went out
+    assert engine.is_closed and not slot._held
+
+
+# --------------------------------------------------------------------------------------------
+# v2
+
+
+def _sealed_v2(engine: httpx2.Response) -> tuple[SealedStreamV2, Any, Slot]:
+    ex = v2_exchange(True)
+    slot = Slot(Concurrency(4))
+    stream = SealedStreamV2(
+        engine, StreamEncoderV2(ex.sealer), slot=slot, log=RequestLog("POST", "/e2e/invoke")
+    )
+    return stream, ex, slot
+
+
+async def test_v2_engine_chunks_that_arrived_together_leave_as_one_body_message() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS))
+    stream, ex, slot = _sealed_v2(engine)
+    sent = await serve(stream)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert [more for _, more in bodies] == [True, False]  # init and HEAD, then the rest
+    dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
+    events = dec.feed(b"".join(body for body, _ in bodies)) + dec.eof()
+    assert b"".join(e.raw for e in events if hasattr(e, "raw")) == b"".join(CHUNKS)
+    assert engine.is_closed and not slot._held
+
+
+async def test_v2_an_engine_that_breaks_off_ends_with_an_authenticated_error() -> None:
+    engine = httpx2.Response(200, content=at_once(CHUNKS[:3], httpx2.ReadError("gone")))
+    stream, ex, slot = _sealed_v2(engine)
+    sent = await serve(stream)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert bodies[-1][1] is False  # END carries the failure: a clean HTTP end
+    dec = ResponseDecoder(ex.secrets(), aead=AEAD, stream=True)
+    with pytest.raises(PQE2EEError) as info:
+        dec.feed(b"".join(body for body, _ in bodies))
+    assert info.value.code is ErrorCode.UPSTREAM_ERROR
+    assert engine.is_closed and not slot._held
