@@ -74,6 +74,8 @@ MODEL = "dev-echo"
 SHORT_PROMPT = "Say hello to the benchmark."
 LONG_WORDS = 500
 CLIENTS = ("ours-plain", "ours-e2ee", "ref-plain", "ref-e2ee")
+#: The fifth client: benchmarks/_floor_client.py (the least a v1 client can do), our venv and SDK.
+FLOOR = "floor-e2ee"
 #: nonstream: one call; short: a streamed 5-word echo (~8 SSE events); stream: LONG_WORDS words.
 OPS = ("nonstream", "short", "stream")
 #: Issue 14's targets for reference overhead / ours, same run.
@@ -181,9 +183,14 @@ WORKER = textwrap.dedent(
     r"""
     import json, sys, time
 
-    kind, engine, relay, key, model, protocol = sys.argv[1:7]
+    kind, engine, relay, key, model, protocol, bench_dir = sys.argv[1:8]
     short_prompt, long_prompt = json.loads(sys.stdin.readline())
-    if kind.startswith("ours"):
+    if kind == "floor-e2ee":
+        import httpx2 as httpx_lib
+        sys.path.insert(0, bench_dir)
+        from _floor_client import FloorTransport
+        transport = FloorTransport(key, relay)
+    elif kind.startswith("ours"):
         import httpx2 as httpx_lib
         transport = None
         if kind == "ours-e2ee":
@@ -263,10 +270,11 @@ WORKER = textwrap.dedent(
 
 class Client:
     def __init__(self, kind: str, engine: str, relay: str, protocol: str) -> None:
-        python = OUR_PYTHON if kind.startswith("ours") else REF_PYTHON
+        python = REF_PYTHON if kind.startswith("ref") else OUR_PYTHON
         self.kind = kind
+        bench_dir = str(Path(__file__).resolve().parent)
         self.proc = subprocess.Popen(
-            [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol],
+            [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol, bench_dir],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -327,6 +335,8 @@ class Results:
     encaps: list[float] = field(default_factory=list)
     decaps: list[float] = field(default_factory=list)
     keygen: list[float] = field(default_factory=list)
+    #: the floor client's own KEM calls (keygen + encaps + decaps, direct), s each
+    floor_kem: list[float] = field(default_factory=list)
 
     def get(self, kind: str, op: str) -> Samples:
         return self.data.setdefault((kind, op), Samples())
@@ -344,17 +354,32 @@ def measure_kem(res: Results, n: int) -> None:
         t = time.perf_counter()
         k.decapsulate(ct)
         res.decaps.append(time.perf_counter() - t)
+    from _floor_client import kem_functions  # (beside this file)
+
+    _, keygen, encaps, decaps = kem_functions()
+    instance_pk, _ = keygen()
+    for _ in range(n):
+        t = time.perf_counter()
+        _, sk = keygen()
+        ct, _ = encaps(instance_pk)
+        decaps(sk, ct)
+        res.floor_kem.append(time.perf_counter() - t)
+
+
+def kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    """The clients of this run: the four, and the floor client unless ``--no-floor``."""
+    return CLIENTS if args.no_floor else (*CLIENTS, FLOOR)
 
 
 def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
     res = Results()
     with stack() as (engine, relay):
-        clients = {k: Client(k, engine, relay, args.protocol) for k in CLIENTS}
+        clients = {k: Client(k, engine, relay, args.protocol) for k in kinds(args)}
         try:
             for c in clients.values():
                 c.ready()
             versions = {k: c.openai for k, c in clients.items()}
-            order = list(CLIENTS)
+            order = list(kinds(args))
             for i in range(args.rounds):
                 rot = order[i % len(order) :] + order[: i % len(order)]
                 for kind in rot:
@@ -384,9 +409,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def paired_overhead(res: Results, sdk: str, op: str) -> list[float]:
-    """Per round: E2EE CPU per call minus plain CPU per call (same round)."""
+    """Per round: E2EE CPU per call minus plain CPU per call (same round). The floor client
+    (``sdk="floor"``) runs our SDK: its baseline is ``ours-plain``."""
     e2ee = res.get(f"{sdk}-e2ee", op).slice_cpu
-    plain = res.get(f"{sdk}-plain", op).slice_cpu
+    plain = res.get(f"{'ours' if sdk == 'floor' else sdk}-plain", op).slice_cpu
     return [a - b for a, b in zip(e2ee, plain, strict=True)]
 
 
@@ -421,7 +447,7 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     for op in OPS:
-        for kind in CLIENTS:
+        for kind in kinds(args):
             s = res.get(kind, op)
             cpu = statistics.median(s.slice_cpu) * ms
             print(
@@ -462,7 +488,7 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
         "| client CPU µs per event | E2EE overhead µs per event |"
     )
     print("|---|---|---:|---:|---:|---:|---:|")
-    for op, kind in [(op, kind) for op in ("short", "stream") for kind in CLIENTS]:
+    for op, kind in [(op, kind) for op in ("short", "stream") for kind in kinds(args)]:
         s = res.get(kind, op)
         events = statistics.median(s.events)
         wall = pct(s.wall, 0.5)
@@ -500,6 +526,55 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
         )
     print(
         "noise: ± is half the interquartile range of the per-round CPU per call, as % of its median"
+    )
+    if not args.no_floor:
+        floor_report(res)
+
+
+def floor_report(res: Results) -> None:
+    """The floor client next to ours and the reference: what any Python client could reach."""
+    us = 1e6
+    kem_us = statistics.median(res.floor_kem) * us
+    print(
+        "\nFloor: benchmarks/_floor_client.py, the least a v1 client does per request (same SDK "
+        "and httpx2.Client as ours; no pool, attestation, retries, limits, v2). Overhead = "
+        "client CPU over ours-plain, same round; streams also per SSE event."
+    )
+    print(
+        "\n| request | floor overhead µs | ours µs | reference µs | **ref / floor** (best "
+        "reachable) | target | ref / ours | ours / floor | ours − floor µs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    over: dict[tuple[str, str], float] = {}
+    for op in OPS:
+        events = statistics.median(res.get("ours-e2ee", op).events)
+        for sdk in ("floor", "ours", "ref"):
+            over[(sdk, op)] = statistics.median(paired_overhead(res, sdk, op)) * us
+        rows = [("per call", 1.0)]
+        if op != "nonstream":
+            rows.append(("per event", events))
+        for unit, div in rows:
+            f, o, r = (over[(sdk, op)] / div for sdk in ("floor", "ours", "ref"))
+            print(
+                f"| {op}, {unit} | {f:.1f} | {o:.1f} | {r:.1f} | **{r / f:.1f}×** "
+                f"| ≥ {TARGETS[op]}× | {r / o:.1f}× | {o / f:.1f}× | {o - f:+.1f} |"
+            )
+    print()
+    for op in OPS:
+        f, o, r = (over[(sdk, op)] for sdk in ("floor", "ours", "ref"))
+        reach = r / TARGETS[op]
+        verdict = "meets it: reachable" if r / f >= TARGETS[op] else "misses it: UNREACHABLE"
+        print(
+            f"floor {op}: reference / floor = {r / f:.1f}× — the floor itself {verdict} by "
+            f"measurement (≥ {TARGETS[op]}× needs ours ≤ {reach:.0f} µs per call; floor "
+            f"{f:.0f}, ours {o:.0f} µs)"
+        )
+    f, o = over[("floor", "nonstream")], over[("ours", "nonstream")]
+    verdict = "meets" if f <= kem_us + 60 else "misses"
+    print(
+        f"floor nonstream: floor overhead {f:.0f} µs = KEM {kem_us:.0f} µs (keygen + encaps + "
+        f"decaps, the floor's direct calls, warm) + {f - kem_us:.0f} µs: the floor itself "
+        f"{verdict} 'KEM + 60 µs'; ours = KEM + {o - kem_us:.0f} µs, ours − floor = {o - f:.0f} µs"
     )
 
 
@@ -585,6 +660,82 @@ def keypool_table() -> None:
         print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
 
 
+def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
+    """cProfile's ``total_calls`` per non-stream call (``n`` calls) and per streamed event
+    (``n // 10`` streams of ``prompt``), after a warm-up."""
+    import cProfile
+    import pstats
+
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+
+    def call() -> int:
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
+        )
+        assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
+        return 1
+
+    def stream() -> int:
+        s = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options=usage,
+        )
+        text = [c.choices[0].delta.content or "" for c in s if c.choices]
+        assert "".join(text) == "Echo: " + prompt
+        return len(text)
+
+    for _ in range(5):
+        call()
+        stream()
+    counts = []
+    for fn, reps in ((call, n), (stream, max(1, n // 10))):
+        prof = cProfile.Profile()
+        prof.enable()
+        units = sum(fn() for _ in range(reps))
+        prof.disable()
+        counts.append(pstats.Stats(prof).total_calls / units)  # type: ignore[attr-defined]
+    return counts[0], counts[1]
+
+
+def count_table(n: int) -> None:
+    """Python function calls (cProfile) per non-stream call and per streamed event of the long
+    stream, for ours-plain, the floor client and ours (v1), in this process: deterministic,
+    unlike CPU time."""
+    import openai
+    from _floor_client import FloorTransport  # (beside this file)
+
+    with stack() as (engine, relay):
+        transports: dict[str, Any] = {
+            "ours-plain": None,
+            "floor-e2ee": FloorTransport(KEY, relay),
+            "ours-e2ee": pqe2ee.E2EETransport(
+                api_key=KEY, api_base=relay, models_base=relay, prefer_v2=False
+            ),
+        }
+        print(f"openai {openai.__version__}; {n} calls and {max(1, n // 10)} long streams each")
+        print(
+            "\n| client | Python calls per non-stream call | over plain "
+            "| per streamed event | over plain |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        base: tuple[float, float] | None = None
+        for kind, transport in transports.items():
+            with openai.OpenAI(
+                api_key=KEY,
+                base_url=(engine if transport is None else relay) + "/v1",
+                max_retries=0,
+                http_client=httpx2.Client(transport=transport, timeout=60),
+            ) as client:
+                call, event = _python_calls(client, long_prompt(), n)
+            base = base or (call, event)
+            print(
+                f"| {kind} | {call:,.0f} | {call - base[0]:+,.0f} "
+                f"| {event:.1f} | {event - base[1]:+.1f} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (~20 s)")
@@ -598,7 +749,19 @@ def main() -> None:
         help="our transport's wire version (v1: as the reference; auto: its default)",
     )
     ap.add_argument("--keypool", action="store_true", help="only the key pool table (~10 s)")
+    ap.add_argument(
+        "--no-floor", action="store_true", help="without the floor client (_floor_client.py)"
+    )
+    ap.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="only Python calls per request (cProfile) for plain, floor and ours, N calls each",
+    )
     args = ap.parse_args()
+    if args.count:
+        count_table(args.count)
+        return
     if args.keypool:
         keypool_table()
         return
