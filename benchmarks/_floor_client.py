@@ -170,8 +170,8 @@ class _Stream(httpx2.SyncByteStream):
 class FloorTransport(httpx2.BaseTransport):
     """The thinnest correct v1 client (see the module's docstring for all it leaves out)."""
 
-    def __init__(self, api_key: str, relay: str) -> None:
-        self._inner = httpx2.HTTPTransport()
+    def __init__(self, api_key: str, relay: str, inner: httpx2.BaseTransport | None = None) -> None:
+        self._inner = httpx2.HTTPTransport() if inner is None else inner
         self._relay = relay
         self._auth = f"Bearer {api_key}"
         self._invoke = httpx2.URL(relay + "/e2e/invoke")

@@ -55,7 +55,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ LONG_WORDS = 500
 CLIENTS = ("ours-plain", "ours-e2ee", "ref-plain", "ref-e2ee")
 #: The fifth client: benchmarks/_floor_client.py (the least a v1 client can do), our venv and SDK.
 FLOOR = "floor-e2ee"
+#: The clients whose non-stream calls are split into sections in situ (thread CPU).
+SPLIT = ("ours-plain", FLOOR, "ours-e2ee")
 #: nonstream: one call; short: a streamed 5-word echo (~8 SSE events); stream: LONG_WORDS words.
 OPS = ("nonstream", "short", "stream")
 #: Issue 14's targets for reference overhead / ours, same run.
@@ -254,6 +256,11 @@ WORKER = textwrap.dedent(
 
     for line in sys.stdin:
         cmd = json.loads(line)
+        if cmd["op"] == "split":  # (our venv only: bench_client imports pqe2ee)
+            sys.path.insert(0, bench_dir)
+            from bench_client import split_calls
+            print(json.dumps({"split": split_calls(http, nonstream, cmd["n"])}), flush=True)
+            continue
         fn, n = ops[cmd["op"]], cmd["n"]
         walls, cpus, events = [], [], []
         c_slice = time.process_time()
@@ -312,6 +319,48 @@ class Client:
             self.proc.wait()
 
 
+def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
+    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
+    the client's transport, its inner transport (relay send + answer head; for plain: the
+    engine's) and, for the floor client, its KEM calls. The wrappers (~1 µs each) are set on
+    the instances only while measuring."""
+    clock, acc = time.thread_time, {}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def timed(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+
+        def wrapper(*args: Any) -> Any:
+            t = clock()
+            try:
+                return fn(*args)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t
+
+        patched.append((obj, attr, vars(obj).get(attr)))
+        setattr(obj, attr, wrapper)
+
+    outer = http._transport
+    timed(outer, "handle_request", "transport")
+    timed(getattr(outer, "_inner", None), "handle_request", "inner")
+    for attr in ("_keygen", "_encaps", "_decaps"):
+        timed(outer, attr, "kem")
+    rows = []
+    for _ in range(n):
+        acc.clear()
+        t = clock()
+        call()
+        rows.append({"call": clock() - t, **acc})
+    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
+        if own is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, own)
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
 def long_prompt() -> str:
     words = "lattice kyber token stream record nonce secure inference relay engine".split()
     return " ".join(words[i % len(words)] + str(i) for i in range(LONG_WORDS))
@@ -337,6 +386,8 @@ class Results:
     keygen: list[float] = field(default_factory=list)
     #: the floor client's own KEM calls (keygen + encaps + decaps, direct), s each
     floor_kem: list[float] = field(default_factory=list)
+    #: (client, section) -> thread CPU s per non-stream call (see the worker's ``split``)
+    split: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def get(self, kind: str, op: str) -> Samples:
         return self.data.setdefault((kind, op), Samples())
@@ -393,6 +444,12 @@ def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
                         s.events += out["events"]
                         s.slice_cpu.append(out["slice_cpu"] / n)
                 measure_kem(res, 5)
+            if not args.no_floor:  # the in-situ split, 3 alternations of the three
+                for _ in range(3):
+                    for kind in SPLIT:
+                        out = clients[kind].run("split", 2 * args.calls)["split"]
+                        for name, values in out.items():
+                            res.split.setdefault((kind, name), []).extend(values)
         finally:
             for c in clients.values():
                 c.close()
@@ -531,6 +588,32 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
         floor_report(res)
 
 
+def print_split(split: dict[tuple[str, str], list[float]], kem_us: float | None) -> None:
+    """The table of :func:`split_calls` sections per client (medians, µs)."""
+    us = 1e6
+
+    def med(kind: str, name: str) -> float:
+        values = split.get((kind, name))
+        return statistics.median(values) * us if values else 0.0
+
+    print(
+        "\n| client | whole call | SDK outside transport | transport | inner (send + head) "
+        "| floor's KEM | transport's own rest |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in SPLIT:
+        call, transport = med(kind, "call"), med(kind, "transport")
+        inner = med(kind, "inner") if (kind, "inner") in split else transport
+        kem = med(kind, "kem")
+        kem_cell = ""
+        if kind == FLOOR:
+            kem_cell = f"{kem:.0f}" + ("" if kem_us is None else f" (warm {kem_us:.0f})")
+        print(
+            f"| {kind} | {call:.0f} | {call - transport:.0f} | {transport:.0f} | {inner:.0f} "
+            f"| {kem_cell} | {transport - inner - kem:.0f} |"
+        )
+
+
 def floor_report(res: Results) -> None:
     """The floor client next to ours and the reference: what any Python client could reach."""
     us = 1e6
@@ -569,6 +652,13 @@ def floor_report(res: Results) -> None:
             f"measurement (≥ {TARGETS[op]}× needs ours ≤ {reach:.0f} µs per call; floor "
             f"{f:.0f}, ours {o:.0f} µs)"
         )
+    print(
+        "\nIn situ, thread CPU per non-stream call (µs, medians; 3 alternations of 2 × --calls "
+        "calls each, after the rounds): 'inner' is the inner httpx2 transport's send + answer "
+        "head (plain: the engine's, E2EE: the relay's); 'SDK outside' is openai + "
+        "httpx2.Client around the transport."
+    )
+    print_split(res.split, kem_us)
     f, o = over[("floor", "nonstream")], over[("ours", "nonstream")]
     verdict = "meets" if f <= kem_us + 60 else "misses"
     print(
@@ -734,6 +824,105 @@ def count_table(n: int) -> None:
                 f"| {kind} | {call:,.0f} | {call - base[0]:+,.0f} "
                 f"| {event:.1f} | {event - base[1]:+.1f} |"
             )
+        engine_json = httpx2.post(
+            engine + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": SHORT_PROMPT}]},
+        ).content
+    warm_table(engine_json, n)
+
+
+def _mock_relay(engine_json: bytes) -> httpx2.MockTransport:
+    """A relay + instance in this process (no sockets): model listing, discovery (10,000
+    nonces), and invoke answered with ``engine_json`` sealed to the request's response key."""
+    import base64
+
+    from pqe2ee.backends import get_aead
+    from pqe2ee.protocol.v1.envelope import open_request, seal_response
+
+    kem, aead = get_kem("auto"), get_aead("auto")
+    key = kem.generate()
+    chute = "5f0c4a8e-1b2d-4c3e-9f00-0123456789ab"
+    models = {"data": [{"id": MODEL, "chute_id": chute}]}
+    found = {
+        "instances": [
+            {
+                "instance_id": "i-0",
+                "e2e_pubkey": base64.b64encode(key.public_key).decode(),
+                "nonces": [f"n{i:031d}" for i in range(10_000)],
+            }
+        ],
+        "nonce_expires_in": 3600,
+        "nonce_expires_at": int(time.time()) + 3600,
+    }
+    blob_headers = {"content-type": "application/octet-stream"}
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        if path == "/e2e/invoke":
+            opened = open_request(request.read(), key, aead=aead)
+            blob = seal_response(engine_json, opened.response_public_key, kem=kem, aead=aead)
+            return httpx2.Response(200, headers=blob_headers, content=blob)
+        if path == "/v1/models":
+            return httpx2.Response(200, json=models)
+        if path == f"/e2e/instances/{chute}":
+            return httpx2.Response(200, json=found)
+        return httpx2.Response(404, json={"detail": "not here"})
+
+    return httpx2.MockTransport(handle)
+
+
+def warm_table(engine_json: bytes, n: int) -> None:
+    """The split of :func:`split_calls` with the relay (or engine) replaced by an in-process
+    mock: what each client's own code costs warm, without sockets or servers sharing the cores
+    (the mock's own CPU is its 'inner' section, left out of the transport's rest)."""
+    import openai
+    from _floor_client import FloorTransport  # (beside this file)
+
+    relay = "http://relay.mock"
+    plain = httpx2.MockTransport(
+        lambda _: httpx2.Response(
+            200, headers={"content-type": "application/json"}, content=engine_json
+        )
+    )
+    transports: dict[str, Any] = {
+        "ours-plain": plain,
+        "floor-e2ee": FloorTransport(KEY, relay, inner=_mock_relay(engine_json)),
+        "ours-e2ee": pqe2ee.E2EETransport(
+            api_key=KEY,
+            api_base=relay,
+            models_base=relay,
+            prefer_v2=False,
+            inner=_mock_relay(engine_json),
+        ),
+    }
+    https = {k: httpx2.Client(transport=t, timeout=60) for k, t in transports.items()}
+    sdks = {
+        k: openai.OpenAI(api_key=KEY, base_url=relay + "/v1", max_retries=0, http_client=h)
+        for k, h in https.items()
+    }
+
+    def caller(sdk: Any) -> Callable[[], object]:
+        def call() -> None:
+            r = sdk.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
+            )
+            assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
+
+        return call
+
+    calls = {k: caller(sdk) for k, sdk in sdks.items()}
+    split: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(6):  # alternated; the first round is a warm-up
+        for kind in transports:
+            out = split_calls(https[kind], calls[kind], max(10, n // 5))
+            for name, values in out.items():
+                if rnd:
+                    split.setdefault((kind, name), []).extend(values)
+    print(
+        "\nWarm, in this process, the relay (or engine) a mock (no sockets, no servers): "
+        "thread CPU per non-stream call, µs, medians"
+    )
+    print_split(split, None)
 
 
 def main() -> None:
