@@ -276,16 +276,28 @@ WORKER = textwrap.dedent(
 
 
 class Client:
-    def __init__(self, kind: str, engine: str, relay: str, protocol: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        engine: str,
+        relay: str,
+        protocol: str,
+        wrap: tuple[str, ...] = (),
+        stderr: Any = None,
+    ) -> None:
+        """``wrap``: a command to run the worker under (valgrind), ``stderr`` where its
+        stderr goes."""
         python = REF_PYTHON if kind.startswith("ref") else OUR_PYTHON
         self.kind = kind
         bench_dir = str(Path(__file__).resolve().parent)
+        argv = [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol, bench_dir]
         self.proc = subprocess.Popen(
-            [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol, bench_dir],
+            [*wrap, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0"},
         )
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
@@ -313,7 +325,7 @@ class Client:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
-            self.proc.wait(10)
+            self.proc.wait(10 if self.proc.args[0] != "valgrind" else 300)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -750,6 +762,76 @@ def keypool_table() -> None:
         print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
 
 
+VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
+
+
+def _instructions(
+    kind: str, engine: str, relay: str, ops: list[tuple[str, int]]
+) -> tuple[int, int]:
+    """(instructions, SSE events) of one worker process of ``kind`` under cachegrind that
+    runs ``ops`` after its warm-up (valgrind's ``I refs``: start-up and warm-up included)."""
+    import re
+
+    with tempfile.TemporaryFile("w+") as err:
+        client = Client(kind, engine, relay, "v1", wrap=VALGRIND, stderr=err)
+        events = 0
+        try:
+            client.ready()
+            for op, n in ops:
+                events += sum(client.run(op, n)["events"])
+        finally:
+            client.close()
+        err.seek(0)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", err.read())
+    if found is None:
+        raise RuntimeError(f"{kind}: no instruction count from valgrind")
+    return int(found.group(1).replace(",", "")), events
+
+
+def instructions_table(n: int) -> None:
+    """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
+    for every client: deterministic, unlike CPU time (three worker runs each: warm-up only,
+    plus ``n`` calls, plus ``n`` calls and ``n // 20`` long streams; the differences)."""
+    streams = max(1, n // 20)
+    order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
+    per: dict[str, tuple[float, float]] = {}
+    with stack() as (engine, relay):
+        for kind in order:
+            base, _ = _instructions(kind, engine, relay, [])
+            calls, _ = _instructions(kind, engine, relay, [("nonstream", n)])
+            both, events = _instructions(
+                kind, engine, relay, [("nonstream", n), ("stream", streams)]
+            )
+            per[kind] = ((calls - base) / n, (both - calls) / events)
+            print(
+                f"  {kind}: {per[kind][0]:,.0f} per call, {per[kind][1]:,.0f} per event", flush=True
+            )
+    print(
+        f"\nInstructions (valgrind cachegrind I refs, PYTHONHASHSEED=0) per non-stream call "
+        f"({n} calls) and per streamed event ({streams} long streams), client process only"
+    )
+    print(
+        "\n| client | per non-stream call | over its plain | per streamed event | over its plain |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    over: dict[str, tuple[float, float]] = {}
+    for kind in order:
+        plain = per["ref-plain" if kind.startswith("ref") else "ours-plain"]
+        call, event = per[kind]
+        over[kind] = (call - plain[0], event - plain[1])
+        print(
+            f"| {kind} | {call:,.0f} | {over[kind][0]:+,.0f} | {event:,.0f} "
+            f"| {over[kind][1]:+,.1f} |"
+        )
+    print()
+    for i, what in enumerate(("non-stream call", "streamed event")):
+        f, o, r = over[FLOOR][i], over["ours-e2ee"][i], over["ref-e2ee"][i]
+        print(
+            f"instructions over plain per {what}: reference / floor = {r / f:.2f}×, "
+            f"reference / ours = {r / o:.2f}×, ours − floor = {o - f:+,.0f} ({o / f:.2f}× the floor)"
+        )
+
+
 def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
     """cProfile's ``total_calls`` per non-stream call (``n`` calls) and per streamed event
     (``n // 10`` streams of ``prompt``), after a warm-up."""
@@ -947,7 +1029,16 @@ def main() -> None:
         metavar="N",
         help="only Python calls per request (cProfile) for plain, floor and ours, N calls each",
     )
+    ap.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="only instructions per request (valgrind) for all five clients, N calls each",
+    )
     args = ap.parse_args()
+    if args.instructions:
+        instructions_table(args.instructions)
+        return
     if args.count:
         count_table(args.count)
         return
