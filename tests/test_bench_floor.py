@@ -38,34 +38,39 @@ def _load_floor() -> ModuleType:
 floor = _load_floor()
 
 
+class _Recorder:
+    """The relay app, recording each HTTP request's path and body (as read so far)."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.seen: list[tuple[str, bytes]] = []
+
+    def wrap(self, app: Any) -> _Recorder:
+        self.app = app
+        return self
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        at, path = len(self.seen), scope["path"]
+        self.seen.append((path, b""))
+
+        async def recorded() -> Any:
+            message = await receive()
+            self.seen[at] = (path, self.seen[at][1] + message.get("body", b""))
+            return message
+
+        await self.app(scope, recorded, send)
+
+
 @pytest.fixture(scope="module")
 def relay() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """A real chain whose relay records each request's path and body (3 nonces a discovery)."""
-    seen: list[tuple[str, bytes]] = []
-
-    def wrap(app: Any) -> Any:
-        async def logged(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            parts: list[bytes] = []
-            seen.append((scope["path"], b""))
-            at = len(seen) - 1
-
-            async def recorded() -> Any:
-                message = await receive()
-                parts.append(message.get("body", b""))
-                seen[at] = (scope["path"], b"".join(parts))
-                return message
-
-            await app(scope, recorded, send)
-
-        return logged
-
-    with serve_chain(
-        1, api_keys=(KEY,), rate_limit=10_000, nonces_per_instance=3, wrap_relay=wrap
-    ) as chain:
-        yield chain.relay, seen
+    """A real chain whose relay records what it is sent; 3 nonces a discovery."""
+    recorder = _Recorder()
+    chain_kw = {"rate_limit": 10_000, "nonces_per_instance": 3}
+    with serve_chain(1, api_keys=(KEY,), wrap_relay=recorder.wrap, **chain_kw) as chain:
+        yield chain.relay, recorder.seen
 
 
 def _sdk(url: str) -> openai.OpenAI:
