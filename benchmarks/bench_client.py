@@ -4,10 +4,10 @@ next to the published reference client (chutes-e2ee 0.1.0), each over its own pl
 Run by hand (not part of the test suite)::
 
     .venv/bin/python benchmarks/bench_client.py            # ~65 s
-    .venv/bin/python benchmarks/bench_client.py --quick    # ~20 s
+    .venv/bin/python benchmarks/bench_client.py --quick    # ~25 s (quiet box)
 
 The servers are ``pqe2ee`` command-line processes on loopback (dev-engine, instance, relay).
-Four clients, each its own long-lived process, take turns (one at a time, order rotated every
+Five clients, each its own long-lived process, take turns (one at a time, order rotated every
 round, so drift and the servers' share of the 2 cores hit all alike):
 
 * ``ours plain``: openai 3.x (our venv), ``httpx2.Client()``, straight at the dev-engine;
@@ -17,6 +17,12 @@ round, so drift and the servers' share of the 2 cores hit all alike):
 * ``ref plain``: openai<3 (``.venv-ref``), ``httpx.Client()``, straight at the dev-engine;
 * ``ref E2EE``: the same SDK with ``httpx.Client(transport=ChutesE2EETransport(api_key,
   api_base=relay))``.
+* ``floor E2EE`` (unless ``--no-floor``): our SDK with ``benchmarks/_floor_client.py``, the least
+  a v1 client can do per request (no checks, pool, retries, attestation or v2): its overhead is
+  the floor any Python client pays on this stack. The floor table gives reference / floor (the
+  best ratio reachable: below a target, the target is unreachable by measurement) and
+  ours − floor (what our library costs above the minimum); after the rounds a non-stream call's
+  thread CPU is split in situ (SDK outside the transport, inner send + head, KEM, the rest).
 
 Each round every client runs ``--calls`` non-streamed chats (a one-line prompt), twice
 ``--streams`` short streamed chats (that prompt echoed: ~8 SSE events) and ``--streams``
@@ -34,7 +40,10 @@ hops. The KEM backend's encaps + decaps is measured in this process between roun
 
 The dev-engine is a test stand-in: these are protocol costs, not inference.
 
-``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
+``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
+ours-plain, floor and ours, and the split warm against an in-process mock relay;
+``--instructions N`` valgrind instructions per call and per event for all five clients
+(deterministic; a few minutes per client). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
 backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
 and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
 """
