@@ -678,7 +678,7 @@ def floor_report(res: Results) -> None:
         reach = r / TARGETS[op]
         verdict = "meets it: reachable" if r / f >= TARGETS[op] else "misses it: UNREACHABLE"
         print(
-            f"floor {op}: reference / floor = {r / f:.1f}× — the floor itself {verdict} by "
+            f"floor {op}: reference / floor = {r / f:.2f}× — the floor itself {verdict} by "
             f"measurement (≥ {TARGETS[op]}× needs ours ≤ {reach:.0f} µs per call; floor "
             f"{f:.0f}, ours {o:.0f} µs)"
         )
