@@ -4,10 +4,10 @@ next to the published reference client (chutes-e2ee 0.1.0), each over its own pl
 Run by hand (not part of the test suite)::
 
     .venv/bin/python benchmarks/bench_client.py            # ~65 s
-    .venv/bin/python benchmarks/bench_client.py --quick    # ~20 s
+    .venv/bin/python benchmarks/bench_client.py --quick    # ~25 s (quiet box)
 
 The servers are ``pqe2ee`` command-line processes on loopback (dev-engine, instance, relay).
-Four clients, each its own long-lived process, take turns (one at a time, order rotated every
+Five clients, each its own long-lived process, take turns (one at a time, order rotated every
 round, so drift and the servers' share of the 2 cores hit all alike):
 
 * ``ours plain``: openai 3.x (our venv), ``httpx2.Client()``, straight at the dev-engine;
@@ -17,6 +17,12 @@ round, so drift and the servers' share of the 2 cores hit all alike):
 * ``ref plain``: openai<3 (``.venv-ref``), ``httpx.Client()``, straight at the dev-engine;
 * ``ref E2EE``: the same SDK with ``httpx.Client(transport=ChutesE2EETransport(api_key,
   api_base=relay))``.
+* ``floor E2EE`` (unless ``--no-floor``): our SDK with ``benchmarks/_floor_client.py``, the least
+  a v1 client can do per request (no checks, pool, retries, attestation or v2): its overhead is
+  the floor any Python client pays on this stack. The floor table gives reference / floor (the
+  best ratio reachable: below a target, the target is unreachable by measurement) and
+  ours − floor (what our library costs above the minimum); after the rounds a non-stream call's
+  thread CPU is split in situ (SDK outside the transport, inner send + head, KEM, the rest).
 
 Each round every client runs ``--calls`` non-streamed chats (a one-line prompt), twice
 ``--streams`` short streamed chats (that prompt echoed: ~8 SSE events) and ``--streams``
@@ -34,7 +40,10 @@ hops. The KEM backend's encaps + decaps is measured in this process between roun
 
 The dev-engine is a test stand-in: these are protocol costs, not inference.
 
-``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
+``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
+ours-plain, floor and ours, and the split warm against an in-process mock relay;
+``--instructions N`` valgrind instructions per call and per event for all five clients
+(deterministic; a few minutes per client). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
 backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
 and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
 """
@@ -43,10 +52,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
 import queue
+import resource
 import socket
 import statistics
 import subprocess
@@ -55,7 +66,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +85,10 @@ MODEL = "dev-echo"
 SHORT_PROMPT = "Say hello to the benchmark."
 LONG_WORDS = 500
 CLIENTS = ("ours-plain", "ours-e2ee", "ref-plain", "ref-e2ee")
+#: The fifth client: benchmarks/_floor_client.py (the least a v1 client can do), our venv and SDK.
+FLOOR = "floor-e2ee"
+#: The clients whose non-stream calls are split into sections in situ (thread CPU).
+SPLIT = ("ours-plain", FLOOR, "ours-e2ee")
 #: nonstream: one call; short: a streamed 5-word echo (~8 SSE events); stream: LONG_WORDS words.
 OPS = ("nonstream", "short", "stream")
 #: Issue 14's targets for reference overhead / ours, same run.
@@ -181,9 +196,14 @@ WORKER = textwrap.dedent(
     r"""
     import json, sys, time
 
-    kind, engine, relay, key, model, protocol = sys.argv[1:7]
+    kind, engine, relay, key, model, protocol, bench_dir = sys.argv[1:8]
     short_prompt, long_prompt = json.loads(sys.stdin.readline())
-    if kind.startswith("ours"):
+    if kind == "floor-e2ee":
+        import httpx2 as httpx_lib
+        sys.path.insert(0, bench_dir)
+        from _floor_client import FloorTransport
+        transport = FloorTransport(key, relay)
+    elif kind.startswith("ours"):
         import httpx2 as httpx_lib
         transport = None
         if kind == "ours-e2ee":
@@ -247,6 +267,11 @@ WORKER = textwrap.dedent(
 
     for line in sys.stdin:
         cmd = json.loads(line)
+        if cmd["op"] == "split":  # (our venv only: bench_client imports pqe2ee)
+            sys.path.insert(0, bench_dir)
+            from bench_client import split_calls
+            print(json.dumps({"split": split_calls(http, nonstream, cmd["n"])}), flush=True)
+            continue
         fn, n = ops[cmd["op"]], cmd["n"]
         walls, cpus, events = [], [], []
         c_slice = time.process_time()
@@ -262,15 +287,28 @@ WORKER = textwrap.dedent(
 
 
 class Client:
-    def __init__(self, kind: str, engine: str, relay: str, protocol: str) -> None:
-        python = OUR_PYTHON if kind.startswith("ours") else REF_PYTHON
+    def __init__(
+        self,
+        kind: str,
+        engine: str,
+        relay: str,
+        protocol: str,
+        wrap: tuple[str, ...] = (),
+        stderr: Any = None,
+    ) -> None:
+        """``wrap``: a command to run the worker under (valgrind), ``stderr`` where its
+        stderr goes."""
+        python = REF_PYTHON if kind.startswith("ref") else OUR_PYTHON
         self.kind = kind
+        bench_dir = str(Path(__file__).resolve().parent)
+        argv = [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol, bench_dir]
         self.proc = subprocess.Popen(
-            [str(python), "-c", WORKER, kind, engine, relay, KEY, MODEL, protocol],
+            [*wrap, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0"},
         )
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
@@ -298,10 +336,56 @@ class Client:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
-            self.proc.wait(10)
+            self.proc.wait(10 if self.proc.args[0] != "valgrind" else 300)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
+    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
+    the client's transport, its inner transport (relay send + answer head; for plain: the
+    engine's) and, for the floor client, its KEM calls; and the call's system (kernel) time.
+    The wrappers (~1 µs each) are set on the instances only while measuring."""
+    clock, acc = time.thread_time, {}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def timed(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+
+        def wrapper(*args: Any) -> Any:
+            t = clock()
+            try:
+                return fn(*args)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t
+
+        patched.append((obj, attr, vars(obj).get(attr)))
+        setattr(obj, attr, wrapper)
+
+    outer = http._transport
+    timed(outer, "handle_request", "transport")
+    timed(getattr(outer, "_inner", None), "handle_request", "inner")
+    for attr in ("_keygen", "_encaps", "_decaps"):
+        timed(outer, attr, "kem")
+    rows = []
+    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+    for _ in range(n):
+        acc.clear()
+        before = usage()
+        t = clock()
+        call()
+        rows.append({"call": clock() - t, **acc})
+        after = usage()
+        rows[-1]["sys"] = after.ru_stime - before.ru_stime
+    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
+        if own is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, own)
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def long_prompt() -> str:
@@ -327,6 +411,10 @@ class Results:
     encaps: list[float] = field(default_factory=list)
     decaps: list[float] = field(default_factory=list)
     keygen: list[float] = field(default_factory=list)
+    #: the floor client's own KEM calls (keygen + encaps + decaps, direct), s each
+    floor_kem: list[float] = field(default_factory=list)
+    #: (client, section) -> thread CPU s per non-stream call (see the worker's ``split``)
+    split: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def get(self, kind: str, op: str) -> Samples:
         return self.data.setdefault((kind, op), Samples())
@@ -344,17 +432,32 @@ def measure_kem(res: Results, n: int) -> None:
         t = time.perf_counter()
         k.decapsulate(ct)
         res.decaps.append(time.perf_counter() - t)
+    from _floor_client import kem_functions  # (beside this file)
+
+    _, keygen, encaps, decaps = kem_functions()
+    instance_pk, _ = keygen()
+    for _ in range(n):
+        t = time.perf_counter()
+        _, sk = keygen()
+        ct, _ = encaps(instance_pk)
+        decaps(sk, ct)
+        res.floor_kem.append(time.perf_counter() - t)
+
+
+def kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    """The clients of this run: the four, and the floor client unless ``--no-floor``."""
+    return CLIENTS if args.no_floor else (*CLIENTS, FLOOR)
 
 
 def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
     res = Results()
     with stack() as (engine, relay):
-        clients = {k: Client(k, engine, relay, args.protocol) for k in CLIENTS}
+        clients = {k: Client(k, engine, relay, args.protocol) for k in kinds(args)}
         try:
             for c in clients.values():
                 c.ready()
             versions = {k: c.openai for k, c in clients.items()}
-            order = list(CLIENTS)
+            order = list(kinds(args))
             for i in range(args.rounds):
                 rot = order[i % len(order) :] + order[: i % len(order)]
                 for kind in rot:
@@ -368,6 +471,12 @@ def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
                         s.events += out["events"]
                         s.slice_cpu.append(out["slice_cpu"] / n)
                 measure_kem(res, 5)
+            if not args.no_floor:  # the in-situ split, 3 alternations of the three
+                for _ in range(3):
+                    for kind in SPLIT:
+                        out = clients[kind].run("split", 2 * args.calls)["split"]
+                        for name, values in out.items():
+                            res.split.setdefault((kind, name), []).extend(values)
         finally:
             for c in clients.values():
                 c.close()
@@ -384,9 +493,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def paired_overhead(res: Results, sdk: str, op: str) -> list[float]:
-    """Per round: E2EE CPU per call minus plain CPU per call (same round)."""
+    """Per round: E2EE CPU per call minus plain CPU per call (same round). The floor client
+    (``sdk="floor"``) runs our SDK: its baseline is ``ours-plain``."""
     e2ee = res.get(f"{sdk}-e2ee", op).slice_cpu
-    plain = res.get(f"{sdk}-plain", op).slice_cpu
+    plain = res.get(f"{'ours' if sdk == 'floor' else sdk}-plain", op).slice_cpu
     return [a - b for a, b in zip(e2ee, plain, strict=True)]
 
 
@@ -421,7 +531,7 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     for op in OPS:
-        for kind in CLIENTS:
+        for kind in kinds(args):
             s = res.get(kind, op)
             cpu = statistics.median(s.slice_cpu) * ms
             print(
@@ -462,7 +572,7 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
         "| client CPU µs per event | E2EE overhead µs per event |"
     )
     print("|---|---|---:|---:|---:|---:|---:|")
-    for op, kind in [(op, kind) for op in ("short", "stream") for kind in CLIENTS]:
+    for op, kind in [(op, kind) for op in ("short", "stream") for kind in kinds(args)]:
         s = res.get(kind, op)
         events = statistics.median(s.events)
         wall = pct(s.wall, 0.5)
@@ -500,6 +610,91 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
         )
     print(
         "noise: ± is half the interquartile range of the per-round CPU per call, as % of its median"
+    )
+    if not args.no_floor:
+        floor_report(res)
+
+
+def print_split(split: dict[tuple[str, str], list[float]], kem_us: float | None) -> None:
+    """The table of :func:`split_calls` sections per client (medians, µs)."""
+    us = 1e6
+
+    def med(kind: str, name: str) -> float:
+        values = split.get((kind, name))
+        if not values:
+            return 0.0
+        # (kernel time is sampled at clock ticks: its mean, not a median of 0s and ticks)
+        return (statistics.fmean if name == "sys" else statistics.median)(values) * us
+
+    print(
+        "\n| client | whole call | of it in the kernel (mean) | SDK outside transport | transport "
+        "| inner (send + head) | floor's KEM | transport's own rest |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in SPLIT:
+        call, transport = med(kind, "call"), med(kind, "transport")
+        inner = med(kind, "inner") if (kind, "inner") in split else transport
+        kem = med(kind, "kem")
+        kem_cell = ""
+        if kind == FLOOR:
+            kem_cell = f"{kem:.0f}" + ("" if kem_us is None else f" (warm {kem_us:.0f})")
+        print(
+            f"| {kind} | {call:.0f} | {med(kind, 'sys'):.0f} | {call - transport:.0f} "
+            f"| {transport:.0f} | {inner:.0f} | {kem_cell} | {transport - inner - kem:.0f} |"
+        )
+
+
+def floor_report(res: Results) -> None:
+    """The floor client next to ours and the reference: what any Python client could reach."""
+    us = 1e6
+    kem_us = statistics.median(res.floor_kem) * us
+    print(
+        "\nFloor: benchmarks/_floor_client.py, the least a v1 client does per request (same SDK "
+        "and httpx2.Client as ours; no pool, attestation, retries, limits, v2). Overhead = "
+        "client CPU over ours-plain, same round; streams also per SSE event."
+    )
+    print(
+        "\n| request | floor overhead µs | ours µs | reference µs | **ref / floor** (best "
+        "reachable) | target | ref / ours | ours / floor | ours − floor µs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    over: dict[tuple[str, str], float] = {}
+    for op in OPS:
+        events = statistics.median(res.get("ours-e2ee", op).events)
+        for sdk in ("floor", "ours", "ref"):
+            over[(sdk, op)] = statistics.median(paired_overhead(res, sdk, op)) * us
+        rows = [("per call", 1.0)]
+        if op != "nonstream":
+            rows.append(("per event", events))
+        for unit, div in rows:
+            f, o, r = (over[(sdk, op)] / div for sdk in ("floor", "ours", "ref"))
+            print(
+                f"| {op}, {unit} | {f:.1f} | {o:.1f} | {r:.1f} | **{r / f:.1f}×** "
+                f"| ≥ {TARGETS[op]}× | {r / o:.1f}× | {o / f:.1f}× | {o - f:+.1f} |"
+            )
+    print()
+    for op in OPS:
+        f, o, r = (over[(sdk, op)] for sdk in ("floor", "ours", "ref"))
+        reach = r / TARGETS[op]
+        verdict = "meets it: reachable" if r / f >= TARGETS[op] else "misses it: UNREACHABLE"
+        print(
+            f"floor {op}: reference / floor = {r / f:.2f}× — the floor itself {verdict} by "
+            f"measurement (≥ {TARGETS[op]}× needs ours ≤ {reach:.0f} µs per call; floor "
+            f"{f:.0f}, ours {o:.0f} µs)"
+        )
+    print(
+        "\nIn situ, thread CPU per non-stream call (µs, medians; 3 alternations of 2 × --calls "
+        "calls each, after the rounds): 'inner' is the inner httpx2 transport's send + answer "
+        "head (plain: the engine's, E2EE: the relay's); 'SDK outside' is openai + "
+        "httpx2.Client around the transport."
+    )
+    print_split(res.split, kem_us)
+    f, o = over[("floor", "nonstream")], over[("ours", "nonstream")]
+    verdict = "meets" if f <= kem_us + 60 else "misses"
+    print(
+        f"floor nonstream: floor overhead {f:.0f} µs = KEM {kem_us:.0f} µs (keygen + encaps + "
+        f"decaps, the floor's direct calls, warm) + {f - kem_us:.0f} µs: the floor itself "
+        f"{verdict} 'KEM + 60 µs'; ours = KEM + {o - kem_us:.0f} µs, ours − floor = {o - f:.0f} µs"
     )
 
 
@@ -585,6 +780,251 @@ def keypool_table() -> None:
         print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
 
 
+VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
+
+
+def _instructions(
+    kind: str, engine: str, relay: str, ops: list[tuple[str, int]]
+) -> tuple[int, int]:
+    """(instructions, SSE events) of one worker process of ``kind`` under cachegrind that
+    runs ``ops`` after its warm-up (valgrind's ``I refs``: start-up and warm-up included)."""
+    import re
+
+    with tempfile.TemporaryFile("w+") as err:
+        client = Client(kind, engine, relay, "v1", wrap=VALGRIND, stderr=err)
+        events = 0
+        try:
+            client.ready()
+            for op, n in ops:
+                events += sum(client.run(op, n)["events"])
+        finally:
+            client.close()
+        err.seek(0)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", err.read())
+    if found is None:
+        raise RuntimeError(f"{kind}: no instruction count from valgrind")
+    return int(found.group(1).replace(",", "")), events
+
+
+def instructions_table(n: int) -> None:
+    """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
+    for every client: deterministic, unlike CPU time (three worker runs each: warm-up only,
+    plus ``n`` calls, plus ``n`` calls and ``n // 20`` long streams; the differences)."""
+    streams = max(1, n // 20)
+    order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
+    per: dict[str, tuple[float, float]] = {}
+    with stack() as (engine, relay):
+        for kind in order:
+            base, _ = _instructions(kind, engine, relay, [])
+            calls, _ = _instructions(kind, engine, relay, [("nonstream", n)])
+            both, events = _instructions(
+                kind, engine, relay, [("nonstream", n), ("stream", streams)]
+            )
+            per[kind] = ((calls - base) / n, (both - calls) / events)
+            print(
+                f"  {kind}: {per[kind][0]:,.0f} per call, {per[kind][1]:,.0f} per event", flush=True
+            )
+    print(
+        f"\nInstructions (valgrind cachegrind I refs, PYTHONHASHSEED=0) per non-stream call "
+        f"({n} calls) and per streamed event ({streams} long streams), client process only"
+    )
+    print(
+        "\n| client | per non-stream call | over its plain | per streamed event | over its plain |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    over: dict[str, tuple[float, float]] = {}
+    for kind in order:
+        plain = per["ref-plain" if kind.startswith("ref") else "ours-plain"]
+        call, event = per[kind]
+        over[kind] = (call - plain[0], event - plain[1])
+        print(
+            f"| {kind} | {call:,.0f} | {over[kind][0]:+,.0f} | {event:,.0f} "
+            f"| {over[kind][1]:+,.1f} |"
+        )
+    print()
+    for i, what in enumerate(("non-stream call", "streamed event")):
+        f, o, r = over[FLOOR][i], over["ours-e2ee"][i], over["ref-e2ee"][i]
+        print(
+            f"instructions over plain per {what}: reference / floor = {r / f:.2f}×, "
+            f"reference / ours = {r / o:.2f}×, ours − floor = {o - f:+,.0f} ({o / f:.2f}× the floor)"
+        )
+
+
+def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
+    """cProfile's ``total_calls`` per non-stream call (``n`` calls) and per streamed event
+    (``n // 10`` streams of ``prompt``), after a warm-up."""
+    import cProfile
+    import pstats
+
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+
+    def call() -> int:
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
+        )
+        assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
+        return 1
+
+    def stream() -> int:
+        s = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options=usage,
+        )
+        text = [c.choices[0].delta.content or "" for c in s if c.choices]
+        assert "".join(text) == "Echo: " + prompt
+        return len(text)
+
+    for _ in range(5):
+        call()
+        stream()
+    counts = []
+    for fn, reps in ((call, n), (stream, max(1, n // 10))):
+        prof = cProfile.Profile()
+        prof.enable()
+        units = sum(fn() for _ in range(reps))
+        prof.disable()
+        counts.append(pstats.Stats(prof).total_calls / units)  # type: ignore[attr-defined]
+    return counts[0], counts[1]
+
+
+def count_table(n: int) -> None:
+    """Python function calls (cProfile) per non-stream call and per streamed event of the long
+    stream, for ours-plain, the floor client and ours (v1), in this process: deterministic,
+    unlike CPU time."""
+    import openai
+    from _floor_client import FloorTransport  # (beside this file)
+
+    with stack() as (engine, relay):
+        transports: dict[str, Any] = {
+            "ours-plain": None,
+            "floor-e2ee": FloorTransport(KEY, relay),
+            "ours-e2ee": pqe2ee.E2EETransport(
+                api_key=KEY, api_base=relay, models_base=relay, prefer_v2=False
+            ),
+        }
+        print(f"openai {openai.__version__}; {n} calls and {max(1, n // 10)} long streams each")
+        print(
+            "\n| client | Python calls per non-stream call | over plain "
+            "| per streamed event | over plain |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        base: tuple[float, float] | None = None
+        for kind, transport in transports.items():
+            with openai.OpenAI(
+                api_key=KEY,
+                base_url=(engine if transport is None else relay) + "/v1",
+                max_retries=0,
+                http_client=httpx2.Client(transport=transport, timeout=60),
+            ) as client:
+                call, event = _python_calls(client, long_prompt(), n)
+            base = base or (call, event)
+            print(
+                f"| {kind} | {call:,.0f} | {call - base[0]:+,.0f} "
+                f"| {event:.1f} | {event - base[1]:+.1f} |"
+            )
+        engine_json = httpx2.post(
+            engine + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": SHORT_PROMPT}]},
+        ).content
+    warm_table(engine_json, n)
+
+
+def _mock_relay(engine_json: bytes) -> httpx2.MockTransport:
+    """A relay + instance in this process (no sockets): model listing, discovery (10,000
+    nonces), and invoke answered with ``engine_json`` sealed to the request's response key."""
+    import base64
+
+    from pqe2ee.backends import get_aead
+    from pqe2ee.protocol.v1.envelope import open_request, seal_response
+
+    kem, aead = get_kem("auto"), get_aead("auto")
+    key = kem.generate()
+    chute = "5f0c4a8e-1b2d-4c3e-9f00-0123456789ab"
+    models = {"data": [{"id": MODEL, "chute_id": chute}]}
+    found = {
+        "instances": [
+            {
+                "instance_id": "i-0",
+                "e2e_pubkey": base64.b64encode(key.public_key).decode(),
+                "nonces": [f"n{i:031d}" for i in range(10_000)],
+            }
+        ],
+        "nonce_expires_in": 3600,
+        "nonce_expires_at": int(time.time()) + 3600,
+    }
+    blob_headers = {"content-type": "application/octet-stream"}
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        if path == "/e2e/invoke":
+            opened = open_request(request.read(), key, aead=aead)
+            blob = seal_response(engine_json, opened.response_public_key, kem=kem, aead=aead)
+            return httpx2.Response(200, headers=blob_headers, content=blob)
+        if path == "/v1/models":
+            return httpx2.Response(200, json=models)
+        if path == f"/e2e/instances/{chute}":
+            return httpx2.Response(200, json=found)
+        return httpx2.Response(404, json={"detail": "not here"})
+
+    return httpx2.MockTransport(handle)
+
+
+def warm_table(engine_json: bytes, n: int) -> None:
+    """The split of :func:`split_calls` with the relay (or engine) replaced by an in-process
+    mock: what each client's own code costs warm, without sockets or servers sharing the cores
+    (the mock's own CPU is its 'inner' section, left out of the transport's rest)."""
+    import openai
+    from _floor_client import FloorTransport  # (beside this file)
+
+    relay = "http://relay.mock"
+    plain = httpx2.MockTransport(
+        lambda _: httpx2.Response(
+            200, headers={"content-type": "application/json"}, content=engine_json
+        )
+    )
+    transports: dict[str, Any] = {
+        "ours-plain": plain,
+        "floor-e2ee": FloorTransport(KEY, relay, inner=_mock_relay(engine_json)),
+        "ours-e2ee": pqe2ee.E2EETransport(
+            api_key=KEY,
+            api_base=relay,
+            models_base=relay,
+            prefer_v2=False,
+            inner=_mock_relay(engine_json),
+        ),
+    }
+    https = {k: httpx2.Client(transport=t, timeout=60) for k, t in transports.items()}
+    sdks = {
+        k: openai.OpenAI(api_key=KEY, base_url=relay + "/v1", max_retries=0, http_client=h)
+        for k, h in https.items()
+    }
+
+    def caller(sdk: Any) -> Callable[[], object]:
+        def call() -> None:
+            r = sdk.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
+            )
+            assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
+
+        return call
+
+    calls = {k: caller(sdk) for k, sdk in sdks.items()}
+    split: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(6):  # alternated; the first round is a warm-up
+        for kind in transports:
+            out = split_calls(https[kind], calls[kind], max(10, n // 5))
+            for name, values in out.items():
+                if rnd:
+                    split.setdefault((kind, name), []).extend(values)
+    print(
+        "\nWarm, in this process, the relay (or engine) a mock (no sockets, no servers): "
+        "thread CPU per non-stream call, µs, medians"
+    )
+    print_split(split, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (~20 s)")
@@ -598,7 +1038,28 @@ def main() -> None:
         help="our transport's wire version (v1: as the reference; auto: its default)",
     )
     ap.add_argument("--keypool", action="store_true", help="only the key pool table (~10 s)")
+    ap.add_argument(
+        "--no-floor", action="store_true", help="without the floor client (_floor_client.py)"
+    )
+    ap.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="only Python calls per request (cProfile) for plain, floor and ours, N calls each",
+    )
+    ap.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="only instructions per request (valgrind) for all five clients, N calls each",
+    )
     args = ap.parse_args()
+    if args.instructions:
+        instructions_table(args.instructions)
+        return
+    if args.count:
+        count_table(args.count)
+        return
     if args.keypool:
         keypool_table()
         return
