@@ -56,7 +56,6 @@ import functools
 import json
 import os
 import platform
-import queue
 import resource
 import socket
 import statistics
@@ -64,7 +63,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -119,6 +117,15 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], limit: float = 30.0) ->
 
 
 _SERVER_PIDS: list[int] = []
+#: ``--pin``: the CPUs the servers and the clients run on (empty: wherever the kernel likes).
+_PIN: dict[str, set[int]] = {}
+
+
+def _pin(proc: subprocess.Popen[Any], role: str) -> None:
+    if role in _PIN:
+        os.sched_setaffinity(proc.pid, _PIN[role])
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -139,6 +146,7 @@ def _server(*args: str) -> Iterator[str]:
     cmd += ["--log-level", "warning"]
     env = {**os.environ, "PQE2EE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _pin(proc, "servers")
     url = f"http://127.0.0.1:{port}"
     _SERVER_PIDS.append(proc.pid)
     try:
@@ -310,6 +318,7 @@ class Client:
             text=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONHASHSEED": "0"},
         )
+        _pin(self.proc, "clients")
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
         self.proc.stdin.flush()
@@ -698,333 +707,6 @@ def floor_report(res: Results) -> None:
     )
 
 
-def _median_us(fn: Any, n: int = 300, gap: float = 0.0) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(n):
-        if gap:
-            time.sleep(gap)
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-class _Handoff:
-    """Another thread makes an object on request: the round trip a filler thread costs."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.asked = False
-        self.made: object | None = None
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        with self.cond:
-            while True:
-                while not self.asked:
-                    self.cond.wait()
-                self.asked, self.made = False, object()
-                self.cond.notify_all()
-
-    def ask(self) -> object:
-        with self.cond:
-            self.asked, self.made = True, None
-            self.cond.notify_all()
-            while self.made is None:
-                self.cond.wait()
-            return self.made
-
-
-def keypool_table() -> None:
-    from pqe2ee.backends import available
-    from pqe2ee.backends.xwing import available_xwing, get_xwing
-    from pqe2ee.transports._keypool import HANDOFF_COST, KeyPool, XWingKeyPool
-
-    requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-    answers: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    def serve() -> None:
-        while True:
-            requests.get()
-            answers.put(object())
-
-    threading.Thread(target=serve, daemon=True).start()
-    handoff = _Handoff()
-    print(f"Python {platform.python_version()} | {platform.machine()} × {os.cpu_count()} CPUs")
-    print(
-        f"hand-off round trip: Condition {_median_us(handoff.ask):.1f} µs, SimpleQueue "
-        f"{_median_us(lambda: (requests.put(None), answers.get())):.1f} µs; the pool's "
-        f"threshold HANDOFF_COST = {HANDOFF_COST * 1e6:.0f} µs"
-    )
-    print(
-        "\n| key | backend | keygen µs | take() no filler µs | take() filler, 2 ms apart µs "
-        "| filler by default |"
-    )
-    print("|---|---|---|---|---|---|")
-    gens: list[tuple[str, str, Any, Any]] = [
-        ("ML-KEM-768", n, get_kem(n), KeyPool) for n in available()
-    ] + [("X-Wing", n, get_xwing(n), XWingKeyPool) for n in available_xwing()]
-    for label, name, kem, pool_cls in gens:
-        keygen = _median_us(kem.generate)
-        bare = pool_cls(kem, 4, filler=False)
-        inline = _median_us(bare.take)
-        filled = pool_cls(kem, 4, filler=True)
-        spaced = _median_us(filled.take, n=200, gap=0.002)
-        auto = pool_cls(kem, 4)
-        for _ in range(4):
-            auto.take()
-        for pool in (bare, filled, auto):
-            pool.close()
-        print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
-
-
-VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
-
-
-def _instructions(
-    kind: str, engine: str, relay: str, ops: list[tuple[str, int]]
-) -> tuple[int, int]:
-    """(instructions, SSE events) of one worker process of ``kind`` under cachegrind that
-    runs ``ops`` after its warm-up (valgrind's ``I refs``: start-up and warm-up included)."""
-    import re
-
-    with tempfile.TemporaryFile("w+") as err:
-        client = Client(kind, engine, relay, "v1", wrap=VALGRIND, stderr=err)
-        events = 0
-        try:
-            client.ready()
-            for op, n in ops:
-                events += sum(client.run(op, n)["events"])
-        finally:
-            client.close()
-        err.seek(0)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", err.read())
-    if found is None:
-        raise RuntimeError(f"{kind}: no instruction count from valgrind")
-    return int(found.group(1).replace(",", "")), events
-
-
-def instructions_table(n: int) -> None:
-    """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
-    for every client: deterministic, unlike CPU time (three worker runs each: warm-up only,
-    plus ``n`` calls, plus ``n`` calls and ``n // 20`` long streams; the differences)."""
-    streams = max(1, n // 20)
-    order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
-    per: dict[str, tuple[float, float]] = {}
-    with stack() as (engine, relay):
-        for kind in order:
-            base, _ = _instructions(kind, engine, relay, [])
-            calls, _ = _instructions(kind, engine, relay, [("nonstream", n)])
-            both, events = _instructions(
-                kind, engine, relay, [("nonstream", n), ("stream", streams)]
-            )
-            per[kind] = ((calls - base) / n, (both - calls) / events)
-            print(
-                f"  {kind}: {per[kind][0]:,.0f} per call, {per[kind][1]:,.0f} per event", flush=True
-            )
-    print(
-        f"\nInstructions (valgrind cachegrind I refs, PYTHONHASHSEED=0) per non-stream call "
-        f"({n} calls) and per streamed event ({streams} long streams), client process only"
-    )
-    print(
-        "\n| client | per non-stream call | over its plain | per streamed event | over its plain |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    over: dict[str, tuple[float, float]] = {}
-    for kind in order:
-        plain = per["ref-plain" if kind.startswith("ref") else "ours-plain"]
-        call, event = per[kind]
-        over[kind] = (call - plain[0], event - plain[1])
-        print(
-            f"| {kind} | {call:,.0f} | {over[kind][0]:+,.0f} | {event:,.0f} "
-            f"| {over[kind][1]:+,.1f} |"
-        )
-    print()
-    for i, what in enumerate(("non-stream call", "streamed event")):
-        f, o, r = over[FLOOR][i], over["ours-e2ee"][i], over["ref-e2ee"][i]
-        print(
-            f"instructions over plain per {what}: reference / floor = {r / f:.2f}×, "
-            f"reference / ours = {r / o:.2f}×, ours − floor = {o - f:+,.0f} ({o / f:.2f}× the floor)"
-        )
-
-
-def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
-    """cProfile's ``total_calls`` per non-stream call (``n`` calls) and per streamed event
-    (``n // 10`` streams of ``prompt``), after a warm-up."""
-    import cProfile
-    import pstats
-
-    usage = {"include_usage": True, "continuous_usage_stats": True}
-
-    def call() -> int:
-        r = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
-        )
-        assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
-        return 1
-
-    def stream() -> int:
-        s = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": prompt}],
-            stream=True,
-            stream_options=usage,
-        )
-        text = [c.choices[0].delta.content or "" for c in s if c.choices]
-        assert "".join(text) == "Echo: " + prompt
-        return len(text)
-
-    for _ in range(5):
-        call()
-        stream()
-    counts = []
-    for fn, reps in ((call, n), (stream, max(1, n // 10))):
-        prof = cProfile.Profile()
-        prof.enable()
-        units = sum(fn() for _ in range(reps))
-        prof.disable()
-        counts.append(pstats.Stats(prof).total_calls / units)  # type: ignore[attr-defined]
-    return counts[0], counts[1]
-
-
-def count_table(n: int) -> None:
-    """Python function calls (cProfile) per non-stream call and per streamed event of the long
-    stream, for ours-plain, the floor client and ours (v1), in this process: deterministic,
-    unlike CPU time."""
-    import openai
-    from _floor_client import FloorTransport  # (beside this file)
-
-    with stack() as (engine, relay):
-        transports: dict[str, Any] = {
-            "ours-plain": None,
-            "floor-e2ee": FloorTransport(KEY, relay),
-            "ours-e2ee": pqe2ee.E2EETransport(
-                api_key=KEY, api_base=relay, models_base=relay, prefer_v2=False
-            ),
-        }
-        print(f"openai {openai.__version__}; {n} calls and {max(1, n // 10)} long streams each")
-        print(
-            "\n| client | Python calls per non-stream call | over plain "
-            "| per streamed event | over plain |"
-        )
-        print("|---|---:|---:|---:|---:|")
-        base: tuple[float, float] | None = None
-        for kind, transport in transports.items():
-            with openai.OpenAI(
-                api_key=KEY,
-                base_url=(engine if transport is None else relay) + "/v1",
-                max_retries=0,
-                http_client=httpx2.Client(transport=transport, timeout=60),
-            ) as client:
-                call, event = _python_calls(client, long_prompt(), n)
-            base = base or (call, event)
-            print(
-                f"| {kind} | {call:,.0f} | {call - base[0]:+,.0f} "
-                f"| {event:.1f} | {event - base[1]:+.1f} |"
-            )
-        engine_json = httpx2.post(
-            engine + "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": SHORT_PROMPT}]},
-        ).content
-    warm_table(engine_json, n)
-
-
-def _mock_relay(engine_json: bytes) -> httpx2.MockTransport:
-    """A relay + instance in this process (no sockets): model listing, discovery (10,000
-    nonces), and invoke answered with ``engine_json`` sealed to the request's response key."""
-    import base64
-
-    from pqe2ee.backends import get_aead
-    from pqe2ee.protocol.v1.envelope import open_request, seal_response
-
-    kem, aead = get_kem("auto"), get_aead("auto")
-    key = kem.generate()
-    chute = "5f0c4a8e-1b2d-4c3e-9f00-0123456789ab"
-    models = {"data": [{"id": MODEL, "chute_id": chute}]}
-    found = {
-        "instances": [
-            {
-                "instance_id": "i-0",
-                "e2e_pubkey": base64.b64encode(key.public_key).decode(),
-                "nonces": [f"n{i:031d}" for i in range(10_000)],
-            }
-        ],
-        "nonce_expires_in": 3600,
-        "nonce_expires_at": int(time.time()) + 3600,
-    }
-    blob_headers = {"content-type": "application/octet-stream"}
-
-    def handle(request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        if path == "/e2e/invoke":
-            opened = open_request(request.read(), key, aead=aead)
-            blob = seal_response(engine_json, opened.response_public_key, kem=kem, aead=aead)
-            return httpx2.Response(200, headers=blob_headers, content=blob)
-        if path == "/v1/models":
-            return httpx2.Response(200, json=models)
-        if path == f"/e2e/instances/{chute}":
-            return httpx2.Response(200, json=found)
-        return httpx2.Response(404, json={"detail": "not here"})
-
-    return httpx2.MockTransport(handle)
-
-
-def warm_table(engine_json: bytes, n: int) -> None:
-    """The split of :func:`split_calls` with the relay (or engine) replaced by an in-process
-    mock: what each client's own code costs warm, without sockets or servers sharing the cores
-    (the mock's own CPU is its 'inner' section, left out of the transport's rest)."""
-    import openai
-    from _floor_client import FloorTransport  # (beside this file)
-
-    relay = "http://relay.mock"
-    plain = httpx2.MockTransport(
-        lambda _: httpx2.Response(
-            200, headers={"content-type": "application/json"}, content=engine_json
-        )
-    )
-    transports: dict[str, Any] = {
-        "ours-plain": plain,
-        "floor-e2ee": FloorTransport(KEY, relay, inner=_mock_relay(engine_json)),
-        "ours-e2ee": pqe2ee.E2EETransport(
-            api_key=KEY,
-            api_base=relay,
-            models_base=relay,
-            prefer_v2=False,
-            inner=_mock_relay(engine_json),
-        ),
-    }
-    https = {k: httpx2.Client(transport=t, timeout=60) for k, t in transports.items()}
-    sdks = {
-        k: openai.OpenAI(api_key=KEY, base_url=relay + "/v1", max_retries=0, http_client=h)
-        for k, h in https.items()
-    }
-
-    def caller(sdk: Any) -> Callable[[], object]:
-        def call() -> None:
-            r = sdk.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": SHORT_PROMPT}]
-            )
-            assert r.choices[0].message.content == "Echo: " + SHORT_PROMPT
-
-        return call
-
-    calls = {k: caller(sdk) for k, sdk in sdks.items()}
-    split: dict[tuple[str, str], list[float]] = {}
-    for rnd in range(6):  # alternated; the first round is a warm-up
-        for kind in transports:
-            out = split_calls(https[kind], calls[kind], max(10, n // 5))
-            for name, values in out.items():
-                if rnd:
-                    split.setdefault((kind, name), []).extend(values)
-    print(
-        "\nWarm, in this process, the relay (or engine) a mock (no sockets, no servers): "
-        "thread CPU per non-stream call, µs, medians"
-    )
-    print_split(split, None)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (~20 s)")
@@ -1053,7 +735,21 @@ def main() -> None:
         metavar="N",
         help="only instructions per request (valgrind) for all five clients, N calls each",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on the last CPU, clients on the others (as on separate machines: the "
+        "servers' work does not evict the client's caches); needs 2+ CPUs",
+    )
     args = ap.parse_args()
+    if args.keypool or args.count or args.instructions:
+        sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
+        from _client_probes import count_table, instructions_table, keypool_table
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--pin needs at least 2 CPUs")
+        _PIN.update(servers={cpus[-1]}, clients=set(cpus[:-1]))
     if args.instructions:
         instructions_table(args.instructions)
         return
@@ -1072,6 +768,11 @@ def main() -> None:
         f"pqe2ee {pqe2ee.__version__} | Python {platform.python_version()} | "
         f"httpx2 {httpx2.__version__} | {platform.machine()} × {os.cpu_count()} CPUs | "
         f"our transport: {'v1 (prefer_v2=False)' if has_v2 and args.protocol == 'v1' else 'default'}"
+        + (
+            f" | pinned: servers on CPU {_PIN['servers']}, clients on {_PIN['clients']}"
+            if _PIN
+            else ""
+        )
     )
     t0 = time.monotonic()
     res, versions = run(args)
