@@ -156,25 +156,24 @@ def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_key_pool_in_a_forked_child_drops_its_parents_keys() -> None:
     """A forked child never hands out a key its parent pooled (the parent may hand out the
-    same one) and does not count on the parent's filler thread: its first take makes a key."""
+    same one): its first take makes a key."""
     kem = TimedKEM(0.0)
-    pool = KeyPool(kem, size=4, filler=True)  # type: ignore[arg-type]
+    pool = KeyPool(kem, size=4)  # type: ignore[arg-type]
     try:
-        pool.take()
-        wait_until(lambda: pool.ready == 4, "the filler to fill the pool")
+        pool.take()  # and PROBES more, pooled (cheap keys: no filler thread to fork with)
+        assert pool.ready == PROBES and not pool.running
         pid = os.fork()
         if pid == 0:  # the child: report through the exit status only
             code = 1
             try:
                 inline = pool.generated_inline
                 pool.take()
-                fresh = pool.generated_inline == inline + 1 and pool.ready == 0
-                code = 0 if fresh and pool._thread is not None else 2
+                code = 0 if pool.generated_inline == inline + 1 and pool.ready == 0 else 2
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert pool.ready == 4  # the parent keeps its keys
+        assert pool.ready == PROBES  # the parent keeps its keys
     finally:
         pool.close()
 
