@@ -390,6 +390,7 @@ class AsyncEngine:
                 aead=s.aead,
                 response_key=key,
                 decoded=decoded,
+                key_hash=offer.pk_hash,
             )
             upstream = await self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:

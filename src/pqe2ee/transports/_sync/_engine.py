@@ -383,6 +383,7 @@ class Engine:
                 aead=s.aead,
                 response_key=key,
                 decoded=decoded,
+                key_hash=offer.pk_hash,
             )
             upstream = self._post(port, sealed.invoke_headers(auth), sealed.blob)
         except BaseException:
