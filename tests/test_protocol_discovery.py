@@ -288,6 +288,45 @@ def test_take_with_exclude() -> None:
     assert pool.take(0.0, exclude={"i0", "i1"}) is None
 
 
+def test_take_matches_the_rule_it_implements() -> None:
+    """take() in one pass over the pool picks what the rule says: among the instances with
+    nonces, not cooling down and not excluded, those with the most nonces, in pool order,
+    rotating between them; available() counts those nonces. Random pools, cool-downs and
+    exclusions; the rule is spelt out here the long way."""
+    import random
+
+    rng = random.Random(14)
+    for _ in range(300):
+        counts = [rng.randrange(0, 4) for _ in range(rng.randrange(1, 6))]
+        pool = NoncePool("chute", safety_margin=0.0)
+        pool.load(result(*counts), now=0.0)
+        for k in range(len(counts)):
+            if rng.random() < 0.3:
+                pool.cool_down(f"i{k}", 0.0, rng.choice([0.5, 2.0]))
+        turn = 0
+        for step in range(12):
+            now = step * 0.25
+            exclude = {f"i{k}" for k in range(len(counts)) if rng.random() < 0.2}
+            left = {e.info.instance_id: e for e in pool._entries.values()}
+            usable = [
+                e
+                for e in left.values()
+                if e.nonces and e.cool_until <= now and e.info.instance_id not in exclude
+            ]
+            assert pool.available(now) == sum(
+                len(e.nonces) for e in left.values() if e.nonces and e.cool_until <= now
+            )
+            most = max((len(e.nonces) for e in usable), default=0)
+            top = [e.info.instance_id for e in usable if len(e.nonces) == most]
+            lease = pool.take(now, exclude=exclude)
+            if not usable:
+                assert lease is None
+                continue
+            assert lease is not None
+            assert lease.instance_id == top[turn % len(top)]
+            turn += 1
+
+
 def test_safety_margin() -> None:
     pool = NoncePool("chute", safety_margin=5.0)
     pool.load(result(3, expires_at=100.0), now=40.0)

@@ -4,6 +4,7 @@ unasync drift check."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -150,6 +151,31 @@ def test_key_pool_uses_a_thread_only_when_keygen_costs_more_than_a_hand_off(
     finally:
         pool.close()
     assert not pool.running
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_key_pool_in_a_forked_child_drops_its_parents_keys() -> None:
+    """A forked child never hands out a key its parent pooled (the parent may hand out the
+    same one): its first take makes a key."""
+    kem = TimedKEM(0.0)
+    pool = KeyPool(kem, size=4)  # type: ignore[arg-type]
+    try:
+        pool.take()  # and PROBES more, pooled (cheap keys: no filler thread to fork with)
+        assert pool.ready == PROBES and not pool.running
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 1
+            try:
+                inline = pool.generated_inline
+                pool.take()
+                code = 0 if pool.generated_inline == inline + 1 and pool.ready == 0 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pool.ready == PROBES  # the parent keeps its keys
+    finally:
+        pool.close()
 
 
 def test_key_pool_is_safe_across_threads() -> None:

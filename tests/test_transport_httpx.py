@@ -868,6 +868,83 @@ def test_a_decrypted_answer_is_left_as_content_leaves_a_response(lib: str) -> No
     assert sorted(ours.headers.items()) == sorted(ref.headers.items())
 
 
+class _RecordingInner(httpx2.BaseTransport):
+    """The way to the relay through something that keeps each request it is handed."""
+
+    def __init__(self) -> None:
+        self._inner = httpx2.HTTPTransport()
+        self.requests: list[httpx2.Request] = []
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncRecordingInner(httpx2.AsyncBaseTransport):
+    """:class:`_RecordingInner` for the async transport."""
+
+    def __init__(self) -> None:
+        self._inner = httpx2.AsyncHTTPTransport()
+        self.requests: list[httpx2.Request] = []
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self.requests.append(request)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _check_invoke_requests(requests: list[httpx2.Request]) -> None:
+    invokes = [r for r in requests if r.url.path == "/e2e/invoke"]
+    assert len(invokes) == 3
+    for request in invokes:
+        body = request.content  # (httpx2.RequestNotRead if it was left unread)
+        assert len(body) > 1100
+        own = [
+            (k, v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")
+        ]
+        ref = httpx2.Request("POST", str(request.url), headers=own, content=body)
+        assert request.headers.raw == ref.headers.raw
+        assert request.url == ref.url
+
+
+def test_invoke_requests_are_what_content_would_build(stack: FaultyStack) -> None:
+    """Every invoke request an inner transport gets - the first (built by httpx2 from the
+    URL) and the later ones (built from the parsed URL kept per transport) - is read
+    (``request.content`` there) and carries the headers ``content=`` gives it, in order."""
+    inner = _RecordingInner()
+    e2ee = transport("httpx2", stack, inner=inner)
+    with openai.OpenAI(
+        api_key=KEY, base_url=SDK_BASE, http_client=httpx2.Client(transport=e2ee), max_retries=0
+    ) as client:
+        for text in ("one", "two", "three"):
+            reply = client.chat.completions.create(model="dev-echo", messages=messages(text))
+            assert reply.choices[0].message.content == f"Echo: {text}"
+    _check_invoke_requests(inner.requests)
+    assert all(b"".join(r.stream) == r.content for r in inner.requests)
+
+
+@pytest.mark.anyio
+async def test_async_invoke_requests_are_what_content_would_build(stack: FaultyStack) -> None:
+    """:func:`test_invoke_requests_are_what_content_would_build`, async."""
+    inner = _AsyncRecordingInner()
+    e2ee = transport("httpx2", stack, is_async=True, inner=inner)
+    async with openai.AsyncOpenAI(
+        api_key=KEY,
+        base_url=SDK_BASE,
+        http_client=httpx2.AsyncClient(transport=e2ee),
+        max_retries=0,
+    ) as client:
+        for text in ("one", "two", "three"):
+            reply = await client.chat.completions.create(model="dev-echo", messages=messages(text))
+            assert reply.choices[0].message.content == f"Echo: {text}"
+    _check_invoke_requests(inner.requests)
+
+
 class _RewrappingInner(httpx2.BaseTransport):
     """The way to the relay through something that reads each invoke answer and hands it over
     read (``content=``), gzipped in transit (``Content-Encoding: gzip``, as an HTTP middlebox

@@ -136,6 +136,23 @@ def seal(
     )
 
 
+def test_a_kept_key_hash_seals_the_same_bytes() -> None:
+    """``key_hash`` (an offer's ``pk_hash``, kept per offer) is what goes into H instead of
+    hashing the key per request: with the right hash H is byte for byte the one sealed
+    without it (and the instance opens the request); whatever hash is given is sealed."""
+    key = instance_key()
+    fixed = {"random_bytes": lambda n: bytes(range(n))}
+    plain = seal(body(), pk=key.public_key, **fixed)
+    kept = seal(
+        body(), pk=key.public_key, key_hash=hashlib.sha256(key.public_key).digest(), **fixed
+    )
+    assert kept.header_bytes == plain.header_bytes
+    opened = new_instance().open(kept.blob, path=PATH, stream=False, now_ms=T0)
+    assert opened.body == body()
+    other = seal(body(), pk=key.public_key, key_hash=bytes(32), **fixed)
+    assert other.header.pk_hash == bytes(32) != plain.header.pk_hash
+
+
 def code(fn: Callable[[], Any]) -> ErrorCode:
     with pytest.raises(PQE2EEError) as info:
         fn()

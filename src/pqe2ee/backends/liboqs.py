@@ -34,9 +34,8 @@ import ctypes.util
 import logging
 import os
 import platform
-import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pqe2ee.backends.base import (
     KEM,
@@ -193,6 +192,12 @@ _CLEANSE: Any = _native("OQS_MEM_cleanse")
 _DIRECT_KEYS = None not in (_KEYPAIR, _DECAPS, _CLEANSE)
 #: The descriptor every direct call uses (never freed: it holds no key material).
 _ENCAPS_KEM: Any = _oqs.KeyEncapsulation(_ALG)
+# The output buffers of the direct calls: zeroed ``char`` arrays made by calling the array
+# type itself (what ``ctypes.create_string_buffer(n)`` ends with, without its checks).
+_CT_BUF: Final = ctypes.c_char * MLKEM768_CT_LEN
+_SS_BUF: Final = ctypes.c_char * MLKEM768_SS_LEN
+_PK_BUF: Final = ctypes.c_char * MLKEM768_PK_LEN
+_SK_BUF: Final = ctypes.c_char * MLKEM768_EXPANDED_SK_LEN
 
 
 def _encaps(public_key: bytes) -> tuple[bytes, bytes] | None:
@@ -203,8 +208,8 @@ def _encaps(public_key: bytes) -> tuple[bytes, bytes] | None:
         except RuntimeError:
             return None
         return bytes(ciphertext), bytes(shared_secret)
-    ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
-    ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+    ct = _CT_BUF()
+    ss = _SS_BUF()
     # OQS_STATUS OQS_KEM_encaps(const OQS_KEM *kem, uint8_t *ciphertext, uint8_t *shared_secret,
     #     const uint8_t *public_key); a bytes object passes as a read-only char pointer.
     if _ENCAPS(_ENCAPS_KEM._kem, ct, ss, public_key) != 0:
@@ -225,8 +230,8 @@ class _BufferKey:
     @classmethod
     def generate(cls, seed: bytes | None) -> tuple[_BufferKey, bytes]:
         """A new key pair (from ``seed``, ``d || z``, when given) and its public key."""
-        pk = ctypes.create_string_buffer(MLKEM768_PK_LEN)
-        sk = ctypes.create_string_buffer(MLKEM768_EXPANDED_SK_LEN)
+        pk = _PK_BUF()
+        sk = _SK_BUF()
         if seed is None:
             rv = _KEYPAIR(_ENCAPS_KEM._kem, pk, sk)
         else:
@@ -237,7 +242,7 @@ class _BufferKey:
         return cls(sk), pk.raw
 
     def decap_secret(self, ciphertext: bytes) -> bytes:
-        ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+        ss = _SS_BUF()
         # OQS_STATUS OQS_KEM_decaps(const OQS_KEM *kem, uint8_t *shared_secret,
         #     const uint8_t *ciphertext, const uint8_t *secret_key)
         if _DECAPS(_ENCAPS_KEM._kem, ss, ciphertext, self._sk) != 0:
@@ -303,6 +308,8 @@ class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
             kem.free()  # cleanses the secret key buffer, frees the OQS_KEM
 
     def __del__(self) -> None:
+        if self._key is None:  # wiped already (every response key is, once used)
+            return
         with contextlib.suppress(Exception):
             self.wipe()
 
@@ -312,7 +319,7 @@ class LiboqsKEM(KEM):
 
     def generate(self) -> KEMPrivateKey:
         if _SEED_KEYGEN:  # same as KeyGen: random d, z - and the seed stays available
-            return self.from_seed(secrets.token_bytes(MLKEM768_SEED_LEN))
+            return self._from_seed(os.urandom(MLKEM768_SEED_LEN))
         if _DIRECT_KEYS:
             held, public_key = _BufferKey.generate(None)
             return _LiboqsPrivateKey(held, public_key, None)
@@ -328,7 +335,11 @@ class LiboqsKEM(KEM):
         check_mlkem768_seed(seed)
         if not _SEED_KEYGEN:
             raise unsupported(self.name, "derive a key from a seed")
-        seed = bytes(seed)
+        return self._from_seed(bytes(seed))
+
+    def _from_seed(self, seed: bytes) -> KEMPrivateKey:
+        """:meth:`from_seed` for a checked 64-byte ``seed`` (``bytes``), with seed key
+        generation available."""
         if _DIRECT_KEYS:
             held, public_key = _BufferKey.generate(seed)
             return _LiboqsPrivateKey(held, public_key, seed)
@@ -365,8 +376,8 @@ class LiboqsKEM(KEM):
             raise unsupported(self.name, "encapsulate with fixed randomness")
         check_mlkem768_coins(m)
         check_mlkem768_public_key(public_key)
-        ct = ctypes.create_string_buffer(MLKEM768_CT_LEN)
-        ss = ctypes.create_string_buffer(MLKEM768_SS_LEN)
+        ct = _CT_BUF()
+        ss = _SS_BUF()
         # OQS_STATUS OQS_KEM_encaps_derand(const OQS_KEM *kem, uint8_t *ciphertext,
         #     uint8_t *shared_secret, const uint8_t *public_key, const uint8_t *seed)
         rv = _ENCAPS_DERAND(_ENCAPS_KEM._kem, ct, ss, bytes(public_key), bytes(m))

@@ -342,7 +342,12 @@ class ClientState:
         RemoteProtocolError ``downgrade_refused`` (strict policy, no v2 instance) or
         ``downgrade_suspected`` (pinned chute, no v2 instance) - before any nonce is spent.
         """
-        pool = self._pool(chute_id)
+        return self._negotiate(self._pool(chute_id), negotiator, now, wall)
+
+    def _negotiate(
+        self, pool: NoncePool, negotiator: Negotiator, now: Monotonic, wall: UnixTime
+    ) -> Negotiated | None:
+        chute_id = pool.chute_id
         cached = self._negotiated.get(chute_id)
         if cached is not None and cached.generation == pool.generation:
             if wall < cached.valid_until:
@@ -373,10 +378,11 @@ class ClientState:
     ) -> tuple[Lease, Negotiated] | None:
         """:meth:`negotiate`, then a lease of an instance the decision allows, both from the
         same discovery; ``None`` when there is none (discover first)."""
-        negotiated = self.negotiate(chute_id, negotiator, now, wall)
+        pool = self._pool(chute_id)
+        negotiated = self._negotiate(pool, negotiator, now, wall)
         if negotiated is None:
             return None
-        lease = self._pool(chute_id).take(now, exclude=negotiated.excluded)
+        lease = pool.take(now, exclude=negotiated.excluded)
         return None if lease is None else (lease, negotiated)
 
     def needs_discovery(self, chute_id: str, now: Monotonic) -> bool:

@@ -291,16 +291,27 @@ class NoncePool:
         return [e for e in self._entries.values() if e.nonces and e.cool_until <= now]
 
     def available(self, now: float) -> int:
-        return sum(len(e.nonces) for e in self._usable(now))
+        if now >= self._expires_at - self.safety_margin:
+            return 0
+        return sum(len(e.nonces) for e in self._entries.values() if e.cool_until <= now)
 
     def take(self, now: float, *, exclude: Iterable[str] = ()) -> Lease | None:
         """A lease from the instance with the most nonces left (ties rotate), or None."""
-        excluded = set(exclude)
-        usable = [e for e in self._usable(now) if e.info.instance_id not in excluded]
-        if not usable:
+        if now >= self._expires_at - self.safety_margin:
             return None
-        most = max(len(e.nonces) for e in usable)
-        top = [e for e in usable if len(e.nonces) == most]
+        excluded = set(exclude)
+        most = 0
+        top: list[_Entry] = []  # the usable instances with the most nonces, in pool order
+        for e in self._entries.values():
+            left = len(e.nonces)
+            if left < most or not left or e.cool_until > now or e.info.instance_id in excluded:
+                continue
+            if left > most:
+                most, top = left, [e]
+            else:
+                top.append(e)
+        if not top:
+            return None
         entry = top[self._turn % len(top)]
         self._turn += 1
         info = entry.info

@@ -139,14 +139,18 @@ def json_response(
 ) -> httpx.Response:
     """A decrypted answer, bytes exactly as the engine produced them (JSON for v1; v2 gives
     the engine's authenticated content type): the bytes are the response's stream as they
-    are, with the headers ``content=`` would have added, and no content encoding step.
+    are, with the headers ``content=`` would have added (as bytes: httpx has nothing to
+    convert), and no content encoding step.
 
     The response is left as ``content=`` leaves it - read (``content`` there), its stream
     consumed and closed - without running httpx's read through its iterator and decoder
     layers (~12 us) to get there."""
     response = httpx.Response(
         status,
-        headers=[("content-type", content_type), ("content-length", str(len(body)))],
+        headers=[
+            (b"content-type", content_type.encode("ascii")),
+            (b"content-length", b"%d" % len(body)),
+        ],
         stream=httpx.ByteStream(body),
         request=request,
     )

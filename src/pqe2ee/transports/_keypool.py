@@ -64,6 +64,20 @@ PROBES: Final = 3
 #: Longest wait in :meth:`_Pool.close` for the filler to finish the key it is making.
 _JOIN_TIMEOUT: Final = 5.0
 
+#: Forks this process descends from (bumped in each child): a pool made before the last fork
+#: holds its parent's keys and thread, and drops them on its first :meth:`_Pool.take` - a
+#: comparison per take instead of an ``os.getpid()`` call.
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(after_in_child=_forked)
+
 
 class _Wipeable(Protocol):
     def wipe(self) -> None: ...
@@ -93,7 +107,7 @@ class _Pool(Generic[K]):
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._forks = _forks
         #: True: a filler thread keeps the pool full; False: never; None: not decided yet.
         self.filler: bool | None = False if size == 0 else filler
         self._probes: list[float] = []
@@ -128,10 +142,10 @@ class _Pool(Generic[K]):
     def take(self) -> K:
         """A key nobody else has had or will have. Never waits for the filler."""
         with self._cond:
-            if self._pid != os.getpid():  # forked: the parent's keys and thread are not ours
+            if self._forks != _forks:  # forked: the parent's keys and thread are not ours
                 self._keys.clear()
                 self._thread = None
-                self._pid = os.getpid()
+                self._forks = _forks
             key = self._keys.popleft() if self._keys else None
             if self.filler and not self._closed and 2 * len(self._keys) < self._size:
                 self._ensure_thread()

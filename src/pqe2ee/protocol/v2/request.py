@@ -246,6 +246,7 @@ def seal_request_v2(
     response_key: XWingPrivateKey | None = None,
     eseed: bytes | None = None,
     decoded: dict[str, Any] | None = None,
+    key_hash: bytes | None = None,
 ) -> SealedRequestV2:
     """Seal a JSON request body to an instance's v2 key (client side).
 
@@ -257,6 +258,9 @@ def seal_request_v2(
     single response. Randomness: ``request_id`` and the response key seed come from ``random_bytes``;
     ``response_key`` and ``eseed`` override them (test vectors). ``decoded``: the body's bytes
     already decoded by the caller (a JSON object), so they are not parsed a second time.
+    ``key_hash``: :func:`pk_hash` of ``instance_public_key`` when the caller keeps it (a
+    :class:`~pqe2ee.protocol.v2.negotiation.V2Offer`'s ``pk_hash``), so the key is not hashed
+    per request.
     """
     if len(instance_public_key) != XWING_PK_LEN:  # the backend checks the rest when encapsulating
         check_xwing_public_key(instance_public_key)
@@ -268,7 +272,7 @@ def seal_request_v2(
         )
     header = ContextHeader(
         stream=stream_flag(obj),
-        pk_hash=pk_hash(instance_public_key),
+        pk_hash=pk_hash(instance_public_key) if key_hash is None else key_hash,
         ts_ms=now_ms,
         request_id=random_bytes(16),
         chute_id=_canonical_uuid(chute_id, "chute_id"),

@@ -116,7 +116,8 @@ class _AsyncPort:
     ``urls`` caches each URL the engine sends to, parsed, with its ``Host`` header (the invoke
     URL is the same for every request): a request is then built from the body's bytes as
     its stream, with the headers ``content=`` would have added (``Host`` first,
-    ``Content-Length`` last), without parsing the URL or encoding the content again."""
+    ``Content-Length`` last), left as ``content=`` leaves it (``request.content`` is the
+    body), without parsing the URL or encoding the content again."""
 
     __slots__ = ("_control", "_extensions", "_inner", "_urls")
 
@@ -162,7 +163,8 @@ class _AsyncPort:
                 stream=httpx2.ByteStream(body),
                 extensions=extensions,
             )
-            request.read()  # (as content= does: ``request.content`` is there for the inner)
+            # As content= (read()) leaves it: ``request.content`` is there for the inner.
+            request._content = body
         with map_inner_exceptions("connect"):
             response = await self._inner.handle_async_request(request)
         return _AsyncPortResponse(response)
