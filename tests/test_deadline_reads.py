@@ -169,11 +169,10 @@ async def test_nothing_is_left_behind(
         assert len(timers) == 1 and timers[0]._handle is None
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
 async def test_one_timer_per_body_not_one_per_read(anyio_backend: str) -> None:
     """On asyncio the reads of a 200-chunk body schedule one loop timer (a cancel scope per
     read scheduled one each)."""
-    if anyio_backend != "asyncio":
-        pytest.skip("trio keeps a cancel scope per read")
     loop = asyncio.get_running_loop()
     scheduled = 0
     call_at = loop.call_at
@@ -207,11 +206,10 @@ async def test_reads_inside_the_request_scope_only_check(
     assert len(timers) == (1 if anyio_backend == "asyncio" else 0)
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
 async def test_read_timer_idle_moment_moves_with_each_read(anyio_backend: str) -> None:
     """``after(seconds)`` bounds each read from its own start (an idle timeout): reads that
     each take less pass however long the body lasts, the first slower one is cut."""
-    if anyio_backend != "asyncio":
-        pytest.skip("AsyncReadTimer is asyncio's")
     timer = AsyncReadTimer(asyncio.get_running_loop(), lambda: TimeoutError("idle"))
     started = time.monotonic()
     for _ in range(6):
@@ -281,6 +279,7 @@ async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
         assert timers and all(timer._handle is None for timer in timers)
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
 @pytest.mark.parametrize("first", ["theirs", "ours"])
 async def test_read_timer_lets_a_cancellation_of_someone_else_through(
     anyio_backend: str, first: str
@@ -288,8 +287,6 @@ async def test_read_timer_lets_a_cancellation_of_someone_else_through(
     """The timer fires in the same loop iteration as another cancellation of the reading
     task, in either order: the read ends in the plain cancellation (never swallowed into the
     timer's error), and only the timer's own request is withdrawn."""
-    if anyio_backend != "asyncio":
-        pytest.skip("AsyncReadTimer is asyncio's")
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
