@@ -466,7 +466,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         it is (the transition table's ``USAGE`` loops). False: the slow path decides."""
         if self._state not in _USAGE_STATES:
             return False
-        payload = line[6:]  # from the "{" on: msgspec skips trailing JSON whitespace itself
+        payload = line[5:].strip()
         if not payload.isascii():
             return False
         try:
