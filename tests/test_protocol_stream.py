@@ -996,6 +996,33 @@ def test_usage_events_unread_are_checked_but_not_built(kem: KEM, aead: AEAD) -> 
     assert run(StreamDecryptor(pair.key(), aead=aead, decode_usage=False), outer + tail) == unread
 
 
+@pytest.mark.parametrize("decode_usage", [False, True])
+def test_whole_chunk_checks_decide_per_line(kem: KEM, aead: AEAD, decode_usage: bool) -> None:
+    """A chunk is scanned once for a backslash and for the line bound: a JSON escape in one
+    record sends that chunk's lines the slow way, and they decode as when fed one line at a
+    time; usage payloads with trailing whitespace (JSON's or not) give the same events too."""
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + chunk(2, "b") + b"data: [DONE]\n\n")
+    lines = outer.split(b"\n")
+    first = next(k for k, line in enumerate(lines) if line.startswith(b'data: {"e2e":"'))
+    lines[first] = lines[first][:14] + b"\\u%04x" % lines[first][14] + lines[first][15:]
+    usage = [k for k, line in enumerate(lines) if line.startswith(b'data: {"usage"')]
+    assert len(usage) == 2
+    lines[usage[0]] += b" \r"
+    lines[usage[1]] += b"\x0c"
+    edited = b"\n".join(lines)
+    assert edited.count(b"\\") == 1
+    expected = run(StreamDecryptor(pair.key(), aead=aead, decode_usage=decode_usage), outer)
+    whole = StreamDecryptor(pair.key(), aead=aead, decode_usage=decode_usage)
+    assert run(whole, edited) == expected
+    one_by_one = StreamDecryptor(pair.key(), aead=aead, decode_usage=decode_usage)
+    assert run(one_by_one, [line + b"\n" for line in lines[:-1]]) == expected
+    # The bound still holds for one long line among short ones, in one chunk.
+    bounded = pair.decryptor(max_record=64)
+    with pytest.raises(LimitExceeded):
+        run(bounded, pair.records(b"\n", b"data: " + b"x" * 200 + b"\n", b"\n"))
+
+
 def test_response_decoder_builds_usage_only_for_a_listener(kem: KEM, aead: AEAD) -> None:
     from pqe2ee.protocol.response import ResponseDecoder
 

@@ -59,7 +59,9 @@ def a2b_base64_quoted(quoted: bytes) -> bytes:
     """:func:`a2b_base64_strict` of ``quoted[1:-1]``, for base64 still between the quotes of
     the JSON it came in (``quoted`` starts and ends with ``"``): a stream record is decoded
     where it lies in its line, not copied out and quoted again."""
-    if b"\\" not in quoted:  # (inside quotes a backslash would start a JSON escape)
+    # Inside quotes a backslash would start a JSON escape. (find, not `in`: for bytes, `in` first
+    # tries the needle as an integer, raising and clearing a TypeError on every call.)
+    if quoted.find(b"\\") < 0:
         try:
             return _BASE64_IN_JSON.decode(quoted)
         except msgspec.MsgspecError:
@@ -153,7 +155,7 @@ def extract_usage(line: bytes) -> Any | None:
 
     Mirrors the real runtime: only lines starting with ``data: `` that mention ``"usage"``.
     """
-    if not line.startswith(b"data: ") or b'"usage"' not in line:
+    if not line.startswith(b"data: ") or line.find(b'"usage"') < 0:
         return None
     body = line[6:]
     try:

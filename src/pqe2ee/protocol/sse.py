@@ -30,7 +30,7 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
-        if b"\n" not in data:
+        if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
             buf += data  # at most one chunk past the bound before refusing
             if len(buf) > self._max:
                 raise LimitExceeded(f"line longer than {self._max} bytes")

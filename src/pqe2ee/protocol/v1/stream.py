@@ -368,19 +368,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if self._eof:
             raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
         try:
-            n = len(data)
-            if (
-                data.endswith(_EVENT_SUFFIX)
-                and data.startswith(_RECORD_PREFIX)
-                and not self._buf
-                and data.find(b"\n") == n - 2
-                and n - 2 < self._max_line
-                and data.find(b"\\") < 0
-            ):
-                # The usual chunk (a relay flushes each event): one compact record event, taken
-                # as _feed would take its one line.
-                self._record(data[_QUOTE_START : n - 3])
-            elif n:
+            if data:
                 self._feed(data)
         except PQE2EEError as exc:
             self._failed(exc)
@@ -447,7 +435,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         """Split outer bytes into lines (bounded by ``_max_line``) and handle each in order."""
         buf = self._buf
         max_line = self._max_line
-        if b"\n" not in data:
+        if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
             buf += data  # at most one chunk past the bound before refusing
             if len(buf) > max_line:
                 raise LimitExceeded(f"line longer than {max_line} bytes")
@@ -457,21 +445,23 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             data = bytes(buf)
             buf.clear()
         *lines, tail = data.split(b"\n")
+        # Checked once for the whole chunk rather than per line: no line of a chunk shorter than
+        # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
+        long = len(data) >= max_line
+        compact = data.find(b"\\") < 0
         record = self._record
         quiet = not self._decode_usage
         for line in lines:
             if not line:
                 continue  # blank lines separate outer events and carry nothing
-            if len(line) >= max_line:  # with its newline, longer than the bound
+            if long and len(line) >= max_line:  # with its newline, longer than the bound
                 raise LimitExceeded(f"line longer than {max_line} bytes")
-            if (
-                line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0
-            ):  # _line's fast paths, inlined
-                record(line[_QUOTE_START:-1])
+            if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
+                record(line[_QUOTE_START:-1])  # _line's fast paths, inlined
             elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
                 self._line(line)
         if tail:
-            if len(tail) > max_line:
+            if long and len(tail) > max_line:
                 raise LimitExceeded(f"line longer than {max_line} bytes")
             buf += tail
 

@@ -258,7 +258,7 @@ class StreamDecryptorV2(EventQueue[StreamEventV2]):
 
     def _lines(self, lines: list[bytes]) -> None:
         for line in lines:
-            if line.startswith(RECORD_PREFIX) and line.endswith(b'"}\n') and b"\\" not in line:
+            if line.startswith(RECORD_PREFIX) and line.endswith(b'"}\n') and line.find(b"\\") < 0:
                 self._record(line[len(RECORD_PREFIX) : -3])
                 continue
             event = outer_event(line)
