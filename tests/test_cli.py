@@ -82,10 +82,22 @@ def test_environment_variables_are_per_command(monkeypatch: pytest.MonkeyPatch) 
     seen: list[dict[str, Any]] = []
 
     def serve(
-        host: str, port: int, *, log_level: str, max_model_len: int, reasoning_field: str
+        host: str,
+        port: int,
+        *,
+        log_level: str,
+        max_model_len: int,
+        reasoning_field: str,
+        delay: float,
     ) -> None:
         seen.append(
-            {"host": host, "port": port, "log_level": log_level, "max_model_len": max_model_len}
+            {
+                "host": host,
+                "port": port,
+                "log_level": log_level,
+                "max_model_len": max_model_len,
+                "delay": delay,
+            }
         )
 
     import pqe2ee.testing.dev_engine
@@ -100,10 +112,16 @@ def test_environment_variables_are_per_command(monkeypatch: pytest.MonkeyPatch) 
         "port": 0,
         "log_level": "debug",
         "max_model_len": 32768,
+        "delay": 0.0,
     }
     result = runner.invoke(cli, ["dev-engine"], env={"PQE2EE_DEV_ENGINE_MAX_MODEL_LEN": "99"})
     assert result.exit_code == 0, result.output
     assert seen.pop()["max_model_len"] == 99
+    result = runner.invoke(cli, ["dev-engine", "--delay", "0.002"])
+    assert result.exit_code == 0, result.output
+    assert seen.pop()["delay"] == 0.002
+    result = runner.invoke(cli, ["dev-engine", "--delay", "-1"])
+    assert result.exit_code != 0 and "--delay" in result.output
     env = {"PQE2EE_DEV_ENGINE_LOG_LEVEL": "warning", "PQE2EE_LOG_LEVEL": "debug"}
     result = runner.invoke(cli, ["dev-engine", "--port", "0"], env=env)
     assert seen.pop()["log_level"] == "warning"

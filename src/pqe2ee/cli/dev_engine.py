@@ -26,6 +26,14 @@ __all__ = ["dev_engine_cmd"]
     default="reasoning_content",
     help="Name of the reasoning field in replies: vLLM 0.10's, or vLLM >= 0.11's.",
 )
+@opt.seconds_option(
+    "--delay",
+    0.0,
+    "DELAY",
+    "Seconds before every generated chunk: paces a stream as a model's tokens are (0: all at once).",
+    min=0,
+    max=60,
+)
 @opt.log_level_option
 @opt.log_format_option
 def dev_engine_cmd(
@@ -33,6 +41,7 @@ def dev_engine_cmd(
     port: int,
     max_model_len: int,
     reasoning_field: str,
+    delay: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -54,4 +63,5 @@ def dev_engine_cmd(
             log_level=log_level,
             max_model_len=max_model_len,
             reasoning_field=reasoning_field,
+            delay=delay,
         )
