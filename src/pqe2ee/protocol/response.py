@@ -305,15 +305,19 @@ class _V1Stream:
         self._drain(out)
 
     def _drain(self, out: list[ResponseEvent]) -> None:
-        # Hot path (one call per network chunk): drain in one call, test the common types first.
-        for event in self._dec.events():
+        # Hot path (one call per network chunk): the decryptor's queue drained in place (its
+        # receive_* raised any fault already; events() would copy it), the common types first.
+        queue = self._dec._events
+        for event in queue:
             if isinstance(event, _PASSED):
                 out.append(event)
             elif isinstance(event, Usage):
                 if self._on_usage is not None:
                     self._on_usage(event.usage)
             elif isinstance(event, RemoteErrorEvent):
+                queue.clear()
                 raise remote_error(event.error)
+        queue.clear()
 
     def wipe(self) -> None:
         self._key.wipe()

@@ -22,7 +22,7 @@ left into anyio's clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -74,6 +74,17 @@ class Deadline:
         """A ``with`` block for each read of one body (checked when it starts) and
         :meth:`release` once the body is done: the deadline itself."""
         return self
+
+    def bounded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``chunks`` read as :meth:`reads` reads them, the deadline checked before each read,
+        in one generator (no ``with`` block per read: a paced stream reads once per event)."""
+        clock, end = self._clock, self.end
+        if clock() >= end:
+            raise self.error()
+        for chunk in chunks:
+            yield chunk
+            if clock() >= end:
+                raise self.error()
 
     def release(self) -> None:
         return None
@@ -164,6 +175,19 @@ class _BodyReads:
         if step is not None:
             self._step = None
             step.__exit__(*exc_info)
+
+    async def bounded(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``chunks``, each read in a ``with`` block of these reads; released when done."""
+        try:
+            while True:
+                with self:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                yield chunk
+        finally:
+            self.release()
 
     def release(self) -> None:
         if self._timer is not None:

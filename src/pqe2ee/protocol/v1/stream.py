@@ -40,7 +40,13 @@ from pqe2ee.backends.base import (
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
 from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
-from pqe2ee.protocol._codec import a2b_base64_quoted, b64decode, b64encode, extract_usage
+from pqe2ee.protocol._codec import (
+    a2b_base64_compact,
+    a2b_base64_quoted,
+    b64decode,
+    b64encode,
+    extract_usage,
+)
 from pqe2ee.protocol._events import (
     Done,
     EndOfStream,
@@ -457,7 +463,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if long and len(line) >= max_line:  # with its newline, longer than the bound
                 raise LimitExceeded(f"line longer than {max_line} bytes")
             if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
-                record(line[_QUOTE_START:-1])  # _line's fast paths, inlined
+                record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
             elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
                 self._line(line)
         if tail:
@@ -470,7 +476,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
         # path, which decodes the string properly.
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
-            self._record(line[_QUOTE_START:-1])
+            self._record(line[_QUOTE_START:-1], True)
             return
         if not self._decode_usage and line.startswith(_USAGE_PREFIX) and self._usage_checked(line):
             return
@@ -529,18 +535,19 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
         self._decrypt, self._tag_errors = self._cipher.opener()
 
-    def _record(self, quoted: bytes) -> None:
-        """One ``e2e`` record, its base64 given with the quotes around it in the JSON line:
-        the hot path of a stream (hence the local names)."""
+    def _record(self, quoted: bytes, compact: bool = False) -> None:
+        """One ``e2e`` record, its base64 given with the quotes around it in the JSON line
+        (``compact``: with no backslash between them): the hot path of a stream (hence the
+        local names)."""
         state = self._state
         if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
             state = self._on(_Input.RECORD)
             if state is _FAILED_REMOTE:
                 return
-        try:
-            raw = a2b_base64_quoted(quoted)  # codec.b64decode, inlined
+        try:  # codec.b64decode, inlined (compact: its backslash check was done per chunk)
+            raw = a2b_base64_compact(quoted) if compact else a2b_base64_quoted(quoted)
         except (binascii.Error, ValueError):
-            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
+            raw = self._strict_b64(quoted)
         if len(raw) < _MIN_RECORD:
             raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
         nonce = raw[:CHACHA_NONCE_LEN]
@@ -608,6 +615,13 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if self._state is _DONE and parser.buffered().strip():
             # the rest of the record that carried [DONE]: a partial event, a comment, ...
             raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+
+    def _strict_b64(self, quoted: bytes) -> bytes:
+        """A record's base64 that msgspec refused: binascii's verdict (the error path)."""
+        try:
+            return a2b_base64_quoted(quoted)
+        except (binascii.Error, ValueError):
+            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record is not valid base64") from None
 
     def _dispatch(self, text: str, raw: bytes) -> None:
         """The event of one ``data`` line, built here as the parser would (it holds nothing)."""

@@ -60,19 +60,8 @@ class AsyncBoundedResponse:
     def headers(self) -> RawHeaders:
         return self._response.headers
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        chunks = self._response.aiter_bytes()
-        reads = self._reads
-        try:
-            while True:
-                with reads:
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        return
-                yield chunk
-        finally:
-            reads.release()
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._reads.bounded(self._response.aiter_bytes())
 
     async def aclose(self) -> None:
         self._reads.release()

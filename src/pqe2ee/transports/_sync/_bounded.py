@@ -62,18 +62,7 @@ class BoundedResponse:
         return self._response.headers
 
     def iter_bytes(self) -> Iterator[bytes]:
-        chunks = self._response.iter_bytes()
-        reads = self._reads
-        try:
-            while True:
-                with reads:
-                    try:
-                        chunk = chunks.__next__()
-                    except StopIteration:
-                        return
-                yield chunk
-        finally:
-            reads.release()
+        return self._reads.bounded(self._response.iter_bytes())
 
     def close(self) -> None:
         self._reads.release()
