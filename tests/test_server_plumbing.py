@@ -5,6 +5,7 @@ report how they ended, the metrics middleware sees every exchange."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -110,6 +111,61 @@ async def test_read_body_idle_timeout_restarts_with_every_chunk(
     with pytest.raises(SlowUpload):
         async for _ in iter_body(paced([0.1, 0.8, 0.1]), 100):
             pass
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
+async def test_iter_body_one_timer_per_body_none_left(anyio_backend: str) -> None:
+    """On asyncio the reads of a 200-chunk body schedule one loop timer (a cancel scope per
+    chunk scheduled one each), and none stays armed once the body ended, was refused or was
+    left half read."""
+    loop = asyncio.get_running_loop()
+    handles: list[asyncio.TimerHandle] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = call_at(when, callback, *args, **kwargs)
+        handles.append(handle)
+        return handle
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        assert await read_body(_request([b"x"] * 200), 1000) == b"x" * 200
+        assert len(handles) == 1 and handles[0].cancelled()
+        with pytest.raises(BodyTooLarge):
+            await read_body(_request([b"x"] * 200), 100)
+        assert len(handles) == 2 and handles[1].cancelled()
+        chunks = iter_body(_request([b"x"] * 200), 1000)
+        assert await chunks.__anext__() == b"x"
+        await chunks.aclose()  # a reader that stops early
+        assert len(handles) == 3 and handles[2].cancelled()
+    finally:
+        del loop.call_at
+
+
+@pytest.mark.anyio
+async def test_iter_body_passes_a_cancellation_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body read cancelled from outside (a hang-up, a shutdown) ends as a cancellation, not
+    as a SlowUpload, and the idle rule still holds on the next body."""
+    monkeypatch.setattr(_asgi, "BODY_IDLE_TIMEOUT", 0.3)
+
+    def stalled() -> Request:  # one chunk, then silence
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"a", "more_body": True}
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        return Request(_scope(), receive)
+
+    with anyio.move_on_after(0.05) as outer:
+        await read_body(stalled(), 100)
+    assert outer.cancelled_caught
+    with pytest.raises(SlowUpload):
+        await read_body(stalled(), 100)
 
 
 @pytest.mark.anyio

@@ -44,6 +44,7 @@ from starlette.types import Receive, Scope, Send
 
 from pqe2ee.errors import ErrorCode, LimitExceeded, MalformedError
 from pqe2ee.server._metrics import Exchange, exchange_of
+from pqe2ee.transports._primitives import read_timer
 
 __all__ = [
     "BodyTooLarge",
@@ -153,38 +154,42 @@ class _Upload:
 async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The request body's non-empty chunks as they arrive; :class:`BodyTooLarge` as soon as the
     total passes ``limit`` (call :func:`declared_length` first to refuse an announced size);
-    :class:`SlowUpload` when the sender stalls or crawls."""
+    :class:`SlowUpload` when the sender stalls (no chunk for ``BODY_IDLE_TIMEOUT``) or crawls."""
     upload = _Upload(limit)
     chunks = request.stream().__aiter__()
-    while True:
-        with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-        if idle.cancelled_caught:
-            raise SlowUpload()
-        upload.took(chunk)
-        if chunk:
-            yield chunk
+    # The body is read between yields to its reader, so no one cancel scope can span it: on
+    # asyncio one loop timer watches every read (an anyio scope per chunk costs ~10 us, getpid
+    # system calls among it), elsewhere (trio) each read gets its own scope.
+    timer = read_timer(SlowUpload)
+    try:
+        while True:
+            if timer is not None:
+                with timer.after(BODY_IDLE_TIMEOUT):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+            else:
+                with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        return
+                if idle.cancelled_caught:
+                    raise SlowUpload()
+            upload.took(chunk)
+            if chunk:
+                yield chunk
+    finally:
+        if timer is not None:
+            timer.close()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole request body, never holding more than ``limit`` bytes of it (the rules of
-    :func:`iter_body`)."""
+    :func:`declared_length` and :func:`iter_body`)."""
     declared_length(request.headers, limit)
-    upload = _Upload(limit)
-    parts: list[bytes] = []
-    # One idle timer for the whole body, pushed back after every chunk: iter_body needs a cancel
-    # scope per chunk (it yields between them), ~10 us each, and starlette's stream gives at
-    # least two (the body, then an empty end).
-    with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
-        async for chunk in request.stream():
-            upload.took(chunk)
-            parts.append(chunk)
-            idle.deadline = anyio.current_time() + BODY_IDLE_TIMEOUT
-        return b"".join(parts)
-    raise SlowUpload()
+    return b"".join([chunk async for chunk in iter_body(request, limit)])
 
 
 # --------------------------------------------------------------------------------------------
