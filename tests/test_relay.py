@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx2
 import msgspec
 import pytest
@@ -651,6 +652,15 @@ def scripted_instance(state: dict[str, Any]) -> Starlette:
                 raise RuntimeError("instance died mid-stream")
 
             return StreamingResponse(parts(), media_type="text/event-stream")
+        if case in ("late", "brokenearly"):  # the head at once, the body later or never
+
+            async def after_a_pause() -> AsyncIterator[bytes]:
+                await anyio.sleep(0.5)
+                if case == "brokenearly":
+                    raise RuntimeError("instance died before its body")
+                yield b"late body"
+
+            return StreamingResponse(after_a_pause(), media_type="application/octet-stream")
         if not case.isdigit():
             return JSONResponse({"detail": "Path not available via E2E"}, status_code=403)
         status = int(case)
@@ -759,6 +769,30 @@ def test_instance_breaking_mid_body_is_not_a_clean_end(
     with pytest.raises(httpx2.RemoteProtocolError):
         scripted_call(scripted[0], "broken")
     assert scripted_call(scripted[0], "403").status_code == 403  # still serving
+
+
+def test_head_goes_out_with_the_first_body_chunk(scripted: tuple[str, dict[str, Any]]) -> None:
+    """The relay holds the instance's head until the body's first chunk is there (one wake-up
+    of the client, not two), and still sends it when the body breaks off before any byte:
+    the client then sees the instance's status and a body that is not cleanly ended."""
+    relay_url, _ = scripted
+    with httpx2.Client(base_url=relay_url, timeout=20) as c:
+        row = c.get(f"/e2e/instances/{SCRIPT}", headers=auth()).json()["instances"][0]
+        hdrs = {
+            **auth(),
+            "X-Chute-Id": SCRIPT,
+            "X-Instance-Id": row["instance_id"],
+            "X-E2E-Nonce": row["nonces"][0],
+            "X-E2E-Path": "/s/late",
+        }
+        started = time.monotonic()
+        with c.stream("POST", "/e2e/invoke", content=b"x", headers=hdrs) as resp:
+            head_after = time.monotonic() - started
+            assert resp.status_code == 200 and resp.read() == b"late body"
+    assert head_after >= 0.4  # the instance's body came 0.5 s after its head
+    with pytest.raises(httpx2.RemoteProtocolError):
+        scripted_call(relay_url, "brokenearly")
+    assert scripted_call(relay_url, "403").status_code == 403  # still serving
 
 
 def test_instance_down_at_start_then_up_then_gone() -> None:

@@ -16,6 +16,7 @@ body over ``_MAX_ERROR_BODY`` (or broken off) is not quoted at all: never a trun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from pqe2ee.errors import ErrorCode
 from pqe2ee.protocol._codec import json_decode
 from pqe2ee.server._asgi import (
     BodyTooLarge,
+    ClientGone,
     StreamedResponse,
     StreamOutcome,
     iter_body,
@@ -114,7 +116,15 @@ class Invocation(StreamedResponse):
             await uploaded.wait()
             return await receive()
 
-        await super().__call__(scope, receive_after_upload, send)
+        try:
+            await super().__call__(scope, receive_after_upload, send)
+        finally:
+            if self._relaying and not self.started:
+                # The instance answered but write() ended before its head went out with a body
+                # chunk (a break, a hang-up, a failure): the head goes out now, as it always
+                # did once the instance answered, so that what follows stays the same.
+                with contextlib.suppress(ClientGone):
+                    await self.send_start(send)
         if self._outcome is StreamOutcome.CLIENT_GONE and not self.started:
             # hung up before any answer: logged and counted as 499 (nobody reads it)
             await Response(status_code=499)(scope, receive, send)
@@ -132,15 +142,20 @@ class Invocation(StreamedResponse):
         metrics = self._forwarder.metrics
         metrics.open_streams.inc()
         self._relaying = True
-        await self.send_start(send)
+        # The head waits for the body's first chunk (the instance sends them back to back, yet
+        # they arrive in two reads): sent together, they wake the client once, not twice.
         try:
             async for chunk in resp.aiter_raw():
                 if chunk:
+                    if not self.started:
+                        await self.send_start(send)
                     self._sent += len(chunk)
                     await self.send_body(send, chunk)
         except httpx2.HTTPError as exc:
             log.warning("instance response broke off mid-body (%s)", type(exc).__name__)
-            return  # no final chunk: the client must not see a clean end
+            return  # no final chunk: the client must not see a clean end (head: __call__)
+        if not self.started:  # an empty body
+            await self.send_start(send)
         await self.send_body(send, b"", more=False)
 
     async def _call_instance(self) -> Response | None:
