@@ -6,9 +6,10 @@ failure. Over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
@@ -17,6 +18,7 @@ from pqe2ee.errors import ErrorCode, PQE2EEError
 from pqe2ee.protocol import NEED_DATA, Done, StreamDecryptor, StreamEncoder, StreamSealer, Usage
 from pqe2ee.protocol.response import ResponseDecoder
 from pqe2ee.protocol.v2 import StreamEncoderV2
+from pqe2ee.server._asgi import DisconnectWatch
 from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
 from pqe2ee.server.instance.v1 import SealedStream
 from pqe2ee.server.instance.v2 import SealedStreamV2
@@ -122,3 +124,35 @@ async def test_v2_an_engine_that_breaks_off_ends_with_an_authenticated_error() -
         dec.feed(b"".join(body for body, _ in bodies))
     assert info.value.code is ErrorCode.UPSTREAM_ERROR
     assert engine.is_closed and not slot._held
+
+
+async def test_a_complete_stream_does_not_trip_the_disconnect_watch() -> None:
+    """The body's end goes out once the coalescer's task is gone: a server whose receive()
+    reports the completed response as a disconnect (uvicorn does) does not cancel the watch
+    while the stream is still closing its task group."""
+    engine = httpx2.Response(200, content=at_once(CHUNKS))
+    stream, _, slot = _sealed(engine)
+    watches: list[DisconnectWatch] = []
+    stream.watching = watches.append  # type: ignore[method-assign]
+    write = stream.write
+    tripped: list[bool] = []
+
+    async def watched_write(send: Any) -> None:
+        await write(send)
+        tripped.append(watches[0].cancel_scope.cancel_called)
+
+    stream.write = watched_write  # type: ignore[method-assign]
+    complete = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await complete.wait()  # as uvicorn: a disconnect once the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
+    await stream(scope, receive, send)
+    assert tripped == [False]  # the stream ended with its watch untouched
+    assert not slot._held  # released at the end

@@ -71,15 +71,20 @@ class Coalescer:
         ``more=False``) or fails (raised after its data was sent). An exception from the sink
         stops the copy and propagates as itself. Closing the source is the caller's business."""
         failure: Exception | None = None
+        last = b""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump, source)
             try:
-                await self._drain(sink)  # returns once the pump has ended
+                last = await self._drain(sink)  # returns once the pump has ended
             except Exception as exc:  # raised as itself below, not in an exception group
                 failure = exc
                 tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        # The body ends once the pump's task is gone: the end wakes the server's disconnect
+        # watch (uvicorn's receive() reports a completed response as a disconnect), which would
+        # otherwise cancel a block that is still waiting for the task group to close.
+        await sink(last, False)
 
     async def _pump(self, source: AsyncIterator[bytes]) -> None:
         first = True
@@ -100,7 +105,8 @@ class Coalescer:
             self._ended = True
             self._wake.set()
 
-    async def _drain(self, sink: Sink) -> None:
+    async def _drain(self, sink: Sink) -> bytes:
+        """Hand the sink the batches until the pump ends; the last batch (not sent)."""
         while True:
             await self._wake.wait()
             self._wake = self._event()
@@ -111,7 +117,6 @@ class Coalescer:
                     if data:
                         await sink(data, True)
                     raise self._error
-                await sink(data, False)
-                return
+                return data
             if data:
                 await sink(data, True)
