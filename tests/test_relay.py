@@ -690,17 +690,20 @@ def scripted_call(
     relay_url: str, case: str, body: bytes = b"x" * 2000, **headers: str
 ) -> httpx2.Response:
     with httpx2.Client(base_url=relay_url, timeout=20) as c:
-        doc = c.get(f"/e2e/instances/{SCRIPT}", headers=auth()).json()
-        row = doc["instances"][0]
-        hdrs = {
-            **auth(),
-            "X-Chute-Id": SCRIPT,
-            "X-Instance-Id": row["instance_id"],
-            "X-E2E-Nonce": row["nonces"][0],
-            "X-E2E-Path": f"/s/{case}",
-            **headers,
-        }
+        hdrs = invoke_headers(c, **{"X-E2E-Path": f"/s/{case}"}, **headers)
         return c.post("/e2e/invoke", content=body, headers=hdrs)
+
+
+def invoke_headers(c: httpx2.Client, **extra: str) -> dict[str, str]:
+    """The headers of an invocation of the scripted chute, with a fresh nonce, and ``extra``."""
+    row = c.get(f"/e2e/instances/{SCRIPT}", headers=auth()).json()["instances"][0]
+    return {
+        **auth(),
+        "X-Chute-Id": SCRIPT,
+        "X-Instance-Id": row["instance_id"],
+        "X-E2E-Nonce": row["nonces"][0],
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -750,14 +753,7 @@ def test_sealed_errors_and_bodies_pass_through_unchanged(
 def test_defaults_for_path_and_stream_headers(scripted: tuple[str, dict[str, Any]]) -> None:
     relay_url, state = scripted
     with httpx2.Client(base_url=relay_url, timeout=20) as c:
-        row = c.get(f"/e2e/instances/{SCRIPT}", headers=auth()).json()["instances"][0]
-        hdrs = {
-            **auth(),
-            "X-Chute-Id": SCRIPT,
-            "X-Instance-Id": row["instance_id"],
-            "X-E2E-Nonce": row["nonces"][0],
-        }
-        resp = c.post("/e2e/invoke", content=b"abc", headers=hdrs)
+        resp = c.post("/e2e/invoke", content=b"abc", headers=invoke_headers(c))
     assert resp.status_code == 403
     headers, _ = state["seen"][-1]
     assert headers["x-e2e-path"] == "/" and headers["x-e2e-stream"] == "false"
@@ -777,14 +773,7 @@ def test_head_goes_out_with_the_first_body_chunk(scripted: tuple[str, dict[str, 
     the client then sees the instance's status and a body that is not cleanly ended."""
     relay_url, _ = scripted
     with httpx2.Client(base_url=relay_url, timeout=20) as c:
-        row = c.get(f"/e2e/instances/{SCRIPT}", headers=auth()).json()["instances"][0]
-        hdrs = {
-            **auth(),
-            "X-Chute-Id": SCRIPT,
-            "X-Instance-Id": row["instance_id"],
-            "X-E2E-Nonce": row["nonces"][0],
-            "X-E2E-Path": "/s/late",
-        }
+        hdrs = invoke_headers(c, **{"X-E2E-Path": "/s/late"})
         started = time.monotonic()
         with c.stream("POST", "/e2e/invoke", content=b"x", headers=hdrs) as resp:
             head_after = time.monotonic() - started
