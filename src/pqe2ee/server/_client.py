@@ -82,12 +82,26 @@ class PostTarget:
     ) -> httpx2.Request:
         """The request ``client.build_request`` would build with these headers appended and this
         body (``content`` gets its ``Content-Length``; with ``stream`` the caller sends it)."""
+        cookies = client.cookies or None
+        if content is not None and stream is None and cookies is None:
+            # What ``content=`` works out (the body's Content-Length after every other header,
+            # the body read), given as a ready stream: no content-type, multipart or header
+            # merging pass, ~15 us less per request. With cookies their header comes first.
+            request = httpx2.Request(
+                "POST",
+                self.url,
+                headers=[*self.headers, *headers, (b"Content-Length", b"%d" % len(content))],
+                stream=httpx2.ByteStream(content),
+                extensions={"timeout": self.timeout},
+            )
+            request.read()
+            return request
         return httpx2.Request(
             "POST",
             self.url,
             headers=[*self.headers, *headers],
             content=content,
             stream=stream,
-            cookies=client.cookies or None,
+            cookies=cookies,
             extensions={"timeout": self.timeout},
         )
