@@ -6,6 +6,7 @@ failure. Over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -156,3 +157,34 @@ async def test_a_complete_stream_does_not_trip_the_disconnect_watch() -> None:
     await stream(scope, receive, send)
     assert tripped == [False]  # the stream ended with its watch untouched
     assert not slot._held  # released at the end
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # counts the loop's turns
+async def test_the_start_goes_out_with_the_init_event(anyio_backend: str) -> None:
+    """No turn of the event loop between the response start and the init event: written back
+    to back, the relay reads them at once."""
+    engine = httpx2.Response(200, content=at_once(CHUNKS))
+    stream, _, _ = _sealed(engine)
+    turns = 0
+    at_start: list[int] = []
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        at_start.append(turns)
+
+    counter = asyncio.get_running_loop().create_task(count_turns())
+    try:
+        scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
+        await stream(scope, receive, send)
+    finally:
+        counter.cancel()
+    assert at_start[0] == at_start[1] < at_start[-1]  # start and init event in one turn

@@ -276,6 +276,47 @@ async def test_streamed_response_outcomes() -> None:
     assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b"event: shutdown\n\n"]
 
 
+class _HeldStart(StreamedResponse):
+    """Leaves its start to the first body message; the start is due once ``due`` is set."""
+
+    def __init__(self, parts: list[bytes], *, due: bool, fail: bool = False) -> None:
+        super().__init__(200, [(b"content-type", b"text/plain")])
+        self.parts = parts
+        self.due = due
+        self.fail = fail
+
+    async def write(self, send: Send) -> None:
+        for part in self.parts:
+            await self.send_body(send, part)
+        if self.fail:
+            raise RuntimeError("broke before the end")
+        await self.send_body(send, b"", more=False)
+
+    def start_due(self) -> bool:
+        return self.due
+
+
+@pytest.mark.anyio
+async def test_streamed_response_start_held_for_the_first_body_message() -> None:
+    """send_body() sends a start that has not gone out; a due start still goes out when no
+    body message came (a failure), one that is not due does not."""
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await _HeldStart([b"a", b"b"], due=True)(_scope(), _receiver([], then_disconnect=False), send)
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 3
+    assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b""]
+    for due in (True, False):
+        sent.clear()
+        with pytest.raises(RuntimeError):
+            await _HeldStart([], due=due, fail=True)(
+                _scope(), _receiver([], then_disconnect=False), send
+            )
+        assert [m["type"] for m in sent] == (["http.response.start"] if due else [])
+
+
 # -- metrics middleware ------------------------------------------------------------------------
 
 

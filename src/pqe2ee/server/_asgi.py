@@ -299,6 +299,11 @@ class StreamedResponse(Response):
     :meth:`finish`, when that happened and may still write (an error event; ``started`` says
     whether the response start went out). ``bytes_sent`` counts the body bytes sent.
 
+    :meth:`send_body` sends the start first when it has not gone out: a subclass may hold the
+    start back for the first body message (the peer then reads both at once, not in two
+    wake-ups) and say with :meth:`start_due` that it must still go out, before :meth:`finish`,
+    if no body message follows (write() ended early by a break, a hang-up or a failure).
+
     Under a :class:`~pqe2ee.server._metrics.MetricsMiddleware` with ``direct_bodies``, the body
     messages after the start go straight beneath it (:meth:`Exchange.send_body`).
     """
@@ -325,9 +330,11 @@ class StreamedResponse(Response):
         self.started = True
 
     async def send_body(self, send: Send, data: bytes, *, more: bool = True) -> None:
+        if not self.started:
+            await self.send_start(send)
         exchange = self._exchange
         try:
-            if exchange is not None and self.started:
+            if exchange is not None:
                 await exchange.send_body(data, more)
             else:
                 await send({"type": "http.response.body", "body": data, "more_body": more})
@@ -340,6 +347,10 @@ class StreamedResponse(Response):
 
     async def finish(self, outcome: StreamOutcome) -> None:
         """Release what the stream holds; runs once, shielded from cancellation."""
+
+    def start_due(self) -> bool:
+        """Whether the start must go out even if :meth:`write` sent no body message."""
+        return False
 
     def watching(self, watch: DisconnectWatch) -> None:
         """Called once the watch is running, before :meth:`write`."""
@@ -366,6 +377,9 @@ class StreamedResponse(Response):
                 await self.cancelled(send)
         finally:
             with anyio.CancelScope(shield=True):
+                if not self.started and self.start_due():
+                    with contextlib.suppress(ClientGone):
+                        await self.send_start(send)
                 await self.finish(outcome)
 
 

@@ -289,8 +289,12 @@ class EngineStream(StreamedResponse, Generic[E]):
         await Coalescer().run(records, sink)
 
     async def pump(self, send: Send) -> str | None:
-        """Stream until the engine ends; returns an error code, or None for a clean end."""
+        """Stream until the engine ends; returns an error code, or None for a clean end. The
+        start goes out with the first body message (:meth:`start_due`)."""
         raise NotImplementedError
+
+    def start_due(self) -> bool:
+        return True  # the engine answered: the start goes out whatever follows
 
     async def write(self, send: Send) -> None:
         self._code = await self.pump(send)

@@ -55,7 +55,6 @@ class SealedStream(EngineStream[StreamEncoder]):
     records of engine chunks that arrived together leave as one body message)."""
 
     async def pump(self, send: Send) -> str | None:
-        await self.send_start(send)
         try:
             await self.send_records(send, self._sealed_records())
         except (httpx2.HTTPError, httpx2.StreamError):

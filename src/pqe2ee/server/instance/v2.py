@@ -94,7 +94,6 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
     _error: UpstreamError | None = None
 
     async def pump(self, send: Send) -> str | None:
-        await self.send_start(send)
         try:
             await self.send_records(send, self._sealed_records())
         except PQE2EEError as exc:

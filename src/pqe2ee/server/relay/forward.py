@@ -16,7 +16,6 @@ body over ``_MAX_ERROR_BODY`` (or broken off) is not quoted at all: never a trun
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +32,6 @@ from pqe2ee.errors import ErrorCode
 from pqe2ee.protocol._codec import json_decode
 from pqe2ee.server._asgi import (
     BodyTooLarge,
-    ClientGone,
     StreamedResponse,
     StreamOutcome,
     iter_body,
@@ -116,15 +114,7 @@ class Invocation(StreamedResponse):
             await uploaded.wait()
             return await receive()
 
-        try:
-            await super().__call__(scope, receive_after_upload, send)
-        finally:
-            if self._relaying and not self.started:
-                # The instance answered but write() ended before its head went out with a body
-                # chunk (a break, a hang-up, a failure): the head goes out now, as it always
-                # did once the instance answered, so that what follows stays the same.
-                with contextlib.suppress(ClientGone):
-                    await self.send_start(send)
+        await super().__call__(scope, receive_after_upload, send)
         if self._outcome is StreamOutcome.CLIENT_GONE and not self.started:
             # hung up before any answer: logged and counted as 499 (nobody reads it)
             await Response(status_code=499)(scope, receive, send)
@@ -134,7 +124,6 @@ class Invocation(StreamedResponse):
         if reply is not None:  # the relay's own answer
             self.status_code = reply.status_code
             self.raw_headers = reply.raw_headers
-            await self.send_start(send)
             await self.send_body(send, bytes(reply.body), more=False)
             return
         resp = self._resp
@@ -142,21 +131,20 @@ class Invocation(StreamedResponse):
         metrics = self._forwarder.metrics
         metrics.open_streams.inc()
         self._relaying = True
-        # The head waits for the body's first chunk (the instance sends them back to back, yet
-        # they arrive in two reads): sent together, they wake the client once, not twice.
+        # The head goes out with the body's first chunk (the instance writes them back to back,
+        # yet they often arrive in two reads): together they wake the client once, not twice.
         try:
             async for chunk in resp.aiter_raw():
                 if chunk:
-                    if not self.started:
-                        await self.send_start(send)
                     self._sent += len(chunk)
                     await self.send_body(send, chunk)
         except httpx2.HTTPError as exc:
             log.warning("instance response broke off mid-body (%s)", type(exc).__name__)
-            return  # no final chunk: the client must not see a clean end (head: __call__)
-        if not self.started:  # an empty body
-            await self.send_start(send)
+            return  # no final chunk: the client must not see a clean end
         await self.send_body(send, b"", more=False)
+
+    def start_due(self) -> bool:
+        return self._relaying  # the instance answered: its head goes out whatever follows
 
     async def _call_instance(self) -> Response | None:
         """Send the request; None when the instance's answer is to be relayed as it is
