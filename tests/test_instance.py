@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import logging
 import os
 import queue
@@ -24,6 +25,7 @@ import httpx2
 import msgspec
 import pytest
 from click.testing import CliRunner
+from starlette.requests import Request
 
 from pqe2ee.backends import get_aead, get_kem
 from pqe2ee.backends.base import KEMPrivateKey
@@ -532,6 +534,50 @@ def _breaking_engine() -> Callable[..., Any]:
         # returning without the final body message makes uvicorn drop the connection
 
     return app
+
+
+def _gzip_engine() -> Callable[..., Any]:
+    """An engine that answers with ``Content-Encoding: gzip`` (though asked for identity)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/v1/models":
+            body, ctype = b'{"data":[{"id":"m"}]}', b"application/json"
+        else:
+            request = msgspec.json.decode(await Request(scope, receive).body())
+            if request.get("stream"):
+                body = b'data: {"choices":[{"index":0,"delta":{"content":"zipped"}}]}\n\n'
+                body, ctype = body + b"data: [DONE]\n\n", b"text/event-stream"
+            else:
+                body, ctype = b'{"choices":[{"message":{"content":"zipped"}}]}', b"application/json"
+        head = [(b"content-type", ctype), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": gzip.compress(body)})
+
+    return app
+
+
+def test_content_coded_engine_answers_are_decoded(http: httpx2.Client) -> None:
+    """The engine body is read raw unless it has a content coding: then it is decoded before
+    it is sealed (non-stream and stream)."""
+    with run_app(_gzip_engine()) as zipped, running_instance(zipped) as inst:
+        sealed = seal(inst.key.public_key, chat("x"))
+        r = http.post(inst.url + "/e2e/invoke", content=sealed.blob, headers=hdrs(CHAT, False))
+        assert r.status_code == 200
+        answer = msgspec.json.decode(open_response(r.content, sealed.response_key, aead=AEAD))
+        assert answer == {"choices": [{"message": {"content": "zipped"}}]}
+        sealed = seal(inst.key.public_key, chat("x", stream=True))
+        r = http.post(inst.url + "/e2e/invoke", content=sealed.blob, headers=hdrs(CHAT, True))
+        assert r.status_code == 200
+        events = decrypt_stream(iter([r.content]), sealed.response_key)
+        assert stream_text(inner_json(events)) == "zipped"
 
 
 def test_engine_breaks_mid_stream(http: httpx2.Client) -> None:

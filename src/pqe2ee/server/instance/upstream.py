@@ -224,7 +224,7 @@ class Engine:
         if stream and 200 <= resp.status_code < 300:
             return Streaming(resp)
         try:
-            body = await read_bounded(resp.aiter_bytes(), self.config.max_response)
+            body = await read_bounded(engine_body(resp), self.config.max_response)
         except BodyTooLarge:
             raise EngineFailure(
                 502, "Upstream response too large", ErrorCode.OVERSIZE.value
@@ -237,6 +237,15 @@ class Engine:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
         return Buffered(resp.status_code, body, resp.headers.get("content-type"))
+
+
+def engine_body(upstream: httpx2.Response) -> AsyncIterator[bytes]:
+    """An engine answer's body as it arrives. The instance asks for ``identity``, so it is
+    normally read raw: one iterator layer and the decoder calls less per chunk (a stream pays
+    them per event). Only a response with a content coding is decoded."""
+    if "content-encoding" in upstream.headers:
+        return upstream.aiter_bytes()
+    return upstream.aiter_raw()
 
 
 def safe_url(url: str) -> str:
@@ -267,13 +276,8 @@ class EngineStream(StreamedResponse, Generic[E]):
         self._records: AsyncGenerator[bytes, None] | None = None
 
     def engine_chunks(self) -> AsyncIterator[bytes]:
-        """The engine's body as it arrives. The instance asks for ``identity``, so it is
-        normally read raw: one iterator layer and two decoder calls less per chunk, which a
-        stream pays per event. Only a response with a content coding is decoded."""
-        upstream = self._upstream
-        if "content-encoding" in upstream.headers:
-            return upstream.aiter_bytes()
-        return upstream.aiter_raw()
+        """The engine's body as it arrives (:func:`engine_body`)."""
+        return engine_body(self._upstream)
 
     async def send_records(self, send: Send, records: AsyncGenerator[bytes, None]) -> None:
         """Send the outer stream ``records`` gives (its last part ends the body) with as few
