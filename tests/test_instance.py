@@ -540,14 +540,6 @@ def _gzip_engine() -> Callable[..., Any]:
     """An engine that answers with ``Content-Encoding: gzip`` (though asked for identity)."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["path"] == "/v1/models":
             body, ctype = b'{"data":[{"id":"m"}]}', b"application/json"
         else:
@@ -567,7 +559,7 @@ def _gzip_engine() -> Callable[..., Any]:
 def test_content_coded_engine_answers_are_decoded(http: httpx2.Client) -> None:
     """The engine body is read raw unless it has a content coding: then it is decoded before
     it is sealed (non-stream and stream)."""
-    with run_app(_gzip_engine()) as zipped, running_instance(zipped) as inst:
+    with run_app(_gzip_engine(), lifespan="off") as zipped, running_instance(zipped) as inst:
         sealed = seal(inst.key.public_key, chat("x"))
         r = http.post(inst.url + "/e2e/invoke", content=sealed.blob, headers=hdrs(CHAT, False))
         assert r.status_code == 200
