@@ -1060,3 +1060,7 @@ def test_sealer_checks_the_nonces_of_a_source_passed_in(kem: KEM, aead: AEAD) ->
     short = StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=lambda n: b"\0" * 11)
     with pytest.raises(LocalProtocolError, match="nonce must be 12 bytes"):
         short.seal_record(b"data: x\n")
+    long = StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=lambda n: b"\0" * 13)
+    for _ in range(2):  # and again on the next record: the source is asked again
+        with pytest.raises(LocalProtocolError, match="nonce must be 12 bytes"):
+            long.seal_record(b"data: x\n")

@@ -39,7 +39,7 @@ from pqe2ee.backends.base import (
 )
 from pqe2ee.backends.kdf import RandomBytes
 from pqe2ee.backends.kdf import random_bytes as system_random
-from pqe2ee.errors import ErrorCode, LimitExceeded, PQE2EEError, StreamError
+from pqe2ee.errors import ErrorCode, LimitExceeded, LocalProtocolError, PQE2EEError, StreamError
 from pqe2ee.protocol._codec import (
     a2b_base64_compact,
     a2b_base64_quoted,
@@ -107,43 +107,28 @@ StreamEvent = InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream
 # Instance side
 
 
-assert CHACHA_NONCE_LEN % 3 == 0  # seal_record encodes the nonce's base64 on its own
+assert CHACHA_NONCE_LEN % 3 == 0  # a nonce's base64 is a whole slice of its pool's base64
 
 #: How many bytes of the system CSPRNG a sealer reads at once for its record nonces.
 _NONCE_POOL: Final = 32 * CHACHA_NONCE_LEN
-
-
-class _PooledRandom:
-    """The system CSPRNG read ``_NONCE_POOL`` bytes at a time: one system call per 32 record
-    nonces instead of one per record (1-2 us each in a busy server, the largest single cost of
-    sealing a short record). The bytes are the same source's, each handed out once."""
-
-    __slots__ = ("_at", "_pool")
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def __call__(self, n: int) -> bytes:
-        at = self._at
-        end = at + n
-        if end > len(self._pool):
-            self._pool = system_random(max(n, _NONCE_POOL))
-            at, end = 0, n
-        self._at = end
-        return self._pool[at:end]
+_NONCE_B64: Final = CHACHA_NONCE_LEN // 3 * 4  # base64 characters per nonce (no padding)
+_USAGE_PREFIX: Final = b'data: {"usage":'
+_USAGE_SUFFIX: Final = b"}\n\n"
+_json_encode: Final = msgspec.json.encode
 
 
 class StreamSealer:
     """Seals records into outer SSE events for one response stream (instance side).
 
-    With the default ``random_bytes`` the nonces are read in batches (:class:`_PooledRandom`)
-    and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes by
-    construction); a ``random_bytes`` passed in is called once per record, as before, and its
-    nonces go through :meth:`AEADCipher.encrypt`, which checks them.
+    With the default ``random_bytes`` the nonces are read ``_NONCE_POOL`` bytes at a time and
+    base64-encoded as a pool (one system call and one encoding per 32 records instead of one
+    each: the largest single costs of sealing a short record; each byte is handed out once)
+    and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes
+    by construction). A ``random_bytes`` passed in is called once per record for 12 bytes, as
+    before, and its nonces go through :meth:`AEADCipher.encrypt`, which checks them.
     """
 
-    __slots__ = ("_encrypt", "_kem_ct", "_random")
+    __slots__ = ("_at", "_encrypt", "_kem_ct", "_pool", "_pool64", "_pool_size", "_random")
 
     def __init__(
         self,
@@ -156,12 +141,14 @@ class StreamSealer:
         kem_ct, shared_secret = kem.encapsulate(response_public_key)
         self._kem_ct = kem_ct
         cipher = aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
-        self._random: RandomBytes
+        self._random = random_bytes
         self._encrypt: Callable[[bytes, bytes, bytes | None], bytes]
         if random_bytes is system_random:
-            self._random, self._encrypt = _PooledRandom(), cipher.sealer()
+            self._pool_size, self._encrypt = _NONCE_POOL, cipher.sealer()
         else:
-            self._random, self._encrypt = random_bytes, cipher.encrypt
+            self._pool_size, self._encrypt = CHACHA_NONCE_LEN, cipher.encrypt
+        self._pool = self._pool64 = b""
+        self._at = self._pool_size  # the pool is read at the first record
 
     def init_event(self) -> bytes:
         """``data: {"e2e_init":"<b64 kem ct>"}\\n\\n`` - send it first."""
@@ -175,19 +162,27 @@ class StreamSealer:
 
     def seal_into(self, out: list[bytes], plaintext: bytes) -> None:
         """:meth:`seal_record`'s event appended to ``out`` in parts, for one join per chunk."""
-        nonce = self._random(CHACHA_NONCE_LEN)
+        at = self._at
+        if at == self._pool_size:
+            pool = self._random(self._pool_size)
+            if len(pool) != self._pool_size:  # a source passed in: the nonce encrypt() checks
+                raise LocalProtocolError("nonce must be 12 bytes", code=ErrorCode.INVALID_ARGUMENT)
+            self._pool, self._pool64 = pool, b2a_base64(pool, newline=False)
+            at = 0
+        self._at = end = at + CHACHA_NONCE_LEN
+        at64 = at // 3 * 4
         # 12 bytes are 16 base64 characters with no padding: the nonce's base64 followed by the
         # sealed bytes' is that of nonce || sealed, without copying the record to join them.
         out += (
             _RECORD_PREFIX,
-            b2a_base64(nonce, newline=False),
-            b2a_base64(self._encrypt(nonce, plaintext, None), newline=False),
+            self._pool64[at64 : at64 + _NONCE_B64],
+            b2a_base64(self._encrypt(self._pool[at:end], plaintext, None), newline=False),
             _EVENT_SUFFIX,
         )
 
     @staticmethod
     def usage_event(usage: Any) -> bytes:
-        return b"data: " + msgspec.json.encode({"usage": usage}) + b"\n\n"
+        return b"".join((_USAGE_PREFIX, msgspec.json.encode(usage), _USAGE_SUFFIX))
 
     @staticmethod
     def error_event(error: Any) -> bytes:
@@ -219,10 +214,10 @@ class StreamEncoder:
         out: list[bytes] = []
         emit_usage = self._emit_usage
         for line in lines:
-            if emit_usage:
+            if emit_usage and line != b"\n":  # (a blank line, an event's end, has no usage)
                 usage = extract_usage(line)
                 if usage is not None:
-                    out.append(StreamSealer.usage_event(usage))
+                    out += (_USAGE_PREFIX, _json_encode(usage), _USAGE_SUFFIX)
             seal_into(out, line)
         return b"".join(out)
 
