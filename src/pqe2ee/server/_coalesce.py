@@ -92,9 +92,11 @@ class Coalescer:
             async for chunk in source:
                 if not chunk:
                     continue
-                self._parts.append(chunk)
+                parts = self._parts
+                if not parts:  # else the sink's side was woken already and has not taken them
+                    self._wake.set()
+                parts.append(chunk)
                 self._size += len(chunk)
-                self._wake.set()
                 if first or self._size >= MAX_BATCH:  # the sink takes these before we go on
                     first = False
                     taken = self._taken = self._event()
