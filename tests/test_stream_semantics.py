@@ -181,6 +181,9 @@ def test_usage_filter_rewrites_only_what_it_must() -> None:
     )
     none = UsageFilter.for_request(b'{"stream": true}')
     assert none is not None
+    # The body already decoded by the caller is what is looked at (not parsed again).
+    assert UsageFilter.for_request(b"", {"stream": True}) == none
+    assert UsageFilter.for_request(b'{"stream": true}', {"stream": False}) is None
     out = none.apply(batch)
     assert [e.raw for e in out] == [
         b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n',

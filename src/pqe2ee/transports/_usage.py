@@ -42,13 +42,16 @@ class UsageFilter:
     include_usage: bool
 
     @classmethod
-    def for_request(cls, body: bytes) -> UsageFilter | None:
+    def for_request(cls, body: bytes, decoded: dict[str, Any] | None = None) -> UsageFilter | None:
         """The filter a streamed request's body calls for; None when nothing is to be removed
-        (not a stream, or the caller asked for continuous usage itself)."""
-        try:
-            req: Any = _DECODER.decode(body)
-        except msgspec.DecodeError:
-            return None
+        (not a stream, or the caller asked for continuous usage itself). ``decoded``: the body
+        already decoded by the caller (then it is not parsed again)."""
+        req: Any = decoded
+        if req is None:
+            try:
+                req = _DECODER.decode(body)
+            except msgspec.DecodeError:
+                return None
         if not isinstance(req, dict) or req.get("stream") is not True:
             return None
         options = req.get("stream_options")

@@ -52,11 +52,12 @@ from pqe2ee.protocol._events import (
     EndOfStream,
     EventQueue,
     InnerEvent,
+    data_event,
     inner_event,
     outer_event,
 )
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
-from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
+from pqe2ee.protocol.sse import LineSplitter, SSEParser
 
 __all__ = [
     "DEFAULT_MAX_RECORD",
@@ -369,13 +370,46 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         return self._done_seen and self._error is None
 
     def receive_data(self, data: bytes) -> None:
+        """Outer bytes, split anywhere: split into lines (bounded by ``_max_line``), each
+        handled in order (one frame per chunk: the hot path of a paced stream)."""
         if self._error is not None:
             raise self._error
         if self._eof:
             raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
+        if not data:
+            return
         try:
-            if data:
-                self._feed(data)
+            buf = self._buf
+            max_line = self._max_line
+            if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
+                buf += data  # at most one chunk past the bound before refusing
+                if len(buf) > max_line:
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                return
+            if buf:
+                buf += data
+                data = bytes(buf)
+                buf.clear()
+            *lines, tail = data.split(b"\n")
+            # Checked once for the whole chunk rather than per line: no line of a chunk shorter than
+            # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
+            long = len(data) >= max_line
+            compact = data.find(b"\\") < 0
+            record = self._record
+            quiet = not self._decode_usage
+            for line in lines:
+                if not line:
+                    continue  # blank lines separate outer events and carry nothing
+                if long and len(line) >= max_line:  # with its newline, longer than the bound
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
+                    record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
+                elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
+                    self._line(line)
+            if tail:
+                if long and len(tail) > max_line:
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                buf += tail
         except PQE2EEError as exc:
             self._failed(exc)
             raise
@@ -436,40 +470,6 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             self._events.append(EndOfStream(complete=self._state is not _FAILED_REMOTE))
         self._state = nxt
         return nxt
-
-    def _feed(self, data: bytes) -> None:
-        """Split outer bytes into lines (bounded by ``_max_line``) and handle each in order."""
-        buf = self._buf
-        max_line = self._max_line
-        if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
-            buf += data  # at most one chunk past the bound before refusing
-            if len(buf) > max_line:
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            return
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
-        *lines, tail = data.split(b"\n")
-        # Checked once for the whole chunk rather than per line: no line of a chunk shorter than
-        # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
-        long = len(data) >= max_line
-        compact = data.find(b"\\") < 0
-        record = self._record
-        quiet = not self._decode_usage
-        for line in lines:
-            if not line:
-                continue  # blank lines separate outer events and carry nothing
-            if long and len(line) >= max_line:  # with its newline, longer than the bound
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
-                record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
-            elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
-                self._line(line)
-        if tail:
-            if long and len(tail) > max_line:
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            buf += tail
 
     def _line(self, line: bytes) -> None:
         """Handle one outer line (its newline excluded)."""
@@ -630,7 +630,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             self._done_seen = True
             self._events.append(Done(raw=raw))
         else:
-            self._events.append(inner_event(_sse_event(text, None, self._inner_id, raw)))
+            self._events.append(data_event(text, self._inner_id, raw))
 
     def _unhold(self) -> None:
         """Give the held line to the parser (one ``data`` line: no event yet)."""
