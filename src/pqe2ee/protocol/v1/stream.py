@@ -303,6 +303,9 @@ _VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
 _USAGE_STATES: Final = frozenset(
     state for (state, inp), nxt in _TRANSITIONS.items() if inp is _I.USAGE and nxt is state
 )
+# ... which are all the states receive_data runs in (not ERROR: the error is raised first; not
+# CLOSED: only EOF closes): its per-chunk loop checks a usage line without looking at the state.
+assert {_S.AWAIT_INIT, _S.OPEN, _S.DONE, _S.FAILED_REMOTE} <= _USAGE_STATES
 
 
 class StreamDecryptor(EventQueue[StreamEvent]):
@@ -404,8 +407,14 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     raise LimitExceeded(f"line longer than {max_line} bytes")
                 if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
                     record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
-                elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
-                    self._line(line)
+                    continue
+                if quiet and line.startswith(_USAGE_PREFIX) and line.isascii():
+                    try:  # _usage_checked, inlined (the state takes a usage line: see above)
+                        _usage_event_decoder.decode(line[5:])  # (JSON whitespace around: fine)
+                        continue
+                    except msgspec.DecodeError:
+                        pass  # _line decides (a stray non-JSON space: the same verdict)
+                self._line(line)
             if tail:
                 if long and len(tail) > max_line:
                     raise LimitExceeded(f"line longer than {max_line} bytes")
@@ -575,7 +584,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if plaintext == b"\n":
                 text, line = self._held
                 self._held = None
-                self._dispatch(text, line + plaintext)
+                if text == "[DONE]":
+                    self._dispatch(text, line + plaintext)
+                else:  # _dispatch's usual case, inlined (once per event of a line-per-record stream)
+                    self._events.append(data_event(text, self._inner_id, line + plaintext))
                 return
             self._unhold()
         elif self._inner_idle and plaintext.startswith(b"data: "):
