@@ -1060,3 +1060,22 @@ def test_sealer_checks_the_nonces_of_a_source_passed_in(kem: KEM, aead: AEAD) ->
     short = StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=lambda n: b"\0" * 11)
     with pytest.raises(LocalProtocolError, match="nonce must be 12 bytes"):
         short.seal_record(b"data: x\n")
+
+
+def test_inner_parser_made_only_when_needed(kem: KEM, aead: AEAD) -> None:
+    """A usual stream (a record per engine line, ending at the inner [DONE]) never needs the
+    inner SSE parser, so none is made; a record the fast path cannot take makes it, and the
+    events are the same as before."""
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + chunk(2, "b") + b"data: [DONE]\n\n")
+    dec = pair.decryptor()
+    events = run(dec, outer)
+    assert "_inner" not in vars(dec)
+    assert [type(e).__name__ for e in events][-2:] == ["Done", "EndOfStream"]
+    # An event of two data lines takes the parser.
+    two = pair.sealer.init_event() + pair.sealer.seal_record(b"data: x\ndata: y\n\n")
+    dec = pair.decryptor()
+    dec.receive_data(two)
+    assert "_inner" in vars(dec)
+    (event,) = dec.events()
+    assert isinstance(event, InnerEvent) and event.data == "x\ny"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 from binascii import b2a_base64
 from collections import deque
 from collections.abc import Callable
@@ -342,7 +343,6 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         # base64 of a record + JSON wrapper; generous so a legal record always fits.
         self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
         self._buf = bytearray()  # the unterminated outer line
-        self._inner = SSEParser(max_event=max_event)
         self._max_event = max_event
         # The parser's state as the record path needs it (see _record): whether it holds
         # nothing, its last event id, and a "data: ...\n" line held back from it.
@@ -360,6 +360,13 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._error: PQE2EEError | None = None
         self._done_seen = False
         self.records = 0
+
+    @functools.cached_property
+    def _inner(self) -> SSEParser:
+        """The inner stream's SSE parser, made when first needed: the records of a usual stream
+        take the path that skips it (see _record), and a stream ending at the inner ``[DONE]``
+        never looks at it."""
+        return SSEParser(max_event=self._max_event)
 
     # -- public API ---------------------------------------------------------------------------
 
