@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pqe2ee.backends import AEAD, KEM, get_aead, get_kem
-from pqe2ee.backends.base import KEMPrivateKey
+from pqe2ee.backends.base import MLKEM768_CT_LEN, KEMPrivateKey
 from pqe2ee.errors import (
     DecryptError,
     ErrorCode,
@@ -1079,3 +1079,30 @@ def test_inner_parser_made_only_when_needed(kem: KEM, aead: AEAD) -> None:
     assert "_inner" in vars(dec)
     (event,) = dec.events()
     assert isinstance(event, InnerEvent) and event.data == "x\ny"
+
+
+def test_init_event_fast_path_keeps_the_slow_verdicts(kem: KEM, aead: AEAD) -> None:
+    """The compact init line is decoded where it lies; any other form (a JSON escape, a stray
+    character) takes the JSON path and gets its verdict, message included."""
+    pair = Pair(kem, aead)
+    init = pair.sealer.init_event()
+    body = b"".join(pair.sealer.seal_record(p) for p in (b"data: x\n\n", b"data: [DONE]\n\n"))
+    expected = run(pair.decryptor(), init + body)
+    assert [type(e).__name__ for e in expected] == ["InnerEvent", "Done", "EndOfStream"]
+    slash = init.index(b"/")  # (1,452 random base64 characters: one is a "/")
+    escaped = init[:slash] + b"\\/" + init[slash + 1 :]  # a JSON escape: the slow path
+    assert run(pair.decryptor(), escaped + body) == expected
+    b64 = init[len(b'data: {"e2e_init":"') : -len(b'"}\n\n')]
+    for bad, message in (
+        (b"*" + b64[1:], "e2e_init is not valid base64"),
+        (b64 + b'","x":"1', "outer event must be an object with one key"),
+        (b64[:8], f"e2e_init must hold {MLKEM768_CT_LEN} bytes"),
+    ):
+        line = b'data: {"e2e_init":"' + bad + b'"}\n\n'
+        with pytest.raises(StreamError) as info:
+            run(pair.decryptor(), line + body)
+        assert info.value.code is ErrorCode.MALFORMED_EVENT
+        assert info.value.message == message
+    with pytest.raises(StreamError) as info:
+        run(pair.decryptor(), init + init + body)
+    assert info.value.code is ErrorCode.DUPLICATE_INIT
