@@ -157,7 +157,8 @@ class _BodyReads:
 
     def __enter__(self) -> None:
         deadline = self._deadline
-        deadline.check()
+        if deadline._clock() >= deadline.end:  # check(), inlined (once per read)
+            raise deadline.error()
         if deadline._open:
             self._step = None  # the enclosing scope cancels at the same moment
             return
