@@ -197,3 +197,15 @@ def test_usage_filter_rewrites_only_what_it_must() -> None:
         events[2].raw,
         b"data: [DONE]\n\n",
     ]
+    # A rewritten event keeps its type (and its bytes say so); the event id is not carried.
+    typed = SSEParser(max_event=1 << 16).feed(
+        b'event: chunk\nid: 7\ndata: {"choices":[{"delta":{}}],"usage":{"total_tokens":5}}\n\n'
+    )
+    (kept,) = none.apply([InnerEvent(typed[0])])
+    assert isinstance(kept, InnerEvent)
+    assert kept.raw == b'event: chunk\ndata: {"choices":[{"delta":{}}]}\n\n' == kept.event.raw
+    assert (kept.event.event, kept.event.id, kept.data) == (
+        "chunk",
+        None,
+        '{"choices":[{"delta":{}}]}',
+    )

@@ -94,12 +94,12 @@ def inner_event(event: SSEEvent) -> InnerEvent:
     return ev
 
 
-def data_event(data: str, id: str | None, raw: bytes) -> InnerEvent:
-    """``InnerEvent(SSEEvent(data, None, id, raw))`` in one call: the event of one ``data``
+def data_event(data: str, id: str | None, raw: bytes, event: str | None = None) -> InnerEvent:
+    """``InnerEvent(SSEEvent(data, event, id, raw))`` in one call: the event of one ``data``
     line, built as the v1 decryptor's per-record path needs it (one frame per event)."""
     sse: SSEEvent = _new(SSEEvent)  # sse._sse_event, inlined
     _set_data(sse, data)
-    _set_event(sse, None)
+    _set_event(sse, event)
     _set_id(sse, id)
     _set_raw(sse, raw)
     ev: InnerEvent = _new(InnerEvent)

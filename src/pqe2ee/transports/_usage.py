@@ -22,8 +22,7 @@ from typing import Any
 
 import msgspec
 
-from pqe2ee.protocol._events import Done, InnerEvent, inner_event
-from pqe2ee.protocol.sse import _sse_event
+from pqe2ee.protocol._events import Done, InnerEvent, data_event
 
 __all__ = ["UsageFilter"]
 
@@ -86,4 +85,4 @@ class UsageFilter:
         raw = b"data: " + body + b"\n\n"
         if inner.event is not None:
             raw = b"event: " + inner.event.encode() + b"\n" + raw
-        return inner_event(_sse_event(body.decode(), inner.event, None, raw))
+        return data_event(body.decode(), None, raw, inner.event)
