@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx2
 import openai
 import pytest
@@ -157,6 +158,28 @@ def test_usage_as_the_caller_asked(stack: Stack, prefer_v2: bool) -> None:
 
     every = stream_chunks(stack, prefer_v2, {"include_usage": True, "continuous_usage_stats": True})
     assert all(c.get("usage") is not None for c in every)  # asked for: passed unchanged
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_usage_removed_on_the_async_transport(stack: Stack, prefer_v2: bool) -> None:
+    # The same bytes read through the async transport (its own copy of the stream code).
+    transport = tx_httpx2.AsyncE2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    body = {"model": "dev-echo", "messages": user("a b c"), "stream": True}
+
+    async def read() -> bytes:
+        async with httpx2.AsyncClient(transport=transport) as http:
+            r = await http.post(stack.relay + "/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            return r.content
+
+    raw = anyio.run(read)
+    lines = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and lines[:-1]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Echo: a b c"
 
 
 def test_usage_filter_rewrites_only_what_it_must() -> None:
