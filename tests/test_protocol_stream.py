@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pqe2ee.backends import AEAD, KEM, get_aead, get_kem
-from pqe2ee.backends.base import KEMPrivateKey
+from pqe2ee.backends.base import MLKEM768_CT_LEN, KEMPrivateKey
 from pqe2ee.errors import (
     DecryptError,
     ErrorCode,
@@ -1064,3 +1064,49 @@ def test_sealer_checks_the_nonces_of_a_source_passed_in(kem: KEM, aead: AEAD) ->
     for _ in range(2):  # and again on the next record: the source is asked again
         with pytest.raises(LocalProtocolError, match="nonce must be 12 bytes"):
             long.seal_record(b"data: x\n")
+
+
+def test_inner_parser_made_only_when_needed(kem: KEM, aead: AEAD) -> None:
+    """A usual stream (a record per engine line, ending at the inner [DONE]) never needs the
+    inner SSE parser, so none is made; a record the fast path cannot take makes it, and the
+    events are the same as before."""
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + chunk(2, "b") + b"data: [DONE]\n\n")
+    dec = pair.decryptor()
+    events = run(dec, outer)
+    assert "_inner" not in vars(dec)
+    assert [type(e).__name__ for e in events][-2:] == ["Done", "EndOfStream"]
+    # An event of two data lines takes the parser.
+    two = pair.sealer.init_event() + pair.sealer.seal_record(b"data: x\ndata: y\n\n")
+    dec = pair.decryptor()
+    dec.receive_data(two)
+    assert "_inner" in vars(dec)
+    (event,) = dec.events()
+    assert isinstance(event, InnerEvent) and event.data == "x\ny"
+
+
+def test_init_event_fast_path_keeps_the_slow_verdicts(kem: KEM, aead: AEAD) -> None:
+    """The compact init line is decoded where it lies; any other form (a JSON escape, a stray
+    character) takes the JSON path and gets its verdict, message included."""
+    pair = Pair(kem, aead)
+    init = pair.sealer.init_event()
+    body = b"".join(pair.sealer.seal_record(p) for p in (b"data: x\n\n", b"data: [DONE]\n\n"))
+    expected = run(pair.decryptor(), init + body)
+    assert [type(e).__name__ for e in expected] == ["InnerEvent", "Done", "EndOfStream"]
+    slash = init.index(b"/")  # (1,452 random base64 characters: one is a "/")
+    escaped = init[:slash] + b"\\/" + init[slash + 1 :]  # a JSON escape: the slow path
+    assert run(pair.decryptor(), escaped + body) == expected
+    b64 = init[len(b'data: {"e2e_init":"') : -len(b'"}\n\n')]
+    for bad, message in (
+        (b"*" + b64[1:], "e2e_init is not valid base64"),
+        (b64 + b'","x":"1', "outer event must be an object with one key"),
+        (b64[:8], f"e2e_init must hold {MLKEM768_CT_LEN} bytes"),
+    ):
+        line = b'data: {"e2e_init":"' + bad + b'"}\n\n'
+        with pytest.raises(StreamError) as info:
+            run(pair.decryptor(), line + body)
+        assert info.value.code is ErrorCode.MALFORMED_EVENT
+        assert info.value.message == message
+    with pytest.raises(StreamError) as info:
+        run(pair.decryptor(), init + init + body)
+    assert info.value.code is ErrorCode.DUPLICATE_INIT

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx2
 import openai
 import pytest
@@ -159,6 +160,28 @@ def test_usage_as_the_caller_asked(stack: Stack, prefer_v2: bool) -> None:
     assert all(c.get("usage") is not None for c in every)  # asked for: passed unchanged
 
 
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_usage_removed_on_the_async_transport(stack: Stack, prefer_v2: bool) -> None:
+    # The same bytes read through the async transport (its own copy of the stream code).
+    transport = tx_httpx2.AsyncE2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    body = {"model": "dev-echo", "messages": user("a b c"), "stream": True}
+
+    async def read() -> bytes:
+        async with httpx2.AsyncClient(transport=transport) as http:
+            r = await http.post(stack.relay + "/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            return r.content
+
+    raw = anyio.run(read)
+    lines = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and lines[:-1]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert all("usage" not in c and c["choices"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Echo: a b c"
+
+
 def test_usage_filter_rewrites_only_what_it_must() -> None:
     from pqe2ee.protocol._events import Done, InnerEvent
     from pqe2ee.protocol.sse import SSEParser
@@ -181,6 +204,9 @@ def test_usage_filter_rewrites_only_what_it_must() -> None:
     )
     none = UsageFilter.for_request(b'{"stream": true}')
     assert none is not None
+    # The body already decoded by the caller is what is looked at (not parsed again).
+    assert UsageFilter.for_request(b"", {"stream": True}) == none
+    assert UsageFilter.for_request(b'{"stream": true}', {"stream": False}) is None
     out = none.apply(batch)
     assert [e.raw for e in out] == [
         b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n',
@@ -194,3 +220,15 @@ def test_usage_filter_rewrites_only_what_it_must() -> None:
         events[2].raw,
         b"data: [DONE]\n\n",
     ]
+    # A rewritten event keeps its type (and its bytes say so); the event id is not carried.
+    typed = SSEParser(max_event=1 << 16).feed(
+        b'event: chunk\nid: 7\ndata: {"choices":[{"delta":{}}],"usage":{"total_tokens":5}}\n\n'
+    )
+    (kept,) = none.apply([InnerEvent(typed[0])])
+    assert isinstance(kept, InnerEvent)
+    assert kept.raw == b'event: chunk\ndata: {"choices":[{"delta":{}}]}\n\n' == kept.event.raw
+    assert (kept.event.event, kept.event.id, kept.data) == (
+        "chunk",
+        None,
+        '{"choices":[{"delta":{}}]}',
+    )

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
 from pqe2ee.errors import ErrorCode, PQE2EEError, StreamError
 from pqe2ee.protocol._codec import json_decode
-from pqe2ee.protocol.sse import SSEEvent
+from pqe2ee.protocol.sse import SSEEvent, _set_data, _set_event, _set_id, _set_raw
 
 __all__ = [
     "NEED_DATA",
@@ -29,6 +29,7 @@ __all__ = [
     "EventQueue",
     "InnerEvent",
     "NeedData",
+    "data_event",
     "inner_event",
     "outer_event",
 ]
@@ -51,17 +52,18 @@ NEED_DATA: Final = NeedData()
 
 @dataclass(frozen=True, slots=True)
 class InnerEvent:
-    """A decrypted, authenticated SSE event of the engine's stream."""
+    """A decrypted, authenticated SSE event of the engine's stream. ``raw`` is its exact bytes
+    (``event.raw``, kept as a field: a stream read as bytes reads it once per event)."""
 
     event: SSEEvent
+    raw: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw", self.event.raw)
 
     @property
     def data(self) -> str:
         return self.event.data
-
-    @property
-    def raw(self) -> bytes:
-        return self.event.raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +82,29 @@ class EndOfStream:
 
 # InnerEvent(ev) without the frozen dataclass's object.__setattr__ (see sse._sse_event): a
 # decryptor makes one per record.
-_set_inner_event = InnerEvent.__dict__["event"].__set__
+_new = object.__new__
+_set_inner_event, _set_inner_raw = (InnerEvent.__dict__[name].__set__ for name in ("event", "raw"))
 
 
 def inner_event(event: SSEEvent) -> InnerEvent:
     """``InnerEvent(event)``, faster."""
-    ev: InnerEvent = object.__new__(InnerEvent)
+    ev: InnerEvent = _new(InnerEvent)
     _set_inner_event(ev, event)
+    _set_inner_raw(ev, event.raw)
+    return ev
+
+
+def data_event(data: str, id: str | None, raw: bytes, event: str | None = None) -> InnerEvent:
+    """``InnerEvent(SSEEvent(data, event, id, raw))`` in one call: the event of one ``data``
+    line, built as the v1 decryptor's per-record path needs it (one frame per event)."""
+    sse: SSEEvent = _new(SSEEvent)  # sse._sse_event, inlined
+    _set_data(sse, data)
+    _set_event(sse, event)
+    _set_id(sse, id)
+    _set_raw(sse, raw)
+    ev: InnerEvent = _new(InnerEvent)
+    _set_inner_event(ev, sse)
+    _set_inner_raw(ev, raw)
     return ev
 
 

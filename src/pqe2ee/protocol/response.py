@@ -296,18 +296,16 @@ class _V1Stream:
         self._dec = StreamDecryptor(key, aead=aead, decode_usage=on_usage is not None)
         self._on_usage = on_usage
 
-    def feed(self, data: bytes, out: list[ResponseEvent]) -> None:
-        self._dec.receive_data(data)
-        self._drain(out)
-
-    def eof(self, out: list[ResponseEvent]) -> None:
-        self._dec.receive_eof()
-        self._drain(out)
-
-    def _drain(self, out: list[ResponseEvent]) -> None:
+    def feed(self, data: bytes | None, out: list[ResponseEvent]) -> None:
+        """``data`` (``None``: EOF) to the decryptor, and the events it completed to ``out``."""
+        dec = self._dec
+        if data is None:
+            dec.receive_eof()
+        else:
+            dec.receive_data(data)
         # Hot path (one call per network chunk): the decryptor's queue drained in place (its
         # receive_* raised any fault already; events() would copy it), the common types first.
-        queue = self._dec._events
+        queue = dec._events
         for event in queue:
             if isinstance(event, _PASSED):
                 out.append(event)
@@ -318,6 +316,9 @@ class _V1Stream:
                 queue.clear()
                 raise remote_error(event.error)
         queue.clear()
+
+    def eof(self, out: list[ResponseEvent]) -> None:
+        self.feed(None, out)
 
     def wipe(self) -> None:
         self._key.wipe()

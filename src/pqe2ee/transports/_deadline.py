@@ -157,7 +157,8 @@ class _BodyReads:
 
     def __enter__(self) -> None:
         deadline = self._deadline
-        deadline.check()
+        if deadline._clock() >= deadline.end:  # check(), inlined (once per read)
+            raise deadline.error()
         if deadline._open:
             self._step = None  # the enclosing scope cancels at the same moment
             return
@@ -177,10 +178,19 @@ class _BodyReads:
             step.__exit__(*exc_info)
 
     async def bounded(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """``chunks``, each read in a ``with`` block of these reads; released when done."""
+        """``chunks``, each read in a ``with`` block of these reads; released when done. Once
+        the body's timer runs (a streamed answer, after the request's scope), a read is the
+        timer's ``with`` itself, after the deadline check: what ``__enter__`` would pick, without
+        its two calls per read."""
+        deadline = self._deadline
         try:
             while True:
-                with self:
+                step: _BodyReads | AsyncReadTimer | None = self._timer
+                if step is None or deadline._open:
+                    step = self
+                elif deadline._clock() >= deadline.end:
+                    raise deadline.error()
+                with step:
                     try:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:

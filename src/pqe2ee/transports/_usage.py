@@ -22,13 +22,14 @@ from typing import Any
 
 import msgspec
 
-from pqe2ee.protocol._events import Done, InnerEvent, inner_event
-from pqe2ee.protocol.sse import _sse_event
+from pqe2ee.protocol._events import Done, InnerEvent, data_event
 
 __all__ = ["UsageFilter"]
 
 _DECODER = msgspec.json.Decoder()
 _ENCODER = msgspec.json.Encoder()
+#: A streamed chunk: only a JSON object is one (anything else fails, and passes unchanged).
+_CHUNK = msgspec.json.Decoder(dict[str, Any])
 
 
 def _flag(options: object, name: str) -> bool:
@@ -42,13 +43,16 @@ class UsageFilter:
     include_usage: bool
 
     @classmethod
-    def for_request(cls, body: bytes) -> UsageFilter | None:
+    def for_request(cls, body: bytes, decoded: dict[str, Any] | None = None) -> UsageFilter | None:
         """The filter a streamed request's body calls for; None when nothing is to be removed
-        (not a stream, or the caller asked for continuous usage itself)."""
-        try:
-            req: Any = _DECODER.decode(body)
-        except msgspec.DecodeError:
-            return None
+        (not a stream, or the caller asked for continuous usage itself). ``decoded``: the body
+        already decoded by the caller (then it is not parsed again)."""
+        req: Any = decoded
+        if req is None:
+            try:
+                req = _DECODER.decode(body)
+            except msgspec.DecodeError:
+                return None
         if not isinstance(req, dict) or req.get("stream") is not True:
             return None
         options = req.get("stream_options")
@@ -58,29 +62,52 @@ class UsageFilter:
         return cls(include_usage=include)
 
     def apply(self, batch: Sequence[InnerEvent | Done]) -> list[InnerEvent | Done]:
+        """The events the caller gets."""
         out: list[InnerEvent | Done] = []
         for event in batch:
-            kept = self._event(event) if isinstance(event, InnerEvent) else event
-            if kept is not None:
-                out.append(kept)
+            if isinstance(event, InnerEvent) and '"usage"' in event.event.data:
+                inner = event.event
+                body = self._body(inner.data)
+                if body is False:
+                    continue
+                if body is not True:
+                    raw = _frame(body, inner.event)
+                    event = data_event(body.decode(), None, raw, inner.event)
+            out.append(event)
         return out
 
-    def _event(self, event: InnerEvent) -> InnerEvent | None:
-        inner = event.event
-        data = inner.data
-        if '"usage"' not in data:
-            return event
+    def joined(self, batch: Sequence[InnerEvent | Done]) -> bytes:
+        """The bytes of :meth:`apply`'s events, made without the events (what an HTTP
+        library's caller reads)."""
+        parts: list[bytes] = []
+        for event in batch:
+            if type(event) is InnerEvent and '"usage"' in (inner := event.event).data:
+                body = self._body(inner.data)
+                if body is False:
+                    continue
+                if body is not True:
+                    parts.append(_frame(body, inner.event))
+                    continue
+            parts.append(event.raw)
+        return b"".join(parts)
+
+    def _body(self, data: str) -> bytes | bool:
+        """An event's verdict: ``True`` it passes as it is, ``False`` it is dropped, or its
+        chunk re-encoded without the usage (``usage: null``, not a JSON object, or not JSON
+        at all: passes)."""
         try:
-            chunk: Any = _DECODER.decode(data)
-        except msgspec.DecodeError:
-            return event
-        if not isinstance(chunk, dict) or chunk.get("usage") is None:
-            return event
+            chunk = _CHUNK.decode(data)
+        except msgspec.DecodeError:  # its ValidationError too: not an object
+            return True
+        if chunk.pop("usage", None) is None:
+            return True
         if chunk.get("choices") == []:  # the totals chunk
-            return event if self.include_usage else None
-        del chunk["usage"]
-        body = _ENCODER.encode(chunk)
-        raw = b"data: " + body + b"\n\n"
-        if inner.event is not None:
-            raw = b"event: " + inner.event.encode() + b"\n" + raw
-        return inner_event(_sse_event(body.decode(), inner.event, None, raw))
+            return self.include_usage
+        return _ENCODER.encode(chunk)
+
+
+def _frame(body: bytes, name: str | None) -> bytes:
+    """The SSE bytes of an event whose data is ``body`` (one line: JSON has no line break)."""
+    if name is None:
+        return b"data: " + body + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + body + b"\n\n"

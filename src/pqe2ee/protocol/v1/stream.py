@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 from binascii import b2a_base64
 from collections import deque
 from collections.abc import Callable
@@ -52,11 +53,12 @@ from pqe2ee.protocol._events import (
     EndOfStream,
     EventQueue,
     InnerEvent,
+    data_event,
     inner_event,
     outer_event,
 )
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
-from pqe2ee.protocol.sse import LineSplitter, SSEParser, _sse_event
+from pqe2ee.protocol.sse import LineSplitter, SSEParser
 
 __all__ = [
     "DEFAULT_MAX_RECORD",
@@ -75,6 +77,7 @@ DEFAULT_MAX_RECORDS: Final = 1_000_000
 _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
 _QUOTE_START: Final = len(_RECORD_PREFIX) - 1  # a record's base64 with its quotes: line[13:-1]
+_INIT_QUOTE_START: Final = len(_INIT_PREFIX) - 1  # the same for the init event's
 _USAGE_PREFIX: Final = b'data: {"usage"'
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
@@ -297,6 +300,9 @@ _VIOLATIONS: Final[dict[tuple[_State, _Input], tuple[ErrorCode, str]]] = {
 _USAGE_STATES: Final = frozenset(
     state for (state, inp), nxt in _TRANSITIONS.items() if inp is _I.USAGE and nxt is state
 )
+# ... which are all the states receive_data runs in (not ERROR: the error is raised first; not
+# CLOSED: only EOF closes): its per-chunk loop checks a usage line without looking at the state.
+assert {_S.AWAIT_INIT, _S.OPEN, _S.DONE, _S.FAILED_REMOTE} <= _USAGE_STATES
 
 
 class StreamDecryptor(EventQueue[StreamEvent]):
@@ -333,7 +339,6 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         # base64 of a record + JSON wrapper; generous so a legal record always fits.
         self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
         self._buf = bytearray()  # the unterminated outer line
-        self._inner = SSEParser(max_event=max_event)
         self._max_event = max_event
         # The parser's state as the record path needs it (see _record): whether it holds
         # nothing, its last event id, and a "data: ...\n" line held back from it.
@@ -352,6 +357,13 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._done_seen = False
         self.records = 0
 
+    @functools.cached_property
+    def _inner(self) -> SSEParser:
+        """The inner stream's SSE parser, made when first needed: the records of a usual stream
+        take the path that skips it (see _record), and a stream ending at the inner ``[DONE]``
+        never looks at it."""
+        return SSEParser(max_event=self._max_event)
+
     # -- public API ---------------------------------------------------------------------------
 
     @property
@@ -364,13 +376,52 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         return self._done_seen and self._error is None
 
     def receive_data(self, data: bytes) -> None:
+        """Outer bytes, split anywhere: split into lines (bounded by ``_max_line``), each
+        handled in order (one frame per chunk: the hot path of a paced stream)."""
         if self._error is not None:
             raise self._error
         if self._eof:
             raise StreamError("data after EOF", code=ErrorCode.MALFORMED_EVENT)
+        if not data:
+            return
         try:
-            if data:
-                self._feed(data)
+            buf = self._buf
+            max_line = self._max_line
+            if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
+                buf += data  # at most one chunk past the bound before refusing
+                if len(buf) > max_line:
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                return
+            if buf:
+                buf += data
+                data = bytes(buf)
+                buf.clear()
+            *lines, tail = data.split(b"\n")
+            # Checked once for the whole chunk rather than per line: no line of a chunk shorter than
+            # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
+            long = len(data) >= max_line
+            compact = data.find(b"\\") < 0
+            record = self._record
+            quiet = not self._decode_usage
+            for line in lines:
+                if not line:
+                    continue  # blank lines separate outer events and carry nothing
+                if long and len(line) >= max_line:  # with its newline, longer than the bound
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
+                    record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
+                    continue
+                if quiet and line.startswith(_USAGE_PREFIX) and line.isascii():
+                    try:  # _usage_checked, inlined (the state takes a usage line: see above)
+                        _usage_event_decoder.decode(line[5:])  # (JSON whitespace around: fine)
+                        continue
+                    except msgspec.DecodeError:
+                        pass  # _line decides (a stray non-JSON space: the same verdict)
+                self._line(line)
+            if tail:
+                if long and len(tail) > max_line:
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
+                buf += tail
         except PQE2EEError as exc:
             self._failed(exc)
             raise
@@ -432,40 +483,6 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._state = nxt
         return nxt
 
-    def _feed(self, data: bytes) -> None:
-        """Split outer bytes into lines (bounded by ``_max_line``) and handle each in order."""
-        buf = self._buf
-        max_line = self._max_line
-        if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
-            buf += data  # at most one chunk past the bound before refusing
-            if len(buf) > max_line:
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            return
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
-        *lines, tail = data.split(b"\n")
-        # Checked once for the whole chunk rather than per line: no line of a chunk shorter than
-        # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
-        long = len(data) >= max_line
-        compact = data.find(b"\\") < 0
-        record = self._record
-        quiet = not self._decode_usage
-        for line in lines:
-            if not line:
-                continue  # blank lines separate outer events and carry nothing
-            if long and len(line) >= max_line:  # with its newline, longer than the bound
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
-                record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
-            elif not (quiet and line.startswith(_USAGE_PREFIX) and self._usage_checked(line)):
-                self._line(line)
-        if tail:
-            if long and len(tail) > max_line:
-                raise LimitExceeded(f"line longer than {max_line} bytes")
-            buf += tail
-
     def _line(self, line: bytes) -> None:
         """Handle one outer line (its newline excluded)."""
         # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
@@ -473,6 +490,17 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
             self._record(line[_QUOTE_START:-1], True)
             return
+        if line.startswith(_INIT_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
+            # The init line's compact form (once per stream): its base64 decoded where it lies,
+            # as a record's. What msgspec refuses takes the slow path, for its verdict.
+            try:
+                kem_ct = a2b_base64_compact(line[_INIT_QUOTE_START:-1])
+            except ValueError:
+                pass
+            else:
+                self._on(_Input.INIT)
+                self._open(kem_ct)
+                return
         if not self._decode_usage and line.startswith(_USAGE_PREFIX) and self._usage_checked(line):
             return
         event = outer_event(line)
@@ -520,7 +548,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
 
     def _init(self, b64: bytes) -> None:
         self._on(_Input.INIT)
-        kem_ct = self._b64(b64, what="e2e_init")
+        self._open(self._b64(b64, what="e2e_init"))
+
+    def _open(self, kem_ct: bytes) -> None:
+        """The stream key from the init event's KEM ciphertext (the state moved already)."""
         if len(kem_ct) != MLKEM768_CT_LEN:
             raise self._fail(
                 ErrorCode.MALFORMED_EVENT, f"e2e_init must hold {MLKEM768_CT_LEN} bytes"
@@ -570,7 +601,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             if plaintext == b"\n":
                 text, line = self._held
                 self._held = None
-                self._dispatch(text, line + plaintext)
+                if text == "[DONE]":
+                    self._dispatch(text, line + plaintext)
+                else:  # _dispatch's usual case, inlined (once per event of a line-per-record stream)
+                    self._events.append(data_event(text, self._inner_id, line + plaintext))
                 return
             self._unhold()
         elif self._inner_idle and plaintext.startswith(b"data: "):
@@ -625,7 +659,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             self._done_seen = True
             self._events.append(Done(raw=raw))
         else:
-            self._events.append(inner_event(_sse_event(text, None, self._inner_id, raw)))
+            self._events.append(data_event(text, self._inner_id, raw))
 
     def _unhold(self) -> None:
         """Give the held line to the parser (one ``data`` line: no event yet)."""

@@ -145,9 +145,7 @@ class AsyncPlainStream:
 
     def _joined(self, batch: _Batch) -> bytes:
         if self.usage_filter is not None:
-            batch = self.usage_filter.apply(batch)
-            if not batch:
-                return b""
+            return self.usage_filter.joined(batch)
         return batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
 
     def _body(self) -> AsyncIterator[bytes]:

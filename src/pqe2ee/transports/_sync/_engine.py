@@ -277,7 +277,7 @@ class Engine:
                 outcome = self._invoke_v1(port, lease, path, body, auth, decoded)
             if not isinstance(outcome, RelayAnswer):
                 if isinstance(outcome, Streaming):
-                    outcome.stream.usage_filter = UsageFilter.for_request(body)
+                    outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
                 return outcome
             error = outcome.error
             with self._guard:
