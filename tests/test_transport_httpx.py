@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -818,6 +818,47 @@ def test_inner_os_errors_are_mapped() -> None:
         at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=_AsyncRaisingTransport())
         async with httpx2.AsyncClient(transport=at) as http:
             with pytest.raises(httpx2.ConnectTimeout) as err:
+                await http.post(SDK_BASE + "/chat/completions", json=body)
+            assert isinstance(err.value.__cause__, TimeoutError)
+
+    anyio.run(run)
+
+
+class _BrokenBody(httpx2.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        raise ConnectionResetError(104, "reset")
+
+
+class _AsyncBrokenBody(httpx2.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        raise TimeoutError
+        yield b""  # (an async generator)
+
+
+class _BrokenBodyTransport(httpx2.BaseTransport):
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=_BrokenBody())
+
+
+class _AsyncBrokenBodyTransport(httpx2.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=_AsyncBrokenBody())
+
+
+def test_inner_body_errors_are_mapped() -> None:
+    """An inner transport's body failing with an OSError / TimeoutError (here the discovery
+    answer's) is httpx2's ReadError / ReadTimeout, chained."""
+    body = {"model": chute_id_for("dev-echo"), "messages": messages("x")}
+    t = tx_httpx2.E2EETransport(api_key=KEY, inner=_BrokenBodyTransport())
+    with httpx2.Client(transport=t) as http:
+        with pytest.raises(httpx2.ReadError) as err:
+            http.post(SDK_BASE + "/chat/completions", json=body)
+        assert isinstance(err.value.__cause__, ConnectionResetError)
+
+    async def run() -> None:
+        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=_AsyncBrokenBodyTransport())
+        async with httpx2.AsyncClient(transport=at) as http:
+            with pytest.raises(httpx2.ReadTimeout) as err:
                 await http.post(SDK_BASE + "/chat/completions", json=body)
             assert isinstance(err.value.__cause__, TimeoutError)
 
