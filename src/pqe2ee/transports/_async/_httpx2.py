@@ -320,7 +320,7 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self._check_open("transport")
         self._bind(request)
-        e2e_paths = self.settings.e2e_paths
+        e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
         if request.method == "POST":
             path = request.url.path  # (decoded on each access: once here)
             if path in e2e_paths:
@@ -377,10 +377,11 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
     async def _encrypted(
         self, request: httpx2.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
     ) -> httpx2.Response:
-        auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
+        engine = self._engine
+        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
         try:
-            outcome = await self._engine.invoke(
+            outcome = await engine.invoke(
                 port, path=path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:

@@ -321,7 +321,7 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self._check_open("transport")
         self._bind(request)
-        e2e_paths = self.settings.e2e_paths
+        e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
         if request.method == "POST":
             path = request.url.path  # (decoded on each access: once here)
             if path in e2e_paths:
@@ -378,10 +378,11 @@ class E2EETransport(EngineFacade, httpx.BaseTransport):
     def _encrypted(
         self, request: httpx.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
     ) -> httpx.Response:
-        auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
+        engine = self._engine
+        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _Port(self._inner, request.extensions, self._control, self._urls)
         try:
-            outcome = self._engine.invoke(
+            outcome = engine.invoke(
                 port, path=path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:
