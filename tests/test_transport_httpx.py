@@ -805,25 +805,6 @@ class _AsyncRaisingTransport(httpx2.AsyncBaseTransport):
         raise TimeoutError
 
 
-def test_inner_os_errors_are_mapped() -> None:
-    chute = chute_id_for("dev-echo")
-    body = {"model": chute, "messages": messages("x")}
-    t = tx_httpx2.E2EETransport(api_key=KEY, inner=_RaisingTransport())
-    with httpx2.Client(transport=t) as http:
-        with pytest.raises(httpx2.ConnectError) as err:
-            http.post(SDK_BASE + "/chat/completions", json=body)
-        assert isinstance(err.value.__cause__, ConnectionRefusedError)
-
-    async def run() -> None:
-        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=_AsyncRaisingTransport())
-        async with httpx2.AsyncClient(transport=at) as http:
-            with pytest.raises(httpx2.ConnectTimeout) as err:
-                await http.post(SDK_BASE + "/chat/completions", json=body)
-            assert isinstance(err.value.__cause__, TimeoutError)
-
-    anyio.run(run)
-
-
 class _BrokenBody(httpx2.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         raise ConnectionResetError(104, "reset")
@@ -845,20 +826,48 @@ class _AsyncBrokenBodyTransport(httpx2.AsyncBaseTransport):
         return httpx2.Response(200, stream=_AsyncBrokenBody())
 
 
-def test_inner_body_errors_are_mapped() -> None:
-    """An inner transport's body failing with an OSError / TimeoutError (here the discovery
-    answer's) is httpx2's ReadError / ReadTimeout, chained."""
-    body = {"model": chute_id_for("dev-echo"), "messages": messages("x")}
-    t = tx_httpx2.E2EETransport(api_key=KEY, inner=_BrokenBodyTransport())
+@pytest.mark.parametrize(
+    ("inner", "async_inner", "error", "cause", "async_error"),
+    [
+        pytest.param(
+            _RaisingTransport(),
+            _AsyncRaisingTransport(),
+            httpx2.ConnectError,
+            ConnectionRefusedError,
+            httpx2.ConnectTimeout,
+            id="connect",
+        ),
+        pytest.param(
+            _BrokenBodyTransport(),
+            _AsyncBrokenBodyTransport(),
+            httpx2.ReadError,
+            ConnectionResetError,
+            httpx2.ReadTimeout,
+            id="body",  # (the discovery answer's)
+        ),
+    ],
+)
+def test_inner_os_errors_are_mapped(
+    inner: httpx2.BaseTransport,
+    async_inner: httpx2.AsyncBaseTransport,
+    error: type[Exception],
+    cause: type[Exception],
+    async_error: type[Exception],
+) -> None:
+    """An inner transport's OSError (sync) / TimeoutError (async), when sending or while a
+    body is read, is httpx2's error for that step, chained."""
+    chute = chute_id_for("dev-echo")
+    body = {"model": chute, "messages": messages("x")}
+    t = tx_httpx2.E2EETransport(api_key=KEY, inner=inner)
     with httpx2.Client(transport=t) as http:
-        with pytest.raises(httpx2.ReadError) as err:
+        with pytest.raises(error) as err:
             http.post(SDK_BASE + "/chat/completions", json=body)
-        assert isinstance(err.value.__cause__, ConnectionResetError)
+        assert isinstance(err.value.__cause__, cause)
 
     async def run() -> None:
-        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=_AsyncBrokenBodyTransport())
+        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=async_inner)
         async with httpx2.AsyncClient(transport=at) as http:
-            with pytest.raises(httpx2.ReadTimeout) as err:
+            with pytest.raises(async_error) as err:
                 await http.post(SDK_BASE + "/chat/completions", json=body)
             assert isinstance(err.value.__cause__, TimeoutError)
 

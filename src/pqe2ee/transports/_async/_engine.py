@@ -240,16 +240,16 @@ class AsyncEngine:
         with deadline.scope():
             bounded = AsyncBoundedPort(port, deadline)
             started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
-            return await self._invoke(bounded, path, body, model, auth, decoded, started)
+            return await self._invoke(bounded, path, body, decoded, model, auth, started)
 
     async def _invoke(
         self,
         port: AsyncPort,
         path: str,
         body: bytes,
+        decoded: _Body,
         model: str,
         auth: str | None,
-        decoded: _Body,
         started: Monotonic,
     ) -> Outcome:
         s = self.settings

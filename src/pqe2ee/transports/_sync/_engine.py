@@ -241,16 +241,16 @@ class Engine:
         with deadline.scope():
             bounded = BoundedPort(port, deadline)
             started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
-            return self._invoke(bounded, path, body, model, auth, decoded, started)
+            return self._invoke(bounded, path, body, decoded, model, auth, started)
 
     def _invoke(
         self,
         port: Port,
         path: str,
         body: bytes,
+        decoded: _Body,
         model: str,
         auth: str | None,
-        decoded: _Body,
         started: Monotonic,
     ) -> Outcome:
         s = self.settings
