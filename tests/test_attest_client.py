@@ -85,6 +85,26 @@ def test_verified_instances_get_the_prompt(replay: tuple[Replay, str]) -> None:
     assert rp.evidence_nonces == [cap.nonce_hex]  # one evidence round trip for the chute
 
 
+def test_an_instance_already_judged_costs_no_base64_or_digest_per_request(
+    replay: tuple[Replay, str],
+) -> None:
+    """The keys a verdict is kept under (base64, and the gate's SHA-256 of them) are made
+    once per instance key, not once per request."""
+    from pqe2ee.attest import gate
+    from pqe2ee.transports._sync import _attest
+
+    rp, base = replay
+    cap = capture(NAME)
+    _attest._key_strings.cache_clear()
+    gate.key_id.cache_clear()
+    assert _post(base, _options(cap, base, extra=True), n=6) == [500] * 6
+    instances = len({h["x-instance-id"] for h in rp.invokes})
+    made, digests = _attest._key_strings.cache_info(), gate.key_id.cache_info()
+    assert made.misses == digests.misses == instances
+    assert made.hits == 6 - instances
+    assert digests.hits >= 6 - instances
+
+
 def test_a_failing_instance_never_gets_the_prompt(replay: tuple[Replay, str]) -> None:
     rp, base = replay
     cap = capture(NAME)

@@ -13,6 +13,7 @@ expanded-key import) is skipped with the adapter's ``unsupported_operation`` mes
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import os
@@ -465,21 +466,26 @@ def test_wycheproof_chacha20_poly1305(name: str, group: Case, test: Case) -> Non
     key, iv, aad = _h(test["key"]), _h(test["iv"]), _h(test["aad"])
     msg, sealed = _h(test["msg"]), _h(test["ct"]) + _h(test["tag"])
     cipher = aead.new(key)
+    # The cipher object, and the one-shot seal / open (a v1 envelope's) alike.
+    encrypts = (cipher.encrypt, functools.partial(aead.seal, key))
+    decrypts = (cipher.decrypt, functools.partial(aead.open, key))
     if group["ivSize"] != 96:  # InvalidNonceSize
         assert test["result"] == "invalid"
-        with pytest.raises(LocalProtocolError) as info:
-            cipher.encrypt(iv, msg, aad)
-        assert info.value.code is ErrorCode.INVALID_ARGUMENT
-        with pytest.raises(DecryptError):
-            cipher.decrypt(iv, sealed, aad)
+        for encrypt, decrypt in zip(encrypts, decrypts, strict=True):
+            with pytest.raises(LocalProtocolError) as info:
+                encrypt(iv, msg, aad)
+            assert info.value.code is ErrorCode.INVALID_ARGUMENT
+            with pytest.raises(DecryptError):
+                decrypt(iv, sealed, aad)
         return
-    if test["result"] == "valid":
-        assert cipher.encrypt(iv, msg, aad) == sealed
-        assert cipher.decrypt(iv, sealed, aad) == msg
-    else:
-        with pytest.raises(DecryptError) as failed:
-            cipher.decrypt(iv, sealed, aad)
-        assert failed.value.code is ErrorCode.DECRYPT_FAILED
+    for encrypt, decrypt in zip(encrypts, decrypts, strict=True):
+        if test["result"] == "valid":
+            assert encrypt(iv, msg, aad) == sealed
+            assert decrypt(iv, sealed, aad) == msg
+        else:
+            with pytest.raises(DecryptError) as failed:
+                decrypt(iv, sealed, aad)
+            assert failed.value.code is ErrorCode.DECRYPT_FAILED
 
 
 @pytest.mark.parametrize(
@@ -509,14 +515,23 @@ def test_rfc8439_poly1305_key(test: Case) -> None:
 def test_aead_argument_errors_are_typed(name: str) -> None:
     aead = _aead(name)
     for length in (0, 16, 31, 33):
-        with pytest.raises(LocalProtocolError) as info:
-            aead.new(bytes(length))
-        assert info.value.code is ErrorCode.INVALID_KEY
+        key = bytes(length)
+        for make in (
+            functools.partial(aead.new, key),
+            functools.partial(aead.seal, key, bytes(12), b"x"),
+            functools.partial(aead.open, key, bytes(12), bytes(16)),
+        ):
+            with pytest.raises(LocalProtocolError) as info:
+                make()
+            assert info.value.code is ErrorCode.INVALID_KEY
     cipher = aead.new(bytes(32))
     for data in (b"", bytes(15)):  # shorter than a tag
         with pytest.raises(DecryptError):
             cipher.decrypt(bytes(12), data)
+        with pytest.raises(DecryptError):
+            aead.open(bytes(32), bytes(12), data)
     assert cipher.encrypt(bytes(12), b"x", None) == cipher.encrypt(bytes(12), b"x", b"")
+    assert aead.seal(bytes(32), bytes(12), b"x") == cipher.encrypt(bytes(12), b"x", b"")
 
 
 AEAD_PAIRS = [

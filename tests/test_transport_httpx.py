@@ -12,7 +12,7 @@ import json
 import pickle
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -805,19 +805,69 @@ class _AsyncRaisingTransport(httpx2.AsyncBaseTransport):
         raise TimeoutError
 
 
-def test_inner_os_errors_are_mapped() -> None:
+class _BrokenBody(httpx2.SyncByteStream):
+    def __iter__(self) -> Iterator[bytes]:
+        raise ConnectionResetError(104, "reset")
+
+
+class _AsyncBrokenBody(httpx2.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        raise TimeoutError
+        yield b""  # (an async generator)
+
+
+class _BrokenBodyTransport(httpx2.BaseTransport):
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=_BrokenBody())
+
+
+class _AsyncBrokenBodyTransport(httpx2.AsyncBaseTransport):
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=_AsyncBrokenBody())
+
+
+@pytest.mark.parametrize(
+    ("inner", "async_inner", "error", "cause", "async_error"),
+    [
+        pytest.param(
+            _RaisingTransport(),
+            _AsyncRaisingTransport(),
+            httpx2.ConnectError,
+            ConnectionRefusedError,
+            httpx2.ConnectTimeout,
+            id="connect",
+        ),
+        pytest.param(
+            _BrokenBodyTransport(),
+            _AsyncBrokenBodyTransport(),
+            httpx2.ReadError,
+            ConnectionResetError,
+            httpx2.ReadTimeout,
+            id="body",  # (the discovery answer's)
+        ),
+    ],
+)
+def test_inner_os_errors_are_mapped(
+    inner: httpx2.BaseTransport,
+    async_inner: httpx2.AsyncBaseTransport,
+    error: type[Exception],
+    cause: type[Exception],
+    async_error: type[Exception],
+) -> None:
+    """An inner transport's OSError (sync) / TimeoutError (async), when sending or while a
+    body is read, is httpx2's error for that step, chained."""
     chute = chute_id_for("dev-echo")
     body = {"model": chute, "messages": messages("x")}
-    t = tx_httpx2.E2EETransport(api_key=KEY, inner=_RaisingTransport())
+    t = tx_httpx2.E2EETransport(api_key=KEY, inner=inner)
     with httpx2.Client(transport=t) as http:
-        with pytest.raises(httpx2.ConnectError) as err:
+        with pytest.raises(error) as err:
             http.post(SDK_BASE + "/chat/completions", json=body)
-        assert isinstance(err.value.__cause__, ConnectionRefusedError)
+        assert isinstance(err.value.__cause__, cause)
 
     async def run() -> None:
-        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=_AsyncRaisingTransport())
+        at = tx_httpx2.AsyncE2EETransport(api_key=KEY, inner=async_inner)
         async with httpx2.AsyncClient(transport=at) as http:
-            with pytest.raises(httpx2.ConnectTimeout) as err:
+            with pytest.raises(async_error) as err:
                 await http.post(SDK_BASE + "/chat/completions", json=body)
             assert isinstance(err.value.__cause__, TimeoutError)
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from conftest import load_vectors
 from pqe2ee.backends import get_aead
+from pqe2ee.backends.kdf import hkdf
 from pqe2ee.backends.xwing import XWingPrivateKey, get_xwing
 from pqe2ee.errors import (
     DecryptError,
@@ -169,8 +170,15 @@ def test_hkdf_rfc5869() -> None:
         prk = hkdf_extract(bytes.fromhex(t["salt"]), bytes.fromhex(t["ikm"]))
         assert prk.hex() == t["prk"]
         assert hkdf_expand(prk, bytes.fromhex(t["info"]), t["L"]).hex() == t["okm"]
+        args = bytes.fromhex(t["salt"]), bytes.fromhex(t["ikm"]), bytes.fromhex(t["info"])
+        assert hkdf(*args, t["L"]).hex() == t["okm"]  # extract and expand in one call
+        for length in range(34):  # its one-block shortcut, against the two steps
+            assert hkdf(*args, length) == hkdf_expand(prk, args[2], length)
     with pytest.raises(LocalProtocolError):
         hkdf_expand(prk, b"", 255 * 32 + 1)
+    for length in (-1, 255 * 32 + 1):
+        with pytest.raises(LocalProtocolError):
+            hkdf(b"", b"ikm", b"", length)
     with pytest.raises(LocalProtocolError):
         labeled_expand(prk, b"x", b"", 0x10000)
 

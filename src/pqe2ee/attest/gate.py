@@ -13,6 +13,7 @@ around each call (never across I/O).
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import threading
 import time
@@ -118,7 +119,10 @@ def confidential_chutes(doc: bytes) -> frozenset[str]:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def key_id(e2e_pubkey: str) -> str:
+    """The SHA-256 (hex) of the keys a verdict is for: kept, as every request to an instance
+    already judged looks its verdict up by it."""
     return hashlib.sha256(e2e_pubkey.encode("ascii")).hexdigest()
 
 

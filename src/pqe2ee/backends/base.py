@@ -404,6 +404,17 @@ class AEAD(abc.ABC):
         check_chacha_key(key)
         return self._cipher(bytes(key))
 
+    def seal(self, key: bytes, nonce: bytes, plaintext: bytes, aad: bytes | None = None) -> bytes:
+        """``new(key).encrypt(nonce, plaintext, aad)`` for a key that seals one message (a v1
+        envelope), with the same checks and errors; an adapter may do it without a cipher
+        object of ours."""
+        return self.new(key).encrypt(nonce, plaintext, aad)
+
+    def open(self, key: bytes, nonce: bytes, data: bytes, aad: bytes | None = None) -> bytes:
+        """``new(key).decrypt(nonce, data, aad)`` for a key that opens one message, with the
+        same checks and errors (see :meth:`seal`)."""
+        return self.new(key).decrypt(nonce, data, aad)
+
     @abc.abstractmethod
     def _cipher(self, key: bytes) -> AEADCipher:
         """The library's cipher for a checked 32-byte key."""

@@ -1,10 +1,10 @@
 """Key derivation and key material for the protocol layer: HKDF-SHA256 and the system CSPRNG.
 
 ``pqe2ee.protocol`` imports no crypto library and reads no randomness itself: the keyed hash
-under both profiles' key schedules (RFC 5869 HKDF-SHA256, over pyca ``cryptography``'s HMAC) and
-the default source of random bytes live here, behind the backend boundary.
-``pqe2ee.protocol.kdf`` builds the v1 key schedule and HPKE's labeled extract / expand on these
-two functions.
+under both profiles' key schedules (RFC 5869 HKDF-SHA256, over pyca ``cryptography``'s HMAC,
+and its HKDF for :func:`hkdf`) and the default source of random bytes live here, behind the
+backend boundary. ``pqe2ee.protocol.kdf`` builds the v1 key schedule (on :func:`hkdf`, extract
+and expand in one call) and HPKE's labeled extract / expand on these functions.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Final
 
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 
-__all__ = ["HASH_LEN", "RandomBytes", "hkdf_expand", "hkdf_extract", "random_bytes"]
+__all__ = ["HASH_LEN", "RandomBytes", "hkdf", "hkdf_expand", "hkdf_extract", "random_bytes"]
 
 #: Output length of SHA-256 (HKDF's ``HashLen``).
 HASH_LEN: Final = 32
@@ -55,3 +56,12 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
         block = _hmac(prk, block + info + bytes((counter,)))
         blocks.append(block)
     return b"".join(blocks)[:length]
+
+
+def hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869 §2): :func:`hkdf_extract` then :func:`hkdf_expand` in one call of
+    pyca's HKDF (no HMAC object or frame of ours per step: a per-request key schedule's case).
+    A length out of range gets :func:`hkdf_expand`'s error."""
+    if not 0 <= length <= _MAX_EXPAND:
+        return hkdf_expand(b"", info, length)  # (raises)
+    return HKDF(_SHA256, length, salt or None, info).derive(ikm)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pqe2ee.backends.kdf import HASH_LEN, hkdf_expand, hkdf_extract
+from pqe2ee.backends.kdf import HASH_LEN, hkdf, hkdf_expand, hkdf_extract
 from pqe2ee.errors import ErrorCode, LocalProtocolError
 
 __all__ = [
@@ -47,7 +47,7 @@ KEY_LEN: Final = 32
 
 def derive_key(shared_secret: bytes, kem_ciphertext: bytes, info: bytes) -> bytes:
     """The 32-byte ChaCha20-Poly1305 key for one direction of one v1 exchange."""
-    return hkdf_expand(hkdf_extract(kem_ciphertext[:SALT_LEN], shared_secret), info, KEY_LEN)
+    return hkdf(kem_ciphertext[:SALT_LEN], shared_secret, info, KEY_LEN)
 
 
 # -- v2 (HPKE) ---------------------------------------------------------------------------------

@@ -36,12 +36,13 @@ __all__ = ["AsyncDeadline", "Deadline"]
 class Deadline:
     """A blocking request's deadline: ``seconds`` from now on ``clock``."""
 
-    __slots__ = ("_clock", "end", "seconds")
+    __slots__ = ("_clock", "end", "seconds", "start")
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self._clock = clock
-        self.end = clock() + seconds
+        self.start = clock()  # when the request started, on ``clock``
+        self.end = self.start + seconds
 
     def remaining(self) -> float:
         """Seconds left (negative once past)."""

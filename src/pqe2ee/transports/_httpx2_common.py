@@ -7,7 +7,7 @@ mapping at the inner-transport boundary, and response builders.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NoReturn
 
 import anyio
 import httpx2
@@ -99,14 +99,34 @@ def as_stream_error(error: PQE2EEError, request: httpx2.Request | None) -> E2EES
     return exc
 
 
-class map_inner_exceptions:  # (lower case: used like the function it was)
-    """Translate what an inner transport may raise besides httpx2's own exceptions.
+def inner_error(exc: BaseException, phase: Literal["connect", "read"]) -> httpx2.HTTPError | None:
+    """What an inner transport's ``exc`` becomes (raise it ``from exc``), or None to let it
+    pass unchanged (httpx2 and pqe2ee errors, and anything unknown). ``TimeoutError`` becomes
+    a connect/read timeout, ``OSError`` and anyio stream breakage a ``ConnectError`` /
+    ``ReadError``."""
+    if isinstance(exc, (httpx2.HTTPError, PQE2EEError)):
+        return None
+    if isinstance(exc, TimeoutError):
+        timeout = httpx2.ConnectTimeout if phase == "connect" else httpx2.ReadTimeout
+        return timeout(f"relay {phase} timed out")
+    if isinstance(exc, (OSError, anyio.BrokenResourceError, anyio.EndOfStream)):
+        network = httpx2.ConnectError if phase == "connect" else httpx2.ReadError
+        return network(f"relay {phase} failed: {type(exc).__name__}")
+    return None
 
-    httpx2 errors and pqe2ee errors pass unchanged; ``TimeoutError`` becomes a connect/read
-    timeout, ``OSError`` and anyio stream breakage a ``ConnectError``/``ReadError``, always
-    chained (``from exc``). A plain context manager class (no generator frame per use: it is
-    on every request's path).
-    """
+
+def raise_mapped(exc: Exception, phase: Literal["connect", "read"]) -> NoReturn:
+    """Raise ``exc`` as :func:`inner_error` maps it (chained), or unchanged: the body of an
+    ``except Exception`` on a per-request path (no frame unless something is raised)."""
+    mapped = inner_error(exc, phase)
+    if mapped is None:
+        raise exc
+    raise mapped from exc
+
+
+class map_inner_exceptions:  # (lower case: used like the function it was)
+    """Translate what an inner transport may raise besides httpx2's own exceptions
+    (:func:`inner_error`), always chained (``from exc``)."""
 
     __slots__ = ("_phase",)
 
@@ -122,15 +142,11 @@ class map_inner_exceptions:  # (lower case: used like the function it was)
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None or isinstance(exc, (httpx2.HTTPError, PQE2EEError)):
+        if exc is None:
             return
-        phase = self._phase
-        if isinstance(exc, TimeoutError):
-            timeout = httpx2.ConnectTimeout if phase == "connect" else httpx2.ReadTimeout
-            raise timeout(f"relay {phase} timed out") from exc
-        if isinstance(exc, (OSError, anyio.BrokenResourceError, anyio.EndOfStream)):
-            network = httpx2.ConnectError if phase == "connect" else httpx2.ReadError
-            raise network(f"relay {phase} failed: {type(exc).__name__}") from exc
+        mapped = inner_error(exc, self._phase)
+        if mapped is not None:
+            raise mapped from exc
 
 
 def json_response(

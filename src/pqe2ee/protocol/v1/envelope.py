@@ -111,7 +111,7 @@ def _seal(
     kem_ct, shared_secret = kem.encapsulate(public_key)
     key = derive_key(shared_secret, kem_ct, info)
     nonce = random_bytes(CHACHA_NONCE_LEN)
-    return b"".join((kem_ct, nonce, aead.new(key).encrypt(nonce, plaintext_gz, None)))
+    return b"".join((kem_ct, nonce, aead.seal(key, nonce, plaintext_gz)))
 
 
 def _open(blob: bytes, private_key: KEMPrivateKey, info: bytes, aead: AEAD, *, what: str) -> bytes:
@@ -125,7 +125,7 @@ def _open(blob: bytes, private_key: KEMPrivateKey, info: bytes, aead: AEAD, *, w
     nonce = bytes(mv[MLKEM768_CT_LEN : MLKEM768_CT_LEN + CHACHA_NONCE_LEN])
     shared_secret = private_key.decapsulate(kem_ct)
     key = derive_key(shared_secret, kem_ct, info)
-    return aead.new(key).decrypt(nonce, bytes(mv[MLKEM768_CT_LEN + CHACHA_NONCE_LEN :]), None)
+    return aead.open(key, nonce, bytes(mv[MLKEM768_CT_LEN + CHACHA_NONCE_LEN :]))
 
 
 def _body_json(

@@ -145,9 +145,7 @@ class AsyncAttestor:
         with self._guard:
             if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
                 return None
-        pubkey = base64.b64encode(lease.public_key).decode("ascii")
-        v2_pk = _v2_key(lease, now)
-        keys = pubkey if v2_pk is None else f"{pubkey},{v2_pk}"
+        pubkey, v2_pk, keys = _key_strings(lease.public_key, _v2_public_key(lease, now))
         with self._guard:
             verdict = gate.verdict(chute, lease.instance_id, keys, now)
             cached = gate.evidence(chute, lease.instance_id, now)
@@ -327,14 +325,27 @@ class AsyncAttestor:
         return found
 
 
-def _v2_key(lease: Lease, now: float) -> str | None:
-    """The row's valid ``e2e_v2`` key (base64), which the quote must then bind; an invalid
-    offer counts as absent (spec/v2.md §8.1)."""
+def _v2_public_key(lease: Lease, now: float) -> bytes | None:
+    """The row's valid ``e2e_v2`` key, which the quote must then bind; an invalid offer
+    counts as absent (spec/v2.md §8.1)."""
     try:
         offer = parse_v2_offer(lease.extra, now)
     except MalformedError:
         return None
-    return None if offer is None else base64.b64encode(offer.public_key).decode("ascii")
+    return None if offer is None else offer.public_key
+
+
+@functools.lru_cache(maxsize=64)
+def _key_strings(public_key: bytes, v2_public_key: bytes | None) -> tuple[str, str | None, str]:
+    """The v1 key and the v2 key (if any) in base64, and both as the gate keys its verdicts
+    by (``"v1[,v2]"``). Kept: a client seals to the same few instance keys call after call,
+    and the same string object lets the gate's :func:`~pqe2ee.attest.gate.key_id` find its
+    digest without hashing ~3 KB again."""
+    pubkey = base64.b64encode(public_key).decode("ascii")
+    if v2_public_key is None:
+        return pubkey, None, pubkey
+    v2_pk = base64.b64encode(v2_public_key).decode("ascii")
+    return pubkey, v2_pk, f"{pubkey},{v2_pk}"
 
 
 def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:

@@ -46,19 +46,13 @@ async def read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
 class AsyncBoundedResponse:
     """A port response whose body reads end at the deadline."""
 
-    __slots__ = ("_reads", "_response")
+    __slots__ = ("_reads", "_response", "headers", "status")
 
     def __init__(self, response: AsyncPortResponse, deadline: AsyncDeadline) -> None:
         self._response = response
         self._reads = deadline.reads()
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def headers(self) -> RawHeaders:
-        return self._response.headers
+        self.status: int = response.status
+        self.headers: RawHeaders = response.headers
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         return self._reads.bounded(self._response.aiter_bytes())

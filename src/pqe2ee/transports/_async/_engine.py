@@ -239,14 +239,22 @@ class AsyncEngine:
         deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
         with deadline.scope():
             bounded = AsyncBoundedPort(port, deadline)
-            return await self._invoke(bounded, path, body, model, auth, decoded)
+            started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
+            return await self._invoke(bounded, path, body, decoded, model, auth, started)
 
     async def _invoke(
-        self, port: AsyncPort, path: str, body: bytes, model: str, auth: str | None, decoded: _Body
+        self,
+        port: AsyncPort,
+        path: str,
+        body: bytes,
+        decoded: _Body,
+        model: str,
+        auth: str | None,
+        started: Monotonic,
     ) -> Outcome:
         s = self.settings
-        deadline = self.now() + s.timeout
-        chute = await self._resolve_chute(port, model, auth)
+        deadline = started + s.timeout
+        chute = await self._resolve_chute(port, model, auth, started)
         last: RelayError | None = None
         retried_once: set[ErrorCode] = set()
         remapped = False
@@ -258,7 +266,7 @@ class AsyncEngine:
                     # Discovery does not know the cached chute id ("Chute not found"): the
                     # model may have moved. Re-read the listing once and retry if it changed.
                     remapped = True
-                    fresh = await self._resolve_chute(port, model, auth, force=True)
+                    fresh = await self._resolve_chute(port, model, auth, self.now(), force=True)
                     if fresh != chute:
                         chute, last = fresh, exc
                         continue
@@ -421,16 +429,15 @@ class AsyncEngine:
     # -- models ---------------------------------------------------------------------------------
 
     async def _resolve_chute(
-        self, port: AsyncPort, model: str, auth: str | None, *, force: bool = False
+        self, port: AsyncPort, model: str, auth: str | None, now: Monotonic, *, force: bool = False
     ) -> str:
-        if looks_like_uuid(model):
-            return model
-        now = self.now()
         with self._guard:
-            chute = self.state.resolve_chute(model, now)
+            chute = self.state.resolve_chute(model, now)  # (a UUID: itself, a chute id)
             stale = self.state.models_stale(now)
         if chute is not None and not force and not stale:
             return chute
+        if chute == model and looks_like_uuid(model):
+            return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
         forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
         async with self._models_lock:

@@ -46,6 +46,7 @@ from pqe2ee.transports._httpx_common import (
     json_response,
     map_inner_exceptions,
     passthrough_response,
+    raise_mapped,
 )
 from pqe2ee.transports.options import (
     ClientOptions,
@@ -82,7 +83,7 @@ class _AsyncPortResponse(ResponseHead):
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         response = self._response
         stream = response.stream
-        with map_inner_exceptions("read"):
+        try:
             if (
                 response.is_stream_consumed
                 or response.is_closed  # (httpx's iterators say what is wrong)
@@ -105,6 +106,8 @@ class _AsyncPortResponse(ResponseHead):
                 raise
             finally:
                 await response.aclose()
+        except Exception as exc:  # (map_inner_exceptions("read"), without its frames)
+            raise_mapped(exc, "read")
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -166,8 +169,10 @@ class _AsyncPort:
             )
             # As content= (read()) leaves it: ``request.content`` is there for the inner.
             request._content = body
-        with map_inner_exceptions("connect"):
+        try:
             response = await self._inner.handle_async_request(request)
+        except Exception as exc:  # (map_inner_exceptions("connect"), without its frames)
+            raise_mapped(exc, "connect")
         return _AsyncPortResponse(response)
 
 
@@ -316,7 +321,7 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self._check_open("transport")
         self._bind(request)
-        e2e_paths = self.settings.e2e_paths
+        e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
         if request.method == "POST":
             path = request.url.path  # (decoded on each access: once here)
             if path in e2e_paths:
@@ -373,10 +378,11 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
     async def _encrypted(
         self, request: httpx.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
     ) -> httpx.Response:
-        auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
+        engine = self._engine
+        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
         try:
-            outcome = await self._engine.invoke(
+            outcome = await engine.invoke(
                 port, path=path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:

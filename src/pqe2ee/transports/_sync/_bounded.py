@@ -47,19 +47,13 @@ def read_bounded(response: PortResponse, limit: int) -> bytes:
 class BoundedResponse:
     """A port response whose body reads end at the deadline."""
 
-    __slots__ = ("_reads", "_response")
+    __slots__ = ("_reads", "_response", "headers", "status")
 
     def __init__(self, response: PortResponse, deadline: Deadline) -> None:
         self._response = response
         self._reads = deadline.reads()
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    @property
-    def headers(self) -> RawHeaders:
-        return self._response.headers
+        self.status: int = response.status
+        self.headers: RawHeaders = response.headers
 
     def iter_bytes(self) -> Iterator[bytes]:
         return self._reads.bounded(self._response.iter_bytes())

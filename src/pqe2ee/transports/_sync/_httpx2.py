@@ -39,6 +39,7 @@ from pqe2ee.transports._httpx2_common import (
     json_response,
     map_inner_exceptions,
     passthrough_response,
+    raise_mapped,
 )
 from pqe2ee.transports._sync._engine import (
     Engine,
@@ -82,7 +83,7 @@ class _PortResponse(ResponseHead):
     def iter_bytes(self) -> Iterator[bytes]:
         response = self._response
         stream = response.stream
-        with map_inner_exceptions("read"):
+        try:
             if (
                 response.is_stream_consumed
                 or response.is_closed  # (httpx2's iterators say what is wrong)
@@ -105,6 +106,8 @@ class _PortResponse(ResponseHead):
                 raise
             finally:
                 response.close()
+        except Exception as exc:  # (map_inner_exceptions("read"), without its frames)
+            raise_mapped(exc, "read")
 
     def close(self) -> None:
         self._response.close()
@@ -166,8 +169,10 @@ class _Port:
             )
             # As content= (read()) leaves it: ``request.content`` is there for the inner.
             request._content = body
-        with map_inner_exceptions("connect"):
+        try:
             response = self._inner.handle_request(request)
+        except Exception as exc:  # (map_inner_exceptions("connect"), without its frames)
+            raise_mapped(exc, "connect")
         return _PortResponse(response)
 
 
@@ -316,7 +321,7 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         self._check_open("transport")
         self._bind(request)
-        e2e_paths = self.settings.e2e_paths
+        e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
         if request.method == "POST":
             path = request.url.path  # (decoded on each access: once here)
             if path in e2e_paths:
@@ -373,10 +378,11 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     def _encrypted(
         self, request: httpx2.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
     ) -> httpx2.Response:
-        auth = self.settings.api_key or bearer_token(request.headers.get("authorization"))
+        engine = self._engine
+        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
         port = _Port(self._inner, request.extensions, self._control, self._urls)
         try:
-            outcome = self._engine.invoke(
+            outcome = engine.invoke(
                 port, path=path, body=body, model=model, auth=auth, decoded=decoded
             )
         except RelayError as exc:
