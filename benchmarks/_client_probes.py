@@ -7,11 +7,12 @@ Run through ``bench_client.py``; the plumbing (servers, client processes) is sha
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import queue
+import resource
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,17 +24,61 @@ from bench_client import (
     KEY,
     MODEL,
     SHORT_PROMPT,
-    Client,
     long_prompt,
     print_split,
-    split_calls,
     stack,
 )
 
 import pqe2ee
 from pqe2ee.backends import get_kem
 
-__all__ = ["count_table", "instructions_table", "keypool_table"]
+__all__ = ["count_table", "instructions_table", "keypool_table", "split_calls"]
+
+
+def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
+    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
+    the client's transport, its inner transport (relay send + answer head; for plain: the
+    engine's) and, for the floor client, its KEM calls; and the call's system (kernel) time.
+    The wrappers (~1 µs each) are set on the instances only while measuring."""
+    clock, acc = time.thread_time, {}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def timed(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+
+        def wrapper(*args: Any) -> Any:
+            t = clock()
+            try:
+                return fn(*args)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t
+
+        patched.append((obj, attr, vars(obj).get(attr)))
+        setattr(obj, attr, wrapper)
+
+    outer = http._transport
+    timed(outer, "handle_request", "transport")
+    timed(getattr(outer, "_inner", None), "handle_request", "inner")
+    for attr in ("_keygen", "_encaps", "_decaps"):
+        timed(outer, attr, "kem")
+    rows = []
+    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+    for _ in range(n):
+        acc.clear()
+        before = usage()
+        t = clock()
+        call()
+        rows.append({"call": clock() - t, **acc})
+        after = usage()
+        rows[-1]["sys"] = after.ru_stime - before.ru_stime
+    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
+        if own is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, own)
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def _median_us(fn: Any, n: int = 300, gap: float = 0.0) -> float:
@@ -118,47 +163,21 @@ def keypool_table() -> None:
         print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
 
 
-VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
-
-
-def _instructions(
-    kind: str, engine: str, relay: str, ops: list[tuple[str, int]]
-) -> tuple[int, int]:
-    """(instructions, SSE events) of one worker process of ``kind`` under cachegrind that
-    runs ``ops`` after its warm-up (valgrind's ``I refs``: start-up and warm-up included)."""
-    import re
-
-    with tempfile.TemporaryFile("w+") as err:
-        client = Client(kind, engine, relay, "v1", wrap=VALGRIND, stderr=err)
-        events = 0
-        try:
-            client.ready()
-            for op, n in ops:
-                events += sum(client.run(op, n)["events"])
-        finally:
-            client.close()
-        err.seek(0)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", err.read())
-    if found is None:
-        raise RuntimeError(f"{kind}: no instruction count from valgrind")
-    return int(found.group(1).replace(",", "")), events
-
-
 def instructions_table(n: int) -> None:
     """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
-    for every client: deterministic, unlike CPU time (three worker runs each: warm-up only,
-    plus ``n`` calls, plus ``n`` calls and ``n // 20`` long streams; the differences)."""
+    for every client: deterministic, unlike CPU time (one worker run each, ``n`` calls then
+    ``n // 20`` long streams, bounded by snapshots: see ``_cachegrind``)."""
+    from _cachegrind import run_steps  # (beside this file)
+
     streams = max(1, n // 20)
     order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
     per: dict[str, tuple[float, float]] = {}
     with stack() as (engine, relay):
         for kind in order:
-            base, _ = _instructions(kind, engine, relay, [])
-            calls, _ = _instructions(kind, engine, relay, [("nonstream", n)])
-            both, events = _instructions(
-                kind, engine, relay, [("nonstream", n), ("stream", streams)]
+            calls, longs = run_steps(
+                kind, engine, relay, [("nonstream", n), ("stream", streams)], sim=False
             )
-            per[kind] = ((calls - base) / n, (both - calls) / events)
+            per[kind] = (calls.costs["Ir"] / n, longs.costs["Ir"] / longs.events)
             print(
                 f"  {kind}: {per[kind][0]:,.0f} per call, {per[kind][1]:,.0f} per event", flush=True
             )

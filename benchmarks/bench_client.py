@@ -49,7 +49,9 @@ client's caches between its send and its read).
 ``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
 ours-plain, floor and ours, and the split warm against an in-process mock relay;
 ``--instructions N`` valgrind instructions per call and per event for all five clients
-(deterministic; a few minutes per client). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
+(deterministic; a few minutes per client); ``--cachegrind N`` simulated cache and branch
+misses of all five, warm and cold (evicted before every call and socket read: the paced
+engine's cost), E2EE − plain, and where ours exceeds the floor (``_cachegrind.py``). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
 backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
 and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
 """
@@ -58,11 +60,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -70,7 +70,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,10 +283,15 @@ WORKER = textwrap.dedent(
 
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "split":  # (our venv only: bench_client imports pqe2ee)
+        if cmd["op"] in ("split", "snapshot", "cold", "evict"):
             sys.path.insert(0, bench_dir)
-            from bench_client import split_calls
-            print(json.dumps({"split": split_calls(http, nonstream, cmd["n"])}), flush=True)
+            if cmd["op"] == "split":  # (our venv only: _client_probes imports pqe2ee)
+                from _client_probes import split_calls
+                out = {"split": split_calls(http, nonstream, cmd["n"])}
+            else:  # (valgrind runs: _cachegrind imports only the standard library)
+                from _cachegrind import worker_step
+                out = worker_step(cmd, ops)
+            print(json.dumps(out), flush=True)
             continue
         fn, n = ops[cmd["op"]], cmd["n"]
         walls, cpus, events = [], [], []
@@ -311,9 +316,10 @@ class Client:
         protocol: str,
         wrap: tuple[str, ...] = (),
         stderr: Any = None,
+        words: int | None = None,
     ) -> None:
         """``wrap``: a command to run the worker under (valgrind), ``stderr`` where its
-        stderr goes."""
+        stderr goes, ``words`` the long prompt's (default ``LONG_WORDS``)."""
         python = REF_PYTHON if kind.startswith("ref") else OUR_PYTHON
         self.kind = kind
         bench_dir = str(Path(__file__).resolve().parent)
@@ -328,7 +334,7 @@ class Client:
         )
         _pin(self.proc, "clients")
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
+        self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt(words)]) + "\n")
         self.proc.stdin.flush()
         self.openai = ""
 
@@ -359,55 +365,9 @@ class Client:
             self.proc.wait()
 
 
-def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
-    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
-    the client's transport, its inner transport (relay send + answer head; for plain: the
-    engine's) and, for the floor client, its KEM calls; and the call's system (kernel) time.
-    The wrappers (~1 µs each) are set on the instances only while measuring."""
-    clock, acc = time.thread_time, {}
-    patched: list[tuple[Any, str, Any]] = []
-
-    def timed(obj: Any, attr: str, name: str) -> None:
-        fn = getattr(obj, attr, None)
-        if fn is None:
-            return
-
-        def wrapper(*args: Any) -> Any:
-            t = clock()
-            try:
-                return fn(*args)
-            finally:
-                acc[name] = acc.get(name, 0.0) + clock() - t
-
-        patched.append((obj, attr, vars(obj).get(attr)))
-        setattr(obj, attr, wrapper)
-
-    outer = http._transport
-    timed(outer, "handle_request", "transport")
-    timed(getattr(outer, "_inner", None), "handle_request", "inner")
-    for attr in ("_keygen", "_encaps", "_decaps"):
-        timed(outer, attr, "kem")
-    rows = []
-    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
-    for _ in range(n):
-        acc.clear()
-        before = usage()
-        t = clock()
-        call()
-        rows.append({"call": clock() - t, **acc})
-        after = usage()
-        rows[-1]["sys"] = after.ru_stime - before.ru_stime
-    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
-        if own is None:
-            delattr(obj, attr)
-        else:
-            setattr(obj, attr, own)
-    return {k: [r[k] for r in rows] for k in rows[0]}
-
-
-def long_prompt() -> str:
+def long_prompt(n: int | None = None) -> str:
     words = "lattice kyber token stream record nonce secure inference relay engine".split()
-    return " ".join(words[i % len(words)] + str(i) for i in range(LONG_WORDS))
+    return " ".join(words[i % len(words)] + str(i) for i in range(n or LONG_WORDS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,6 +715,15 @@ def main() -> None:
         help="only instructions per request (valgrind) for all five clients, N calls each",
     )
     ap.add_argument(
+        "--cachegrind",
+        type=int,
+        metavar="N",
+        help="only cache and branch simulation (valgrind) for all five clients, warm and cold: "
+        "E2EE − plain per call and per event, and where ours exceeds the floor (_cachegrind.py)",
+    )
+    ap.add_argument("--cg-words", type=int, default=60, help="--cachegrind's long prompt")
+    ap.add_argument("--cg-keep", metavar="DIR", help="--cachegrind: keep the output files here")
+    ap.add_argument(
         "--pin",
         action="store_true",
         help="servers on the last CPU, clients on the others (as on separate machines: the "
@@ -769,9 +738,11 @@ def main() -> None:
         "chunk on every hop, as with a model's paced tokens; default 0: a burst)",
     )
     args = ap.parse_args()
+    if args.cachegrind and not args.engine_delay:
+        args.engine_delay = 0.1  # paced, and slow enough for a client under valgrind
     if args.engine_delay:
         _ENGINE_ARGS.extend(["--delay", str(args.engine_delay)])
-    if args.keypool or args.count or args.instructions:
+    if args.keypool or args.count or args.instructions or args.cachegrind:
         sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
         from _client_probes import count_table, instructions_table, keypool_table
     if args.pin:
@@ -779,6 +750,11 @@ def main() -> None:
         if len(cpus) < 2:
             sys.exit("--pin needs at least 2 CPUs")
         _PIN.update(servers={cpus[-1]}, clients=set(cpus[:-1]))
+    if args.cachegrind:
+        from _cachegrind import cachegrind_table
+
+        cachegrind_table(args.cachegrind, args.cg_words, args.cg_keep)
+        return
     if args.instructions:
         instructions_table(args.instructions)
         return
