@@ -147,6 +147,13 @@ def server_cpu() -> float:
     return total / _TICK
 
 
+def box_cpu() -> tuple[float, float]:
+    """The whole box's busy and steal CPU seconds so far (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _, _, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
 @contextlib.contextmanager
 def _server(*args: str) -> Iterator[str]:
     port = _free_port()
@@ -210,7 +217,7 @@ def keyed_stack() -> Iterator[tuple[str, str, Any]]:
 
 WORKER = textwrap.dedent(
     r"""
-    import json, sys, time
+    import json, resource, sys, time
 
     kind, engine, relay, key, model, protocol, bench_dir = sys.argv[1:8]
     short_prompt, long_prompt = json.loads(sys.stdin.readline())
@@ -277,6 +284,15 @@ WORKER = textwrap.dedent(
         return events
 
     ops = {"nonstream": nonstream, "stream": stream, "short": lambda: stream(short_prompt)}
+
+    def sched():  # this thread's context switches (voluntary, involuntary), CPU migrations
+        ru = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            with open("/proc/thread-self/sched") as f:
+                moved = next((int(x.split()[-1]) for x in f if x.startswith("se.nr_mig")), 0)
+        except OSError:
+            moved = 0
+        return [ru.ru_nvcsw, ru.ru_nivcsw, moved]
     for name in ("nonstream", "nonstream", "nonstream", "stream", "nonstream", "stream"):
         ops[name]()  # warm-up: connections, model map, discovery, nonce and key pools
     print(json.dumps({"ready": kind, "openai": openai.__version__}), flush=True)
@@ -295,13 +311,14 @@ WORKER = textwrap.dedent(
             continue
         fn, n = ops[cmd["op"]], cmd["n"]
         walls, cpus, events = [], [], []
-        c_slice = time.process_time()
+        s0, c_slice = sched(), time.process_time()
         for _ in range(n):
             t0, c0 = time.perf_counter(), time.process_time()
             events.append(fn())
             cpus.append(time.process_time() - c0)
             walls.append(time.perf_counter() - t0)
         out = {"wall": walls, "cpu": cpus, "events": events, "slice_cpu": time.process_time() - c_slice}
+        out["sched"] = [b - a for a, b in zip(s0, sched())]
         print(json.dumps(out), flush=True)
     """
 )
@@ -380,6 +397,9 @@ class Samples:
     slice_cpu: list[float] = field(default_factory=list)  # per round: CPU s per call
     server_cpu: float = 0.0  # the servers' CPU s during this client's rounds, summed
     events: list[int] = field(default_factory=list)
+    #: per round: the client thread's voluntary and involuntary switches and CPU migrations
+    #: per call; the box's steal and the other processes' CPU s (not ours, not the servers')
+    env: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -440,10 +460,14 @@ def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
                 for kind in rot:
                     ops = (("nonstream", args.calls), ("short", 2 * args.streams))
                     for op, n in (*ops, ("stream", args.streams)):
-                        before = server_cpu()
+                        before, box = server_cpu(), box_cpu()
                         out = clients[kind].run(op, n)
                         s = res.get(kind, op)
-                        s.server_cpu += server_cpu() - before
+                        servers = server_cpu() - before
+                        s.server_cpu += servers
+                        busy, steal = (b - a for a, b in zip(box, box_cpu(), strict=True))
+                        others = busy - servers - out["slice_cpu"]
+                        s.env.append([*(x / n for x in out["sched"]), steal, others])
                         s.wall += out["wall"]
                         s.events += out["events"]
                         s.slice_cpu.append(out["slice_cpu"] / n)
@@ -599,35 +623,9 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
     )
     if not args.no_floor:
         floor_report(res)
+    from _client_probes import env_report
 
-
-def print_split(split: dict[tuple[str, str], list[float]], kem_us: float | None) -> None:
-    """The table of :func:`split_calls` sections per client (medians, µs)."""
-    us = 1e6
-
-    def med(kind: str, name: str) -> float:
-        values = split.get((kind, name))
-        if not values:
-            return 0.0
-        # (kernel time is sampled at clock ticks: its mean, not a median of 0s and ticks)
-        return (statistics.fmean if name == "sys" else statistics.median)(values) * us
-
-    print(
-        "\n| client | whole call | of it in the kernel (mean) | SDK outside transport | transport "
-        "| inner (send + head) | floor's KEM | transport's own rest |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for kind in SPLIT:
-        call, transport = med(kind, "call"), med(kind, "transport")
-        inner = med(kind, "inner") if (kind, "inner") in split else transport
-        kem = med(kind, "kem")
-        kem_cell = ""
-        if kind == FLOOR:
-            kem_cell = f"{kem:.0f}" + ("" if kem_us is None else f" (warm {kem_us:.0f})")
-        print(
-            f"| {kind} | {call:.0f} | {med(kind, 'sys'):.0f} | {call - transport:.0f} "
-            f"| {transport:.0f} | {inner:.0f} | {kem_cell} | {transport - inner - kem:.0f} |"
-        )
+    env_report(res, kinds(args))
 
 
 def floor_report(res: Results) -> None:
@@ -676,6 +674,8 @@ def floor_report(res: Results) -> None:
         "head (plain: the engine's, E2EE: the relay's); 'SDK outside' is openai + "
         "httpx2.Client around the transport."
     )
+    from _client_probes import print_split
+
     print_split(res.split, kem_us)
     f, o = over[("floor", "nonstream")], over[("ours", "nonstream")]
     verdict = "meets" if f <= kem_us + 60 else "misses"
@@ -742,8 +742,8 @@ def main() -> None:
         args.engine_delay = 0.1  # paced, and slow enough for a client under valgrind
     if args.engine_delay:
         _ENGINE_ARGS.extend(["--delay", str(args.engine_delay)])
+    sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
     if args.keypool or args.count or args.instructions or args.cachegrind:
-        sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
         from _client_probes import count_table, instructions_table, keypool_table
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
