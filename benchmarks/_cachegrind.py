@@ -126,7 +126,7 @@ def _lin(pairs: list[tuple[float, dict[Any, Any]]]) -> dict[Any, Any]:
 # --------------------------------------------------------------------------------------------
 # worker side (runs in the client's process, either venv)
 
-_STATE = {"evictions": 0, "reads": 0}
+_STATE = {"evictions": 0, "reads": 0, "cold": 0}
 _BUFFER: list[bytes] = []
 
 
@@ -149,16 +149,38 @@ def evict() -> None:
     _STATE["evictions"] += 1
 
 
-def _cold_recv(sock: socket.socket, *args: Any) -> Any:
-    evict()
+_RECV = socket.socket.__mro__[1].recv  # (the C method that socket.socket inherits)
+
+
+def _piece(data: bytes) -> int:
+    """How much of ``data`` (bytes waiting on a socket) is one piece as the server wrote it:
+    a response head, or one chunk of a chunked body; all of it otherwise."""
+    if data.startswith(b"HTTP/"):
+        end = data.find(b"\r\n\r\n")
+        return end + 4 if end >= 0 else len(data)
+    line = data.find(b"\r\n", 0, 18)
+    try:
+        size = int(data[:line], 16) if line > 0 else -1
+    except ValueError:
+        size = -1
+    return min(len(data), line + size + 4) if size >= 0 else len(data)
+
+
+def _paced_recv(sock: socket.socket, size: int, *flags: int) -> bytes:
+    """``recv`` that returns one piece (:func:`_piece`) at a time, as a client reading a
+    paced stream gets it, however late it reads; evicting first when cold."""
+    if _STATE["cold"]:
+        evict()
     _STATE["reads"] += 1
-    return socket.socket.__mro__[1].recv(sock, *args)  # type: ignore[attr-defined]
+    waiting: bytes = _RECV(sock, size, socket.MSG_PEEK, *flags)
+    return _RECV(sock, _piece(waiting) if waiting else size, *flags)  # type: ignore[no-any-return]
 
 
 def worker_step(cmd: dict[str, Any], ops: dict[str, Callable[[], int]]) -> dict[str, Any]:
     """The worker's answer to ``snapshot`` (fork a child that exits: valgrind writes the
-    counters so far), ``cold`` (evict before every call in ``ops`` and every socket read
-    from now on) and ``evict`` (``n`` evictions alone)."""
+    counters so far), ``paced`` (socket reads one piece at a time from now on), ``cold``
+    (and evict before every call in ``ops`` and every socket read) and ``evict`` (``n``
+    evictions alone)."""
     op = cmd["op"]
     if op == "snapshot":
         pid = os.fork()
@@ -166,16 +188,18 @@ def worker_step(cmd: dict[str, Any], ops: dict[str, Callable[[], int]]) -> dict[
             os._exit(0)
         os.waitpid(pid, 0)
         return {"pid": pid, **_STATE}
-    if op == "cold":
-        socket.socket.recv = _cold_recv  # type: ignore[method-assign,assignment]
+    if op in ("paced", "cold"):
+        socket.socket.recv = _paced_recv  # type: ignore[method-assign,assignment]
+    if op == "cold" and not _STATE["cold"]:
+        _STATE["cold"] = 1
         for name, fn in list(ops.items()):
             ops[name] = lambda fn=fn: (evict(), fn())[1]  # type: ignore[misc]
-        return {}
     if op == "evict":
         for _ in range(cmd["n"]):
             evict()
-        return {}
-    raise ValueError(op)
+    if op not in ("paced", "cold", "evict"):
+        raise ValueError(op)
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,34 +349,49 @@ KINDS = ("ours-plain", "floor-e2ee", "ours-e2ee", "ref-plain", "ref-e2ee")
 
 
 def measure(
-    n: int, streams: int, words: int, evictions: int, keep: str | None
+    n: int, streams: int, words: int, evictions: int, keep: str | None, parallel: int = 3
 ) -> dict[str, dict[str, Unit]]:
     """Every client's per-call and per-event units, ``warm`` and ``cold``, one valgrind run
     each (see the module's docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from bench_client import stack
 
     variant = [("nonstream", n), ("short", streams), ("stream", streams)]
-    script = [*variant, ("cold", 0), *variant, ("evict", evictions)]
+    script = [("paced", 0), *variant, ("cold", 0), *variant, ("evict", evictions)]
     units: dict[str, dict[str, Unit]] = {}
-    with stack() as (engine, relay):
-        for kind in KINDS:
-            steps = run_steps(kind, engine, relay, script, sim=True, keep=keep, words=words)
-            ev = steps[-1]
-            one = Step("evict", 1, _lin([(1 / ev.n, ev.costs)]), _lin([(1 / ev.n, ev.by_fn)]))
-            units[kind] = {"warm": per_unit(steps[:3], None), "cold": per_unit(steps[4:7], one)}
-            u = units[kind]["cold"]
-            print(
-                f"  {kind}: cold {metrics(u.call)['est. cycles']:,.0f} est. cycles per call, "
-                f"{metrics(u.event)['est. cycles']:,.0f} per event; reads per call "
-                f"{u.reads[0]:.2f}, per event {u.reads[1]:.2f}",
-                flush=True,
-            )
+
+    def one_client(kind: str) -> None:
+        steps = run_steps(kind, engine, relay, script, sim=True, keep=keep, words=words)
+        ev = steps[-1]
+        one = Step("evict", 1, _lin([(1 / ev.n, ev.costs)]), _lin([(1 / ev.n, ev.by_fn)]))
+        units[kind] = {"warm": per_unit(steps[1:4], None), "cold": per_unit(steps[5:8], one)}
+        u = units[kind]["cold"]
+        print(
+            f"  {kind}: cold {metrics(u.call)['est. cycles']:,.0f} est. cycles per call, "
+            f"{metrics(u.event)['est. cycles']:,.0f} per event; reads per call "
+            f"{u.reads[0]:.2f}, per event {u.reads[1]:.2f}",
+            flush=True,
+        )
+
+    with stack() as (engine, relay), ThreadPoolExecutor(parallel) as pool:
+        # (deterministic counts: the clients may share the cores; the engine's pace is slow
+        # enough for each to read one event at a time, see the reads per event)
+        for done in [pool.submit(one_client, kind) for kind in KINDS]:
+            done.result()
     if keep:
         with open(os.path.join(keep, "units.json"), "w") as f:
             json.dump(
-                {k: {v: vars(u) for v, u in d.items()} for k, d in units.items()}, f, default=str
+                {k: {v: _jsonable(vars(u)) for v, u in d.items()} for k, d in units.items()}, f
             )
     return units
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with its (file, function) keys joined by a tab."""
+    if isinstance(value, dict):
+        return {"\t".join(k) if isinstance(k, tuple) else k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 def _fmt(v: float) -> str:

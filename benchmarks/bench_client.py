@@ -299,7 +299,7 @@ WORKER = textwrap.dedent(
 
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] in ("split", "snapshot", "cold", "evict"):
+        if cmd["op"] in ("split", "snapshot", "paced", "cold", "evict"):
             sys.path.insert(0, bench_dir)
             if cmd["op"] == "split":  # (our venv only: _client_probes imports pqe2ee)
                 from _client_probes import split_calls
@@ -739,7 +739,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.cachegrind and not args.engine_delay:
-        args.engine_delay = 0.1  # paced, and slow enough for a client under valgrind
+        args.engine_delay = 0.03  # paced: every event its own chunk on every hop
     if args.engine_delay:
         _ENGINE_ARGS.extend(["--delay", str(args.engine_delay)])
     sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
