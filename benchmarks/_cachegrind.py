@@ -6,17 +6,20 @@ worker forks a child that exits at once: valgrind writes the child's counters (a
 parent's at the fork) to ``<kind>.<pid>``, so consecutive snapshots bound each step, with its
 per-function costs, in one run (cachegrind 3.19 has no start/stop requests).
 
-The cold variant (``--cachegrind``): after its warm steps the worker *evicts* before every call
-and before every socket read (``socket.socket.recv``, which httpx/httpcore and httpx2/httpcore2
-use), as a paced stream's client that waits for each event: it scans a buffer twice the
-simulated LL (every D1 and LL line replaced) and then runs a fixed piece of unrelated Python
-(json, sorting; the I1 and branch predictors get other work). A last step runs K evictions
+Paced reads (``--cachegrind``): a client under valgrind reads far later than the engine writes,
+so the worker's ``socket.socket.recv`` (what httpx/httpcore and httpx2/httpcore2 call) returns
+one piece as a server wrote it at a time, a response head or one chunk of a chunked body, as a
+paced stream's client gets it: the same reads on any box, however loaded. The cold variant:
+after its warm steps the worker also *evicts* before every call and before every socket read,
+as a client that waited for each event: it scans a buffer twice the simulated LL (every D1 and
+LL line replaced) and then runs a fixed piece of unrelated Python (json, sorting; the I1 and
+branch predictors get other work). A last step runs K evictions
 alone; their cost per eviction is taken off every step, per function too, so what is left is
 each client's own work started cold. The same code evicts for every client, so E2EE − plain
 cancels what is left of it.
 
 This module imports only the standard library at the top: the worker (our venv or the
-reference's) imports it to answer the ``snapshot``, ``cold`` and ``evict`` steps.
+reference's) imports it to answer the ``snapshot``, ``paced``, ``cold`` and ``evict`` steps.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from typing import Any
 #: The simulated caches, fixed (valgrind would copy the host's: this VM reports a 320 MB L3).
 LL_BYTES = 2 * 1024 * 1024
 CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", f"--LL={LL_BYTES},16,64")
+#: How much slower a worker runs under valgrind (at least): our transport's clock runs this much
+#: slower there, so its nonces (60 s) do not expire every few calls as they would in valgrind's
+#: wall time (the floor and the reference do not refresh on expiry this soon in any case).
+SLOWDOWN = 50
 #: The estimated-cycles model (a labelled estimate, not a measurement).
 CYCLES_MODEL = "instr + 10 × (I1 + D1 misses) + 100 × LL misses + 15 × mispredicted branches"
 METRICS = ("instructions", "I1 misses", "D1 misses", "LL misses", "mispredicts", "est. cycles")
@@ -238,6 +245,7 @@ def run_steps(
         where = keep or tmp
         os.makedirs(where, exist_ok=True)
         wrap = valgrind(os.path.join(where, f"{kind}.%p"), sim)
+        os.environ["BENCH_SLOW_CLOCK"] = str(SLOWDOWN)
         client = Client(kind, engine, relay, "v1", wrap=wrap, stderr=err, words=words)
         outs: list[dict[str, Any]] = []
         try:
