@@ -202,7 +202,8 @@ def keypool_table() -> None:
 def instructions_table(n: int) -> None:
     """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
     for every client: deterministic, unlike CPU time (one worker run each, ``n`` calls then
-    ``n // 20`` long streams, bounded by snapshots: see ``_cachegrind``)."""
+    ``n // 20`` long streams, bounded by snapshots, socket reads one piece at a time as the
+    servers wrote them: see ``_cachegrind``)."""
     from _cachegrind import run_steps  # (beside this file)
 
     streams = max(1, n // 20)
@@ -210,8 +211,12 @@ def instructions_table(n: int) -> None:
     per: dict[str, tuple[float, float]] = {}
     with stack() as (engine, relay):
         for kind in order:
-            calls, longs = run_steps(
-                kind, engine, relay, [("nonstream", n), ("stream", streams)], sim=False
+            _, calls, longs = run_steps(
+                kind,
+                engine,
+                relay,
+                [("paced", 0), ("nonstream", n), ("stream", streams)],
+                sim=False,
             )
             per[kind] = (calls.costs["Ir"] / n, longs.costs["Ir"] / longs.events)
             print(
