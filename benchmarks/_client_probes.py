@@ -460,6 +460,13 @@ def _rank(values: list[float]) -> list[float]:
     return ranks
 
 
+def _rho(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return statistics.correlation(_rank(a), _rank(b))
+
+
 def env_report(res: Any, kinds: tuple[str, ...]) -> None:
     """Is the paced swing the environment? Per client and request: the client thread's
     context switches and CPU migrations per call, the box's steal, and how the per-round E2EE
@@ -470,12 +477,17 @@ def env_report(res: Any, kinds: tuple[str, ...]) -> None:
         "\nEnvironment per round (medians): the client thread's voluntary / involuntary "
         "switches and CPU migrations per call; steal and other processes' CPU (s) per round"
     )
-    print("\n| client | request | vol. sw | invol. sw | migrations | steal s | others' CPU s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| client | request | vol. sw | invol. sw | migrations | steal s | others' CPU s "
+        "| ρ(CPU per call, others' CPU) | ρ(CPU per call, invol. sw) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for op in OPS:
         for kind in kinds:
-            cols = list(zip(*res.get(kind, op).env, strict=True))
+            s = res.get(kind, op)
+            cols = list(zip(*s.env, strict=True))
             cells = [f"{statistics.median(c):.2f}" for c in cols]
+            cells += [f"{_rho(s.slice_cpu, list(cols[i])):+.2f}" for i in (4, 1)]
             print(f"| {kind} | {op} | " + " | ".join(cells) + " |")
     print(
         "\nSpearman ρ over rounds, E2EE overhead per call vs the other processes' CPU (E2EE + "
@@ -491,9 +503,5 @@ def env_report(res: Any, kinds: tuple[str, ...]) -> None:
             plain = res.get(f"{'ours' if sdk == 'floor' else sdk}-plain", op).env
             others = [a[4] + b[4] for a, b in zip(e2ee, plain, strict=True)]
             invol = [a[1] for a in e2ee]
-            rho = [
-                statistics.correlation(_rank(over), _rank(x)) if len(set(x)) > 1 else float("nan")
-                for x in (others, invol)
-            ]
-            cells.append(f"{sdk} {rho[0]:+.2f} / {rho[1]:+.2f}")
+            cells.append(f"{sdk} {_rho(over, others):+.2f} / {_rho(over, invol):+.2f}")
         print(f"  {op}: " + ", ".join(cells))
