@@ -204,7 +204,10 @@ def instructions_table(n: int) -> None:
     for every client: deterministic, unlike CPU time (one worker run each, ``n`` calls then
     ``n // 20`` long streams, bounded by snapshots, socket reads one piece at a time as the
     servers wrote them: see ``_cachegrind``)."""
-    from _cachegrind import run_steps  # (beside this file)
+    from _cachegrind import LONG_NONCES, run_steps  # (beside this file)
+    from bench_client import _CLI_CODE
+
+    _CLI_CODE[:] = [LONG_NONCES]
 
     streams = max(1, n // 20)
     order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
