@@ -407,6 +407,23 @@ def measure(
     return units
 
 
+def load(path: str | Path) -> dict[str, dict[str, Unit]]:
+    """The units a ``--cg-keep`` run saved (``units.json``)."""
+    with open(path) as f:
+        saved = json.load(f)
+
+    def fns(d: dict[str, Costs]) -> FnCosts:
+        return {(k.split("\t", 1)[0], k.split("\t", 1)[1]): v for k, v in d.items()}
+
+    return {
+        kind: {
+            v: Unit(u["call"], fns(u["call_fn"]), u["event"], fns(u["event_fn"]), tuple(u["reads"]))
+            for v, u in variants.items()
+        }
+        for kind, variants in saved.items()
+    }
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` with its (file, function) keys joined by a tab."""
     if isinstance(value, dict):
@@ -452,10 +469,10 @@ def report(units: dict[str, dict[str, Unit]], top: int = 30) -> None:
                     f"| {_ratio(r, o)} | {_ratio(r, f)} | {_fmt(o - f)} |"
                 )
     print(f"\nest. cycles = {CYCLES_MODEL} (a model, not a measurement)")
-    print("\nSocket reads (evictions) per call / per event, cold:")
+    print("\nSocket reads per call / per event, warm and cold (cold: an eviction before each):")
     for kind in KINDS:
-        r = units[kind]["cold"].reads
-        print(f"  {kind}: {r[0]:.2f} per call, {r[1]:.2f} per event")
+        (a, b), (c, d) = units[kind]["warm"].reads, units[kind]["cold"].reads
+        print(f"  {kind}: warm {a:.2f} / {b:.2f}, cold {c:.2f} / {d:.2f}")
     for unit in ("call", "event"):
         ours, floor = deltas[("cold", unit, "ours")], deltas[("cold", unit, "floor")]
         for title, o_fn, f_fn, n in (
@@ -491,3 +508,9 @@ def cachegrind_table(n: int, words: int, keep: str | None) -> None:
     )
     units = measure(n, streams, words, max(20, n), keep)
     report(units)
+
+
+if __name__ == "__main__":  # the report again from a kept run: _cachegrind.py DIR/units.json
+    import sys
+
+    report(load(sys.argv[1]))

@@ -100,3 +100,10 @@ def test_pieces_as_the_server_wrote_them() -> None:
     assert cg._piece(chunk[:10]) == 10  # (a chunk not all there yet: what is)
     assert cg._piece(b"0\r\n\r\n" + chunk) == 5
     assert cg._piece(b'{"id": 1}') == 9  # (a body with a length: all of it)
+
+
+def test_kept_units_load_back(tmp_path: Path) -> None:
+    unit = cg.Unit({"Ir": 10.0}, {("a.c", "f"): {"Ir": 4.0}}, {}, {("???", "g"): {}}, (2.0, 1.0))
+    saved = tmp_path / "units.json"
+    saved.write_text(json.dumps({"ours-e2ee": {"cold": cg._jsonable(vars(unit))}}))
+    assert cg.load(saved) == {"ours-e2ee": {"cold": unit}}
