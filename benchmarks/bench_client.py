@@ -44,7 +44,8 @@ client reads fewer, larger chunks than the plain one reading the engine; ``--eng
 0.001`` paces its chunks like a model's tokens (every event its own chunk on every hop: the
 per-event cost a client pays against a live model). ``--pin`` runs the servers on one CPU and
 the clients on the other, as on separate machines (the servers' work then does not evict the
-client's caches between its send and its read).
+client's caches between its send and its read). Last, per client and request: its thread's
+switches and CPU migrations per call, the box's steal and the other processes' CPU per round.
 
 ``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
 ours-plain, floor and ours, and the split warm against an in-process mock relay;
