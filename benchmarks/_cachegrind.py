@@ -184,14 +184,14 @@ def _piece(data: bytes) -> int:
     return min(len(data), line + size + 4) if size >= 0 else len(data)
 
 
-def _paced_recv(sock: socket.socket, size: int, *flags: int) -> bytes:
+def _paced_recv(sock: socket.socket, size: int, flags: int = 0) -> bytes:
     """``recv`` that returns one piece (:func:`_piece`) at a time, as a client reading a
     paced stream gets it, however late it reads; evicting first when cold."""
     if _STATE["cold"]:
         evict()
     _STATE["reads"] += 1
-    waiting: bytes = _RECV(sock, size, socket.MSG_PEEK, *flags)
-    return _RECV(sock, _piece(waiting) if waiting else size, *flags)  # type: ignore[no-any-return]
+    waiting: bytes = _RECV(sock, size, flags | socket.MSG_PEEK)
+    return _RECV(sock, _piece(waiting) if waiting else size, flags)  # type: ignore[no-any-return]
 
 
 def worker_step(cmd: dict[str, Any], ops: dict[str, Callable[[], int]]) -> dict[str, Any]:
