@@ -749,7 +749,7 @@ def main() -> None:
         "chunk on every hop, as with a model's paced tokens; default 0: a burst)",
     )
     args = ap.parse_args()
-    if args.cachegrind and not args.engine_delay:
+    if (args.cachegrind or args.instructions) and not args.engine_delay:
         args.engine_delay = 0.03  # paced: every event its own chunk on every hop
     if args.engine_delay:
         _ENGINE_ARGS.extend(["--delay", str(args.engine_delay)])
