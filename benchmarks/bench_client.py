@@ -49,12 +49,13 @@ switches and CPU migrations per call, the box's steal and the other processes' C
 
 ``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
 ours-plain, floor and ours, and the split warm against an in-process mock relay;
-``--instructions N`` valgrind instructions per call and per event for all five clients
-(deterministic; a few minutes per client); ``--cachegrind N`` simulated cache and branch
-misses of all five, warm and cold (evicted before every call and socket read: the paced
-engine's cost), E2EE − plain, and where ours exceeds the floor (``_cachegrind.py``). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
-backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
-and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
+``--instructions N`` valgrind instructions per call and per event for all five clients; and
+``--cachegrind N`` simulated cache and branch misses of all five, warm and cold (evicted before
+every call and socket read: the paced engine's cost), E2EE − plain, and where ours exceeds the
+floor (both deterministic, paced engine, ``_cachegrind.py``). ``--keypool``: what the key pool's
+filler-thread decision rests on: each backend's keygen next to a thread hand-off (a
+``Condition`` and a ``SimpleQueue`` round trip) and ``KeyPool.take()`` with and without a
+filler (``pqe2ee.transports._keypool``).
 """
 
 from __future__ import annotations
