@@ -7,11 +7,12 @@ Run through ``bench_client.py``; the plumbing (servers, client processes) is sha
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import queue
+import resource
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,17 +24,97 @@ from bench_client import (
     KEY,
     MODEL,
     SHORT_PROMPT,
-    Client,
+    SPLIT,
     long_prompt,
-    print_split,
-    split_calls,
     stack,
 )
 
 import pqe2ee
 from pqe2ee.backends import get_kem
 
-__all__ = ["count_table", "instructions_table", "keypool_table"]
+__all__ = [
+    "count_table",
+    "env_report",
+    "instructions_table",
+    "keypool_table",
+    "print_split",
+    "split_calls",
+]
+
+
+def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
+    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
+    the client's transport, its inner transport (relay send + answer head; for plain: the
+    engine's) and, for the floor client, its KEM calls; and the call's system (kernel) time.
+    The wrappers (~1 µs each) are set on the instances only while measuring."""
+    clock, acc = time.thread_time, {}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def timed(obj: Any, attr: str, name: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            return
+
+        def wrapper(*args: Any) -> Any:
+            t = clock()
+            try:
+                return fn(*args)
+            finally:
+                acc[name] = acc.get(name, 0.0) + clock() - t
+
+        patched.append((obj, attr, vars(obj).get(attr)))
+        setattr(obj, attr, wrapper)
+
+    outer = http._transport
+    timed(outer, "handle_request", "transport")
+    timed(getattr(outer, "_inner", None), "handle_request", "inner")
+    for attr in ("_keygen", "_encaps", "_decaps"):
+        timed(outer, attr, "kem")
+    rows = []
+    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
+    for _ in range(n):
+        acc.clear()
+        before = usage()
+        t = clock()
+        call()
+        rows.append({"call": clock() - t, **acc})
+        after = usage()
+        rows[-1]["sys"] = after.ru_stime - before.ru_stime
+    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
+        if own is None:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, own)
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+def print_split(split: dict[tuple[str, str], list[float]], kem_us: float | None) -> None:
+    """The table of :func:`split_calls` sections per client (medians, µs)."""
+    us = 1e6
+
+    def med(kind: str, name: str) -> float:
+        values = split.get((kind, name))
+        if not values:
+            return 0.0
+        # (kernel time is sampled at clock ticks: its mean, not a median of 0s and ticks)
+        return (statistics.fmean if name == "sys" else statistics.median)(values) * us
+
+    print(
+        "\n| client | whole call | of it in the kernel (mean) | SDK outside transport | transport "
+        "| inner (send + head) | floor's KEM | transport's own rest |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in SPLIT:
+        call, transport = med(kind, "call"), med(kind, "transport")
+        inner = med(kind, "inner") if (kind, "inner") in split else transport
+        kem = med(kind, "kem")
+        kem_cell = ""
+        if kind == FLOOR:
+            kem_cell = f"{kem:.0f}" + ("" if kem_us is None else f" (warm {kem_us:.0f})")
+        print(
+            f"| {kind} | {call:.0f} | {med(kind, 'sys'):.0f} | {call - transport:.0f} "
+            f"| {transport:.0f} | {inner:.0f} | {kem_cell} | {transport - inner - kem:.0f} |"
+        )
 
 
 def _median_us(fn: Any, n: int = 300, gap: float = 0.0) -> float:
@@ -118,47 +199,29 @@ def keypool_table() -> None:
         print(f"| {label} | {name} | {keygen:.1f} | {inline:.1f} | {spaced:.1f} | {auto.filler} |")
 
 
-VALGRIND = ("valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null")
-
-
-def _instructions(
-    kind: str, engine: str, relay: str, ops: list[tuple[str, int]]
-) -> tuple[int, int]:
-    """(instructions, SSE events) of one worker process of ``kind`` under cachegrind that
-    runs ``ops`` after its warm-up (valgrind's ``I refs``: start-up and warm-up included)."""
-    import re
-
-    with tempfile.TemporaryFile("w+") as err:
-        client = Client(kind, engine, relay, "v1", wrap=VALGRIND, stderr=err)
-        events = 0
-        try:
-            client.ready()
-            for op, n in ops:
-                events += sum(client.run(op, n)["events"])
-        finally:
-            client.close()
-        err.seek(0)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", err.read())
-    if found is None:
-        raise RuntimeError(f"{kind}: no instruction count from valgrind")
-    return int(found.group(1).replace(",", "")), events
-
-
 def instructions_table(n: int) -> None:
     """Instructions (valgrind) per non-stream call and per streamed event of the long stream,
-    for every client: deterministic, unlike CPU time (three worker runs each: warm-up only,
-    plus ``n`` calls, plus ``n`` calls and ``n // 20`` long streams; the differences)."""
+    for every client: deterministic, unlike CPU time (one worker run each, ``n`` calls then
+    ``n // 20`` long streams, bounded by snapshots, socket reads one piece at a time as the
+    servers wrote them: see ``_cachegrind``)."""
+    from _cachegrind import LONG_NONCES, run_steps  # (beside this file)
+    from bench_client import _CLI_CODE
+
+    _CLI_CODE[:] = [LONG_NONCES]
+
     streams = max(1, n // 20)
     order = ("ours-plain", FLOOR, "ours-e2ee", "ref-plain", "ref-e2ee")
     per: dict[str, tuple[float, float]] = {}
     with stack() as (engine, relay):
         for kind in order:
-            base, _ = _instructions(kind, engine, relay, [])
-            calls, _ = _instructions(kind, engine, relay, [("nonstream", n)])
-            both, events = _instructions(
-                kind, engine, relay, [("nonstream", n), ("stream", streams)]
+            _, calls, longs = run_steps(
+                kind,
+                engine,
+                relay,
+                [("paced", 0), ("nonstream", n), ("stream", streams)],
+                sim=False,
             )
-            per[kind] = ((calls - base) / n, (both - calls) / events)
+            per[kind] = (calls.costs["Ir"] / n, longs.costs["Ir"] / longs.events)
             print(
                 f"  {kind}: {per[kind][0]:,.0f} per call, {per[kind][1]:,.0f} per event", flush=True
             )
@@ -188,9 +251,22 @@ def instructions_table(n: int) -> None:
         )
 
 
-def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
-    """cProfile's ``total_calls`` per non-stream call (``n`` calls) and per streamed event
-    (``n // 10`` streams of ``prompt``), after a warm-up."""
+def _where(path: str, name: str) -> str:
+    """A function's short label: the path from its package (or the stdlib's module) on."""
+    for mark in ("site-packages/", "/src/", "/benchmarks/", "/lib/python3."):
+        if mark in path:
+            path = path.split(mark, 1)[1]
+            path = path.split("/", 1)[1] if mark == "/lib/python3." else path
+            break
+    return f"{path}:{name}" if path != "~" else name
+
+
+PerFunction = dict[str, float]
+
+
+def _python_calls(client: Any, prompt: str, n: int) -> tuple[PerFunction, PerFunction]:
+    """cProfile's calls of each function per non-stream call (``n`` calls) and per streamed
+    event (``n // 10`` streams of ``prompt``), after a warm-up."""
     import cProfile
     import pstats
 
@@ -217,13 +293,17 @@ def _python_calls(client: Any, prompt: str, n: int) -> tuple[float, float]:
     for _ in range(5):
         call()
         stream()
-    counts = []
+    counts: list[PerFunction] = []
     for fn, reps in ((call, n), (stream, max(1, n // 10))):
         prof = cProfile.Profile()
         prof.enable()
         units = sum(fn() for _ in range(reps))
         prof.disable()
-        counts.append(pstats.Stats(prof).total_calls / units)  # type: ignore[attr-defined]
+        per: PerFunction = {}
+        for (path, _, name), row in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+            key = _where(path, name)
+            per[key] = per.get(key, 0.0) + row[1] / units
+        counts.append(per)
     return counts[0], counts[1]
 
 
@@ -249,6 +329,7 @@ def count_table(n: int) -> None:
         )
         print("|---|---:|---:|---:|---:|")
         base: tuple[float, float] | None = None
+        per: dict[str, tuple[PerFunction, PerFunction]] = {}
         for kind, transport in transports.items():
             with openai.OpenAI(
                 api_key=KEY,
@@ -256,12 +337,23 @@ def count_table(n: int) -> None:
                 max_retries=0,
                 http_client=httpx2.Client(transport=transport, timeout=60),
             ) as client:
-                call, event = _python_calls(client, long_prompt(), n)
+                per[kind] = _python_calls(client, long_prompt(), n)
+            call, event = (sum(d.values()) for d in per[kind])
             base = base or (call, event)
             print(
                 f"| {kind} | {call:,.0f} | {call - base[0]:+,.0f} "
                 f"| {event:.1f} | {event - base[1]:+.1f} |"
             )
+        for i, unit in enumerate(("non-stream call", "streamed event")):
+            print(
+                f"\nPython calls per {unit}: the 30 functions ours calls most more often than "
+                "the floor (E2EE − plain: ours-e2ee − floor-e2ee)"
+            )
+            print("\n| function | ours | floor | plain | ours − floor |\n|---|---:|---:|---:|---:|")
+            o, f, p = (per[k][i] for k in ("ours-e2ee", "floor-e2ee", "ours-plain"))
+            for key in sorted(o.keys() | f.keys(), key=lambda k: f.get(k, 0) - o.get(k, 0))[:30]:
+                a, b, c = o.get(key, 0), f.get(key, 0), p.get(key, 0)
+                print(f"| {key} | {a:.2f} | {b:.2f} | {c:.2f} | {a - b:+.2f} |")
         engine_json = httpx2.post(
             engine + "/v1/chat/completions",
             json={"model": MODEL, "messages": [{"role": "user", "content": SHORT_PROMPT}]},
@@ -361,3 +453,58 @@ def warm_table(engine_json: bytes, n: int) -> None:
         "thread CPU per non-stream call, µs, medians"
     )
     print_split(split, None)
+
+
+def _rank(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    for r, i in enumerate(order):
+        ranks[i] = float(r)
+    return ranks
+
+
+def _rho(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    return statistics.correlation(_rank(a), _rank(b))
+
+
+def env_report(res: Any, kinds: tuple[str, ...]) -> None:
+    """Is the paced swing the environment? Per client and request: the client thread's
+    context switches and CPU migrations per call, the box's steal, and how the per-round E2EE
+    overhead follows the other processes' CPU in those rounds (Spearman's rank correlation)."""
+    from bench_client import OPS, paired_overhead
+
+    print(
+        "\nEnvironment per round (medians): the client thread's voluntary / involuntary "
+        "switches and CPU migrations per call; steal and other processes' CPU (s) per round"
+    )
+    print(
+        "\n| client | request | vol. sw | invol. sw | migrations | steal s | others' CPU s "
+        "| ρ(CPU per call, others' CPU) | ρ(CPU per call, invol. sw) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for op in OPS:
+        for kind in kinds:
+            s = res.get(kind, op)
+            cols = list(zip(*s.env, strict=True))
+            cells = [f"{statistics.median(c):.2f}" for c in cols]
+            cells += [f"{_rho(s.slice_cpu, list(cols[i])):+.2f}" for i in (4, 1)]
+            print(f"| {kind} | {op} | " + " | ".join(cells) + " |")
+    print(
+        "\nSpearman ρ over rounds, E2EE overhead per call vs the other processes' CPU (E2EE + "
+        "plain slices) and vs the E2EE slice's involuntary switches per call:"
+    )
+    for op in OPS:
+        cells = []
+        for sdk in ("floor", "ours", "ref"):
+            if f"{sdk}-e2ee" not in kinds:
+                continue
+            over = paired_overhead(res, sdk, op)
+            e2ee = res.get(f"{sdk}-e2ee", op).env
+            plain = res.get(f"{'ours' if sdk == 'floor' else sdk}-plain", op).env
+            others = [a[4] + b[4] for a, b in zip(e2ee, plain, strict=True)]
+            invol = [a[1] for a in e2ee]
+            cells.append(f"{sdk} {_rho(over, others):+.2f} / {_rho(over, invol):+.2f}")
+        print(f"  {op}: " + ", ".join(cells))

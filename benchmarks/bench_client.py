@@ -44,25 +44,27 @@ client reads fewer, larger chunks than the plain one reading the engine; ``--eng
 0.001`` paces its chunks like a model's tokens (every event its own chunk on every hop: the
 per-event cost a client pays against a live model). ``--pin`` runs the servers on one CPU and
 the clients on the other, as on separate machines (the servers' work then does not evict the
-client's caches between its send and its read).
+client's caches between its send and its read). Last, per client and request: its thread's
+switches and CPU migrations per call, the box's steal and the other processes' CPU per round.
 
 ``--count N`` instead prints Python calls per call and per event (cProfile, deterministic) for
 ours-plain, floor and ours, and the split warm against an in-process mock relay;
-``--instructions N`` valgrind instructions per call and per event for all five clients
-(deterministic; a few minutes per client). ``--keypool`` instead prints what the key pool's filler-thread decision rests on: each
-backend's keygen next to a thread hand-off (a ``Condition`` and a ``SimpleQueue`` round trip)
-and to ``KeyPool.take()`` with and without a filler (``pqe2ee.transports._keypool``).
+``--instructions N`` valgrind instructions per call and per event for all five clients; and
+``--cachegrind N`` simulated cache and branch misses of all five, warm and cold (evicted before
+every call and socket read: the paced engine's cost), E2EE − plain, and where ours exceeds the
+floor (both deterministic, paced engine, ``_cachegrind.py``). ``--keypool``: what the key pool's
+filler-thread decision rests on: each backend's keygen next to a thread hand-off (a
+``Condition`` and a ``SimpleQueue`` round trip) and ``KeyPool.take()`` with and without a
+filler (``pqe2ee.transports._keypool``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -70,7 +72,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,10 +149,22 @@ def server_cpu() -> float:
     return total / _TICK
 
 
+def box_cpu() -> tuple[float, float]:
+    """The whole box's busy and steal CPU seconds so far (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _, _, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
+#: Code to run the ``pqe2ee`` command with (``python -c``; empty: ``-m pqe2ee.cli``).
+_CLI_CODE: list[str] = []
+
+
 @contextlib.contextmanager
 def _server(*args: str) -> Iterator[str]:
     port = _free_port()
-    cmd = [str(OUR_PYTHON), "-m", "pqe2ee.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cli = ["-c", *_CLI_CODE] if _CLI_CODE else ["-m", "pqe2ee.cli"]
+    cmd = [str(OUR_PYTHON), *cli, *args, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "warning"]
     env = {**os.environ, "PQE2EE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -210,7 +224,7 @@ def keyed_stack() -> Iterator[tuple[str, str, Any]]:
 
 WORKER = textwrap.dedent(
     r"""
-    import json, sys, time
+    import json, os, resource, sys, time
 
     kind, engine, relay, key, model, protocol, bench_dir = sys.argv[1:8]
     short_prompt, long_prompt = json.loads(sys.stdin.readline())
@@ -233,6 +247,11 @@ WORKER = textwrap.dedent(
                 has_v2 = "prefer_v2" in ClientOptions.__dataclass_fields__
             if protocol == "v1" and has_v2:
                 kw["prefer_v2"] = False
+            if os.environ.get("BENCH_SLOW_CLOCK"):  # under valgrind: time as at native speed
+                from pqe2ee.attest.gate import AttestOptions
+                scale, t0, w0 = float(os.environ["BENCH_SLOW_CLOCK"]), time.monotonic(), time.time()
+                kw["clock"] = lambda: t0 + (time.monotonic() - t0) / scale
+                kw["attest"] = AttestOptions(wall_clock=lambda: w0 + (time.time() - w0) / scale)
             transport = pqe2ee.E2EETransport(**kw)
     else:
         import httpx as httpx_lib
@@ -277,26 +296,41 @@ WORKER = textwrap.dedent(
         return events
 
     ops = {"nonstream": nonstream, "stream": stream, "short": lambda: stream(short_prompt)}
+
+    def sched():  # this thread's context switches (voluntary, involuntary), CPU migrations
+        ru = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            with open("/proc/thread-self/sched") as f:
+                moved = next((int(x.split()[-1]) for x in f if x.startswith("se.nr_mig")), 0)
+        except OSError:
+            moved = 0
+        return [ru.ru_nvcsw, ru.ru_nivcsw, moved]
     for name in ("nonstream", "nonstream", "nonstream", "stream", "nonstream", "stream"):
         ops[name]()  # warm-up: connections, model map, discovery, nonce and key pools
     print(json.dumps({"ready": kind, "openai": openai.__version__}), flush=True)
 
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["op"] == "split":  # (our venv only: bench_client imports pqe2ee)
+        if cmd["op"] in ("split", "snapshot", "paced", "cold", "evict"):
             sys.path.insert(0, bench_dir)
-            from bench_client import split_calls
-            print(json.dumps({"split": split_calls(http, nonstream, cmd["n"])}), flush=True)
+            if cmd["op"] == "split":  # (our venv only: _client_probes imports pqe2ee)
+                from _client_probes import split_calls
+                out = {"split": split_calls(http, nonstream, cmd["n"])}
+            else:  # (valgrind runs: _cachegrind imports only the standard library)
+                from _cachegrind import worker_step
+                out = worker_step(cmd, ops)
+            print(json.dumps(out), flush=True)
             continue
         fn, n = ops[cmd["op"]], cmd["n"]
         walls, cpus, events = [], [], []
-        c_slice = time.process_time()
+        s0, c_slice = sched(), time.process_time()
         for _ in range(n):
             t0, c0 = time.perf_counter(), time.process_time()
             events.append(fn())
             cpus.append(time.process_time() - c0)
             walls.append(time.perf_counter() - t0)
         out = {"wall": walls, "cpu": cpus, "events": events, "slice_cpu": time.process_time() - c_slice}
+        out["sched"] = [b - a for a, b in zip(s0, sched())]
         print(json.dumps(out), flush=True)
     """
 )
@@ -311,9 +345,10 @@ class Client:
         protocol: str,
         wrap: tuple[str, ...] = (),
         stderr: Any = None,
+        words: int | None = None,
     ) -> None:
         """``wrap``: a command to run the worker under (valgrind), ``stderr`` where its
-        stderr goes."""
+        stderr goes, ``words`` the long prompt's (default ``LONG_WORDS``)."""
         python = REF_PYTHON if kind.startswith("ref") else OUR_PYTHON
         self.kind = kind
         bench_dir = str(Path(__file__).resolve().parent)
@@ -328,7 +363,7 @@ class Client:
         )
         _pin(self.proc, "clients")
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt()]) + "\n")
+        self.proc.stdin.write(json.dumps([SHORT_PROMPT, long_prompt(words)]) + "\n")
         self.proc.stdin.flush()
         self.openai = ""
 
@@ -359,55 +394,9 @@ class Client:
             self.proc.wait()
 
 
-def split_calls(http: httpx2.Client, call: Callable[[], object], n: int) -> dict[str, list[float]]:
-    """Thread CPU of ``n`` non-stream ``call()`` s through ``http``, in sections: the whole call,
-    the client's transport, its inner transport (relay send + answer head; for plain: the
-    engine's) and, for the floor client, its KEM calls; and the call's system (kernel) time.
-    The wrappers (~1 µs each) are set on the instances only while measuring."""
-    clock, acc = time.thread_time, {}
-    patched: list[tuple[Any, str, Any]] = []
-
-    def timed(obj: Any, attr: str, name: str) -> None:
-        fn = getattr(obj, attr, None)
-        if fn is None:
-            return
-
-        def wrapper(*args: Any) -> Any:
-            t = clock()
-            try:
-                return fn(*args)
-            finally:
-                acc[name] = acc.get(name, 0.0) + clock() - t
-
-        patched.append((obj, attr, vars(obj).get(attr)))
-        setattr(obj, attr, wrapper)
-
-    outer = http._transport
-    timed(outer, "handle_request", "transport")
-    timed(getattr(outer, "_inner", None), "handle_request", "inner")
-    for attr in ("_keygen", "_encaps", "_decaps"):
-        timed(outer, attr, "kem")
-    rows = []
-    usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
-    for _ in range(n):
-        acc.clear()
-        before = usage()
-        t = clock()
-        call()
-        rows.append({"call": clock() - t, **acc})
-        after = usage()
-        rows[-1]["sys"] = after.ru_stime - before.ru_stime
-    for obj, attr, own in patched:  # (an instance's own attribute, or the class's method)
-        if own is None:
-            delattr(obj, attr)
-        else:
-            setattr(obj, attr, own)
-    return {k: [r[k] for r in rows] for k in rows[0]}
-
-
-def long_prompt() -> str:
+def long_prompt(n: int | None = None) -> str:
     words = "lattice kyber token stream record nonce secure inference relay engine".split()
-    return " ".join(words[i % len(words)] + str(i) for i in range(LONG_WORDS))
+    return " ".join(words[i % len(words)] + str(i) for i in range(n or LONG_WORDS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +409,9 @@ class Samples:
     slice_cpu: list[float] = field(default_factory=list)  # per round: CPU s per call
     server_cpu: float = 0.0  # the servers' CPU s during this client's rounds, summed
     events: list[int] = field(default_factory=list)
+    #: per round: the client thread's voluntary and involuntary switches and CPU migrations
+    #: per call; the box's steal and the other processes' CPU s (not ours, not the servers')
+    env: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -480,10 +472,14 @@ def run(args: argparse.Namespace) -> tuple[Results, dict[str, str]]:
                 for kind in rot:
                     ops = (("nonstream", args.calls), ("short", 2 * args.streams))
                     for op, n in (*ops, ("stream", args.streams)):
-                        before = server_cpu()
+                        before, box = server_cpu(), box_cpu()
                         out = clients[kind].run(op, n)
                         s = res.get(kind, op)
-                        s.server_cpu += server_cpu() - before
+                        servers = server_cpu() - before
+                        s.server_cpu += servers
+                        busy, steal = (b - a for a, b in zip(box, box_cpu(), strict=True))
+                        others = busy - servers - out["slice_cpu"]
+                        s.env.append([*(x / n for x in out["sched"]), steal, others])
                         s.wall += out["wall"]
                         s.events += out["events"]
                         s.slice_cpu.append(out["slice_cpu"] / n)
@@ -639,35 +635,9 @@ def report(res: Results, versions: dict[str, str], args: argparse.Namespace) -> 
     )
     if not args.no_floor:
         floor_report(res)
+    from _client_probes import env_report
 
-
-def print_split(split: dict[tuple[str, str], list[float]], kem_us: float | None) -> None:
-    """The table of :func:`split_calls` sections per client (medians, µs)."""
-    us = 1e6
-
-    def med(kind: str, name: str) -> float:
-        values = split.get((kind, name))
-        if not values:
-            return 0.0
-        # (kernel time is sampled at clock ticks: its mean, not a median of 0s and ticks)
-        return (statistics.fmean if name == "sys" else statistics.median)(values) * us
-
-    print(
-        "\n| client | whole call | of it in the kernel (mean) | SDK outside transport | transport "
-        "| inner (send + head) | floor's KEM | transport's own rest |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for kind in SPLIT:
-        call, transport = med(kind, "call"), med(kind, "transport")
-        inner = med(kind, "inner") if (kind, "inner") in split else transport
-        kem = med(kind, "kem")
-        kem_cell = ""
-        if kind == FLOOR:
-            kem_cell = f"{kem:.0f}" + ("" if kem_us is None else f" (warm {kem_us:.0f})")
-        print(
-            f"| {kind} | {call:.0f} | {med(kind, 'sys'):.0f} | {call - transport:.0f} "
-            f"| {transport:.0f} | {inner:.0f} | {kem_cell} | {transport - inner - kem:.0f} |"
-        )
+    env_report(res, kinds(args))
 
 
 def floor_report(res: Results) -> None:
@@ -716,6 +686,8 @@ def floor_report(res: Results) -> None:
         "head (plain: the engine's, E2EE: the relay's); 'SDK outside' is openai + "
         "httpx2.Client around the transport."
     )
+    from _client_probes import print_split
+
     print_split(res.split, kem_us)
     f, o = over[("floor", "nonstream")], over[("ours", "nonstream")]
     verdict = "meets" if f <= kem_us + 60 else "misses"
@@ -755,6 +727,15 @@ def main() -> None:
         help="only instructions per request (valgrind) for all five clients, N calls each",
     )
     ap.add_argument(
+        "--cachegrind",
+        type=int,
+        metavar="N",
+        help="only cache and branch simulation (valgrind) for all five clients, warm and cold: "
+        "E2EE − plain per call and per event, and where ours exceeds the floor (_cachegrind.py)",
+    )
+    ap.add_argument("--cg-words", type=int, default=60, help="--cachegrind's long prompt")
+    ap.add_argument("--cg-keep", metavar="DIR", help="--cachegrind: keep the output files here")
+    ap.add_argument(
         "--pin",
         action="store_true",
         help="servers on the last CPU, clients on the others (as on separate machines: the "
@@ -769,16 +750,23 @@ def main() -> None:
         "chunk on every hop, as with a model's paced tokens; default 0: a burst)",
     )
     args = ap.parse_args()
+    if (args.cachegrind or args.instructions) and not args.engine_delay:
+        args.engine_delay = 0.03  # paced: every event its own chunk on every hop
     if args.engine_delay:
         _ENGINE_ARGS.extend(["--delay", str(args.engine_delay)])
-    if args.keypool or args.count or args.instructions:
-        sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
+    sys.modules.setdefault("bench_client", sys.modules[__name__])  # one copy of its globals
+    if args.keypool or args.count or args.instructions or args.cachegrind:
         from _client_probes import count_table, instructions_table, keypool_table
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             sys.exit("--pin needs at least 2 CPUs")
         _PIN.update(servers={cpus[-1]}, clients=set(cpus[:-1]))
+    if args.cachegrind:
+        from _cachegrind import cachegrind_table
+
+        cachegrind_table(args.cachegrind, args.cg_words, args.cg_keep)
+        return
     if args.instructions:
         instructions_table(args.instructions)
         return
