@@ -375,15 +375,16 @@ class ClientState:
 
     def negotiated_lease(
         self, chute_id: str, negotiator: Negotiator, now: Monotonic, wall: UnixTime
-    ) -> tuple[Lease, Negotiated] | None:
+    ) -> tuple[Lease, Negotiated, bool] | None:
         """:meth:`negotiate`, then a lease of an instance the decision allows, both from the
-        same discovery; ``None`` when there is none (discover first)."""
+        same discovery, and whether the pool then wants a prefetch (:meth:`needs_discovery`,
+        one pool lookup for both); ``None`` when there is none (discover first)."""
         pool = self._pool(chute_id)
         negotiated = self._negotiate(pool, negotiator, now, wall)
         if negotiated is None:
             return None
         lease = pool.take(now, exclude=negotiated.excluded)
-        return None if lease is None else (lease, negotiated)
+        return None if lease is None else (lease, negotiated, pool.needs_refresh(now))
 
     def needs_discovery(self, chute_id: str, now: Monotonic) -> bool:
         """True when the pool is empty, low, or close to expiry (prefetch)."""

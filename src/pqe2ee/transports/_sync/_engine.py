@@ -516,8 +516,7 @@ class Engine:
             found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
             if found is None:
                 return None, False
-            refresh = self.state.needs_discovery(chute, now)
-            negotiated = found[1]
+            lease, negotiated, refresh = found
             if self._decided.get(chute) is not negotiated:
                 if len(self._decided) >= 10_000:
                     self._decided.clear()
@@ -525,7 +524,7 @@ class Engine:
                 fresh = self._fresh_warnings(chute, negotiated)
         if fresh:
             self._warn(chute, negotiated, fresh)
-        return found, refresh
+        return (lease, negotiated), refresh
 
     def _fresh_warnings(self, chute: str, negotiated: Negotiated) -> list[str]:
         """What to warn about for this decision that was not yet said for the chute (under
