@@ -237,7 +237,7 @@ class AsyncEngine:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
-        with deadline.scope():
+        with deadline:
             bounded = AsyncBoundedPort(port, deadline)
             started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
             return await self._invoke(bounded, path, body, decoded, model, auth, started)

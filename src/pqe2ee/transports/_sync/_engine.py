@@ -238,7 +238,7 @@ class Engine:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         deadline = Deadline(self.settings.options.deadline, self.clock)
-        with deadline.scope():
+        with deadline:
             bounded = BoundedPort(port, deadline)
             started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
             return self._invoke(bounded, path, body, decoded, model, auth, started)
