@@ -205,6 +205,8 @@ class AsyncEngine:
         self._warned: set[tuple[str, str]] = set()
         self._decided: dict[str, Negotiated] = {}  # the decision last looked at, per chute
         self._models_lock = AsyncLock()
+        #: ``POST`` here, with the caller's timeouts (control=False), not the engine's.
+        self._invoke_url = settings.api_base + INVOKE_PATH
         attest = settings.options.attestation
         self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
 
@@ -314,14 +316,6 @@ class AsyncEngine:
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
 
-    async def _post(
-        self, port: AsyncPort, headers: list[tuple[str, str]], blob: bytes
-    ) -> AsyncPortResponse:
-        """``POST /e2e/invoke`` (the caller's timeouts, not the engine's)."""
-        return await port.send(
-            "POST", self.settings.api_base + INVOKE_PATH, headers, blob, control=False
-        )
-
     def _plain(
         self,
         port: AsyncPort,
@@ -352,8 +346,9 @@ class AsyncEngine:
             sealed = seal_request(
                 body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead, decoded=decoded
             )
-            upstream = await self._post(
-                port, invoke_headers(auth, lease, sealed, path), sealed.blob
+            headers = invoke_headers(auth, lease, sealed, path)
+            upstream = await port.send(
+                "POST", self._invoke_url, headers, sealed.blob, control=False
             )
         except BaseException:
             key.wipe()
@@ -402,7 +397,10 @@ class AsyncEngine:
                 decoded=decoded,
                 key_hash=offer.pk_hash,
             )
-            upstream = await self._post(port, sealed.invoke_headers(auth), sealed.blob)
+            headers = sealed.invoke_headers(auth)
+            upstream = await port.send(
+                "POST", self._invoke_url, headers, sealed.blob, control=False
+            )
         except BaseException:
             key.wipe()
             raise

@@ -206,6 +206,8 @@ class Engine:
         self._warned: set[tuple[str, str]] = set()
         self._decided: dict[str, Negotiated] = {}  # the decision last looked at, per chute
         self._models_lock = Lock()
+        #: ``POST`` here, with the caller's timeouts (control=False), not the engine's.
+        self._invoke_url = settings.api_base + INVOKE_PATH
         attest = settings.options.attestation
         self.attestor = Attestor(attest, settings.api_base) if attest.mode != "off" else None
 
@@ -313,10 +315,6 @@ class Engine:
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
 
-    def _post(self, port: Port, headers: list[tuple[str, str]], blob: bytes) -> PortResponse:
-        """``POST /e2e/invoke`` (the caller's timeouts, not the engine's)."""
-        return port.send("POST", self.settings.api_base + INVOKE_PATH, headers, blob, control=False)
-
     def _plain(
         self,
         port: Port,
@@ -347,7 +345,8 @@ class Engine:
             sealed = seal_request(
                 body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead, decoded=decoded
             )
-            upstream = self._post(port, invoke_headers(auth, lease, sealed, path), sealed.blob)
+            headers = invoke_headers(auth, lease, sealed, path)
+            upstream = port.send("POST", self._invoke_url, headers, sealed.blob, control=False)
         except BaseException:
             key.wipe()
             raise
@@ -395,7 +394,8 @@ class Engine:
                 decoded=decoded,
                 key_hash=offer.pk_hash,
             )
-            upstream = self._post(port, sealed.invoke_headers(auth), sealed.blob)
+            headers = sealed.invoke_headers(auth)
+            upstream = port.send("POST", self._invoke_url, headers, sealed.blob, control=False)
         except BaseException:
             key.wipe()
             raise
