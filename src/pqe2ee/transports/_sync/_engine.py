@@ -513,7 +513,7 @@ class Engine:
         are looked at once per decision (the state caches it until the next discovery)."""
         fresh: list[str] = []
         with self._guard:
-            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
+            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall)
             if found is None:
                 return None, False
             lease, negotiated, refresh = found
