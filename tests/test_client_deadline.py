@@ -267,17 +267,18 @@ async def test_a_scope_inside_one_of_the_same_deadline_only_checks(anyio_backend
 
     deadline = AsyncDeadline(0.2, time.monotonic)
     started = time.monotonic()
-    with pytest.raises(DeadlineExceeded), deadline.scope():
-        step = deadline.scope()
-        with step:
-            assert step._scope is None  # nested: a check only
+    with pytest.raises(DeadlineExceeded), deadline:
+        outer = deadline._scope
+        assert outer is not None
+        with deadline:
+            assert deadline._scope is outer and deadline._open == 2  # nested: a check only
             await anyio.sleep(5)
     assert time.monotonic() - started < 2
-    assert deadline._open == 0
+    assert deadline._open == 0 and deadline._scope is None
     later = AsyncDeadline(0.2, time.monotonic)
-    step = later.scope()
-    with pytest.raises(DeadlineExceeded), step:
-        assert step._scope is not None  # on its own: a real cancel scope
+    with pytest.raises(DeadlineExceeded), later:
+        assert later._scope is not None  # on its own: a real cancel scope
         await anyio.sleep(5)
-    with pytest.raises(DeadlineExceeded), later.scope():  # past it: refused at entry
+    with pytest.raises(DeadlineExceeded), later:  # past it: refused at entry
         pass
+    assert later._open == 0

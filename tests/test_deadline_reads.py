@@ -199,7 +199,7 @@ async def test_reads_inside_the_request_scope_only_check(
     deadline = AsyncDeadline(30.0, time.monotonic)
     response = AsyncBoundedResponse(FakeResponse(b"a", b"b", b"c"), deadline)
     chunks = response.aiter_bytes()
-    with deadline.scope():
+    with deadline:
         assert await chunks.__anext__() == b"a"
     assert timers == []
     assert [c async for c in chunks] == [b"b", b"c"]

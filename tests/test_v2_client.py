@@ -704,7 +704,7 @@ def test_client_state_keeps_a_decision_until_the_next_discovery() -> None:
     assert first.excluded == {relay.instances[0].instance_id}
     assert set(first.offers) == {relay.instances[1].instance_id}
     assert state.negotiate(CHUTE, negotiator, 2.0, wall) is first  # decided once per discovery
-    found = state.negotiated_lease(CHUTE, negotiator, 3.0, wall)
+    found = state.negotiated_lease(CHUTE, negotiator, 3.0, lambda: wall)
     assert found is not None and found[0].instance_id == relay.instances[1].instance_id
     doc = relay._discovery()[2][0]
     state.load_discovery(CHUTE, doc, 4.0, wall)
@@ -717,6 +717,32 @@ def test_client_state_keeps_a_decision_until_the_next_discovery() -> None:
     with pytest.raises(RemoteProtocolError) as err:
         state.negotiate(CHUTE, negotiator, 8.0, again.valid_until)
     assert err.value.code is ErrorCode.DOWNGRADE_SUSPECTED
+
+
+def test_a_v1_decision_reads_no_clock_per_lease() -> None:
+    """A decision that relies on no offer (v1) never expires: leases under it read no Unix
+    time. One that relies on v2 offers reads it per lease (their expiry); deciding reads it
+    once."""
+    from pqe2ee.protocol.client import ClientState
+    from pqe2ee.protocol.clocks import Monotonic, UnixTime
+
+    unix = UnixTime(time.time())
+    for kinds, per_lease in ((("v1",), 0), (("v2",), 1)):
+        relay = FakeRelay(kinds=kinds)
+        state, negotiator, reads = ClientState(), Negotiator(), 0
+
+        def wall() -> UnixTime:
+            nonlocal reads
+            reads += 1
+            return unix
+
+        state.load_discovery(CHUTE, relay._discovery()[2][0], Monotonic(0.0), unix)
+        found = state.negotiated_lease(CHUTE, negotiator, Monotonic(1.0), wall)
+        assert found is not None and found[1].version == int(kinds[0][1])
+        assert reads == 1  # the decision
+        for i in range(3):
+            assert state.negotiated_lease(CHUTE, negotiator, Monotonic(2.0 + i), wall)
+        assert reads == 1 + 3 * per_lease, kinds
 
 
 # -- retries and instance hints --------------------------------------------------------------------

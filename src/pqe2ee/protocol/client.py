@@ -5,7 +5,7 @@ A transport (httpx2, httpx, aiohttp, anyio) does only I/O around this::
 
     state = ClientState()
     chute = state.resolve_chute(model, now)          # None -> fetch /v1/models, state.update_models
-    lease, neg = state.negotiated_lease(chute, negotiator, now, wall)
+    lease, neg, _ = state.negotiated_lease(chute, negotiator, now, wall_clock)
                                                      # None -> discovery (state.discovery_wait,
                                                      #   state.record_discovery, state.load_discovery)
     v1: sealed = seal_request(body, lease.public_key, ...); headers = invoke_headers(...)
@@ -28,7 +28,7 @@ clock, ``wall`` is :data:`UnixTime`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -274,6 +274,8 @@ class ClientLimits:
 #: Back-off after a discovery answered 5xx: first wait, and the most it doubles to (seconds).
 DISCOVERY_BACKOFF_MIN: Final = 0.25
 DISCOVERY_BACKOFF_MAX: Final = 4.0
+#: ``Negotiated.valid_until`` of a decision that relies on no offer (v1): it never expires.
+_NEVER: Final = float("inf")
 
 
 class ClientState:
@@ -342,15 +344,20 @@ class ClientState:
         RemoteProtocolError ``downgrade_refused`` (strict policy, no v2 instance) or
         ``downgrade_suspected`` (pinned chute, no v2 instance) - before any nonce is spent.
         """
-        return self._negotiate(self._pool(chute_id), negotiator, now, wall)
+        return self._negotiate(self._pool(chute_id), negotiator, now, lambda: wall)
 
     def _negotiate(
-        self, pool: NoncePool, negotiator: Negotiator, now: Monotonic, wall: UnixTime
+        self,
+        pool: NoncePool,
+        negotiator: Negotiator,
+        now: Monotonic,
+        wall: Callable[[], UnixTime],
     ) -> Negotiated | None:
         chute_id = pool.chute_id
         cached = self._negotiated.get(chute_id)
         if cached is not None and cached.generation == pool.generation:
-            if wall < cached.valid_until:
+            # A decision that relies on no offer (v1) never expires: no clock read for it.
+            if cached.valid_until == _NEVER or wall() < cached.valid_until:
                 return cached  # (an exhausted pool then gives no lease: discovery follows)
             return None  # an offer it relied on expired: decide on a fresh discovery
         if pool.available(now) == 0:
@@ -358,10 +365,11 @@ class ClientState:
         generation = pool.generation
         rows = pool.instances()
         # The model names that lead here: the pin follows them if the relay renames the chute.
-        decision = negotiator.decide(chute_id, rows, wall, models=self._models.names_of(chute_id))
+        names = self._models.names_of(chute_id)
+        decision = negotiator.decide(chute_id, rows, wall(), models=names)
         offers = {c.instance.instance_id: c.offer for c in decision.candidates if c.offer}
         skew = negotiator.policy.clock_skew_s
-        valid_until = min((o.not_after + skew for o in offers.values()), default=float("inf"))
+        valid_until = min((o.not_after + skew for o in offers.values()), default=_NEVER)
         allowed = {c.instance.instance_id for c in decision.candidates}
         negotiated = Negotiated(
             decision,
@@ -374,16 +382,23 @@ class ClientState:
         return negotiated
 
     def negotiated_lease(
-        self, chute_id: str, negotiator: Negotiator, now: Monotonic, wall: UnixTime
-    ) -> tuple[Lease, Negotiated] | None:
+        self,
+        chute_id: str,
+        negotiator: Negotiator,
+        now: Monotonic,
+        wall: Callable[[], UnixTime],
+    ) -> tuple[Lease, Negotiated, bool] | None:
         """:meth:`negotiate`, then a lease of an instance the decision allows, both from the
-        same discovery; ``None`` when there is none (discover first)."""
+        same discovery, and whether the pool then wants a prefetch (:meth:`needs_discovery`,
+        one pool lookup for both); ``None`` when there is none (discover first). ``wall``
+        reads Unix seconds, only when the decision needs them (a new one, or one that relies
+        on offers that expire)."""
         pool = self._pool(chute_id)
         negotiated = self._negotiate(pool, negotiator, now, wall)
         if negotiated is None:
             return None
         lease = pool.take(now, exclude=negotiated.excluded)
-        return None if lease is None else (lease, negotiated)
+        return None if lease is None else (lease, negotiated, pool.needs_refresh(now))
 
     def needs_discovery(self, chute_id: str, now: Monotonic) -> bool:
         """True when the pool is empty, low, or close to expiry (prefetch)."""

@@ -105,9 +105,10 @@ class EngineFacade:
         self._closed = False
         return engine
 
-    def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise LocalProtocolError(f"the E2EE {what} is closed", code=ErrorCode.INVALID_ARGUMENT)
+    @staticmethod
+    def _closed_error(what: str) -> LocalProtocolError:
+        """What a request to a closed adapter raises (checked inline: ``if self._closed``)."""
+        return LocalProtocolError(f"the E2EE {what} is closed", code=ErrorCode.INVALID_ARGUMENT)
 
     @property
     def settings(self) -> Settings:

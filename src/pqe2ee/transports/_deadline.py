@@ -4,7 +4,8 @@
 
 A deadline starts when a request starts and covers all of it: model lookup, discovery,
 retries, the invoke, and every read of the answer, a streamed body included, until that body is
-closed. Each network step runs inside :meth:`scope`, each read of a body inside :meth:`reads`:
+closed. Each network step runs in a ``with`` block of the deadline itself, each read of a body
+inside :meth:`reads`:
 
 * async: an anyio cancel scope that ends at the deadline; the wait is cancelled there and
   :class:`~pqe2ee.errors.DeadlineExceeded` raised in its place (works under asyncio and trio).
@@ -59,12 +60,9 @@ class Deadline:
         if self.remaining() <= 0:
             raise self.error()
 
-    def scope(self) -> Deadline:
-        """A ``with`` block for one network step (checked when it starts): the deadline
-        itself, no object per step (a streamed answer takes one step per read)."""
-        return self
-
     def __enter__(self) -> None:
+        """A ``with`` block of the deadline is one network step, checked when it starts (no
+        object per step)."""
         if self._clock() >= self.end:  # check(), inlined
             raise self.error()
 
@@ -92,54 +90,47 @@ class Deadline:
 
 
 class AsyncDeadline(Deadline):
-    """An async request's deadline: :meth:`scope` cancels the step at the deadline.
+    """An async request's deadline: a ``with`` block of it is an anyio cancel scope ending at
+    the deadline, whose timeout raises DeadlineExceeded (a sync context manager, so the same
+    ``with`` serves both flavours of the engine).
 
-    A scope opened while another of the same deadline is open (the engine's whole-request
-    scope around its sends and reads) only checks the deadline: the enclosing one cancels
+    A block opened while another of the same deadline is open (the engine's whole-request
+    block around its sends and reads) only checks the deadline: the enclosing one cancels
     at the same moment, and raises DeadlineExceeded for it. anyio cancel scopes cost a few
-    microseconds each; a non-stream request used to open four."""
+    microseconds each; a non-stream request used to open four. Blocks of one deadline nest
+    (one request: one task)."""
 
-    __slots__ = ("_open",)
+    __slots__ = ("_open", "_scope")
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         super().__init__(seconds, clock)
-        self._open = 0  # scopes of this deadline open now (one request: one task)
-
-    def scope(self) -> _CancelAtDeadline:  # type: ignore[override]
-        return _CancelAtDeadline(self)
-
-    def reads(self) -> _BodyReads:  # type: ignore[override]
-        return _BodyReads(self)
-
-
-class _CancelAtDeadline:
-    """An anyio cancel scope ending at the deadline whose timeout raises DeadlineExceeded
-    (a sync context manager, so the same ``with`` serves both flavours of the engine)."""
-
-    __slots__ = ("_deadline", "_scope")
-
-    def __init__(self, deadline: AsyncDeadline) -> None:
-        self._deadline = deadline
-        self._scope: anyio.CancelScope | None = None
+        self._open = 0  # blocks of this deadline open now
+        self._scope: anyio.CancelScope | None = None  # the outermost one's cancel scope
 
     def __enter__(self) -> None:
-        deadline = self._deadline
-        deadline.check()
-        if deadline._open:
-            return  # inside a scope of this deadline: it cancels at the same moment
-        self._scope = anyio.move_on_after(deadline.remaining())
-        self._scope.__enter__()
-        deadline._open += 1
+        if self._clock() >= self.end:  # check(), inlined
+            raise self.error()
+        if self._open:
+            self._open += 1  # inside a block of this deadline: it cancels at the same moment
+            return
+        scope = anyio.move_on_after(self.remaining())
+        scope.__enter__()
+        self._scope = scope
+        self._open = 1
 
     def __exit__(self, *exc_info: Any) -> None:
-        scope = self._scope
-        if scope is None:
+        self._open -= 1
+        if self._open:
             return
-        self._deadline._open -= 1
+        scope, self._scope = self._scope, None
+        assert scope is not None
         # The scope swallows only its own cancellation, which becomes DeadlineExceeded.
         scope.__exit__(*exc_info)
         if scope.cancelled_caught:
-            raise self._deadline.error() from None
+            raise self.error() from None
+
+    def reads(self) -> _BodyReads:  # type: ignore[override]
+        return _BodyReads(self)
 
 
 class _BodyReads:
@@ -154,7 +145,7 @@ class _BodyReads:
         self._deadline = deadline
         self._started = False  # the first read outside the request's scope has begun
         self._timer: AsyncReadTimer | None = None
-        self._step: _CancelAtDeadline | AsyncReadTimer | None = None
+        self._step: AsyncDeadline | AsyncReadTimer | None = None
 
     def __enter__(self) -> None:
         deadline = self._deadline
@@ -168,7 +159,7 @@ class _BodyReads:
             timer = read_timer(deadline.error)
             if timer is not None:
                 self._timer = timer.at(timer.now() + deadline.remaining())
-        step = self._timer if self._timer is not None else _CancelAtDeadline(deadline)
+        step = self._timer if self._timer is not None else deadline
         step.__enter__()
         self._step = step
 

@@ -607,7 +607,8 @@ class E2EEClientSession(EngineFacade):
         headers: Mapping[str, str] | None,
         client_timeout: aiohttp.ClientTimeout | None,
     ) -> E2EEResponse:
-        self._check_open("session")
+        if self._closed:
+            raise self._closed_error("session")
         if json is not None and data is not None:
             raise LocalProtocolError("pass json or data, not both", code=ErrorCode.INVALID_ARGUMENT)
         method = method.upper()

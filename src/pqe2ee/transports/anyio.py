@@ -565,7 +565,8 @@ class E2EEClient(EngineFacade, AsyncResource):
         return data, model
 
     async def _invoke(self, path: str, data: bytes, model: str) -> Outcome:
-        self._check_open("client")
+        if self._closed:
+            raise self._closed_error("client")
         return await self._engine.invoke(
             self._port, path=path, body=data, model=model, auth=self.settings.api_key
         )

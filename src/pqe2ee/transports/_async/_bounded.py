@@ -77,6 +77,6 @@ class AsyncBoundedPort:
     async def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> AsyncBoundedResponse:
-        with self._deadline.scope():
+        with self._deadline:
             response = await self._port.send(method, url, headers, body, control=control)
         return AsyncBoundedResponse(response, self._deadline)

@@ -205,6 +205,8 @@ class AsyncEngine:
         self._warned: set[tuple[str, str]] = set()
         self._decided: dict[str, Negotiated] = {}  # the decision last looked at, per chute
         self._models_lock = AsyncLock()
+        #: ``POST`` here, with the caller's timeouts (control=False), not the engine's.
+        self._invoke_url = settings.api_base + INVOKE_PATH
         attest = settings.options.attestation
         self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
 
@@ -237,7 +239,7 @@ class AsyncEngine:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
-        with deadline.scope():
+        with deadline:
             bounded = AsyncBoundedPort(port, deadline)
             started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
             return await self._invoke(bounded, path, body, decoded, model, auth, started)
@@ -314,14 +316,6 @@ class AsyncEngine:
         assert last is not None
         raise RetriesExhausted(last, s.max_attempts) from last
 
-    async def _post(
-        self, port: AsyncPort, headers: list[tuple[str, str]], blob: bytes
-    ) -> AsyncPortResponse:
-        """``POST /e2e/invoke`` (the caller's timeouts, not the engine's)."""
-        return await port.send(
-            "POST", self.settings.api_base + INVOKE_PATH, headers, blob, control=False
-        )
-
     def _plain(
         self,
         port: AsyncPort,
@@ -352,8 +346,9 @@ class AsyncEngine:
             sealed = seal_request(
                 body, lease.public_key, response_key=key, kem=s.kem, aead=s.aead, decoded=decoded
             )
-            upstream = await self._post(
-                port, invoke_headers(auth, lease, sealed, path), sealed.blob
+            headers = invoke_headers(auth, lease, sealed, path)
+            upstream = await port.send(
+                "POST", self._invoke_url, headers, sealed.blob, control=False
             )
         except BaseException:
             key.wipe()
@@ -402,7 +397,10 @@ class AsyncEngine:
                 decoded=decoded,
                 key_hash=offer.pk_hash,
             )
-            upstream = await self._post(port, sealed.invoke_headers(auth), sealed.blob)
+            headers = sealed.invoke_headers(auth)
+            upstream = await port.send(
+                "POST", self._invoke_url, headers, sealed.blob, control=False
+            )
         except BaseException:
             key.wipe()
             raise
@@ -520,11 +518,10 @@ class AsyncEngine:
         are looked at once per decision (the state caches it until the next discovery)."""
         fresh: list[str] = []
         with self._guard:
-            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall())
+            found = self.state.negotiated_lease(chute, self.negotiator, now, self.wall)
             if found is None:
                 return None, False
-            refresh = self.state.needs_discovery(chute, now)
-            negotiated = found[1]
+            lease, negotiated, refresh = found
             if self._decided.get(chute) is not negotiated:
                 if len(self._decided) >= 10_000:
                     self._decided.clear()
@@ -532,7 +529,7 @@ class AsyncEngine:
                 fresh = self._fresh_warnings(chute, negotiated)
         if fresh:
             self._warn(chute, negotiated, fresh)
-        return found, refresh
+        return (lease, negotiated), refresh
 
     def _fresh_warnings(self, chute: str, negotiated: Negotiated) -> list[str]:
         """What to warn about for this decision that was not yet said for the chute (under

@@ -78,6 +78,6 @@ class BoundedPort:
     def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> BoundedResponse:
-        with self._deadline.scope():
+        with self._deadline:
             response = self._port.send(method, url, headers, body, control=control)
         return BoundedResponse(response, self._deadline)

@@ -319,8 +319,10 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     # -- httpx2 transport API -------------------------------------------------------------------
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        self._check_open("transport")
-        self._bind(request)
+        if self._closed:
+            raise self._closed_error("transport")
+        if self._unbound or self._bound is not None:  # (bases given: the host is not looked at)
+            self._bind(request)
         e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
         if request.method == "POST":
             path = request.url.path  # (decoded on each access: once here)
@@ -334,9 +336,8 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     def _bind(self, request: httpx2.Request) -> None:
         """Without ``api_base`` / ``models_base``, the SDK's own base URL is the relay: the
         first request to a host other than Chutes' rebinds both there (before anything is
-        sent); a later request to yet another host is refused."""
-        if not self._unbound and self._bound is None:
-            return  # bases given: the request's host is not looked at
+        sent); a later request to yet another host is refused. Not called when the bases were
+        given."""
         url = request.url
         origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         with self._bind_lock:
