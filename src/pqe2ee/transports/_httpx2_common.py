@@ -6,7 +6,6 @@ mapping at the inner-transport boundary, and response builders.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Literal, NoReturn
 
 import anyio
@@ -122,31 +121,6 @@ def raise_mapped(exc: Exception, phase: Literal["connect", "read"]) -> NoReturn:
     if mapped is None:
         raise exc
     raise mapped from exc
-
-
-class map_inner_exceptions:  # (lower case: used like the function it was)
-    """Translate what an inner transport may raise besides httpx2's own exceptions
-    (:func:`inner_error`), always chained (``from exc``)."""
-
-    __slots__ = ("_phase",)
-
-    def __init__(self, phase: Literal["connect", "read"]) -> None:
-        self._phase = phase
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            return
-        mapped = inner_error(exc, self._phase)
-        if mapped is not None:
-            raise mapped from exc
 
 
 def json_response(

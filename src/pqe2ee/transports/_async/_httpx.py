@@ -44,7 +44,6 @@ from pqe2ee.transports._httpx_common import (
     as_stream_error,
     default_limits,
     json_response,
-    map_inner_exceptions,
     passthrough_response,
     raise_mapped,
 )
@@ -106,7 +105,7 @@ class _AsyncPortResponse(ResponseHead):
                 raise
             finally:
                 await response.aclose()
-        except Exception as exc:  # (map_inner_exceptions("read"), without its frames)
+        except Exception as exc:  # (no frames unless it raises)
             raise_mapped(exc, "read")
 
     async def aclose(self) -> None:
@@ -171,7 +170,7 @@ class _AsyncPort:
             request._content = body
         try:
             response = await self._inner.handle_async_request(request)
-        except Exception as exc:  # (map_inner_exceptions("connect"), without its frames)
+        except Exception as exc:  # (no frames unless it raises)
             raise_mapped(exc, "connect")
         return _AsyncPortResponse(response)
 
@@ -371,8 +370,10 @@ class AsyncE2EETransport(EngineFacade, httpx.AsyncBaseTransport):
             stream=request.stream,
             extensions=request.extensions,
         )
-        with map_inner_exceptions("connect"):
+        try:
             return await self._inner.handle_async_request(forwarded)
+        except Exception as exc:
+            raise_mapped(exc, "connect")
 
     # -- encrypted ------------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ from pqe2ee.transports._httpx2_common import (
     as_stream_error,
     default_limits,
     json_response,
-    map_inner_exceptions,
     passthrough_response,
     raise_mapped,
 )
@@ -106,7 +105,7 @@ class _PortResponse(ResponseHead):
                 raise
             finally:
                 response.close()
-        except Exception as exc:  # (map_inner_exceptions("read"), without its frames)
+        except Exception as exc:  # (no frames unless it raises)
             raise_mapped(exc, "read")
 
     def close(self) -> None:
@@ -171,7 +170,7 @@ class _Port:
             request._content = body
         try:
             response = self._inner.handle_request(request)
-        except Exception as exc:  # (map_inner_exceptions("connect"), without its frames)
+        except Exception as exc:  # (no frames unless it raises)
             raise_mapped(exc, "connect")
         return _PortResponse(response)
 
@@ -371,8 +370,10 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
             stream=request.stream,
             extensions=request.extensions,
         )
-        with map_inner_exceptions("connect"):
+        try:
             return self._inner.handle_request(forwarded)
+        except Exception as exc:
+            raise_mapped(exc, "connect")
 
     # -- encrypted ------------------------------------------------------------------------------
 
