@@ -163,20 +163,18 @@ async def iter_body(request: Request, limit: int) -> AsyncIterator[bytes]:
     timer = read_timer(SlowUpload)
     try:
         while True:
-            if timer is not None:
-                with timer.after(BODY_IDLE_TIMEOUT):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        return
-            else:
-                with anyio.move_on_after(BODY_IDLE_TIMEOUT) as idle:
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        return
-                if idle.cancelled_caught:
-                    raise SlowUpload()
+            # (the timer raises SlowUpload itself; a scope, entered, is the scope to look at)
+            with (
+                timer.after(BODY_IDLE_TIMEOUT)
+                if timer is not None
+                else anyio.move_on_after(BODY_IDLE_TIMEOUT)
+            ) as idle:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+            if idle is not None and idle.cancelled_caught:
+                raise SlowUpload()
             upload.took(chunk)
             if chunk:
                 yield chunk
