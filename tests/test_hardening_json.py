@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pqe2ee.backends import get_aead, get_kem
-from pqe2ee.errors import ErrorCode, MalformedError, PQE2EEError, StreamError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, MalformedError, PQE2EEError, StreamError
 from pqe2ee.protocol._codec import (
     MAX_JSON_DEPTH,
     extract_usage,
@@ -86,9 +86,12 @@ def test_entry_points_give_typed_errors(doc: bytes) -> None:
     with pytest.raises(MalformedError) as info:
         parse_info(wrapped, 0.0)
     assert info.value.code is ErrorCode.MALFORMED_DISCOVERY
-    # the engine-usage reader and the request's model peek: "not usage" / "not ours"
+    # the engine-usage reader: "not usage"; the request's model peek: refused (it may hold a
+    # prompt: neither sealed nor sent in plaintext)
     assert extract_usage(b'data: {"usage":' + doc + b"}") is None
-    assert e2e_model("POST", "/v1/chat", b'{"model":' + doc + b"}", {"/v1/chat"}) is None
+    with pytest.raises(LocalProtocolError) as refused:
+        e2e_model("POST", "/v1/chat", b'{"model":' + doc + b"}", {"/v1/chat"})
+    assert refused.value.code is ErrorCode.INVALID_BODY
     # the proxy: its 400 invalid_json refusal, and a tool call's arguments kept raw
     with pytest.raises(Failure) as failure:
         parse_object(doc)

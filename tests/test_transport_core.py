@@ -212,8 +212,8 @@ def test_key_pool_is_safe_across_threads() -> None:
         ("POST", "/v1/chat/completions", b'{"model":""}', None),
         ("POST", "/v1/chat/completions", b'{"model":3}', None),
         ("POST", "/v1/chat/completions", b"[1,2]", None),
-        ("POST", "/v1/chat/completions", b"not json", None),
         ("POST", "/v1/chat/completions", b"", None),
+        ("POST", "/v1/chat/completions", b" \n", None),
     ],
 )
 def test_e2e_model(method: str, path: str, body: bytes, model: str | None) -> None:
@@ -222,6 +222,17 @@ def test_e2e_model(method: str, path: str, body: bytes, model: str | None) -> No
     assert (found is None) is (model is None)
     if found is not None:  # the model and the body decoded, for seal_request's ``decoded``
         assert found == (model, json.loads(body))
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"model":"m","t":NaN}', b'{"model":"\xff"}'])
+def test_an_undecodable_body_for_an_e2e_path_is_refused(body: bytes) -> None:
+    """It may hold a prompt: neither sealed nor plaintext (see test_transport_unsealable)."""
+    with pytest.raises(LocalProtocolError) as err:
+        e2e_request("POST", "/v1/chat/completions", body, DEFAULT_E2E_PATHS)
+    assert err.value.code is ErrorCode.INVALID_BODY
+    # not for an E2EE path: plaintext, the body is not looked at
+    assert e2e_request("POST", "/v1/embeddings", body, DEFAULT_E2E_PATHS) is None
+    assert e2e_request("GET", "/v1/chat/completions", body, DEFAULT_E2E_PATHS) is None
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import msgspec
 
-from pqe2ee.errors import ErrorCode, RelayError
+from pqe2ee.errors import ErrorCode, LocalProtocolError, RelayError
 from pqe2ee.protocol._codec import json_decode
 from pqe2ee.protocol.clocks import Monotonic, UnixTime
 from pqe2ee.protocol.discovery import (
@@ -109,7 +109,8 @@ def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -
     """The model to route by when a request must go encrypted, else ``None`` (plaintext).
 
     A request is encrypted when it is a ``POST`` to one of ``e2e_paths`` (query ignored) whose
-    body is a JSON object with a non-empty string ``model``.
+    body is a JSON object with a non-empty string ``model``; a body that cannot be decoded is
+    refused as in :func:`e2e_request`.
     """
     found = e2e_request(method, path, body, e2e_paths)
     return None if found is None else found[0]
@@ -119,13 +120,26 @@ def e2e_request(
     method: str, path: str, body: bytes, e2e_paths: Collection[str]
 ) -> tuple[str, dict[str, Any]] | None:
     """:func:`e2e_model` and the decoded body (for ``seal_request``'s ``decoded``: the body
-    is then parsed once per request), else ``None`` (plaintext)."""
+    is then parsed once per request), else ``None`` (plaintext).
+
+    A body for an E2EE path that cannot be decoded (not JSON, invalid UTF-8, nested deeper than
+    :data:`~pqe2ee._json.MAX_JSON_DEPTH`, which no instance accepts) raises
+    :class:`~pqe2ee.errors.LocalProtocolError` (``invalid_body``): it may hold a prompt, so it
+    is neither sealed nor sent in plaintext. An empty body, or JSON that is not an object with
+    a ``model``, holds none and is ``None``: the relay's plaintext API answers it.
+    """
     if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
         return None
     try:
         obj = json_decode(body)
-    except msgspec.DecodeError:
-        return None
+    except msgspec.DecodeError as exc:
+        if not body.strip():
+            return None
+        raise LocalProtocolError(
+            f"the body of POST {path.split('?', 1)[0][:100]} cannot be encrypted ({exc}); "
+            "refused rather than sent in plaintext",
+            code=ErrorCode.INVALID_BODY,
+        ) from None
     if not isinstance(obj, dict):
         return None
     model = request_model(obj)

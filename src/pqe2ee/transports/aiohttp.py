@@ -480,8 +480,10 @@ def _relay_headers(raw: RawHeaders) -> CIMultiDictProxy[str]:
 
 def _encode_json(obj: Any) -> bytes:
     try:
-        return _json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+        # (allow_nan=False: NaN is not JSON; no instance would accept it)
+        data = _json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return data.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(
             f"the json body cannot be serialised ({type(exc).__name__})",
             code=ErrorCode.INVALID_BODY,
@@ -498,9 +500,10 @@ class E2EEClientSession(EngineFacade):
     :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport`: a ``POST`` to one of ``e2e_paths``
     (default ``/v1/chat/completions`` and ``/v1/completions``) whose JSON body has a string
     ``model`` is sealed to an instance of the model's chute and sent to
-    ``{api_base}/e2e/invoke``; everything else goes in plaintext to ``models_base`` (same path
-    and query), or is refused with ``strict=True`` (``LocalProtocolError``, code
-    ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL;
+    ``{api_base}/e2e/invoke``; a body for such a path that cannot be decoded (not JSON, NaN,
+    nested deeper than 128 levels) is refused with ``invalid_body``; everything else goes in
+    plaintext to ``models_base`` (same path and query), or is refused with ``strict=True``
+    (``LocalProtocolError``, code ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL;
     only its path and query are sent, to the bases.
 
     One base URL: ``base_url=`` (``"http://127.0.0.1:8000/v1"``, as given to an SDK) names the

@@ -52,7 +52,7 @@ from pqe2ee.errors import (
     MalformedError,
     RemoteError,
 )
-from pqe2ee.protocol._codec import json_decode
+from pqe2ee.protocol._codec import MAX_JSON_DEPTH, json_decode, json_too_deep
 from pqe2ee.protocol._events import Done
 from pqe2ee.protocol.client import request_model
 from pqe2ee.transports._async._engine import (
@@ -557,11 +557,16 @@ class E2EEClient(EngineFacade, AsyncResource):
             )
         try:
             data = msgspec.json.encode(body)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise LocalProtocolError(
                 f"the body cannot be encoded as JSON ({type(exc).__name__})",
                 code=ErrorCode.INVALID_BODY,
             ) from None
+        if json_too_deep(data):
+            raise LocalProtocolError(
+                f"the body nests JSON deeper than {MAX_JSON_DEPTH} levels (no instance accepts it)",
+                code=ErrorCode.INVALID_BODY,
+            )
         return data, model
 
     async def _invoke(self, path: str, data: bytes, model: str) -> Outcome:

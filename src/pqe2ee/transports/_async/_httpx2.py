@@ -237,9 +237,11 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
     ``{api_base}/e2e/instances/{chute_id}``) and sent to ``{api_base}/e2e/invoke``; the answer
     is decrypted before the caller sees it. A model that is a chute UUID is used as is.
 
-    Everything else - other paths, other methods, bodies without ``model`` - goes in
+    Everything else - other paths, other methods, JSON bodies without ``model`` - goes in
     **plaintext** to ``models_base`` (same path and query, the request's own headers), e.g.
-    ``GET /v1/models``. With ``strict=True`` such requests are refused instead
+    ``GET /v1/models``. A body for an E2EE path that is not JSON the transport can decode (or
+    that nests deeper than 128 levels, which no instance accepts) may hold a prompt: it is
+    refused (``LocalProtocolError``, code ``invalid_body``) and sent nowhere. With ``strict=True`` such requests are refused instead
     (``LocalProtocolError``, code ``plaintext_refused``) and nothing leaves in plaintext except
     the transport's own model listing and discovery calls (which carry no user data).
 
