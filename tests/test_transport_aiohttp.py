@@ -200,9 +200,10 @@ async def test_models_listing_goes_plaintext(
         assert resp.status == 200 and not resp.encrypted
         ids = {m["id"] for m in (await resp.json())["data"]}
     assert {"dev-echo", "dev-tools", "dev-reason"} <= ids
-    # a body without a model is not encryptable: plaintext to models_base, as the relay answers
-    resp = await session.post(CHAT, json={"messages": messages("no model")})
-    assert not resp.encrypted
+    # a body without a model cannot be sealed: refused, not sent in plaintext
+    with pytest.raises(pqe2ee.LocalProtocolError) as err:
+        await session.post(CHAT, json={"messages": messages("no model")})
+    assert err.value.code is ErrorCode.INVALID_BODY
     assert stack.faults.invokes == 0
 
 
@@ -210,13 +211,14 @@ async def test_strict_refuses_plaintext(stack: FaultyStack) -> None:
     async with E2EEClientSession(
         api_key=KEY, api_base=stack.relay, models_base=stack.relay, strict=True
     ) as session:
-        for call in (
-            session.get("/v1/models"),
-            session.post(CHAT, json={"messages": messages("no model")}),
+        for call, code in (
+            (session.get("/v1/models"), ErrorCode.PLAINTEXT_REFUSED),
+            (session.post(CHAT, json={"messages": messages("no model")}), ErrorCode.INVALID_BODY),
+            (session.post("/v1/embeddings", json=chat_body("x")), ErrorCode.PLAINTEXT_REFUSED),
         ):
             with pytest.raises(pqe2ee.LocalProtocolError) as err:
                 await call
-            assert err.value.code is ErrorCode.PLAINTEXT_REFUSED
+            assert err.value.code is code
         reply = await (await session.post(CHAT, json=chat_body("ok"))).json()
         assert reply["choices"][0]["message"]["content"] == "Echo: ok"
     assert stack.faults.model_listings == 1  # the session's own listing only

@@ -324,7 +324,7 @@ def test_strict_refuses_plaintext(stack: FaultyStack) -> None:
     with httpx2.Client(transport=transport("httpx2", stack, strict=True)) as http:
         with pytest.raises(pqe2ee.LocalProtocolError) as err2:
             http.post(SDK_BASE + "/chat/completions", json={"messages": messages("no model")})
-        assert err2.value.code is ErrorCode.PLAINTEXT_REFUSED
+        assert err2.value.code is ErrorCode.INVALID_BODY  # (strict or not: sealed or nowhere)
     assert stack.faults.invokes == 1
 
 

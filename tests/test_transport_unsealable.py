@@ -1,13 +1,15 @@
-"""A request for an E2EE path that cannot be sealed is refused, never sent in plaintext.
+"""A request body goes sealed or nowhere: what cannot be sealed is refused, never sent in plaintext.
 
-Every transport routes a ``POST`` to an E2EE path by its body: a JSON object with a ``model``
-goes sealed, and JSON that names no model goes in plaintext to ``models_base`` (it holds no
-prompt; the relay's own API answers it). A body the client cannot decode — not JSON, NaN, or
-nested deeper than the 128 levels every instance accepts — may hold a prompt: it is refused
-with ``invalid_body`` before anything is sent. (It used to go in plaintext to ``models_base``.)
+Every transport seals a ``POST`` to an E2EE path (``/v1/chat/completions``,
+``/v1/completions``) whose body is a JSON object with a ``model``. A body for such a path that
+cannot be sealed — not JSON the client decodes (invalid, NaN, bad UTF-8, nested deeper than the
+128 levels every instance accepts), or no ``model`` — is refused with ``invalid_body``; a body
+for any other path or method (the Responses API, embeddings, Anthropic Messages) with
+``plaintext_refused``. Either may hold a prompt. Only requests without a body (the model
+listing) go in plaintext to ``models_base``. (Before, all of these went in plaintext there.)
 
-The servers here are real loopback servers that record every request they get; for the refused
-cases they must record none.
+The server here is a real loopback server that records every request it gets; for the refused
+cases it must record none.
 """
 
 from __future__ import annotations
@@ -95,25 +97,22 @@ def deep_body(depth: int = MAX_JSON_DEPTH + 1) -> bytes:
     return head + b"[" * inner + b'{"leaf":1}' + b"]" * inner + b"}"
 
 
-# Bodies that may hold a prompt but cannot be decoded: refused.
+# Bodies for an E2EE path that cannot be sealed: refused with invalid_body.
 UNSEALABLE = {
     "too deep": deep_body(),
     "far too deep": deep_body(5000),
     "not json": b"prompt: " + SECRET.encode(),
     "NaN": b'{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"x"}]}',
     "invalid utf-8": b'{"model":"m","messages":[{"role":"user","content":"\xff"}]}',
-}
-# JSON that names no model (and an empty body): plaintext, as the relay answers it.
-NO_MODEL = {
-    "no model": b'{"messages":[]}',
-    "not an object": b"[1, 2]",
-    "empty": b"",
+    "no model": b'{"messages":[{"role":"user","content":"%s"}]}' % SECRET.encode(),
+    "empty model": b'{"model":"","prompt":"%s"}' % SECRET.encode(),
+    "not an object": b'["%s"]' % SECRET.encode(),
 }
 
 
-def refused(exc: BaseException) -> None:
+def refused(exc: BaseException, code: ErrorCode = ErrorCode.INVALID_BODY) -> None:
     assert isinstance(exc, pqe2ee.LocalProtocolError)
-    assert exc.code is ErrorCode.INVALID_BODY
+    assert exc.code is code
     assert SECRET not in str(exc)
 
 
@@ -153,11 +152,15 @@ async def test_async_transports_refuse(server: tuple[str, Recorder], flavour: st
                 await client.post(url + CHAT, content=UNSEALABLE[case])
             refused(err.value)
         assert recorder.seen == []
-        # JSON without a model still goes in plaintext (documented), to models_base
-        for case in sorted(NO_MODEL):
-            response = await client.post(url + CHAT, content=NO_MODEL[case])
-            assert response.status_code == 400
-    assert [body for _, _, body in recorder.seen] == [NO_MODEL[c] for c in sorted(NO_MODEL)]
+        # a body for another path or method: refused; no body: plaintext to models_base
+        for method, path in (("POST", "/v1/embeddings"), ("PUT", CHAT)):
+            with pytest.raises(Exception) as err:
+                await client.request(method, url + path, content=UNSEALABLE["no model"])
+            refused(err.value, ErrorCode.PLAINTEXT_REFUSED)
+        assert recorder.seen == []
+        assert (await client.post(url + CHAT)).status_code == 400
+        assert (await client.get(url + "/v1/models")).status_code == 400
+    assert recorder.seen == [("POST", CHAT, b""), ("GET", "/v1/models", b"")]
 
 
 def test_the_sdk_refuses_a_too_deep_tool_schema(server: tuple[str, Recorder]) -> None:
@@ -183,16 +186,42 @@ def test_the_sdk_refuses_a_too_deep_tool_schema(server: tuple[str, Recorder]) ->
     assert recorder.seen == []
 
 
-@pytest.mark.parametrize("no_model", [False, True])
-def test_the_sync_transport_sends_json_without_a_model_in_plaintext(
-    server: tuple[str, Recorder], no_model: bool
-) -> None:
+def test_the_sdks_other_inference_apis_are_refused(server: tuple[str, Recorder]) -> None:
+    """The Responses API and embeddings through the openai SDK, Messages through the anthropic
+    SDK, on the E2EE transport: not E2EE paths, so refused - not sent to ``models_base``."""
+    import anthropic
+
     url, recorder = server
-    transport = tx_httpx2.E2EETransport(api_key=KEY, api_base=url, models_base=url)
-    body = NO_MODEL["no model"] if no_model else NO_MODEL["not an object"]
-    with httpx2.Client(transport=transport) as client:
-        assert client.post(url + CHAT, content=body).status_code == 400
-    assert recorder.seen == [("POST", CHAT, body)]
+    user = [{"role": "user", "content": SECRET}]
+    with openai.OpenAI(
+        api_key=KEY,
+        base_url=url + "/v1",
+        max_retries=0,
+        http_client=httpx2.Client(
+            transport=tx_httpx2.E2EETransport(api_key=KEY, api_base=url, models_base=url)
+        ),
+    ) as client:
+        for call in (
+            lambda: client.responses.create(model="m", input=SECRET),
+            lambda: client.embeddings.create(model="m", input=SECRET),
+        ):
+            with pytest.raises(pqe2ee.LocalProtocolError) as err:
+                call()
+            refused(err.value, ErrorCode.PLAINTEXT_REFUSED)
+    with anthropic.Anthropic(
+        api_key=KEY,
+        base_url=url,
+        max_retries=0,
+        http_client=httpx2.Client(
+            transport=tx_httpx2.E2EETransport(api_key=KEY, api_base=url, models_base=url)
+        ),
+    ) as claude:
+        # (the anthropic SDK wraps any transport error in its APIConnectionError)
+        with pytest.raises(anthropic.APIConnectionError) as wrapped:
+            claude.messages.create(model="m", max_tokens=10, messages=user)
+        assert wrapped.value.__cause__ is not None
+        refused(wrapped.value.__cause__, ErrorCode.PLAINTEXT_REFUSED)
+    assert recorder.seen == []
 
 
 @pytest.mark.anyio
@@ -208,14 +237,18 @@ async def test_aiohttp_session_refuses(server: tuple[str, Recorder]) -> None:
             {"model": "m", "x": nested(MAX_JSON_DEPTH + 1)},
             {"model": "m", "x": nested(5000)},  # (past the interpreter's recursion limit)
             {"model": "m", "temperature": float("nan")},
+            {"messages": [{"role": "user", "content": SECRET}]},
         ):
             with pytest.raises(pqe2ee.LocalProtocolError) as err:
                 await session.post(CHAT, json=obj)
             refused(err.value)
+        with pytest.raises(pqe2ee.LocalProtocolError) as err:
+            await session.post("/v1/responses", json={"model": "m", "input": SECRET})
+        refused(err.value, ErrorCode.PLAINTEXT_REFUSED)
         assert recorder.seen == []
-        response = await session.post(CHAT, json={"messages": []})
+        response = await session.post(CHAT)  # no body: plaintext
         assert response.status == 400 and not response.encrypted
-    assert recorder.seen == [("POST", CHAT, b'{"messages":[]}')]
+    assert recorder.seen == [("POST", CHAT, b"")]
 
 
 @pytest.mark.anyio

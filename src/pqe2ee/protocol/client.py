@@ -106,10 +106,10 @@ def discovery_path(chute_id: str) -> str:
 
 
 def e2e_model(method: str, path: str, body: bytes, e2e_paths: Collection[str]) -> str | None:
-    """The model to route by when a request must go encrypted, else ``None`` (plaintext).
+    """The model to route by when a request must go encrypted, else ``None``.
 
-    A request is encrypted when it is a ``POST`` to one of ``e2e_paths`` (query ignored) whose
-    body is a JSON object with a non-empty string ``model``; a body that cannot be decoded is
+    A request is encrypted when it is a ``POST`` to one of ``e2e_paths`` (query ignored) with a
+    body; that body must be a JSON object with a non-empty string ``model``, or the request is
     refused as in :func:`e2e_request`.
     """
     found = e2e_request(method, path, body, e2e_paths)
@@ -120,13 +120,15 @@ def e2e_request(
     method: str, path: str, body: bytes, e2e_paths: Collection[str]
 ) -> tuple[str, dict[str, Any]] | None:
     """:func:`e2e_model` and the decoded body (for ``seal_request``'s ``decoded``: the body
-    is then parsed once per request), else ``None`` (plaintext).
+    is then parsed once per request), else ``None``: not a ``POST`` to an E2EE path, or one
+    without a body (blank).
 
-    A body for an E2EE path that cannot be decoded (not JSON, invalid UTF-8, nested deeper than
-    :data:`~pqe2ee._json.MAX_JSON_DEPTH`, which no instance accepts) raises
-    :class:`~pqe2ee.errors.LocalProtocolError` (``invalid_body``): it may hold a prompt, so it
-    is neither sealed nor sent in plaintext. An empty body, or JSON that is not an object with
-    a ``model``, holds none and is ``None``: the relay's plaintext API answers it.
+    A body for an E2EE path that cannot be sealed raises
+    :class:`~pqe2ee.errors.LocalProtocolError` (``invalid_body``): not JSON the client can
+    decode (invalid, NaN, bad UTF-8, nested deeper than
+    :data:`~pqe2ee._json.MAX_JSON_DEPTH`, which no instance accepts), or not an object with a
+    non-empty string ``model``. It may hold a prompt, so it is neither sealed nor sent in
+    plaintext.
     """
     if method.upper() != "POST" or path.split("?", 1)[0] not in e2e_paths:
         return None
@@ -135,15 +137,19 @@ def e2e_request(
     except msgspec.DecodeError as exc:
         if not body.strip():
             return None
-        raise LocalProtocolError(
-            f"the body of POST {path.split('?', 1)[0][:100]} cannot be encrypted ({exc}); "
-            "refused rather than sent in plaintext",
-            code=ErrorCode.INVALID_BODY,
-        ) from None
-    if not isinstance(obj, dict):
-        return None
-    model = request_model(obj)
-    return None if model is None else (model, obj)
+        raise _unsealable(path, f"not JSON the client can decode: {exc}") from None
+    model = request_model(obj) if isinstance(obj, dict) else None
+    if model is None:
+        raise _unsealable(path, "not a JSON object with a non-empty string 'model'")
+    return model, obj
+
+
+def _unsealable(path: str, why: str) -> LocalProtocolError:
+    return LocalProtocolError(
+        f"the body of POST {path.split('?', 1)[0][:100]} cannot be sealed ({why}); "
+        "refused rather than sent in plaintext",
+        code=ErrorCode.INVALID_BODY,
+    )
 
 
 def invoke_headers(

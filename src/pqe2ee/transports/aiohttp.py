@@ -62,6 +62,7 @@ from pqe2ee.transports._async._engine import (
     AsyncPlainStream,
     Opened,
     Streaming,
+    body_refused,
     plaintext_refused,
 )
 from pqe2ee.transports._common import (
@@ -498,13 +499,13 @@ class E2EEClientSession(EngineFacade):
 
     What is encrypted, and where things go, is exactly as for
     :class:`~pqe2ee.transports.httpx2.AsyncE2EETransport`: a ``POST`` to one of ``e2e_paths``
-    (default ``/v1/chat/completions`` and ``/v1/completions``) whose JSON body has a string
-    ``model`` is sealed to an instance of the model's chute and sent to
-    ``{api_base}/e2e/invoke``; a body for such a path that cannot be decoded (not JSON, NaN,
-    nested deeper than 128 levels) is refused with ``invalid_body``; everything else goes in
-    plaintext to ``models_base`` (same path and query), or is refused with ``strict=True``
-    (``LocalProtocolError``, code ``plaintext_refused``). ``url`` may be a path (``"/v1/chat/completions"``) or a full URL;
-    only its path and query are sent, to the bases.
+    (default ``/v1/chat/completions`` and ``/v1/completions``) is sealed to an instance of the
+    model's chute and sent to ``{api_base}/e2e/invoke``; a body goes sealed or nowhere (one that
+    is not a JSON object with a ``model`` the client can decode: ``invalid_body``; a body for
+    any other path or method: ``plaintext_refused``); requests without a body go in plaintext
+    to ``models_base`` (same path and query), or are refused with ``strict=True``
+    (``LocalProtocolError``, code ``plaintext_refused``). ``url`` may be a path
+    (``"/v1/chat/completions"``) or a full URL; only its path and query are sent, to the bases.
 
     One base URL: ``base_url=`` (``"http://127.0.0.1:8000/v1"``, as given to an SDK) names the
     relay for both bases; without it and without ``api_base`` / ``models_base``, the first full
@@ -632,6 +633,8 @@ class E2EEClientSession(EngineFacade):
             return await self._encrypted(method, target, body, found, user_headers, client_timeout)
         if self.settings.strict:
             raise plaintext_refused(method, target.path)
+        if body:
+            raise body_refused(method, target.path)
         return await self._plaintext(method, path, target, body, user_headers, client_timeout)
 
     def _bind(self, target: URL) -> None:

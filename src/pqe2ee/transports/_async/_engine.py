@@ -113,6 +113,7 @@ __all__ = [
     "Outcome",
     "RelayAnswer",
     "Streaming",
+    "body_refused",
     "plaintext_refused",
 ]
 
@@ -163,6 +164,17 @@ _Body = dict[str, Any] | None
 def plaintext_refused(method: str, path: str) -> LocalProtocolError:
     return LocalProtocolError(
         f"strict mode: refusing to send {method} {path} in plaintext",
+        code=ErrorCode.PLAINTEXT_REFUSED,
+    )
+
+
+def body_refused(method: str, path: str) -> LocalProtocolError:
+    """A request with a body for a path that is not an E2EE path: its body may hold a prompt
+    (the Responses API, embeddings, Anthropic Messages...), so it is not sent in plaintext
+    either, strict or not."""
+    return LocalProtocolError(
+        f"refusing to send {method} {path[:100]} in plaintext: it has a body and is not one of "
+        "the E2EE paths (e2e_paths; other API dialects: pqe2ee proxy)",
         code=ErrorCode.PLAINTEXT_REFUSED,
     )
 

@@ -45,6 +45,7 @@ from pqe2ee.transports._sync._engine import (
     Opened,
     PlainStream,
     Streaming,
+    body_refused,
     plaintext_refused,
 )
 from pqe2ee.transports.options import (
@@ -238,11 +239,14 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     ``{api_base}/e2e/instances/{chute_id}``) and sent to ``{api_base}/e2e/invoke``; the answer
     is decrypted before the caller sees it. A model that is a chute UUID is used as is.
 
-    Everything else - other paths, other methods, JSON bodies without ``model`` - goes in
-    **plaintext** to ``models_base`` (same path and query, the request's own headers), e.g.
-    ``GET /v1/models``. A body for an E2EE path that is not JSON the transport can decode (or
-    that nests deeper than 128 levels, which no instance accepts) may hold a prompt: it is
-    refused (``LocalProtocolError``, code ``invalid_body``) and sent nowhere. With ``strict=True`` such requests are refused instead
+    A body goes sealed or nowhere: one for an E2EE path that is not a JSON object with a
+    ``model`` the transport can decode (invalid JSON, NaN, nested deeper than the 128 levels
+    instances accept) is refused with ``LocalProtocolError`` code ``invalid_body``; a request
+    with a body for any other path or method (the Responses API, embeddings, Anthropic
+    Messages: use ``pqe2ee proxy`` for those dialects) with code ``plaintext_refused``.
+
+    Requests without a body - e.g. ``GET /v1/models`` - go in **plaintext** to ``models_base``
+    (same path and query, the request's own headers). With ``strict=True`` they are refused too
     (``LocalProtocolError``, code ``plaintext_refused``) and nothing leaves in plaintext except
     the transport's own model listing and discovery calls (which carry no user data).
 
@@ -362,6 +366,9 @@ class E2EETransport(EngineFacade, httpx2.BaseTransport):
     def _plaintext(self, request: httpx2.Request) -> httpx2.Response:
         if self.settings.strict:
             raise plaintext_refused(request.method, request.url.path)
+        headers_in = request.headers
+        if "transfer-encoding" in headers_in or headers_in.get("content-length", "0") != "0":
+            raise body_refused(request.method, request.url.path)
         url = httpx2.URL(self.settings.models_base + request.url.raw_path.decode("ascii"))
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
         headers.insert(0, (b"Host", url.netloc))
