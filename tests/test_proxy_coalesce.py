@@ -144,6 +144,40 @@ async def test_what_the_sink_did_not_take_before_a_cancellation_is_pending() -> 
     assert coalescer.pending() == b""  # handed over once
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # counts asyncio loop iterations
+async def test_the_first_chunk_and_the_end_cost_no_extra_loop_iterations(
+    anyio_backend: str,
+) -> None:
+    """Latency in series at one stream: the first chunk is sent in the same step it arrives
+    (no task switch), and the end follows the pump's end two iterations later (the pump sees
+    the source end, the drain sees the pump end) - not after a task group's own wake-ups."""
+    import asyncio
+
+    ticks = 0
+    at: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    async def sink(data: bytes, more: bool) -> None:
+        at.append(ticks)
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    running = asyncio.get_running_loop().create_task(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    try:
+        await Coalescer().run(source(), sink)
+    finally:
+        running.cancel()
+    assert at == [start, start + 2]
+
+
 async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
     chunk = b"y" * (MAX_BATCH // 3 + 1)
     sink = Sink()
