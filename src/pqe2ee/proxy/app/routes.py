@@ -501,7 +501,9 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[
-            Middleware(MetricsMiddleware, observe=AccessLog(metrics)),
+            # direct_bodies: a streamed answer's body messages go straight beneath the metrics
+            # layer (the browser guard inside it only adds headers to the response start).
+            Middleware(MetricsMiddleware, observe=AccessLog(metrics), direct_bodies=True),
             Middleware(BrowserGuard, policy=browser_policy(config)),
         ],
         exception_handlers={HTTPException: http_error},
