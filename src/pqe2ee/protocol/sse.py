@@ -128,6 +128,14 @@ class SSEParser:
                 ev = self._line(data)
                 return [] if ev is None else [ev]
             if not self._raw and data.endswith(b"\n\n") and data.startswith(b"data: "):
+                if nl == n - 2 and data[n - 3] != 0x0D:  # one event (a record): inline
+                    try:
+                        text = data[6:-2].decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise StreamError(
+                            "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
+                        ) from None
+                    return [_sse_event(text, None, self._id, data)]
                 events = self._data_events(data)
                 if events is not None:
                     return events
