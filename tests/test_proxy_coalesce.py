@@ -199,6 +199,36 @@ async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
 # the proxy's SSE answer over ASGI
 
 
+@pytest.mark.parametrize(
+    ("chunks", "cut"),
+    [
+        ([b"data: a\n\n"], False),
+        ([b"data: a\n", b"\n"], False),
+        ([b"data: a\n\n", b"d"], True),
+        ([b"data: a\n\nda", b"ta: b\n"], True),
+        ([b"d", b"\n", b"\n"], False),
+        ([b"data: a\n\n", b"x", b"\n"], True),
+        ([], False),
+    ],
+)
+async def test_a_broken_passthrough_ends_a_half_written_event_first(
+    chunks: list[bytes], cut: bool
+) -> None:
+    """The error event that ends a broken chat stream stands on its own: a blank line first
+    when the bytes sent so far stop inside an event (whatever the chunks' sizes)."""
+
+    class Broken:
+        async def aiter_bytes(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+            raise httpx2.ReadError("gone")
+
+    body = PassthroughBody(Broken(), Metrics(), "chat")  # type: ignore[arg-type]
+    out = [chunk async for chunk in body.chunks()]
+    assert out[:-1] == chunks
+    assert out[-1].startswith(b"\n\ndata: {" if cut else b"data: {")
+
+
 async def serve(response: StreamedResponse) -> list[MutableMapping[str, Any]]:
     """Run ``response`` as an ASGI app; the messages it sent."""
     sent: list[MutableMapping[str, Any]] = []

@@ -214,7 +214,8 @@ class PassthroughBody:
         try:
             async for chunk in self._resp.aiter_bytes():
                 if chunk:
-                    self._tail = (self._tail + chunk)[-2:]
+                    # The last two bytes, without copying the chunk onto the old tail.
+                    self._tail = chunk[-2:] if len(chunk) > 1 else self._tail[-1:] + chunk
                     yield chunk
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
