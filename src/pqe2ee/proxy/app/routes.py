@@ -142,6 +142,8 @@ def responses_translation(hosted: HostedPolicy) -> Translation:
     def translator(req: dict[str, Any]) -> Translator:
         prepared = prepare_responses(req, hosted)
         inner = ResponsesStreamTranslator(prepared.req)
+        if not prepared.names.by_flat:  # no namespaced tools: nothing to restore per event
+            return inner
         return _NamespacedTranslator(inner, prepared.names.restore_event)
 
     return Translation("responses", to_chat, from_chat, translator)
