@@ -6,7 +6,6 @@ failure. Over ASGI, under asyncio and trio."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -24,7 +23,7 @@ from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
 from pqe2ee.server.instance.v1 import SealedStream
 from pqe2ee.server.instance.v2 import SealedStreamV2
 from test_protocol_response import v2_exchange
-from test_proxy_coalesce import serve
+from test_proxy_coalesce import loop_turns, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -165,26 +164,17 @@ async def test_the_start_goes_out_with_the_init_event(anyio_backend: str) -> Non
     to back, the relay reads them at once."""
     engine = httpx2.Response(200, content=at_once(CHUNKS))
     stream, _, _ = _sealed(engine)
-    turns = 0
     at_start: list[int] = []
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            await asyncio.sleep(0)
-            turns += 1
 
     async def receive() -> dict[str, Any]:
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
-    async def send(message: MutableMapping[str, Any]) -> None:
-        at_start.append(turns)
+    async with loop_turns() as turns:
 
-    counter = asyncio.get_running_loop().create_task(count_turns())
-    try:
+        async def send(message: MutableMapping[str, Any]) -> None:
+            at_start.append(turns())
+
         scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
         await stream(scope, receive, send)
-    finally:
-        counter.cancel()
     assert at_start[0] == at_start[1] < at_start[-1]  # start and init event in one turn

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pqe2ee.backends import AEAD, KEM, get_aead, get_kem
 from pqe2ee.backends.base import MLKEM768_CT_LEN, KEMPrivateKey
@@ -970,6 +972,77 @@ def test_sse_event_size_bound() -> None:
     with pytest.raises(LimitExceeded):
         for _ in range(10):
             p.feed(b": ping\n\n")
+
+
+_SSE_LINES = [
+    b"data: x",
+    b'data: {"a": [1]}',
+    b"data: \xc3\xa9",
+    b"data: ",
+    b"data:y",
+    b"data: a\rb",
+    b"data: z\r",
+    b"data: \xff",
+    b"event: e",
+    b"id: 7",
+    b": c",
+    b"retry: 1",
+    b"",
+]
+
+
+def _sse_outcome(parser: SSEParser, chunks: Iterable[bytes]) -> tuple[Any, ...]:
+    events: list[tuple[str, str | None, str | None, bytes]] = []
+    try:
+        for chunk in chunks:
+            events += [(e.data, e.event, e.id, e.raw) for e in parser.feed(chunk)]
+    except (StreamError, LimitExceeded) as exc:
+        return ("raised", type(exc), events)
+    return (events, parser.buffered(), parser.last_event_id)
+
+
+@given(
+    before=st.lists(st.sampled_from(_SSE_LINES), max_size=3),
+    lines=st.lists(st.sampled_from(_SSE_LINES), min_size=1, max_size=12),
+    ending=st.sampled_from([b"\n\n", b"\n", b"\r\n\n", b""]),
+    limit=st.sampled_from([30, 1000]),
+)
+def test_sse_whole_chunks_parse_as_byte_by_byte(
+    before: list[bytes], lines: list[bytes], ending: bytes, limit: int
+) -> None:
+    """The fast paths of ``SSEParser.feed`` (whole events of one ``data:`` line each, fed at
+    once, as the proxy feeds a decrypted read) give what the general path gives the same bytes
+    fed one at a time: the same events, the same error, the same state after."""
+    head = b"".join(line + b"\n" for line in before) + b"\n" if before else b""
+    chunk = b"\n".join(lines) + ending
+    whole = _sse_outcome(SSEParser(limit), [head, chunk] if head else [chunk])
+    data = head + chunk
+    stepwise = _sse_outcome(SSEParser(limit), [data[i : i + 1] for i in range(len(data))])
+    if whole[0] == "raised" or stepwise[0] == "raised":
+        # Fed at once, a chunk is refused whole: compare the verdicts (and what came before it).
+        assert whole[:2] == stepwise[:2]
+    else:
+        assert whole == stepwise
+
+
+def test_sse_one_read_of_many_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events of one decrypted read at once (the proxy's translated streams), parsed
+    without a call per line."""
+    chunk = b"".join(b'data: {"n": %d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
+    p = SSEParser(max_event=1000)
+    assert [e.id for e in p.feed(b"id: 9\ndata: a\n\n")] == ["9"]
+
+    def per_line(self: SSEParser, line: bytes) -> None:
+        raise AssertionError("parsed line by line")
+
+    monkeypatch.setattr(SSEParser, "_line", per_line)
+    events = p.feed(chunk)
+    assert [e.data for e in events] == [f'{{"n": {i}}}' for i in range(5)] + ["[DONE]"]
+    assert [e.raw for e in events] == [b'data: {"n": %d}\n\n' % i for i in range(5)] + [
+        b"data: [DONE]\n\n"
+    ]
+    assert {(e.event, e.id) for e in events} == {(None, "9")}
+    assert not p.has_partial
 
 
 def test_usage_events_unread_are_checked_but_not_built(kem: KEM, aead: AEAD) -> None:

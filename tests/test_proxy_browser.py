@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 
 from pqe2ee.proxy.app import ProxyConfig, create_app
 from pqe2ee.proxy.app.browser_guard import BrowserPolicy
+from pqe2ee.server._metrics import MetricsMiddleware
 from servers import run_app, serve_chain
 
 KEY = "browser-test-key"
@@ -118,6 +120,30 @@ def test_allowed_origin_gets_cors(proxy: str) -> None:
     )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == origin
+
+
+def test_allowed_origin_gets_cors_on_a_streamed_answer(stack: Stack, proxy: str) -> None:
+    """The body messages of a streamed answer go straight beneath the metrics layer (past the
+    guard, which only adds headers to the response start): the start still gets the CORS
+    headers, the body arrives whole and is counted."""
+    (metrics,) = [
+        m for m in create_app(stack.proxy_config()).user_middleware if m.cls is MetricsMiddleware
+    ]
+    assert metrics.kwargs["direct_bodies"] is True
+    origin = "http://ui.example:3000"
+    with httpx2.stream(
+        "POST",
+        proxy + "/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={"origin": origin},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == origin
+        body = r.read()
+    assert body.count(b"data: {") >= 3 and body.endswith(b"data: [DONE]\n\n")
+    metrics_text = httpx2.get(proxy + "/metrics", timeout=30).text
+    assert re.search(r'pqe2ee_proxy_response_bytes_total\{route="chat"\} [1-9]', metrics_text)
 
 
 def test_policy_hosts() -> None:

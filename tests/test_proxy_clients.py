@@ -24,8 +24,10 @@ from click.testing import CliRunner
 from pqe2ee.cli import cli
 from pqe2ee.errors import LocalProtocolError
 from pqe2ee.proxy.app import ProxyConfig, create_app
+from pqe2ee.proxy.app.routes import responses_translation
 from pqe2ee.proxy.translate.anthropic import messages_to_chat
 from pqe2ee.proxy.translate.errors import TranslationError
+from pqe2ee.proxy.translate.streams import ResponsesStreamTranslator
 from pqe2ee.proxy.translate.tool_names import prepare_responses
 from pqe2ee.testing import dev_engine
 from servers import run_app, serve_chain
@@ -223,6 +225,30 @@ def test_namespaced_function_call_streamed(stack: Stack) -> None:
     ]
     final = events[-1]["response"]["output"]
     assert [i.get("namespace") for i in final if i["type"] == "function_call"] == ["agents"]
+
+
+def test_only_namespaced_streams_are_translated_through_the_name_restorer() -> None:
+    """Without namespaced tools a Responses stream is translated by the plain translator (no
+    restoring wrapper, and no call, per event); with them, events get their namespaces back."""
+    translation = responses_translation("drop")
+    plain = translation.translator({"model": "m", "input": "x", "stream": True})
+    assert type(plain) is ResponsesStreamTranslator
+    namespaced = translation.translator(responses_body(stream=True))
+    assert type(namespaced) is not ResponsesStreamTranslator
+    flat = prepare_responses(responses_body(), "drop").names.flat("agents", "get_weather")
+    call = {"index": 0, "id": "c1", "function": {"name": flat, "arguments": "{}"}}
+    chunk = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}],
+    }
+    end = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    events = namespaced.feed(chunk) + namespaced.feed(end) + namespaced.finish()
+    done = [d for _, d in events if d["type"] == "response.output_item.done"]
+    assert [(d["item"]["name"], d["item"]["namespace"]) for d in done] == [
+        ("get_weather", "agents")
+    ]
 
 
 def test_hosted_tool_refused_when_configured(stack: Stack) -> None:

@@ -4,7 +4,9 @@ held back: :class:`~pqe2ee.server._coalesce.Coalescer` on its own, then the prox
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -144,6 +146,46 @@ async def test_what_the_sink_did_not_take_before_a_cancellation_is_pending() -> 
     assert coalescer.pending() == b""  # handed over once
 
 
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[Callable[[], int]]:
+    """Counts the asyncio loop's turns while the block runs: the yielded function gives the
+    count so far."""
+    turns = 0
+
+    async def count() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counter = asyncio.get_running_loop().create_task(count())
+    try:
+        yield lambda: turns
+    finally:
+        counter.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # counts the loop's turns
+async def test_the_first_chunk_and_the_end_cost_no_extra_loop_turns(anyio_backend: str) -> None:
+    """Latency in series at one stream: the first chunk is sent in the turn it arrives (no task
+    switch), and the end follows two turns later (the pump sees the source end, the drain sees
+    the pump end) - not after a task group's own wake-ups."""
+    at: list[int] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async with loop_turns() as turns:
+
+        async def sink(data: bytes, more: bool) -> None:
+            at.append(turns())
+
+        await asyncio.sleep(0)
+        start = turns()
+        await Coalescer().run(source(), sink)
+    assert at == [start, start + 2]
+
+
 async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
     chunk = b"y" * (MAX_BATCH // 3 + 1)
     sink = Sink()
@@ -155,6 +197,36 @@ async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
 
 # --------------------------------------------------------------------------------------------
 # the proxy's SSE answer over ASGI
+
+
+@pytest.mark.parametrize(
+    ("chunks", "cut"),
+    [
+        ([b"data: a\n\n"], False),
+        ([b"data: a\n", b"\n"], False),
+        ([b"data: a\n\n", b"d"], True),
+        ([b"data: a\n\nda", b"ta: b\n"], True),
+        ([b"d", b"\n", b"\n"], False),
+        ([b"data: a\n\n", b"x", b"\n"], True),
+        ([], False),
+    ],
+)
+async def test_a_broken_passthrough_ends_a_half_written_event_first(
+    chunks: list[bytes], cut: bool
+) -> None:
+    """The error event that ends a broken chat stream stands on its own: a blank line first
+    when the bytes sent so far stop inside an event (whatever the chunks' sizes)."""
+
+    class Broken:
+        async def aiter_bytes(self) -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+            raise httpx2.ReadError("gone")
+
+    body = PassthroughBody(Broken(), Metrics(), "chat")  # type: ignore[arg-type]
+    out = [chunk async for chunk in body.chunks()]
+    assert out[:-1] == chunks
+    assert out[-1].startswith(b"\n\ndata: {" if cut else b"data: {")
 
 
 async def serve(response: StreamedResponse) -> list[MutableMapping[str, Any]]:

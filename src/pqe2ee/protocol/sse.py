@@ -119,32 +119,49 @@ class SSEParser:
     def feed(self, data: bytes) -> list[SSEEvent]:
         # Fast paths for what a record usually is, with the same results as the general path
         # below: one whole line (vLLM's per-line records "data: ...\n" and "\n") or, nothing
-        # being pending, one whole single-line event "data: ...\n\n" (a record per event).
+        # being pending, whole single-line events "data: ...\n\n" (a record per event, or the
+        # events of one decrypted read that the proxy translates).
         n = len(data)
         if n and n <= self._max_event and not self._lines._buf:  # nothing pending
             nl = data.find(b"\n")
             if nl == n - 1:
                 ev = self._line(data)
                 return [] if ev is None else [ev]
-            if (
-                nl == n - 2
-                and data.endswith(b"\n\n")
-                and not self._raw
-                and data.startswith(b"data: ")
-                and data[n - 3] != 0x0D
-            ):
-                try:
-                    text = data[6:-2].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise StreamError(
-                        "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
-                    ) from None
-                return [_sse_event(text, None, self._id, data)]
+            if not self._raw and data.endswith(b"\n\n") and data.startswith(b"data: "):
+                if nl == n - 2 and data[n - 3] != 0x0D:  # one event (a record): inline
+                    try:
+                        text = data[6:-2].decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise StreamError(
+                            "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
+                        ) from None
+                    return [_sse_event(text, None, self._id, data)]
+                events = self._data_events(data)
+                if events is not None:
+                    return events
         out: list[SSEEvent] = []
         for line in self._lines.feed(data):
             ev = self._line(line)
             if ev is not None:
                 out.append(ev)
+        return out
+
+    def _data_events(self, data: bytes) -> list[SSEEvent] | None:
+        """``data`` as whole events of one ``data: `` line each (what :meth:`_line` and
+        :meth:`_dispatch` make of them), or None - nothing consumed - when it is anything else:
+        another field, a line ending in "\r", a blank line too many."""
+        out: list[SSEEvent] = []
+        ident = self._id
+        for block in data[:-2].split(b"\n\n"):
+            if not block.startswith(b"data: ") or b"\n" in block or block.endswith(b"\r"):
+                return None
+            try:
+                text = block[6:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise StreamError(
+                    "stream text is not valid UTF-8", code=ErrorCode.INVALID_UTF8
+                ) from None
+            out.append(_sse_event(text, None, ident, block + b"\n\n"))
         return out
 
     @property

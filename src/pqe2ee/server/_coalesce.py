@@ -6,12 +6,12 @@ one socket read: the proxy's decrypted stream from the relay, the instance's eng
 Sent as they come, every event would cost its own ASGI message, socket write and chunked frame -
 and the next hop its own read - on both sides of the hop.
 
-:class:`Coalescer` runs the source in a task of its own and hands the sink whatever the source
-produced while the previous send was under way: the events decoded from one upstream read go
-out as one body message. Nothing is held back to wait for more: the sink runs as soon as the
-source has to wait for the network. The first chunk goes out at once (the first byte is not
-delayed by decoding the rest of its read), and a burst is handed over every :data:`MAX_BATCH`
-bytes (the source waits until the sink's side has taken it, so a slow client holds back about
+:class:`Coalescer` sends the first chunk as soon as it is there (read in the caller's task: the
+first byte is neither delayed by decoding the rest of its read nor by a task switch), then runs
+the source in a task of its own and hands the sink whatever the source produced while the
+previous send was under way: the events decoded from one upstream read go out as one body
+message. Nothing is held back to wait for more: the sink runs as soon as the source has to wait
+for the network, and a burst is handed over every :data:`MAX_BATCH` bytes (the source waits until the sink's side has taken it, so a slow client holds back about
 two batches at most, as it held back one chunk before).
 """
 
@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 import anyio
+
+from pqe2ee.server._asgi import beside
 
 __all__ = ["MAX_BATCH", "Coalescer", "Sink"]
 
@@ -70,24 +72,33 @@ class Coalescer:
         """Copy ``source`` to ``sink`` until the source ends (the last call has
         ``more=False``) or fails (raised after its data was sent). An exception from the sink
         stops the copy and propagates as itself. Closing the source is the caller's business."""
+        first = b""
+        try:
+            while not first:
+                first = await anext(source)
+        except StopAsyncIteration:
+            await sink(b"", False)
+            return
         failure: Exception | None = None
         last = b""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, source)
+        # The pump runs beside the drain (reading on while the first chunk is being sent) and
+        # is joined before the end goes out. On asyncio the pump has ended by the time the
+        # drain returns, so the end follows the last batch in the same loop iteration (a task
+        # group takes two more to see its task gone).
+        async with beside(lambda: self._pump(source), join=True):
             try:
+                await sink(first, True)
                 last = await self._drain(sink)  # returns once the pump has ended
             except Exception as exc:  # raised as itself below, not in an exception group
                 failure = exc
-                tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
         # The body ends once the pump's task is gone: the end wakes the server's disconnect
         # watch (uvicorn's receive() reports a completed response as a disconnect), which would
-        # otherwise cancel a block that is still waiting for the task group to close.
+        # otherwise cancel a block that is still waiting for the pump to be joined.
         await sink(last, False)
 
     async def _pump(self, source: AsyncIterator[bytes]) -> None:
-        first = True
         try:
             async for chunk in source:
                 if not chunk:
@@ -97,8 +108,7 @@ class Coalescer:
                     self._wake.set()
                 parts.append(chunk)
                 self._size += len(chunk)
-                if first or self._size >= MAX_BATCH:  # the sink takes these before we go on
-                    first = False
+                if self._size >= MAX_BATCH:  # the sink takes these before we go on
                     taken = self._taken = self._event()
                     await taken.wait()
         except Exception as exc:  # handed to the sink's side, after the data before it

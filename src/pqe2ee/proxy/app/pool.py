@@ -76,10 +76,12 @@ class ClientPool:
     def _expired(self, now: float) -> list[PoolEntry]:
         """Remove idle entries past the TTL (oldest first); return the ones to close."""
         out: list[PoolEntry] = []
-        for ident, entry in list(self._entries.items()):
+        entries = self._entries
+        while entries:  # oldest first: the first one still in use or fresh ends the sweep
+            ident, entry = next(iter(entries.items()))
             if entry.users or now - entry.last_used < self._ttl:
                 break
-            del self._entries[ident]
+            del entries[ident]
             entry.retired = True
             out.append(entry)
         return out
@@ -103,7 +105,8 @@ class ClientPool:
             self._entries.move_to_end(ident)
         entry.users += 1
         entry.last_used = now
-        await self._close_all(to_close)
+        if to_close:  # nothing to close on almost every call: no shielded scope for it
+            await self._close_all(to_close)
         return entry
 
     async def release(self, entry: PoolEntry) -> None:

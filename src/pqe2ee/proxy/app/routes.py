@@ -142,6 +142,8 @@ def responses_translation(hosted: HostedPolicy) -> Translation:
     def translator(req: dict[str, Any]) -> Translator:
         prepared = prepare_responses(req, hosted)
         inner = ResponsesStreamTranslator(prepared.req)
+        if not prepared.names.by_flat:  # no namespaced tools: nothing to restore per event
+            return inner
         return _NamespacedTranslator(inner, prepared.names.restore_event)
 
     return Translation("responses", to_chat, from_chat, translator)
@@ -501,7 +503,9 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[
-            Middleware(MetricsMiddleware, observe=AccessLog(metrics)),
+            # direct_bodies: a streamed answer's body messages go straight beneath the metrics
+            # layer (the browser guard inside it only adds headers to the response start).
+            Middleware(MetricsMiddleware, observe=AccessLog(metrics), direct_bodies=True),
             Middleware(BrowserGuard, policy=browser_policy(config)),
         ],
         exception_handlers={HTTPException: http_error},

@@ -59,12 +59,18 @@ SSE_HEADERS: Final = [
 
 def sse_event(name: str, data: Any) -> bytes:
     """``event: <name>\\ndata: <compact JSON>\\n\\n`` (JSON never contains a raw newline)."""
-    return b"event: " + name.encode() + b"\ndata: " + ENCODER.encode(data) + b"\n\n"
+    return sse_events(((name, data),))
 
 
 def sse_events(events: Iterable[StreamEvent]) -> bytes:
-    """The named events, framed one after another."""
-    return b"".join(sse_event(name, data) for name, data in events)
+    """The named events (see :func:`sse_event`), framed one after another: in the
+    comprehension, without a call (or a generator step) per translated event."""
+    return b"".join(
+        [
+            b"event: " + name.encode() + b"\ndata: " + ENCODER.encode(data) + b"\n\n"
+            for name, data in events
+        ]
+    )
 
 
 class Translator(Protocol):
@@ -208,7 +214,8 @@ class PassthroughBody:
         try:
             async for chunk in self._resp.aiter_bytes():
                 if chunk:
-                    self._tail = (self._tail + chunk)[-2:]
+                    # The last two bytes, without copying the chunk onto the old tail.
+                    self._tail = chunk[-2:] if len(chunk) > 1 else self._tail[-1:] + chunk
                     yield chunk
         except (PQE2EEError, httpx2.HTTPError, httpx2.StreamError) as exc:
             fail = fail_of(exc)
