@@ -1,0 +1,89 @@
+"""The server benchmark's E2EE client (benchmarks/bench_server.py ``E2EClient``) stays a correct
+v1 client over a real relay and instance, and refills its nonce pool as the transports do: one
+discovery starts beside the requests when the pool falls to the low watermark, so no request
+waits for it in series. It is a measuring instrument; this keeps it honest."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx2
+import pytest
+
+from servers import serve_chain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "_bench_server", ROOT / "benchmarks" / "bench_server.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_bench_server", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[str]:
+    """A real chain handing out 10 nonces a discovery (as the bench's relay and Chutes do)."""
+    with serve_chain(1, api_keys=(bench.KEY,), rate_limit=10_000, nonces_per_instance=10) as chain:
+        yield chain.relay
+
+
+def test_prefetch_at_the_low_watermark_no_request_waits(relay: str) -> None:
+    async def run() -> None:
+        async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+            e2e = bench.E2EClient(relay, client)
+            assert e2e.low_watermark == 3
+            for _ in range(6):
+                await e2e.lease()
+            assert (e2e.refill, len(e2e.pool), e2e.discoveries) == (None, 4, 1)
+            await e2e.lease()  # 10 nonces: the 7th lease leaves 3 and starts a discovery ...
+            assert e2e.refill is not None and len(e2e.pool) == 3
+            await e2e.refill  # ... which nobody waits for
+            assert (e2e.refill, len(e2e.pool), e2e.discoveries) == (None, 13, 2)
+            assert e2e.waited == 1  # only the very first lease
+            for i in range(20):  # 33 nonces seen in all, none of these calls waits
+                await e2e.call(stream=i % 2 == 0)
+                if e2e.refill is not None:
+                    await e2e.refill
+            assert e2e.waited == 1
+            assert e2e.discoveries == 4  # discovered again at 3 left after 7, 17, 27 leases
+
+    asyncio.run(run())
+
+
+def test_concurrent_leases_share_one_discovery(relay: str) -> None:
+    async def run() -> None:
+        async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+            e2e = bench.E2EClient(relay, client)
+            leases = await asyncio.gather(*(e2e.lease() for _ in range(25)))
+            assert len({nonce for _, nonce in leases}) == 25
+            assert e2e.waited == 25  # all found the pool empty ...
+            assert e2e.discoveries == 3  # ... and waited on one discovery at a time
+            if e2e.refill is not None:
+                await e2e.refill
+
+    asyncio.run(run())
+
+
+def test_a_failed_discovery_reaches_the_waiting_request() -> None:
+    async def run() -> None:
+        async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+            e2e = bench.E2EClient("http://127.0.0.1:9", client)  # nothing listens
+            with pytest.raises(httpx2.HTTPError):
+                await e2e.call(stream=False)
+            assert e2e.refill is None and e2e.discoveries == 0
+
+    asyncio.run(run())
