@@ -256,14 +256,18 @@ class E2EClient:
         self.pool: collections.deque[tuple[Any, str]] = collections.deque()
         self.low_watermark = ClientLimits().low_watermark
         self.refill: asyncio.Task[None] | None = None  # the discovery in flight, if any
+        self.queue = asyncio.Lock()
         self.discoveries = 0
         self.waited = 0  # leases that found the pool empty and waited for a discovery
 
     async def lease(self) -> tuple[Any, str]:
         if not self.pool:
             self.waited += 1
-            while not self.pool:  # others waiting too may take the nonces first
-                await asyncio.shield(self.prefetch())
+            # The waiters queue: one at a time waits for the refill and takes a nonce, then
+            # the next is woken (not all of them at every discovery).
+            async with self.queue:
+                while not self.pool:
+                    await asyncio.shield(self.prefetch())
         leased = self.pool.popleft()
         if len(self.pool) <= self.low_watermark:
             self.prefetch()
