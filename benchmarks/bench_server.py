@@ -277,16 +277,18 @@ class E2EClient:
         """The discovery in flight, started if there is none (one at a time, as the
         transports do per chute)."""
         if self.refill is None:
-            self.refill = asyncio.create_task(self._discover())
-            self.refill.add_done_callback(self._refilled)
+            self.refill = asyncio.create_task(self._refill())
+            self.refill.add_done_callback(_forgiven)
         return self.refill
 
-    def _refilled(self, task: asyncio.Task[None]) -> None:
-        self.refill = None
-        if not task.cancelled():
-            # A failed prefetch nobody waited for is forgiven (as in the transports): the next
-            # lease that finds the pool empty discovers again and gets the error itself.
-            task.exception()
+    async def _refill(self) -> None:
+        try:
+            await self._discover()
+        finally:
+            # Not in a done callback: until that ran, a lease could be handed the finished
+            # task as the one in flight, and awaiting a finished task never yields, so a
+            # waiter finding the pool emptied again would spin without letting it run.
+            self.refill = None
 
     async def _discover(self) -> None:
         from pqe2ee.protocol import parse_discovery
@@ -341,6 +343,13 @@ class E2EClient:
             else:
                 blob = b"".join([c async for c in resp.aiter_raw()])
                 json.loads(open_response(blob, sealed.response_key, aead=self.aead))
+
+
+def _forgiven(task: asyncio.Task[None]) -> None:
+    """A failed prefetch nobody waited for is forgiven (as in the transports): the next lease
+    that finds the pool empty discovers again and gets the error itself."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass

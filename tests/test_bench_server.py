@@ -93,6 +93,34 @@ def test_concurrent_leases_share_one_discovery(relay: str) -> None:
     asyncio.run(run())
 
 
+class _Handover(bench.E2EClient):  # type: ignore[name-defined,misc]
+    """Asks for the discovery in flight right after one finished, before the loop runs the
+    finished task's callbacks (a step scheduled from inside the task runs first)."""
+
+    def __init__(self, relay: str, client: httpx2.AsyncClient) -> None:
+        super().__init__(relay, client)
+        self.handed: list[bool] = []
+
+    async def _discover(self) -> None:
+        await super()._discover()
+        this = asyncio.current_task()
+        asyncio.get_running_loop().call_soon(lambda: self.handed.append(self.prefetch() is this))
+
+
+def test_a_finished_discovery_is_never_handed_out_as_in_flight(relay: str) -> None:
+    # Awaiting a finished task does not yield: a waiter handed one while the pool stays
+    # empty would spin for ever (seen at 64 clients).
+    async def run() -> None:
+        async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+            e2e = _Handover(relay, client)
+            await e2e.lease()
+            assert e2e.handed == [False]  # a new discovery was started instead
+            assert e2e.refill is not None
+            await e2e.refill
+
+    asyncio.run(run())
+
+
 def test_a_failed_discovery_reaches_the_waiting_request() -> None:
     async def run() -> None:
         async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
