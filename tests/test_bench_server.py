@@ -6,11 +6,9 @@ waits for it in series. It is a measuring instrument; this keeps it honest."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx2
 import pytest
@@ -18,20 +16,9 @@ import pytest
 from servers import serve_chain
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_bench_server", ROOT / "benchmarks" / "bench_server.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("_bench_server", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+import bench_server as bench  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def test_prefetch_at_the_low_watermark_no_request_waits(relay: str) -> None:
     asyncio.run(run())
 
 
-class _Counted(bench.E2EClient):  # type: ignore[name-defined,misc]
+class _Counted(bench.E2EClient):
     """Counts the waits on a refill (prefetch() while the pool is empty)."""
 
     waits = 0
@@ -93,7 +80,7 @@ def test_concurrent_leases_share_one_discovery(relay: str) -> None:
     asyncio.run(run())
 
 
-class _Handover(bench.E2EClient):  # type: ignore[name-defined,misc]
+class _Handover(bench.E2EClient):
     """Asks for the discovery in flight right after one finished, before the loop runs the
     finished task's callbacks (a step scheduled from inside the task runs first)."""
 
