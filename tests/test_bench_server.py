@@ -37,8 +37,9 @@ def test_prefetch_at_the_low_watermark_no_request_waits(relay: str) -> None:
                 await e2e.lease()
             assert (e2e.refill, len(e2e.pool), e2e.discoveries) == (None, 4, 1)
             await e2e.lease()  # 10 nonces: the 7th lease leaves 3 and starts a discovery ...
-            assert e2e.refill is not None and len(e2e.pool) == 3
-            await e2e.refill  # ... which nobody waits for
+            refill = e2e.refill
+            assert refill is not None and len(e2e.pool) == 3
+            await refill  # ... which nobody waits for
             assert (e2e.refill, len(e2e.pool), e2e.discoveries) == (None, 13, 2)
             assert e2e.waited == 1  # only the very first lease
             for i in range(20):  # 33 nonces seen in all, none of these calls waits
