@@ -23,7 +23,10 @@ transports' low watermark (3 left) one discovery starts beside the requests, whi
 the nonces left, so a request waits for discovery only if the pool does run dry (counted and
 printed). The relay serves each discovery all the same; only the client's waiting in series is
 gone. (The transports await that prefetch in the request that finds the pool low; the bench
-client starts it as a task: it measures the servers, not the client's scheduling.) Each cell
+client starts it as a task: it measures the servers, not the client's scheduling.) The N
+clients of a cell are N clients: each has its own nonce pool and discovers for itself, as N
+client processes would (one shared pool would make them all wait on one discovery of 10 nonces
+at a time); they share the HTTP connection pool. Each cell
 runs for a fixed duration after a short warm-up.
 
 Memory per open stream: N idle-ish ``__slow__`` streams (one small chunk per 0.2 s) are held
@@ -222,6 +225,9 @@ class PlainClient:
         self.base = base
         self.client = client
 
+    def worker(self, i: int) -> PlainClient:
+        return self  # (no per-client state)
+
     async def call(self, stream: bool) -> None:
         body = json.dumps(
             {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
@@ -243,15 +249,15 @@ class PlainClient:
 class E2EClient:
     """Discovery + nonce pool + seal/open, all from pqe2ee.protocol."""
 
-    def __init__(self, relay: str, client: Any) -> None:
+    def __init__(self, relay: str, client: Any, backends: tuple[Any, Any] | None = None) -> None:
         from pqe2ee.backends import get_aead, get_kem
         from pqe2ee.protocol.client import ClientLimits
         from pqe2ee.server.relay import chute_id_for
 
         self.relay = relay
         self.client = client
-        self.kem = get_kem()
-        self.aead = get_aead()
+        self.kem, self.aead = backends or (get_kem(), get_aead())
+        self.workers: dict[int, E2EClient] = {}  # a cell's clients (their own pools)
         self.chute = chute_id_for(MODEL)
         self.pool: collections.deque[tuple[Any, str]] = collections.deque()
         self.low_watermark = ClientLimits().low_watermark
@@ -259,6 +265,20 @@ class E2EClient:
         self.queue = asyncio.Lock()
         self.discoveries = 0
         self.waited = 0  # leases that found the pool empty and waited for a discovery
+
+    def worker(self, i: int) -> E2EClient:
+        """Client ``i`` of a cell: its own nonce pool (kept from slice to slice), this one's
+        HTTP client and backends."""
+        child = self.workers.get(i)
+        if child is None:
+            child = self.workers[i] = E2EClient(self.relay, self.client, (self.kem, self.aead))
+        return child
+
+    def total(self, counter: str) -> int:
+        """``discoveries`` or ``waited`` over this client and its workers."""
+        return int(getattr(self, counter)) + sum(
+            int(getattr(w, counter)) for w in self.workers.values()
+        )
 
     async def lease(self) -> tuple[Any, str]:
         if not self.pool:
@@ -399,12 +419,13 @@ async def run_cell(
     measuring = False
     stop_at = time.perf_counter() + warmup + duration
 
-    async def worker() -> None:
+    async def worker(i: int) -> None:
         nonlocal errors
+        me = caller.worker(i)  # (E2EE: client i's own nonce pool)
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             try:
-                await caller.call(stream)
+                await me.call(stream)
             except Exception as exc:
                 errors += 1
                 if errors <= 3:
@@ -413,7 +434,7 @@ async def run_cell(
             if measuring:
                 latencies.append(time.perf_counter() - t0)
 
-    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
     measuring = True
     started = time.perf_counter()
@@ -562,8 +583,8 @@ async def bench(args: argparse.Namespace) -> None:
                     f"| {e.pct(0.5):.1f} / {e.pct(0.99):.1f} | {p.errors + e.errors} |"
                 )
             print(
-                f"\n(E2EE client made {e2e.discoveries} discovery calls, 10 nonces each; "
-                f"{e2e.waited} requests waited for one)"
+                f"\n(E2EE clients made {e2e.total('discoveries')} discovery calls, 10 nonces "
+                f"each; {e2e.total('waited')} requests waited for one)"
             )
             print(
                 "\nCPU per request (ms; each process's user+sys time over the measured slices,"

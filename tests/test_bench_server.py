@@ -6,6 +6,7 @@ waits for it in series. It is a measuring instrument; this keeps it honest."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,5 +117,28 @@ def test_a_failed_discovery_reaches_the_waiting_request() -> None:
             with pytest.raises(httpx2.HTTPError):
                 await e2e.call(stream=False)
             assert e2e.refill is None and e2e.discoveries == 0
+
+    asyncio.run(run())
+
+
+def test_each_client_of_a_cell_has_its_own_nonce_pool(relay: str) -> None:
+    """N clients are N clients: each discovers for itself (the relay still serves one discovery
+    per 10 requests), none waits on another's discovery; the plaintext client has no state."""
+
+    async def run() -> None:
+        async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+            e2e = bench.E2EClient(relay, client)
+            cell = await bench.run_cell(e2e, False, 4, warmup=0.05, duration=0.3, procs={})
+            assert cell.errors == 0 and cell.requests > 0
+            assert sorted(e2e.workers) == [0, 1, 2, 3]
+            assert e2e.pool == collections.deque() and e2e.discoveries == 0  # (not used)
+            made = [w.discoveries for w in e2e.workers.values()]
+            assert all(n >= 1 for n in made) and sum(made) == e2e.total("discoveries")
+            assert all(w.waited >= 1 for w in e2e.workers.values())  # (its first lease, at least)
+            for w in e2e.workers.values():
+                if w.refill is not None:
+                    await w.refill
+            plain = bench.PlainClient(relay, client)
+            assert plain.worker(3) is plain
 
     asyncio.run(run())
