@@ -282,7 +282,7 @@ class AsyncEngine:
                     self, port, chute, (lease, negotiated), auth, deadline
                 )
                 lease, negotiated = found
-            if negotiated.version == 2:
+            if negotiated.decision.version == 2:  # (.version: a property frame)
                 outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
             else:
                 outcome = await self._invoke_v1(port, lease, path, body, auth, decoded)
@@ -429,11 +429,13 @@ class AsyncEngine:
     async def _resolve_chute(
         self, port: AsyncPort, model: str, auth: str | None, now: Monotonic, *, force: bool = False
     ) -> str:
+        if not force:
+            with self._guard:
+                chute = self.state.fresh_chute(model, now)  # (a UUID: itself, a chute id)
+            if chute is not None:
+                return chute
         with self._guard:
-            chute = self.state.resolve_chute(model, now)  # (a UUID: itself, a chute id)
-            stale = self.state.models_stale(now)
-        if chute is not None and not force and not stale:
-            return chute
+            chute = self.state.resolve_chute(model, now)  # (the cached answer, even if stale)
         if chute == model and looks_like_uuid(model):
             return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
@@ -486,7 +488,7 @@ class AsyncEngine:
     async def _lease(
         self, port: AsyncPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        found, refresh = self._try_lease(chute, self.now())
+        found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
             if refresh:
                 await self._prefetch(port, chute, auth)
