@@ -2,10 +2,10 @@
 the closing helpers of the async-only adapters (aiohttp, anyio), and :class:`AsyncReadTimer`,
 one asyncio timer bounding every read of a body (the deadline, the anyio client's read timeout).
 
-``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock``, ``AsyncShieldCancellation`` into
-``ShieldCancellation`` and ``async_sleep`` into ``sleep``: each async name here has a sync
-twin with the same shape, so the sync transport is the async one with ``async``/``await``
-removed.
+``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock`` and ``async_sleep`` into ``sleep``:
+each async name here has a sync twin with the same shape, so the sync transport is the async
+one with ``async``/``await`` removed. ``AsyncShieldCancellation`` has none: threads are not
+cancelled, so unasync drops its one-line ``with`` blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ __all__ = [
     "AsyncResource",
     "AsyncShieldCancellation",
     "Lock",
-    "ShieldCancellation",
     "aclose_shielded",
     "async_sleep",
     "read_timer",
@@ -99,18 +98,6 @@ class AsyncShieldCancellation:
         tb: TracebackType | None,
     ) -> None:
         self._scope.__exit__(exc_type, exc, tb)
-
-
-class ShieldCancellation:
-    """Threads are not cancelled: nothing to shield."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> ShieldCancellation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
 
 
 class AsyncReadTimer:

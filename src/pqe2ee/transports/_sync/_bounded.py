@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import Deadline
-from pqe2ee.transports._primitives import ShieldCancellation
 
 if TYPE_CHECKING:
     from pqe2ee.transports._sync._stream import Port, PortResponse
@@ -39,8 +38,7 @@ def read_bounded(response: PortResponse, limit: int) -> bytes:
                 raise LimitExceeded(f"relay answer is larger than {limit} bytes")
             chunks.append(chunk)
     finally:
-        with ShieldCancellation():
-            response.close()
+        response.close()
     return b"".join(chunks)
 
 
