@@ -88,7 +88,6 @@ from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._async._attest import AsyncAttestor
 from pqe2ee.transports._async._bounded import AsyncBoundedPort
-from pqe2ee.transports._async._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._async._stream import AsyncPlainStream, AsyncPort, AsyncPortResponse
 from pqe2ee.transports._common import (
     MAX_BLOB,
@@ -246,7 +245,7 @@ class AsyncEngine:
 
     async def _invoke(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         path: str,
         body: bytes,
         decoded: _Body,
@@ -318,7 +317,7 @@ class AsyncEngine:
 
     def _plain(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         upstream: AsyncPortResponse,
         key: KEMPrivateKey | ResponseSecrets,
     ) -> AsyncPlainStream:
@@ -333,7 +332,7 @@ class AsyncEngine:
 
     async def _invoke_v1(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         lease: Lease,
         path: str,
         body: bytes,
@@ -358,10 +357,10 @@ class AsyncEngine:
             return Streaming(self._plain(port, upstream, key))
         try:
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, await _read_bounded(upstream, MAX_BLOB), aead=s.aead)
+                return open_answer(key, await upstream.aread(MAX_BLOB), aead=s.aead)
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = await _read_bounded(upstream, limit)
+            data = await upstream.aread(limit)
             if is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:
@@ -370,7 +369,7 @@ class AsyncEngine:
 
     async def _invoke_v2(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         lease: Lease,
         negotiated: Negotiated,
         path: str,
@@ -416,7 +415,7 @@ class AsyncEngine:
                 return Streaming(stream)
             return await stream._rest()  # the engine's error answer, authenticated
         try:
-            data = await _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = await upstream.aread(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -427,7 +426,13 @@ class AsyncEngine:
     # -- models ---------------------------------------------------------------------------------
 
     async def _resolve_chute(
-        self, port: AsyncPort, model: str, auth: str | None, now: Monotonic, *, force: bool = False
+        self,
+        port: AsyncBoundedPort,
+        model: str,
+        auth: str | None,
+        now: Monotonic,
+        *,
+        force: bool = False,
     ) -> str:
         if not force:
             with self._guard:
@@ -459,7 +464,7 @@ class AsyncEngine:
             )
         return chute
 
-    async def _fetch_models(self, port: AsyncPort, auth: str | None) -> None:
+    async def _fetch_models(self, port: AsyncBoundedPort, auth: str | None) -> None:
         status, _, data = await self._get(port, self.settings.models_base + MODELS_PATH, auth)
         if status != 200:
             raise RelayError(
@@ -486,7 +491,7 @@ class AsyncEngine:
             return lock
 
     async def _lease(
-        self, port: AsyncPort, chute: str, auth: str | None, deadline: float
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
         found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
@@ -561,7 +566,7 @@ class AsyncEngine:
         if "v1" in fresh:
             log.warning("chute %s offers no v2: using v1 (min_version=2 would refuse)", chute)
 
-    async def _prefetch(self, port: AsyncPort, chute: str, auth: str | None) -> None:
+    async def _prefetch(self, port: AsyncBoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
         and the rate limit allows one right now (a prefetch never waits)."""
         lock = self._chute_lock(chute)
@@ -583,7 +588,7 @@ class AsyncEngine:
             lock.release()
 
     async def _discover(
-        self, port: AsyncPort, chute: str, auth: str | None, deadline: float
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, deadline: float
     ) -> None:
         while True:
             now = self.now()
@@ -603,7 +608,7 @@ class AsyncEngine:
         await self._discover_now(port, chute, auth, now)
 
     async def _discover_now(
-        self, port: AsyncPort, chute: str, auth: str | None, recorded_at: Monotonic
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, recorded_at: Monotonic
     ) -> None:
         sent_at = self.now()
         status, headers, data = await self._get(
@@ -635,12 +640,12 @@ class AsyncEngine:
             self.clock_offset = offset
 
     async def _get(
-        self, port: AsyncPort, url: str, auth: str | None
+        self, port: AsyncBoundedPort, url: str, auth: str | None
     ) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
         if auth:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = await port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = await _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = await response.aread(MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data

@@ -101,7 +101,6 @@ from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, sleep
 from pqe2ee.transports._sync._attest import Attestor
 from pqe2ee.transports._sync._bounded import BoundedPort
-from pqe2ee.transports._sync._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._sync._stream import PlainStream, Port, PortResponse
 from pqe2ee.transports._usage import UsageFilter
 
@@ -247,7 +246,7 @@ class Engine:
 
     def _invoke(
         self,
-        port: Port,
+        port: BoundedPort,
         path: str,
         body: bytes,
         decoded: _Body,
@@ -317,7 +316,7 @@ class Engine:
 
     def _plain(
         self,
-        port: Port,
+        port: BoundedPort,
         upstream: PortResponse,
         key: KEMPrivateKey | ResponseSecrets,
     ) -> PlainStream:
@@ -332,7 +331,7 @@ class Engine:
 
     def _invoke_v1(
         self,
-        port: Port,
+        port: BoundedPort,
         lease: Lease,
         path: str,
         body: bytes,
@@ -355,10 +354,10 @@ class Engine:
             return Streaming(self._plain(port, upstream, key))
         try:
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, _read_bounded(upstream, MAX_BLOB), aead=s.aead)
+                return open_answer(key, upstream.read(MAX_BLOB), aead=s.aead)
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = _read_bounded(upstream, limit)
+            data = upstream.read(limit)
             if is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:
@@ -367,7 +366,7 @@ class Engine:
 
     def _invoke_v2(
         self,
-        port: Port,
+        port: BoundedPort,
         lease: Lease,
         negotiated: Negotiated,
         path: str,
@@ -411,7 +410,7 @@ class Engine:
                 return Streaming(stream)
             return stream._rest()  # the engine's error answer, authenticated
         try:
-            data = _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = upstream.read(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -422,7 +421,13 @@ class Engine:
     # -- models ---------------------------------------------------------------------------------
 
     def _resolve_chute(
-        self, port: Port, model: str, auth: str | None, now: Monotonic, *, force: bool = False
+        self,
+        port: BoundedPort,
+        model: str,
+        auth: str | None,
+        now: Monotonic,
+        *,
+        force: bool = False,
     ) -> str:
         if not force:
             with self._guard:
@@ -454,7 +459,7 @@ class Engine:
             )
         return chute
 
-    def _fetch_models(self, port: Port, auth: str | None) -> None:
+    def _fetch_models(self, port: BoundedPort, auth: str | None) -> None:
         status, _, data = self._get(port, self.settings.models_base + MODELS_PATH, auth)
         if status != 200:
             raise RelayError(
@@ -481,7 +486,7 @@ class Engine:
             return lock
 
     def _lease(
-        self, port: Port, chute: str, auth: str | None, deadline: float
+        self, port: BoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
         found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
@@ -556,7 +561,7 @@ class Engine:
         if "v1" in fresh:
             log.warning("chute %s offers no v2: using v1 (min_version=2 would refuse)", chute)
 
-    def _prefetch(self, port: Port, chute: str, auth: str | None) -> None:
+    def _prefetch(self, port: BoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
         and the rate limit allows one right now (a prefetch never waits)."""
         lock = self._chute_lock(chute)
@@ -577,7 +582,7 @@ class Engine:
         finally:
             lock.release()
 
-    def _discover(self, port: Port, chute: str, auth: str | None, deadline: float) -> None:
+    def _discover(self, port: BoundedPort, chute: str, auth: str | None, deadline: float) -> None:
         while True:
             now = self.now()
             with self._guard:
@@ -596,7 +601,7 @@ class Engine:
         self._discover_now(port, chute, auth, now)
 
     def _discover_now(
-        self, port: Port, chute: str, auth: str | None, recorded_at: Monotonic
+        self, port: BoundedPort, chute: str, auth: str | None, recorded_at: Monotonic
     ) -> None:
         sent_at = self.now()
         status, headers, data = self._get(
@@ -627,11 +632,11 @@ class Engine:
         if offset is not None:
             self.clock_offset = offset
 
-    def _get(self, port: Port, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
+    def _get(self, port: BoundedPort, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
         if auth:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = response.read(MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data
