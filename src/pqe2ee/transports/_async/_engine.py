@@ -237,83 +237,79 @@ class AsyncEngine:
     ) -> Outcome:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
-        deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
-        with deadline:
-            bounded = AsyncBoundedPort(port, deadline)
-            started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
-            return await self._invoke(bounded, path, body, decoded, model, auth, started)
-
-    async def _invoke(
-        self,
-        port: AsyncBoundedPort,
-        path: str,
-        body: bytes,
-        decoded: _Body,
-        model: str,
-        auth: str | None,
-        started: Monotonic,
-    ) -> Outcome:
-        s = self.settings
-        deadline = started + s.timeout
-        chute = await self._resolve_chute(port, model, auth, started)
-        last: RelayError | None = None
-        retried_once: set[ErrorCode] = set()
-        remapped = False
-        for attempt in range(1, s.max_attempts + 1):
-            try:
-                lease, negotiated = await self._lease(port, chute, auth, deadline)
-            except RelayError as exc:
-                if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
-                    # Discovery does not know the cached chute id ("Chute not found"): the
-                    # model may have moved. Re-read the listing once and retry if it changed.
-                    remapped = True
-                    fresh = await self._resolve_chute(port, model, auth, self.now(), force=True)
-                    if fresh != chute:
-                        chute, last = fresh, exc
-                        continue
-                if self.attestor is not None:
-                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
-                if last is not None and exc.code is ErrorCode.NO_INSTANCES:
-                    raise RetriesExhausted(last, attempt - 1) from last
-                raise
-            if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
-                found = await self.attestor.admit(
-                    self, port, chute, (lease, negotiated), auth, deadline
-                )
-                lease, negotiated = found
-            if negotiated.decision.version == 2:  # (.version: a property frame)
-                outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
-            else:
-                outcome = await self._invoke_v1(port, lease, path, body, auth, decoded)
-            if not isinstance(outcome, RelayAnswer):
-                if isinstance(outcome, Streaming):
-                    outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+        # One frame for the whole request: the steps below run inside the deadline's block.
+        total = AsyncDeadline(self.settings.options.deadline, self.clock)
+        with total:
+            bounded = AsyncBoundedPort(port, total)
+            started = Monotonic(total.start)  # (the engine's clock: one read for both)
+            s = self.settings
+            deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)
+            chute = await self._resolve_chute(bounded, model, auth, started)
+            last: RelayError | None = None
+            retried_once: set[ErrorCode] = set()
+            remapped = False
+            for attempt in range(1, s.max_attempts + 1):
+                try:
+                    lease, negotiated = await self._lease(bounded, chute, auth, deadline)
+                except RelayError as exc:
+                    if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
+                        # Discovery does not know the cached chute id ("Chute not found"): the
+                        # model may have moved. Re-read the listing once and retry if it changed.
+                        remapped = True
+                        fresh = await self._resolve_chute(
+                            bounded, model, auth, self.now(), force=True
+                        )
+                        if fresh != chute:
+                            chute, last = fresh, exc
+                            continue
+                    if self.attestor is not None:
+                        self.attestor.no_instances(chute, exc)  # left: only instances that failed
+                    if last is not None and exc.code is ErrorCode.NO_INSTANCES:
+                        raise RetriesExhausted(last, attempt - 1) from last
+                    raise
+                if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
+                    found = await self.attestor.admit(
+                        self, bounded, chute, (lease, negotiated), auth, deadline
+                    )
+                    lease, negotiated = found
+                if negotiated.decision.version == 2:  # (.version: a property frame)
+                    outcome = await self._invoke_v2(
+                        bounded, lease, negotiated, path, body, auth, decoded
+                    )
+                else:
+                    outcome = await self._invoke_v1(bounded, lease, path, body, auth, decoded)
+                if not isinstance(outcome, RelayAnswer):
+                    if isinstance(outcome, Streaming):
+                        outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+                    return outcome
+                error = outcome.error
+                with self._guard:
+                    self.state.report(lease, error, self.now())
+                retry = error.code in RETRYABLE
+                if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
+                    retried_once.add(error.code)
+                    retry = True
+                    if error.code is ErrorCode.STALE:
+                        self._note_date(outcome.headers)
+                if retry:
+                    last = error
+                    log.debug(
+                        "relay answered %s (%s); attempt %d",
+                        outcome.status,
+                        error.code.value,
+                        attempt,
+                    )
+                    continue
+                if error.code is not ErrorCode.RELAY_ERROR:
+                    raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
+                if negotiated.version == 2:
+                    # Under v2 the engine's answers (errors included) are authenticated and always
+                    # arrive in a 200; any other status is the relay's own, unauthenticated words.
+                    # Raise it as such rather than let it pass for the engine's error.
+                    raise error
                 return outcome
-            error = outcome.error
-            with self._guard:
-                self.state.report(lease, error, self.now())
-            retry = error.code in RETRYABLE
-            if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
-                retried_once.add(error.code)
-                retry = True
-                if error.code is ErrorCode.STALE:
-                    self._note_date(outcome.headers)
-            if retry:
-                last = error
-                log.debug(
-                    "relay answered %s (%s); attempt %d", outcome.status, error.code.value, attempt
-                )
-                continue
-            if error.code is not ErrorCode.RELAY_ERROR:
-                raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
-            if negotiated.version == 2:
-                # Under v2 the engine's answers (errors included) are authenticated and always
-                # arrive in a 200; any other status is the relay's own, unauthenticated words.
-                # Raise it as such rather than let it pass for the engine's error.
-                raise error
-            return outcome
-        assert last is not None
-        raise RetriesExhausted(last, s.max_attempts) from last
+            assert last is not None
+            raise RetriesExhausted(last, s.max_attempts) from last
 
     def _plain(
         self,
