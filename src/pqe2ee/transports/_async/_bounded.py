@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio
+
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
-from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 if TYPE_CHECKING:
     from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
@@ -56,7 +57,7 @@ class AsyncBoundedResponse:
                 chunks.append(chunk)
         finally:
             reads.release()
-            with AsyncShieldCancellation():
+            with anyio.CancelScope(shield=True):
                 await self._response.aclose()
         return b"".join(chunks)
 
