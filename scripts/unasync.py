@@ -48,6 +48,9 @@ SYNC: list[tuple[str, str]] = [
     (r"\bAsyncByteStream\b", "SyncByteStream"),  # httpx's sync twin is not "ByteStream"
     (r"\bStopAsyncIteration\b", "StopIteration"),
     (r"\bhandle_async_request\b", "handle_request"),
+    # Threads are not cancelled: a one-line ``with anyio.CancelScope(shield=True):`` block (a
+    # cleanup shielded from cancellation) becomes its line alone.
+    (r"\n( *)with anyio\.CancelScope\(shield=True\):\n\1    ", r"\n\1"),
     # generic
     (r"\b(_?)Async([A-Z]\w*)", r"\1\2"),  # AsyncEngine -> Engine, _AsyncPort -> _Port
     (r"\basync_(\w+)", r"\1"),  # async_sleep -> sleep

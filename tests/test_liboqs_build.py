@@ -343,7 +343,7 @@ def test_liboqs_keys_are_buffers_of_ours_and_wiping_cleanses_them(
         assert expanded is not None and len(expanded) == 2400
         again = kem.from_expanded(expanded)
         assert again.public_key == key.public_key and again.decapsulate(ct) == ss
-        buffer = key._key._sk
+        buffer = key._key  # the ctypes buffer itself
         key.wipe()
         assert buffer.raw == bytes(2400) and key.expanded_key() is None
         with pytest.raises(LocalProtocolError, match="wiped"):

@@ -131,6 +131,18 @@ def test_model_map_ttl() -> None:
     assert not m.stale(2000.0)
 
 
+def test_model_map_fresh_is_resolve_unless_stale() -> None:
+    """fresh(): resolve()'s answer while no refresh is due (a UUID: always itself), else None."""
+    m = ModelMap(ttl=300.0)
+    assert m.fresh("org/b", 0.0) is None  # never loaded
+    assert m.fresh(UUID, 0.0) == UUID
+    m.update({"org/b": "c-b", UUID: "c-other"}, now=2000.0)
+    for now in (2000.0, 2299.9, 2300.0, 9000.0):
+        for model in ("org/b", "org/x", UUID, UUID + "\n"):
+            expected = None if m.stale(now) and model != UUID else m.resolve(model, now)
+            assert m.fresh(model, now) == expected, (model, now)
+
+
 def test_model_map_update_copies() -> None:
     source = {"org/a": "c-a"}
     m = ModelMap()
@@ -298,7 +310,12 @@ def test_take_matches_the_rule_it_implements() -> None:
     rng = random.Random(14)
     for _ in range(300):
         counts = [rng.randrange(0, 4) for _ in range(rng.randrange(1, 6))]
-        pool = NoncePool("chute", safety_margin=0.0)
+        pool = NoncePool(
+            "chute",
+            safety_margin=0.0,
+            prefetch_margin=rng.choice([0.0, 1059.0]),  # (the refresh by time, or not)
+            low_watermark=rng.randrange(0, 6),
+        )
         pool.load(result(*counts), now=0.0)
         for k in range(len(counts)):
             if rng.random() < 0.3:
@@ -318,7 +335,12 @@ def test_take_matches_the_rule_it_implements() -> None:
             )
             most = max((len(e.nonces) for e in usable), default=0)
             top = [e.info.instance_id for e in usable if len(e.nonces) == most]
-            lease = pool.take(now, exclude=exclude)
+            if step % 2:
+                lease = pool.take(now, exclude=exclude)
+            else:  # lease(): the same pick, and needs_refresh() as it stands after it
+                found = pool.lease(now, exclude=exclude)
+                lease = None if found is None else found[0]
+                assert found is None or found[1] is pool.needs_refresh(now)
             if not usable:
                 assert lease is None
                 continue

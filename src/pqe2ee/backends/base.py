@@ -247,22 +247,20 @@ class HeldKey(Generic[K]):
     :meth:`_decapsulate`.
     """
 
-    __slots__ = ("_key", "_pk")
+    __slots__ = ("_key", "public_key")
     ciphertext_len: ClassVar[int] = MLKEM768_CT_LEN
     ciphertext_name: ClassVar[str] = "KEM ciphertext"
 
     def __init__(self, key: K, public_key: bytes) -> None:
         self._key: K | None = key
-        self._pk = public_key
-
-    @property
-    def public_key(self) -> bytes:
-        return self._pk
+        #: The encapsulation key: an attribute (no property frame; read once per request).
+        self.public_key: bytes = public_key
 
     def decapsulate(self, ciphertext: bytes) -> bytes:
-        require_length(
-            ciphertext, self.ciphertext_len, self.ciphertext_name, ErrorCode.MALFORMED_BLOB
-        )
+        if len(ciphertext) != self.ciphertext_len:  # (the check inline: no call when it passes)
+            require_length(
+                ciphertext, self.ciphertext_len, self.ciphertext_name, ErrorCode.MALFORMED_BLOB
+            )
         key = self._key
         if key is None:
             raise wiped()

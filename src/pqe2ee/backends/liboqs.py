@@ -52,7 +52,6 @@ from pqe2ee.backends.base import (
     check_mlkem768_seed,
     mlkem768_expanded_public_key,
     refused_public_key,
-    require_length,
     unavailable,
     unsupported,
 )
@@ -188,7 +187,7 @@ _KEYPAIR: Any = _native("OQS_KEM_keypair")
 _KEYPAIR_DERAND: Any = _native("OQS_KEM_keypair_derand") if _SEED_KEYGEN else None
 _DECAPS: Any = _native("OQS_KEM_decaps")
 _CLEANSE: Any = _native("OQS_MEM_cleanse")
-#: Keys are buffers of ours used through the shared descriptor (see :class:`_BufferKey`).
+#: Keys are buffers of ours used through the shared descriptor (see :class:`_BufferPrivateKey`).
 _DIRECT_KEYS = None not in (_KEYPAIR, _DECAPS, _CLEANSE)
 #: The descriptor every direct call uses (never freed: it holds no key material).
 _ENCAPS_KEM: Any = _oqs.KeyEncapsulation(_ALG)
@@ -217,45 +216,6 @@ def _encaps(public_key: bytes) -> tuple[bytes, bytes] | None:
     return ct.raw, ss.raw
 
 
-class _BufferKey:
-    """A secret key in a buffer of ours, used through the shared descriptor: the part of
-    ``oqs.KeyEncapsulation`` a private key needs (``decap_secret``, ``export_secret_key``,
-    ``free``), without a per-key ``OQS_KEM`` or Python wrapper."""
-
-    __slots__ = ("_sk",)
-
-    def __init__(self, secret_key: Any) -> None:
-        self._sk = secret_key  # ctypes char array of MLKEM768_EXPANDED_SK_LEN
-
-    @classmethod
-    def generate(cls, seed: bytes | None) -> tuple[_BufferKey, bytes]:
-        """A new key pair (from ``seed``, ``d || z``, when given) and its public key."""
-        pk = _PK_BUF()
-        sk = _SK_BUF()
-        if seed is None:
-            rv = _KEYPAIR(_ENCAPS_KEM._kem, pk, sk)
-        else:
-            rv = _KEYPAIR_DERAND(_ENCAPS_KEM._kem, pk, sk, seed)
-        if rv != 0:
-            _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
-            raise RuntimeError("liboqs could not generate a key pair")  # (as liboqs-python)
-        return cls(sk), pk.raw
-
-    def decap_secret(self, ciphertext: bytes) -> bytes:
-        ss = _SS_BUF()
-        # OQS_STATUS OQS_KEM_decaps(const OQS_KEM *kem, uint8_t *shared_secret,
-        #     const uint8_t *ciphertext, const uint8_t *secret_key)
-        if _DECAPS(_ENCAPS_KEM._kem, ss, ciphertext, self._sk) != 0:
-            raise RuntimeError("liboqs could not decapsulate")  # (as liboqs-python)
-        return ss.raw
-
-    def export_secret_key(self) -> bytes:
-        return bytes(self._sk.raw)
-
-    def free(self) -> None:
-        _CLEANSE(self._sk, MLKEM768_EXPANDED_SK_LEN)
-
-
 def _probe_modulus_check() -> bool:
     """Whether this liboqs refuses an encapsulation key whose coefficients are not reduced."""
     unreduced = b"\xff" * MLKEM768_PK_LEN  # every 12-bit coefficient is 4095 >= q
@@ -278,23 +238,27 @@ def liboqs_path() -> str:
     return str(_oqs.native()._name)
 
 
+def _refused_key() -> LocalProtocolError:
+    return LocalProtocolError("liboqs refused the decapsulation key", code=ErrorCode.INVALID_KEY)
+
+
 class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
-    """The key is a :class:`_BufferKey` (or an ``oqs.KeyEncapsulation``) holding the secret
-    key (cleansed by :meth:`wipe`)."""
+    """The key is an ``oqs.KeyEncapsulation`` holding the secret key (freed by :meth:`wipe`);
+    :class:`_BufferPrivateKey` when liboqs is called directly."""
 
     __slots__ = ("_seed",)
 
     def __init__(self, kem: Any, public_key: bytes, seed: bytes | None) -> None:
-        super().__init__(kem, public_key)
+        # HeldKey.__init__'s two fields set here: one frame less per key (a key per request).
+        self._key = kem
+        self.public_key = public_key
         self._seed = seed
 
     def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
         try:
             return bytes(key.decap_secret(ciphertext))
         except RuntimeError:  # liboqs refused the key (mlkem-native re-checks H(ek))
-            raise LocalProtocolError(
-                "liboqs refused the decapsulation key", code=ErrorCode.INVALID_KEY
-            ) from None
+            raise _refused_key() from None
 
     def seed(self) -> bytes | None:
         return self._seed
@@ -314,15 +278,55 @@ class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
             self.wipe()
 
 
+class _BufferPrivateKey(_LiboqsPrivateKey):
+    """The secret key is a ``ctypes`` buffer of ours (``MLKEM768_EXPANDED_SK_LEN`` chars),
+    used through the shared descriptor: no per-key ``OQS_KEM`` or Python wrapper, and the
+    liboqs calls made here, not through a wrapper object (a key per request: fewer frames)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def generate(cls, seed: bytes | None) -> _BufferPrivateKey:
+        """A new key pair (from ``seed``, ``d || z``, when given)."""
+        pk = _PK_BUF()
+        sk = _SK_BUF()
+        if seed is None:
+            rv = _KEYPAIR(_ENCAPS_KEM._kem, pk, sk)
+        else:
+            rv = _KEYPAIR_DERAND(_ENCAPS_KEM._kem, pk, sk, seed)
+        if rv != 0:
+            _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
+            raise RuntimeError("liboqs could not generate a key pair")  # (as liboqs-python)
+        return cls(sk, pk.raw, seed)
+
+    def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
+        ss = _SS_BUF()
+        # OQS_STATUS OQS_KEM_decaps(const OQS_KEM *kem, uint8_t *shared_secret,
+        #     const uint8_t *ciphertext, const uint8_t *secret_key)
+        if _DECAPS(_ENCAPS_KEM._kem, ss, ciphertext, key) != 0:
+            raise _refused_key()  # (mlkem-native re-checks H(ek))
+        return ss.raw
+
+    def expanded_key(self) -> bytes | None:
+        return None if self._key is None else bytes(self._key.raw)
+
+    def wipe(self) -> None:
+        sk, self._key, self._seed = self._key, None, None
+        if sk is not None:
+            _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
+
+
 class LiboqsKEM(KEM):
     name = "liboqs"
 
     def generate(self) -> KEMPrivateKey:
-        if _SEED_KEYGEN:  # same as KeyGen: random d, z - and the seed stays available
-            return self._from_seed(os.urandom(MLKEM768_SEED_LEN))
+        # With seed key generation: same as KeyGen, random d, z - and the seed stays available.
         if _DIRECT_KEYS:
-            held, public_key = _BufferKey.generate(None)
-            return _LiboqsPrivateKey(held, public_key, None)
+            return _BufferPrivateKey.generate(
+                os.urandom(MLKEM768_SEED_LEN) if _SEED_KEYGEN else None
+            )
+        if _SEED_KEYGEN:
+            return self._from_seed(os.urandom(MLKEM768_SEED_LEN))
         kem = _oqs.KeyEncapsulation(_ALG)
         try:
             public_key = bytes(kem.generate_keypair())
@@ -341,8 +345,7 @@ class LiboqsKEM(KEM):
         """:meth:`from_seed` for a checked 64-byte ``seed`` (``bytes``), with seed key
         generation available."""
         if _DIRECT_KEYS:
-            held, public_key = _BufferKey.generate(seed)
-            return _LiboqsPrivateKey(held, public_key, seed)
+            return _BufferPrivateKey.generate(seed)
         kem = _oqs.KeyEncapsulation(_ALG)
         try:
             public_key = bytes(kem.generate_keypair_seed(seed))
@@ -354,17 +357,15 @@ class LiboqsKEM(KEM):
     def from_expanded(self, dk: bytes) -> KEMPrivateKey:
         check_mlkem768_expanded_key(dk)
         if _DIRECT_KEYS:
-            held = _BufferKey(ctypes.create_string_buffer(bytes(dk), MLKEM768_EXPANDED_SK_LEN))
-            return _LiboqsPrivateKey(held, mlkem768_expanded_public_key(dk), None)
+            sk = ctypes.create_string_buffer(bytes(dk), MLKEM768_EXPANDED_SK_LEN)
+            return _BufferPrivateKey(sk, mlkem768_expanded_public_key(dk), None)
         kem = _oqs.KeyEncapsulation(_ALG, secret_key=bytes(dk))
         return _LiboqsPrivateKey(kem, mlkem768_expanded_public_key(dk), None)
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
-        if _CHECKS_MODULUS:  # liboqs checks the key: only its length is ours to check
-            require_length(
-                public_key, MLKEM768_PK_LEN, "ML-KEM-768 public key", ErrorCode.INVALID_KEY
-            )
-        else:
+        # The length is ours to check; the modulus too unless liboqs checks it (the same
+        # function for both: no call for a right-length key liboqs will check).
+        if not _CHECKS_MODULUS or len(public_key) != MLKEM768_PK_LEN:
             check_mlkem768_public_key(public_key)
         result = _encaps(bytes(public_key))
         if result is None:

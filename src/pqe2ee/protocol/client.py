@@ -320,6 +320,11 @@ class ClientState:
     def resolve_chute(self, model: str, now: Monotonic) -> str | None:
         return self._models.resolve(model, now)
 
+    def fresh_chute(self, model: str, now: Monotonic) -> str | None:
+        """The chute for ``model`` when no listing refresh is due (a UUID: itself), else
+        ``None`` (see :meth:`ModelMap.fresh`)."""
+        return self._models.fresh(model, now)
+
     def models_stale(self, now: Monotonic) -> bool:
         return self._models.stale(now)
 
@@ -413,12 +418,14 @@ class ClientState:
         one pool lookup for both); ``None`` when there is none (discover first). ``wall``
         reads Unix seconds, only when the decision needs them (a new one, or one that relies
         on offers that expire)."""
-        pool = self._pool(chute_id)
+        pool = self._pools.get(chute_id)  # (_pool's lookup: a request's lease)
+        if pool is None:
+            pool = self._pool(chute_id)
         negotiated = self._negotiate(pool, negotiator, now, wall)
         if negotiated is None:
             return None
-        lease = pool.take(now, exclude=negotiated.excluded)
-        return None if lease is None else (lease, negotiated, pool.needs_refresh(now))
+        found = pool.lease(now, exclude=negotiated.excluded)
+        return None if found is None else (found[0], negotiated, found[1])
 
     def needs_discovery(self, chute_id: str, now: Monotonic) -> bool:
         """True when the pool is empty, low, or close to expiry (prefetch)."""

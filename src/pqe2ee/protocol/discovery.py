@@ -108,6 +108,15 @@ class ModelMap:
         """The model names that map to ``chute_id`` in the last listing."""
         return [m for m, c in self._map.items() if c == chute_id]
 
+    def fresh(self, model: str, now: float) -> str | None:
+        """:meth:`resolve` when it needs no refresh: ``model`` itself when it is a UUID, else
+        its chute while the listing is younger than ``ttl``; ``None`` when a refresh is due."""
+        if _UUID_RE.fullmatch(model) is not None:  # looks_like_uuid (a request's lookup)
+            return model
+        if self._loaded_at is None or now - self._loaded_at >= self.ttl:  # stale()
+            return None
+        return self._map.get(model)
+
     def resolve(self, model: str, now: float) -> str | None:
         """The chute_id for ``model``: itself when it is a UUID, else the cached mapping (even if
         stale; callers refresh on a miss or when :meth:`stale`)."""
@@ -250,7 +259,9 @@ class NoncePool:
         self._dropped: dict[str, float] = {}  # instance_id -> until
         self._expires_at = 0.0
         self._turn = 0
-        self._generation = 0
+        #: How many discovery results were loaded: a decision taken on :meth:`instances`
+        #: holds until this moves.
+        self.generation = 0
 
     # loading -------------------------------------------------------------------------------
 
@@ -266,13 +277,7 @@ class NoncePool:
             if inst.instance_id not in self._dropped
         }
         self._expires_at = result.expires_at
-        self._generation += 1
-
-    @property
-    def generation(self) -> int:
-        """How many discovery results were loaded: a decision taken on :meth:`instances`
-        holds until this moves."""
-        return self._generation
+        self.generation += 1
 
     def instances(self) -> tuple[InstanceInfo, ...]:
         """The rows of the last discovery still in the pool (gone instances dropped), whatever
@@ -301,14 +306,24 @@ class NoncePool:
 
     def take(self, now: float, *, exclude: Iterable[str] = ()) -> Lease | None:
         """A lease from the instance with the most nonces left (ties rotate), or None."""
+        found = self.lease(now, exclude=exclude)
+        return None if found is None else found[0]
+
+    def lease(self, now: float, *, exclude: Iterable[str] = ()) -> tuple[Lease, bool] | None:
+        """:meth:`take`, and whether the pool then :meth:`needs_refresh` (counted in the same
+        pass over the instances: a request's lease)."""
         if now >= self._expires_at - self.safety_margin:
             return None
         excluded = set(exclude)
         most = 0
+        usable = 0  # nonces of instances not cooling down: available()
         top: list[_Entry] = []  # the usable instances with the most nonces, in pool order
         for e in self._entries.values():
+            if e.cool_until > now:
+                continue
             left = len(e.nonces)
-            if left < most or not left or e.cool_until > now or e.info.instance_id in excluded:
+            usable += left
+            if left < most or not left or e.info.instance_id in excluded:
                 continue
             if left > most:
                 most, top = left, [e]
@@ -319,9 +334,12 @@ class NoncePool:
         entry = top[self._turn % len(top)]
         self._turn += 1
         info = entry.info
-        return Lease(
+        lease = Lease(
             self.chute_id, info.instance_id, info.public_key, entry.nonces.popleft(), info.extra
         )
+        # needs_refresh(now), after the nonce taken (usable - 1 left)
+        refresh = now >= self._expires_at - self.prefetch_margin or usable - 1 <= self.low_watermark
+        return lease, refresh
 
     def busy_wait(self, now: float) -> float:
         """Seconds until an instance that is only cooling down (busy, key exchange) and keeps

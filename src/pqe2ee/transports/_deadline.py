@@ -113,7 +113,7 @@ class AsyncDeadline(Deadline):
         if self._open:
             self._open += 1  # inside a block of this deadline: it cancels at the same moment
             return
-        scope = anyio.move_on_after(self.remaining())
+        scope = anyio.move_on_after(self.end - self._clock())  # remaining(), inlined
         scope.__enter__()
         self._scope = scope
         self._open = 1

@@ -150,8 +150,11 @@ class _Pool(Generic[K]):
             if self.filler and not self._closed and 2 * len(self._keys) < self._size:
                 self._ensure_thread()
                 self._cond.notify()
-        if key is None:
-            key = self._generate_inline()
+        if key is None:  # (made here, not in a method of its own: a frame per request)
+            self.generated_inline += 1
+            key = self._kem.generate()
+            if self.filler is None:
+                self._probe()  # right after a keygen: caches are warm
         return key
 
     def share(self) -> Self:
@@ -180,13 +183,6 @@ class _Pool(Generic[K]):
             key.wipe()
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_TIMEOUT)
-
-    def _generate_inline(self) -> K:
-        self.generated_inline += 1
-        key = self._kem.generate()
-        if self.filler is None:
-            self._probe()  # right after a keygen: caches are warm
-        return key
 
     def _probe(self) -> None:
         """Time :data:`PROBES` keygens back to back, keep the keys, decide on the filler."""

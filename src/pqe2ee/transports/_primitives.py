@@ -2,10 +2,11 @@
 the closing helpers of the async-only adapters (aiohttp, anyio), and :class:`AsyncReadTimer`,
 one asyncio timer bounding every read of a body (the deadline, the anyio client's read timeout).
 
-``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock``, ``AsyncShieldCancellation`` into
-``ShieldCancellation`` and ``async_sleep`` into ``sleep``: each async name here has a sync
-twin with the same shape, so the sync transport is the async one with ``async``/``await``
-removed.
+``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock`` and ``async_sleep`` into ``sleep``:
+each async name here has a sync twin with the same shape, so the sync transport is the async
+one with ``async``/``await`` removed. A cleanup shielded from cancellation is written
+``with anyio.CancelScope(shield=True):`` around one line; threads are not cancelled, so
+unasync keeps the line alone.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Self
 
 import anyio
@@ -23,9 +23,7 @@ __all__ = [
     "AsyncLock",
     "AsyncReadTimer",
     "AsyncResource",
-    "AsyncShieldCancellation",
     "Lock",
-    "ShieldCancellation",
     "aclose_shielded",
     "async_sleep",
     "read_timer",
@@ -78,39 +76,6 @@ class Lock:
 
     def release(self) -> None:
         self._lock.release()
-
-
-class AsyncShieldCancellation:
-    """Shield a cleanup block from cancellation, so a cancelled task still closes its stream."""
-
-    __slots__ = ("_scope",)
-
-    def __init__(self) -> None:
-        self._scope = anyio.CancelScope(shield=True)
-
-    def __enter__(self) -> AsyncShieldCancellation:
-        self._scope.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._scope.__exit__(exc_type, exc, tb)
-
-
-class ShieldCancellation:
-    """Threads are not cancelled: nothing to shield."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> ShieldCancellation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
 
 
 class AsyncReadTimer:
@@ -232,7 +197,7 @@ class AsyncResource:
 async def aclose_shielded(*resources: object) -> None:
     """Close each of ``resources`` that has an ``aclose`` (an async generator, a stream), in
     order, even if the calling task is being cancelled."""
-    with AsyncShieldCancellation():
+    with anyio.CancelScope(shield=True):
         for resource in resources:
             aclose = getattr(resource, "aclose", None)
             if aclose is not None:

@@ -38,7 +38,7 @@ from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 from pqe2ee.transports._offload import async_offload
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
+    from pqe2ee.transports._async._bounded import AsyncBoundedPort, AsyncBoundedResponse
 
 __all__ = ["AsyncAttestor"]
 
@@ -54,7 +54,7 @@ class _AsyncLeaser(Protocol):
     def drop(self, lease: Lease) -> None: ...
 
     async def _lease(
-        self, port: AsyncPort, chute: str, auth: str | None, deadline: float
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]: ...
 
 
@@ -80,7 +80,7 @@ class AsyncAttestor:
     async def admit(
         self,
         engine: _AsyncLeaser,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         chute: str,
         found: tuple[Lease, Negotiated],
         auth: str | None,
@@ -138,7 +138,7 @@ class AsyncAttestor:
             raise _failed(chute, rejected) from exc
 
     async def _verdict(
-        self, port: AsyncPort, chute: str, lease: Lease, auth: str | None
+        self, port: AsyncBoundedPort, chute: str, lease: Lease, auth: str | None
     ) -> Verdict | None:
         gate = self.gate
         now = self.options.wall_clock()
@@ -191,7 +191,7 @@ class AsyncAttestor:
         return verdict
 
     async def _fetch_evidence(
-        self, port: AsyncPort, chute: str, nonce_hex: str, auth: str | None, now: float
+        self, port: AsyncBoundedPort, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -215,7 +215,9 @@ class AsyncAttestor:
             return None
         return bundle
 
-    async def _nras(self, port: AsyncPort, gpu_evidence: object, h: bytes) -> NrasResult | None:
+    async def _nras(
+        self, port: AsyncBoundedPort, gpu_evidence: object, h: bytes
+    ) -> NrasResult | None:
         """NRAS's answer for these GPUs sent with ``h``, and the JWKS keys to check it with;
         ``None`` when there is no GPU evidence (the verdict says ``attest_gpu_missing``)."""
         if not isinstance(gpu_evidence, list) or not gpu_evidence:
@@ -242,7 +244,7 @@ class AsyncAttestor:
         return NrasResult(answer=answer, keys=keys)
 
     async def _nras_keys(
-        self, port: AsyncPort, kids: frozenset[str]
+        self, port: AsyncBoundedPort, kids: frozenset[str]
     ) -> dict[str, ec.EllipticCurvePublicKey]:
         """NVIDIA's JWKS keys, cached ``nras_jwks_ttl`` seconds; fetched again (at most every
         minute) when the answer names a key the cache lacks (NVIDIA rotates them daily)."""
@@ -267,7 +269,7 @@ class AsyncAttestor:
         return keys
 
     async def _ensure_collateral(
-        self, port: AsyncPort, quote_b64: object, now: float
+        self, port: AsyncBoundedPort, quote_b64: object, now: float
     ) -> float | None:
         """Fetch Intel collateral for this quote's FMSPC when none at hand is valid now;
         returns the earliest nextUpdate of what will be used (``None`` if there is none)."""
@@ -285,7 +287,7 @@ class AsyncAttestor:
             selected = self.gate.collateral.select(quote.fmspc, quote.ca, now)
         return None if selected is None else selected.expires
 
-    async def _fetch_collateral(self, port: AsyncPort, fmspc: str, ca: str) -> Collateral:
+    async def _fetch_collateral(self, port: AsyncBoundedPort, fmspc: str, ca: str) -> Collateral:
         pcs = self.options.pcs_url
         assert pcs is not None
         urls = collateral_urls(pcs, fmspc, ca)
@@ -358,7 +360,5 @@ def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
     )
 
 
-async def _read(response: AsyncPortResponse, limit: int) -> bytes:
-    from pqe2ee.transports._async._bounded import read_bounded
-
-    return await read_bounded(response, limit)
+async def _read(response: AsyncBoundedResponse, limit: int) -> bytes:
+    return await response.aread(limit)

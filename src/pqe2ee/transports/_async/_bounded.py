@@ -8,7 +8,8 @@ keep a request open past ``ClientOptions.deadline``. Past it, the step raises
 :class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
 library's stream error, like any other stream failure.
 
-Also :func:`read_bounded`, a whole body bounded in size. Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
+:meth:`AsyncBoundedResponse.aread` reads a whole body, bounded in size as well. Written once,
+as async code; ``scripts/unasync.py`` generates the blocking twin.
 """
 
 from __future__ import annotations
@@ -16,31 +17,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio
+
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
-from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 if TYPE_CHECKING:
     from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
 
-__all__ = ["AsyncBoundedPort", "AsyncBoundedResponse", "read_bounded"]
-
-
-async def read_bounded(response: AsyncPortResponse, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes; always closes."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        async for chunk in response.aiter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise LimitExceeded(f"relay answer is larger than {limit} bytes")
-            chunks.append(chunk)
-    finally:
-        with AsyncShieldCancellation():
-            await response.aclose()
-    return b"".join(chunks)
+__all__ = ["AsyncBoundedPort", "AsyncBoundedResponse"]
 
 
 class AsyncBoundedResponse:
@@ -56,6 +42,24 @@ class AsyncBoundedResponse:
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         return self._reads.bounded(self._response.aiter_bytes())
+
+    async def aread(self, limit: int) -> bytes:
+        """The whole body, refusing more than ``limit`` bytes; always closes. (What
+        :meth:`aiter_bytes` then :meth:`aclose` do, written out: a non-stream answer's read.)"""
+        chunks: list[bytes] = []
+        total = 0
+        reads = self._reads
+        try:
+            async for chunk in reads.bounded(self._response.aiter_bytes()):
+                total += len(chunk)
+                if total > limit:
+                    raise LimitExceeded(f"relay answer is larger than {limit} bytes")
+                chunks.append(chunk)
+        finally:
+            reads.release()
+            with anyio.CancelScope(shield=True):
+                await self._response.aclose()
+        return b"".join(chunks)
 
     async def aclose(self) -> None:
         self._reads.release()

@@ -88,7 +88,6 @@ from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._async._attest import AsyncAttestor
 from pqe2ee.transports._async._bounded import AsyncBoundedPort
-from pqe2ee.transports._async._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._async._stream import AsyncPlainStream, AsyncPort, AsyncPortResponse
 from pqe2ee.transports._common import (
     MAX_BLOB,
@@ -250,87 +249,83 @@ class AsyncEngine:
     ) -> Outcome:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
-        deadline = AsyncDeadline(self.settings.options.deadline, self.clock)
-        with deadline:
-            bounded = AsyncBoundedPort(port, deadline)
-            started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
-            return await self._invoke(bounded, path, body, decoded, model, auth, started)
-
-    async def _invoke(
-        self,
-        port: AsyncPort,
-        path: str,
-        body: bytes,
-        decoded: _Body,
-        model: str,
-        auth: str | None,
-        started: Monotonic,
-    ) -> Outcome:
-        s = self.settings
-        deadline = started + s.timeout
-        chute = await self._resolve_chute(port, model, auth, started)
-        last: RelayError | None = None
-        retried_once: set[ErrorCode] = set()
-        remapped = False
-        for attempt in range(1, s.max_attempts + 1):
-            try:
-                lease, negotiated = await self._lease(port, chute, auth, deadline)
-            except RelayError as exc:
-                if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
-                    # Discovery does not know the cached chute id ("Chute not found"): the
-                    # model may have moved. Re-read the listing once and retry if it changed.
-                    remapped = True
-                    fresh = await self._resolve_chute(port, model, auth, self.now(), force=True)
-                    if fresh != chute:
-                        chute, last = fresh, exc
-                        continue
-                if self.attestor is not None:
-                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
-                if last is not None and exc.code is ErrorCode.NO_INSTANCES:
-                    raise RetriesExhausted(last, attempt - 1) from last
-                raise
-            if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
-                found = await self.attestor.admit(
-                    self, port, chute, (lease, negotiated), auth, deadline
-                )
-                lease, negotiated = found
-            if negotiated.version == 2:
-                outcome = await self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
-            else:
-                outcome = await self._invoke_v1(port, lease, path, body, auth, decoded)
-            if not isinstance(outcome, RelayAnswer):
-                if isinstance(outcome, Streaming):
-                    outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+        # One frame for the whole request: the steps below run inside the deadline's block.
+        total = AsyncDeadline(self.settings.options.deadline, self.clock)
+        with total:
+            bounded = AsyncBoundedPort(port, total)
+            started = Monotonic(total.start)  # (the engine's clock: one read for both)
+            s = self.settings
+            deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)
+            chute = await self._resolve_chute(bounded, model, auth, started)
+            last: RelayError | None = None
+            retried_once: set[ErrorCode] = set()
+            remapped = False
+            for attempt in range(1, s.max_attempts + 1):
+                try:
+                    lease, negotiated = await self._lease(bounded, chute, auth, deadline)
+                except RelayError as exc:
+                    if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
+                        # Discovery does not know the cached chute id ("Chute not found"): the
+                        # model may have moved. Re-read the listing once and retry if it changed.
+                        remapped = True
+                        fresh = await self._resolve_chute(
+                            bounded, model, auth, self.now(), force=True
+                        )
+                        if fresh != chute:
+                            chute, last = fresh, exc
+                            continue
+                    if self.attestor is not None:
+                        self.attestor.no_instances(chute, exc)  # left: only instances that failed
+                    if last is not None and exc.code is ErrorCode.NO_INSTANCES:
+                        raise RetriesExhausted(last, attempt - 1) from last
+                    raise
+                if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
+                    found = await self.attestor.admit(
+                        self, bounded, chute, (lease, negotiated), auth, deadline
+                    )
+                    lease, negotiated = found
+                if negotiated.decision.version == 2:  # (.version: a property frame)
+                    outcome = await self._invoke_v2(
+                        bounded, lease, negotiated, path, body, auth, decoded
+                    )
+                else:
+                    outcome = await self._invoke_v1(bounded, lease, path, body, auth, decoded)
+                if not isinstance(outcome, RelayAnswer):
+                    if isinstance(outcome, Streaming):
+                        outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+                    return outcome
+                error = outcome.error
+                with self._guard:
+                    self.state.report(lease, error, self.now())
+                retry = error.code in RETRYABLE
+                if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
+                    retried_once.add(error.code)
+                    retry = True
+                    if error.code is ErrorCode.STALE:
+                        self._note_date(outcome.headers)
+                if retry:
+                    last = error
+                    log.debug(
+                        "relay answered %s (%s); attempt %d",
+                        outcome.status,
+                        error.code.value,
+                        attempt,
+                    )
+                    continue
+                if error.code is not ErrorCode.RELAY_ERROR:
+                    raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
+                if negotiated.version == 2:
+                    # Under v2 the engine's answers (errors included) are authenticated and always
+                    # arrive in a 200; any other status is the relay's own, unauthenticated words.
+                    # Raise it as such rather than let it pass for the engine's error.
+                    raise error
                 return outcome
-            error = outcome.error
-            with self._guard:
-                self.state.report(lease, error, self.now())
-            retry = error.code in RETRYABLE
-            if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
-                retried_once.add(error.code)
-                retry = True
-                if error.code is ErrorCode.STALE:
-                    self._note_date(outcome.headers)
-            if retry:
-                last = error
-                log.debug(
-                    "relay answered %s (%s); attempt %d", outcome.status, error.code.value, attempt
-                )
-                continue
-            if error.code is not ErrorCode.RELAY_ERROR:
-                raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
-            if negotiated.version == 2:
-                # Under v2 the engine's answers (errors included) are authenticated and always
-                # arrive in a 200; any other status is the relay's own, unauthenticated words.
-                # Raise it as such rather than let it pass for the engine's error.
-                raise error
-            return outcome
-        assert last is not None
-        raise RetriesExhausted(last, s.max_attempts) from last
+            assert last is not None
+            raise RetriesExhausted(last, s.max_attempts) from last
 
     def _plain(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         upstream: AsyncPortResponse,
         key: KEMPrivateKey | ResponseSecrets,
     ) -> AsyncPlainStream:
@@ -345,7 +340,7 @@ class AsyncEngine:
 
     async def _invoke_v1(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         lease: Lease,
         path: str,
         body: bytes,
@@ -370,10 +365,10 @@ class AsyncEngine:
             return Streaming(self._plain(port, upstream, key))
         try:
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, await _read_bounded(upstream, MAX_BLOB), aead=s.aead)
+                return open_answer(key, await upstream.aread(MAX_BLOB), aead=s.aead)
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = await _read_bounded(upstream, limit)
+            data = await upstream.aread(limit)
             if is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:
@@ -382,7 +377,7 @@ class AsyncEngine:
 
     async def _invoke_v2(
         self,
-        port: AsyncPort,
+        port: AsyncBoundedPort,
         lease: Lease,
         negotiated: Negotiated,
         path: str,
@@ -428,7 +423,7 @@ class AsyncEngine:
                 return Streaming(stream)
             return await stream._rest()  # the engine's error answer, authenticated
         try:
-            data = await _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = await upstream.aread(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -439,13 +434,21 @@ class AsyncEngine:
     # -- models ---------------------------------------------------------------------------------
 
     async def _resolve_chute(
-        self, port: AsyncPort, model: str, auth: str | None, now: Monotonic, *, force: bool = False
+        self,
+        port: AsyncBoundedPort,
+        model: str,
+        auth: str | None,
+        now: Monotonic,
+        *,
+        force: bool = False,
     ) -> str:
+        if not force:
+            with self._guard:
+                chute = self.state.fresh_chute(model, now)  # (a UUID: itself, a chute id)
+            if chute is not None:
+                return chute
         with self._guard:
-            chute = self.state.resolve_chute(model, now)  # (a UUID: itself, a chute id)
-            stale = self.state.models_stale(now)
-        if chute is not None and not force and not stale:
-            return chute
+            chute = self.state.resolve_chute(model, now)  # (the cached answer, even if stale)
         if chute == model and looks_like_uuid(model):
             return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
@@ -469,7 +472,7 @@ class AsyncEngine:
             )
         return chute
 
-    async def _fetch_models(self, port: AsyncPort, auth: str | None) -> None:
+    async def _fetch_models(self, port: AsyncBoundedPort, auth: str | None) -> None:
         status, _, data = await self._get(port, self.settings.models_base + MODELS_PATH, auth)
         if status != 200:
             raise RelayError(
@@ -496,9 +499,9 @@ class AsyncEngine:
             return lock
 
     async def _lease(
-        self, port: AsyncPort, chute: str, auth: str | None, deadline: float
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        found, refresh = self._try_lease(chute, self.now())
+        found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
             if refresh:
                 await self._prefetch(port, chute, auth)
@@ -571,7 +574,7 @@ class AsyncEngine:
         if "v1" in fresh:
             log.warning("chute %s offers no v2: using v1 (min_version=2 would refuse)", chute)
 
-    async def _prefetch(self, port: AsyncPort, chute: str, auth: str | None) -> None:
+    async def _prefetch(self, port: AsyncBoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
         and the rate limit allows one right now (a prefetch never waits)."""
         lock = self._chute_lock(chute)
@@ -593,7 +596,7 @@ class AsyncEngine:
             lock.release()
 
     async def _discover(
-        self, port: AsyncPort, chute: str, auth: str | None, deadline: float
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, deadline: float
     ) -> None:
         while True:
             now = self.now()
@@ -613,7 +616,7 @@ class AsyncEngine:
         await self._discover_now(port, chute, auth, now)
 
     async def _discover_now(
-        self, port: AsyncPort, chute: str, auth: str | None, recorded_at: Monotonic
+        self, port: AsyncBoundedPort, chute: str, auth: str | None, recorded_at: Monotonic
     ) -> None:
         sent_at = self.now()
         status, headers, data = await self._get(
@@ -645,12 +648,12 @@ class AsyncEngine:
             self.clock_offset = offset
 
     async def _get(
-        self, port: AsyncPort, url: str, auth: str | None
+        self, port: AsyncBoundedPort, url: str, auth: str | None
     ) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
         if auth:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = await port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = await _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = await response.aread(MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sized
 from typing import Final, Protocol, TypeVar
 
+import anyio
+
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ConnectionLost, ErrorCode, PQE2EEError
 from pqe2ee.protocol._events import Done, InnerEvent
@@ -20,7 +22,6 @@ from pqe2ee.protocol.response import Opened, ResponseDecoder
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets
 from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
-from pqe2ee.transports._primitives import AsyncShieldCancellation
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = ["DRAIN_LIMIT", "AsyncPlainStream", "AsyncPort", "AsyncPortResponse"]
@@ -241,5 +242,5 @@ class AsyncPlainStream:
             return
         self._closed = True
         self._decoder.wipe()
-        with AsyncShieldCancellation():
+        with anyio.CancelScope(shield=True):
             await self._upstream.aclose()

@@ -39,7 +39,7 @@ from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 from pqe2ee.transports._offload import offload
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._sync._stream import Port, PortResponse
+    from pqe2ee.transports._sync._bounded import BoundedPort, BoundedResponse
 
 __all__ = ["Attestor"]
 
@@ -55,7 +55,7 @@ class _Leaser(Protocol):
     def drop(self, lease: Lease) -> None: ...
 
     def _lease(
-        self, port: Port, chute: str, auth: str | None, deadline: float
+        self, port: BoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]: ...
 
 
@@ -81,7 +81,7 @@ class Attestor:
     def admit(
         self,
         engine: _Leaser,
-        port: Port,
+        port: BoundedPort,
         chute: str,
         found: tuple[Lease, Negotiated],
         auth: str | None,
@@ -138,7 +138,9 @@ class Attestor:
         if rejected:
             raise _failed(chute, rejected) from exc
 
-    def _verdict(self, port: Port, chute: str, lease: Lease, auth: str | None) -> Verdict | None:
+    def _verdict(
+        self, port: BoundedPort, chute: str, lease: Lease, auth: str | None
+    ) -> Verdict | None:
         gate = self.gate
         now = self.options.wall_clock()
         with self._guard:
@@ -190,7 +192,7 @@ class Attestor:
         return verdict
 
     def _fetch_evidence(
-        self, port: Port, chute: str, nonce_hex: str, auth: str | None, now: float
+        self, port: BoundedPort, chute: str, nonce_hex: str, auth: str | None, now: float
     ) -> EvidenceBundle | None:
         url = f"{self.api_base}/chutes/{chute}/evidence?nonce={nonce_hex}"
         headers = [("Accept", "application/json")]
@@ -214,7 +216,7 @@ class Attestor:
             return None
         return bundle
 
-    def _nras(self, port: Port, gpu_evidence: object, h: bytes) -> NrasResult | None:
+    def _nras(self, port: BoundedPort, gpu_evidence: object, h: bytes) -> NrasResult | None:
         """NRAS's answer for these GPUs sent with ``h``, and the JWKS keys to check it with;
         ``None`` when there is no GPU evidence (the verdict says ``attest_gpu_missing``)."""
         if not isinstance(gpu_evidence, list) or not gpu_evidence:
@@ -240,7 +242,9 @@ class Attestor:
             return NrasResult(error=f"NVIDIA JWKS unusable ({why})")
         return NrasResult(answer=answer, keys=keys)
 
-    def _nras_keys(self, port: Port, kids: frozenset[str]) -> dict[str, ec.EllipticCurvePublicKey]:
+    def _nras_keys(
+        self, port: BoundedPort, kids: frozenset[str]
+    ) -> dict[str, ec.EllipticCurvePublicKey]:
         """NVIDIA's JWKS keys, cached ``nras_jwks_ttl`` seconds; fetched again (at most every
         minute) when the answer names a key the cache lacks (NVIDIA rotates them daily)."""
         gate, now = self.gate, self.options.wall_clock()
@@ -263,7 +267,7 @@ class Attestor:
             gate.nras_keys, gate.nras_keys_at = keys, now
         return keys
 
-    def _ensure_collateral(self, port: Port, quote_b64: object, now: float) -> float | None:
+    def _ensure_collateral(self, port: BoundedPort, quote_b64: object, now: float) -> float | None:
         """Fetch Intel collateral for this quote's FMSPC when none at hand is valid now;
         returns the earliest nextUpdate of what will be used (``None`` if there is none)."""
         try:
@@ -280,7 +284,7 @@ class Attestor:
             selected = self.gate.collateral.select(quote.fmspc, quote.ca, now)
         return None if selected is None else selected.expires
 
-    def _fetch_collateral(self, port: Port, fmspc: str, ca: str) -> Collateral:
+    def _fetch_collateral(self, port: BoundedPort, fmspc: str, ca: str) -> Collateral:
         pcs = self.options.pcs_url
         assert pcs is not None
         urls = collateral_urls(pcs, fmspc, ca)
@@ -353,7 +357,5 @@ def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
     )
 
 
-def _read(response: PortResponse, limit: int) -> bytes:
-    from pqe2ee.transports._sync._bounded import read_bounded
-
-    return read_bounded(response, limit)
+def _read(response: BoundedResponse, limit: int) -> bytes:
+    return response.read(limit)

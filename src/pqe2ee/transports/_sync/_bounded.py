@@ -9,7 +9,8 @@ keep a request open past ``ClientOptions.deadline``. Past it, the step raises
 :class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
 library's stream error, like any other stream failure.
 
-Also :func:`read_bounded`, a whole body bounded in size. Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
+:meth:`BoundedResponse.read` reads a whole body, bounded in size as well. Written once,
+as async code; ``scripts/unasync.py`` generates the blocking twin.
 """
 
 from __future__ import annotations
@@ -20,28 +21,11 @@ from typing import TYPE_CHECKING
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import Deadline
-from pqe2ee.transports._primitives import ShieldCancellation
 
 if TYPE_CHECKING:
     from pqe2ee.transports._sync._stream import Port, PortResponse
 
-__all__ = ["BoundedPort", "BoundedResponse", "read_bounded"]
-
-
-def read_bounded(response: PortResponse, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes; always closes."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        for chunk in response.iter_bytes():
-            total += len(chunk)
-            if total > limit:
-                raise LimitExceeded(f"relay answer is larger than {limit} bytes")
-            chunks.append(chunk)
-    finally:
-        with ShieldCancellation():
-            response.close()
-    return b"".join(chunks)
+__all__ = ["BoundedPort", "BoundedResponse"]
 
 
 class BoundedResponse:
@@ -57,6 +41,23 @@ class BoundedResponse:
 
     def iter_bytes(self) -> Iterator[bytes]:
         return self._reads.bounded(self._response.iter_bytes())
+
+    def read(self, limit: int) -> bytes:
+        """The whole body, refusing more than ``limit`` bytes; always closes. (What
+        :meth:`iter_bytes` then :meth:`close` do, written out: a non-stream answer's read.)"""
+        chunks: list[bytes] = []
+        total = 0
+        reads = self._reads
+        try:
+            for chunk in reads.bounded(self._response.iter_bytes()):
+                total += len(chunk)
+                if total > limit:
+                    raise LimitExceeded(f"relay answer is larger than {limit} bytes")
+                chunks.append(chunk)
+        finally:
+            reads.release()
+            self._response.close()
+        return b"".join(chunks)
 
     def close(self) -> None:
         self._reads.release()

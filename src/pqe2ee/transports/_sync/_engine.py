@@ -101,7 +101,6 @@ from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Lock, sleep
 from pqe2ee.transports._sync._attest import Attestor
 from pqe2ee.transports._sync._bounded import BoundedPort
-from pqe2ee.transports._sync._bounded import read_bounded as _read_bounded
 from pqe2ee.transports._sync._stream import PlainStream, Port, PortResponse
 from pqe2ee.transports._usage import UsageFilter
 
@@ -251,85 +250,79 @@ class Engine:
     ) -> Outcome:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
-        deadline = Deadline(self.settings.options.deadline, self.clock)
-        with deadline:
-            bounded = BoundedPort(port, deadline)
-            started = Monotonic(deadline.start)  # (the engine's clock: one read for both)
-            return self._invoke(bounded, path, body, decoded, model, auth, started)
-
-    def _invoke(
-        self,
-        port: Port,
-        path: str,
-        body: bytes,
-        decoded: _Body,
-        model: str,
-        auth: str | None,
-        started: Monotonic,
-    ) -> Outcome:
-        s = self.settings
-        deadline = started + s.timeout
-        chute = self._resolve_chute(port, model, auth, started)
-        last: RelayError | None = None
-        retried_once: set[ErrorCode] = set()
-        remapped = False
-        for attempt in range(1, s.max_attempts + 1):
-            try:
-                lease, negotiated = self._lease(port, chute, auth, deadline)
-            except RelayError as exc:
-                if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
-                    # Discovery does not know the cached chute id ("Chute not found"): the
-                    # model may have moved. Re-read the listing once and retry if it changed.
-                    remapped = True
-                    fresh = self._resolve_chute(port, model, auth, self.now(), force=True)
-                    if fresh != chute:
-                        chute, last = fresh, exc
-                        continue
-                if self.attestor is not None:
-                    self.attestor.no_instances(chute, exc)  # left: only instances that failed
-                if last is not None and exc.code is ErrorCode.NO_INSTANCES:
-                    raise RetriesExhausted(last, attempt - 1) from last
-                raise
-            if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
-                found = self.attestor.admit(self, port, chute, (lease, negotiated), auth, deadline)
-                lease, negotiated = found
-            if negotiated.version == 2:
-                outcome = self._invoke_v2(port, lease, negotiated, path, body, auth, decoded)
-            else:
-                outcome = self._invoke_v1(port, lease, path, body, auth, decoded)
-            if not isinstance(outcome, RelayAnswer):
-                if isinstance(outcome, Streaming):
-                    outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+        # One frame for the whole request: the steps below run inside the deadline's block.
+        total = Deadline(self.settings.options.deadline, self.clock)
+        with total:
+            bounded = BoundedPort(port, total)
+            started = Monotonic(total.start)  # (the engine's clock: one read for both)
+            s = self.settings
+            deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)
+            chute = self._resolve_chute(bounded, model, auth, started)
+            last: RelayError | None = None
+            retried_once: set[ErrorCode] = set()
+            remapped = False
+            for attempt in range(1, s.max_attempts + 1):
+                try:
+                    lease, negotiated = self._lease(bounded, chute, auth, deadline)
+                except RelayError as exc:
+                    if exc.code is ErrorCode.MODEL_NOT_FOUND and not remapped:
+                        # Discovery does not know the cached chute id ("Chute not found"): the
+                        # model may have moved. Re-read the listing once and retry if it changed.
+                        remapped = True
+                        fresh = self._resolve_chute(bounded, model, auth, self.now(), force=True)
+                        if fresh != chute:
+                            chute, last = fresh, exc
+                            continue
+                    if self.attestor is not None:
+                        self.attestor.no_instances(chute, exc)  # left: only instances that failed
+                    if last is not None and exc.code is ErrorCode.NO_INSTANCES:
+                        raise RetriesExhausted(last, attempt - 1) from last
+                    raise
+                if self.attestor is not None:  # before anything is sealed (pqe2ee.attest)
+                    found = self.attestor.admit(
+                        self, bounded, chute, (lease, negotiated), auth, deadline
+                    )
+                    lease, negotiated = found
+                if negotiated.decision.version == 2:  # (.version: a property frame)
+                    outcome = self._invoke_v2(bounded, lease, negotiated, path, body, auth, decoded)
+                else:
+                    outcome = self._invoke_v1(bounded, lease, path, body, auth, decoded)
+                if not isinstance(outcome, RelayAnswer):
+                    if isinstance(outcome, Streaming):
+                        outcome.stream.usage_filter = UsageFilter.for_request(body, decoded)
+                    return outcome
+                error = outcome.error
+                with self._guard:
+                    self.state.report(lease, error, self.now())
+                retry = error.code in RETRYABLE
+                if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
+                    retried_once.add(error.code)
+                    retry = True
+                    if error.code is ErrorCode.STALE:
+                        self._note_date(outcome.headers)
+                if retry:
+                    last = error
+                    log.debug(
+                        "relay answered %s (%s); attempt %d",
+                        outcome.status,
+                        error.code.value,
+                        attempt,
+                    )
+                    continue
+                if error.code is not ErrorCode.RELAY_ERROR:
+                    raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
+                if negotiated.version == 2:
+                    # Under v2 the engine's answers (errors included) are authenticated and always
+                    # arrive in a 200; any other status is the relay's own, unauthenticated words.
+                    # Raise it as such rather than let it pass for the engine's error.
+                    raise error
                 return outcome
-            error = outcome.error
-            with self._guard:
-                self.state.report(lease, error, self.now())
-            retry = error.code in RETRYABLE
-            if error.code in RETRYABLE_ONCE_V2 and error.code not in retried_once:
-                retried_once.add(error.code)
-                retry = True
-                if error.code is ErrorCode.STALE:
-                    self._note_date(outcome.headers)
-            if retry:
-                last = error
-                log.debug(
-                    "relay answered %s (%s); attempt %d", outcome.status, error.code.value, attempt
-                )
-                continue
-            if error.code is not ErrorCode.RELAY_ERROR:
-                raise error  # path_forbidden, a v2 refusal, or a retry-once code seen twice
-            if negotiated.version == 2:
-                # Under v2 the engine's answers (errors included) are authenticated and always
-                # arrive in a 200; any other status is the relay's own, unauthenticated words.
-                # Raise it as such rather than let it pass for the engine's error.
-                raise error
-            return outcome
-        assert last is not None
-        raise RetriesExhausted(last, s.max_attempts) from last
+            assert last is not None
+            raise RetriesExhausted(last, s.max_attempts) from last
 
     def _plain(
         self,
-        port: Port,
+        port: BoundedPort,
         upstream: PortResponse,
         key: KEMPrivateKey | ResponseSecrets,
     ) -> PlainStream:
@@ -344,7 +337,7 @@ class Engine:
 
     def _invoke_v1(
         self,
-        port: Port,
+        port: BoundedPort,
         lease: Lease,
         path: str,
         body: bytes,
@@ -367,10 +360,10 @@ class Engine:
             return Streaming(self._plain(port, upstream, key))
         try:
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, _read_bounded(upstream, MAX_BLOB), aead=s.aead)
+                return open_answer(key, upstream.read(MAX_BLOB), aead=s.aead)
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = _read_bounded(upstream, limit)
+            data = upstream.read(limit)
             if is_sealed_error(status, content_type, data):
                 return open_answer(key, data, aead=s.aead, status=status)
         finally:
@@ -379,7 +372,7 @@ class Engine:
 
     def _invoke_v2(
         self,
-        port: Port,
+        port: BoundedPort,
         lease: Lease,
         negotiated: Negotiated,
         path: str,
@@ -423,7 +416,7 @@ class Engine:
                 return Streaming(stream)
             return stream._rest()  # the engine's error answer, authenticated
         try:
-            data = _read_bounded(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = upstream.read(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -434,13 +427,21 @@ class Engine:
     # -- models ---------------------------------------------------------------------------------
 
     def _resolve_chute(
-        self, port: Port, model: str, auth: str | None, now: Monotonic, *, force: bool = False
+        self,
+        port: BoundedPort,
+        model: str,
+        auth: str | None,
+        now: Monotonic,
+        *,
+        force: bool = False,
     ) -> str:
+        if not force:
+            with self._guard:
+                chute = self.state.fresh_chute(model, now)  # (a UUID: itself, a chute id)
+            if chute is not None:
+                return chute
         with self._guard:
-            chute = self.state.resolve_chute(model, now)  # (a UUID: itself, a chute id)
-            stale = self.state.models_stale(now)
-        if chute is not None and not force and not stale:
-            return chute
+            chute = self.state.resolve_chute(model, now)  # (the cached answer, even if stale)
         if chute == model and looks_like_uuid(model):
             return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
@@ -464,7 +465,7 @@ class Engine:
             )
         return chute
 
-    def _fetch_models(self, port: Port, auth: str | None) -> None:
+    def _fetch_models(self, port: BoundedPort, auth: str | None) -> None:
         status, _, data = self._get(port, self.settings.models_base + MODELS_PATH, auth)
         if status != 200:
             raise RelayError(
@@ -491,9 +492,9 @@ class Engine:
             return lock
 
     def _lease(
-        self, port: Port, chute: str, auth: str | None, deadline: float
+        self, port: BoundedPort, chute: str, auth: str | None, deadline: float
     ) -> tuple[Lease, Negotiated]:
-        found, refresh = self._try_lease(chute, self.now())
+        found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
             if refresh:
                 self._prefetch(port, chute, auth)
@@ -566,7 +567,7 @@ class Engine:
         if "v1" in fresh:
             log.warning("chute %s offers no v2: using v1 (min_version=2 would refuse)", chute)
 
-    def _prefetch(self, port: Port, chute: str, auth: str | None) -> None:
+    def _prefetch(self, port: BoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
         and the rate limit allows one right now (a prefetch never waits)."""
         lock = self._chute_lock(chute)
@@ -587,7 +588,7 @@ class Engine:
         finally:
             lock.release()
 
-    def _discover(self, port: Port, chute: str, auth: str | None, deadline: float) -> None:
+    def _discover(self, port: BoundedPort, chute: str, auth: str | None, deadline: float) -> None:
         while True:
             now = self.now()
             with self._guard:
@@ -606,7 +607,7 @@ class Engine:
         self._discover_now(port, chute, auth, now)
 
     def _discover_now(
-        self, port: Port, chute: str, auth: str | None, recorded_at: Monotonic
+        self, port: BoundedPort, chute: str, auth: str | None, recorded_at: Monotonic
     ) -> None:
         sent_at = self.now()
         status, headers, data = self._get(
@@ -637,11 +638,11 @@ class Engine:
         if offset is not None:
             self.clock_offset = offset
 
-    def _get(self, port: Port, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
+    def _get(self, port: BoundedPort, url: str, auth: str | None) -> tuple[int, RawHeaders, bytes]:
         headers = [("Accept", "application/json")]
         if auth:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = _read_bounded(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = response.read(MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data

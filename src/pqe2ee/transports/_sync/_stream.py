@@ -21,7 +21,6 @@ from pqe2ee.protocol.response import Opened, ResponseDecoder
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets
 from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
-from pqe2ee.transports._primitives import ShieldCancellation
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = ["DRAIN_LIMIT", "PlainStream", "Port", "PortResponse"]
@@ -241,5 +240,4 @@ class PlainStream:
             return
         self._closed = True
         self._decoder.wipe()
-        with ShieldCancellation():
-            self._upstream.close()
+        self._upstream.close()
