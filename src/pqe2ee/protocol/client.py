@@ -325,9 +325,6 @@ class ClientState:
         ``None`` (see :meth:`ModelMap.fresh`)."""
         return self._models.fresh(model, now)
 
-    def models_stale(self, now: Monotonic) -> bool:
-        return self._models.stale(now)
-
     def update_models(self, doc: bytes, now: Monotonic) -> dict[str, str]:
         mapping = parse_models(doc)
         self._models.update(mapping, now)
