@@ -22,7 +22,7 @@ from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._primitives import AsyncShieldCancellation
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
+    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse, AsyncRawBody
 
 __all__ = ["AsyncBoundedPort", "AsyncBoundedResponse", "read_bounded"]
 
@@ -56,6 +56,10 @@ class AsyncBoundedResponse:
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         return self._reads.bounded(self._response.aiter_bytes())
+
+    def raw_bytes(self) -> AsyncRawBody:
+        chunks, failed, _ = self._response.raw_bytes()
+        return chunks, failed, self._reads
 
     async def aclose(self) -> None:
         self._reads.release()

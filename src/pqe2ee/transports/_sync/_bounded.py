@@ -23,7 +23,7 @@ from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._primitives import ShieldCancellation
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._sync._stream import Port, PortResponse
+    from pqe2ee.transports._sync._stream import Port, PortResponse, RawBody
 
 __all__ = ["BoundedPort", "BoundedResponse", "read_bounded"]
 
@@ -57,6 +57,10 @@ class BoundedResponse:
 
     def iter_bytes(self) -> Iterator[bytes]:
         return self._reads.bounded(self._response.iter_bytes())
+
+    def raw_bytes(self) -> RawBody:
+        chunks, failed, _ = self._response.raw_bytes()
+        return chunks, failed, self._reads
 
     def close(self) -> None:
         self._reads.release()
