@@ -279,6 +279,31 @@ async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
         assert timers and all(timer._handle is None for timer in timers)
 
 
+async def test_httpx2_stream_read_waiting_past_the_deadline_is_cut_at_it(
+    stack: FaultyStack, anyio_backend: str
+) -> None:
+    """A streamed body's read runs in its guard (asyncio: the body's timer; trio: a cancel
+    scope): a relay that sends nothing for longer than the deadline leaves is cut off at the
+    deadline, not when its next byte comes."""
+    stack.faults.trickle_interval = 8.0
+    stack.faults.inject(Fault.TRICKLE, times=1)
+    try:
+        transport = pqe2ee.AsyncE2EETransport(
+            api_key=KEY, api_base=stack.relay, models_base=stack.relay, deadline=1.0
+        )
+        async with httpx2.AsyncClient(transport=transport) as http:
+            left = Leftovers(anyio_backend)
+            started = time.monotonic()
+            async with http.stream("POST", "http://sdk.invalid" + CHAT, json=chat()) as resp:
+                with pytest.raises(DeadlineExceeded):
+                    async for _ in resp.aiter_raw():
+                        pass
+            assert time.monotonic() - started < 4.0
+            await left.assert_none()
+    finally:
+        stack.faults.trickle_interval = 2.0
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
 @pytest.mark.parametrize("first", ["theirs", "ours"])
 async def test_read_timer_lets_a_cancellation_of_someone_else_through(
