@@ -429,11 +429,16 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             raise self._unexpected(exc) from exc
 
     def receive_eof(self) -> None:
-        if not self._mark_eof():
+        # Written flat (_mark_eof and _guard inlined, _unhold only when a line is held): once
+        # per stream, but a short stream's fixed cost.
+        if self._error is not None:
+            raise self._error
+        if self._eof:
             return
-
-        def finish() -> None:
-            self._unhold()  # the parser decides what a cut means
+        self._eof = True
+        try:
+            if self._held is not None:
+                self._unhold()  # the parser decides what a cut means
             tail = bytes(self._buf)
             self._buf.clear()
             # An unterminated last line is read while the stream still needs it. Once the inner
@@ -448,10 +453,14 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     raise self._fail(
                         ErrorCode.STREAM_TRUNCATED, "stream ended inside an outer event"
                     ) from None
-            self._unhold()  # (the last line may have been one to hold)
+                if self._held is not None:
+                    self._unhold()  # (the last line was one to hold)
             self._on(_Input.EOF)
-
-        self._guard(finish)
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
 
     # -- internals ----------------------------------------------------------------------------
 

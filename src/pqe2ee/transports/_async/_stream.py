@@ -235,7 +235,7 @@ class AsyncPlainStream:
                                 failed(exc)
                             if chunk is None:
                                 held += decoder.eof()
-                                await self._upstream.aclose()  # read out: back to the pool
+                                await self.aclose()  # read out: its connection back to the pool
                                 break
                             if held:
                                 held += decoder.feed(chunk)

@@ -233,7 +233,7 @@ class PlainStream:
                                 failed(exc)
                             if chunk is None:
                                 held += decoder.eof()
-                                self._upstream.close()  # read out: back to the pool
+                                self.close()  # read out: its connection back to the pool
                                 break
                             if held:
                                 held += decoder.feed(chunk)
