@@ -173,7 +173,7 @@ class AsyncBodyReads:
         would enter, as long as no block of the deadline opens or closes (a stream is read
         after the request's block: asking once for the whole stream is enough)."""
         deadline = self._deadline
-        guard: AbstractContextManager[None] | None = None
+        guard: AbstractContextManager[None]
         if deadline._open:
             guard = deadline  # the enclosing scope cancels at the same moment
         elif deadline.end == math.inf:

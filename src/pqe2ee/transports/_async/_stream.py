@@ -68,8 +68,8 @@ class AsyncPortResponse(Protocol):
         """The same body for a reader that makes the per-read work its own (a stream, read
         once per event): the library's own iterator of it (no layer of the port's per
         chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if any (read as its ``per_read()`` says). Instead of ``aiter_bytes``, once; ``aclose`` still
-        releases the connection."""
+        are held to, if any (read as its ``per_read()`` says). Instead of ``aiter_bytes``,
+        once; ``aclose`` still releases the connection."""
         ...
 
     async def aclose(self) -> None:
