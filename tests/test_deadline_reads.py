@@ -254,38 +254,14 @@ async def test_httpx2_stream_one_timer_released_at_the_end(
         assert all(timer._handle is None for timer in timers)
 
 
+@pytest.mark.parametrize("interval", [0.2, 8.0], ids=["trickling", "stalled"])
 async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
-    stack: FaultyStack, anyio_backend: str, timers: list[AsyncReadTimer]
-) -> None:
-    stack.faults.trickle_interval = 0.2
-    stack.faults.inject(Fault.TRICKLE, times=1)
-    try:
-        transport = pqe2ee.AsyncE2EETransport(
-            api_key=KEY, api_base=stack.relay, models_base=stack.relay, deadline=1.0
-        )
-        async with httpx2.AsyncClient(transport=transport) as http:
-            left = Leftovers(anyio_backend)
-            async with http.stream("POST", "http://sdk.invalid" + CHAT, json=chat()) as resp:
-                with pytest.raises(DeadlineExceeded):
-                    async for _ in resp.aiter_raw():
-                        pass
-            await left.assert_none()
-            # The client goes on: the next request on it works.
-            answer = await http.post("http://sdk.invalid" + CHAT, json=chat(stream=False))
-            assert answer.status_code == 200
-    finally:
-        stack.faults.trickle_interval = 2.0
-    if anyio_backend == "asyncio":
-        assert timers and all(timer._handle is None for timer in timers)
-
-
-async def test_httpx2_stream_read_waiting_past_the_deadline_is_cut_at_it(
-    stack: FaultyStack, anyio_backend: str
+    stack: FaultyStack, anyio_backend: str, timers: list[AsyncReadTimer], interval: float
 ) -> None:
     """A streamed body's read runs in its guard (asyncio: the body's timer; trio: a cancel
-    scope): a relay that sends nothing for longer than the deadline leaves is cut off at the
-    deadline, not when its next byte comes."""
-    stack.faults.trickle_interval = 8.0
+    scope): a relay trickling bytes, or sending nothing for longer than the deadline leaves,
+    is cut off at the deadline (not when its next byte comes), leaving nothing behind."""
+    stack.faults.trickle_interval = interval
     stack.faults.inject(Fault.TRICKLE, times=1)
     try:
         transport = pqe2ee.AsyncE2EETransport(
@@ -300,8 +276,13 @@ async def test_httpx2_stream_read_waiting_past_the_deadline_is_cut_at_it(
                         pass
             assert time.monotonic() - started < 4.0
             await left.assert_none()
+            # The client goes on: the next request on it works.
+            answer = await http.post("http://sdk.invalid" + CHAT, json=chat(stream=False))
+            assert answer.status_code == 200
     finally:
         stack.faults.trickle_interval = 2.0
+    if anyio_backend == "asyncio":
+        assert timers and all(timer._handle is None for timer in timers)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's timer only
