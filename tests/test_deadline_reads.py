@@ -254,10 +254,14 @@ async def test_httpx2_stream_one_timer_released_at_the_end(
         assert all(timer._handle is None for timer in timers)
 
 
+@pytest.mark.parametrize("interval", [0.2, 8.0], ids=["trickling", "stalled"])
 async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
-    stack: FaultyStack, anyio_backend: str, timers: list[AsyncReadTimer]
+    stack: FaultyStack, anyio_backend: str, timers: list[AsyncReadTimer], interval: float
 ) -> None:
-    stack.faults.trickle_interval = 0.2
+    """A streamed body's read runs in its guard (asyncio: the body's timer; trio: a cancel
+    scope): a relay trickling bytes, or sending nothing for longer than the deadline leaves,
+    is cut off at the deadline (not when its next byte comes), leaving nothing behind."""
+    stack.faults.trickle_interval = interval
     stack.faults.inject(Fault.TRICKLE, times=1)
     try:
         transport = pqe2ee.AsyncE2EETransport(
@@ -265,10 +269,12 @@ async def test_httpx2_stream_cut_by_the_timer_leaves_nothing(
         )
         async with httpx2.AsyncClient(transport=transport) as http:
             left = Leftovers(anyio_backend)
+            started = time.monotonic()
             async with http.stream("POST", "http://sdk.invalid" + CHAT, json=chat()) as resp:
                 with pytest.raises(DeadlineExceeded):
                     async for _ in resp.aiter_raw():
                         pass
+            assert time.monotonic() - started < 4.0
             await left.assert_none()
             # The client goes on: the next request on it works.
             answer = await http.post("http://sdk.invalid" + CHAT, json=chat(stream=False))

@@ -149,3 +149,23 @@ def test_unexpected_exception_fails_the_decryptor_for_good() -> None:
     with pytest.raises(StreamError):
         dec.receive_eof()
     assert not dec.complete
+
+
+def test_unexpected_exception_at_eof_fails_the_decryptor_for_good() -> None:
+    """The same at EOF (receive_eof is written flat, its guard inlined): the last line's
+    unexpected failure is a sticky StreamError, and the stream is never complete."""
+    pair = v1_pair()
+    dec = pair.decryptor()
+
+    def boom(_line: bytes) -> None:
+        raise RecursionError("simulated")
+
+    dec._line = boom  # type: ignore[method-assign]
+    dec.receive_data(b"data: {}")  # an unterminated last line: read at EOF
+    with pytest.raises(StreamError) as info:
+        dec.receive_eof()
+    assert isinstance(info.value.__cause__, RecursionError)
+    assert info.value.code is ErrorCode.MALFORMED_EVENT
+    with pytest.raises(StreamError):
+        dec.receive_data(b"\n")
+    assert not dec.complete

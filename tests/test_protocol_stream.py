@@ -1183,3 +1183,46 @@ def test_init_event_fast_path_keeps_the_slow_verdicts(kem: KEM, aead: AEAD) -> N
     with pytest.raises(StreamError) as info:
         run(pair.decryptor(), init + init + body)
     assert info.value.code is ErrorCode.DUPLICATE_INIT
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        b'{"usage":{"a":1}}',
+        b'{"usage": {"a": [1, 2.5, "x", null, true]} }',
+        b'{ "usage" : {"a":1} }',
+        b'{"usage":{"a":1}} ',
+        b'{"usage":null}',
+        b'{"usage":"\\u00e9"}',
+        b'{"usage":{"a":1}}}',
+        b'{"usage":}',
+        b'{"usage":{"a":1},"usage":{"a":2}}',
+        b'{"usage":{"a":1}, "x":2}',
+        b'{"usage":{"a":1} , "x":2}',
+        b'{"usage":1 2}',
+        b'{"usage":12',
+        b'{"usage":{"a":01}}',
+        b'{"usage":NaN}',
+        b'{"usage":"\xc3\xa9"}',
+    ],
+)
+def test_usage_lines_unread_get_the_verdict_of_read_ones(
+    kem: KEM, aead: AEAD, usage: bytes
+) -> None:
+    """A usage line nobody reads is checked by a quick test (``{"usage":`` + one JSON value
+    + ``}``) or else by the full parse; whatever the spelling, the verdict is the one a
+    decryptor that builds the usage gives (the same events, or the same error)."""
+    pair = Pair(kem, aead)
+    outer = pair.encode(chunk(1, "a") + b"data: [DONE]\n\n")
+    init, _, rest = outer.partition(b"\n\n")
+    stream = init + b"\n\ndata: " + usage + b"\n\n" + rest
+
+    def verdict(decode_usage: bool) -> object:
+        dec = StreamDecryptor(pair.key(), aead=aead, decode_usage=decode_usage)
+        try:
+            events = run(dec, stream)
+        except PQE2EEError as exc:
+            return exc.code
+        return [e for e in events if not isinstance(e, Usage)]
+
+    assert verdict(False) == verdict(True)

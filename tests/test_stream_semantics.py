@@ -113,6 +113,32 @@ async def test_async_streamed_calls_reuse_one_connection(stack: Stack) -> None:
     assert len(stack.ports.seen) == 3 and len(set(stack.ports.seen)) == 1, stack.ports.seen
 
 
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_a_stream_read_out_frees_its_connection_before_it_is_closed(
+    stack: Stack, prefer_v2: bool
+) -> None:
+    """The stream reads the relay's bytes itself (no port generator that closed the answer
+    when it ran out): once the last events are handed over the connection is back in the
+    pool, though the caller holds the stream open - the next call, made before closing it,
+    goes over the same connection."""
+    transport = tx_httpx2.E2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    body = {"model": "dev-echo", "messages": user("held"), "stream": True}
+    stack.ports.seen.clear()
+    with httpx2.Client(transport=transport) as http:
+        with http.stream("POST", stack.relay + "/v1/chat/completions", json=body) as first:
+            got = b""
+            chunks = first.iter_raw()  # (held: not closed by the loop's end)
+            for chunk in chunks:
+                got += chunk
+                if b"data: [DONE]" in got:
+                    break  # (the stream is neither read past its end nor closed yet)
+            second = http.post(stack.relay + "/v1/chat/completions", json={**body, "stream": False})
+            assert second.status_code == 200
+    assert len(stack.ports.seen) == 2 and len(set(stack.ports.seen)) == 1, stack.ports.seen
+
+
 def test_proxy_streams_reuse_its_relay_connection(stack: Stack) -> None:
     sdk = openai.OpenAI(base_url=stack.proxy + "/v1", api_key=KEY, max_retries=0)
     stack.ports.seen.clear()

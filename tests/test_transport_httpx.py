@@ -1042,3 +1042,59 @@ def test_a_coded_or_already_read_relay_answer_is_opened(stack: FaultyStack, gzip
         )
         assert stream_text(chunks) == "Echo: coded stream"
     assert inner.coded == 2
+
+
+# -- a DecryptingStream made by hand (no engine: its reads are held to no deadline) -----------
+
+
+def _sealed_stream(text: str) -> tuple[Any, list[bytes], bytes]:
+    from pqe2ee.backends import get_aead, get_kem
+    from pqe2ee.protocol.v1.stream import StreamEncoder, StreamSealer
+
+    kem, aead = get_kem(), get_aead()
+    key = kem.generate()
+    inner = [
+        b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % text.encode(),
+        b"data: [DONE]\n\n",
+    ]
+    encoder = StreamEncoder(StreamSealer(key.public_key, kem=kem, aead=aead))
+    wire = [encoder.start(), *(encoder.feed(part) for part in inner), encoder.finish()]
+    return key, [part for part in wire if part], b"".join(inner)
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_a_decrypting_stream_made_by_hand_reads_without_a_deadline(flavour: str) -> None:
+    lib, mod = FLAVOURS[flavour]
+    key, wire, expected = _sealed_stream("by hand")
+    settings = mod.E2EETransport(api_key=KEY, api_base="http://relay.invalid").settings
+    request = lib.Request("POST", "http://relay.invalid/e2e/invoke")
+
+    class Body(lib.SyncByteStream):  # type: ignore[misc]
+        def __iter__(self) -> Iterator[bytes]:
+            yield from wire
+
+    upstream = lib.Response(200, stream=Body(), request=request)
+    stream = mod.DecryptingStream(upstream, key, settings, request)
+    assert b"".join(stream) == expected
+    assert upstream.is_closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+async def test_an_async_decrypting_stream_made_by_hand_reads_without_a_deadline(
+    flavour: str,
+) -> None:
+    lib, mod = FLAVOURS[flavour]
+    key, wire, expected = _sealed_stream("by hand, async")
+    settings = mod.AsyncE2EETransport(api_key=KEY, api_base="http://relay.invalid").settings
+    request = lib.Request("POST", "http://relay.invalid/e2e/invoke")
+
+    class Body(lib.AsyncByteStream):  # type: ignore[misc]
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for part in wire:
+                yield part
+
+    upstream = lib.Response(200, stream=Body(), request=request)
+    stream = mod.AsyncDecryptingStream(upstream, key, settings, request)
+    assert b"".join([chunk async for chunk in stream]) == expected
+    assert upstream.is_closed

@@ -64,6 +64,7 @@ from pqe2ee.protocol.v2 import (
 from pqe2ee.transports._async._engine import AsyncEngine
 from pqe2ee.transports._common import RetriesExhausted, Settings, make_settings
 from pqe2ee.transports._sync._engine import Engine, Opened, RelayAnswer, Streaming
+from pqe2ee.transports._sync._stream import reraise
 
 XW = get_xwing()
 KEM = get_kem()
@@ -289,6 +290,7 @@ class FakeResponse:
         self.headers = headers
         self._parts = parts
         self.closed = False
+        self.is_async = False  # (raw_bytes: one name in both engines)
 
     def iter_bytes(self) -> Iterator[bytes]:
         yield from self._parts
@@ -296,6 +298,9 @@ class FakeResponse:
     async def aiter_bytes(self) -> Any:
         for part in self._parts:
             yield part
+
+    def raw_bytes(self) -> Any:
+        return self.aiter_bytes() if self.is_async else self.iter_bytes(), reraise, None
 
     def close(self) -> None:
         self.closed = True
@@ -315,6 +320,7 @@ class FakePort:
 
     def _send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Any:
         resp = FakeResponse(*self.relay.handle(method, urlsplit(url).path, dict(headers), body))
+        resp.is_async = isinstance(self, AsyncFakePort)
         self.responses.append(resp)
         return resp
 

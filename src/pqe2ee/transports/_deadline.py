@@ -23,7 +23,10 @@ left into anyio's clock.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -31,7 +34,12 @@ import anyio
 from pqe2ee.errors import DeadlineExceeded, ErrorCode
 from pqe2ee.transports._primitives import AsyncReadTimer, read_timer
 
-__all__ = ["AsyncDeadline", "Deadline"]
+__all__ = ["AsyncBodyReads", "AsyncDeadline", "BodyReads", "Deadline", "PerRead"]
+
+#: What a reader with a loop of its own needs per read (see Deadline.per_read).
+PerRead = tuple[Callable[[], float], float, AbstractContextManager[None]]
+#: The read guard where there is nothing to guard (blocking reads, no deadline).
+_NO_GUARD: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 class Deadline:
@@ -73,6 +81,12 @@ class Deadline:
         """A ``with`` block for each read of one body (checked when it starts) and
         :meth:`release` once the body is done: the deadline itself."""
         return self
+
+    def per_read(self) -> PerRead:
+        """For a reader with a loop of its own, instead of a ``with`` block per read: check
+        ``clock() >= end`` before each read (and raise :meth:`error`), then read inside a
+        ``with`` block of the guard. Blocking: nothing to guard (unasync drops the block)."""
+        return self._clock, self.end, _NO_GUARD
 
     def bounded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """``chunks`` read as :meth:`reads` reads them, the deadline checked before each read,
@@ -129,11 +143,15 @@ class AsyncDeadline(Deadline):
         if scope.cancelled_caught:
             raise self.error() from None
 
-    def reads(self) -> _BodyReads:  # type: ignore[override]
-        return _BodyReads(self)
+    def reads(self) -> AsyncBodyReads:  # type: ignore[override]
+        return AsyncBodyReads(self)
 
 
-class _BodyReads:
+#: The blocking twin of :class:`AsyncBodyReads`: the deadline itself (see Deadline.reads).
+BodyReads = Deadline
+
+
+class AsyncBodyReads:
     """The reads of one body, each ``with`` block one read: inside a scope of the deadline
     (a body read before the request returns) a check only; after it (a streamed answer) cut
     short at the deadline by one timer for the whole body (asyncio), else by a cancel scope
@@ -147,6 +165,32 @@ class _BodyReads:
         self._timer: AsyncReadTimer | None = None
         self._step: AsyncDeadline | AsyncReadTimer | None = None
 
+    def error(self) -> DeadlineExceeded:
+        return self._deadline.error()
+
+    def per_read(self) -> PerRead:
+        """As :meth:`Deadline.per_read`; the guard is what a ``with`` block of these reads
+        would enter, as long as no block of the deadline opens or closes (a stream is read
+        after the request's block: asking once for the whole stream is enough)."""
+        deadline = self._deadline
+        guard: AbstractContextManager[None]
+        if deadline._open:
+            guard = deadline  # the enclosing scope cancels at the same moment
+        elif deadline.end == math.inf:
+            guard = _NO_GUARD  # (no deadline)
+        else:
+            if not self._started:
+                self._start()
+            guard = self._timer if self._timer is not None else deadline
+        return deadline._clock, deadline.end, guard
+
+    def _start(self) -> None:
+        self._started = True
+        deadline = self._deadline
+        timer = read_timer(deadline.error)
+        if timer is not None:
+            self._timer = timer.at(timer.now() + deadline.remaining())
+
     def __enter__(self) -> None:
         deadline = self._deadline
         if deadline._clock() >= deadline.end:  # check(), inlined (once per read)
@@ -155,10 +199,7 @@ class _BodyReads:
             self._step = None  # the enclosing scope cancels at the same moment
             return
         if not self._started:
-            self._started = True
-            timer = read_timer(deadline.error)
-            if timer is not None:
-                self._timer = timer.at(timer.now() + deadline.remaining())
+            self._start()
         step = self._timer if self._timer is not None else deadline
         step.__enter__()
         self._step = step
@@ -177,7 +218,7 @@ class _BodyReads:
         deadline = self._deadline
         try:
             while True:
-                step: _BodyReads | AsyncReadTimer | None = self._timer
+                step: AsyncBodyReads | AsyncReadTimer | None = self._timer
                 if step is None or deadline._open:
                     step = self
                 elif deadline._clock() >= deadline.end:

@@ -65,6 +65,7 @@ from pqe2ee.transports._async._engine import (
     body_refused,
     plaintext_refused,
 )
+from pqe2ee.transports._async._stream import AsyncRawBody, reraise
 from pqe2ee.transports._common import (
     KEEPALIVE_EXPIRY,
     STREAM_HEADERS,
@@ -182,10 +183,11 @@ class _PortResponse(ResponseHead):
         super().__init__(response.status, response.raw_headers)
         self._response = response
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            if chunk:
-                yield chunk
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._response.content.iter_any()  # (ends at the first empty read: EOF)
+
+    def raw_bytes(self) -> AsyncRawBody:
+        return self.aiter_bytes(), reraise, None
 
     async def aclose(self) -> None:
         # Returns the connection to the pool after a whole body, closes it otherwise.

@@ -62,6 +62,7 @@ from pqe2ee.transports._async._engine import (
     Outcome,
     Streaming,
 )
+from pqe2ee.transports._async._stream import AsyncRawBody, reraise
 from pqe2ee.transports._common import (
     EngineFacade,
     RequestHeaders,
@@ -189,6 +190,9 @@ class _Response(ResponseHead):
         finally:
             if timer is not None:
                 timer.close()
+
+    def raw_bytes(self) -> AsyncRawBody:
+        return self.aiter_bytes(), reraise, None  # (the HTTP loop itself: no layer to remove)
 
     async def aclose(self) -> None:
         if self._timer is not None:

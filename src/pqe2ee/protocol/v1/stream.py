@@ -77,8 +77,13 @@ DEFAULT_MAX_RECORDS: Final = 1_000_000
 _INIT_PREFIX: Final = b'data: {"e2e_init":"'
 _RECORD_PREFIX: Final = b'data: {"e2e":"'
 _QUOTE_START: Final = len(_RECORD_PREFIX) - 1  # a record's base64 with its quotes: line[13:-1]
+_RECORD_LEN: Final = len(_RECORD_PREFIX)
 _INIT_QUOTE_START: Final = len(_INIT_PREFIX) - 1  # the same for the init event's
 _USAGE_PREFIX: Final = b'data: {"usage"'
+#: A usage event in its compact spelling: ``data: {"usage":<one JSON value>}``.
+_USAGE_START: Final = b'data: {"usage":'
+_USAGE_VALUE: Final = len(_USAGE_START)  # the value: line[_USAGE_VALUE:-1]
+_USAGE_OBJECT: Final = _USAGE_START[6:]  # the same without "data: "
 _EVENT_SUFFIX: Final = b'"}\n\n'
 _MIN_RECORD: Final = CHACHA_NONCE_LEN + CHACHA_TAG_LEN
 # SSE fields other than "data" that an outer stream may carry; they hold nothing for v1. Any other
@@ -236,11 +241,10 @@ class StreamEncoder:
 # Client side
 
 
-class _UsageEvent(msgspec.Struct, forbid_unknown_fields=True):
-    usage: msgspec.Raw  # checked JSON, never built
-
-
-_usage_event_decoder = msgspec.json.Decoder(_UsageEvent)
+#: Checks that bytes are one JSON value (whitespace around it allowed), without building it:
+#: ``{"usage":`` + one JSON value + ``}`` is a one-key usage object. (No struct per event:
+#: a one-field struct decoder did the same check at more cost.)
+_json_value = msgspec.json.Decoder(msgspec.Raw)
 
 
 class _State(enum.Enum):
@@ -408,15 +412,27 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     continue  # blank lines separate outer events and carry nothing
                 if long and len(line) >= max_line:  # with its newline, longer than the bound
                     raise LimitExceeded(f"line longer than {max_line} bytes")
-                if compact and line.startswith(_RECORD_PREFIX) and line.endswith(b'"}'):
+                # Prefixes compared as slices and the last bytes as ints: bytes.startswith and
+                # endswith parse their arguments (~400 instructions a call, 7 calls an event).
+                if (
+                    compact
+                    and line[:_RECORD_LEN] == _RECORD_PREFIX
+                    and line[-1] == 0x7D  # '"}'
+                    and line[-2] == 0x22
+                ):
                     record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
                     continue
-                if quiet and line.startswith(_USAGE_PREFIX) and line.isascii():
+                if (
+                    quiet
+                    and line[:_USAGE_VALUE] == _USAGE_START
+                    and line[-1] == 0x7D  # "}"
+                    and line.isascii()
+                ):
                     try:  # _usage_checked, inlined (the state takes a usage line: see above)
-                        _usage_event_decoder.decode(line[5:])  # (JSON whitespace around: fine)
+                        _json_value.decode(line[_USAGE_VALUE:-1])
                         continue
                     except msgspec.DecodeError:
-                        pass  # _line decides (a stray non-JSON space: the same verdict)
+                        pass  # _line decides (other spellings, stray spaces: the same verdict)
                 self._line(line)
             if tail:
                 if long and len(tail) > max_line:
@@ -429,11 +445,16 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             raise self._unexpected(exc) from exc
 
     def receive_eof(self) -> None:
-        if not self._mark_eof():
+        # Written flat (_mark_eof and _guard inlined, _unhold only when a line is held): once
+        # per stream, but a short stream's fixed cost.
+        if self._error is not None:
+            raise self._error
+        if self._eof:
             return
-
-        def finish() -> None:
-            self._unhold()  # the parser decides what a cut means
+        self._eof = True
+        try:
+            if self._held is not None:
+                self._unhold()  # the parser decides what a cut means
             tail = bytes(self._buf)
             self._buf.clear()
             # An unterminated last line is read while the stream still needs it. Once the inner
@@ -448,10 +469,14 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     raise self._fail(
                         ErrorCode.STREAM_TRUNCATED, "stream ended inside an outer event"
                     ) from None
-            self._unhold()  # (the last line may have been one to hold)
+                if self._held is not None:
+                    self._unhold()  # (the last line was one to hold)
             self._on(_Input.EOF)
-
-        self._guard(finish)
+        except PQE2EEError as exc:
+            self._failed(exc)
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc) from exc
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -514,10 +539,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if self._state not in _USAGE_STATES:
             return False
         payload = line[5:].strip()
-        if not payload.isascii():
+        if not (payload.startswith(_USAGE_OBJECT) and payload.endswith(b"}") and payload.isascii()):
             return False
         try:
-            _usage_event_decoder.decode(payload)
+            _json_value.decode(payload[len(_USAGE_OBJECT) : -1])
         except msgspec.DecodeError:
             return False  # the slow path says what is wrong with it
         return True
@@ -607,7 +632,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     self._events.append(data_event(text, self._inner_id, line + plaintext))
                 return
             self._unhold()
-        elif self._inner_idle and plaintext.startswith(b"data: "):
+        elif self._inner_idle and plaintext[:6] == b"data: ":  # (no startswith: see receive_data)
             n = len(plaintext)
             nl = plaintext.find(b"\n")
             if (

@@ -24,7 +24,7 @@ from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
+    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse, AsyncRawBody
 
 __all__ = ["AsyncBoundedPort", "AsyncBoundedResponse"]
 
@@ -60,6 +60,10 @@ class AsyncBoundedResponse:
             with anyio.CancelScope(shield=True):
                 await self._response.aclose()
         return b"".join(chunks)
+
+    def raw_bytes(self) -> AsyncRawBody:
+        chunks, failed, _ = self._response.raw_bytes()
+        return chunks, failed, self._reads
 
     async def aclose(self) -> None:
         self._reads.release()

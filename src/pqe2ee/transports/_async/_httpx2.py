@@ -15,7 +15,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import AsyncIterator
-from typing import Any, Unpack
+from typing import Any, NoReturn, Unpack
 
 import httpx2
 
@@ -31,6 +31,7 @@ from pqe2ee.transports._async._engine import (
     body_refused,
     plaintext_refused,
 )
+from pqe2ee.transports._async._stream import AsyncRawBody
 from pqe2ee.transports._common import (
     STREAM_HEADERS,
     EngineFacade,
@@ -82,33 +83,39 @@ class _AsyncPortResponse(ResponseHead):
         self._response = response
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        chunks, failed, _ = self.raw_bytes()
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:  # (no frames unless it raises)
+            failed(exc)
+        finally:
+            await self._response.aclose()  # (read out: the connection goes back to the pool)
+
+    def raw_bytes(self) -> AsyncRawBody:
         response = self._response
         stream = response.stream
+        if (
+            response.is_stream_consumed
+            or response.is_closed  # (httpx2's iterators say what is wrong)
+            or "content-encoding" in response.headers
+            or not isinstance(stream, httpx2.AsyncByteStream)
+        ):
+            return response.aiter_bytes(), self._failed, None
+        # Without a content coding the body is the transport's own stream: read it as
+        # ``aiter_raw`` would (closed once read: the reader closes it), without its generator,
+        # chunker and byte count per chunk, which a streamed answer pays per event.
+        response.is_stream_consumed = True
         try:
-            if (
-                response.is_stream_consumed
-                or response.is_closed  # (httpx2's iterators say what is wrong)
-                or "content-encoding" in response.headers
-                or not isinstance(stream, httpx2.AsyncByteStream)
-            ):
-                async for chunk in response.aiter_bytes():
-                    yield chunk
-                return
-            # Without a content coding the body is the transport's own stream: read it as
-            # ``aiter_raw`` would (closed once read: the connection goes back to the pool),
-            # without its generator, chunker and byte count per chunk, which a streamed answer
-            # pays per event.
-            response.is_stream_consumed = True
-            try:
-                async for chunk in stream:
-                    yield chunk
-            except httpx2.RequestError as exc:
-                _attach_request(exc, response)
-                raise
-            finally:
-                await response.aclose()
-        except Exception as exc:  # (no frames unless it raises)
-            raise_mapped(exc, "read")
+            chunks = stream.__aiter__()  # (a stream's __aiter__ may raise as it starts)
+        except Exception as exc:
+            self._failed(exc)
+        return chunks, self._failed, None
+
+    def _failed(self, exc: Exception) -> NoReturn:
+        if isinstance(exc, httpx2.RequestError):
+            _attach_request(exc, self._response)
+        raise_mapped(exc, "read")
 
     async def aclose(self) -> None:
         await self._response.aclose()

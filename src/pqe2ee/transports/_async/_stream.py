@@ -10,8 +10,10 @@ events. The request orchestration around it is :mod:`._engine`.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator, Callable, Sized
-from typing import Final, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 import anyio
 
@@ -22,12 +24,32 @@ from pqe2ee.protocol.response import Opened, ResponseDecoder
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets
 from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
+from pqe2ee.transports._deadline import AsyncBodyReads, AsyncDeadline
 from pqe2ee.transports._usage import UsageFilter
 
-__all__ = ["DRAIN_LIMIT", "AsyncPlainStream", "AsyncPort", "AsyncPortResponse"]
+__all__ = [
+    "DRAIN_LIMIT",
+    "AsyncPlainStream",
+    "AsyncPort",
+    "AsyncPortResponse",
+    "AsyncRawBody",
+    "ReadFailed",
+    "reraise",
+]
 
 
 # -- the port --------------------------------------------------------------------------------------
+
+#: Called with what a read of a raw body raised (the deadline's error included): raises it
+#: as the port's ``aiter_bytes`` would have.
+ReadFailed = Callable[[Exception], NoReturn]
+#: A body as a reader with its own loop reads it (see AsyncPortResponse.raw_bytes).
+AsyncRawBody = tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads | None]
+
+
+def reraise(exc: Exception) -> NoReturn:
+    """The :data:`ReadFailed` of a port whose reads raise its own errors already."""
+    raise exc
 
 
 class AsyncPortResponse(Protocol):
@@ -41,6 +63,14 @@ class AsyncPortResponse(Protocol):
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The (content-decoded) body, lazily; may be iterated once."""
+        ...
+
+    def raw_bytes(self) -> AsyncRawBody:
+        """The same body for a reader that makes the per-read work its own (a stream, read
+        once per event): the library's own iterator of it (no layer of the port's per
+        chunk), what to call with whatever a read of it raises, and the deadline the reads
+        are held to, if any (read as its ``per_read()`` says). Instead of ``aiter_bytes``,
+        once; ``aclose`` still releases the connection."""
         ...
 
     async def aclose(self) -> None:
@@ -115,7 +145,7 @@ class AsyncPlainStream:
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
-        self._chunks: AsyncIterator[bytes] | None = None
+        self._raw: AsyncRawBody | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
         #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
@@ -149,10 +179,27 @@ class AsyncPlainStream:
             return self.usage_filter.joined(batch)
         return batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
 
-    def _body(self) -> AsyncIterator[bytes]:
-        if self._chunks is None:
-            self._chunks = self._upstream.aiter_bytes()
-        return self._chunks
+    def _body(self) -> tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads]:
+        if self._raw is None:
+            self._raw = self._upstream.raw_bytes()
+        chunks, failed, reads = self._raw
+        if reads is None:  # a response held to no deadline
+            reads = AsyncDeadline(math.inf, time.monotonic).reads()
+            self._raw = chunks, failed, reads
+        return chunks, failed, reads
+
+    async def _read(self) -> bytes | None:
+        """The next chunk of the body, ``None`` at its end (what each pass of _batches' loop
+        reads, written there flat: a paced stream reads once per event)."""
+        chunks, failed, reads = self._body()
+        clock, end, guard = reads.per_read()
+        if clock() >= end:
+            raise reads.error()
+        try:
+            with guard:
+                return await anext(chunks, None)
+        except Exception as exc:  # (no frames unless it raises)
+            failed(exc)
 
     async def _batches(self, out: Callable[[_Batch], _Out]) -> AsyncIterator[_Out]:
         """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
@@ -172,8 +219,25 @@ class AsyncPlainStream:
                     # pool. A fault after Done still comes after the answer Done vouched for.
                     held: _Batch = []
                     drained = 0
+                    chunks, failed, reads = self._body()
+                    clock, end, guard = reads.per_read()  # (read after the request's block)
                     try:
-                        async for chunk in self._body():
+                        # One generator from the socket to the caller: the port's raw chunks
+                        # read here as _read reads them (the deadline checked before each
+                        # read, async: each read in its guard; the port's error mapping), not
+                        # through a generator of the port's and one of the deadline's.
+                        while True:
+                            if clock() >= end:
+                                raise reads.error()
+                            try:
+                                with guard:
+                                    chunk = await anext(chunks, None)
+                            except Exception as exc:  # (no frames unless it raises)
+                                failed(exc)
+                            if chunk is None:
+                                held += decoder.eof()
+                                await self.aclose()  # read out: its connection back to the pool
+                                break
                             if held:
                                 held += decoder.feed(chunk)
                                 drained += len(chunk)
@@ -185,8 +249,6 @@ class AsyncPlainStream:
                                 held = batch
                             elif batch and (made := out(batch)):
                                 yield made
-                        else:
-                            held += decoder.eof()
                     except PQE2EEError:
                         if held and (made := out(held)):
                             yield made
@@ -215,7 +277,7 @@ class AsyncPlainStream:
         library's transport error. Network errors pass unchanged: nothing was handed over."""
         decoder = self._decoder
         try:
-            async for chunk in self._body():
+            while (chunk := await self._read()) is not None:
                 self._pending += decoder.feed(chunk)
                 if decoder.head is not None:
                     return decoder.head
@@ -229,7 +291,7 @@ class AsyncPlainStream:
         """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
         decoder = self._decoder
         try:
-            async for chunk in self._body():
+            while (chunk := await self._read()) is not None:
                 decoder.feed(chunk)
             decoder.eof()
             assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer

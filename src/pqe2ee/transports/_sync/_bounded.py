@@ -23,7 +23,7 @@ from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import Deadline
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._sync._stream import Port, PortResponse
+    from pqe2ee.transports._sync._stream import Port, PortResponse, RawBody
 
 __all__ = ["BoundedPort", "BoundedResponse"]
 
@@ -58,6 +58,10 @@ class BoundedResponse:
             reads.release()
             self._response.close()
         return b"".join(chunks)
+
+    def raw_bytes(self) -> RawBody:
+        chunks, failed, _ = self._response.raw_bytes()
+        return chunks, failed, self._reads
 
     def close(self) -> None:
         self._reads.release()

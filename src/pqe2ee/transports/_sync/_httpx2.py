@@ -16,7 +16,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterator
-from typing import Any, Unpack
+from typing import Any, NoReturn, Unpack
 
 import httpx2
 
@@ -48,6 +48,7 @@ from pqe2ee.transports._sync._engine import (
     body_refused,
     plaintext_refused,
 )
+from pqe2ee.transports._sync._stream import RawBody
 from pqe2ee.transports.options import (
     ClientOptions,
     ClientOptionsArgs,
@@ -83,33 +84,38 @@ class _PortResponse(ResponseHead):
         self._response = response
 
     def iter_bytes(self) -> Iterator[bytes]:
+        chunks, failed, _ = self.raw_bytes()
+        try:
+            yield from chunks
+        except Exception as exc:  # (no frames unless it raises)
+            failed(exc)
+        finally:
+            self._response.close()  # (read out: the connection goes back to the pool)
+
+    def raw_bytes(self) -> RawBody:
         response = self._response
         stream = response.stream
+        if (
+            response.is_stream_consumed
+            or response.is_closed  # (httpx2's iterators say what is wrong)
+            or "content-encoding" in response.headers
+            or not isinstance(stream, httpx2.SyncByteStream)
+        ):
+            return response.iter_bytes(), self._failed, None
+        # Without a content coding the body is the transport's own stream: read it as
+        # ``iter_raw`` would (closed once read: the reader closes it), without its generator,
+        # chunker and byte count per chunk, which a streamed answer pays per event.
+        response.is_stream_consumed = True
         try:
-            if (
-                response.is_stream_consumed
-                or response.is_closed  # (httpx2's iterators say what is wrong)
-                or "content-encoding" in response.headers
-                or not isinstance(stream, httpx2.SyncByteStream)
-            ):
-                for chunk in response.iter_bytes():
-                    yield chunk
-                return
-            # Without a content coding the body is the transport's own stream: read it as
-            # ``iter_raw`` would (closed once read: the connection goes back to the pool),
-            # without its generator, chunker and byte count per chunk, which a streamed answer
-            # pays per event.
-            response.is_stream_consumed = True
-            try:
-                for chunk in stream:
-                    yield chunk
-            except httpx2.RequestError as exc:
-                _attach_request(exc, response)
-                raise
-            finally:
-                response.close()
-        except Exception as exc:  # (no frames unless it raises)
-            raise_mapped(exc, "read")
+            chunks = stream.__iter__()  # (a stream's __iter__ may raise as it starts)
+        except Exception as exc:
+            self._failed(exc)
+        return chunks, self._failed, None
+
+    def _failed(self, exc: Exception) -> NoReturn:
+        if isinstance(exc, httpx2.RequestError):
+            _attach_request(exc, self._response)
+        raise_mapped(exc, "read")
 
     def close(self) -> None:
         self._response.close()

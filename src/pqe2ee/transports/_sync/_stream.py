@@ -11,8 +11,10 @@ events. The request orchestration around it is :mod:`._engine`.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator, Sized
-from typing import Final, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 from pqe2ee.backends.base import KEMPrivateKey
 from pqe2ee.errors import ConnectionLost, ErrorCode, PQE2EEError
@@ -21,12 +23,32 @@ from pqe2ee.protocol.response import Opened, ResponseDecoder
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets
 from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
+from pqe2ee.transports._deadline import BodyReads, Deadline
 from pqe2ee.transports._usage import UsageFilter
 
-__all__ = ["DRAIN_LIMIT", "PlainStream", "Port", "PortResponse"]
+__all__ = [
+    "DRAIN_LIMIT",
+    "PlainStream",
+    "Port",
+    "PortResponse",
+    "RawBody",
+    "ReadFailed",
+    "reraise",
+]
 
 
 # -- the port --------------------------------------------------------------------------------------
+
+#: Called with what a read of a raw body raised (the deadline's error included): raises it
+#: as the port's ``iter_bytes`` would have.
+ReadFailed = Callable[[Exception], NoReturn]
+#: A body as a reader with its own loop reads it (see PortResponse.raw_bytes).
+RawBody = tuple[Iterator[bytes], ReadFailed, BodyReads | None]
+
+
+def reraise(exc: Exception) -> NoReturn:
+    """The :data:`ReadFailed` of a port whose reads raise its own errors already."""
+    raise exc
 
 
 class PortResponse(Protocol):
@@ -40,6 +62,14 @@ class PortResponse(Protocol):
 
     def iter_bytes(self) -> Iterator[bytes]:
         """The (content-decoded) body, lazily; may be iterated once."""
+        ...
+
+    def raw_bytes(self) -> RawBody:
+        """The same body for a reader that makes the per-read work its own (a stream, read
+        once per event): the library's own iterator of it (no layer of the port's per
+        chunk), what to call with whatever a read of it raises, and the deadline the reads
+        are held to, if any (read as its ``per_read()`` says). Instead of ``iter_bytes``,
+        once; ``close`` still releases the connection."""
         ...
 
     def close(self) -> None:
@@ -114,7 +144,7 @@ class PlainStream:
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
-        self._chunks: Iterator[bytes] | None = None
+        self._raw: RawBody | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
         #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
@@ -147,10 +177,26 @@ class PlainStream:
             return self.usage_filter.joined(batch)
         return batch[0].raw if len(batch) == 1 else b"".join([event.raw for event in batch])
 
-    def _body(self) -> Iterator[bytes]:
-        if self._chunks is None:
-            self._chunks = self._upstream.iter_bytes()
-        return self._chunks
+    def _body(self) -> tuple[Iterator[bytes], ReadFailed, BodyReads]:
+        if self._raw is None:
+            self._raw = self._upstream.raw_bytes()
+        chunks, failed, reads = self._raw
+        if reads is None:  # a response held to no deadline
+            reads = Deadline(math.inf, time.monotonic).reads()
+            self._raw = chunks, failed, reads
+        return chunks, failed, reads
+
+    def _read(self) -> bytes | None:
+        """The next chunk of the body, ``None`` at its end (what each pass of _batches' loop
+        reads, written there flat: a paced stream reads once per event)."""
+        chunks, failed, reads = self._body()
+        clock, end, _guard = reads.per_read()
+        if clock() >= end:
+            raise reads.error()
+        try:
+            return next(chunks, None)
+        except Exception as exc:  # (no frames unless it raises)
+            failed(exc)
 
     def _batches(self, out: Callable[[_Batch], _Out]) -> Iterator[_Out]:
         """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
@@ -170,8 +216,24 @@ class PlainStream:
                     # pool. A fault after Done still comes after the answer Done vouched for.
                     held: _Batch = []
                     drained = 0
+                    chunks, failed, reads = self._body()
+                    clock, end, _guard = reads.per_read()  # (read after the request's block)
                     try:
-                        for chunk in self._body():
+                        # One generator from the socket to the caller: the port's raw chunks
+                        # read here as _read reads them (the deadline checked before each
+                        # read, async: each read in its guard; the port's error mapping), not
+                        # through a generator of the port's and one of the deadline's.
+                        while True:
+                            if clock() >= end:
+                                raise reads.error()
+                            try:
+                                chunk = next(chunks, None)
+                            except Exception as exc:  # (no frames unless it raises)
+                                failed(exc)
+                            if chunk is None:
+                                held += decoder.eof()
+                                self.close()  # read out: its connection back to the pool
+                                break
                             if held:
                                 held += decoder.feed(chunk)
                                 drained += len(chunk)
@@ -183,8 +245,6 @@ class PlainStream:
                                 held = batch
                             elif batch and (made := out(batch)):
                                 yield made
-                        else:
-                            held += decoder.eof()
                     except PQE2EEError:
                         if held and (made := out(held)):
                             yield made
@@ -213,7 +273,7 @@ class PlainStream:
         library's transport error. Network errors pass unchanged: nothing was handed over."""
         decoder = self._decoder
         try:
-            for chunk in self._body():
+            while (chunk := self._read()) is not None:
                 self._pending += decoder.feed(chunk)
                 if decoder.head is not None:
                     return decoder.head
@@ -227,7 +287,7 @@ class PlainStream:
         """v2 after a non-2xx HEAD: the engine's error answer, read to the authenticated END."""
         decoder = self._decoder
         try:
-            for chunk in self._body():
+            while (chunk := self._read()) is not None:
                 decoder.feed(chunk)
             decoder.eof()
             assert decoder.answer is not None  # a non-2xx HEAD makes a whole answer
