@@ -45,12 +45,24 @@ class AsyncBoundedResponse:
 
     async def aread(self, limit: int) -> bytes:
         """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`aiter_bytes` then :meth:`aclose` do, written out: a non-stream answer's read.)"""
+        :meth:`aiter_bytes` then :meth:`aclose` do, written out over the port's raw body as
+        a stream reads it: one loop, no generator of the port's or the deadline's.)"""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads
         try:
-            async for chunk in reads.bounded(self._response.aiter_bytes()):
+            raw, failed, _ = self._response.raw_bytes()
+            clock, end, guard = reads.per_read()
+            while True:
+                if clock() >= end:
+                    raise reads.error()
+                try:
+                    with guard:
+                        chunk = await anext(raw, None)
+                except Exception as exc:  # (no frames unless it raises)
+                    failed(exc)
+                if chunk is None:
+                    break
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")

@@ -44,12 +44,23 @@ class BoundedResponse:
 
     def read(self, limit: int) -> bytes:
         """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`iter_bytes` then :meth:`close` do, written out: a non-stream answer's read.)"""
+        :meth:`iter_bytes` then :meth:`close` do, written out over the port's raw body as
+        a stream reads it: one loop, no generator of the port's or the deadline's.)"""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads
         try:
-            for chunk in reads.bounded(self._response.iter_bytes()):
+            raw, failed, _ = self._response.raw_bytes()
+            clock, end, _guard = reads.per_read()
+            while True:
+                if clock() >= end:
+                    raise reads.error()
+                try:
+                    chunk = next(raw, None)
+                except Exception as exc:  # (no frames unless it raises)
+                    failed(exc)
+                if chunk is None:
+                    break
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")
