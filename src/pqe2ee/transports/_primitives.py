@@ -153,9 +153,9 @@ class Background:
         )
         try:
             thread.start()
-        except BaseException:
+        except RuntimeError as exc:  # (at interpreter shutdown): the job is skipped
             self._done()
-            raise
+            _forgive(exc)
 
     def _run(self, job: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
