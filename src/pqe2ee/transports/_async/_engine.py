@@ -21,8 +21,8 @@ instance (one discovery per chute at a time, within the client's discovery rate 
 prefetching beside the request when the pool runs low), seal the body to the instance with a
 fresh one-use response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context
 header), ``POST /e2e/invoke``, classify the answer and retry a refused nonce / gone, busy or
-key-exchange instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new request (new
-nonce, new seal, new response key; for v2 also a new timestamp and request id).
+key-exchange instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new
+request (new nonce, new seal, new response key; for v2 also a new timestamp and request id).
 
 Opening answers is protocol work, done by the sans-IO
 :class:`~pqe2ee.protocol.response.ResponseDecoder` (this module reads the bytes and hands them
