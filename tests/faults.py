@@ -30,12 +30,15 @@ instance makes them. :class:`RechunkingEncoder` replaces the instance's one-reco
 custom Chutes cord that yields arbitrary chunks would; install it with
 ``monkeypatch.setattr(pqe2ee.server.instance, "StreamEncoder", RechunkingEncoder)``.
 
-The wrapper also counts what it sees (``invokes``, ``discoveries``, ``model_listings``) and the
-most discoveries of one chute that were ever in flight at once (``max_parallel_discoveries``).
+The wrapper also counts what it sees (``invokes``, ``discoveries``, ``model_listings``), the
+discoveries answered (``discoveries_done``) and the most discoveries of one chute that were
+ever in flight at once (``max_parallel_discoveries``). ``hold_discoveries``: an event that
+holds every discovery (counted, not yet answered) until it is set, for 10 s at most.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import enum
@@ -110,6 +113,8 @@ class FaultyRelay:
     injected: list[Fault] = field(default_factory=list)
     instance_ids: list[str] = field(default_factory=list)  # X-Instance-Id of every invoke
     max_parallel_discoveries: int = 0
+    discoveries_done: int = 0
+    hold_discoveries: threading.Event | None = None
     trickle_interval: float = 2.0
     _plans: deque[_Plan] = field(default_factory=deque)
     _in_flight: dict[str, int] = field(default_factory=dict)
@@ -126,7 +131,8 @@ class FaultyRelay:
             self.injected.clear()
             self.instance_ids.clear()
             self.invokes = self.discoveries = self.model_listings = 0
-            self.max_parallel_discoveries = 0
+            self.max_parallel_discoveries = self.discoveries_done = 0
+            self.hold_discoveries = None
 
     @property
     def armed(self) -> int:
@@ -194,10 +200,16 @@ class FaultyRelay:
             n = self._in_flight[chute] = self._in_flight.get(chute, 0) + 1
             self.max_parallel_discoveries = max(self.max_parallel_discoveries, n)
         try:
+            hold = self.hold_discoveries
+            for _ in range(2000):
+                if hold is None or hold.is_set():
+                    break
+                await asyncio.sleep(0.005)
             await self.app(scope, receive, send)
         finally:
             with self._lock:
                 self._in_flight[chute] -= 1
+                self.discoveries_done += 1
 
 
 def _contains(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -2,7 +2,8 @@
 the closing helpers of the async-only adapters (aiohttp, anyio), and :class:`AsyncReadTimer`,
 one asyncio timer bounding every read of a body (the deadline, the anyio client's read timeout).
 
-``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock`` and ``async_sleep`` into ``sleep``:
+``scripts/unasync.py`` turns ``AsyncLock`` into ``Lock``, ``AsyncBackground`` into
+``Background`` and ``async_sleep`` into ``sleep``:
 each async name here has a sync twin with the same shape, so the sync transport is the async
 one with ``async``/``await`` removed. A cleanup shielded from cancellation is written
 ``with anyio.CancelScope(shield=True):`` around one line; threads are not cancelled, so
@@ -12,17 +13,22 @@ unasync keeps the line alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Self
+from collections.abc import Callable, Coroutine
+from typing import Any, Self
 
 import anyio
 
+log = logging.getLogger("pqe2ee.transports")
+
 __all__ = [
+    "AsyncBackground",
     "AsyncLock",
     "AsyncReadTimer",
     "AsyncResource",
+    "Background",
     "Lock",
     "aclose_shielded",
     "async_sleep",
@@ -56,6 +62,9 @@ class AsyncLock:
     def release(self) -> None:
         self._lock.release()
 
+    def locked(self) -> bool:
+        return self._lock.locked()
+
 
 class Lock:
     """A threading lock with the same shape as :class:`AsyncLock`."""
@@ -76,6 +85,96 @@ class Lock:
 
     def release(self) -> None:
         self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def _forgive(exc: BaseException) -> None:
+    """A background job's failure: nobody waits for it (no prompt, key or nonce logged)."""
+    log.debug("background job failed: %s", type(exc).__name__)
+
+
+class AsyncBackground:
+    """Jobs run beside the task that starts them (a discovery prefetch): on asyncio a loop
+    task, held here until it ends; elsewhere (trio, which has no task without a nursery) the
+    job runs inline, as :meth:`start`'s own await. A job's failure is logged at debug and
+    forgiven. :meth:`cancel` cancels the tasks still running (thread-safe, no I/O)."""
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, job: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            await self._run(job, args)  # (trio)
+            return
+        task = loop.create_task(self._run(job, args))
+        self._tasks.add(task)  # a strong reference: the loop keeps only a weak one
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _run(job: Callable[..., Coroutine[Any, Any, None]], args: tuple[Any, ...]) -> None:
+        try:
+            await job(*args)
+        except Exception as exc:  # (a cancellation passes: the task ends cancelled)
+            _forgive(exc)
+
+    def running(self) -> int:
+        """How many jobs run now (tests, diagnostics)."""
+        return len(self._tasks)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            loop = task.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(task.cancel)
+
+
+class Background:
+    """The blocking twin of :class:`AsyncBackground`: a daemon thread per job. Threads are
+    not cancelled: :meth:`cancel` does nothing, and a job cut short by its client's closing
+    fails and is forgiven."""
+
+    __slots__ = ("_lock", "_running")
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def start(self, job: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            self._running += 1
+        thread = threading.Thread(
+            target=self._run, args=(job, args), name="pqe2ee-prefetch", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError as exc:  # (at interpreter shutdown): the job is skipped
+            self._done()
+            _forgive(exc)
+
+    def _run(self, job: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            job(*args)
+        except Exception as exc:
+            _forgive(exc)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    def running(self) -> int:
+        """How many jobs run now (tests, diagnostics)."""
+        return self._running
+
+    def cancel(self) -> None:
+        return None
 
 
 class AsyncReadTimer:

@@ -100,3 +100,7 @@ class AsyncBoundedPort:
         with self._deadline:
             response = await self._port.send(method, url, headers, body, control=control)
         return AsyncBoundedResponse(response, self._deadline)
+
+    def rebound(self, deadline: AsyncDeadline) -> AsyncBoundedPort:
+        """The same port held to ``deadline`` instead (a background job's own)."""
+        return AsyncBoundedPort(self._port, deadline)

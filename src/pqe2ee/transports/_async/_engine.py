@@ -18,11 +18,11 @@ a chute id), decide the protocol version for the chute (spec/v2.md §8: a
 instances; a strict client refuses v1 with ``downgrade_refused`` and a pinned chute without v2
 raises ``downgrade_suspected``, both before any nonce is spent), lease a nonce of an eligible
 instance (one discovery per chute at a time, within the client's discovery rate limit,
-prefetching when the pool runs low), seal the body to the instance with a fresh one-use
-response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context header), ``POST
-/e2e/invoke``, classify the answer and retry a refused nonce / gone, busy or key-exchange
-instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new request (new
-nonce, new seal, new response key; for v2 also a new timestamp and request id).
+prefetching beside the request when the pool runs low), seal the body to the instance with a
+fresh one-use response key (v1: ML-KEM-768 envelope; v2: X-Wing HPKE with the context
+header), ``POST /e2e/invoke``, classify the answer and retry a refused nonce / gone, busy or
+key-exchange instance on a fresh lease up to ``max_attempts`` in all. Every attempt is a new
+request (new nonce, new seal, new response key; for v2 also a new timestamp and request id).
 
 Opening answers is protocol work, done by the sans-IO
 :class:`~pqe2ee.protocol.response.ResponseDecoder` (this module reads the bytes and hands them
@@ -100,7 +100,7 @@ from pqe2ee.transports._common import (
 )
 from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
-from pqe2ee.transports._primitives import AsyncLock, async_sleep
+from pqe2ee.transports._primitives import AsyncBackground, AsyncLock, async_sleep
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
@@ -216,13 +216,16 @@ class AsyncEngine:
         self._warned: set[tuple[str, str]] = set()
         self._decided: dict[str, Negotiated] = {}  # the decision last looked at, per chute
         self._models_lock = AsyncLock()
+        self._background = AsyncBackground()  # prefetches in flight
         #: ``POST`` here, with the caller's timeouts (control=False), not the engine's.
         self._invoke_url = settings.api_base + INVOKE_PATH
         attest = settings.options.attestation
         self.attestor = AsyncAttestor(attest, settings.api_base) if attest.mode != "off" else None
 
     def close_keys(self) -> None:
-        """Stop the key pools' threads and wipe the keys still pooled (no I/O)."""
+        """Stop the key pools' threads and wipe the keys still pooled; cancel the prefetches
+        in flight (no I/O)."""
+        self._background.cancel()
         self.keys.close()
         if self.keys_v2 is not None:
             self.keys_v2.close()
@@ -503,8 +506,11 @@ class AsyncEngine:
     ) -> tuple[Lease, Negotiated]:
         found, refresh = self._try_lease(chute, Monotonic(self.clock()))  # (now(), inline)
         if found is not None:
-            if refresh:
-                await self._prefetch(port, chute, auth)
+            if refresh and not self._chute_lock(chute).locked():
+                # Off the request's path: the discovery runs beside it (asyncio: a task; a
+                # thread for the blocking twin; trio: inline), held to a deadline of its own.
+                own = port.rebound(AsyncDeadline(self.settings.options.deadline, self.clock))
+                await self._background.start(self._prefetch, own, chute, auth)
             return found
         async with self._chute_lock(chute):
             # One discovery per chute at a time; whoever waited uses its result.
@@ -576,7 +582,8 @@ class AsyncEngine:
 
     async def _prefetch(self, port: AsyncBoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
-        and the rate limit allows one right now (a prefetch never waits)."""
+        and the rate limit allows one right now (a prefetch never waits). Runs in the
+        background (:meth:`_lease`): a failure is logged at debug only."""
         lock = self._chute_lock(chute)
         if not lock.try_acquire():
             return

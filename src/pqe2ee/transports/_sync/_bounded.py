@@ -97,3 +97,7 @@ class BoundedPort:
         with self._deadline:
             response = self._port.send(method, url, headers, body, control=control)
         return BoundedResponse(response, self._deadline)
+
+    def rebound(self, deadline: Deadline) -> BoundedPort:
+        """The same port held to ``deadline`` instead (a background job's own)."""
+        return BoundedPort(self._port, deadline)
