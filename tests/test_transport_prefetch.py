@@ -223,3 +223,65 @@ async def test_async_close_cancels_the_prefetch_in_flight(
     assert faults.discoveries_done <= 2
     assert not [r for r in caplog.records if r.levelno > logging.DEBUG and _ours(r)]
     assert not recwarn.list
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio", "trio"])
+def test_an_unexpected_failure_of_a_background_job_is_a_warning(
+    flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefetch forgives the failures it expects (pqe2ee, network: debug); anything else
+    reaching the runner is a bug worth seeing - logged as a warning, its type only."""
+    from pqe2ee.transports._primitives import AsyncBackground, Background
+
+    caplog.set_level(logging.DEBUG, logger="pqe2ee.transports")
+
+    def job() -> None:
+        raise ValueError("secret prompt text")
+
+    async def ajob() -> None:
+        job()
+
+    if flavour == "sync":
+        background = Background()
+        background.start(job)
+        _wait(lambda: background.running() == 0)
+    else:
+
+        async def main() -> None:
+            jobs = AsyncBackground()
+            await jobs.start(ajob)
+            for _ in range(1000):
+                if not jobs.running():
+                    break
+                await anyio.sleep(0.01)
+
+        anyio.run(main, backend=flavour)
+    failed = [r for r in caplog.records if r.getMessage() == "background job failed: ValueError"]
+    assert [r.levelno for r in failed] == [logging.WARNING]
+    assert "secret" not in caplog.text
+
+
+def test_sync_jobs_share_one_worker_thread_until_cancelled() -> None:
+    """A thread start costs ~60 us of CPU: the blocking flavour keeps one worker for its
+    jobs, and ends it on cancel (the transport's close) after the jobs queued so far."""
+    from pqe2ee.transports._primitives import Background
+
+    background = Background()
+    seen: list[threading.Thread] = []
+
+    def job() -> None:
+        seen.append(threading.current_thread())
+
+    for _ in range(3):
+        background.start(job)
+    _wait(lambda: background.running() == 0)
+    assert len(seen) == 3 and len(set(seen)) == 1
+    worker = seen[0]
+    assert worker is not threading.current_thread() and worker.daemon
+    background.cancel()
+    worker.join(5)
+    assert not worker.is_alive()
+    background.start(job)  # after a cancel: a worker of its own
+    _wait(lambda: background.running() == 0)
+    assert seen[-1] is not worker
+    background.cancel()
