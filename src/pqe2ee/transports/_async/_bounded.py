@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from pqe2ee.errors import LimitExceeded
+from pqe2ee.transports._async._stream import read_raw
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
 
@@ -45,24 +46,14 @@ class AsyncBoundedResponse:
 
     async def aread(self, limit: int) -> bytes:
         """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`aiter_bytes` then :meth:`aclose` do, written out over the port's raw body as
-        a stream reads it: one loop, no generator of the port's or the deadline's.)"""
+        :meth:`aiter_bytes` then :meth:`aclose` do, over the port's raw body as a stream reads
+        it: no generator of the port's or the deadline's.)"""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads
         try:
             raw, failed, _ = self._response.raw_bytes()
-            clock, end, guard = reads.per_read()
-            while True:
-                if clock() >= end:
-                    raise reads.error()
-                try:
-                    with guard:
-                        chunk = await anext(raw, None)
-                except Exception as exc:  # (no frames unless it raises)
-                    failed(exc)
-                if chunk is None:
-                    break
+            while (chunk := await read_raw(raw, failed, reads)) is not None:
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")

@@ -34,6 +34,7 @@ __all__ = [
     "AsyncPortResponse",
     "AsyncRawBody",
     "ReadFailed",
+    "read_raw",
     "reraise",
 ]
 
@@ -50,6 +51,23 @@ AsyncRawBody = tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads | None]
 def reraise(exc: Exception) -> NoReturn:
     """The :data:`ReadFailed` of a port whose reads raise its own errors already."""
     raise exc
+
+
+async def read_raw(
+    chunks: AsyncIterator[bytes], failed: ReadFailed, reads: AsyncBodyReads
+) -> bytes | None:
+    """The next chunk of a raw body (see :meth:`AsyncPortResponse.raw_bytes`), ``None`` at its
+    end: the deadline checked before the read, the read in its guard, a failure raised as the
+    port maps it. (The stream's per-event loop, ``AsyncPlainStream._batches``, does this
+    written out: a paced stream reads once per event.)"""
+    clock, end, guard = reads.per_read()
+    if clock() >= end:
+        raise reads.error()
+    try:
+        with guard:
+            return await anext(chunks, None)
+    except Exception as exc:  # (no frames unless it raises)
+        failed(exc)
 
 
 class AsyncPortResponse(Protocol):
@@ -189,17 +207,8 @@ class AsyncPlainStream:
         return chunks, failed, reads
 
     async def _read(self) -> bytes | None:
-        """The next chunk of the body, ``None`` at its end (what each pass of _batches' loop
-        reads, written there flat: a paced stream reads once per event)."""
-        chunks, failed, reads = self._body()
-        clock, end, guard = reads.per_read()
-        if clock() >= end:
-            raise reads.error()
-        try:
-            with guard:
-                return await anext(chunks, None)
-        except Exception as exc:  # (no frames unless it raises)
-            failed(exc)
+        """The next chunk of the body, ``None`` at its end."""
+        return await read_raw(*self._body())
 
     async def _batches(self, out: Callable[[_Batch], _Out]) -> AsyncIterator[_Out]:
         """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._common import RawHeaders, RequestHeaders
 from pqe2ee.transports._deadline import Deadline
+from pqe2ee.transports._sync._stream import read_raw
 
 if TYPE_CHECKING:
     from pqe2ee.transports._sync._stream import Port, PortResponse, RawBody
@@ -44,23 +45,14 @@ class BoundedResponse:
 
     def read(self, limit: int) -> bytes:
         """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`iter_bytes` then :meth:`close` do, written out over the port's raw body as
-        a stream reads it: one loop, no generator of the port's or the deadline's.)"""
+        :meth:`iter_bytes` then :meth:`close` do, over the port's raw body as a stream reads
+        it: no generator of the port's or the deadline's.)"""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads
         try:
             raw, failed, _ = self._response.raw_bytes()
-            clock, end, _guard = reads.per_read()
-            while True:
-                if clock() >= end:
-                    raise reads.error()
-                try:
-                    chunk = next(raw, None)
-                except Exception as exc:  # (no frames unless it raises)
-                    failed(exc)
-                if chunk is None:
-                    break
+            while (chunk := read_raw(raw, failed, reads)) is not None:
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")

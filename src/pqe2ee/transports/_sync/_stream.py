@@ -33,6 +33,7 @@ __all__ = [
     "PortResponse",
     "RawBody",
     "ReadFailed",
+    "read_raw",
     "reraise",
 ]
 
@@ -49,6 +50,20 @@ RawBody = tuple[Iterator[bytes], ReadFailed, BodyReads | None]
 def reraise(exc: Exception) -> NoReturn:
     """The :data:`ReadFailed` of a port whose reads raise its own errors already."""
     raise exc
+
+
+def read_raw(chunks: Iterator[bytes], failed: ReadFailed, reads: BodyReads) -> bytes | None:
+    """The next chunk of a raw body (see :meth:`PortResponse.raw_bytes`), ``None`` at its
+    end: the deadline checked before the read, the read in its guard, a failure raised as the
+    port maps it. (The stream's per-event loop, ``PlainStream._batches``, does this
+    written out: a paced stream reads once per event.)"""
+    clock, end, _guard = reads.per_read()
+    if clock() >= end:
+        raise reads.error()
+    try:
+        return next(chunks, None)
+    except Exception as exc:  # (no frames unless it raises)
+        failed(exc)
 
 
 class PortResponse(Protocol):
@@ -187,16 +202,8 @@ class PlainStream:
         return chunks, failed, reads
 
     def _read(self) -> bytes | None:
-        """The next chunk of the body, ``None`` at its end (what each pass of _batches' loop
-        reads, written there flat: a paced stream reads once per event)."""
-        chunks, failed, reads = self._body()
-        clock, end, _guard = reads.per_read()
-        if clock() >= end:
-            raise reads.error()
-        try:
-            return next(chunks, None)
-        except Exception as exc:  # (no frames unless it raises)
-            failed(exc)
+        """The next chunk of the body, ``None`` at its end."""
+        return read_raw(*self._body())
 
     def _batches(self, out: Callable[[_Batch], _Out]) -> Iterator[_Out]:
         """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
