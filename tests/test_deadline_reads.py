@@ -27,6 +27,7 @@ from faults import Fault, FaultyStack
 from pqe2ee.errors import DeadlineExceeded
 from pqe2ee.transports import _deadline
 from pqe2ee.transports._async._bounded import AsyncBoundedResponse
+from pqe2ee.transports._async._stream import AsyncRawBody, read_raw, reraise
 from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._primitives import AsyncReadTimer
 from transport_support import KEY, messages
@@ -54,8 +55,23 @@ class FakeResponse:
             else:
                 yield item
 
+    def raw_bytes(self) -> AsyncRawBody:
+        return self.aiter_bytes(), reraise, None
+
     async def aclose(self) -> None:
         self.closed = True
+
+
+async def body_of(response: AsyncBoundedResponse) -> AsyncIterator[bytes]:
+    """The body read as the transports read one (``read_raw`` over ``raw_bytes``: the
+    deadline checked before each read, each read in its guard), released at its end."""
+    chunks, failed, reads = response.raw_bytes()
+    assert reads is not None
+    try:
+        while (chunk := await read_raw(chunks, failed, reads)) is not None:
+            yield chunk
+    finally:
+        reads.release()
 
 
 @pytest.fixture
@@ -116,7 +132,7 @@ async def test_a_read_waiting_past_the_deadline_is_cut_at_it(
     got = []
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        async for chunk in response.aiter_bytes():
+        async for chunk in body_of(response):
             got.append(chunk)
     assert got == [b"a", b"b"]
     assert 0.3 <= time.monotonic() - started < 2.0
@@ -130,7 +146,7 @@ async def test_a_read_after_the_deadline_is_refused(anyio_backend: str) -> None:
     """The deadline passes while the caller holds a chunk: the next read raises at once."""
     left = Leftovers(anyio_backend)
     response = bounded(0.2, b"a", b"b")
-    chunks = response.aiter_bytes()
+    chunks = body_of(response)
     assert await chunks.__anext__() == b"a"
     await anyio.sleep(0.4)  # the caller's own work, past the deadline
     with pytest.raises(DeadlineExceeded):
@@ -153,7 +169,7 @@ async def test_nothing_is_left_behind(
     got = []
     with anyio.move_on_after(0.3) as caller:
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in body_of(response):
                 got.append(chunk)
                 if how == "closed early":
                     break
@@ -185,7 +201,7 @@ async def test_one_timer_per_body_not_one_per_read(anyio_backend: str) -> None:
     response = bounded(30.0, *[b"x"] * 200)
     loop.call_at = counting  # type: ignore[method-assign]
     try:
-        assert len([c async for c in response.aiter_bytes()]) == 200
+        assert len([c async for c in body_of(response)]) == 200
     finally:
         del loop.call_at
     assert scheduled == 1
@@ -198,7 +214,7 @@ async def test_reads_inside_the_request_scope_only_check(
     HEAD) makes no timer; the reads after the scope has closed share one."""
     deadline = AsyncDeadline(30.0, time.monotonic)
     response = AsyncBoundedResponse(FakeResponse(b"a", b"b", b"c"), deadline)
-    chunks = response.aiter_bytes()
+    chunks = body_of(response)
     with deadline:
         assert await chunks.__anext__() == b"a"
     assert timers == []

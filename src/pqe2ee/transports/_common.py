@@ -66,7 +66,7 @@ STREAM_HEADERS: Final = (
 
 class ResponseHead:
     """The status and headers of a port response (the engine's ``AsyncPortResponse``), read
-    before its body; each adapter's port response adds ``aiter_bytes`` and ``aclose``."""
+    before its body; each adapter's port response adds ``raw_bytes`` and ``aclose``."""
 
     __slots__ = ("headers", "status")
 

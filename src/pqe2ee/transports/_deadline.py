@@ -4,8 +4,8 @@
 
 A deadline starts when a request starts and covers all of it: model lookup, discovery,
 retries, the invoke, and every read of the answer, a streamed body included, until that body is
-closed. Each network step runs in a ``with`` block of the deadline itself, each read of a body
-inside :meth:`reads`:
+closed. Each network step runs in a ``with`` block of the deadline itself; each read of a body
+is checked and guarded as :meth:`Deadline.reads`' ``per_read()`` says:
 
 * async: an anyio cancel scope that ends at the deadline; the wait is cancelled there and
   :class:`~pqe2ee.errors.DeadlineExceeded` raised in its place (works under asyncio and trio).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -63,41 +63,25 @@ class Deadline:
             code=ErrorCode.DEADLINE_EXCEEDED,
         )
 
-    def check(self) -> None:
-        """Raise :class:`~pqe2ee.errors.DeadlineExceeded` once the deadline has passed."""
-        if self.remaining() <= 0:
-            raise self.error()
-
     def __enter__(self) -> None:
         """A ``with`` block of the deadline is one network step, checked when it starts (no
         object per step)."""
-        if self._clock() >= self.end:  # check(), inlined
+        if self._clock() >= self.end:  # (past the deadline: refused)
             raise self.error()
 
     def __exit__(self, *exc_info: object) -> None:
         return None
 
     def reads(self) -> Deadline:
-        """A ``with`` block for each read of one body (checked when it starts) and
-        :meth:`release` once the body is done: the deadline itself."""
+        """What the reads of one body are held to (:meth:`per_read`), and :meth:`release`
+        once the body is done: the deadline itself."""
         return self
 
     def per_read(self) -> PerRead:
-        """For a reader with a loop of its own, instead of a ``with`` block per read: check
-        ``clock() >= end`` before each read (and raise :meth:`error`), then read inside a
-        ``with`` block of the guard. Blocking: nothing to guard (unasync drops the block)."""
+        """How to read: check ``clock() >= end`` before each read (and raise :meth:`error`),
+        then read inside a ``with`` block of the guard (see ``_stream.read_raw``). Blocking:
+        nothing to guard (unasync drops the block)."""
         return self._clock, self.end, _NO_GUARD
-
-    def bounded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """``chunks`` read as :meth:`reads` reads them, the deadline checked before each read,
-        in one generator (no ``with`` block per read: a paced stream reads once per event)."""
-        clock, end = self._clock, self.end
-        if clock() >= end:
-            raise self.error()
-        for chunk in chunks:
-            yield chunk
-            if clock() >= end:
-                raise self.error()
 
     def release(self) -> None:
         return None
@@ -122,7 +106,7 @@ class AsyncDeadline(Deadline):
         self._scope: anyio.CancelScope | None = None  # the outermost one's cancel scope
 
     def __enter__(self) -> None:
-        if self._clock() >= self.end:  # check(), inlined
+        if self._clock() >= self.end:  # (past the deadline: refused)
             raise self.error()
         if self._open:
             self._open += 1  # inside a block of this deadline: it cancels at the same moment
@@ -152,26 +136,25 @@ BodyReads = Deadline
 
 
 class AsyncBodyReads:
-    """The reads of one body, each ``with`` block one read: inside a scope of the deadline
-    (a body read before the request returns) a check only; after it (a streamed answer) cut
-    short at the deadline by one timer for the whole body (asyncio), else by a cancel scope
+    """The reads of one body (:meth:`per_read`): inside a block of the deadline (a body read
+    before the request returns) a check only; after it (a streamed answer) cut short at the
+    deadline by one timer for the whole body (asyncio), else by the deadline's cancel scope
     per read. :meth:`release` stops the timer."""
 
-    __slots__ = ("_deadline", "_started", "_step", "_timer")
+    __slots__ = ("_deadline", "_started", "_timer")
 
     def __init__(self, deadline: AsyncDeadline) -> None:
         self._deadline = deadline
         self._started = False  # the first read outside the request's scope has begun
         self._timer: AsyncReadTimer | None = None
-        self._step: AsyncDeadline | AsyncReadTimer | None = None
 
     def error(self) -> DeadlineExceeded:
         return self._deadline.error()
 
     def per_read(self) -> PerRead:
-        """As :meth:`Deadline.per_read`; the guard is what a ``with`` block of these reads
-        would enter, as long as no block of the deadline opens or closes (a stream is read
-        after the request's block: asking once for the whole stream is enough)."""
+        """As :meth:`Deadline.per_read`; the guard holds as long as no block of the deadline
+        opens or closes (a stream is read after the request's block: asking once for the whole
+        stream is enough)."""
         deadline = self._deadline
         guard: AbstractContextManager[None]
         if deadline._open:
@@ -190,47 +173,6 @@ class AsyncBodyReads:
         timer = read_timer(deadline.error)
         if timer is not None:
             self._timer = timer.at(timer.now() + deadline.remaining())
-
-    def __enter__(self) -> None:
-        deadline = self._deadline
-        if deadline._clock() >= deadline.end:  # check(), inlined (once per read)
-            raise deadline.error()
-        if deadline._open:
-            self._step = None  # the enclosing scope cancels at the same moment
-            return
-        if not self._started:
-            self._start()
-        step = self._timer if self._timer is not None else deadline
-        step.__enter__()
-        self._step = step
-
-    def __exit__(self, *exc_info: Any) -> None:
-        step = self._step
-        if step is not None:
-            self._step = None
-            step.__exit__(*exc_info)
-
-    async def bounded(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """``chunks``, each read in a ``with`` block of these reads; released when done. Once
-        the body's timer runs (a streamed answer, after the request's scope), a read is the
-        timer's ``with`` itself, after the deadline check: what ``__enter__`` would pick, without
-        its two calls per read."""
-        deadline = self._deadline
-        try:
-            while True:
-                step: AsyncBodyReads | AsyncReadTimer | None = self._timer
-                if step is None or deadline._open:
-                    step = self
-                elif deadline._clock() >= deadline.end:
-                    raise deadline.error()
-                with step:
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        return
-                yield chunk
-        finally:
-            self.release()
 
     def release(self) -> None:
         if self._timer is not None:

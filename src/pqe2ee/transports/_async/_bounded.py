@@ -14,7 +14,6 @@ as async code; ``scripts/unasync.py`` generates the blocking twin.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -41,13 +40,9 @@ class AsyncBoundedResponse:
         self.status: int = response.status
         self.headers: RawHeaders = response.headers
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
-        return self._reads.bounded(self._response.aiter_bytes())
-
     async def aread(self, limit: int) -> bytes:
-        """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`aiter_bytes` then :meth:`aclose` do, over the port's raw body as a stream reads
-        it: no generator of the port's or the deadline's.)"""
+        """The whole body, refusing more than ``limit`` bytes, read over the port's raw body as
+        a stream reads it (:func:`read_raw`); always closes."""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads

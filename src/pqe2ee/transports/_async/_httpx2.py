@@ -82,16 +82,6 @@ class _AsyncPortResponse(ResponseHead):
         self.headers = response.headers.raw
         self._response = response
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        chunks, failed, _ = self.raw_bytes()
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:  # (no frames unless it raises)
-            failed(exc)
-        finally:
-            await self._response.aclose()  # (read out: the connection goes back to the pool)
-
     def raw_bytes(self) -> AsyncRawBody:
         response = self._response
         stream = response.stream

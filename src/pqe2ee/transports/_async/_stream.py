@@ -42,7 +42,7 @@ __all__ = [
 # -- the port --------------------------------------------------------------------------------------
 
 #: Called with what a read of a raw body raised (the deadline's error included): raises it
-#: as the port's ``aiter_bytes`` would have.
+#: as the port maps its library's errors.
 ReadFailed = Callable[[Exception], NoReturn]
 #: A body as a reader with its own loop reads it (see AsyncPortResponse.raw_bytes).
 AsyncRawBody = tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads | None]
@@ -79,16 +79,12 @@ class AsyncPortResponse(Protocol):
     @property
     def headers(self) -> RawHeaders: ...
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """The (content-decoded) body, lazily; may be iterated once."""
-        ...
-
     def raw_bytes(self) -> AsyncRawBody:
-        """The same body for a reader that makes the per-read work its own (a stream, read
-        once per event): the library's own iterator of it (no layer of the port's per
+        """The (content-decoded) body, once, for a reader that makes the per-read work its own
+        (:func:`read_raw`): the library's own iterator of it (no layer of the port's per
         chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if any (read as its ``per_read()`` says). Instead of ``aiter_bytes``,
-        once; ``aclose`` still releases the connection."""
+        are held to, if any (read as its ``per_read()`` says). ``aclose`` releases the
+        connection."""
         ...
 
     async def aclose(self) -> None:

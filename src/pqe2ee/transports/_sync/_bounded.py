@@ -15,7 +15,6 @@ as async code; ``scripts/unasync.py`` generates the blocking twin.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pqe2ee.errors import LimitExceeded
@@ -40,13 +39,9 @@ class BoundedResponse:
         self.status: int = response.status
         self.headers: RawHeaders = response.headers
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        return self._reads.bounded(self._response.iter_bytes())
-
     def read(self, limit: int) -> bytes:
-        """The whole body, refusing more than ``limit`` bytes; always closes. (What
-        :meth:`iter_bytes` then :meth:`close` do, over the port's raw body as a stream reads
-        it: no generator of the port's or the deadline's.)"""
+        """The whole body, refusing more than ``limit`` bytes, read over the port's raw body as
+        a stream reads it (:func:`read_raw`); always closes."""
         chunks: list[bytes] = []
         total = 0
         reads = self._reads

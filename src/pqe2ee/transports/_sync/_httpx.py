@@ -83,15 +83,6 @@ class _PortResponse(ResponseHead):
         self.headers = response.headers.raw
         self._response = response
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        chunks, failed, _ = self.raw_bytes()
-        try:
-            yield from chunks
-        except Exception as exc:  # (no frames unless it raises)
-            failed(exc)
-        finally:
-            self._response.close()  # (read out: the connection goes back to the pool)
-
     def raw_bytes(self) -> RawBody:
         response = self._response
         stream = response.stream

@@ -41,7 +41,7 @@ __all__ = [
 # -- the port --------------------------------------------------------------------------------------
 
 #: Called with what a read of a raw body raised (the deadline's error included): raises it
-#: as the port's ``iter_bytes`` would have.
+#: as the port maps its library's errors.
 ReadFailed = Callable[[Exception], NoReturn]
 #: A body as a reader with its own loop reads it (see PortResponse.raw_bytes).
 RawBody = tuple[Iterator[bytes], ReadFailed, BodyReads | None]
@@ -75,16 +75,12 @@ class PortResponse(Protocol):
     @property
     def headers(self) -> RawHeaders: ...
 
-    def iter_bytes(self) -> Iterator[bytes]:
-        """The (content-decoded) body, lazily; may be iterated once."""
-        ...
-
     def raw_bytes(self) -> RawBody:
-        """The same body for a reader that makes the per-read work its own (a stream, read
-        once per event): the library's own iterator of it (no layer of the port's per
+        """The (content-decoded) body, once, for a reader that makes the per-read work its own
+        (:func:`read_raw`): the library's own iterator of it (no layer of the port's per
         chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if any (read as its ``per_read()`` says). Instead of ``iter_bytes``,
-        once; ``close`` still releases the connection."""
+        are held to, if any (read as its ``per_read()`` says). ``close`` releases the
+        connection."""
         ...
 
     def close(self) -> None:
