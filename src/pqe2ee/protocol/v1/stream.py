@@ -120,8 +120,7 @@ assert CHACHA_NONCE_LEN % 3 == 0  # a nonce's base64 is a whole slice of its poo
 #: How many bytes of the system CSPRNG a sealer reads at once for its record nonces.
 _NONCE_POOL: Final = 32 * CHACHA_NONCE_LEN
 _NONCE_B64: Final = CHACHA_NONCE_LEN // 3 * 4  # base64 characters per nonce (no padding)
-_USAGE_OPEN: Final = b'data: {"usage":'  # a usage event: msgspec's {"usage": ...} in these
-_USAGE_CLOSE: Final = b"}\n\n"
+_USAGE_CLOSE: Final = b"}\n\n"  # a usage event: _USAGE_START + the usage's JSON + this
 _json_encode: Final = msgspec.json.encode
 
 
@@ -190,7 +189,7 @@ class StreamSealer:
 
     @staticmethod
     def usage_event(usage: Any) -> bytes:
-        return b"".join((_USAGE_OPEN, _json_encode(usage), _USAGE_CLOSE))
+        return b"".join((_USAGE_START, _json_encode(usage), _USAGE_CLOSE))
 
     @staticmethod
     def error_event(error: Any) -> bytes:
@@ -225,7 +224,7 @@ class StreamEncoder:
             if emit_usage and line != b"\n":  # (a blank line, an event's end, has no usage)
                 usage = extract_usage(line)
                 if usage is not None:
-                    out += (_USAGE_OPEN, _json_encode(usage), _USAGE_CLOSE)
+                    out += (_USAGE_START, _json_encode(usage), _USAGE_CLOSE)
             seal_into(out, line)
         return b"".join(out)
 

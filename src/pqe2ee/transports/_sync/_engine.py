@@ -576,7 +576,8 @@ class Engine:
     def _prefetch(self, port: BoundedPort, chute: str, auth: str | None) -> None:
         """Refresh a pool that runs low or nears expiry - only if no discovery is in flight
         and the rate limit allows one right now (a prefetch never waits). Runs in the
-        background (:meth:`_lease`): a failure is logged at debug only."""
+        background (:meth:`_lease`): a relay or network failure is logged at debug here
+        (anything else reaches the background runner, which warns)."""
         lock = self._chute_lock(chute)
         if not lock.try_acquire():
             return
