@@ -4,7 +4,10 @@ Model calls take the caller's key (or the configured one), read the body bounded
 through the key's pooled E2EE client: chat and completions byte for byte, Responses and
 Anthropic Messages through their translation (:data:`RESPONSES`, :data:`MESSAGES`). Every
 failure below a route is a :class:`~pqe2ee.proxy.app.failures.Failure`, answered by
-:func:`_guard` in the caller's dialect; nothing escapes as a 500 page.
+:class:`_Endpoint` in the caller's dialect; nothing escapes as a 500 page.
+
+A POST to a model-call path skips Starlette's stack (:class:`_ProxyApp`): the extra HTTP hop is
+most of what the proxy adds over calling the transport directly (issue 14).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, cast
 
 import anyio
@@ -24,6 +28,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from pqe2ee.attest.gate import AttestationGate, AttestOptions
@@ -256,7 +261,7 @@ class _Proxy:
 
     async def passthrough(self, request: Request) -> Response:
         """Chat Completions / Completions: the body goes through byte for byte."""
-        path = request.url.path
+        path = request.scope["path"]  # (request.url would parse the whole URL)
         route = ROUTES[path]
         key = self._key(request)
         raw = await read_body(request, self.config.max_body)
@@ -406,24 +411,51 @@ async def _refuse_websocket(websocket: WebSocket) -> None:
         await websocket.close()
 
 
-def _guard(handler: Endpoint) -> Endpoint:
-    """Every failure becomes an answer in the caller's dialect; nothing escapes as a 500 page."""
+class _Endpoint:
+    """A route as an ASGI app: ``handler``'s answer is sent; every failure becomes an answer
+    in the route's dialect, nothing escapes as a 500 page. Called by the router, or directly
+    by :class:`_ProxyApp` (the request object is the only Starlette piece left on that path)."""
 
-    async def wrapped(request: Request) -> Response:
-        dialect = dialect_of(request.url.path)
+    __slots__ = ("_dialect", "_handler")
+
+    def __init__(self, handler: Endpoint, path: str) -> None:
+        self._handler = handler
+        self._dialect = dialect_of(path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            return await handler(request)
+            response = await self._handler(Request(scope, receive))
         except Failure as fail:
-            return _answer(fail, dialect)
+            response = _answer(fail, self._dialect)
         except ClientDisconnect:
-            return Response(status_code=499)
+            response = Response(status_code=499)
         except Exception as exc:
             log.error("internal error (%s)", type(exc).__name__)
-            return _answer(
-                Failure(500, "server_error", "internal proxy error", code="internal"), dialect
+            response = _answer(
+                Failure(500, "server_error", "internal proxy error", code="internal"),
+                self._dialect,
             )
+        await response(scope, receive, send)
 
-    return wrapped
+
+class _ProxyApp(Starlette):
+    """The proxy's Starlette app; a POST to a model-call path (``direct``) goes straight to its
+    route's own chain: the same metrics and browser-guard middleware as every request, around
+    the route's :class:`_Endpoint` - without Starlette's error and exception middleware, its
+    router's matching and the per-message wrappers they add (the hop is what the proxy adds
+    over the bare transport, issue 14; the model routes answer every failure themselves, so
+    those layers had nothing to catch there). Anything else goes through Starlette."""
+
+    direct: Mapping[str, ASGIApp] = MappingProxyType({})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            route = self.direct.get(scope["path"])
+            if route is not None:
+                scope["app"] = self
+                await route(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def _gate(options: ClientOptions) -> AttestationGate | None:
@@ -482,21 +514,23 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
     status = status_page(
         config, options.negotiator, pool.fingerprints, metrics.failure_log, _gate(options)
     )
-    app = Starlette(
+    model_calls = {
+        CHAT_PATH: proxy.passthrough,
+        COMPLETIONS_PATH: proxy.passthrough,
+        "/v1/responses": proxy.translated(responses_translation(hosted)),
+        "/v1/messages": proxy.translated(MESSAGES),
+        "/v1/messages/count_tokens": proxy.count_tokens,
+    }
+    endpoints = {path: _Endpoint(handler, path) for path, handler in model_calls.items()}
+    observe = AccessLog(metrics)
+    policy = browser_policy(config)
+    app = _ProxyApp(
         routes=[
-            Route(CHAT_PATH, _guard(proxy.passthrough), methods=["POST"]),
-            Route(COMPLETIONS_PATH, _guard(proxy.passthrough), methods=["POST"]),
-            Route(
-                "/v1/responses",
-                _guard(proxy.translated(responses_translation(hosted))),
-                methods=["POST"],
-            ),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
             Route("/v1/responses", proxy.responses_upgrade, methods=["GET"]),
             WebSocketRoute("/v1/responses", _refuse_websocket),
             Route("/", proxy.root, methods=["HEAD"]),
-            Route("/v1/messages", _guard(proxy.translated(MESSAGES)), methods=["POST"]),
-            Route("/v1/messages/count_tokens", _guard(proxy.count_tokens), methods=["POST"]),
-            Route("/v1/models", _guard(proxy.models), methods=["GET"]),
+            Route("/v1/models", _Endpoint(proxy.models, "/v1/models"), methods=["GET"]),
             Route("/", status),
             Route("/health", proxy.health, methods=["GET"]),
             Route("/ready", proxy.ready, methods=["GET"]),
@@ -505,12 +539,19 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
         middleware=[
             # direct_bodies: a streamed answer's body messages go straight beneath the metrics
             # layer (the browser guard inside it only adds headers to the response start).
-            Middleware(MetricsMiddleware, observe=AccessLog(metrics), direct_bodies=True),
-            Middleware(BrowserGuard, policy=browser_policy(config)),
+            Middleware(MetricsMiddleware, observe=observe, direct_bodies=True),
+            Middleware(BrowserGuard, policy=policy),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
+    # The model calls' own chains: the two middlewares above around each endpoint.
+    app.direct = {
+        path: MetricsMiddleware(
+            BrowserGuard(endpoint, policy=policy), observe=observe, direct_bodies=True
+        )
+        for path, endpoint in endpoints.items()
+    }
     app.state.config = config
     app.state.pool = pool
     app.state.key_pools = options.key_pools

@@ -47,9 +47,12 @@ class ProxyServer(uvicorn.Server):
 
 
 def server_config(app: Starlette, config: ProxyConfig, **kw: Any) -> uvicorn.Config:
-    """The uvicorn settings the proxy runs with (access lines are the proxy's own; uvloop +
-    httptools unless ``kw`` says otherwise)."""
+    """The uvicorn settings the proxy runs with (access lines are the proxy's own, no
+    X-Forwarded-* rewriting; uvloop + httptools unless ``kw`` says otherwise)."""
     kw.setdefault("access_log", False)
+    # uvicorn's X-Forwarded-* rewriting of the client address and scheme: the proxy reads
+    # neither, and the layer would run on every call.
+    kw.setdefault("proxy_headers", False)
     for key, value in uvicorn_stack().items():
         kw.setdefault(key, value)
     kw.setdefault("timeout_graceful_shutdown", int(config.shutdown_grace) + 5)
