@@ -101,6 +101,7 @@ def test_the_direct_chain_keeps_the_guard_the_metrics_and_the_dialects(relay: st
     read = len(missing.request.content) + len(ok.request.content)
     assert f'pqe2ee_proxy_request_bytes_total{{route="chat"}} {float(read)}' in metrics
 
+
 def test_a_root_path_goes_through_starlette(relay: str) -> None:
     app, spy = _app(relay)
     with run_app(app, root_path="/proxy") as url, httpx2.Client(base_url=url, timeout=30) as http:
