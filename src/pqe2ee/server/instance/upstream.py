@@ -290,7 +290,7 @@ class EngineStream(StreamedResponse, Generic[E]):
         async def sink(data: bytes, more: bool) -> None:
             await self.send_body(send, data, more=more)
 
-        await Coalescer().run(records, sink)
+        await Coalescer(first_alone=True).run(records, sink)
 
     async def pump(self, send: Send) -> str | None:
         """Stream until the engine ends; returns an error code, or None for a clean end. The
