@@ -87,17 +87,37 @@ class AccessLog:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        # The samples of each route (and route + status), looked up once: ``labels()`` checks
+        # and converts its values and takes a lock, five times a request otherwise. The label
+        # values are the fixed route names and the status codes, so the cache stays small.
+        self._routes: dict[str, tuple[Histogram, Histogram, Counter, Counter]] = {}
+        self._requests: dict[tuple[str, str], Counter] = {}
+
+    def _of(self, route: str) -> tuple[Histogram, Histogram, Counter, Counter]:
+        samples = self._routes.get(route)
+        if samples is None:
+            m = self.metrics
+            samples = self._routes[route] = (
+                m.first_byte.labels(route),
+                m.duration.labels(route),
+                m.bytes_in.labels(route),
+                m.bytes_out.labels(route),
+            )
+        return samples
 
     def __call__(self, ex: Exchange) -> None:
         elapsed = ex.elapsed
         route = ROUTES.get(ex.path, "other")
-        m = self.metrics
         status = str(ex.status) if ex.status is not None else "499"
-        m.requests.labels(route, status).inc()
-        m.first_byte.labels(route).observe(ex.first_byte if ex.first_byte is not None else elapsed)
-        m.duration.labels(route).observe(elapsed)
-        m.bytes_in.labels(route).inc(ex.bytes_in)
-        m.bytes_out.labels(route).inc(ex.bytes_out)
+        requests = self._requests.get((route, status))
+        if requests is None:
+            requests = self._requests[route, status] = self.metrics.requests.labels(route, status)
+        requests.inc()
+        first_byte, duration, bytes_in, bytes_out = self._of(route)
+        first_byte.observe(ex.first_byte if ex.first_byte is not None else elapsed)
+        duration.observe(elapsed)
+        bytes_in.inc(ex.bytes_in)
+        bytes_out.inc(ex.bytes_out)
         failed = ex.status is None or ex.status >= 500 or not ex.complete
         log.log(
             logging.WARNING if failed else logging.INFO,
