@@ -12,15 +12,17 @@ the events decoded from one upstream read go out as one body message. The first 
 the source's next step - one loop turn, never for the network: a source that ends there (a
 whole answer that arrived in one read, as a short stream does) goes out with the end in the
 same message, one write for the client to read instead of two (the end alone used to follow
-two turns later, often after the client had already woken for the data; ~0.2 ms of a short
-stream through the proxy, issue 14). Nothing is held back to wait for more: the sink runs as
+two turns later, ~0.25 ms after the data in the proxy's stamps, often after the client had
+already woken for the data; issue 14). Nothing is held back to wait for more: the sink runs as
 soon as the source has to wait for the network, and a burst is handed over every
 :data:`MAX_BATCH` bytes (the source waits until the sink's side has taken it, so a slow client
 holds back about two batches at most, as it held back one chunk before).
 
-``first_alone=True`` sends the first chunk the moment it is read, alone (the instance's init
-event, which the relay and the client read with the response start; the engine's answer
-follows).
+``first_alone=True`` sends the first chunk the moment it is read, alone: the instance's init
+event (v2: init and HEAD), which the relay and the client read with the response start. Merged
+with a whole engine answer instead, a v2 client read HEAD and the answer's end in one piece and
+handed the caller ``[DONE]`` before reading the body's end, so its connection was not reused
+(tests/test_stream_semantics.py): a client matter, left for now.
 """
 
 from __future__ import annotations
