@@ -151,3 +151,33 @@ def test_the_access_log_looks_each_routes_samples_up_once(monkeypatch: pytest.Mo
         'pqe2ee_proxy_first_byte_seconds_count{route="messages"} 1.0',
     ):
         assert line in text, line
+
+
+def test_a_model_call_hands_the_transport_only_what_it_seals(
+    relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request the proxy gives its E2EE transport is built bare: path, body and the
+    client's timeouts - the transport seals the body for the path with its own key and sends
+    nothing else, so merging the client's default headers and cookies per call was work for
+    nothing (the wire is the same: every proxy test)."""
+    from pqe2ee.proxy.app.pool import client_timeout
+    from pqe2ee.transports.httpx2 import AsyncE2EETransport
+
+    seen: list[httpx2.Request] = []
+    handle = AsyncE2EETransport.handle_async_request
+
+    async def recording(self: AsyncE2EETransport, request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return await handle(self, request)
+
+    monkeypatch.setattr(AsyncE2EETransport, "handle_async_request", recording)
+    config = ProxyConfig(api_base=relay, models_base=relay, api_key=KEY, read_timeout=42.0)
+    with run_app(create_app(config)) as url, httpx2.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert http.post("/v1/messages", json=MESSAGES).status_code == 200
+    assert [r.url.path for r in seen] == ["/v1/chat/completions"] * 2
+    for request in seen:
+        assert request.method == "POST"
+        assert "user-agent" not in request.headers and "cookie" not in request.headers
+        assert request.extensions["timeout"] == client_timeout(config).as_dict()
+        assert request.extensions["timeout"]["read"] == 42.0

@@ -201,6 +201,7 @@ class _Proxy:
         self.metrics = metrics
         self.streams = OpenStreams()
         self._urls: dict[str, httpx2.URL] = {}  # model-call path -> its URL on the base URL
+        self._timeout = client_timeout(config).as_dict()  # (every pooled client's timeouts)
 
     def _key(self, request: Request) -> str:
         key = _caller_key(request) or self.config.api_key
@@ -232,17 +233,17 @@ class _Proxy:
             raise fail from None
         return resp
 
-    def _post(self, entry: PoolEntry, path: str, body: bytes, *, stream: bool) -> httpx2.Request:
-        headers = {
-            "accept": "text/event-stream" if stream else JSON_TYPE,
-            "content-type": JSON_TYPE,
-        }
+    def _post(self, entry: PoolEntry, path: str, body: bytes) -> httpx2.Request:
+        """The model call for the key's client: its path and body are all the transport takes
+        from it (sealed; the API key is the transport's own, and a strict transport sends
+        nothing in plaintext), so it is built as a bare request - no client headers, cookies
+        or query merged in per call, only the timeouts the client would add."""
         # Every pooled client has the same base URL: each path is merged with it (and parsed)
         # once, not per call.
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = entry.client.build_request("POST", path).url
-        return entry.client.build_request("POST", url, content=body, headers=headers)
+        return httpx2.Request("POST", url, content=body, extensions={"timeout": self._timeout})
 
     def _stream(
         self, body: StreamBody, upstream: httpx2.Response, entry: PoolEntry, route: str
@@ -274,7 +275,7 @@ class _Proxy:
         entry = await self.pool.acquire(key)
         handed_over = False
         try:
-            resp = await self._send(entry.client, self._post(entry, path, raw, stream=stream))
+            resp = await self._send(entry.client, self._post(entry, path, raw))
             if resp.status_code != 200 or not stream:
                 # Upstream errors keep their status and body.
                 body = await read_upstream(resp, self.config.max_response)
@@ -311,7 +312,7 @@ class _Proxy:
         entry = await self.pool.acquire(key)
         handed_over = False
         try:
-            resp = await self._send(entry.client, self._post(entry, CHAT_PATH, body, stream=stream))
+            resp = await self._send(entry.client, self._post(entry, CHAT_PATH, body))
             if resp.status_code != 200:
                 raw = await read_upstream(resp, self.config.max_response)
                 raise fail_of_upstream_body(resp.status_code, raw)
