@@ -258,3 +258,73 @@ def test_usage_filter_rewrites_only_what_it_must() -> None:
         None,
         '{"choices":[{"delta":{}}]}',
     )
+
+
+def _joined(app: Any) -> Any:
+    """The relay's ``/e2e/invoke`` answers sent as one body message: the instance's init (v2:
+    init and HEAD) arrives in the same read as the whole answer and its end - as a network
+    may join them."""
+
+    async def joined(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/e2e/invoke":
+            await app(scope, receive, send)
+            return
+        start: Any = None
+        parts: list[bytes] = []
+
+        async def hold(message: Any) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await send(start)
+                    await send({"type": "http.response.body", "body": b"".join(parts)})
+            else:
+                await send(message)
+
+        await app(scope, receive, hold)
+
+    return joined
+
+
+@pytest.fixture(scope="module")
+def joined_stack() -> Iterator[Stack]:
+    ports = Ports()
+    with serve_chain(
+        1,
+        api_keys=(KEY,),
+        rate_limit=10_000,
+        nonces_per_instance=100,
+        wrap_relay=lambda app: ports.wrap(_joined(app)),
+    ) as chain:
+        yield Stack(chain.relay, "", ports)
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_a_stream_read_in_one_piece_reuses_its_connection(
+    joined_stack: Stack, prefer_v2: bool
+) -> None:
+    """The answer's end in the read that brought the stream's start (v2: the events read on
+    the way to HEAD) is held like any later read's: the SDK stops at [DONE] with the response
+    read out, and the next call goes over the same connection."""
+    stack = joined_stack
+    transport = tx_httpx2.E2EETransport(
+        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+    )
+    sdk = openai.OpenAI(
+        base_url=stack.relay + "/v1",
+        api_key=KEY,
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+    stack.ports.seen.clear()
+    with sdk:
+        for i in range(3):
+            stream = sdk.chat.completions.create(
+                model="dev-echo", messages=user(f"joined {i}"), stream=True
+            )
+            assert streamed_text(stream) == f"Echo: joined {i}"
+    assert len(stack.ports.seen) == 3
+    assert len(set(stack.ports.seen)) == 1, stack.ports.seen

@@ -19,11 +19,8 @@ soon as the source has to wait for the network, and a burst is handed over every
 holds back about two batches at most, as it held back one chunk before).
 
 ``first_alone=True`` sends the first chunk the moment it is read, alone: the instance's init
-event (v2: init and HEAD), which the relay and the client read with the response start. Merged
-with a whole engine answer instead, a v2 client reads HEAD and the answer's end in one read,
-and the events read on the way to HEAD are handed over without the hold-``Done``-until-the-end
-rule of the later reads: a caller that stops at ``[DONE]`` then leaves its connection behind
-(tests/test_stream_semantics.py). A client matter (the network may join those bytes too), left.
+event (v2: init and HEAD), which the relay and the client read with the response start, before
+the engine's first token.
 """
 
 from __future__ import annotations

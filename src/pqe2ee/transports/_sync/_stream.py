@@ -207,18 +207,20 @@ class PlainStream:
         try:
             try:
                 try:
-                    if self._pending:  # read on the way to a v2 HEAD
-                        batch, self._pending = self._pending, []
-                        if made := out(batch):
-                            yield made
-                    if self._deferred is not None:
-                        raise self._deferred
                     # The batch ending in Done is held until the relay's last bytes are read
                     # (at most DRAIN_LIMIT more): a caller that stops at the inner [DONE] then
                     # leaves a finished response behind, and its connection goes back to the
                     # pool. A fault after Done still comes after the answer Done vouched for.
                     held: _Batch = []
                     drained = 0
+                    if self._pending:  # read on the way to a v2 HEAD (the whole answer, maybe)
+                        batch, self._pending = self._pending, []
+                        if isinstance(batch[-1], Done) and self._deferred is None:
+                            held = batch
+                        elif made := out(batch):
+                            yield made
+                    if self._deferred is not None:
+                        raise self._deferred
                     chunks, failed, reads = self._body()
                     clock, end, _guard = reads.per_read()  # (read after the request's block)
                     try:
