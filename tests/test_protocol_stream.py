@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
+import independent_v1
 from pqe2ee.backends import AEAD, KEM, get_aead, get_kem
 from pqe2ee.backends.base import MLKEM768_CT_LEN, KEMPrivateKey
 from pqe2ee.errors import (
@@ -1226,3 +1228,50 @@ def test_usage_lines_unread_get_the_verdict_of_read_ones(
         return [e for e in events if not isinstance(e, Usage)]
 
     assert verdict(False) == verdict(True)
+
+
+def test_encoder_chunks_of_many_lines_are_the_records_built_one_by_one(
+    kem: KEM, aead: AEAD
+) -> None:
+    """The encoder seals an engine chunk's lines in one pass (nonces taken from the pool for
+    the whole chunk first). Its bytes are exactly those built record by record from the spec
+    (``data: {"e2e":"<b64 nonce || ChaCha20-Poly1305>"}``, a usage event before each engine
+    line carrying usage), with the source's nonces in order, across pool refills and chunks
+    of 0, 1 and 45 lines; the default source's nonces are all distinct and every record opens."""
+    counter = itertools.count()
+
+    def numbered(n: int) -> bytes:
+        assert n == 12  # a source passed in is asked once per record
+        return next(counter).to_bytes(12, "big")
+
+    key = kem.from_seed(SEED)
+    usage_line = b'data: {"choices":[],"usage":{"prompt_tokens":3,"total_tokens":4}}\n'
+    lines = [b"data: %d\n" % i if i % 7 else usage_line for i in range(44)] + [b"\n"]
+    chunks = [b"".join(lines), b"", b"data: [DONE]\n", b"\n", b"data: tail"]
+    for source in (numbered, None):
+        sealer = (
+            StreamSealer(key.public_key, kem=kem, aead=aead, random_bytes=source)
+            if source
+            else StreamSealer(key.public_key, kem=kem, aead=aead)
+        )
+        enc = StreamEncoder(sealer)
+        init = enc.start()
+        outer = init + b"".join(enc.feed(c) for c in chunks) + enc.finish()
+        kem_ct = base64.b64decode(init[len(b'data: {"e2e_init":"') : -4])
+        cipher = ChaCha20Poly1305(independent_v1._derive(SEED, kem_ct, b"e2e-stream-v1"))
+        records = re.findall(rb'data: \{"e2e":"([^"]*)"\}\n\n', outer)
+        nonces = [base64.b64decode(r)[:12] for r in records]
+        assert len(set(nonces)) == len(records) == len(lines) + 3
+        if source is None:
+            nonces_used = nonces
+        else:
+            nonces_used = [n.to_bytes(12, "big") for n in range(len(records))]
+            assert nonces == nonces_used
+        expected = [init]
+        plain = [*lines, b"data: [DONE]\n", b"\n", b"data: tail"]
+        for nonce, line in zip(nonces_used, plain, strict=True):
+            if line is usage_line:
+                expected.append(b'data: {"usage":{"prompt_tokens":3,"total_tokens":4}}\n\n')
+            sealed = nonce + cipher.encrypt(nonce, line, None)
+            expected.append(b'data: {"e2e":"' + base64.b64encode(sealed) + b'"}\n\n')
+        assert outer == b"".join(expected)

@@ -160,7 +160,8 @@ def extract_usage(line: bytes) -> Any | None:
 
     Mirrors the real runtime: only lines starting with ``data: `` that mention ``"usage"``.
     """
-    if not line.startswith(b"data: ") or line.find(b'"usage"') < 0:
+    # rfind: an engine chunk's usage is its last key (found at once when there is one)
+    if not line.startswith(b"data: ") or line.rfind(b'"usage"') < 0:
         return None
     body = line[6:]
     try:

@@ -20,9 +20,8 @@ from __future__ import annotations
 import binascii
 import enum
 import functools
-from binascii import b2a_base64
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,11 +114,10 @@ StreamEvent = InnerEvent | Done | Usage | RemoteErrorEvent | EndOfStream
 # Instance side
 
 
-assert CHACHA_NONCE_LEN % 3 == 0  # a nonce's base64 is a whole slice of its pool's base64
-
 #: How many bytes of the system CSPRNG a sealer reads at once for its record nonces.
 _NONCE_POOL: Final = 32 * CHACHA_NONCE_LEN
-_NONCE_B64: Final = CHACHA_NONCE_LEN // 3 * 4  # base64 characters per nonce (no padding)
+_RECORD_OPEN: Final = _RECORD_PREFIX[:-1]  # a record event: this + the record as a JSON string
+_RECORD_CLOSE: Final = _EVENT_SUFFIX[1:]  # ... + this
 _USAGE_CLOSE: Final = b"}\n\n"  # a usage event: _USAGE_START + the usage's JSON + this
 _json_encode: Final = msgspec.json.encode
 
@@ -127,15 +125,14 @@ _json_encode: Final = msgspec.json.encode
 class StreamSealer:
     """Seals records into outer SSE events for one response stream (instance side).
 
-    With the default ``random_bytes`` the nonces are read ``_NONCE_POOL`` bytes at a time and
-    base64-encoded as a pool (one system call and one encoding per 32 records instead of one
-    each: the largest single costs of sealing a short record; each byte is handed out once)
-    and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes
+    With the default ``random_bytes`` the nonces are read ``_NONCE_POOL`` bytes at a time (one
+    system call per 32 records instead of one each: the largest single cost of sealing a short
+    record once; each byte is handed out once) and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes
     by construction). A ``random_bytes`` passed in is called once per record for 12 bytes, as
     before, and its nonces go through :meth:`AEADCipher.encrypt`, which checks them.
     """
 
-    __slots__ = ("_at", "_encrypt", "_kem_ct", "_pool", "_pool64", "_pool_size", "_random")
+    __slots__ = ("_at", "_encrypt", "_kem_ct", "_pool", "_pool_size", "_random")
 
     def __init__(
         self,
@@ -154,8 +151,8 @@ class StreamSealer:
             self._pool_size, self._encrypt = _NONCE_POOL, cipher.sealer()
         else:
             self._pool_size, self._encrypt = CHACHA_NONCE_LEN, cipher.encrypt
-        self._pool = self._pool64 = b""
-        self._at = self._pool_size  # the pool is read at the first record
+        self._pool = b""  # the nonces not handed out yet: _pool[_at:]
+        self._at = 0
 
     def init_event(self) -> bytes:
         """``data: {"e2e_init":"<b64 kem ct>"}\\n\\n`` - send it first."""
@@ -163,29 +160,53 @@ class StreamSealer:
 
     def seal_record(self, plaintext: bytes) -> bytes:
         """One ``data: {"e2e":"..."}\\n\\n`` event carrying ``plaintext``."""
+        return self.seal_lines((plaintext,))
+
+    def seal_lines(self, plaintexts: Sequence[bytes], *, usage: bool = False) -> bytes:
+        """:meth:`seal_record`'s events of each of ``plaintexts`` in turn, joined; with
+        ``usage``, a plaintext that is an engine line carrying ``usage`` is preceded by its
+        :meth:`usage_event` (see :class:`StreamEncoder`).
+
+        Written as one loop on purpose (the instance's per-record path: an engine chunk's lines
+        sealed in one frame, one join): the chunk's nonces are taken from the pool first, in
+        one step, so none is handed out twice whatever fails later."""
+        at = self._at
+        end = at + len(plaintexts) * CHACHA_NONCE_LEN
+        if end > len(self._pool):
+            at, end = self._refill(end - at)
+        self._at = end
+        pool, encrypt = self._pool, self._encrypt
         out: list[bytes] = []
-        self.seal_into(out, plaintext)
+        for plaintext in plaintexts:
+            if usage and plaintext != b"\n":  # (a blank line, an event's end, has no usage)
+                value = extract_usage(plaintext)
+                if value is not None:
+                    out += (_USAGE_START, _json_encode(value), _USAGE_CLOSE)
+            nxt = at + CHACHA_NONCE_LEN
+            nonce = pool[at:nxt]
+            # msgspec writes bytes as a JSON string of their standard base64 (padded, no
+            # newline), faster than binascii.b2a_base64 with its keyword argument.
+            out += (
+                _RECORD_OPEN,
+                _json_encode(nonce + encrypt(nonce, plaintext, None)),
+                _RECORD_CLOSE,
+            )
+            at = nxt
         return b"".join(out)
 
-    def seal_into(self, out: list[bytes], plaintext: bytes) -> None:
-        """:meth:`seal_record`'s event appended to ``out`` in parts, for one join per chunk."""
-        at = self._at
-        if at == self._pool_size:
-            pool = self._random(self._pool_size)
-            if len(pool) != self._pool_size:  # a source passed in: the nonce encrypt() checks
+    def _refill(self, need: int) -> tuple[int, int]:
+        """A pool holding the nonces left and fresh ones, ``need`` bytes of nonces at least
+        (read ``_pool_size`` bytes at a time): where they start and end in it."""
+        parts = [self._pool[self._at :]]
+        have = len(parts[0])
+        while have < need:
+            fresh = self._random(self._pool_size)
+            if len(fresh) != self._pool_size:  # a source passed in: the nonce encrypt() checks
                 raise LocalProtocolError("nonce must be 12 bytes", code=ErrorCode.INVALID_ARGUMENT)
-            self._pool, self._pool64 = pool, b2a_base64(pool, newline=False)
-            at = 0
-        self._at = end = at + CHACHA_NONCE_LEN
-        at64 = at // 3 * 4
-        # 12 bytes are 16 base64 characters with no padding: the nonce's base64 followed by the
-        # sealed bytes' is that of nonce || sealed, without copying the record to join them.
-        out += (
-            _RECORD_PREFIX,
-            self._pool64[at64 : at64 + _NONCE_B64],
-            b2a_base64(self._encrypt(self._pool[at:end], plaintext, None), newline=False),
-            _EVENT_SUFFIX,
-        )
+            parts.append(fresh)
+            have += len(fresh)
+        self._pool = b"".join(parts)
+        return 0, need
 
     @staticmethod
     def usage_event(usage: Any) -> bytes:
@@ -216,24 +237,12 @@ class StreamEncoder:
     def start(self) -> bytes:
         return self._sealer.init_event()
 
-    def _records(self, lines: list[bytes]) -> bytes:
-        seal_into = self._sealer.seal_into
-        out: list[bytes] = []
-        emit_usage = self._emit_usage
-        for line in lines:
-            if emit_usage and line != b"\n":  # (a blank line, an event's end, has no usage)
-                usage = extract_usage(line)
-                if usage is not None:
-                    out += (_USAGE_START, _json_encode(usage), _USAGE_CLOSE)
-            seal_into(out, line)
-        return b"".join(out)
-
     def feed(self, chunk: bytes) -> bytes:
-        return self._records(self._lines.feed(chunk))
+        return self._sealer.seal_lines(self._lines.feed(chunk), usage=self._emit_usage)
 
     def finish(self) -> bytes:
         tail = self._lines.flush()
-        return self._records([tail]) if tail else b""
+        return self._sealer.seal_lines((tail,), usage=self._emit_usage) if tail else b""
 
 
 # --------------------------------------------------------------------------------------------
