@@ -1275,3 +1275,56 @@ def test_encoder_chunks_of_many_lines_are_the_records_built_one_by_one(
             sealed = nonce + cipher.encrypt(nonce, line, None)
             expected.append(b'data: {"e2e":"' + base64.b64encode(sealed) + b'"}\n\n')
         assert outer == b"".join(expected)
+
+
+def _flip_tag(event: bytes) -> bytes:
+    """A record event whose sealed bytes no longer verify (the last tag byte flipped)."""
+    raw = bytearray(base64.b64decode(event[len(b'data: {"e2e":"') : -4]))
+    raw[-1] ^= 1
+    return b'data: {"e2e":"' + base64.b64encode(bytes(raw)) + b'"}\n\n'
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("bad_tag_then_bad_line", ErrorCode.DECRYPT_FAILED),
+        ("repeat_then_unknown_event", ErrorCode.DUPLICATE_RECORD),
+        ("bad_tag_then_long_line", ErrorCode.DECRYPT_FAILED),
+        ("after_done_then_bad_line", ErrorCode.DATA_AFTER_DONE),
+        ("long_line_then_bad_tag", ErrorCode.OVERSIZE),
+    ],
+)
+def test_records_of_one_chunk_fail_in_line_order(
+    kem: KEM, aead: AEAD, case: str, code: ErrorCode
+) -> None:
+    """The record lines of a network chunk are opened together (one call): a fault is still
+    the first one in line order, the same verdict as the lines fed one by one, and the events
+    of the lines before it come out when they are fed one by one."""
+    pair = Pair(kem, aead)
+    seal = pair.sealer.seal_record
+    init = pair.sealer.init_event()
+    first = seal(b"data: a\n") + seal(b"\n")
+    long = seal(b"x" * 1500)  # longer than the bound of max_record=1200 below
+    bad_line = b"data: {not json}\n\n"
+    lines = {
+        "bad_tag_then_bad_line": [_flip_tag(seal(b"data: b\n")), bad_line],
+        "repeat_then_unknown_event": [first[: first.index(b"\n\n") + 2], b'data: {"x":1}\n\n'],
+        "bad_tag_then_long_line": [_flip_tag(seal(b"data: b\n")), long],
+        "after_done_then_bad_line": [seal(b"data: [DONE]\n"), seal(b"\n"), seal(b"z\n"), bad_line],
+        "long_line_then_bad_tag": [long, _flip_tag(seal(b"data: b\n"))],
+    }[case]
+    limits = {"max_record": 1200}
+    whole = pair.decryptor(**limits)
+    whole.receive_data(init)
+    with pytest.raises(PQE2EEError) as at_once:
+        whole.receive_data(first + b"".join(lines))
+    assert at_once.value.code is code
+    with pytest.raises(PQE2EEError):  # sticky
+        whole.next_event()
+
+    one_by_one = pair.decryptor(**limits)
+    events = run(one_by_one, [init, first], eof=False)
+    with pytest.raises(PQE2EEError) as each:
+        run(one_by_one, lines, eof=False)
+    assert each.value.code is code
+    assert [e.data for e in events if isinstance(e, InnerEvent)] == ["a"]

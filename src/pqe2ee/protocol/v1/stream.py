@@ -21,7 +21,7 @@ import binascii
 import enum
 import functools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -352,7 +352,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._max_line = (max_record + _MIN_RECORD) * 4 // 3 + 256
         self._buf = bytearray()  # the unterminated outer line
         self._max_event = max_event
-        # The parser's state as the record path needs it (see _record): whether it holds
+        # The parser's state as the record path needs it (see _records): whether it holds
         # nothing, its last event id, and a "data: ...\n" line held back from it.
         self._inner_idle = True
         self._inner_id: str | None = None
@@ -372,7 +372,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
     @functools.cached_property
     def _inner(self) -> SSEParser:
         """The inner stream's SSE parser, made when first needed: the records of a usual stream
-        take the path that skips it (see _record), and a stream ending at the inner ``[DONE]``
+        take the path that skips it (see _records), and a stream ending at the inner ``[DONE]``
         never looks at it."""
         return SSEParser(max_event=self._max_event)
 
@@ -413,13 +413,11 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             # the bound is too long, and a chunk without a backslash has no JSON escape anywhere.
             long = len(data) >= max_line
             compact = data.find(b"\\") < 0
-            record = self._record
             quiet = not self._decode_usage
+            records: list[bytes] = []  # record lines in a row, opened together
             for line in lines:
                 if not line:
                     continue  # blank lines separate outer events and carry nothing
-                if long and len(line) >= max_line:  # with its newline, longer than the bound
-                    raise LimitExceeded(f"line longer than {max_line} bytes")
                 # Prefixes compared as slices and the last bytes as ints: bytes.startswith and
                 # endswith parse their arguments (~400 instructions a call, 7 calls an event).
                 if (
@@ -427,9 +425,15 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     and line[:_RECORD_LEN] == _RECORD_PREFIX
                     and line[-1] == 0x7D  # '"}'
                     and line[-2] == 0x22
+                    and not (long and len(line) >= max_line)
                 ):
-                    record(line[_QUOTE_START:-1], True)  # _line's fast paths, inlined
+                    records.append(line[_QUOTE_START:-1])  # _line's fast path, inlined
                     continue
+                if records:  # the records before this line first, in order
+                    self._records(records, True)
+                    records = []
+                if long and len(line) >= max_line:  # with its newline, longer than the bound
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
                 if (
                     quiet
                     and line[:_USAGE_VALUE] == _USAGE_START
@@ -442,6 +446,8 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     except msgspec.DecodeError:
                         pass  # _line decides (other spellings, stray spaces: the same verdict)
                 self._line(line)
+            if records:
+                self._records(records, True)
             if tail:
                 if long and len(tail) > max_line:
                     raise LimitExceeded(f"line longer than {max_line} bytes")
@@ -521,7 +527,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         # Fast path for the runtime's compact form; a JSON escape (e.g. "\/") takes the slow
         # path, which decodes the string properly.
         if line.startswith(_RECORD_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
-            self._record(line[_QUOTE_START:-1], True)
+            self._records((line[_QUOTE_START:-1],), True)
             return
         if line.startswith(_INIT_PREFIX) and line.endswith(b'"}') and line.find(b"\\") < 0:
             # The init line's compact form (once per stream): its base64 decoded where it lies,
@@ -559,7 +565,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         if key == "e2e":
             if not isinstance(value, str):
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record must be a string")
-            self._record(b'"' + value.encode("ascii", "replace") + b'"')
+            self._records((b'"' + value.encode("ascii", "replace") + b'"',))
         elif key == "e2e_init":
             if not isinstance(value, str):
                 raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e_init must be a string")
@@ -594,89 +600,92 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._cipher = self._aead.new(derive_key(shared_secret, kem_ct, INFO_STREAM))
         self._decrypt, self._tag_errors = self._cipher.opener()
 
-    def _record(self, quoted: bytes, compact: bool = False) -> None:
-        """One ``e2e`` record, its base64 given with the quotes around it in the JSON line
-        (``compact``: with no backslash between them): the hot path of a stream (hence the
-        local names)."""
-        state = self._state
-        if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
-            state = self._on(_Input.RECORD)
-            if state is _FAILED_REMOTE:
-                return
-        try:  # codec.b64decode, inlined (compact: its backslash check was done per chunk)
-            raw = a2b_base64_compact(quoted) if compact else a2b_base64_quoted(quoted)
-        except (binascii.Error, ValueError):
-            raw = self._strict_b64(quoted)
-        if len(raw) < _MIN_RECORD:
-            raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
-        nonce = raw[:CHACHA_NONCE_LEN]
+    def _records(self, quoted: Iterable[bytes], compact: bool = False) -> None:
+        """``e2e`` records in a row, each one's base64 given with the quotes around it in its
+        JSON line (``compact``: with no backslash between them): the hot path of a stream,
+        one call for the records of a network chunk (hence the local names)."""
         seen = self._seen
-        if nonce in seen:
-            raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
-        self.records += 1
-        if self.records > self._max_records:
-            raise LimitExceeded(f"stream has more than {self._max_records} records")
-        assert self._decrypt is not None  # set with the cipher, by the init event
-        try:
-            plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
-        except self._tag_errors:
-            raise tag_mismatch() from None
-        seen.add(nonce)
-        if state is _DONE:
-            if plaintext.strip():
-                raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
-            return
+        events = self._events
+        for b64 in quoted:
+            state = self._state
+            if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
+                state = self._on(_Input.RECORD)
+                if state is _FAILED_REMOTE:
+                    continue
+            try:  # codec.b64decode, inlined (compact: its backslash check was done per chunk)
+                raw = a2b_base64_compact(b64) if compact else a2b_base64_quoted(b64)
+            except (binascii.Error, ValueError):
+                raw = self._strict_b64(b64)
+            if len(raw) < _MIN_RECORD:
+                raise self._fail(ErrorCode.MALFORMED_EVENT, "e2e record shorter than nonce and tag")
+            nonce = raw[:CHACHA_NONCE_LEN]
+            if nonce in seen:
+                raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
+            self.records += 1
+            if self.records > self._max_records:
+                raise LimitExceeded(f"stream has more than {self._max_records} records")
+            assert self._decrypt is not None  # set with the cipher, by the init event
+            try:
+                plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+            except self._tag_errors:
+                raise tag_mismatch() from None
+            seen.add(nonce)
+            if state is _DONE:
+                if plaintext.strip():
+                    raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+                continue
 
-        # The inner stream. While the SSE parser holds nothing, the records streams are made of
-        # skip it, giving the events it would give: a whole one-line event "data: ...\n\n", or
-        # an engine line "data: ...\n" (held here) followed by a record "\n".
-        if self._held is not None:
-            if plaintext == b"\n":
-                text, line = self._held
-                self._held = None
-                if text == "[DONE]":
-                    self._dispatch(text, line + plaintext)
-                else:  # _dispatch's usual case, inlined (once per event of a line-per-record stream)
-                    self._events.append(data_event(text, self._inner_id, line + plaintext))
-                return
-            self._unhold()
-        elif self._inner_idle and plaintext[:6] == b"data: ":  # (no startswith: see receive_data)
-            n = len(plaintext)
-            nl = plaintext.find(b"\n")
-            if (
-                nl >= n - 2
-                and (nl == n - 1 or plaintext[n - 1] == 0x0A)
-                and plaintext[nl - 1] != 0x0D  # "\r\n" line ends take the parser
-                and n < self._max_event  # (room for the "\n" a held line waits for)
-            ):
-                try:
-                    text = plaintext[6:nl].decode("utf-8")
-                except UnicodeDecodeError:
-                    raise self._fail(
-                        ErrorCode.INVALID_UTF8, "stream text is not valid UTF-8"
-                    ) from None
-                if nl == n - 1:
-                    self._held = (text, plaintext)
+            # The inner stream. While the SSE parser holds nothing, the records streams are
+            # made of skip it, giving the events it would give: a whole one-line event
+            # "data: ...\n\n", or an engine line "data: ...\n" (held here) followed by a
+            # record "\n".
+            if self._held is not None:
+                if plaintext == b"\n":
+                    text, line = self._held
+                    self._held = None
+                    if text == "[DONE]":
+                        self._dispatch(text, line + plaintext)
+                    else:  # _dispatch's usual case, inlined (once per event of such a stream)
+                        events.append(data_event(text, self._inner_id, line + plaintext))
+                    continue
+                self._unhold()
+            elif self._inner_idle and plaintext[:6] == b"data: ":  # (no startswith: see above)
+                n = len(plaintext)
+                nl = plaintext.find(b"\n")
+                if (
+                    nl >= n - 2
+                    and (nl == n - 1 or plaintext[n - 1] == 0x0A)
+                    and plaintext[nl - 1] != 0x0D  # "\r\n" line ends take the parser
+                    and n < self._max_event  # (room for the "\n" a held line waits for)
+                ):
+                    try:
+                        text = plaintext[6:nl].decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise self._fail(
+                            ErrorCode.INVALID_UTF8, "stream text is not valid UTF-8"
+                        ) from None
+                    if nl == n - 1:
+                        self._held = (text, plaintext)
+                    else:
+                        self._dispatch(text, plaintext)
+                    continue
+
+            parser = self._inner
+            inner = parser.feed(plaintext)
+            self._inner_idle = not parser.has_partial
+            self._inner_id = parser.last_event_id
+            for ev in inner:
+                if self._state is _DONE:
+                    raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
+                if ev.data == "[DONE]":
+                    self._state = _DONE
+                    self._done_seen = True
+                    events.append(Done(raw=ev.raw))
                 else:
-                    self._dispatch(text, plaintext)
-                return
-
-        parser = self._inner
-        inner = parser.feed(plaintext)
-        self._inner_idle = not parser.has_partial
-        self._inner_id = parser.last_event_id
-        for ev in inner:
-            if self._state is _DONE:
-                raise self._fail(ErrorCode.DATA_AFTER_DONE, "event after the inner [DONE]")
-            if ev.data == "[DONE]":
-                self._state = _DONE
-                self._done_seen = True
-                self._events.append(Done(raw=ev.raw))
-            else:
-                self._events.append(inner_event(ev))
-        if self._state is _DONE and parser.buffered().strip():
-            # the rest of the record that carried [DONE]: a partial event, a comment, ...
-            raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+                    events.append(inner_event(ev))
+            if self._state is _DONE and parser.buffered().strip():
+                # the rest of the record that carried [DONE]: a partial event, a comment, ...
+                raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
 
     def _strict_b64(self, quoted: bytes) -> bytes:
         """A record's base64 that msgspec refused: binascii's verdict (the error path)."""
