@@ -126,10 +126,11 @@ class StreamSealer:
     """Seals records into outer SSE events for one response stream (instance side).
 
     With the default ``random_bytes`` the nonces are read ``_NONCE_POOL`` bytes at a time (one
-    system call per 32 records instead of one each: the largest single cost of sealing a short
-    record once; each byte is handed out once) and sealed by the cipher library's own call (:meth:`AEADCipher.sealer`: they are 12 bytes
-    by construction). A ``random_bytes`` passed in is called once per record for 12 bytes, as
-    before, and its nonces go through :meth:`AEADCipher.encrypt`, which checks them.
+    system call per 32 records instead of one each, once the largest single cost of sealing a
+    short record; each byte is handed out once) and sealed by the cipher library's own call
+    (:meth:`AEADCipher.sealer`: they are 12 bytes by construction). A ``random_bytes`` passed
+    in is called once per record for 12 bytes, as before, and its nonces go through
+    :meth:`AEADCipher.encrypt`, which checks them.
     """
 
     __slots__ = ("_at", "_encrypt", "_kem_ct", "_pool", "_pool_size", "_random")
