@@ -26,7 +26,6 @@ import pqe2ee
 from faults import Fault, FaultyStack
 from pqe2ee.errors import DeadlineExceeded
 from pqe2ee.transports import _deadline
-from pqe2ee.transports._async._bounded import AsyncBoundedResponse
 from pqe2ee.transports._async._stream import AsyncRawBody, read_raw, reraise
 from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._primitives import AsyncReadTimer
@@ -62,11 +61,20 @@ class FakeResponse:
         self.closed = True
 
 
-async def body_of(response: AsyncBoundedResponse) -> AsyncIterator[bytes]:
-    """The body read as the transports read one (``read_raw`` over ``raw_bytes``: the
-    deadline checked before each read, each read in its guard), released at its end."""
-    chunks, failed, reads = response.raw_bytes()
-    assert reads is not None
+class Bounded(FakeResponse):
+    """A fake response and the request deadline its body is held to."""
+
+    def __init__(self, deadline: AsyncDeadline, *chunks: bytes | float | BaseException) -> None:
+        super().__init__(*chunks)
+        self.deadline = deadline
+
+
+async def body_of(response: Bounded) -> AsyncIterator[bytes]:
+    """The body read as the transports read a stream (``read_raw`` over ``raw_bytes``, under
+    the deadline's ``reads()``: checked before each read, each read in its guard), released at
+    its end."""
+    chunks, failed, _ = response.raw_bytes()
+    reads = response.deadline.reads()
     try:
         while (chunk := await read_raw(chunks, failed, reads)) is not None:
             yield chunk
@@ -120,8 +128,8 @@ class Leftovers:
             assert trio.current_effective_deadline() == math.inf
 
 
-def bounded(seconds: float, *chunks: bytes | float | BaseException) -> AsyncBoundedResponse:
-    return AsyncBoundedResponse(FakeResponse(*chunks), AsyncDeadline(seconds, time.monotonic))
+def bounded(seconds: float, *chunks: bytes | float | BaseException) -> Bounded:
+    return Bounded(AsyncDeadline(seconds, time.monotonic), *chunks)
 
 
 async def test_a_read_waiting_past_the_deadline_is_cut_at_it(
@@ -213,7 +221,7 @@ async def test_reads_inside_the_request_scope_only_check(
     """A body read before the request returns (inside its scope: a non-stream answer, a v2
     HEAD) makes no timer; the reads after the scope has closed share one."""
     deadline = AsyncDeadline(30.0, time.monotonic)
-    response = AsyncBoundedResponse(FakeResponse(b"a", b"b", b"c"), deadline)
+    response = Bounded(deadline, b"a", b"b", b"c")
     chunks = body_of(response)
     with deadline:
         assert await chunks.__anext__() == b"a"

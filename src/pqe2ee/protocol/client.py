@@ -138,8 +138,8 @@ def e2e_request(
         if not body.strip():
             return None
         raise _unsealable(path, f"not JSON the client can decode: {exc}") from None
-    model = request_model(obj) if isinstance(obj, dict) else None
-    if model is None:
+    model = obj.get("model") if isinstance(obj, dict) else None  # request_model, inline
+    if not isinstance(model, str) or not model:
         raise _unsealable(path, "not a JSON object with a non-empty string 'model'")
     return model, obj
 
@@ -308,6 +308,10 @@ class ClientState:
     def __init__(self, limits: ClientLimits | None = None) -> None:
         self.limits = limits or ClientLimits()
         self._models = ModelMap(self.limits.model_ttl)
+        #: ``fresh_chute(model, now)``: the chute for ``model`` when no listing refresh is due
+        #: (a UUID: itself), else ``None`` - :meth:`ModelMap.fresh` itself (no frame of ours in
+        #: a request's lookup; the map is updated in place).
+        self.fresh_chute: Callable[[str, float], str | None] = self._models.fresh
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
         self._backoff = 0.0  # after discoveries the relay could not answer (5xx)
@@ -319,11 +323,6 @@ class ClientState:
 
     def resolve_chute(self, model: str, now: Monotonic) -> str | None:
         return self._models.resolve(model, now)
-
-    def fresh_chute(self, model: str, now: Monotonic) -> str | None:
-        """The chute for ``model`` when no listing refresh is due (a UUID: itself), else
-        ``None`` (see :meth:`ModelMap.fresh`)."""
-        return self._models.fresh(model, now)
 
     def update_models(self, doc: bytes, now: Monotonic) -> dict[str, str]:
         mapping = parse_models(doc)
@@ -418,9 +417,15 @@ class ClientState:
         pool = self._pools.get(chute_id)  # (_pool's lookup: a request's lease)
         if pool is None:
             pool = self._pool(chute_id)
-        negotiated = self._negotiate(pool, negotiator, now, wall)
-        if negotiated is None:
-            return None
+        negotiated = self._negotiated.get(chute_id)
+        if (
+            negotiated is None
+            or negotiated.generation != pool.generation
+            or negotiated.valid_until != _NEVER
+        ):  # (else: this discovery's v1 decision, which never expires - no call for it)
+            negotiated = self._negotiate(pool, negotiator, now, wall)
+            if negotiated is None:
+                return None
         found = pool.lease(now, exclude=negotiated.excluded)
         return None if found is None else (found[0], negotiated, found[1])
 

@@ -47,6 +47,10 @@ class Deadline:
 
     __slots__ = ("_clock", "end", "seconds", "start")
 
+    #: Blocks of this deadline open now. A blocking deadline's block is a check only (nothing
+    #: to cancel), so a step is always as if inside one: check the clock, no block needed.
+    _open: int = 1
+
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self._clock = clock
@@ -101,7 +105,11 @@ class AsyncDeadline(Deadline):
     __slots__ = ("_open", "_scope")
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
-        super().__init__(seconds, clock)
+        # Deadline.__init__'s fields set here: one frame less per request.
+        self.seconds = seconds
+        self._clock = clock
+        self.start = clock()  # when the request started, on ``clock``
+        self.end = self.start + seconds
         self._open = 0  # blocks of this deadline open now
         self._scope: anyio.CancelScope | None = None  # the outermost one's cancel scope
 

@@ -38,7 +38,7 @@ from pqe2ee.transports._common import MAX_DOC, MAX_ERROR_BODY
 from pqe2ee.transports._offload import async_offload
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._bounded import AsyncBoundedPort, AsyncBoundedResponse
+    from pqe2ee.transports._async._bounded import AsyncBoundedPort
 
 __all__ = ["AsyncAttestor"]
 
@@ -91,9 +91,14 @@ class AsyncAttestor:
         if self.options.mode is AttestMode.OFF:
             return found
         rejected: list[Verdict] = []
+        gate = self.gate
         for _ in range(_MAX_ROUNDS):
             lease, negotiated = found
-            verdict = await self._verdict(port, chute, lease, auth)
+            now = self.options.wall_clock()
+            with self._guard:  # (looked at here: no call of _verdict for an unattested chute)
+                if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
+                    return found
+            verdict = await self._verdict(port, chute, lease, auth, now)
             if verdict is None:  # auto mode, a chute without evidence (warned once)
                 return found
             if verdict.trusted:
@@ -138,13 +143,10 @@ class AsyncAttestor:
             raise _failed(chute, rejected) from exc
 
     async def _verdict(
-        self, port: AsyncBoundedPort, chute: str, lease: Lease, auth: str | None
+        self, port: AsyncBoundedPort, chute: str, lease: Lease, auth: str | None, now: float
     ) -> Verdict | None:
+        """The verdict on ``lease``'s instance at ``now`` (its chute not known unattested)."""
         gate = self.gate
-        now = self.options.wall_clock()
-        with self._guard:
-            if gate.known_unattested(chute, now):  # auto: no evidence a moment ago (warned)
-                return None
         pubkey, v2_pk, keys = _key_strings(lease.public_key, _v2_public_key(lease, now))
         with self._guard:
             verdict = gate.verdict(chute, lease.instance_id, keys, now)
@@ -199,7 +201,7 @@ class AsyncAttestor:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = await port.send("GET", url, headers, b"", control=True)
         status = response.status
-        body = await _read(response, MAX_DOC * 4 if status == 200 else MAX_ERROR_BODY)
+        body = await port.aread(response, MAX_DOC * 4 if status == 200 else MAX_ERROR_BODY)
         why = None
         if status != 200:
             why = f"answered {status} for its evidence"
@@ -227,11 +229,11 @@ class AsyncAttestor:
         except AttestationError as exc:
             return NrasResult(error=exc.message, code=exc.code)
         headers = [("Content-Type", "application/json"), ("Accept", "application/json")]
-        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
         try:
             response = await port.send("POST", self.options.nras_url, headers, body, control=True)
             status = response.status
-            answer = await _read(response, MAX_DOC * 4 if status == 200 else MAX_ERROR_BODY)
+            answer = await port.aread(response, MAX_DOC * 4 if status == 200 else MAX_ERROR_BODY)
         except forgiven as exc:
             return NrasResult(error=f"NRAS unreachable ({type(exc).__name__})")
         if status != 200:
@@ -260,7 +262,7 @@ class AsyncAttestor:
             "GET", self.options.nras_jwks_url, [("Accept", "application/json")], b"", control=True
         )
         status = response.status
-        body = await _read(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        body = await port.aread(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
         if status != 200:
             raise AttestationError(f"answered {status}", code=ErrorCode.ATTEST_UNAVAILABLE)
         keys = parse_jwks(body)
@@ -296,12 +298,12 @@ class AsyncAttestor:
         ):
             urls["intel-root-ca-crl"] = self.options.root_ca_crl_url
         found = Collateral()
-        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
         for name, url in urls.items():
             try:
                 response = await port.send("GET", url, [], b"", control=True)
                 status = response.status
-                body = await _read(response, MAX_DOC)
+                body = await port.aread(response, MAX_DOC)
             except forgiven as exc:
                 log.warning("collateral fetch failed (%s): %s", url, type(exc).__name__)
                 continue
@@ -358,7 +360,3 @@ def _failed(chute: str, rejected: Sequence[Verdict]) -> AttestationError:
         code=ErrorCode.ATTEST_FAILED,
         verdicts=tuple(rejected),
     )
-
-
-async def _read(response: AsyncBoundedResponse, limit: int) -> bytes:
-    return await response.aread(limit)

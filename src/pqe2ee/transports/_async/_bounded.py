@@ -1,15 +1,17 @@
-"""A port (and its responses) held to a request's total deadline.
+"""A request's deadline and the port its network steps go through: one object per request.
 
-The engine wraps the transport's port in :class:`AsyncBoundedPort` for each request: every
-send then runs inside the deadline's scope, and every read of a body, the streamed answer's
-included, under the body's :meth:`~pqe2ee.transports._deadline.AsyncDeadline.reads` (async:
-one timer per body, see :mod:`pqe2ee.transports._deadline`), so a relay that trickles bytes cannot
-keep a request open past ``ClientOptions.deadline``. Past it, the step raises
-:class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over as their
-library's stream error, like any other stream failure.
+The engine makes an :class:`AsyncBoundedPort` for each request (and one for each background
+job, :meth:`~AsyncBoundedPort.rebound`): it *is* the request's
+:class:`~pqe2ee.transports._deadline.AsyncDeadline` (the engine's whole-request ``with``
+block is a block of it) and it sends through the transport's port, so that every send runs
+inside the deadline and every read of a body under it - :meth:`AsyncBoundedPort.aread` for a
+whole body, the deadline's :meth:`~pqe2ee.transports._deadline.AsyncDeadline.reads` for a
+streamed answer (async: one timer per body, see :mod:`pqe2ee.transports._deadline`). A relay
+that trickles bytes cannot keep a request open past ``ClientOptions.deadline``. Past it, the
+step raises :class:`~pqe2ee.errors.DeadlineExceeded`; mid-stream the transports hand it over
+as their library's stream error, like any other stream failure.
 
-:meth:`AsyncBoundedResponse.aread` reads a whole body, bounded in size as well. Written once,
-as async code; ``scripts/unasync.py`` generates the blocking twin.
+Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
 """
 
 from __future__ import annotations
@@ -20,73 +22,62 @@ import anyio
 
 from pqe2ee.errors import LimitExceeded
 from pqe2ee.transports._async._stream import read_raw
-from pqe2ee.transports._common import RawHeaders, RequestHeaders
+from pqe2ee.transports._common import RequestHeaders
 from pqe2ee.transports._deadline import AsyncDeadline
 
 if TYPE_CHECKING:
-    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse, AsyncRawBody
+    from pqe2ee.transports._async._stream import AsyncPort, AsyncPortResponse
 
-__all__ = ["AsyncBoundedPort", "AsyncBoundedResponse"]
+__all__ = ["AsyncBoundedPort"]
 
 
-class AsyncBoundedResponse:
-    """A port response whose body reads end at the deadline."""
+class AsyncBoundedPort(AsyncDeadline):
+    """A deadline of ``seconds`` from now on ``clock`` that is also :attr:`port`, each send and
+    each whole-body read held to it (the port and the deadline of a request in one object:
+    it used to be three - deadline, bounded port, bounded response - per request)."""
 
-    __slots__ = ("_reads", "_response", "headers", "status")
+    __slots__ = ("port",)
 
-    def __init__(self, response: AsyncPortResponse, deadline: AsyncDeadline) -> None:
-        self._response = response
-        self._reads = deadline.reads()
-        self.status: int = response.status
-        self.headers: RawHeaders = response.headers
+    #: The transport's port (its error classes too: ``port.network_errors`` ...). Set right
+    #: after the deadline is made (``bounded.port = port``: no ``__init__`` of its own, one
+    #: frame less per request).
+    port: AsyncPort
 
-    async def aread(self, limit: int) -> bytes:
-        """The whole body, refusing more than ``limit`` bytes, read over the port's raw body as
-        a stream reads it (:func:`read_raw`); always closes."""
+    async def send(
+        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
+    ) -> AsyncPortResponse:
+        """The port's answer (body not read yet: :meth:`aread`, or the deadline's
+        :meth:`reads` for a stream). Checked against the deadline before it starts; the wait
+        is inside a block of the deadline (async: its cancel scope)."""
+        if self._open:  # inside the request's block: it cancels at the deadline, only check
+            if self._clock() >= self.end:  # (past the deadline: refused, as __enter__ does)
+                raise self.error()
+            return await self.port.send(method, url, headers, body, control=control)
+        with self:
+            return await self.port.send(method, url, headers, body, control=control)
+
+    async def aread(self, response: AsyncPortResponse, limit: int) -> bytes:
+        """The whole body of ``response``, refusing more than ``limit`` bytes, read over the
+        port's raw body as a stream reads it (:func:`read_raw`: the deadline checked before
+        each read); always closes it. Read inside a block of the deadline (the request's, or a
+        background job's own), which cancels a read waiting at the deadline: a check per read
+        is all it needs here (``per_read()`` of the deadline itself), no timer."""
         chunks: list[bytes] = []
         total = 0
-        reads = self._reads
         try:
-            raw, failed, _ = self._response.raw_bytes()
-            while (chunk := await read_raw(raw, failed, reads)) is not None:
+            raw, failed, _ = response.raw_bytes()
+            while (chunk := await read_raw(raw, failed, self)) is not None:
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")
                 chunks.append(chunk)
         finally:
-            reads.release()
             with anyio.CancelScope(shield=True):
-                await self._response.aclose()
+                await response.aclose()
         return b"".join(chunks)
 
-    def raw_bytes(self) -> AsyncRawBody:
-        chunks, failed, _ = self._response.raw_bytes()
-        return chunks, failed, self._reads
-
-    async def aclose(self) -> None:
-        self._reads.release()
-        await self._response.aclose()
-
-
-class AsyncBoundedPort:
-    """``port`` with each send (and each body read of what it returns) held to ``deadline``."""
-
-    __slots__ = ("_deadline", "_port", "lost_errors", "network_errors", "timeout_errors")
-
-    def __init__(self, port: AsyncPort, deadline: AsyncDeadline) -> None:
-        self._port = port
-        self._deadline = deadline
-        self.network_errors = port.network_errors
-        self.lost_errors = port.lost_errors
-        self.timeout_errors = port.timeout_errors
-
-    async def send(
-        self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
-    ) -> AsyncBoundedResponse:
-        with self._deadline:
-            response = await self._port.send(method, url, headers, body, control=control)
-        return AsyncBoundedResponse(response, self._deadline)
-
-    def rebound(self, deadline: AsyncDeadline) -> AsyncBoundedPort:
-        """The same port held to ``deadline`` instead (a background job's own)."""
-        return AsyncBoundedPort(self._port, deadline)
+    def rebound(self, seconds: float) -> AsyncBoundedPort:
+        """The same port held to a deadline of its own (a background job's)."""
+        own = AsyncBoundedPort(seconds, self._clock)
+        own.port = self.port
+        return own

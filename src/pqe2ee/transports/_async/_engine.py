@@ -83,7 +83,7 @@ from pqe2ee.protocol.client import (
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.response import Opened, open_answer
-from pqe2ee.protocol.v1.envelope import seal_request
+from pqe2ee.protocol.v1.envelope import open_response, seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._async._attest import AsyncAttestor
@@ -98,7 +98,6 @@ from pqe2ee.transports._common import (
     Settings,
     header_value,
 )
-from pqe2ee.transports._deadline import AsyncDeadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import AsyncBackground, AsyncLock, async_sleep
 from pqe2ee.transports._usage import UsageFilter
@@ -253,13 +252,17 @@ class AsyncEngine:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         # One frame for the whole request: the steps below run inside the deadline's block.
-        total = AsyncDeadline(self.settings.options.deadline, self.clock)
-        with total:
-            bounded = AsyncBoundedPort(port, total)
-            started = Monotonic(total.start)  # (the engine's clock: one read for both)
-            s = self.settings
+        # The deadline is the port the steps send through (one object per request).
+        s = self.settings
+        bounded = AsyncBoundedPort(s.options.deadline, self.clock)
+        bounded.port = port
+        with bounded:
+            started = Monotonic(bounded.start)  # (the engine's clock: one read for both)
             deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)
-            chute = await self._resolve_chute(bounded, model, auth, started)
+            with self._guard:
+                chute = self.state.fresh_chute(model, started)  # (a UUID: itself, a chute id)
+            if chute is None:  # a listing refresh is due (or the model is not in it)
+                chute = await self._resolve_chute(bounded, model, auth, started)
             last: RelayError | None = None
             retried_once: set[ErrorCode] = set()
             remapped = False
@@ -271,9 +274,7 @@ class AsyncEngine:
                         # Discovery does not know the cached chute id ("Chute not found"): the
                         # model may have moved. Re-read the listing once and retry if it changed.
                         remapped = True
-                        fresh = await self._resolve_chute(
-                            bounded, model, auth, self.now(), force=True
-                        )
+                        fresh = await self._resolve_chute(bounded, model, auth, self.now())
                         if fresh != chute:
                             chute, last = fresh, exc
                             continue
@@ -337,8 +338,9 @@ class AsyncEngine:
             upstream,
             key,
             self.settings,
-            lost_errors=port.lost_errors,
-            timeout_errors=port.timeout_errors,
+            lost_errors=port.port.lost_errors,
+            timeout_errors=port.port.timeout_errors,
+            reads=port.reads(),
         )
 
     async def _invoke_v1(
@@ -367,13 +369,15 @@ class AsyncEngine:
         if status == 200 and sealed.stream:
             return Streaming(self._plain(port, upstream, key))
         try:
+            # (open_response itself: what open_answer does with a v1 key)
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, await upstream.aread(MAX_BLOB), aead=s.aead)
+                data = await port.aread(upstream, MAX_BLOB)
+                return Opened(200, open_response(data, key, aead=s.aead))
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = await upstream.aread(limit)
+            data = await port.aread(upstream, limit)
             if is_sealed_error(status, content_type, data):
-                return open_answer(key, data, aead=s.aead, status=status)
+                return Opened(status, open_response(data, key, aead=s.aead))
         finally:
             key.wipe()
         return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
@@ -426,7 +430,7 @@ class AsyncEngine:
                 return Streaming(stream)
             return await stream._rest()  # the engine's error answer, authenticated
         try:
-            data = await upstream.aread(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = await port.aread(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -442,20 +446,15 @@ class AsyncEngine:
         model: str,
         auth: str | None,
         now: Monotonic,
-        *,
-        force: bool = False,
     ) -> str:
-        if not force:
-            with self._guard:
-                chute = self.state.fresh_chute(model, now)  # (a UUID: itself, a chute id)
-            if chute is not None:
-                return chute
+        """The chute for ``model`` when the listing is due for a refresh (``invoke`` looks up
+        a fresh answer itself), or a forced one (a cached chute discovery did not know)."""
         with self._guard:
             chute = self.state.resolve_chute(model, now)  # (the cached answer, even if stale)
         if chute == model and looks_like_uuid(model):
             return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
-        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
         async with self._models_lock:
             # Whoever missed while another refresh ran shares that refresh.
             if self.state.models_generation == generation:
@@ -509,7 +508,7 @@ class AsyncEngine:
             if refresh and not self._chute_lock(chute).locked():
                 # Off the request's path: the discovery runs beside it (asyncio: a task; a
                 # thread for the blocking twin; trio: inline), held to a deadline of its own.
-                own = port.rebound(AsyncDeadline(self.settings.options.deadline, self.clock))
+                own = port.rebound(self.settings.options.deadline)
                 await self._background.start(self._prefetch, own, chute, auth)
             return found
         async with self._chute_lock(chute):
@@ -595,9 +594,10 @@ class AsyncEngine:
                     return
                 if self.state.try_record_discovery(now) > 0:
                     return
-            forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+            forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
             try:
-                await self._discover_now(port, chute, auth, now)
+                with port:  # (a block of its own deadline: its sends and reads are held to it)
+                    await self._discover_now(port, chute, auth, now)
             except forgiven as exc:
                 log.debug("discovery prefetch failed: %s", type(exc).__name__)
         finally:
@@ -663,5 +663,5 @@ class AsyncEngine:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = await port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = await response.aread(MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = await port.aread(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data

@@ -54,7 +54,7 @@ def reraise(exc: Exception) -> NoReturn:
 
 
 async def read_raw(
-    chunks: AsyncIterator[bytes], failed: ReadFailed, reads: AsyncBodyReads
+    chunks: AsyncIterator[bytes], failed: ReadFailed, reads: AsyncBodyReads | AsyncDeadline
 ) -> bytes | None:
     """The next chunk of a raw body (see :meth:`AsyncPortResponse.raw_bytes`), ``None`` at its
     end: the deadline checked before the read, the read in its guard, a failure raised as the
@@ -152,14 +152,16 @@ class AsyncPlainStream:
         *,
         lost_errors: tuple[type[BaseException], ...] = (),
         timeout_errors: tuple[type[BaseException], ...] = (),
+        reads: AsyncBodyReads | None = None,
     ) -> None:
         self._upstream = upstream
+        self._reads = reads  # the request's deadline over the body's reads (None: no deadline)
         self._decoder = ResponseDecoder(
             key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
-        self._raw: AsyncRawBody | None = None
+        self._raw: tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads] | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
         #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
@@ -195,12 +197,12 @@ class AsyncPlainStream:
 
     def _body(self) -> tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads]:
         if self._raw is None:
-            self._raw = self._upstream.raw_bytes()
-        chunks, failed, reads = self._raw
-        if reads is None:  # a response held to no deadline
-            reads = AsyncDeadline(math.inf, time.monotonic).reads()
+            chunks, failed, reads = self._upstream.raw_bytes()
+            reads = reads or self._reads
+            if reads is None:  # a response held to no deadline
+                reads = AsyncDeadline(math.inf, time.monotonic).reads()
             self._raw = chunks, failed, reads
-        return chunks, failed, reads
+        return self._raw
 
     async def _read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end."""
@@ -311,5 +313,7 @@ class AsyncPlainStream:
             return
         self._closed = True
         self._decoder.wipe()
+        if self._raw is not None:
+            self._raw[2].release()  # (async: the body's timer)
         with anyio.CancelScope(shield=True):
             await self._upstream.aclose()

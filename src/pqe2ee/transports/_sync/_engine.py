@@ -84,7 +84,7 @@ from pqe2ee.protocol.client import (
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.response import Opened, open_answer
-from pqe2ee.protocol.v1.envelope import seal_request
+from pqe2ee.protocol.v1.envelope import open_response, seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._common import (
@@ -96,7 +96,6 @@ from pqe2ee.transports._common import (
     Settings,
     header_value,
 )
-from pqe2ee.transports._deadline import Deadline
 from pqe2ee.transports._keypool import KeyPool, XWingKeyPool
 from pqe2ee.transports._primitives import Background, Lock, sleep
 from pqe2ee.transports._sync._attest import Attestor
@@ -254,13 +253,17 @@ class Engine:
         """Send ``body`` for ``path`` end-to-end encrypted, within ``deadline`` (_bounded).
         ``decoded``: ``body`` already decoded (``e2e_request``), so it is not parsed again."""
         # One frame for the whole request: the steps below run inside the deadline's block.
-        total = Deadline(self.settings.options.deadline, self.clock)
-        with total:
-            bounded = BoundedPort(port, total)
-            started = Monotonic(total.start)  # (the engine's clock: one read for both)
-            s = self.settings
+        # The deadline is the port the steps send through (one object per request).
+        s = self.settings
+        bounded = BoundedPort(s.options.deadline, self.clock)
+        bounded.port = port
+        with bounded:
+            started = Monotonic(bounded.start)  # (the engine's clock: one read for both)
             deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)
-            chute = self._resolve_chute(bounded, model, auth, started)
+            with self._guard:
+                chute = self.state.fresh_chute(model, started)  # (a UUID: itself, a chute id)
+            if chute is None:  # a listing refresh is due (or the model is not in it)
+                chute = self._resolve_chute(bounded, model, auth, started)
             last: RelayError | None = None
             retried_once: set[ErrorCode] = set()
             remapped = False
@@ -272,7 +275,7 @@ class Engine:
                         # Discovery does not know the cached chute id ("Chute not found"): the
                         # model may have moved. Re-read the listing once and retry if it changed.
                         remapped = True
-                        fresh = self._resolve_chute(bounded, model, auth, self.now(), force=True)
+                        fresh = self._resolve_chute(bounded, model, auth, self.now())
                         if fresh != chute:
                             chute, last = fresh, exc
                             continue
@@ -334,8 +337,9 @@ class Engine:
             upstream,
             key,
             self.settings,
-            lost_errors=port.lost_errors,
-            timeout_errors=port.timeout_errors,
+            lost_errors=port.port.lost_errors,
+            timeout_errors=port.port.timeout_errors,
+            reads=port.reads(),
         )
 
     def _invoke_v1(
@@ -362,13 +366,15 @@ class Engine:
         if status == 200 and sealed.stream:
             return Streaming(self._plain(port, upstream, key))
         try:
+            # (open_response itself: what open_answer does with a v1 key)
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                return open_answer(key, upstream.read(MAX_BLOB), aead=s.aead)
+                data = port.read(upstream, MAX_BLOB)
+                return Opened(200, open_response(data, key, aead=s.aead))
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
-            data = upstream.read(limit)
+            data = port.read(upstream, limit)
             if is_sealed_error(status, content_type, data):
-                return open_answer(key, data, aead=s.aead, status=status)
+                return Opened(status, open_response(data, key, aead=s.aead))
         finally:
             key.wipe()
         return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
@@ -419,7 +425,7 @@ class Engine:
                 return Streaming(stream)
             return stream._rest()  # the engine's error answer, authenticated
         try:
-            data = upstream.read(MAX_BLOB if status == 200 else MAX_ERROR_BODY)
+            data = port.read(upstream, MAX_BLOB if status == 200 else MAX_ERROR_BODY)
             if status == 200:
                 return open_answer(sealed.secrets, data, aead=s.aead)
         finally:
@@ -435,20 +441,15 @@ class Engine:
         model: str,
         auth: str | None,
         now: Monotonic,
-        *,
-        force: bool = False,
     ) -> str:
-        if not force:
-            with self._guard:
-                chute = self.state.fresh_chute(model, now)  # (a UUID: itself, a chute id)
-            if chute is not None:
-                return chute
+        """The chute for ``model`` when the listing is due for a refresh (``invoke`` looks up
+        a fresh answer itself), or a forced one (a cached chute discovery did not know)."""
         with self._guard:
             chute = self.state.resolve_chute(model, now)  # (the cached answer, even if stale)
         if chute == model and looks_like_uuid(model):
             return model  # never looked up in a listing (nor refreshed for)
         generation = self.state.models_generation
-        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+        forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
         with self._models_lock:
             # Whoever missed while another refresh ran shares that refresh.
             if self.state.models_generation == generation:
@@ -502,7 +503,7 @@ class Engine:
             if refresh and not self._chute_lock(chute).locked():
                 # Off the request's path: the discovery runs beside it (asyncio: a task; a
                 # thread for the blocking twin; trio: inline), held to a deadline of its own.
-                own = port.rebound(Deadline(self.settings.options.deadline, self.clock))
+                own = port.rebound(self.settings.options.deadline)
                 self._background.start(self._prefetch, own, chute, auth)
             return found
         with self._chute_lock(chute):
@@ -588,9 +589,10 @@ class Engine:
                     return
                 if self.state.try_record_discovery(now) > 0:
                     return
-            forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.network_errors)
+            forgiven: tuple[type[BaseException], ...] = (PQE2EEError, *port.port.network_errors)
             try:
-                self._discover_now(port, chute, auth, now)
+                with port:  # (a block of its own deadline: its sends and reads are held to it)
+                    self._discover_now(port, chute, auth, now)
             except forgiven as exc:
                 log.debug("discovery prefetch failed: %s", type(exc).__name__)
         finally:
@@ -652,5 +654,5 @@ class Engine:
             headers.append(("Authorization", f"Bearer {auth}"))
         response = port.send("GET", url, headers, b"", control=True)
         status = response.status
-        data = response.read(MAX_DOC if status == 200 else MAX_ERROR_BODY)
+        data = port.read(response, MAX_DOC if status == 200 else MAX_ERROR_BODY)
         return status, response.headers, data

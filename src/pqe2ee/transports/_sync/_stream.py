@@ -52,7 +52,9 @@ def reraise(exc: Exception) -> NoReturn:
     raise exc
 
 
-def read_raw(chunks: Iterator[bytes], failed: ReadFailed, reads: BodyReads) -> bytes | None:
+def read_raw(
+    chunks: Iterator[bytes], failed: ReadFailed, reads: BodyReads | Deadline
+) -> bytes | None:
     """The next chunk of a raw body (see :meth:`PortResponse.raw_bytes`), ``None`` at its
     end: the deadline checked before the read, the read in its guard, a failure raised as the
     port maps it. (The stream's per-event loop, ``PlainStream._batches``, does this
@@ -148,14 +150,16 @@ class PlainStream:
         *,
         lost_errors: tuple[type[BaseException], ...] = (),
         timeout_errors: tuple[type[BaseException], ...] = (),
+        reads: BodyReads | None = None,
     ) -> None:
         self._upstream = upstream
+        self._reads = reads  # the request's deadline over the body's reads (None: no deadline)
         self._decoder = ResponseDecoder(
             key, aead=settings.aead, stream=True, on_usage=settings.on_usage, max_body=MAX_BLOB
         )
         self._lost = lost_errors
         self._timeout = timeout_errors
-        self._raw: RawBody | None = None
+        self._raw: tuple[Iterator[bytes], ReadFailed, BodyReads] | None = None
         #: Removes the usage the caller did not ask for (set by the engine for a stream).
         self.usage_filter: UsageFilter | None = None
         #: What iterating raises instead of a pqe2ee error, and from what (set by a transport
@@ -190,12 +194,12 @@ class PlainStream:
 
     def _body(self) -> tuple[Iterator[bytes], ReadFailed, BodyReads]:
         if self._raw is None:
-            self._raw = self._upstream.raw_bytes()
-        chunks, failed, reads = self._raw
-        if reads is None:  # a response held to no deadline
-            reads = Deadline(math.inf, time.monotonic).reads()
+            chunks, failed, reads = self._upstream.raw_bytes()
+            reads = reads or self._reads
+            if reads is None:  # a response held to no deadline
+                reads = Deadline(math.inf, time.monotonic).reads()
             self._raw = chunks, failed, reads
-        return chunks, failed, reads
+        return self._raw
 
     def _read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end."""
@@ -305,4 +309,6 @@ class PlainStream:
             return
         self._closed = True
         self._decoder.wipe()
+        if self._raw is not None:
+            self._raw[2].release()  # (async: the body's timer)
         self._upstream.close()
