@@ -297,7 +297,9 @@ class _BufferPrivateKey(_LiboqsPrivateKey):
         if rv != 0:
             _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
             raise RuntimeError("liboqs could not generate a key pair")  # (as liboqs-python)
-        return cls(sk, pk.raw, seed)
+        key = cls.__new__(cls)  # (__init__'s fields set here: no frame for it, a key a request)
+        key._key, key.public_key, key._seed = sk, pk.raw, seed
+        return key
 
     def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
         ss = _SS_BUF()

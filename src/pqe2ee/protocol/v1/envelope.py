@@ -94,24 +94,22 @@ class OpenedRequest:
     stream: bool
 
 
-def _gzip(plaintext: bytes, level: int | None) -> bytes:
-    if level is None:
-        level = 0 if len(plaintext) < STORE_BELOW else DEFAULT_COMPRESSLEVEL
-    return gzip_compress(plaintext, level)
-
-
 def _seal(
-    plaintext_gz: bytes,
+    plaintext: bytes,
+    level: int | None,
     public_key: bytes,
     info: bytes,
     kem: KEM,
     aead: AEAD,
     random_bytes: RandomBytes,
 ) -> bytes:
+    """The blob of ``plaintext`` gzipped at ``level`` (None: stored below STORE_BELOW)."""
+    if level is None:
+        level = 0 if len(plaintext) < STORE_BELOW else DEFAULT_COMPRESSLEVEL
     kem_ct, shared_secret = kem.encapsulate(public_key)
     key = derive_key(shared_secret, kem_ct, info)
     nonce = random_bytes(CHACHA_NONCE_LEN)
-    return b"".join((kem_ct, nonce, aead.seal(key, nonce, plaintext_gz)))
+    return b"".join((kem_ct, nonce, aead.seal(key, nonce, gzip_compress(plaintext, level))))
 
 
 def _open(blob: bytes, private_key: KEMPrivateKey, info: bytes, aead: AEAD, *, what: str) -> bytes:
@@ -193,7 +191,8 @@ def seal_request(
     plaintext, obj = _body_json(body, b64encode(response_key.public_key), decoded)
     model = obj.get("model")
     blob = _seal(
-        _gzip(plaintext, compresslevel),
+        plaintext,
+        compresslevel,
         instance_public_key,
         INFO_REQUEST,
         kem,
@@ -203,7 +202,7 @@ def seal_request(
     return SealedRequest(
         blob=blob,
         response_key=response_key,
-        stream=stream_flag(obj),
+        stream=bool(obj.get("stream")),  # stream_flag(obj), inline
         model=model if isinstance(model, str) else None,
     )
 
@@ -252,7 +251,8 @@ def seal_response(
     ``compresslevel``: a zlib level, or None to store short bodies (see STORE_BELOW).
     """
     return _seal(
-        _gzip(body, compresslevel),
+        body,
+        compresslevel,
         response_public_key,
         INFO_RESPONSE,
         kem,
