@@ -76,7 +76,7 @@ async def body_of(response: Bounded) -> AsyncIterator[bytes]:
     chunks, failed, _ = response.raw_bytes()
     reads = response.deadline.reads()
     try:
-        while (chunk := await read_raw(chunks, failed, reads)) is not None:
+        while (chunk := await read_raw(chunks, failed, reads, reads.per_read())) is not None:
             yield chunk
     finally:
         reads.release()

@@ -61,12 +61,13 @@ class AsyncBoundedPort(AsyncDeadline):
         port's raw body as a stream reads it (:func:`read_raw`: the deadline checked before
         each read); always closes it. Read inside a block of the deadline (the request's, or a
         background job's own), which cancels a read waiting at the deadline: a check per read
-        is all it needs here (``per_read()`` of the deadline itself), no timer."""
+        is all it needs here (``per_read()`` of the deadline itself, asked once), no timer."""
         chunks: list[bytes] = []
         total = 0
         try:
             raw, failed, _ = response.raw_bytes()
-            while (chunk := await read_raw(raw, failed, self)) is not None:
+            window = self.per_read()  # (inside the block: the same for every read)
+            while (chunk := await read_raw(raw, failed, self, window)) is not None:
                 total += len(chunk)
                 if total > limit:
                     raise LimitExceeded(f"relay answer is larger than {limit} bytes")

@@ -23,7 +23,7 @@ from pqe2ee.protocol.response import Opened, ResponseDecoder
 from pqe2ee.protocol.v2.records import Head
 from pqe2ee.protocol.v2.request import ResponseSecrets
 from pqe2ee.transports._common import MAX_BLOB, RawHeaders, Settings
-from pqe2ee.transports._deadline import BodyReads, Deadline
+from pqe2ee.transports._deadline import BodyReads, Deadline, PerRead
 from pqe2ee.transports._usage import UsageFilter
 
 __all__ = [
@@ -53,13 +53,18 @@ def reraise(exc: Exception) -> NoReturn:
 
 
 def read_raw(
-    chunks: Iterator[bytes], failed: ReadFailed, reads: BodyReads | Deadline
+    chunks: Iterator[bytes],
+    failed: ReadFailed,
+    reads: BodyReads | Deadline,
+    window: PerRead,
 ) -> bytes | None:
     """The next chunk of a raw body (see :meth:`PortResponse.raw_bytes`), ``None`` at its
     end: the deadline checked before the read, the read in its guard, a failure raised as the
-    port maps it. (The stream's per-event loop, ``PlainStream._batches``, does this
-    written out: a paced stream reads once per event.)"""
-    clock, end, _guard = reads.per_read()
+    port maps it. ``window`` is ``reads.per_read()``, asked by the caller (once per body where
+    no block of the deadline opens or closes between its reads). (The stream's per-event loop,
+    ``PlainStream._batches``, does this written out: a paced stream reads once per
+    event.)"""
+    clock, end, _guard = window
     if clock() >= end:
         raise reads.error()
     try:
@@ -203,7 +208,8 @@ class PlainStream:
 
     def _read(self) -> bytes | None:
         """The next chunk of the body, ``None`` at its end."""
-        return read_raw(*self._body())
+        chunks, failed, reads = self._body()
+        return read_raw(chunks, failed, reads, reads.per_read())
 
     def _batches(self, out: Callable[[_Batch], _Out]) -> Iterator[_Out]:
         """The decoded events, a list per read, as ``out`` makes them (empty ones skipped)."""
