@@ -15,7 +15,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, Unpack
+from typing import NoReturn, Unpack
 
 import httpx2
 
@@ -326,15 +326,42 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
             raise self._closed_error("transport")
         if self._unbound or self._bound is not None:  # (bases given: the host is not looked at)
             self._bind(request)
-        e2e_paths = self._engine.settings.e2e_paths  # (the engine _bind left: no property)
-        if request.method == "POST":
-            path = request.url.path  # (decoded on each access: once here)
-            if path in e2e_paths:
-                body = await request.aread()
-                found = e2e_request(request.method, path, body, e2e_paths)
-                if found is not None:
-                    return await self._encrypted(request, path, body, *found)
-        return await self._plaintext(request)
+        engine = self._engine  # (the engine _bind left: no property)
+        e2e_paths = engine.settings.e2e_paths
+        # (url.path is decoded on each access: once here)
+        if request.method != "POST" or (path := request.url.path) not in e2e_paths:
+            return await self._plaintext(request)
+        body = await request.aread()
+        found = e2e_request("POST", path, body, e2e_paths)
+        if found is None:  # (a blank body)
+            return await self._plaintext(request)
+        # Encrypted: written here, not in a method of its own (one frame less per request).
+        model, decoded = found
+        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
+        port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
+        try:
+            outcome = await engine.invoke(
+                port, path=path, body=body, model=model, auth=auth, decoded=decoded
+            )
+        except RelayError as exc:
+            # An HTTP answer the SDKs map onto their own error classes (see _answers).
+            answer = error_answer(exc)
+            if answer is None:
+                raise
+            status, headers, content = answer
+            return httpx2.Response(
+                status,
+                headers=headers,
+                content=content,
+                request=request,
+                extensions={ERROR_EXTENSION: exc},
+            )
+        if isinstance(outcome, Streaming):
+            stream = AsyncDecryptingStream._over(outcome.stream, request)
+            return httpx2.Response(200, headers=STREAM_HEADERS, stream=stream, request=request)
+        if isinstance(outcome, Opened):
+            return json_response(outcome.status, outcome.body, request, outcome.content_type)
+        return passthrough_response(outcome.status, outcome.headers, outcome.body, request)
 
     def _bind(self, request: httpx2.Request) -> None:
         """Without ``api_base`` / ``models_base``, the SDK's own base URL is the relay: the
@@ -381,35 +408,3 @@ class AsyncE2EETransport(EngineFacade, httpx2.AsyncBaseTransport):
             return await self._inner.handle_async_request(forwarded)
         except Exception as exc:
             raise_mapped(exc, "connect")
-
-    # -- encrypted ------------------------------------------------------------------------------
-
-    async def _encrypted(
-        self, request: httpx2.Request, path: str, body: bytes, model: str, decoded: dict[str, Any]
-    ) -> httpx2.Response:
-        engine = self._engine
-        auth = engine.settings.api_key or bearer_token(request.headers.get("authorization"))
-        port = _AsyncPort(self._inner, request.extensions, self._control, self._urls)
-        try:
-            outcome = await engine.invoke(
-                port, path=path, body=body, model=model, auth=auth, decoded=decoded
-            )
-        except RelayError as exc:
-            # An HTTP answer the SDKs map onto their own error classes (see _answers).
-            answer = error_answer(exc)
-            if answer is None:
-                raise
-            status, headers, content = answer
-            return httpx2.Response(
-                status,
-                headers=headers,
-                content=content,
-                request=request,
-                extensions={ERROR_EXTENSION: exc},
-            )
-        if isinstance(outcome, Streaming):
-            stream = AsyncDecryptingStream._over(outcome.stream, request)
-            return httpx2.Response(200, headers=STREAM_HEADERS, stream=stream, request=request)
-        if isinstance(outcome, Opened):
-            return json_response(outcome.status, outcome.body, request, outcome.content_type)
-        return passthrough_response(outcome.status, outcome.headers, outcome.body, request)
