@@ -66,9 +66,7 @@ def test_deeply_nested_request_is_a_typed_400(small_inst: Running) -> None:
         # A hostile client's plaintext (sealed by hand: our own sealer refuses such a body).
         deep = b"[" * 5000 + b"]" * 5000
         plaintext = b'{"model":"dev-echo","x":' + deep + b',"e2e_response_pk":"AAAA"}'
-        blob = envelope._seal(
-            envelope._gzip(plaintext, 9), pk, envelope.INFO_REQUEST, KEM, AEAD, os.urandom
-        )
+        blob = envelope._seal(plaintext, 9, pk, envelope.INFO_REQUEST, KEM, AEAD, os.urandom)
         r = http.post(small_inst.url + "/e2e/invoke", content=blob, headers=hdrs(stream=False))
     assert r.status_code == 400, r.text
     assert r.json()["code"] == "malformed_payload"
