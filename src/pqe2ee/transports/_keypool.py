@@ -104,7 +104,10 @@ class _Pool(Generic[K]):
         self._kem = kem
         self._size = size
         self._keys: collections.deque[K] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
+        # The condition's lock itself, for take(): holding it is holding the condition (a
+        # C-level ``with``; Condition's own __enter__/__exit__ are Python frames).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._thread: threading.Thread | None = None
         self._forks = _forks
@@ -141,7 +144,7 @@ class _Pool(Generic[K]):
 
     def take(self) -> K:
         """A key nobody else has had or will have. Never waits for the filler."""
-        with self._cond:
+        with self._lock:
             if self._forks != _forks:  # forked: the parent's keys and thread are not ours
                 self._keys.clear()
                 self._thread = None
