@@ -39,10 +39,12 @@ MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 Ask = Callable[[Any], Awaitable[Any]]
 
 
-def _clients(flavour: str, stack: FaultyStack, *, is_async: bool) -> tuple[Any, Any]:
+def _clients(
+    flavour: str, stack: FaultyStack, *, is_async: bool, **options: Any
+) -> tuple[Any, Any]:
     lib, mod = FLAVOURS[flavour]
     cls = mod.AsyncE2EETransport if is_async else mod.E2EETransport
-    t = cls(api_key=KEY, api_base=stack.relay, models_base=stack.relay)
+    t = cls(api_key=KEY, api_base=stack.relay, models_base=stack.relay, **options)
     sdk = openai.AsyncOpenAI if is_async else openai.OpenAI
     http = lib.AsyncClient(transport=t) if is_async else lib.Client(transport=t)
     return t, sdk(api_key=KEY, base_url=SDK_BASE, http_client=http, max_retries=0)
@@ -120,9 +122,12 @@ def test_sync_request_goes_on_while_its_prefetch_runs(stack: FaultyStack, flavou
 
 
 @contextlib.asynccontextmanager
-async def _async_client(kind: str, stack: FaultyStack) -> AsyncIterator[tuple[Any, Ask]]:
+async def _async_client(
+    kind: str, stack: FaultyStack, **options: Any
+) -> AsyncIterator[tuple[Any, Ask]]:
     """An async client of ``kind`` (its engine's facade, and how to ask it once)."""
     bases: dict[str, Any] = {"api_key": KEY, "api_base": stack.relay, "models_base": stack.relay}
+    bases.update(options)
     if kind == "aiohttp":
         async with E2EEClientSession(**bases) as session:
 
@@ -142,7 +147,7 @@ async def _async_client(kind: str, stack: FaultyStack) -> AsyncIterator[tuple[An
 
             yield client, ask_anyio
     else:
-        t, sdk = _clients(kind, stack, is_async=True)
+        t, sdk = _clients(kind, stack, is_async=True, **options)
         async with sdk:
             yield t, lambda _: _ask_async(sdk)
 
@@ -223,6 +228,33 @@ async def test_async_close_cancels_the_prefetch_in_flight(
     assert faults.discoveries_done <= 2
     assert not [r for r in caplog.records if r.levelno > logging.DEBUG and _ours(r)]
     assert not recwarn.list
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a loop task (trio: inline)
+@pytest.mark.parametrize("kind", ["httpx2", "aiohttp", "anyio"])
+async def test_async_prefetch_held_at_the_relay_ends_at_its_own_deadline(
+    stack: FaultyStack, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefetch runs in a block of its own deadline: a discovery the relay never answers
+    is cut there (DeadlineExceeded, forgiven at debug), the client goes on."""
+    caplog.set_level(logging.DEBUG, logger="pqe2ee.transports")
+    faults = stack.faults
+    async with _async_client(kind, stack, deadline=2.0) as (t, ask):
+        await _to_watermark_async(t, None, ask)
+        faults.hold_discoveries = gate = threading.Event()
+        try:
+            await ask(None)  # leaves 3 nonces: starts the prefetch
+            await _await(lambda: faults.discoveries == 2)  # held at the relay now
+            done = faults.discoveries_done
+            started = time.monotonic()
+            await _await(lambda: t._engine._background.running() == 0)  # never let go: cut
+            assert time.monotonic() - started < 6.0
+            assert faults.discoveries_done == done  # (still held)
+            assert "discovery prefetch failed: DeadlineExceeded" in caplog.text
+            await ask(None)  # the client goes on (the last nonces)
+        finally:
+            gate.set()
 
 
 @pytest.mark.parametrize("flavour", ["sync", "asyncio", "trio"])

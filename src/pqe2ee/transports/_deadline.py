@@ -47,10 +47,6 @@ class Deadline:
 
     __slots__ = ("_clock", "end", "seconds", "start")
 
-    #: Blocks of this deadline open now. A blocking deadline's block is a check only (nothing
-    #: to cancel), so a step is always as if inside one: check the clock, no block needed.
-    _open: int = 1
-
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self._clock = clock

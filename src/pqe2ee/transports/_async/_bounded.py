@@ -3,8 +3,8 @@
 The engine makes an :class:`AsyncBoundedPort` for each request (and one for each background
 job, :meth:`~AsyncBoundedPort.rebound`): it *is* the request's
 :class:`~pqe2ee.transports._deadline.AsyncDeadline` (the engine's whole-request ``with``
-block is a block of it) and it sends through the transport's port, so that every send runs
-inside the deadline and every read of a body under it - :meth:`AsyncBoundedPort.aread` for a
+block is a block of it; a background job runs in a block of its own) and it sends through
+the transport's port, so that every send runs inside the deadline and every read of a body under it - :meth:`AsyncBoundedPort.aread` for a
 whole body, the deadline's :meth:`~pqe2ee.transports._deadline.AsyncDeadline.reads` for a
 streamed answer (async: one timer per body, see :mod:`pqe2ee.transports._deadline`). A relay
 that trickles bytes cannot keep a request open past ``ClientOptions.deadline``. Past it, the
@@ -47,14 +47,12 @@ class AsyncBoundedPort(AsyncDeadline):
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
     ) -> AsyncPortResponse:
         """The port's answer (body not read yet: :meth:`aread`, or the deadline's
-        :meth:`reads` for a stream). Checked against the deadline before it starts; the wait
-        is inside a block of the deadline (async: its cancel scope)."""
-        if self._open:  # inside the request's block: it cancels at the deadline, only check
-            if self._clock() >= self.end:  # (past the deadline: refused, as __enter__ does)
-                raise self.error()
-            return await self.port.send(method, url, headers, body, control=control)
-        with self:
-            return await self.port.send(method, url, headers, body, control=control)
+        :meth:`reads` for a stream). Sent inside a block of the deadline (the request's, or a
+        background job's own), whose cancel scope (async) ends the wait at the deadline: the
+        deadline is checked here before the send starts, as a block's ``__enter__`` would."""
+        if self._clock() >= self.end:  # (past the deadline: refused)
+            raise self.error()
+        return await self.port.send(method, url, headers, body, control=control)
 
     async def aread(self, response: AsyncPortResponse, limit: int) -> bytes:
         """The whole body of ``response``, refusing more than ``limit`` bytes, read over the
