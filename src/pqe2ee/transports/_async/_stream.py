@@ -88,8 +88,9 @@ class AsyncPortResponse(Protocol):
         """The (content-decoded) body, once, for a reader that makes the per-read work its own
         (:func:`read_raw`): the library's own iterator of it (no layer of the port's per
         chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if any (read as its ``per_read()`` says). ``aclose`` releases the
-        connection."""
+        are held to, if the response knows one (read as its ``per_read()`` says; the ports
+        give None: the engine hands a stream its request's deadline, ``AsyncPlainStream``'s
+        ``reads``). ``aclose`` releases the connection."""
         ...
 
     async def aclose(self) -> None:
