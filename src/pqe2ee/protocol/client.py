@@ -138,8 +138,8 @@ def e2e_request(
         if not body.strip():
             return None
         raise _unsealable(path, f"not JSON the client can decode: {exc}") from None
-    model = obj.get("model") if isinstance(obj, dict) else None  # request_model, inline
-    if not isinstance(model, str) or not model:
+    model = request_model(obj) if isinstance(obj, dict) else None
+    if model is None:
         raise _unsealable(path, "not a JSON object with a non-empty string 'model'")
     return model, obj
 

@@ -202,7 +202,7 @@ def seal_request(
     return SealedRequest(
         blob=blob,
         response_key=response_key,
-        stream=bool(obj.get("stream")),  # stream_flag(obj), inline
+        stream=stream_flag(obj),
         model=model if isinstance(model, str) else None,
     )
 
