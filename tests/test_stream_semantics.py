@@ -68,17 +68,22 @@ def streamed_text(stream: Any) -> str:
     return "".join((c.choices[0].delta.content or "") for c in stream if c.choices)
 
 
-@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
-def test_streamed_calls_reuse_one_connection(stack: Stack, prefer_v2: bool) -> None:
+def sdk_on(relay: str, prefer_v2: bool) -> openai.OpenAI:
+    """The openai SDK on our blocking httpx2 transport to ``relay``."""
     transport = tx_httpx2.E2EETransport(
-        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
+        api_key=KEY, api_base=relay, models_base=relay, prefer_v2=prefer_v2
     )
-    sdk = openai.OpenAI(
-        base_url=stack.relay + "/v1",
+    return openai.OpenAI(
+        base_url=relay + "/v1",
         api_key=KEY,
         http_client=httpx2.Client(transport=transport),
         max_retries=0,
     )
+
+
+@pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
+def test_streamed_calls_reuse_one_connection(stack: Stack, prefer_v2: bool) -> None:
+    sdk = sdk_on(stack.relay, prefer_v2)
     stack.ports.seen.clear()
     with sdk:
         for i in range(4):
@@ -310,15 +315,7 @@ def test_a_stream_read_in_one_piece_reuses_its_connection(
     the way to HEAD) is held like any later read's: the SDK stops at [DONE] with the response
     read out, and the next call goes over the same connection."""
     stack = joined_stack
-    transport = tx_httpx2.E2EETransport(
-        api_key=KEY, api_base=stack.relay, models_base=stack.relay, prefer_v2=prefer_v2
-    )
-    sdk = openai.OpenAI(
-        base_url=stack.relay + "/v1",
-        api_key=KEY,
-        http_client=httpx2.Client(transport=transport),
-        max_retries=0,
-    )
+    sdk = sdk_on(stack.relay, prefer_v2)
     stack.ports.seen.clear()
     with sdk:
         for i in range(3):
