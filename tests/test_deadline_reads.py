@@ -55,7 +55,7 @@ class FakeResponse:
                 yield item
 
     def raw_bytes(self) -> AsyncRawBody:
-        return self.aiter_bytes(), reraise, None
+        return self.aiter_bytes(), reraise
 
     async def aclose(self) -> None:
         self.closed = True
@@ -73,7 +73,7 @@ async def body_of(response: Bounded) -> AsyncIterator[bytes]:
     """The body read as the transports read a stream (``read_raw`` over ``raw_bytes``, under
     the deadline's ``reads()``: checked before each read, each read in its guard), released at
     its end."""
-    chunks, failed, _ = response.raw_bytes()
+    chunks, failed = response.raw_bytes()
     reads = response.deadline.reads()
     try:
         while (chunk := await read_raw(chunks, failed, reads, reads.per_read())) is not None:

@@ -300,7 +300,7 @@ class FakeResponse:
             yield part
 
     def raw_bytes(self) -> Any:
-        return self.aiter_bytes() if self.is_async else self.iter_bytes(), reraise, None
+        return self.aiter_bytes() if self.is_async else self.iter_bytes(), reraise
 
     def close(self) -> None:
         self.closed = True

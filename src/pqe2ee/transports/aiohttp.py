@@ -187,7 +187,7 @@ class _PortResponse(ResponseHead):
         return self._response.content.iter_any()  # (ends at the first empty read: EOF)
 
     def raw_bytes(self) -> AsyncRawBody:
-        return self.aiter_bytes(), reraise, None
+        return self.aiter_bytes(), reraise
 
     async def aclose(self) -> None:
         # Returns the connection to the pool after a whole body, closes it otherwise.

@@ -192,7 +192,7 @@ class _Response(ResponseHead):
                 timer.close()
 
     def raw_bytes(self) -> AsyncRawBody:
-        return self.aiter_bytes(), reraise, None  # (the HTTP loop itself: no layer to remove)
+        return self.aiter_bytes(), reraise  # (the HTTP loop itself: no layer to remove)
 
     async def aclose(self) -> None:
         if self._timer is not None:

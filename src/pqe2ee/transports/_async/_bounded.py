@@ -63,7 +63,7 @@ class AsyncBoundedPort(AsyncDeadline):
         chunks: list[bytes] = []
         total = 0
         try:
-            raw, failed, _ = response.raw_bytes()
+            raw, failed = response.raw_bytes()
             window = self.per_read()  # (inside the block: the same for every read)
             while (chunk := await read_raw(raw, failed, self, window)) is not None:
                 total += len(chunk)

@@ -92,7 +92,7 @@ class _AsyncPortResponse(ResponseHead):
             or "content-encoding" in response.headers
             or not isinstance(stream, httpx.AsyncByteStream)
         ):
-            return response.aiter_bytes(), self._failed, None
+            return response.aiter_bytes(), self._failed
         # Without a content coding the body is the transport's own stream: read it as
         # ``aiter_raw`` would (closed once read: the reader closes it), without its generator,
         # chunker and byte count per chunk, which a streamed answer pays per event.
@@ -101,7 +101,7 @@ class _AsyncPortResponse(ResponseHead):
             chunks = stream.__aiter__()  # (a stream's __aiter__ may raise as it starts)
         except Exception as exc:
             self._failed(exc)
-        return chunks, self._failed, None
+        return chunks, self._failed
 
     def _failed(self, exc: Exception) -> NoReturn:
         if isinstance(exc, httpx.RequestError):

@@ -45,7 +45,7 @@ __all__ = [
 #: as the port maps its library's errors.
 ReadFailed = Callable[[Exception], NoReturn]
 #: A body as a reader with its own loop reads it (see AsyncPortResponse.raw_bytes).
-AsyncRawBody = tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads | None]
+AsyncRawBody = tuple[AsyncIterator[bytes], ReadFailed]
 
 
 def reraise(exc: Exception) -> NoReturn:
@@ -87,10 +87,9 @@ class AsyncPortResponse(Protocol):
     def raw_bytes(self) -> AsyncRawBody:
         """The (content-decoded) body, once, for a reader that makes the per-read work its own
         (:func:`read_raw`): the library's own iterator of it (no layer of the port's per
-        chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if the response knows one (read as its ``per_read()`` says; the ports
-        give None: the engine hands a stream its request's deadline, ``AsyncPlainStream``'s
-        ``reads``). ``aclose`` releases the connection."""
+        chunk) and what to call with whatever a read of it raises. The deadline is the
+        reader's (the request's: ``AsyncBoundedPort.aread``, ``AsyncPlainStream``'s ``reads``).
+        ``aclose`` releases the connection."""
         ...
 
     async def aclose(self) -> None:
@@ -203,9 +202,9 @@ class AsyncPlainStream:
 
     def _body(self) -> tuple[AsyncIterator[bytes], ReadFailed, AsyncBodyReads]:
         if self._raw is None:
-            chunks, failed, reads = self._upstream.raw_bytes()
-            reads = reads or self._reads
-            if reads is None:  # a response held to no deadline
+            chunks, failed = self._upstream.raw_bytes()
+            reads = self._reads
+            if reads is None:  # a stream held to no deadline
                 reads = AsyncDeadline(math.inf, time.monotonic).reads()
             self._raw = chunks, failed, reads
         return self._raw

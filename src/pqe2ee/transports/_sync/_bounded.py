@@ -62,7 +62,7 @@ class BoundedPort(Deadline):
         chunks: list[bytes] = []
         total = 0
         try:
-            raw, failed, _ = response.raw_bytes()
+            raw, failed = response.raw_bytes()
             window = self.per_read()  # (inside the block: the same for every read)
             while (chunk := read_raw(raw, failed, self, window)) is not None:
                 total += len(chunk)

@@ -44,7 +44,7 @@ __all__ = [
 #: as the port maps its library's errors.
 ReadFailed = Callable[[Exception], NoReturn]
 #: A body as a reader with its own loop reads it (see PortResponse.raw_bytes).
-RawBody = tuple[Iterator[bytes], ReadFailed, BodyReads | None]
+RawBody = tuple[Iterator[bytes], ReadFailed]
 
 
 def reraise(exc: Exception) -> NoReturn:
@@ -85,10 +85,9 @@ class PortResponse(Protocol):
     def raw_bytes(self) -> RawBody:
         """The (content-decoded) body, once, for a reader that makes the per-read work its own
         (:func:`read_raw`): the library's own iterator of it (no layer of the port's per
-        chunk), what to call with whatever a read of it raises, and the deadline the reads
-        are held to, if the response knows one (read as its ``per_read()`` says; the ports
-        give None: the engine hands a stream its request's deadline, ``PlainStream``'s
-        ``reads``). ``close`` releases the connection."""
+        chunk) and what to call with whatever a read of it raises. The deadline is the
+        reader's (the request's: ``BoundedPort.read``, ``PlainStream``'s ``reads``).
+        ``close`` releases the connection."""
         ...
 
     def close(self) -> None:
@@ -200,9 +199,9 @@ class PlainStream:
 
     def _body(self) -> tuple[Iterator[bytes], ReadFailed, BodyReads]:
         if self._raw is None:
-            chunks, failed, reads = self._upstream.raw_bytes()
-            reads = reads or self._reads
-            if reads is None:  # a response held to no deadline
+            chunks, failed = self._upstream.raw_bytes()
+            reads = self._reads
+            if reads is None:  # a stream held to no deadline
                 reads = Deadline(math.inf, time.monotonic).reads()
             self._raw = chunks, failed, reads
         return self._raw
