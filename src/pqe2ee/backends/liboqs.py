@@ -249,9 +249,7 @@ class _LiboqsPrivateKey(HeldKey[Any], KEMPrivateKey):
     __slots__ = ("_seed",)
 
     def __init__(self, kem: Any, public_key: bytes, seed: bytes | None) -> None:
-        # HeldKey.__init__'s two fields set here: one frame less per key (a key per request).
-        self._key = kem
-        self.public_key = public_key
+        super().__init__(kem, public_key)
         self._seed = seed
 
     def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
@@ -297,9 +295,7 @@ class _BufferPrivateKey(_LiboqsPrivateKey):
         if rv != 0:
             _CLEANSE(sk, MLKEM768_EXPANDED_SK_LEN)
             raise RuntimeError("liboqs could not generate a key pair")  # (as liboqs-python)
-        key = cls.__new__(cls)  # (__init__'s fields set here: no frame for it, a key a request)
-        key._key, key.public_key, key._seed = sk, pk.raw, seed
-        return key
+        return cls(sk, pk.raw, seed)
 
     def _decapsulate(self, key: Any, ciphertext: bytes) -> bytes:
         ss = _SS_BUF()

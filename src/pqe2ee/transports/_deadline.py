@@ -101,11 +101,7 @@ class AsyncDeadline(Deadline):
     __slots__ = ("_open", "_scope")
 
     def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
-        # Deadline.__init__'s fields set here: one frame less per request.
-        self.seconds = seconds
-        self._clock = clock
-        self.start = clock()  # when the request started, on ``clock``
-        self.end = self.start + seconds
+        super().__init__(seconds, clock)
         self._open = 0  # blocks of this deadline open now
         self._scope: anyio.CancelScope | None = None  # the outermost one's cancel scope
 

@@ -16,6 +16,7 @@ Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -38,10 +39,10 @@ class AsyncBoundedPort(AsyncDeadline):
 
     __slots__ = ("port",)
 
-    #: The transport's port (its error classes too: ``port.network_errors`` ...). Set right
-    #: after the deadline is made (``bounded.port = port``: no ``__init__`` of its own, one
-    #: frame less per request).
-    port: AsyncPort
+    def __init__(self, port: AsyncPort, seconds: float, clock: Callable[[], float]) -> None:
+        super().__init__(seconds, clock)
+        #: The transport's port (its error classes too: ``port.network_errors`` ...).
+        self.port = port
 
     async def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
@@ -77,6 +78,4 @@ class AsyncBoundedPort(AsyncDeadline):
 
     def rebound(self, seconds: float) -> AsyncBoundedPort:
         """The same port held to a deadline of its own (a background job's)."""
-        own = AsyncBoundedPort(seconds, self._clock)
-        own.port = self.port
-        return own
+        return AsyncBoundedPort(self.port, seconds, self._clock)

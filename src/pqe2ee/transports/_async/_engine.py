@@ -254,8 +254,7 @@ class AsyncEngine:
         # One frame for the whole request: the steps below run inside the deadline's block.
         # The deadline is the port the steps send through (one object per request).
         s = self.settings
-        bounded = AsyncBoundedPort(s.options.deadline, self.clock)
-        bounded.port = port
+        bounded = AsyncBoundedPort(port, s.options.deadline, self.clock)
         with bounded:
             started = Monotonic(bounded.start)  # (the engine's clock: one read for both)
             deadline = started + s.timeout  # (the engine's clock, a float: the steps' bound)

@@ -17,6 +17,7 @@ Written once, as async code; ``scripts/unasync.py`` generates the blocking twin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pqe2ee.errors import LimitExceeded
@@ -37,10 +38,10 @@ class BoundedPort(Deadline):
 
     __slots__ = ("port",)
 
-    #: The transport's port (its error classes too: ``port.network_errors`` ...). Set right
-    #: after the deadline is made (``bounded.port = port``: no ``__init__`` of its own, one
-    #: frame less per request).
-    port: Port
+    def __init__(self, port: Port, seconds: float, clock: Callable[[], float]) -> None:
+        super().__init__(seconds, clock)
+        #: The transport's port (its error classes too: ``port.network_errors`` ...).
+        self.port = port
 
     def send(
         self, method: str, url: str, headers: RequestHeaders, body: bytes, *, control: bool
@@ -75,6 +76,4 @@ class BoundedPort(Deadline):
 
     def rebound(self, seconds: float) -> BoundedPort:
         """The same port held to a deadline of its own (a background job's)."""
-        own = BoundedPort(seconds, self._clock)
-        own.port = self.port
-        return own
+        return BoundedPort(self.port, seconds, self._clock)
