@@ -49,9 +49,7 @@ def json_decode(
     RecursionError all raise :class:`msgspec.DecodeError`, so each caller's existing handler
     maps them to its typed error. ``type`` or ``decoder`` as for msgspec (``validation`` still
     raises :class:`msgspec.ValidationError`)."""
-    if isinstance(data, bytes) and data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
-        pass  # json_too_deep's first test, inline: no call for almost every document
-    elif json_too_deep(data):
+    if json_too_deep(data):
         raise msgspec.DecodeError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         if decoder is not None:

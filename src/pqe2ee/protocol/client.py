@@ -414,18 +414,10 @@ class ClientState:
         one pool lookup for both); ``None`` when there is none (discover first). ``wall``
         reads Unix seconds, only when the decision needs them (a new one, or one that relies
         on offers that expire)."""
-        pool = self._pools.get(chute_id)  # (_pool's lookup: a request's lease)
-        if pool is None:
-            pool = self._pool(chute_id)
-        negotiated = self._negotiated.get(chute_id)
-        if (
-            negotiated is None
-            or negotiated.generation != pool.generation
-            or negotiated.valid_until != _NEVER
-        ):  # (else: this discovery's v1 decision, which never expires - no call for it)
-            negotiated = self._negotiate(pool, negotiator, now, wall)
-            if negotiated is None:
-                return None
+        pool = self._pool(chute_id)
+        negotiated = self._negotiate(pool, negotiator, now, wall)
+        if negotiated is None:
+            return None
         found = pool.lease(now, exclude=negotiated.excluded)
         return None if found is None else (found[0], negotiated, found[1])
 

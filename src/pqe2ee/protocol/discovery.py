@@ -111,9 +111,9 @@ class ModelMap:
     def fresh(self, model: str, now: float) -> str | None:
         """:meth:`resolve` when it needs no refresh: ``model`` itself when it is a UUID, else
         its chute while the listing is younger than ``ttl``; ``None`` when a refresh is due."""
-        if _UUID_RE.fullmatch(model) is not None:  # looks_like_uuid (a request's lookup)
+        if looks_like_uuid(model):
             return model
-        if self._loaded_at is None or now - self._loaded_at >= self.ttl:  # stale()
+        if self.stale(now):
             return None
         return self._map.get(model)
 
