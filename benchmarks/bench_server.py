@@ -122,37 +122,47 @@ def _proxy_app(upstream: str) -> Any:
 
 
 def _serve(role: str, port: int, upstream: str) -> None:
+    """Run one server process. The relay and the instance run with the settings ``pqe2ee relay``
+    / ``pqe2ee instance`` use (their ``server_settings``; logs at warning); the dev engine and
+    the plaintext forwarders with uvicorn's defaults (and the same stack and logging)."""
     import logging
 
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING)
+    pure_python = os.environ.get("PQE2EE_PURE_PYTHON") == "1"
+    if role == "instance":
+        from pqe2ee.server.instance import InstanceConfig
+        from pqe2ee.server.instance import create_app as instance_app
+        from pqe2ee.server.instance.app import server_settings as instance_settings
+
+        continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
+        config = InstanceConfig(
+            upstream=upstream, port=port, max_concurrency=1024, continuous_usage=continuous
+        )
+        settings = instance_settings(config, log_level="warning", pure_python=pure_python)
+        uvicorn.run(instance_app(config), **settings)
+        return
+    if role == "relay":
+        from pqe2ee.server.relay import RelayConfig
+        from pqe2ee.server.relay import create_app as relay_app
+        from pqe2ee.server.relay.app import server_settings as relay_settings
+
+        relay = RelayConfig(instances=(upstream,), api_keys=(KEY,), port=port, rate_limit=10**9)
+        settings = relay_settings(relay, log_level="warning", pure_python=pure_python)
+        uvicorn.run(relay_app(relay), **settings)
+        return
     if role == "engine":
         from pqe2ee.testing.dev_engine import create_app as engine_app
 
         app = engine_app()
-    elif role == "instance":
-        from pqe2ee.server.instance import InstanceConfig
-        from pqe2ee.server.instance import create_app as instance_app
-
-        continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
-        app = instance_app(
-            InstanceConfig(upstream=upstream, max_concurrency=1024, continuous_usage=continuous)
-        )
-    elif role == "relay":
-        from pqe2ee.server.relay import RelayConfig
-        from pqe2ee.server.relay import create_app as relay_app
-
-        app = relay_app(
-            RelayConfig(instances=(upstream,), api_keys=(KEY,), port=port, rate_limit=10**9)
-        )
     elif role == "proxy":
         app = _proxy_app(upstream)
     else:
         raise SystemExit(f"unknown role {role}")
     from pqe2ee.server._stack import uvicorn_stack
 
-    stack = uvicorn_stack(pure_python=os.environ.get("PQE2EE_PURE_PYTHON") == "1")
+    stack = uvicorn_stack(pure_python=pure_python)
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -7,6 +7,9 @@ by default: on these machines they cut the server CPU per encrypted request by a
 extensions out when chasing a bug; so does a missing extension (uvloop has no Windows build),
 without an error.
 
+:func:`uvicorn_settings` is the rest of what the instance and the relay run with (their
+``server_settings``, called by ``serve`` and by benchmarks/bench_server.py alike).
+
 Every stack also closes a connection that sends no complete request head within
 ``_http.HEADER_TIMEOUT`` seconds (:mod:`pqe2ee.server._http`).
 
@@ -22,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 from functools import cache
-from typing import Final, TypedDict
+from typing import Any, Final, TypedDict
 
-__all__ = ["MAX_HEAD", "UvicornStack", "bounded_httptools", "uvicorn_stack"]
+__all__ = ["MAX_HEAD", "UvicornStack", "bounded_httptools", "uvicorn_settings", "uvicorn_stack"]
 
 #: Bytes of request line + headers the httptools stack buffers before refusing the request.
 MAX_HEAD: Final = 64 * 1024
@@ -58,6 +61,15 @@ def uvicorn_stack(pure_python: bool = False) -> UvicornStack:
     if not pure_python and _installed("uvloop"):
         stack["loop"] = "uvloop"
     return stack
+
+
+def uvicorn_settings(*, pure_python: bool = False, **kw: Any) -> dict[str, Any]:
+    """``uvicorn.run`` settings of a pqe2ee server, ``kw`` added: its stack
+    (:func:`uvicorn_stack`), no ``Server`` header, and no X-Forwarded-* rewriting of the
+    client's address and scheme - the servers read neither from those headers (the relay's
+    per-address discovery limit of an open relay counts the connection's peer), and the layer
+    would run on every request."""
+    return {"proxy_headers": False, "server_header": False, **uvicorn_stack(pure_python), **kw}
 
 
 @cache

@@ -4,19 +4,19 @@ Model calls take the caller's key (or the configured one), read the body bounded
 through the key's pooled E2EE client: chat and completions byte for byte, Responses and
 Anthropic Messages through their translation (:data:`RESPONSES`, :data:`MESSAGES`). Every
 failure below a route is a :class:`~pqe2ee.proxy.app.failures.Failure`, answered by
-:class:`_Endpoint` in the caller's dialect; nothing escapes as a 500 page.
+:func:`_endpoint` in the caller's dialect; nothing escapes as a 500 page.
 
-A POST to a model-call path skips Starlette's stack (:class:`_ProxyApp`): the extra HTTP hop is
-most of what the proxy adds over calling the transport directly (issue 14).
+A POST to a model-call path skips Starlette's stack (a hot path of
+:class:`~pqe2ee.server._asgi.ServerApp`): the extra HTTP hop is most of what the proxy adds over
+calling the transport directly (issue 14).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, cast
 
 import anyio
@@ -28,7 +28,6 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from pqe2ee.attest.gate import AttestationGate, AttestOptions
@@ -78,8 +77,7 @@ from pqe2ee.proxy.translate.errors import TranslationError
 from pqe2ee.proxy.translate.responses import chat_to_response, responses_to_chat
 from pqe2ee.proxy.translate.streams import MessagesStreamTranslator, ResponsesStreamTranslator
 from pqe2ee.proxy.translate.tool_names import HostedPolicy, prepare_responses
-from pqe2ee.server._asgi import json_response
-from pqe2ee.server._metrics import MetricsMiddleware
+from pqe2ee.server._asgi import Endpoint, Handler, ServerApp, json_response
 from pqe2ee.server._ready import answer as ready_answer
 from pqe2ee.server._ready import probe
 from pqe2ee.transports._answers import ERROR_EXTENSION
@@ -88,8 +86,6 @@ from pqe2ee.transports.options import ClientOptions
 __all__ = ["MESSAGES", "RESPONSES", "Translation", "create_app"]
 
 log = logging.getLogger("pqe2ee.proxy")
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +285,7 @@ class _Proxy:
 
     # -- translated dialects -----------------------------------------------------------------
 
-    def translated(self, dialect: Translation) -> Endpoint:
+    def translated(self, dialect: Translation) -> Handler:
         """The endpoint of a translated dialect: its request becomes a Chat Completions call,
         the reply (or stream) is translated back."""
 
@@ -412,51 +408,22 @@ async def _refuse_websocket(websocket: WebSocket) -> None:
         await websocket.close()
 
 
-class _Endpoint:
-    """A route as an ASGI app: ``handler``'s answer is sent; every failure becomes an answer
-    in the route's dialect, nothing escapes as a 500 page. Called by the router, or directly
-    by :class:`_ProxyApp` (the request object is the only Starlette piece left on that path)."""
+def _endpoint(handler: Handler, path: str) -> Endpoint:
+    """A route whose every failure is an answer in its dialect: nothing escapes as a 500
+    page."""
+    dialect = dialect_of(path)
 
-    __slots__ = ("_dialect", "_handler")
+    def answer(exc: Exception) -> Response:
+        if isinstance(exc, Failure):
+            return _answer(exc, dialect)
+        if isinstance(exc, ClientDisconnect):
+            return Response(status_code=499)
+        log.error("internal error (%s)", type(exc).__name__)
+        return _answer(
+            Failure(500, "server_error", "internal proxy error", code="internal"), dialect
+        )
 
-    def __init__(self, handler: Endpoint, path: str) -> None:
-        self._handler = handler
-        self._dialect = dialect_of(path)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await self._handler(Request(scope, receive))
-        except Failure as fail:
-            response = _answer(fail, self._dialect)
-        except ClientDisconnect:
-            response = Response(status_code=499)
-        except Exception as exc:
-            log.error("internal error (%s)", type(exc).__name__)
-            response = _answer(
-                Failure(500, "server_error", "internal proxy error", code="internal"),
-                self._dialect,
-            )
-        await response(scope, receive, send)
-
-
-class _ProxyApp(Starlette):
-    """The proxy's Starlette app; a POST to a model-call path (``direct``) goes straight to its
-    route's own chain: the same metrics and browser-guard middleware as every request, around
-    the route's :class:`_Endpoint` - without Starlette's error and exception middleware, its
-    router's matching and the per-message wrappers they add (the hop is what the proxy adds
-    over the bare transport, issue 14; the model routes answer every failure themselves, so
-    those layers had nothing to catch there). Anything else goes through Starlette."""
-
-    direct: Mapping[str, ASGIApp] = MappingProxyType({})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            route = self.direct.get(scope["path"])
-            if route is not None:
-                scope["app"] = self
-                await route(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+    return Endpoint(handler, answer)
 
 
 def _gate(options: ClientOptions) -> AttestationGate | None:
@@ -522,37 +489,30 @@ def create_app(config: ProxyConfig | None = None) -> Starlette:
         "/v1/messages": proxy.translated(MESSAGES),
         "/v1/messages/count_tokens": proxy.count_tokens,
     }
-    endpoints = {path: _Endpoint(handler, path) for path, handler in model_calls.items()}
     observe = AccessLog(metrics)
-    policy = browser_policy(config)
-    app = _ProxyApp(
+    app = ServerApp(
         routes=[
-            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()),
+            # the hot paths (ServerApp): straight to the guard and the endpoint on a POST
+            *(
+                Route(path, _endpoint(handler, path), methods=["POST"])
+                for path, handler in model_calls.items()
+            ),
             Route("/v1/responses", proxy.responses_upgrade, methods=["GET"]),
             WebSocketRoute("/v1/responses", _refuse_websocket),
             Route("/", proxy.root, methods=["HEAD"]),
-            Route("/v1/models", _Endpoint(proxy.models, "/v1/models"), methods=["GET"]),
+            Route("/v1/models", _endpoint(proxy.models, "/v1/models"), methods=["GET"]),
             Route("/", status),
             Route("/health", proxy.health, methods=["GET"]),
             Route("/ready", proxy.ready, methods=["GET"]),
             Route("/metrics", proxy.metrics_endpoint, methods=["GET"]),
         ],
-        middleware=[
-            # direct_bodies: a streamed answer's body messages go straight beneath the metrics
-            # layer (the browser guard inside it only adds headers to the response start).
-            Middleware(MetricsMiddleware, observe=observe, direct_bodies=True),
-            Middleware(BrowserGuard, policy=policy),
-        ],
+        # A streamed answer's body messages go straight beneath the metrics layer (the browser
+        # guard inside it only adds headers to the response start).
+        observe=observe,
+        middleware=[Middleware(BrowserGuard, policy=browser_policy(config))],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    # The model calls' own chains: the two middlewares above around each endpoint.
-    app.direct = {
-        path: MetricsMiddleware(
-            BrowserGuard(endpoint, policy=policy), observe=observe, direct_bodies=True
-        )
-        for path, endpoint in endpoints.items()
-    }
     app.state.config = config
     app.state.pool = pool
     app.state.key_pools = options.key_pools

@@ -32,13 +32,15 @@ from pqe2ee.protocol import looks_like_uuid
 from pqe2ee.protocol.v2 import MAGIC, VERSION, InstanceV2, ReplayCache
 from pqe2ee.server._asgi import (
     BodyTooLarge,
+    Endpoint,
     InvalidContentLength,
+    ServerApp,
     json_response,
     read_body,
 )
-from pqe2ee.server._metrics import MetricsMiddleware
 from pqe2ee.server._ready import answer as ready_answer
 from pqe2ee.server._ready import probe
+from pqe2ee.server._stack import uvicorn_settings
 from pqe2ee.server.instance.config import InstanceConfig, MiB
 from pqe2ee.server.instance.evidence import EvidenceService, QuoteProvider
 from pqe2ee.server.instance.exchange import Concurrency, Reject, RequestLog, logger
@@ -48,7 +50,7 @@ from pqe2ee.server.instance.upstream import Engine, EngineStream, safe_url
 from pqe2ee.server.instance.v1 import V1Handler
 from pqe2ee.server.instance.v2 import V2Handler
 
-__all__ = ["V2_PREFIX", "Instance", "create_app", "serve"]
+__all__ = ["V2_PREFIX", "Instance", "create_app", "serve", "server_settings"]
 
 V2_PREFIX: Final = MAGIC + bytes((VERSION,))  # a blob starting with these 5 bytes is v2 (§8.2)
 _LINGER_MAX: Final = 64 * MiB  # see Instance._read_body
@@ -361,7 +363,7 @@ def create_app(
         Route("/health", instance.health, methods=["GET"]),
         Route("/ready", instance.ready, methods=["GET"]),
         Route("/e2e/info", instance.info, methods=["GET"]),
-        Route("/e2e/invoke", instance.invoke, methods=["POST"]),
+        Route("/e2e/invoke", Endpoint(instance.invoke), methods=["POST"]),  # a hot path
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
     if quote_provider is None and config.tee == "tdx":
@@ -369,11 +371,24 @@ def create_app(
     if quote_provider is not None:
         service = EvidenceService(instance, quote_provider)
         routes.append(Route("/evidence", service.evidence, methods=["GET"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    # Nothing inside changes a body: streamed answers skip the per-message send wrappers.
-    app.add_middleware(MetricsMiddleware, observe=metrics.observe, direct_bodies=True)
+    app = ServerApp(routes=routes, observe=metrics.observe, lifespan=lifespan)
     app.state.instance = instance
     return app
+
+
+def server_settings(
+    config: InstanceConfig, *, log_level: str = "info", pure_python: bool = False, **uvicorn_kw: Any
+) -> dict[str, Any]:
+    """The ``uvicorn.run`` settings :func:`serve` runs the instance with (uvicorn's access log
+    off: the instance writes its own line per request)."""
+    return uvicorn_settings(
+        pure_python=pure_python,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        access_log=False,
+        **uvicorn_kw,
+    )
 
 
 def serve(
@@ -390,8 +405,6 @@ def serve(
     ``uvicorn.run`` settings (e.g. ``ssl_certfile``/``ssl_keyfile``)."""
     import uvicorn
 
-    from pqe2ee.server._stack import uvicorn_stack
-
     app = create_app(config)
     if before_bind is not None:
         before_bind()
@@ -399,14 +412,5 @@ def serve(
         logging.basicConfig(
             level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-    # uvicorn's access log is off: the instance writes its own line per request.
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-        **uvicorn_stack(pure_python),
-        **uvicorn_kw,
-    )
+    settings = server_settings(config, log_level=log_level, pure_python=pure_python, **uvicorn_kw)
+    uvicorn.run(app, **settings)

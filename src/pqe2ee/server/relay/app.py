@@ -26,10 +26,17 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from pqe2ee.protocol.v2.negotiation import DISCOVERY_FIELD
-from pqe2ee.server._asgi import BodyTooLarge, InvalidContentLength, declared_length, json_response
+from pqe2ee.server._asgi import (
+    BodyTooLarge,
+    Endpoint,
+    InvalidContentLength,
+    ServerApp,
+    declared_length,
+    json_response,
+)
 from pqe2ee.server._client import backend_client
-from pqe2ee.server._metrics import MetricsMiddleware
 from pqe2ee.server._ready import answer as ready_answer
+from pqe2ee.server._stack import uvicorn_settings
 from pqe2ee.server.noncestore import (
     MemoryNonceStore,
     NonceStore,
@@ -52,7 +59,7 @@ from pqe2ee.server.relay.forward import Forwarder
 from pqe2ee.server.relay.metrics import RelayMetrics
 from pqe2ee.server.relay.registry import Prober, Registry
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "server_settings"]
 
 log = logging.getLogger("pqe2ee.relay")
 
@@ -323,22 +330,38 @@ def create_app(config: RelayConfig, *, nonce_store: NonceStore | None = None) ->
         store = MemoryNonceStore(max_entries=config.max_memory_nonces)
     relay = _Relay(config, store, owns)
 
-    app = Starlette(
+    app = ServerApp(
         routes=[
             Route("/v1/models", relay.models, methods=["GET"]),
             Route("/e2e/instances/{chute_id}", relay.instances, methods=["GET"]),
             Route("/chutes/{chute_id}/evidence", partial(chute_evidence, relay), methods=["GET"]),
-            Route("/e2e/invoke", relay.invoke, methods=["POST"]),
+            # a hot path (ServerApp): every failure is a response of its own, or a 500
+            Route("/e2e/invoke", Endpoint(relay.invoke), methods=["POST"]),
             Route("/health", relay.health, methods=["GET"]),
             Route("/ready", relay.ready, methods=["GET"]),
             Route("/metrics", relay.metrics_endpoint, methods=["GET"]),
         ],
+        observe=relay.metrics.observe,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=relay.lifespan,
     )
-    app.add_middleware(MetricsMiddleware, observe=relay.metrics.observe)
     app.state.relay = relay
     return app
+
+
+def server_settings(
+    config: RelayConfig, *, log_level: str = "info", pure_python: bool = False, **uvicorn_kw: Any
+) -> dict[str, Any]:
+    """The ``uvicorn.run`` settings :func:`serve` runs the relay with (a failed lifespan start
+    - the nonce store down - stops it; uvicorn's access log, at ``info``)."""
+    return uvicorn_settings(
+        pure_python=pure_python,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        lifespan="on",
+        **uvicorn_kw,
+    )
 
 
 def serve(
@@ -349,16 +372,5 @@ def serve(
     ``uvicorn.run`` settings (e.g. ``ssl_certfile``/``ssl_keyfile``)."""
     import uvicorn
 
-    from pqe2ee.server._stack import uvicorn_stack
-
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        lifespan="on",
-        proxy_headers=False,
-        server_header=False,
-        **uvicorn_stack(pure_python),
-        **uvicorn_kw,
-    )
+    settings = server_settings(config, log_level=log_level, pure_python=pure_python, **uvicorn_kw)
+    uvicorn.run(create_app(config), **settings)
