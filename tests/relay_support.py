@@ -115,6 +115,23 @@ def serve_stack(
         )
 
 
+def sdk_on(relay: str, prefer_v2: bool, key: str = KEY_A) -> Any:
+    """The openai SDK on our blocking httpx2 transport to ``relay``."""
+    import openai
+
+    from pqe2ee.transports import httpx2 as tx_httpx2
+
+    transport = tx_httpx2.E2EETransport(
+        api_key=key, api_base=relay, models_base=relay, prefer_v2=prefer_v2
+    )
+    return openai.OpenAI(
+        base_url=relay + "/v1",
+        api_key=key,
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+
+
 def auth(key: str = KEY_A) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

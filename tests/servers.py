@@ -31,7 +31,21 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["Chain", "run_app", "serve_chain"]
+__all__ = ["Chain", "StackSpy", "run_app", "serve_chain"]
+
+
+class StackSpy:
+    """Stands in for an app's Starlette stack (``app.middleware_stack``): records each HTTP
+    request it is handed and passes it on - which requests skipped it (hot paths)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.seen.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
 
 
 class _ThreadServer(uvicorn.Server):

@@ -10,28 +10,13 @@ from typing import Any
 
 import httpx2
 import pytest
-from starlette.types import Receive, Scope, Send
 
 from pqe2ee.proxy.app import ProxyConfig, create_app
-from servers import run_app, serve_chain
+from servers import StackSpy, run_app, serve_chain
 
 KEY = "direct-test-key"
 CHAT = {"model": "dev-echo", "messages": [{"role": "user", "content": "hello there"}]}
 MESSAGES = {"model": "dev-echo", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
-
-
-class RouterSpy:
-    """Stands in for the app's Starlette stack: records each request it is handed and
-    passes it on."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.seen: list[tuple[str, str]] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.seen.append((scope["method"], scope["path"]))
-        await self.app(scope, receive, send)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +25,9 @@ def relay() -> Iterator[str]:
         yield chain.relay
 
 
-def _app(relay: str, **kw: Any) -> tuple[Any, RouterSpy]:
+def _app(relay: str, **kw: Any) -> tuple[Any, StackSpy]:
     app = create_app(ProxyConfig(api_base=relay, models_base=relay, api_key=KEY, **kw))
-    spy = RouterSpy(app.build_middleware_stack())
+    spy = StackSpy(app.build_middleware_stack())
     app.middleware_stack = spy
     return app, spy
 

@@ -11,33 +11,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx2
-import openai
 import pytest
 import uvicorn
-from starlette.types import Receive, Scope, Send
 
 import pqe2ee.server.instance.app as instance_app
 import pqe2ee.server.relay.app as relay_app
 from pqe2ee.server.instance import InstanceConfig
 from pqe2ee.server.relay import RelayConfig
-from pqe2ee.transports import httpx2 as tx_httpx2
-from servers import Chain, serve_chain
+from relay_support import sdk_on
+from servers import Chain, StackSpy, serve_chain
 
 KEY = "direct-server-key"
-
-
-class StackSpy:
-    """Stands in for an app's Starlette stack: records each HTTP request it is handed and
-    passes it on."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.seen: list[tuple[str, str]] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.seen.append((scope["method"], scope["path"]))
-        await self.app(scope, receive, send)
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +47,13 @@ def spies(chain: Chain) -> Iterator[tuple[StackSpy, StackSpy]]:
             app.middleware_stack = stack
 
 
-def _sdk(relay: str, prefer_v2: bool) -> openai.OpenAI:
-    transport = tx_httpx2.E2EETransport(
-        api_key=KEY, api_base=relay, models_base=relay, prefer_v2=prefer_v2
-    )
-    return openai.OpenAI(
-        base_url=relay + "/v1",
-        api_key=KEY,
-        http_client=httpx2.Client(transport=transport),
-        max_retries=0,
-    )
-
-
 @pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
 def test_invocations_go_straight_to_their_route(
     chain: Chain, spies: tuple[StackSpy, StackSpy], prefer_v2: bool
 ) -> None:
     relay, instance = spies
     msgs: Any = [{"role": "user", "content": "hello there"}]
-    with _sdk(chain.relay, prefer_v2) as sdk:
+    with sdk_on(chain.relay, prefer_v2, KEY) as sdk:
         reply = sdk.chat.completions.create(model="dev-echo", messages=msgs)
         assert reply.choices[0].message.content == "Echo: hello there"
         stream = sdk.chat.completions.create(model="dev-echo", messages=msgs, stream=True)

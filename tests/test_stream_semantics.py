@@ -20,6 +20,7 @@ import httpx2
 import openai
 import pytest
 
+import relay_support
 from pqe2ee.proxy.app import ProxyConfig, create_app
 from pqe2ee.transports import httpx2 as tx_httpx2
 from servers import run_app, serve_chain
@@ -70,15 +71,8 @@ def streamed_text(stream: Any) -> str:
 
 def sdk_on(relay: str, prefer_v2: bool) -> openai.OpenAI:
     """The openai SDK on our blocking httpx2 transport to ``relay``."""
-    transport = tx_httpx2.E2EETransport(
-        api_key=KEY, api_base=relay, models_base=relay, prefer_v2=prefer_v2
-    )
-    return openai.OpenAI(
-        base_url=relay + "/v1",
-        api_key=KEY,
-        http_client=httpx2.Client(transport=transport),
-        max_retries=0,
-    )
+    sdk: openai.OpenAI = relay_support.sdk_on(relay, prefer_v2, KEY)
+    return sdk
 
 
 @pytest.mark.parametrize("prefer_v2", [False, True], ids=["v1", "v2"])
