@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from pqe2ee.proxy.app.config import ProxyConfig
 from pqe2ee.proxy.app.routes import create_app
 from pqe2ee.proxy.app.streaming import OpenStreams
-from pqe2ee.server._stack import uvicorn_stack
+from pqe2ee.server._stack import uvicorn_settings, uvicorn_stack
 
 __all__ = ["ProxyServer", "serve", "server_config"]
 
@@ -47,16 +47,18 @@ class ProxyServer(uvicorn.Server):
 
 
 def server_config(app: Starlette, config: ProxyConfig, **kw: Any) -> uvicorn.Config:
-    """The uvicorn settings the proxy runs with (access lines are the proxy's own, no
-    X-Forwarded-* rewriting; uvloop + httptools unless ``kw`` says otherwise)."""
-    kw.setdefault("access_log", False)
-    # uvicorn's X-Forwarded-* rewriting of the client address and scheme: the proxy reads
-    # neither, and the layer would run on every call.
-    kw.setdefault("proxy_headers", False)
-    for key, value in uvicorn_stack().items():
-        kw.setdefault(key, value)
-    kw.setdefault("timeout_graceful_shutdown", int(config.shutdown_grace) + 5)
-    return uvicorn.Config(app, host=config.host, port=config.port, **kw)
+    """The uvicorn settings the proxy runs with: the servers' (:func:`uvicorn_settings`: no
+    X-Forwarded-* rewriting - the proxy reads neither client address nor scheme -, uvloop +
+    httptools) but uvicorn's ``Server`` header, and access lines are the proxy's own; ``kw``
+    overrides any of them."""
+    defaults = {
+        "access_log": False,
+        "server_header": True,  # (uvicorn's default: the proxy's answers have always said it)
+        "timeout_graceful_shutdown": int(config.shutdown_grace) + 5,
+    }
+    return uvicorn.Config(
+        app, host=config.host, port=config.port, **uvicorn_settings(**{**defaults, **kw})
+    )
 
 
 def serve(config: ProxyConfig, *, log_level: str = "info", pure_python: bool = False) -> None:
