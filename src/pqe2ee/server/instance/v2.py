@@ -115,6 +115,9 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
             self._error = timed_out().upstream_error()
         except (httpx2.HTTPError, httpx2.StreamError):
             self._error = unreachable("the engine's stream broke").upstream_error()
+        # The engine's connection goes back to the pool (or is dropped) now, not after the
+        # last write.
+        await upstream.aclose()
         yield encoder.finish(error=self._error)
 
 
