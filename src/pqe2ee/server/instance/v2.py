@@ -111,13 +111,12 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
             async for chunk in self.engine_chunks():
                 self._log.bytes_in += len(chunk)
                 yield encoder.feed(chunk)
+            # The engine's connection goes back to the pool now, not after the last write.
+            await upstream.aclose()
         except httpx2.TimeoutException:
             self._error = timed_out().upstream_error()
         except (httpx2.HTTPError, httpx2.StreamError):
             self._error = unreachable("the engine's stream broke").upstream_error()
-        # The engine's connection goes back to the pool (or is dropped) now, not after the
-        # last write.
-        await upstream.aclose()
         yield encoder.finish(error=self._error)
 
 
