@@ -22,6 +22,8 @@ from pqe2ee.server._asgi import DisconnectWatch
 from pqe2ee.server.instance.exchange import Concurrency, RequestLog, Slot
 from pqe2ee.server.instance.v1 import SealedStream
 from pqe2ee.server.instance.v2 import SealedStreamV2
+from pqe2ee.testing.dev_engine import create_app as create_engine
+from servers import run_app
 from test_protocol_response import v2_exchange
 from test_proxy_coalesce import loop_turns, serve
 
@@ -178,3 +180,34 @@ async def test_the_start_goes_out_with_the_init_event(anyio_backend: str) -> Non
         scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
         await stream(scope, receive, send)
     assert at_start[0] == at_start[1] < at_start[-1]  # start and init event in one turn
+
+
+# --------------------------------------------------------------------------------------------
+# the engine connection
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_the_engine_connection_is_released_when_its_body_ends(version: str) -> None:
+    """A real engine on loopback: its response is closed (the connection back in the client's
+    pool) once its body has been read, before the stream's last message goes out - not only
+    in the stream's cleanup after it (the body is read from the response's own byte stream,
+    which does not close the response at its end)."""
+    body = {"model": "dev-echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with run_app(create_engine()) as url:
+        async with httpx2.AsyncClient() as client:
+            request = client.build_request("POST", url + "/v1/chat/completions", json=body)
+            engine = await client.send(request, stream=True)
+            stream = _sealed(engine)[0] if version == "v1" else _sealed_v2(engine)[0]
+            closed_at_end: list[bool] = []
+
+            async def receive() -> dict[str, Any]:
+                await anyio.sleep_forever()
+                raise AssertionError("unreachable")
+
+            async def send(message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.body" and not message["more_body"]:
+                    closed_at_end.append(engine.is_closed)
+
+            scope = {"type": "http", "method": "POST", "path": "/e2e/invoke", "headers": []}
+            await stream(scope, receive, send)
+    assert closed_at_end == [True]

@@ -217,6 +217,61 @@ async def test_the_first_chunk_and_the_end_cost_no_extra_loop_turns(anyio_backen
     assert at == [start + 1]
 
 
+@ASYNCIO_ORDER
+async def test_on_asyncio_a_paced_source_costs_no_asyncio_event_per_chunk(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pump and the drain wake each other once per batch - per chunk, when the source waits
+    between chunks (an engine's tokens): on asyncio through bare loop futures, not an
+    ``asyncio.Event`` each (anyio's event), with the same hand-over."""
+    made: list[asyncio.Event] = []
+    init = asyncio.Event.__init__
+
+    def counted(self: asyncio.Event) -> None:
+        made.append(self)
+        init(self)
+
+    monkeypatch.setattr(asyncio.Event, "__init__", counted)
+
+    async def paced() -> AsyncIterator[bytes]:
+        for chunk in EVENTS:
+            await asyncio.sleep(0)  # the network between two chunks
+            yield chunk
+
+    calls: list[tuple[bytes, bool]] = []
+
+    async def sink(data: bytes, more: bool) -> None:
+        calls.append((data, more))
+
+    await Coalescer().run(paced(), sink)
+    # a batch per chunk (the last one with the end)
+    assert calls == [(chunk, True) for chunk in EVENTS[:-1]] + [(EVENTS[-1], False)]
+    assert made == []  # was one (or two) per batch
+
+
+async def test_a_cancellation_while_the_sink_side_waits_ends_the_copy() -> None:
+    """The drain waiting for the pump (the source waits for the network) is cancelled with its
+    scope; the pump goes with it, and what the source gave before was sent."""
+    sink = Sink()
+
+    async def first_then_stall() -> AsyncIterator[bytes]:
+        yield EVENTS[0]
+        await anyio.sleep_forever()
+        yield EVENTS[1]  # (never)
+
+    with anyio.move_on_after(5) as outer:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(Coalescer().run, first_then_stall(), sink)
+                while not sink.calls:
+                    await anyio.lowlevel.checkpoint()
+                for _ in range(5):  # the drain is back waiting on the pump
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+    assert not outer.cancelled_caught
+    assert sink.calls == [(EVENTS[0], True)]
+
+
 async def test_a_long_burst_is_flushed_every_max_batch_bytes() -> None:
     chunk = b"y" * (MAX_BATCH // 3 + 1)
     sink = Sink()

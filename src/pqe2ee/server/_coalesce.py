@@ -25,8 +25,10 @@ the engine's first token.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 
@@ -39,6 +41,47 @@ MAX_BATCH: Final = 64 * 1024
 
 #: Where the batches go: ``(data, more)``; ``more=False`` ends the body (data may come with it).
 Sink = Callable[[bytes, bool], Awaitable[None]]
+
+
+class _Event(Protocol):
+    def set(self) -> None: ...
+
+    async def wait(self) -> None: ...
+
+
+class _LoopEvent:
+    """A one-shot event on asyncio: a bare future of the loop. The pump and the drain make one
+    and wait on one per batch - on a paced stream, once per engine chunk - and anyio's asyncio
+    event is an ``asyncio.Event`` inside (a deque of waiter futures, the loop looked up per
+    wait). A 29-chunk paced stream through the coalescer, CPU: ~141 us with those, ~98 us with
+    these, ~42 us copied with no coalescer (uvloop). Waiting on a set event is a checkpoint, as
+    anyio's."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[None] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self) -> None:
+        if self._future.done():
+            await asyncio.sleep(0)
+        else:
+            await self._future
+
+
+def _event_factory() -> Callable[[], _Event]:
+    """The events' maker: loop futures on asyncio; otherwise (trio) the running backend's own
+    event class (``anyio.Event()`` looks the backend up on every call: sniffio, the current
+    task)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (or no loop yet: anyio's adapter binds on first use)
+        return type(anyio.Event())
+    return functools.partial(_LoopEvent, loop)
 
 
 class Coalescer:
@@ -56,11 +99,9 @@ class Coalescer:
         self._first_alone = first_alone
         self._parts: list[bytes] = []
         self._size = 0
-        self._wake = anyio.Event()  # set when there is something for the sink
-        # The running backend's own event class: ``anyio.Event()`` looks the backend up on every
-        # call (sniffio, the current task: a getpid system call on Python 3.11), twice a batch.
-        self._event: type[anyio.Event] = type(self._wake)
-        self._taken: anyio.Event | None = None  # set when the sink's side took the parts
+        self._event = _event_factory()
+        self._wake = self._event()  # set when there is something for the sink
+        self._taken: _Event | None = None  # set when the sink's side took the parts
         self._ended = False
         self._error: Exception | None = None
 

@@ -44,12 +44,19 @@ class InstanceMetrics:
         )  # fmt: skip
         self.bytes_in = Counter(p + "request_bytes", "Sealed request bytes received", registry=r)
         self.bytes_out = Counter(p + "response_bytes", "Sealed response bytes sent", registry=r)
+        # (endpoint path, status) -> its ``requests`` child: labels() converts the values and
+        # takes the metric's lock on every call. Bounded: a fixed set of paths, HTTP statuses.
+        self._counts: dict[tuple[str, int], Counter] = {}
 
     def observe(self, exchange: Exchange) -> None:
         """One request done (a response never started counts as 500)."""
         path = exchange.path if exchange.path in _ENDPOINTS else "other"
         status = exchange.status if exchange.status is not None else 500
-        self.requests.labels(path.rsplit("/", 1)[-1] or "other", str(status)).inc()
+        count = self._counts.get((path, status))
+        if count is None:
+            count = self.requests.labels(path.rsplit("/", 1)[-1] or "other", str(status))
+            self._counts[(path, status)] = count
+        count.inc()
         if path == "/e2e/invoke":
             elapsed = exchange.elapsed
             first = exchange.first_byte

@@ -240,12 +240,16 @@ class Engine:
 
 
 def engine_body(upstream: httpx2.Response) -> AsyncIterator[bytes]:
-    """An engine answer's body as it arrives. The instance asks for ``identity``, so it is
-    normally read raw: one iterator layer and the decoder calls less per chunk (a stream pays
-    them per event). Only a response with a content coding is decoded."""
+    """An engine answer's body as it arrives; the caller closes ``upstream``. The instance asks
+    for ``identity``, so it is normally the response's own byte stream, as the transport hands
+    it over (its failures already httpx2's errors): ``aiter_raw`` would add a generator layer,
+    a chunker's list and a byte count per chunk, and ``aiter_bytes`` a decoder call too (a
+    stream pays them per event). Only a response with a content coding is decoded."""
     if "content-encoding" in upstream.headers:
         return upstream.aiter_bytes()
-    return upstream.aiter_raw()
+    stream = upstream.stream
+    assert isinstance(stream, httpx2.AsyncByteStream)  # a response of the async client
+    return stream.__aiter__()
 
 
 def safe_url(url: str) -> str:

@@ -77,6 +77,8 @@ class SealedStream(EngineStream[StreamEncoder]):
         async for chunk in self.engine_chunks():
             self._log.bytes_in += len(chunk)
             yield encoder.feed(chunk)
+        # The engine's connection goes back to the pool now, not after the last write.
+        await self._upstream.aclose()
         yield encoder.finish()
 
 

@@ -111,6 +111,8 @@ class SealedStreamV2(EngineStream[StreamEncoderV2]):
             async for chunk in self.engine_chunks():
                 self._log.bytes_in += len(chunk)
                 yield encoder.feed(chunk)
+            # The engine's connection goes back to the pool now, not after the last write.
+            await upstream.aclose()
         except httpx2.TimeoutException:
             self._error = timed_out().upstream_error()
         except (httpx2.HTTPError, httpx2.StreamError):
