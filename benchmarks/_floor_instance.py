@@ -6,9 +6,10 @@ forwarder standing in for the relay, so that "ours / floor" says how much of the
 cost is our code and "floor / plaintext" how much the wire itself forces. Never use it for
 anything else.
 
-It is the forwarder's skeleton (Starlette + httpx2 + uvicorn, same settings) doing only what
-the v1 wire (SPEC.md §5-8, §10.2) needs, with pqe2ee's backends (``get_kem`` / ``get_aead``:
-``auto`` picks liboqs / pyca, as the real instance) and the protocol's HKDF (``derive_key``):
+It is the forwarders' skeleton (``bench_server._skeleton``: Starlette + httpx2, run by uvicorn
+with the same settings) doing only what the v1 wire (SPEC.md §5-8, §10.2) needs, with pqe2ee's
+backends (``get_kem`` / ``get_aead``: ``auto`` picks liboqs / pyca, as the real instance) and the
+protocol's HKDF (``derive_key``):
 
 * ``GET /e2e/instances/{chute}``: the discovery answer itself (one row: its id, its public key,
   10 fresh nonces, which join the set of nonces issued);
@@ -33,7 +34,6 @@ expiry, no disconnect watch, no sealed errors beyond the engine's own answer, no
 from __future__ import annotations
 
 import binascii
-import contextlib
 import os
 import secrets
 import zlib
@@ -43,7 +43,6 @@ from typing import Any
 import httpx2
 import msgspec
 from _floor_client import _gzip_stored  # (beside this file)
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -54,7 +53,7 @@ from pqe2ee.backends.base import AEAD, KEM
 from pqe2ee.protocol.kdf import INFO_REQUEST, INFO_RESPONSE, INFO_STREAM, derive_key
 from pqe2ee.server._coalesce import Coalescer
 
-__all__ = ["StreamRecords", "create_app"]
+__all__ = ["StreamRecords", "routes"]
 
 _CT = 1088
 _NONCE = 12
@@ -141,26 +140,14 @@ class _Streamed(Response):
             await self.upstream.aclose()
 
 
-def create_app(upstream: str, *, continuous_usage: bool = True) -> Starlette:
-    """The floor instance in front of the engine at ``upstream``."""
+def routes(upstream: str, state: dict[str, Any], *, continuous_usage: bool = True) -> list[Route]:
+    """The floor instance's routes in front of the engine at ``upstream``; ``state["client"]``
+    is the httpx2 client to it (the forwarders' skeleton: ``bench_server._skeleton``)."""
     kem, aead = get_kem(), get_aead()
     key = kem.generate()
     instance_id = "floor-" + secrets.token_hex(4)
     pubkey = binascii.b2a_base64(key.public_key, newline=False).decode()
     issued: set[str] = set()
-    state: dict[str, httpx2.AsyncClient] = {}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        limits = httpx2.Limits(
-            max_connections=1000, max_keepalive_connections=256, keepalive_expiry=2.0
-        )
-        async with httpx2.AsyncClient(timeout=60, limits=limits, trust_env=False) as client:
-            state["client"] = client
-            yield
-
-    async def health(request: Request) -> Response:
-        return Response(b"ok")
 
     async def discover(request: Request) -> Response:
         nonces = [secrets.token_urlsafe(24) for _ in range(_NONCES_PER_DISCOVERY)]
@@ -211,9 +198,7 @@ def create_app(upstream: str, *, continuous_usage: bool = True) -> Starlette:
             media_type="application/octet-stream",
         )
 
-    routes = [
-        Route("/health", health),
+    return [
         Route("/e2e/instances/{chute}", discover),
         Route("/e2e/invoke", invoke, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)

@@ -58,7 +58,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +90,16 @@ _E2E_HEADERS = (
 )
 
 
-def _proxy_app(upstream: str) -> Any:
-    """A trivial streaming forward proxy: the plaintext stand-in for one relay/instance hop, and
-    the floor path's relay (``/e2e/...`` with the v1 headers: no key, nonce or instance check)."""
+def _skeleton(routes: Callable[[dict[str, Any]], list[Any]]) -> Any:
+    """The servers this script writes: Starlette, ``/health``, one httpx2 client to the next hop
+    (``state["client"]`` once started) and the routes ``routes(state)`` gives."""
     import httpx2
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import Response
     from starlette.routing import Route
 
-    state: dict[str, httpx2.AsyncClient] = {}
+    state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -114,6 +114,20 @@ def _proxy_app(upstream: str) -> Any:
 
     async def health(request: Request) -> Response:
         return Response(b"ok")
+
+    return Starlette(routes=[Route("/health", health), *routes(state)], lifespan=lifespan)
+
+
+def _proxy_app(upstream: str) -> Any:
+    """A trivial streaming forward proxy: the plaintext stand-in for one relay/instance hop, and
+    the floor path's relay (``/e2e/...`` with the v1 headers: no key, nonce or instance check)."""
+    return _skeleton(lambda state: _forwarding(upstream, state))
+
+
+def _forwarding(upstream: str, state: dict[str, Any]) -> list[Any]:
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
 
     async def forward(request: Request) -> Response:
         return await _forward(request, [(b"content-type", b"application/json")])
@@ -145,14 +159,18 @@ def _proxy_app(upstream: str) -> Any:
             media_type=resp.headers.get("content-type", "application/octet-stream"),
         )
 
-    return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/v1/{rest:path}", forward, methods=["POST"]),
-            Route("/e2e/{rest:path}", relay, methods=["GET", "POST"]),
-        ],
-        lifespan=lifespan,
-    )
+    return [
+        Route("/v1/{rest:path}", forward, methods=["POST"]),
+        Route("/e2e/{rest:path}", relay, methods=["GET", "POST"]),
+    ]
+
+
+def _floor_instance_app(upstream: str) -> Any:
+    """The floor path's instance: ``_floor_instance.py``'s routes on the forwarders' skeleton."""
+    from _floor_instance import routes  # (beside this file)
+
+    continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
+    return _skeleton(lambda state: routes(upstream, state, continuous_usage=continuous))
 
 
 def _serve(role: str, port: int, upstream: str) -> None:
@@ -183,10 +201,7 @@ def _serve(role: str, port: int, upstream: str) -> None:
     elif role == "proxy":
         app = _proxy_app(upstream)
     elif role == "floor-instance":
-        from _floor_instance import create_app as floor_instance_app  # (beside this file)
-
-        continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
-        app = floor_instance_app(upstream, continuous_usage=continuous)
+        app = _floor_instance_app(upstream)
     else:
         raise SystemExit(f"unknown role {role}")
     from pqe2ee.server._stack import uvicorn_stack
@@ -348,17 +363,20 @@ class E2EClient:
             self.refill = None
 
     async def _discover(self) -> None:
-        from pqe2ee.protocol import parse_discovery
-
         resp = await self.client.get(
             f"{self.relay}/e2e/instances/{self.chute}",
             headers={"authorization": f"Bearer {KEY}"},
         )
         resp.raise_for_status()
         self.discoveries += 1
-        result = parse_discovery(resp.content, time.time())
-        for inst in result.instances:
-            self.pool.extend((inst, n) for n in inst.nonces)
+        self.pool.extend(self.leases(resp.content))
+
+    def leases(self, doc: bytes) -> Iterator[tuple[Any, str]]:
+        """(instance, nonce) of each nonce of a discovery document."""
+        from pqe2ee.protocol import parse_discovery
+
+        for inst in parse_discovery(doc, time.time()).instances:
+            yield from ((inst, n) for n in inst.nonces)
 
     def headers(self, instance_id: str, nonce: str, stream: bool) -> dict[str, str]:
         """The v1 headers of ``POST /e2e/invoke``."""
@@ -416,20 +434,15 @@ class FloorClient(E2EClient):
         super().__init__(relay, client, backends)
         self.crypto = FloorCrypto()
 
-    async def _discover(self) -> None:
+    def leases(self, doc: bytes) -> Iterator[tuple[Any, str]]:
+        """((instance id, its public key), nonce) of each nonce."""
         import binascii
 
         import msgspec
 
-        resp = await self.client.get(
-            f"{self.relay}/e2e/instances/{self.chute}",
-            headers={"authorization": f"Bearer {KEY}"},
-        )
-        resp.raise_for_status()
-        self.discoveries += 1
-        for row in msgspec.json.decode(resp.content)["instances"]:
+        for row in msgspec.json.decode(doc)["instances"]:
             inst = (row["instance_id"], binascii.a2b_base64(row["e2e_pubkey"]))
-            self.pool.extend((inst, n) for n in row["nonces"])
+            yield from ((inst, n) for n in row["nonces"])
 
     async def call(self, stream: bool) -> None:
         from _floor_client import RecordOpener

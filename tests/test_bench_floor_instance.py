@@ -17,18 +17,8 @@ import httpx2
 import msgspec
 import pytest
 
+from pqe2ee import protocol
 from pqe2ee.backends import get_aead, get_kem
-from pqe2ee.protocol import (
-    Done,
-    InnerEvent,
-    StreamDecryptor,
-    StreamEncoder,
-    StreamSealer,
-    Usage,
-    open_response,
-    parse_discovery,
-    seal_request,
-)
 from pqe2ee.protocol.kdf import INFO_STREAM, derive_key
 from pqe2ee.server.relay import chute_id_for
 from pqe2ee.testing import dev_engine
@@ -53,7 +43,7 @@ def engine() -> Iterator[str]:
 def forwarder(engine: str) -> Iterator[str]:
     """The bench's floor path: forwarder -> floor instance -> dev-engine."""
     with (
-        run_app(floor_instance.create_app(engine)) as instance,
+        run_app(bench._floor_instance_app(engine)) as instance,
         run_app(bench._proxy_app(instance)) as url,
     ):
         yield url
@@ -79,7 +69,7 @@ def _lease(url: str) -> tuple[Any, list[str]]:
     """One discovery through the forwarder, parsed by pqe2ee.protocol."""
     doc = httpx2.get(f"{url}/e2e/instances/{chute_id_for(bench.MODEL)}", timeout=30)
     assert doc.status_code == 200
-    (inst,) = parse_discovery(doc.content, 0.0).instances
+    (inst,) = protocol.parse_discovery(doc.content, 0.0).instances
     assert len(inst.nonces) == 10
     return inst, list(inst.nonces)
 
@@ -90,32 +80,34 @@ def test_the_protocol_opens_its_answers(forwarder: str, options: Any) -> None:
     inst, nonces = _lease(forwarder)
     extra = {} if options is None else {"stream_options": options}
 
-    sealed = seal_request(
+    sealed = protocol.seal_request(
         _body(False), inst.public_key, response_key=kem.generate(), kem=kem, aead=aead
     )
     answer = _invoke(forwarder, sealed.blob, inst.instance_id, nonces.pop(), False)
     assert answer.status_code == 200
-    reply = msgspec.json.decode(open_response(answer.content, sealed.response_key, aead=aead))
+    reply = msgspec.json.decode(
+        protocol.open_response(answer.content, sealed.response_key, aead=aead)
+    )
     assert reply["choices"][0]["message"]["content"] == "Echo: " + PROMPT
 
-    sealed = seal_request(
+    sealed = protocol.seal_request(
         _body(True, **extra), inst.public_key, response_key=kem.generate(), kem=kem, aead=aead
     )
     answer = _invoke(forwarder, sealed.blob, inst.instance_id, nonces.pop(), True)
     assert answer.status_code == 200
     assert b"word7" not in answer.content  # (sealed)
-    dec = StreamDecryptor(sealed.response_key, aead=aead)
+    dec = protocol.StreamDecryptor(sealed.response_key, aead=aead)
     dec.receive_data(answer.content)
     dec.receive_eof()
     events = dec.events()
-    assert dec.complete and sum(isinstance(e, Done) for e in events) == 1
-    datas = [e.event.data for e in events if isinstance(e, InnerEvent)]  # ([DONE] is Done)
+    assert dec.complete and sum(isinstance(e, protocol.Done) for e in events) == 1
+    datas = [e.event.data for e in events if isinstance(e, protocol.InnerEvent)]  # ([DONE] is Done)
     inner = [msgspec.json.decode(data) for data in datas]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in inner if c["choices"])
     assert text == "Echo: " + PROMPT
     # usage forced on, continuous, over the client's own options: one plaintext usage event
     # before each inner chunk that carries usage (every one of them)
-    usages = [e.usage for e in events if isinstance(e, Usage)]
+    usages = [e.usage for e in events if isinstance(e, protocol.Usage)]
     assert len(usages) == len(inner) > 30
     assert usages == [c["usage"] for c in inner]
 
@@ -159,7 +151,7 @@ def test_its_outer_stream_is_the_real_instance_s(engine: str) -> None:
     chunks = [sse] + [data[i : i + 37] for i in range(0, len(data), 37)]  # lines across chunks
     kem, aead = get_kem(), get_aead()
     key = kem.generate()
-    real = StreamEncoder(StreamSealer(key.public_key, kem=kem, aead=aead))
+    real = protocol.StreamEncoder(protocol.StreamSealer(key.public_key, kem=kem, aead=aead))
     floor = floor_instance.StreamRecords(key.public_key, kem, aead)
     real_key, floor_key = _stream_key(real.start(), key), _stream_key(floor.init, key)
     usage_events = 0
@@ -178,7 +170,7 @@ def test_nonces_are_issued_and_single_use(forwarder: str) -> None:
     assert not set(nonces) & set(others)
 
     def call(nonce: str) -> httpx2.Response:
-        sealed = seal_request(
+        sealed = protocol.seal_request(
             _body(False), inst.public_key, response_key=kem.generate(), kem=kem, aead=aead
         )
         return _invoke(forwarder, sealed.blob, inst.instance_id, nonce, False)
@@ -244,7 +236,7 @@ def test_the_floor_client_checks_what_the_plaintext_client_checks(forwarder: str
 
     with (
         run_app(no_done, lifespan="off") as engine,
-        run_app(floor_instance.create_app(engine)) as instance,
+        run_app(bench._floor_instance_app(engine)) as instance,
         run_app(bench._proxy_app(instance)) as cut,
     ):
         asyncio.run(run(cut))
