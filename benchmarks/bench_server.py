@@ -2,8 +2,11 @@
 
 Run by hand (not part of the test suite)::
 
-    .venv/bin/python benchmarks/bench_server.py            # ~2.5 minutes
+    .venv/bin/python benchmarks/bench_server.py            # ~2 minutes
     .venv/bin/python benchmarks/bench_server.py --quick    # ~50 s
+
+(``bench_server_calls.py`` counts the Python calls per request of the same servers: what this
+script's req/s and CPU times measure, without the machine's noise.)
 
 Every server runs in its own process under uvicorn (one worker each, access logs off):
 
@@ -806,7 +809,13 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        _serve(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")
+        args = sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else ""
+        if os.environ.get("BENCH_PROFILE"):  # (bench_server_calls.py)
+            from bench_server_calls import profiled
+
+            profiled(lambda: _serve(*args), os.environ["BENCH_PROFILE"])
+        else:
+            _serve(*args)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=4.5, help="seconds measured per cell")

@@ -258,3 +258,26 @@ def _cell(rps: float) -> bench.Cell:
 )
 def test_each_cell_gets_its_verdict(plain: int, ours: int, floor: int, verdict: str) -> None:
     assert bench.verdict(_cell(plain), _cell(ours), _cell(floor)) == verdict
+
+
+def test_the_call_counter_snapshots_a_served_process(
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench_server_calls.py: a server started with BENCH_PROFILE writes its counts on each
+    SIGUSR1; the calls between two snapshots are the requests' (here a forwarder's)."""
+    import bench_server_calls as calls
+
+    monkeypatch.setenv("BENCH_PROFILE", str(tmp_path))
+    taken: dict[int, int] = {}
+    with bench.start("proxy", engine) as proxy:
+        first = calls._snapshot(str(tmp_path), [proxy], taken)
+        for _ in range(5):
+            httpx2.post(proxy.url + bench.CHAT, content=_body(False), timeout=30)
+        second = calls._snapshot(str(tmp_path), [proxy], taken)
+    pid = proxy.popen.pid
+    assert taken == {pid: 2}
+    per_request = (second[pid].total_calls - first[pid].total_calls) / 5
+    assert 500 < per_request < 20_000
+    per_function = calls._per_function(first[pid], second[pid], 5)
+    assert sum(per_function.values()) == pytest.approx(per_request)
+    assert per_function["bench_server.py:_forward"] >= 1  # (a coroutine: once per resumption)
