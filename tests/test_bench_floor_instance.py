@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _floor_instance as floor_instance  # noqa: E402
+import _server_clients as clients  # noqa: E402
 import bench_server as bench  # noqa: E402
 
 PROMPT = " ".join(f"word{i}" for i in range(30))
@@ -56,7 +57,7 @@ def real_relay() -> Iterator[str]:
 
 
 def _body(stream: bool, **extra: Any) -> bytes:
-    body = {"model": bench.MODEL, "messages": [{"role": "user", "content": PROMPT}]}
+    body = {"model": clients.MODEL, "messages": [{"role": "user", "content": PROMPT}]}
     return msgspec.json.encode({**body, "stream": stream, **extra})
 
 
@@ -67,7 +68,7 @@ def _invoke(url: str, blob: bytes, instance_id: str, nonce: str, stream: bool) -
 
 def _lease(url: str) -> tuple[Any, list[str]]:
     """One discovery through the forwarder, parsed by pqe2ee.protocol."""
-    doc = httpx2.get(f"{url}/e2e/instances/{chute_id_for(bench.MODEL)}", timeout=30)
+    doc = httpx2.get(f"{url}/e2e/instances/{chute_id_for(clients.MODEL)}", timeout=30)
     assert doc.status_code == 200
     (inst,) = protocol.parse_discovery(doc.content, 0.0).instances
     assert len(inst.nonces) == 10
