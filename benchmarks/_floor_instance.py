@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx2
 import msgspec
-from _floor_client import _gzip_stored  # (beside this file)
+from _floor_client import gzip_stored  # (beside this file)
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -191,7 +191,7 @@ def routes(upstream: str, state: dict[str, Any], *, continuous_usage: bool = Tru
             await engine.aclose()
         kem_ct, ss = kem.encapsulate(response_pk)
         nonce = os.urandom(_NONCE)
-        sealed = aead.seal(derive_key(ss, kem_ct, INFO_RESPONSE), nonce, _gzip_stored(answer))
+        sealed = aead.seal(derive_key(ss, kem_ct, INFO_RESPONSE), nonce, gzip_stored(answer))
         return Response(
             b"".join((kem_ct, nonce, sealed)),
             status_code=engine.status_code,

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from _floor_client import FloorCrypto, RecordOpener  # (beside this file)
+
 KEY = "bench-key-0123456789"
 MODEL = "dev-echo"
 PROMPT = " ".join(f"word{i}" for i in range(24))  # a 24-word prompt: ~28 stream events
@@ -172,8 +174,6 @@ class FloorClient(E2EClient):
     with ``data: [DONE]``)."""
 
     def __init__(self, relay: str, client: Any, backends: tuple[Any, Any] | None = None) -> None:
-        from _floor_client import FloorCrypto  # (beside this file)
-
         super().__init__(relay, client, backends)
         self.crypto = FloorCrypto()
 
@@ -188,8 +188,6 @@ class FloorClient(E2EClient):
             yield from ((inst, n) for n in row["nonces"])
 
     async def call(self, stream: bool) -> None:
-        from _floor_client import RecordOpener
-
         (instance_id, instance_pk), nonce = await self.lease()
         blob, sk = self.crypto.seal(chat_body(stream), instance_pk)
         headers = self.headers(instance_id, nonce, stream)
