@@ -21,7 +21,7 @@ protocol's HKDF (``derive_key``):
   response key with label ``e2e-resp-v1``, with the engine's status;
 * stream: ``e2e_init``, then one record per engine line (its LF included), each preceded by the
   plaintext ``usage`` event the real instance writes for a ``data:`` line carrying a non-null
-  ``usage`` (the same bytes); nonces read from the OS once per engine chunk; the records of one
+  ``usage`` (the same bytes); nonces read from the OS 32 at a time; the records of one
   engine chunk joined, the init event sent alone and the chunks that arrived together in one body
   message (the real instance's :class:`~pqe2ee.server._coalesce.Coalescer`, ``first_alone``), so
   that the servers send the same messages.
@@ -58,6 +58,7 @@ __all__ = ["StreamRecords", "routes"]
 _CT = 1088
 _NONCE = 12
 _NONCES_PER_DISCOVERY = 10  # as the real relay hands out
+_NONCE_POOL = 32 * _NONCE  # record nonces read from the OS at once (as the real instance)
 _INIT_OPEN = b'data: {"e2e_init":"'
 _INIT_CLOSE = b'"}\n\n'
 _RECORD_OPEN = b'data: {"e2e":'  # + the record as a JSON string (msgspec: padded base64)
@@ -80,7 +81,7 @@ class StreamRecords:
     """The outer v1 stream of one answer: :attr:`init` first, then :meth:`feed` per engine chunk
     and :meth:`finish` at its end."""
 
-    __slots__ = ("_rest", "_seal", "init")
+    __slots__ = ("_nonces", "_rest", "_seal", "init")
 
     def __init__(self, response_pk: bytes, kem: KEM, aead: AEAD) -> None:
         ct, ss = kem.encapsulate(response_pk)
@@ -88,6 +89,7 @@ class StreamRecords:
         self._seal: Callable[[bytes, bytes, bytes | None], bytes]
         self._seal = aead.new(derive_key(ss, ct, INFO_STREAM)).sealer()
         self._rest = b""  # the line the last chunk cut short
+        self._nonces = b""  # record nonces not used yet
 
     def feed(self, chunk: bytes) -> bytes:
         lines = (self._rest + chunk).split(b"\n")
@@ -99,7 +101,10 @@ class StreamRecords:
 
     def _sealed(self, lines: list[bytes]) -> bytes:
         seal = self._seal
-        nonces = os.urandom(_NONCE * len(lines))
+        need = _NONCE * len(lines)
+        if len(self._nonces) < need:
+            self._nonces += os.urandom(max(need, _NONCE_POOL))
+        nonces, self._nonces = self._nonces[:need], self._nonces[need:]
         out: list[bytes] = []
         at = 0
         for line in lines:

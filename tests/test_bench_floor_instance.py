@@ -155,13 +155,18 @@ def test_its_outer_stream_is_the_real_instance_s(engine: str) -> None:
     real = protocol.StreamEncoder(protocol.StreamSealer(key.public_key, kem=kem, aead=aead))
     floor = floor_instance.StreamRecords(key.public_key, kem, aead)
     real_key, floor_key = _stream_key(real.start(), key), _stream_key(floor.init, key)
-    usage_events = 0
+    usage_events, outer = 0, []
     for chunk in chunks:
         expected = _items(real.feed(chunk), real_key)
-        assert _items(floor.feed(chunk), floor_key) == expected
+        outer.append(floor.feed(chunk))
+        assert _items(outer[-1], floor_key) == expected
         usage_events += sum(name == "usage" for name, _ in expected)
-    assert _items(floor.finish(), floor_key) == _items(real.finish(), real_key) != []
+    outer.append(floor.finish())
+    assert _items(outer[-1], floor_key) == _items(real.finish(), real_key) != []
     assert usage_events > 60  # (both runs of the engine's stream, and the extra lines)
+    records = [e for e in b"".join(outer).split(b"\n\n") if e.startswith(b'data: {"e2e":')]
+    nonces = {base64.b64decode(e[14:-2])[:12] for e in records}
+    assert len(nonces) == len(records) > 100  # (no nonce twice across pool refills)
 
 
 def test_nonces_are_issued_and_single_use(forwarder: str) -> None:
