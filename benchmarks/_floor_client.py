@@ -49,7 +49,7 @@ import httpx2
 import msgspec
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-__all__ = ["FloorTransport", "kem_functions"]
+__all__ = ["FloorCrypto", "FloorTransport", "RecordOpener", "gzip_stored", "kem_functions"]
 
 _CT = 1088
 _PK = 1184
@@ -134,7 +134,7 @@ def kem_functions() -> tuple[str, Keygen, Encaps, Decaps]:
         return ("pyca", *_pyca())
 
 
-def _gzip_stored(data: bytes) -> bytes:
+def gzip_stored(data: bytes) -> bytes:
     """gzip, stored (level 0): one stored block written directly, as pqe2ee's codec does (zlib's
     ``compress(level=0)`` sets up a whole deflate stream first: ~90 µs here against ~2)."""
     n = len(data)
@@ -149,32 +149,78 @@ def _key(ss: bytes, ct: bytes, info: bytes) -> bytes:
     return hmac.digest(hmac.digest(ct[:16], ss, "sha256"), info, "sha256")
 
 
+class FloorCrypto:
+    """The floor's v1 steps on the wire's bytes: seal a request, open a non-stream answer (and
+    :class:`RecordOpener` a stream's records). :class:`FloorTransport` and ``bench_server.py``'s
+    floor client (async) both run on it."""
+
+    def __init__(self) -> None:
+        self.kem, self._keygen, self._encaps, self.decaps = kem_functions()
+
+    def seal(self, body: bytes, instance_pk: bytes) -> tuple[bytes, Any]:
+        """The blob of JSON object ``body`` with ``e2e_response_pk`` appended, sealed to
+        ``instance_pk``, and the response private key."""
+        pk, sk = self._keygen()
+        ct, ss = self._encaps(instance_pk)
+        nonce = os.urandom(_NONCE)
+        plain = b"".join(
+            (body.rstrip()[:-1], _PK_FIELD, binascii.b2a_base64(pk, newline=False), b'"}')
+        )
+        gz = gzip_stored(plain)
+        sealed = ChaCha20Poly1305(_key(ss, ct, _REQ_INFO)).encrypt(nonce, gz, None)
+        return b"".join((ct, nonce, sealed)), sk
+
+    def open(self, sk: Any, data: bytes) -> bytes:
+        """The plaintext of a non-stream answer's blob."""
+        kem_ct = data[:_CT]
+        key = _key(self.decaps(sk, kem_ct), kem_ct, _RESP_INFO)
+        gz = ChaCha20Poly1305(key).decrypt(data[_CT : _CT + _NONCE], data[_CT + _NONCE :], None)
+        return zlib.decompress(gz, 31)
+
+
+class RecordOpener:
+    """The record decoder of one streamed answer: split lines, ``e2e_init`` -> key, ``e2e``
+    records -> base64 (binascii) -> open -> plaintext SSE bytes; every other line (plaintext
+    usage, blanks) is dropped."""
+
+    __slots__ = ("_decaps", "_open", "_rest", "_sk")
+
+    def __init__(self, sk: Any, decaps: Decaps) -> None:
+        self._sk = sk
+        self._decaps = decaps
+        self._open: Any = None  # the stream key's decrypt, once e2e_init is in
+        self._rest = b""  # the line the last chunk cut short
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The inner stream's bytes of the records ``chunk`` completes."""
+        a2b = binascii.a2b_base64
+        lines = (self._rest + chunk).split(b"\n")
+        self._rest = lines.pop()
+        out = []
+        for line in lines:
+            if line.startswith(_RECORD):
+                raw = a2b(line[14:-2])
+                out.append(self._open(raw[:_NONCE], raw[_NONCE:], None))
+            elif line.startswith(_INIT):
+                ct = a2b(line[19:-2])
+                key = _key(self._decaps(self._sk, ct), ct, _STREAM_INFO)
+                self._open = ChaCha20Poly1305(key).decrypt
+        return b"".join(out)
+
+
 class _Stream(httpx2.SyncByteStream):
     """The decrypted inner SSE bytes of one streamed answer."""
 
-    def __init__(self, upstream: Any, sk: Any, decaps: Decaps) -> None:
+    def __init__(self, upstream: Any, records: RecordOpener) -> None:
         self._upstream = upstream  # the inner transport's ResponseStream
-        self._sk = sk
-        self._decaps = decaps
+        self._records = records
 
     def __iter__(self) -> Iterator[bytes]:
-        open_record: Any = None
-        a2b = binascii.a2b_base64
-        rest = b""
+        feed = self._records.feed
         for chunk in self._upstream:
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            out = []
-            for line in lines:
-                if line.startswith(_RECORD):
-                    raw = a2b(line[14:-2])
-                    out.append(open_record(raw[:_NONCE], raw[_NONCE:], None))
-                elif line.startswith(_INIT):
-                    ct = a2b(line[19:-2])
-                    key = _key(self._decaps(self._sk, ct), ct, _STREAM_INFO)
-                    open_record = ChaCha20Poly1305(key).decrypt
+            out = feed(chunk)
             if out:
-                yield b"".join(out)
+                yield out
 
     def close(self) -> None:
         self._upstream.close()
@@ -189,7 +235,8 @@ class FloorTransport(httpx2.BaseTransport):
         self._auth = f"Bearer {api_key}"
         self._invoke = httpx2.URL(relay + "/e2e/invoke")
         self._host = self._invoke.netloc
-        self.kem, self._keygen, self._encaps, self._decaps = kem_functions()
+        self._crypto = FloorCrypto()
+        self.kem = self._crypto.kem
         rows = self._get(relay + "/v1/models")["data"]
         self._chutes = {row["id"]: row["chute_id"] for row in rows}
         # per chute: (instance id, instance key, nonces left, renew after (monotonic))
@@ -223,15 +270,7 @@ class FloorTransport(httpx2.BaseTransport):
             lease = self._discover(chute)
         instance, instance_pk, nonces, _ = lease
 
-        pk, sk = self._keygen()
-        ct, ss = self._encaps(instance_pk)
-        nonce = os.urandom(_NONCE)
-        plain = b"".join(
-            (body.rstrip()[:-1], _PK_FIELD, binascii.b2a_base64(pk, newline=False), b'"}')
-        )
-        gz = _gzip_stored(plain)
-        sealed = ChaCha20Poly1305(_key(ss, ct, _REQ_INFO)).encrypt(nonce, gz, None)
-        blob = b"".join((ct, nonce, sealed))
+        blob, sk = self._crypto.seal(body, instance_pk)
         headers = [
             (b"Host", self._host),
             (b"Authorization", self._auth.encode()),
@@ -256,16 +295,13 @@ class FloorTransport(httpx2.BaseTransport):
             upstream.close()
             raise RuntimeError(f"relay answered {answer.status_code}")
         if parsed.stream:
-            stream = _Stream(upstream, sk, self._decaps)
+            stream = _Stream(upstream, RecordOpener(sk, self._crypto.decaps))
             return httpx2.Response(200, headers=_SSE_HEADERS, stream=stream, request=request)
         try:
             data = b"".join(upstream)
         finally:
             upstream.close()
-        kem_ct = data[:_CT]
-        key = _key(self._decaps(sk, kem_ct), kem_ct, _RESP_INFO)
-        gz = ChaCha20Poly1305(key).decrypt(data[_CT : _CT + _NONCE], data[_CT + _NONCE :], None)
-        content = zlib.decompress(gz, 31)
+        content = self._crypto.open(sk, data)
         response = httpx2.Response(
             200, headers=_JSON_HEADERS, stream=httpx2.ByteStream(content), request=request
         )

@@ -2,13 +2,17 @@
 
 Run by hand (not part of the test suite)::
 
-    .venv/bin/python benchmarks/bench_server.py            # ~1.5 minutes
-    .venv/bin/python benchmarks/bench_server.py --quick    # ~30 s
+    .venv/bin/python benchmarks/bench_server.py            # ~2 minutes
+    .venv/bin/python benchmarks/bench_server.py --quick    # ~50 s
+
+(``bench_server_calls.py`` counts the Python calls per request of the same servers: what this
+script's req/s and CPU times measure, without the machine's noise.)
 
 Every server runs in its own process under uvicorn (one worker each, access logs off):
 
-* encrypted:  client --> relay --> instance --> dev-engine
-* plaintext:  client --> forward proxy --> forward proxy --> dev-engine
+* encrypted ("ours"):  client --> relay --> instance --> dev-engine
+* plaintext:           client --> forward proxy --> forward proxy --> dev-engine
+* floor E2EE:          floor client --> forward proxy --> floor instance --> dev-engine
 
 The plaintext baseline is two trivial forwarding proxies (Starlette + uvicorn + httpx2,
 streaming both ways, like the relay) rather than the engine alone: that keeps the hop count,
@@ -27,7 +31,17 @@ client starts it as a task: it measures the servers, not the client's scheduling
 clients of a cell are N clients: each has its own nonce pool and discovers for itself, as N
 client processes would (one shared pool would make them all wait on one discovery of 10 nonces
 at a time); they share the HTTP connection pool. Each cell
-runs for a fixed duration after a short warm-up.
+runs for a fixed duration after a short warm-up, in slices interleaved across the three paths.
+
+The floor E2EE path measures what the v1 wire itself costs here: the same forward proxy in the
+relay's place (it passes ``/e2e/...`` on with the v1 headers), ``_floor_instance.py`` (the
+forwarder's skeleton doing only what v1 needs, with pqe2ee's backends; it answers discovery
+itself) and a client on ``_floor_client.py``'s primitives (``FloorClient``). Before measuring,
+the ours client (pqe2ee.protocol) must read the floor instance's answers and the floor client
+the real instance's, or the run stops. Each cell's verdict against the target (E2EE >= 0.8x
+plaintext req/s): met; floor-bound (the floor misses it too, or ours is within 5 % of it);
+else missed. (Hop 1 is not a floor on the floor path: the forwarder costs more CPU per
+request than the relay. Compare hop 2, the instances.)
 
 Memory per open stream: N idle-ish ``__slow__`` streams (one small chunk per 0.2 s) are held
 open and the RSS delta of the relay and instance (and of the two plaintext proxies) is divided
@@ -38,24 +52,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-KEY = "bench-key-0123456789"
-MODEL = "dev-echo"
-PROMPT = " ".join(f"word{i}" for i in range(24))  # a 24-word prompt: ~28 stream events
-CHAT = "/v1/chat/completions"
-
+from _server_clients import (  # (beside this file; the names tests and the servers use)
+    CHAT,
+    KEY,
+    PROMPT,
+    E2EClient,
+    FloorClient,
+    PlainClient,
+    chat_body,
+)
 
 # --------------------------------------------------------------------------------------------
 # server processes
@@ -67,15 +83,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _proxy_app(upstream: str) -> Any:
-    """A trivial streaming forward proxy: the plaintext stand-in for one relay/instance hop."""
+#: The headers a forwarder passes on to ``/e2e/...`` (the floor path's relay): the v1 request's.
+_E2E_HEADERS = (
+    "authorization",
+    "x-chute-id",
+    "x-instance-id",
+    "x-e2e-nonce",
+    "x-e2e-stream",
+    "x-e2e-path",
+    "content-type",
+)
+
+
+def _skeleton(routes: Callable[[dict[str, Any]], list[Any]]) -> Any:
+    """The servers this script writes: Starlette, ``/health``, one httpx2 client to the next hop
+    (``state["client"]`` once started) and the routes ``routes(state)`` gives."""
     import httpx2
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import Response
     from starlette.routing import Route
 
-    state: dict[str, httpx2.AsyncClient] = {}
+    state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -91,11 +120,34 @@ def _proxy_app(upstream: str) -> Any:
     async def health(request: Request) -> Response:
         return Response(b"ok")
 
+    return Starlette(routes=[Route("/health", health), *routes(state)], lifespan=lifespan)
+
+
+def _proxy_app(upstream: str) -> Any:
+    """A trivial streaming forward proxy: the plaintext stand-in for one relay/instance hop, and
+    the floor path's relay (``/e2e/...`` with the v1 headers: no key, nonce or instance check)."""
+    return _skeleton(lambda state: _forwarding(upstream, state))
+
+
+def _forwarding(upstream: str, state: dict[str, Any]) -> list[Any]:
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
     async def forward(request: Request) -> Response:
+        return await _forward(request, [(b"content-type", b"application/json")])
+
+    async def relay(request: Request) -> Response:
+        got = request.headers
+        return await _forward(request, [(k, got[k]) for k in _E2E_HEADERS if k in got])
+
+    async def _forward(request: Request, headers: list[tuple[Any, Any]]) -> Response:
         client = state["client"]
-        headers = [(b"content-type", b"application/json")]
         req = client.build_request(
-            "POST", upstream + request.url.path, headers=headers, content=await request.body()
+            request.method,
+            upstream + request.url.path,
+            headers=headers,
+            content=await request.body(),
         )
         resp = await client.send(req, stream=True)
 
@@ -112,13 +164,18 @@ def _proxy_app(upstream: str) -> Any:
             media_type=resp.headers.get("content-type", "application/octet-stream"),
         )
 
-    return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/v1/{rest:path}", forward, methods=["POST"]),
-        ],
-        lifespan=lifespan,
-    )
+    return [
+        Route("/v1/{rest:path}", forward, methods=["POST"]),
+        Route("/e2e/{rest:path}", relay, methods=["GET", "POST"]),
+    ]
+
+
+def _floor_instance_app(upstream: str) -> Any:
+    """The floor path's instance: ``_floor_instance.py``'s routes on the forwarders' skeleton."""
+    from _floor_instance import routes  # (beside this file)
+
+    continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
+    return _skeleton(lambda state: routes(upstream, state, continuous_usage=continuous))
 
 
 def _serve(role: str, port: int, upstream: str) -> None:
@@ -158,6 +215,8 @@ def _serve(role: str, port: int, upstream: str) -> None:
         app = engine_app()
     elif role == "proxy":
         app = _proxy_app(upstream)
+    elif role == "floor-instance":
+        app = _floor_instance_app(upstream)
     else:
         raise SystemExit(f"unknown role {role}")
     from pqe2ee.server._stack import uvicorn_stack
@@ -181,9 +240,18 @@ class Proc:
     popen: subprocess.Popen[bytes]
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.popen.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time used so far, all threads: nanoseconds from ``schedstat`` where the kernel has
+        it (the clock ticks of ``stat`` are 10 ms: coarse for a one-second slice at one client)."""
+        try:
+            ns = 0
+            for task in os.listdir(f"/proc/{self.popen.pid}/task"):
+                with open(f"/proc/{self.popen.pid}/task/{task}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+            return ns / 1e9
+        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{self.popen.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.popen.pid}/status") as f:
@@ -224,162 +292,6 @@ def start(role: str, upstream: str = "") -> Iterator[Proc]:
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait(10)
-
-
-# --------------------------------------------------------------------------------------------
-# clients
-
-
-class PlainClient:
-    def __init__(self, base: str, client: Any) -> None:
-        self.base = base
-        self.client = client
-
-    def worker(self, i: int) -> PlainClient:
-        return self  # (no per-client state)
-
-    async def call(self, stream: bool) -> None:
-        body = json.dumps(
-            {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
-        ).encode()
-        headers = {"content-type": "application/json"}
-        async with self.client.stream(
-            "POST", self.base + CHAT, content=body, headers=headers
-        ) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"plaintext call failed: {resp.status_code}")
-            data = b"".join([c async for c in resp.aiter_raw()])
-        if stream:
-            if not data.rstrip().endswith(b"data: [DONE]"):
-                raise RuntimeError("plaintext stream incomplete")
-        else:
-            json.loads(data)
-
-
-class E2EClient:
-    """Discovery + nonce pool + seal/open, all from pqe2ee.protocol."""
-
-    def __init__(self, relay: str, client: Any, backends: tuple[Any, Any] | None = None) -> None:
-        from pqe2ee.backends import get_aead, get_kem
-        from pqe2ee.protocol.client import ClientLimits
-        from pqe2ee.server.relay import chute_id_for
-
-        self.relay = relay
-        self.client = client
-        self.kem, self.aead = backends or (get_kem(), get_aead())
-        self.workers: dict[int, E2EClient] = {}  # a cell's clients (their own pools)
-        self.chute = chute_id_for(MODEL)
-        self.pool: collections.deque[tuple[Any, str]] = collections.deque()
-        self.low_watermark = ClientLimits().low_watermark
-        self.refill: asyncio.Task[None] | None = None  # the discovery in flight, if any
-        self.queue = asyncio.Lock()
-        self.discoveries = 0
-        self.waited = 0  # leases that found the pool empty and waited for a discovery
-
-    def worker(self, i: int) -> E2EClient:
-        """Client ``i`` of a cell: its own nonce pool (kept from slice to slice), this one's
-        HTTP client and backends."""
-        child = self.workers.get(i)
-        if child is None:
-            child = self.workers[i] = E2EClient(self.relay, self.client, (self.kem, self.aead))
-        return child
-
-    def total(self, counter: str) -> int:
-        """``discoveries`` or ``waited`` over this client and its workers."""
-        return int(getattr(self, counter)) + sum(
-            int(getattr(w, counter)) for w in self.workers.values()
-        )
-
-    async def lease(self) -> tuple[Any, str]:
-        if not self.pool:
-            self.waited += 1
-            # The waiters queue: one at a time waits for the refill and takes a nonce, then
-            # the next is woken (not all of them at every discovery).
-            async with self.queue:
-                while not self.pool:
-                    await asyncio.shield(self.prefetch())
-        leased = self.pool.popleft()
-        if len(self.pool) <= self.low_watermark:
-            self.prefetch()
-        return leased
-
-    def prefetch(self) -> asyncio.Task[None]:
-        """The discovery in flight, started if there is none (one at a time, as the
-        transports do per chute)."""
-        if self.refill is None:
-            self.refill = asyncio.create_task(self._refill())
-            self.refill.add_done_callback(_forgiven)
-        return self.refill
-
-    async def _refill(self) -> None:
-        try:
-            await self._discover()
-        finally:
-            # Not in a done callback: until that ran, a lease could be handed the finished
-            # task as the one in flight, and awaiting a finished task never yields, so a
-            # waiter finding the pool emptied again would spin without letting it run.
-            self.refill = None
-
-    async def _discover(self) -> None:
-        from pqe2ee.protocol import parse_discovery
-
-        resp = await self.client.get(
-            f"{self.relay}/e2e/instances/{self.chute}",
-            headers={"authorization": f"Bearer {KEY}"},
-        )
-        resp.raise_for_status()
-        self.discoveries += 1
-        result = parse_discovery(resp.content, time.time())
-        for inst in result.instances:
-            self.pool.extend((inst, n) for n in inst.nonces)
-
-    async def call(self, stream: bool) -> None:
-        from pqe2ee.protocol import StreamDecryptor, open_response, seal_request
-
-        inst, nonce = await self.lease()
-        body = json.dumps(
-            {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream}
-        ).encode()
-        sealed = seal_request(
-            body, inst.public_key, response_key=self.kem.generate(), kem=self.kem, aead=self.aead
-        )
-        headers = {
-            "authorization": f"Bearer {KEY}",
-            "x-chute-id": self.chute,
-            "x-instance-id": inst.instance_id,
-            "x-e2e-nonce": nonce,
-            "x-e2e-stream": "true" if stream else "false",
-            "x-e2e-path": CHAT,
-            "content-type": "application/octet-stream",
-        }
-        async with self.client.stream(
-            "POST", self.relay + "/e2e/invoke", content=sealed.blob, headers=headers
-        ) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                raise RuntimeError(f"encrypted call failed: {resp.status_code} {resp.text[:200]}")
-            if stream:
-                # As much checking as the plaintext client's "ends with [DONE]", no more: every
-                # record is decrypted and the authenticated inner [DONE] must arrive; the usage
-                # events nobody reads are checked, not built (as the transports do without
-                # on_usage), and the inner events are dropped as they come.
-                dec = StreamDecryptor(sealed.response_key, aead=self.aead, decode_usage=False)
-                async for chunk in resp.aiter_raw():
-                    dec.receive_data(chunk)
-                    dec.events()
-                dec.receive_eof()
-                if not dec.complete:
-                    raise RuntimeError("encrypted stream incomplete")
-            else:
-                blob = b"".join([c async for c in resp.aiter_raw()])
-                json.loads(open_response(blob, sealed.response_key, aead=self.aead))
-
-
-def _forgiven(task: asyncio.Task[None]) -> None:
-    """A failed prefetch nobody waited for is forgiven (as in the transports): the next lease
-    that finds the pool empty discovers again and gets the error itself."""
-    if not task.cancelled():
-        task.exception()
 
 
 @dataclass
@@ -466,10 +378,12 @@ async def hold_streams(caller: PlainClient | E2EClient, n: int) -> Any:
 
     async def one() -> None:
         nonlocal count
-        body = json.dumps(
-            {"model": MODEL, "messages": [{"role": "user", "content": "__slow__"}], "stream": True}
-        ).encode()
-        if isinstance(caller, E2EClient):
+        body = chat_body(True, "__slow__")
+        if isinstance(caller, FloorClient):
+            (instance_id, instance_pk), nonce = await caller.lease()
+            content, _ = caller.crypto.seal(body, instance_pk)
+            url, headers = caller.relay + "/e2e/invoke", caller.headers(instance_id, nonce, True)
+        elif isinstance(caller, E2EClient):
             inst, nonce = await caller.lease()
             sealed = seal_request(
                 body,
@@ -478,16 +392,8 @@ async def hold_streams(caller: PlainClient | E2EClient, n: int) -> Any:
                 kem=caller.kem,
                 aead=caller.aead,
             )
-            url = caller.relay + "/e2e/invoke"
-            content = sealed.blob
-            headers = {
-                "authorization": f"Bearer {KEY}",
-                "x-chute-id": caller.chute,
-                "x-instance-id": inst.instance_id,
-                "x-e2e-nonce": nonce,
-                "x-e2e-stream": "true",
-                "x-e2e-path": CHAT,
-            }
+            url, content = caller.relay + "/e2e/invoke", sealed.blob
+            headers = caller.headers(inst.instance_id, nonce, True)
         else:
             url, content, headers = caller.base + CHAT, body, {"content-type": "application/json"}
         async with caller.client.stream("POST", url, content=content, headers=headers) as resp:
@@ -537,10 +443,110 @@ def _stack_name() -> str:
     return f"{stack['loop']} + {http} (PQE2EE_PURE_PYTHON=1: asyncio + h11)"
 
 
+#: Issue 14's target: E2EE servers >= this x the plaintext forwarders' req/s, in every cell.
+TARGET = 0.8
+#: A cell whose ours / floor is at least this is within reach of the floor: "floor-bound".
+NEAR_FLOOR = 0.95
+PATHS = ("plaintext", "ours", "floor")
+
+
+def verdict(plain: Cell, ours: Cell, floor: Cell) -> str:
+    """met (ours >= TARGET x plaintext); floor-bound (the floor misses too, or ours is within
+    NEAR_FLOOR of it); else missed."""
+    if ours.rps >= TARGET * plain.rps:
+        return "met"
+    if floor.rps < TARGET * plain.rps or ours.rps >= NEAR_FLOOR * floor.rps:
+        return "floor-bound"
+    return "missed"
+
+
+async def self_check(client: Any, ours_relay: str, floor_relay: str) -> None:
+    """Fail loudly unless the floor speaks v1: pqe2ee.protocol (the ours client: strict record
+    and usage checks, the inner [DONE]) opens the floor instance's answers, and the floor client
+    reads the real instance's."""
+    for stream in (False, True):
+        await E2EClient(floor_relay, client).call(stream)
+        await FloorClient(ours_relay, client).call(stream)
+
+
+async def measure(
+    args: argparse.Namespace, runs: list[tuple[PlainClient | E2EClient, dict[str, Proc]]]
+) -> list[tuple[bool, int, list[Cell]]]:
+    """Every cell: the paths' short slices interleaved (load from elsewhere on the machine hits
+    all alike), the order rotated each round (the first run is penalised on this box); the
+    slices of one path are added up."""
+    rows = []
+    for stream in (False, True):
+        for c in (1, 16, 64):
+            cells = [Cell(0, 0.0, [], 0, {}) for _ in runs]
+            for r in range(args.rounds):
+                for i in range(len(runs)):
+                    at = (i + r) % len(runs)
+                    caller, procs = runs[at]
+                    part = await run_cell(
+                        caller, stream, c, args.warmup, args.duration / args.rounds, procs
+                    )
+                    cells[at].add(part)
+            rows.append((stream, c, cells))
+            rates = ", ".join(
+                f"{name} {cell.rps:.0f}" for name, cell in zip(PATHS, cells, strict=True)
+            )
+            print(f"  {_mode(stream)} c={c}: {rates} req/s", file=sys.stderr)
+    return rows
+
+
+def _mode(stream: bool) -> str:
+    return "stream" if stream else "non-stream"
+
+
+def report(rows: list[tuple[bool, int, list[Cell]]]) -> None:
+    print(
+        "\n| mode | clients | plaintext req/s | ours req/s | floor req/s | ours ÷ plain "
+        "| floor ÷ plain | ours ÷ floor | p50 ms plain / ours / floor | p99 ms plain / ours / floor "
+        "| errors |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for stream, c, (p, e, f) in rows:
+        print(
+            f"| {_mode(stream)} | {c} | {p.rps:.0f} | {e.rps:.0f} | {f.rps:.0f} "
+            f"| {e.rps / p.rps:.2f}x | {f.rps / p.rps:.2f}x | {e.rps / f.rps:.2f}x "
+            f"| {p.pct(0.5):.1f} / {e.pct(0.5):.1f} / {f.pct(0.5):.1f} "
+            f"| {p.pct(0.99):.1f} / {e.pct(0.99):.1f} / {f.pct(0.99):.1f} "
+            f"| {p.errors + e.errors + f.errors} |"
+        )
+    print(
+        f"\nTarget ours >= {TARGET}x plaintext: met; floor-bound = the floor misses it too, or "
+        f"ours is within {1 - NEAR_FLOOR:.0%} of the floor; else missed."
+    )
+    for stream, c, (p, e, f) in rows:
+        print(
+            f"  {_mode(stream)} c={c}: {verdict(p, e, f)} (ours {e.rps / p.rps:.2f}x, "
+            f"floor {f.rps / p.rps:.2f}x, ours/floor {e.rps / f.rps:.2f})"
+        )
+    print(
+        "\nCPU per request (ms; each process's user+sys time over the measured slices,"
+        " divided by the requests completed; robust to other load on the machine; at one client"
+        " every step is in series, so 'all' bounds the round trip from below):\n"
+    )
+    print(
+        "| mode | clients | path | client | hop 1 (proxy / relay / forwarder) "
+        "| hop 2 (proxy / instance / floor instance) | engine | servers total | all |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for stream, c, cells in rows:
+        for label, cell in zip(PATHS, cells, strict=True):
+            servers = sum(cell.cpu_ms(k) for k in ("hop1", "hop2", "engine"))
+            print(
+                f"| {_mode(stream)} | {c} | {label} "
+                f"| {cell.cpu_ms('client'):.2f} | {cell.cpu_ms('hop1'):.2f} "
+                f"| {cell.cpu_ms('hop2'):.2f} | {cell.cpu_ms('engine'):.2f} "
+                f"| {servers:.2f} | {servers + cell.cpu_ms('client'):.2f} |"
+            )
+
+
 async def bench(args: argparse.Namespace) -> None:
     import httpx2
 
-    levels = [1, 16, 64]
     print(_versions())
     continuous = os.environ.get("BENCH_CONTINUOUS_USAGE", "1") == "1"
     print(f"instance continuous_usage_stats: {'on (as Chutes)' if continuous else 'off'}")
@@ -554,66 +560,28 @@ async def bench(args: argparse.Namespace) -> None:
         relay = stack.enter_context(start("relay", inst.url))
         proxy2 = stack.enter_context(start("proxy", engine.url))
         proxy1 = stack.enter_context(start("proxy", proxy2.url))
+        floor_inst = stack.enter_context(start("floor-instance", engine.url))
+        forwarder = stack.enter_context(start("proxy", floor_inst.url))
         limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
         async with httpx2.AsyncClient(timeout=120, limits=limits, trust_env=False) as client:
+            await self_check(client, relay.url, forwarder.url)
             plain = PlainClient(proxy1.url, client)
             e2e = E2EClient(relay.url, client)
-            rows = []
-            for stream in (False, True):
-                for c in levels:
-                    # Interleave short slices of both paths so that load from elsewhere on the
-                    # machine hits both alike; the slices of one path are added up.
-                    p, e = Cell(0, 0.0, [], 0, {}), Cell(0, 0.0, [], 0, {})
-                    plain_run = (plain, p, {"hop1": proxy1, "hop2": proxy2, "engine": engine})
-                    e2e_run = (e2e, e, {"hop1": relay, "hop2": inst, "engine": engine})
-                    for r in range(args.rounds):
-                        order = [plain_run, e2e_run] if r % 2 == 0 else [e2e_run, plain_run]
-                        for caller, total, procs in order:
-                            part = await run_cell(
-                                caller, stream, c, args.warmup, args.duration / args.rounds, procs
-                            )
-                            total.add(part)
-                    rows.append((stream, c, p, e))
-                    print(
-                        f"  {'stream' if stream else 'non-stream'} c={c}: "
-                        f"plain {p.rps:.0f} req/s, e2e {e.rps:.0f} req/s",
-                        file=sys.stderr,
-                    )
-
-            print()
-            print(
-                "| mode | clients | plaintext req/s | E2EE req/s | ratio | plaintext p50 / p99 ms "
-                "| E2EE p50 / p99 ms | errors |"
+            floor = FloorClient(forwarder.url, client)
+            rows = await measure(
+                args,
+                [
+                    (plain, {"hop1": proxy1, "hop2": proxy2, "engine": engine}),
+                    (e2e, {"hop1": relay, "hop2": inst, "engine": engine}),
+                    (floor, {"hop1": forwarder, "hop2": floor_inst, "engine": engine}),
+                ],
             )
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
-            for stream, c, p, e in rows:
-                print(
-                    f"| {'stream' if stream else 'non-stream'} | {c} | {p.rps:.0f} | {e.rps:.0f} "
-                    f"| {e.rps / p.rps:.2f}x | {p.pct(0.5):.1f} / {p.pct(0.99):.1f} "
-                    f"| {e.pct(0.5):.1f} / {e.pct(0.99):.1f} | {p.errors + e.errors} |"
-                )
+            report(rows)
             print(
-                f"\n(E2EE clients made {e2e.total('discoveries')} discovery calls, 10 nonces "
-                f"each; {e2e.total('waited')} requests waited for one)"
+                f"\n(E2EE clients made {e2e.total('discoveries')} discovery calls (floor "
+                f"{floor.total('discoveries')}), 10 nonces each; {e2e.total('waited')} requests "
+                f"waited for one (floor {floor.total('waited')}))"
             )
-            print(
-                "\nCPU per request (ms; each process's user+sys time over the measured slices,"
-                " divided by the requests completed; robust to other load on the machine):\n"
-            )
-            print(
-                "| mode | clients | path | client | hop 1 (proxy / relay) "
-                "| hop 2 (proxy / instance) | engine | servers total |"
-            )
-            print("|---|---:|---|---:|---:|---:|---:|---:|")
-            for stream, c, p, e in rows:
-                for label, cell in (("plaintext", p), ("E2EE", e)):
-                    servers = sum(cell.cpu_ms(k) for k in ("hop1", "hop2", "engine"))
-                    print(
-                        f"| {'stream' if stream else 'non-stream'} | {c} | {label} "
-                        f"| {cell.cpu_ms('client'):.2f} | {cell.cpu_ms('hop1'):.2f} "
-                        f"| {cell.cpu_ms('hop2'):.2f} | {cell.cpu_ms('engine'):.2f} "
-                        f"| {servers:.2f} |"
-                    )
 
             # memory per open stream
             n = args.streams
@@ -622,6 +590,7 @@ async def bench(args: argparse.Namespace) -> None:
             for label, caller, procs in (
                 ("E2EE", e2e, [relay, inst]),
                 ("plaintext", plain, [proxy1, proxy2]),
+                ("floor E2EE", floor, [forwarder, floor_inst]),
             ):
                 before = [p.rss_kib() for p in procs]
                 release, tasks = await hold_streams(caller, n)
@@ -641,7 +610,13 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        _serve(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")
+        args = sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else ""
+        if os.environ.get("BENCH_PROFILE"):  # (bench_server_calls.py)
+            from bench_server_calls import profiled
+
+            profiled(lambda: _serve(*args), os.environ["BENCH_PROFILE"])
+        else:
+            _serve(*args)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=4.5, help="seconds measured per cell")
@@ -658,7 +633,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["BENCH_CONTINUOUS_USAGE"] = "0" if args.no_continuous_usage else "1"
     if args.quick:
-        args.duration, args.warmup, args.rounds, args.streams = 1.0, 0.2, 2, 100
+        args.duration, args.warmup, args.rounds, args.streams = 1.0, 0.2, 3, 100
     started = time.perf_counter()
     asyncio.run(bench(args))
     print(f"\ntotal {time.perf_counter() - started:.0f} s", file=sys.stderr)
