@@ -30,6 +30,11 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
+        if not buf and data.endswith(b"\n") and len(data) <= self._max and b"\r" not in data:
+            # Whole lines, none over the bound, nothing pending (the usual chunk: an event, a
+            # record; tested first, it needs no search for a "\n"): without a "\r", the lines
+            # split at "\n" and keep it, the same as the general split below gives.
+            return data.splitlines(keepends=True)
         if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
             buf += data  # at most one chunk past the bound before refusing
             if len(buf) > self._max:
@@ -39,10 +44,6 @@ class LineSplitter:
             buf += data
             data = bytes(buf)
             buf.clear()
-        if data.endswith(b"\n") and len(data) <= self._max and b"\r" not in data:
-            # Whole lines, none over the bound (the usual chunk: an event, a record): without a
-            # "\r", the lines split at "\n" and keep it, the same as the loop below gives.
-            return data.splitlines(keepends=True)
         parts = data.split(b"\n")
         tail = parts.pop()
         if len(data) > self._max and (
