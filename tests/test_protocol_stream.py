@@ -1292,28 +1292,64 @@ def _flip_tag(event: bytes) -> bytes:
         ("bad_tag_then_long_line", ErrorCode.DECRYPT_FAILED),
         ("after_done_then_bad_line", ErrorCode.DATA_AFTER_DONE),
         ("long_line_then_bad_tag", ErrorCode.OVERSIZE),
+        ("bad_tag_then_usage_then_bad_line", ErrorCode.DECRYPT_FAILED),
+        ("usage_inside_an_event_then_bad_tag", ErrorCode.DECRYPT_FAILED),
+        ("bad_tag_then_long_usage", ErrorCode.DECRYPT_FAILED),
+        ("long_usage_then_bad_tag", ErrorCode.OVERSIZE),
+        ("repeat_after_usage", ErrorCode.DUPLICATE_RECORD),
+        ("after_done_then_usage_then_bad_tag", ErrorCode.DATA_AFTER_DONE),
+        ("bad_usage_then_bad_tag", ErrorCode.MALFORMED_EVENT),
     ],
 )
+@pytest.mark.parametrize("decode_usage", [True, False])
 def test_records_of_one_chunk_fail_in_line_order(
-    kem: KEM, aead: AEAD, case: str, code: ErrorCode
+    kem: KEM, aead: AEAD, case: str, code: ErrorCode, decode_usage: bool
 ) -> None:
-    """The record lines of a network chunk are opened together (one call): a fault is still
-    the first one in line order, the same verdict as the lines fed one by one, and the events
-    of the lines before it come out when they are fed one by one."""
+    """The record lines of a network chunk are opened together (one call; with nobody reading
+    usage, the usage lines between them do not split the run): a fault is still the first one
+    in line order, the same verdict as the lines fed one by one, and the events of the lines
+    before it come out when they are fed one by one."""
     pair = Pair(kem, aead)
     seal = pair.sealer.seal_record
     init = pair.sealer.init_event()
     first = seal(b"data: a\n") + seal(b"\n")
     long = seal(b"x" * 1500)  # longer than the bound of max_record=1200 below
     bad_line = b"data: {not json}\n\n"
+    usage = b'data: {"usage":{"total_tokens":3}}\n\n'
+    long_usage = b'data: {"usage":{"x":"%s"}}\n\n' % (b"y" * 2000)  # (a well-formed one)
     lines = {
         "bad_tag_then_bad_line": [_flip_tag(seal(b"data: b\n")), bad_line],
         "repeat_then_unknown_event": [first[: first.index(b"\n\n") + 2], b'data: {"x":1}\n\n'],
         "bad_tag_then_long_line": [_flip_tag(seal(b"data: b\n")), long],
         "after_done_then_bad_line": [seal(b"data: [DONE]\n"), seal(b"\n"), seal(b"z\n"), bad_line],
         "long_line_then_bad_tag": [long, _flip_tag(seal(b"data: b\n"))],
+        "bad_tag_then_usage_then_bad_line": [_flip_tag(seal(b"data: b\n")), usage, bad_line],
+        "usage_inside_an_event_then_bad_tag": [
+            seal(b"data: b\n"),
+            usage,
+            seal(b"\n"),
+            usage,
+            _flip_tag(seal(b"data: c\n")),
+        ],
+        "bad_tag_then_long_usage": [_flip_tag(seal(b"data: b\n")), long_usage],
+        "long_usage_then_bad_tag": [usage, long_usage, _flip_tag(seal(b"data: b\n"))],
+        "repeat_after_usage": [usage, first[first.index(b"\n\n") + 2 :]],
+        "after_done_then_usage_then_bad_tag": [
+            seal(b"data: [DONE]\n"),
+            usage,
+            seal(b"\n"),
+            usage,
+            seal(b"z\n"),
+            usage,
+            _flip_tag(seal(b"\n")),
+        ],
+        "bad_usage_then_bad_tag": [
+            usage,
+            b'data: {"usage":{"a":1},"b":2}\n\n',
+            _flip_tag(seal(b"data: b\n")),
+        ],
     }[case]
-    limits = {"max_record": 1200}
+    limits = {"max_record": 1200, "decode_usage": decode_usage}
     whole = pair.decryptor(**limits)
     whole.receive_data(init)
     with pytest.raises(PQE2EEError) as at_once:
@@ -1328,3 +1364,6 @@ def test_records_of_one_chunk_fail_in_line_order(
         run(one_by_one, lines, eof=False)
     assert each.value.code is code
     assert [e.data for e in events if isinstance(e, InnerEvent)] == ["a"]
+    if case == "usage_inside_an_event_then_bad_tag":  # the event whose records it split
+        more = run(pair.decryptor(**limits), [init, first, *lines[:3]], eof=False)
+        assert [e.data for e in more if isinstance(e, InnerEvent)] == ["a", "b"]

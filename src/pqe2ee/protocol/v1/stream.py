@@ -368,7 +368,6 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         self._eof = False
         self._error: PQE2EEError | None = None
         self._done_seen = False
-        self.records = 0
 
     @functools.cached_property
     def _inner(self) -> SSEParser:
@@ -382,6 +381,11 @@ class StreamDecryptor(EventQueue[StreamEvent]):
     @property
     def state(self) -> str:
         return self._state.value
+
+    @property
+    def records(self) -> int:
+        """How many records were opened (each nonce is kept to refuse a repeat)."""
+        return len(self._seen)
 
     @property
     def complete(self) -> bool:
@@ -430,22 +434,25 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                 ):
                     records.append(line[_QUOTE_START:-1])  # _line's fast path, inlined
                     continue
-                if records:  # the records before this line first, in order
-                    self._records(records, True)
-                    records = []
-                if long and len(line) >= max_line:  # with its newline, longer than the bound
-                    raise LimitExceeded(f"line longer than {max_line} bytes")
                 if (
                     quiet
                     and line[:_USAGE_VALUE] == _USAGE_START
                     and line[-1] == 0x7D  # "}"
                     and line.isascii()
+                    and not (long and len(line) >= max_line)
                 ):
                     try:  # _usage_checked, inlined (the state takes a usage line: see above)
                         _json_value.decode(line[_USAGE_VALUE:-1])
+                        # Checked, and nothing else to do: neither an event nor a state change
+                        # nor an error, so the records on either side stay one run.
                         continue
                     except msgspec.DecodeError:
                         pass  # _line decides (other spellings, stray spaces: the same verdict)
+                if records:  # the records before this line first, in order
+                    self._records(records, True)
+                    records = []
+                if long and len(line) >= max_line:  # with its newline, longer than the bound
+                    raise LimitExceeded(f"line longer than {max_line} bytes")
                 self._line(line)
             if records:
                 self._records(records, True)
@@ -604,11 +611,14 @@ class StreamDecryptor(EventQueue[StreamEvent]):
     def _records(self, quoted: Iterable[bytes], compact: bool = False) -> None:
         """``e2e`` records in a row, each one's base64 given with the quotes around it in its
         JSON line (``compact``: with no backslash between them): the hot path of a stream,
-        one call for the records of a network chunk (hence the local names)."""
-        seen = self._seen
-        events = self._events
+        one call for the records of a network chunk (hence the local names).
+
+        The state and the held line live in locals here, written back when a call reads them
+        and at the end (a fault fails the decryptor for good: nothing reads them after it)."""
+        seen, events = self._seen, self._events
+        decrypt, tag_errors, max_records = self._decrypt, self._tag_errors, self._max_records
+        state, held = self._state, self._held
         for b64 in quoted:
-            state = self._state
             if state is not _OPEN:  # (OPEN, RECORD) -> OPEN; the table decides the rest
                 state = self._on(_Input.RECORD)
                 if state is _FAILED_REMOTE:
@@ -622,13 +632,12 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             nonce = raw[:CHACHA_NONCE_LEN]
             if nonce in seen:
                 raise self._fail(ErrorCode.DUPLICATE_RECORD, "record nonce repeated")
-            self.records += 1
-            if self.records > self._max_records:
-                raise LimitExceeded(f"stream has more than {self._max_records} records")
-            assert self._decrypt is not None  # set with the cipher, by the init event
+            if len(seen) >= max_records:  # (seen: the records opened so far)
+                raise LimitExceeded(f"stream has more than {max_records} records")
+            assert decrypt is not None  # set with the cipher, by the init event
             try:
-                plaintext = self._decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
-            except self._tag_errors:
+                plaintext = decrypt(nonce, raw[CHACHA_NONCE_LEN:], None)
+            except tag_errors:
                 raise tag_mismatch() from None
             seen.add(nonce)
             if state is _DONE:
@@ -640,15 +649,17 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             # made of skip it, giving the events it would give: a whole one-line event
             # "data: ...\n\n", or an engine line "data: ...\n" (held here) followed by a
             # record "\n".
-            if self._held is not None:
+            if held is not None:
                 if plaintext == b"\n":
-                    text, line = self._held
-                    self._held = None
+                    text, line = held
+                    held = None
                     if text == "[DONE]":
                         self._dispatch(text, line + plaintext)
+                        state = _DONE
                     else:  # _dispatch's usual case, inlined (once per event of such a stream)
                         events.append(data_event(text, self._inner_id, line + plaintext))
                     continue
+                self._held, held = held, None
                 self._unhold()
             elif self._inner_idle and plaintext[:6] == b"data: ":  # (no startswith: see above)
                 n = len(plaintext)
@@ -666,9 +677,10 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                             ErrorCode.INVALID_UTF8, "stream text is not valid UTF-8"
                         ) from None
                     if nl == n - 1:
-                        self._held = (text, plaintext)
+                        held = (text, plaintext)
                     else:
                         self._dispatch(text, plaintext)
+                        state = self._state
                     continue
 
             parser = self._inner
@@ -684,9 +696,11 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                     events.append(Done(raw=ev.raw))
                 else:
                     events.append(inner_event(ev))
-            if self._state is _DONE and parser.buffered().strip():
+            state = self._state
+            if state is _DONE and parser.buffered().strip():
                 # the rest of the record that carried [DONE]: a partial event, a comment, ...
                 raise self._fail(ErrorCode.DATA_AFTER_DONE, "data after the inner [DONE]")
+        self._held = held
 
     def _strict_b64(self, quoted: bytes) -> bytes:
         """A record's base64 that msgspec refused: binascii's verdict (the error path)."""
