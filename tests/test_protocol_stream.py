@@ -737,6 +737,19 @@ def test_oversize_outer_line_in_small_pieces(kem: KEM, aead: AEAD) -> None:
     assert fed <= 4096  # the bound is about 4/3 of max_record plus the JSON wrapper
 
 
+def test_chunks_without_a_line_end_are_held_up_to_the_bound(kem: KEM, aead: AEAD) -> None:
+    """A chunk with no line end is held up to the line bound, to the byte, and refused past
+    it: alone (nothing held before it: split like any chunk) or after held bytes."""
+    pair = Pair(kem, aead)
+    bound = (1024 + 28) * 4 // 3 + 256  # max_record=1024's: base64 of a record + its wrapper
+    for held in (b"", b'data: {"e2e":"'):
+        dec = pair.decryptor(max_record=1024)
+        dec.receive_data(pair.sealer.init_event() + held)
+        dec.receive_data(b"A" * (bound - len(held)))
+        with pytest.raises(LimitExceeded):
+            dec.receive_data(b"A")
+
+
 def test_oversize_record_with_newline(kem: KEM, aead: AEAD) -> None:
     pair = Pair(kem, aead)
     big = pair.sealer.seal_record(b"x" * 4096)

@@ -404,12 +404,12 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         try:
             buf = self._buf
             max_line = self._max_line
-            if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError per call)
-                buf += data  # at most one chunk past the bound before refusing
-                if len(buf) > max_line:
-                    raise LimitExceeded(f"line longer than {max_line} bytes")
-                return
-            if buf:
+            if buf:  # (a chunk with nothing held is split as it is; its tail is held below)
+                if data.find(b"\n") < 0:  # (find: bytes `in` raises and clears a TypeError)
+                    buf += data  # at most one chunk past the bound before refusing
+                    if len(buf) > max_line:
+                        raise LimitExceeded(f"line longer than {max_line} bytes")
+                    return
                 buf += data
                 data = bytes(buf)
                 buf.clear()
