@@ -613,8 +613,9 @@ class StreamDecryptor(EventQueue[StreamEvent]):
         JSON line (``compact``: with no backslash between them): the hot path of a stream,
         one call for the records of a network chunk (hence the local names).
 
-        The state and the held line live in locals here, written back when a call reads them
-        and at the end (a fault fails the decryptor for good: nothing reads them after it)."""
+        The state and the held line live in locals here: the held line is written back at the
+        end (and before ``_unhold``, which reads it), the state re-read after a call that moves
+        it. A fault fails the decryptor for good: nothing reads either after one."""
         seen, events = self._seen, self._events
         decrypt, tag_errors, max_records = self._decrypt, self._tag_errors, self._max_records
         state, held = self._state, self._held
