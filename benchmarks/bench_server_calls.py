@@ -39,7 +39,7 @@ WARMUP = 20
 
 def profiled(serve: Callable[[], None], directory: str) -> None:
     """Run ``serve`` under cProfile; on each SIGUSR1 the counts so far go to
-    ``directory/<pid>.<k>`` (k = 0, 1, ...)."""
+    ``directory/<pid>.<k>`` (k = 0, 1, ...) and their total to ``<pid>.<k>.total``."""
     profile = cProfile.Profile()
     taken = itertools.count()
 
@@ -47,12 +47,21 @@ def profiled(serve: Callable[[], None], directory: str) -> None:
         profile.disable()
         path = os.path.join(directory, f"{os.getpid()}.{next(taken)}")
         profile.dump_stats(path + ".tmp")
+        with open(path + ".total", "w") as f:
+            f.write(str(total_calls(profile)))
         os.replace(path + ".tmp", path)
         profile.enable()
 
     signal.signal(signal.SIGUSR1, snapshot)
     profile.enable()
     serve()
+
+
+def total_calls(profile: cProfile.Profile) -> int:
+    """All calls ``profile`` counted. Not ``pstats.Stats.total_calls``: pstats keys functions by
+    (file, line, name), so the generated methods of dataclasses (every ``__eq__`` or
+    ``__init__`` is ``<string>:2``) collide there and all but one's counts are lost."""
+    return sum(entry.callcount for entry in profile.getstats())
 
 
 def _snapshot(directory: str, procs: list[bench.Proc], taken: dict[int, int]) -> dict[int, Any]:
@@ -70,12 +79,14 @@ def _snapshot(directory: str, procs: list[bench.Proc], taken: dict[int, int]) ->
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{p.role} wrote no snapshot")
             time.sleep(0.02)
-        out[pid] = pstats.Stats(path)
+        with open(path + ".total") as f:
+            out[pid] = (int(f.read()), pstats.Stats(path))
     return out
 
 
 def _per_function(before: Any, after: Any, n: int) -> dict[str, float]:
-    """Calls per request of each function between two snapshots."""
+    """Calls per request of each function between two snapshots (by pstats' keys: the
+    generated dataclass methods share a row there, see :func:`total_calls`)."""
     old = {f: v[1] for f, v in before.stats.items()}  # (file, line, name) -> total calls
     out: dict[str, float] = collections.defaultdict(float)
     for f, v in after.stats.items():  # (functions of one name in files of one name: added up)
@@ -121,13 +132,12 @@ async def run(args: argparse.Namespace, directory: str) -> None:
                         await caller.call(stream)
                     profile.disable()
                     after = _snapshot(directory, procs, taken)
-                    counts = [pstats.Stats(profile).total_calls / n] + [
-                        (after[p.popen.pid].total_calls - before[p.popen.pid].total_calls) / n
-                        for p in procs
+                    counts = [total_calls(profile) / n] + [
+                        (after[p.popen.pid][0] - before[p.popen.pid][0]) / n for p in procs
                     ]
                     rows.append((stream, label, counts))
                     hop2[label] = _per_function(
-                        before[procs[1].popen.pid], after[procs[1].popen.pid], n
+                        before[procs[1].popen.pid][1], after[procs[1].popen.pid][1], n
                     )
                     print(f"  {bench._mode(stream)} {label}: {counts}", file=sys.stderr)
                 floor = hop2["floor"]

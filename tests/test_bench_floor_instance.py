@@ -282,8 +282,38 @@ def test_the_call_counter_snapshots_a_served_process(
         second = calls._snapshot(str(tmp_path), [proxy], taken)
     pid = proxy.popen.pid
     assert taken == {pid: 2}
-    per_request = (second[pid].total_calls - first[pid].total_calls) / 5
+    per_request = (second[pid][0] - first[pid][0]) / 5
     assert 500 < per_request < 20_000
-    per_function = calls._per_function(first[pid], second[pid], 5)
-    assert sum(per_function.values()) == pytest.approx(per_request)
+    per_function = calls._per_function(first[pid][1], second[pid][1], 5)
+    # (pstats' rows lose the counts of generated methods that share a key: at most a few)
+    assert 0.9 * per_request <= sum(per_function.values()) <= per_request
     assert per_function["bench_server.py:_forward"] >= 1  # (a coroutine: once per resumption)
+
+
+def test_the_call_total_counts_generated_methods_apart() -> None:
+    """Two dataclasses' ``__eq__`` are both ``<string>:2(__eq__)`` to pstats, which keeps one
+    row; ``total_calls`` counts every call."""
+    import cProfile
+    import dataclasses
+    import pstats
+
+    import bench_server_calls as calls
+
+    @dataclasses.dataclass
+    class A:
+        x: int = 0
+
+    @dataclasses.dataclass
+    class B:
+        y: int = 0
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(10):
+        _ = A() == A()
+    for _ in range(3):
+        _ = B() == B()
+    profile.disable()
+    eq = [e for e in profile.getstats() if getattr(e.code, "co_name", "") == "__eq__"]
+    assert sum(e.callcount for e in eq) == 13
+    assert calls.total_calls(profile) - pstats.Stats(profile).total_calls >= 3
