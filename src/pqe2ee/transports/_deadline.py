@@ -63,11 +63,15 @@ class Deadline:
             code=ErrorCode.DEADLINE_EXCEEDED,
         )
 
+    def check(self) -> None:
+        """Raise :meth:`error` once past the deadline."""
+        if self._clock() >= self.end:
+            raise self.error()
+
     def __enter__(self) -> None:
         """A ``with`` block of the deadline is one network step, checked when it starts (no
         object per step)."""
-        if self._clock() >= self.end:  # (past the deadline: refused)
-            raise self.error()
+        self.check()
 
     def __exit__(self, *exc_info: object) -> None:
         return None
@@ -106,8 +110,7 @@ class AsyncDeadline(Deadline):
         self._scope: anyio.CancelScope | None = None  # the outermost one's cancel scope
 
     def __enter__(self) -> None:
-        if self._clock() >= self.end:  # (past the deadline: refused)
-            raise self.error()
+        self.check()
         if self._open:
             self._open += 1  # inside a block of this deadline: it cancels at the same moment
             return

@@ -51,8 +51,7 @@ class AsyncBoundedPort(AsyncDeadline):
         :meth:`reads` for a stream). Sent inside a block of the deadline (the request's, or a
         background job's own), whose cancel scope (async) ends the wait at the deadline: the
         deadline is checked here before the send starts, as a block's ``__enter__`` would."""
-        if self._clock() >= self.end:  # (past the deadline: refused)
-            raise self.error()
+        self.check()
         return await self.port.send(method, url, headers, body, control=control)
 
     async def aread(self, response: AsyncPortResponse, limit: int) -> bytes:

@@ -50,8 +50,7 @@ class BoundedPort(Deadline):
         :meth:`reads` for a stream). Sent inside a block of the deadline (the request's, or a
         background job's own), whose cancel scope (async) ends the wait at the deadline: the
         deadline is checked here before the send starts, as a block's ``__enter__`` would."""
-        if self._clock() >= self.end:  # (past the deadline: refused)
-            raise self.error()
+        self.check()
         return self.port.send(method, url, headers, body, control=control)
 
     def read(self, response: PortResponse, limit: int) -> bytes:
