@@ -83,7 +83,7 @@ from pqe2ee.protocol.client import (
 from pqe2ee.protocol.clocks import Monotonic, UnixTime, relay_clock_offset
 from pqe2ee.protocol.discovery import Lease, looks_like_uuid
 from pqe2ee.protocol.response import Opened, open_answer
-from pqe2ee.protocol.v1.envelope import open_response, seal_request
+from pqe2ee.protocol.v1.envelope import seal_request
 from pqe2ee.protocol.v2.negotiation import Negotiator
 from pqe2ee.protocol.v2.request import ResponseSecrets, seal_request_v2
 from pqe2ee.transports._async._attest import AsyncAttestor
@@ -368,15 +368,13 @@ class AsyncEngine:
         if status == 200 and sealed.stream:
             return Streaming(self._plain(port, upstream, key))
         try:
-            # (open_response itself: what open_answer does with a v1 key)
             if status == 200:  # (its content type says nothing: a 200 is always sealed)
-                data = await port.aread(upstream, MAX_BLOB)
-                return Opened(200, open_response(data, key, aead=s.aead))
+                return open_answer(key, await port.aread(upstream, MAX_BLOB), aead=s.aead)
             content_type = header_value(upstream.headers, b"content-type")
             limit = MAX_BLOB if may_be_sealed(status, content_type) else MAX_ERROR_BODY
             data = await port.aread(upstream, limit)
             if is_sealed_error(status, content_type, data):
-                return Opened(status, open_response(data, key, aead=s.aead))
+                return open_answer(key, data, aead=s.aead, status=status)
         finally:
             key.wipe()
         return RelayAnswer(status, upstream.headers, data, classify_invoke_error(status, data))
