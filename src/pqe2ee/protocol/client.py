@@ -308,10 +308,6 @@ class ClientState:
     def __init__(self, limits: ClientLimits | None = None) -> None:
         self.limits = limits or ClientLimits()
         self._models = ModelMap(self.limits.model_ttl)
-        #: ``fresh_chute(model, now)``: the chute for ``model`` when no listing refresh is due
-        #: (a UUID: itself), else ``None`` - :meth:`ModelMap.fresh` itself (no frame of ours in
-        #: a request's lookup; the map is updated in place).
-        self.fresh_chute: Callable[[str, float], str | None] = self._models.fresh
         self._pools: dict[str, NoncePool] = {}
         self._limiter = RateLimiter(self.limits.discovery_per_window, self.limits.discovery_window)
         self._backoff = 0.0  # after discoveries the relay could not answer (5xx)
@@ -323,6 +319,11 @@ class ClientState:
 
     def resolve_chute(self, model: str, now: Monotonic) -> str | None:
         return self._models.resolve(model, now)
+
+    def fresh_chute(self, model: str, now: Monotonic) -> str | None:
+        """The chute for ``model`` when no listing refresh is due (a UUID: itself), else
+        ``None`` (see :meth:`ModelMap.fresh`)."""
+        return self._models.fresh(model, now)
 
     def update_models(self, doc: bytes, now: Monotonic) -> dict[str, str]:
         mapping = parse_models(doc)
