@@ -423,23 +423,24 @@ class StreamDecryptor(EventQueue[StreamEvent]):
             for line in lines:
                 if not line:
                     continue  # blank lines separate outer events and carry nothing
+                over = long and len(line) >= max_line  # with its newline, longer than the bound
                 # Prefixes compared as slices and the last bytes as ints: bytes.startswith and
                 # endswith parse their arguments (~400 instructions a call, 7 calls an event).
                 if (
                     compact
+                    and not over
                     and line[:_RECORD_LEN] == _RECORD_PREFIX
                     and line[-1] == 0x7D  # '"}'
                     and line[-2] == 0x22
-                    and not (long and len(line) >= max_line)
                 ):
                     records.append(line[_QUOTE_START:-1])  # _line's fast path, inlined
                     continue
                 if (
                     quiet
+                    and not over
                     and line[:_USAGE_VALUE] == _USAGE_START
                     and line[-1] == 0x7D  # "}"
                     and line.isascii()
-                    and not (long and len(line) >= max_line)
                 ):
                     try:  # _usage_checked, inlined (the state takes a usage line: see above)
                         _json_value.decode(line[_USAGE_VALUE:-1])
@@ -451,7 +452,7 @@ class StreamDecryptor(EventQueue[StreamEvent]):
                 if records:  # the records before this line first, in order
                     self._records(records, True)
                     records = []
-                if long and len(line) >= max_line:  # with its newline, longer than the bound
+                if over:
                     raise LimitExceeded(f"line longer than {max_line} bytes")
                 self._line(line)
             if records:
